@@ -1,0 +1,45 @@
+"""ctfreid: fast person re-identification with multi-length binary codes.
+
+Implements "Faster Person Re-Identification" (Wang, Gong, Cheng, Hou, ECCV 2020): the All-in-One code
+pyramid, Distance Threshold Optimization (DTO) and coarse-to-fine (CtF) Hamming search.
+
+The search side needs only NumPy (and numba); the model side needs the ``train`` extra (torch).
+Names are imported lazily so ``import ctfreid`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "CtFIndex": "ctfreid.index",
+    "pack_codes": "ctfreid.codes",
+    "unpack_codes": "ctfreid.codes",
+    "binarize": "ctfreid.codes",
+    "check_codes": "ctfreid.codes",
+    "hamming_distances": "ctfreid.hamming",
+    "hamming_rank": "ctfreid.hamming",
+    "hamming_topk": "ctfreid.hamming",
+    "counting_sort": "ctfreid.hamming",
+    "ctf_rank": "ctfreid.coarse_to_fine",
+    "ctf_search": "ctfreid.coarse_to_fine",
+    "fit_thresholds": "ctfreid.thresholds",
+    "evaluate_ranking": "ctfreid.metrics",
+    "EncodedSet": "ctfreid.encoded",
+    "load_encoded": "ctfreid.encoded",
+    "save_encoded": "ctfreid.encoded",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ctfreid' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,110 @@
+"""Encoded image sets on disk: the ``.npz`` schema shared by ``encode``, ``calibrate`` and ``evaluate``.
+
+An encoded set holds, for ``n`` images:
+
+- ``pids``: int64[n] person ids (-1 junk, 0 distractor, as in Market-1501);
+- ``camids``: int64[n] camera ids;
+- ``codes_<L>``: uint8[n, L // 8] packed binary codes, one key per code length ``L``;
+- ``features`` (optional): float32[n, d] real-valued features (for the ``float`` baseline);
+- ``paths`` (optional): str[n] image paths.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._atomic import atomic_write
+from .codes import CodeSet, check_code_set
+
+
+@dataclass
+class EncodedSet:
+    """Codes and labels of one split (query, gallery, validation...)."""
+
+    codes: CodeSet
+    pids: np.ndarray
+    camids: np.ndarray
+    features: np.ndarray | None = None
+    paths: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.codes = check_code_set(self.codes, "codes")
+        n = next(iter(self.codes.values())).shape[0]
+        self.pids = _labels(self.pids, "pids", n)
+        self.camids = _labels(self.camids, "camids", n)
+        if self.features is not None:
+            self.features = np.asarray(self.features, dtype=np.float32)
+            if self.features.ndim != 2 or self.features.shape[0] != n:
+                raise ValueError(f"features must be float32[{n}, d], got shape {self.features.shape}")
+        if self.paths is not None:
+            self.paths = np.asarray(self.paths, dtype=str)
+            if self.paths.shape != (n,):
+                raise ValueError(f"paths must have {n} entries, got shape {self.paths.shape}")
+
+    def __len__(self) -> int:
+        return int(self.pids.shape[0])
+
+    @property
+    def lengths(self) -> list[int]:
+        return sorted(self.codes)
+
+
+def _labels(values, name: str, n: int) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array of {n} entries, got {arr.dtype} {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def save_encoded(path: str | os.PathLike, data: EncodedSet) -> None:
+    """Write ``data`` to ``path`` (.npz, uncompressed) atomically."""
+    arrays = {"pids": data.pids, "camids": data.camids}
+    for length, codes in data.codes.items():
+        arrays[f"codes_{length}"] = codes
+    if data.features is not None:
+        arrays["features"] = data.features
+    if data.paths is not None:
+        arrays["paths"] = data.paths
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+def load_encoded(path: str | os.PathLike, name: str | None = None) -> EncodedSet:
+    """Read an encoded set written by ``save_encoded`` (or by any tool following the schema above)."""
+    path = Path(path)
+    label = name or str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{label}: no such file (expected an .npz with pids, camids, codes_<L>)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            missing = {"pids", "camids"} - keys
+            code_keys = sorted((k for k in keys if k.startswith("codes_")), key=lambda k: int(k[6:]) if k[6:].isdigit() else -1)
+            if missing or not code_keys:
+                raise ValueError(
+                    f"{label}: expected arrays pids, camids and codes_<L> (e.g. codes_32), found {sorted(keys)}"
+                )
+            codes = {}
+            for k in code_keys:
+                if not k[6:].isdigit():
+                    raise ValueError(f"{label}: array {k!r} should be named codes_<length in bits>, e.g. codes_128")
+                codes[int(k[6:])] = z[k]
+            return EncodedSet(
+                codes=codes,
+                pids=z["pids"],
+                camids=z["camids"],
+                features=z["features"] if "features" in keys else None,
+                paths=z["paths"] if "paths" in keys else None,
+            )
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"{label}: not a readable .npz file ({e})") from e
+    except ValueError as e:
+        if str(e).startswith(label):
+            raise
+        raise ValueError(f"{label}: {e}") from e
