@@ -1,0 +1,114 @@
+"""Training losses of the AiO model (Eq. 5): cross-entropy, batch-hard triplet, and their sum with the
+self-distillation terms of ``ctfreid.self_distillation``.
+
+``L = L_ce + L_tri + lambda_1 * L_prob + lambda_2 * L_sim`` (Eq. 5), where ``L_ce`` and ``L_tri`` are
+summed over all codes and ``L_prob`` / ``L_sim`` (Eqs. 3-4) already average over teacher/student pairs.
+
+Triplet distance on codes. Sec. 3.2 relaxes sgn to tanh and "the Hamming distance to the inner-product
+distance". The default triplet distance is therefore the length-normalised inner-product distance
+``d(i, j) = (1 - <t_i, t_j> / L) / 2`` on the tanh codes, which is exactly ``Hamming / L`` for ±1 codes, the
+same quantity that Eq. 4 distils and that the search ranks by. One margin (0.3, Sec. 4.2) then means the
+same fraction of bits for every code length, and the distance only reaches its extremes for saturated
+codes, so the triplet also pulls codes towards ±1 (less quantisation loss). ``triplet_distance="euclidean"``
+(BoT-style Euclidean distance on the tanh codes, scale ~ sqrt(L)) is available for comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ctfreid.self_distillation import normalized_code_distances, probability_distillation, similarity_distillation
+
+
+@dataclass
+class LossConfig:
+    """Eq. 5 settings; defaults are the paper's (Sec. 4.2)."""
+
+    margin: float = 0.3  # triplet margin
+    lambda1: float = 1.0  # weight of the probability distillation (Eq. 3)
+    lambda2: float = 1000.0  # weight of the similarity distillation (Eq. 4)
+    temperature: float = 1.0  # T of Eq. 3
+    self_distillation: bool = True  # Table 5 "SD" switch
+    label_smoothing: float = 0.0  # 0 = plain cross-entropy as in the paper
+    triplet_distance: str = "hamming"  # "hamming" (normalised inner product) or "euclidean"
+
+
+def cross_entropy(logits: torch.Tensor, pids: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Identity classification loss, mean over the batch; ``pids`` are class indices in [0, classes)."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    return F.cross_entropy(logits, pids, label_smoothing=label_smoothing)
+
+
+def euclidean_distances(x: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` -> ``[B, B]`` Euclidean distances (clamped before the sqrt for a finite gradient at 0)."""
+    sq = (x * x).sum(dim=1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    return d2.clamp(min=1e-12).sqrt()
+
+
+TRIPLET_DISTANCES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "hamming": normalized_code_distances,
+    "euclidean": euclidean_distances,
+}
+
+
+def batch_hard_triplet(distances: torch.Tensor, pids: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans et al. 2017) from a ``[B, B]`` distance matrix.
+
+    For each anchor i: ``relu(max_{p: pid_p = pid_i, p != i} d(i, p) - min_{n: pid_n != pid_i} d(i, n) + margin)``,
+    averaged over the anchors that have at least one positive and one negative (0 if there are none).
+    """
+    if distances.ndim != 2 or distances.shape[0] != distances.shape[1] or distances.shape[0] != pids.shape[0]:
+        raise ValueError(f"distances must be [B, B] with B = len(pids) = {pids.shape[0]}, got {tuple(distances.shape)}")
+    same = pids[:, None] == pids[None, :]
+    eye = torch.eye(len(pids), dtype=torch.bool, device=pids.device)
+    pos_mask = same & ~eye
+    neg_mask = ~same
+    valid = pos_mask.any(dim=1) & neg_mask.any(dim=1)
+    if not valid.any():
+        return distances.sum() * 0.0
+    inf = torch.finfo(distances.dtype).max
+    hardest_pos = distances.masked_fill(~pos_mask, -inf).amax(dim=1)
+    hardest_neg = distances.masked_fill(~neg_mask, inf).amin(dim=1)
+    return F.relu(hardest_pos - hardest_neg + margin)[valid].mean()
+
+
+def triplet_loss(codes: torch.Tensor, pids: torch.Tensor, margin: float = 0.3, distance: str = "hamming") -> torch.Tensor:
+    """Batch-hard triplet loss on ``[B, L]`` relaxed codes with distance ``"hamming"`` or ``"euclidean"``."""
+    if distance not in TRIPLET_DISTANCES:
+        raise ValueError(f"triplet distance must be one of {sorted(TRIPLET_DISTANCES)}, got {distance!r}")
+    return batch_hard_triplet(TRIPLET_DISTANCES[distance](codes), pids, margin)
+
+
+def aio_loss(
+    outputs: Mapping, pids: torch.Tensor, config: LossConfig | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 5 over all codes of a training-mode ``AiOModel`` output.
+
+    ``L = sum_L CE(logits_L) + sum_L Tri(codes_L) + lambda1 * L_prob (Eq. 3) + lambda2 * L_sim (Eq. 4)``.
+    Returns ``(total, terms)`` with ``terms`` = unweighted ``ce``, ``triplet``, and (when
+    ``config.self_distillation``) ``prob`` and ``sim``, plus the weighted ``total``, as floats for logging.
+    """
+    config = config or LossConfig()
+    if "logits" not in outputs or "codes" not in outputs:
+        raise ValueError("aio_loss needs the training-mode outputs of AiOModel (with 'codes' and 'logits'); call model.train()")
+    if config.triplet_distance not in TRIPLET_DISTANCES:
+        raise ValueError(f"triplet_distance must be one of {sorted(TRIPLET_DISTANCES)}, got {config.triplet_distance!r}")
+    codes, logits = outputs["codes"], outputs["logits"]
+    lengths = sorted(codes, reverse=True)
+    ce = sum(cross_entropy(logits[length], pids, config.label_smoothing) for length in lengths)
+    tri = sum(triplet_loss(codes[length], pids, config.margin, config.triplet_distance) for length in lengths)
+    total = ce + tri
+    terms = {"ce": float(ce.detach()), "triplet": float(tri.detach())}
+    if config.self_distillation:
+        prob = probability_distillation(logits, lengths, config.temperature)
+        sim = similarity_distillation(codes, lengths)
+        total = total + config.lambda1 * prob + config.lambda2 * sim
+        terms.update(prob=float(prob.detach()), sim=float(sim.detach()))
+    terms["total"] = float(total.detach())
+    return total, terms
