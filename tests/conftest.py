@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny synthetic ReID dataset in Market-1501 layout, generated once per test session.
+
+Treat it as read-only (write outputs to ``tmp_path``). Contents: 16 identities (8 train, 8 test), 3
+cameras, 6 images per identity, 64 x 32 images; the gallery adds 4 distractors (pid 0) and 2 junk crops
+(pid -1). Generation takes about 0.1 s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_SYNTH = dict(ids=16, cams=3, seed=0, images_per_id=6, height=64, width=32, distractors=4, junk=2)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the tiny synthetic dataset (``bounding_box_train/``, ``query/``, ``bounding_box_test/``)."""
+    from ctfreid.synth import generate_synthetic
+
+    root = tmp_path_factory.mktemp("synth") / "tiny"
+    generate_synthetic(root, **TINY_SYNTH)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(synth_root: Path):
+    """The tiny synthetic dataset loaded as a ``ReIDDataset`` (original pids; relabel for training)."""
+    from ctfreid.datasets import load_dataset
+
+    return load_dataset(synth_root)
