@@ -78,21 +78,41 @@ _HELP = {
 }
 
 
+# Optional dependencies -> the extra that installs them (a missing one is a one-line hint, not a traceback).
+_EXTRAS = {"torch": "train", "torchvision": "train", "PIL": "train", "matplotlib": "train", "faiss": "bench"}
+
+
+def _missing_dependency(command: str | None, error: ImportError) -> int:
+    top = (error.name or "").split(".")[0]
+    if top not in _EXTRAS:
+        raise error
+    where = f"ctfreid {command}" if command else "ctfreid"
+    print(f"{where}: error: this command needs {top}, which is not installed: "
+          f'pip install "ctfreid[{_EXTRAS[top]}]"', file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=name if name in COMMANDS else "")
+    try:
+        parser = build_parser(only=name if name in COMMANDS else "")
+    except ImportError as e:  # a command whose options need an optional dependency
+        return _missing_dependency(name, e)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if not argv or args.command is None and ("-h" in argv or "--help" in argv) else 2
+    command = " ".join(str(x) for x in (args.command, getattr(args, "action", None)) if x)  # e.g. "index build"
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("ctfreid: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
-        print(f"ctfreid {args.command}: error: {e}", file=sys.stderr)
+    except ImportError as e:
+        return _missing_dependency(command, e)
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, FileExistsError, IsADirectoryError...
+        print(f"ctfreid {command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -119,4 +119,6 @@ def binarize(features: np.ndarray, name: str = "features") -> np.ndarray:
     if features.ndim != 2 or not np.issubdtype(features.dtype, np.number):
         raise ValueError(f"{name} must be a real-valued 2-D array (n, L), got {features.dtype} {features.shape}")
     check_length(features.shape[1], f"{name} length (columns)")
+    if np.issubdtype(features.dtype, np.floating) and not np.isfinite(features).all():
+        raise ValueError(f"{name} must be finite, got NaN or infinite values")
     return np.packbits(features > 0, axis=1)

@@ -1,0 +1,694 @@
+"""numba kernels for Hamming search (the hot path of Sec. 3.1); wrapped by ``hamming`` and ``coarse_to_fine``.
+
+Kernels read packed codes as 64-bit words, or 32-bit words when the length is not a multiple of 64 bits
+(see ``words``; coarse-to-fine stage 1 always uses 32-bit words), so a distance costs a few XOR +
+popcount instructions per code. The wrappers choose the word type, so each kernel is compiled once per
+word type a program uses (``cache=True``: once per machine).
+
+The gallery is scanned in blocks of 64 codes. The distances of a block are computed in a loop of constant
+trip count that LLVM vectorises (``vpopcnt`` on AVX-512 machines) and compared with a bound in the same
+loop, giving a 64-bit mask of the codes that pass; the few passing codes are then extracted with
+count-trailing-zeros, four at a time without branches. Top-k keeps lowering that bound as it goes (the
+k-th distance so far), so most blocks yield an empty mask and cost only the distance computation.
+
+Conventions: distances int32, gallery positions int64, results exact and deterministic: ties always
+keep gallery order (stable counting sort), whatever the word or block size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+_JIT = dict(cache=True, nogil=True, boundscheck=False)
+BLOCK = 64  # codes per block: one bit each in a uint64 mask
+INT32_MAX = np.iinfo(np.int32).max
+
+
+@intrinsic
+def _popcnt(typingctx, x):
+    """Number of set bits (LLVM ctpop: one popcnt / vpopcnt); int32 for <= 32-bit inputs, else int64."""
+    if not isinstance(x, types.Integer):
+        return None
+    rt = types.int32 if x.bitwidth <= 32 else types.int64
+
+    def codegen(context, builder, signature, args):
+        (v,) = args
+        r = builder.call(builder.module.declare_intrinsic("llvm.ctpop", [v.type]), [v])
+        return builder.zext(r, context.get_value_type(rt)) if v.type.width < rt.bitwidth else r
+
+    return rt(x), codegen
+
+
+@intrinsic
+def _ctz(typingctx, x):
+    """Index of the lowest set bit of a uint64 (LLVM cttz: tzcnt); 64 when ``x == 0``."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        (v,) = args
+        fnty = ir.FunctionType(v.type, [v.type, ir.IntType(1)])
+        fn = builder.module.declare_intrinsic("llvm.cttz", [v.type], fnty)
+        return builder.call(fn, [v, ir.Constant(ir.IntType(1), 0)])
+
+    return types.int64(x), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the CPU to fetch the cache line holding ``arr[idx]`` (LLVM prefetch; never faults)."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def words(codes: np.ndarray) -> np.ndarray:
+    """The word view the kernels read: ``uint64[n, L // 64]``, or ``uint32[n, L // 32]`` when L % 64 != 0.
+
+    ``codes`` must be C-contiguous ``uint8[n, L // 8]`` with 8-byte aligned data. Choosing the word type
+    here, not inside the kernels, compiles only the variants a program uses; views are always read-only
+    so that writable, read-only and memory-mapped inputs share one compiled variant.
+    """
+    return _readonly(codes.view(np.uint64) if codes.shape[1] % 8 == 0 else codes.view(np.uint32))
+
+
+def words32(codes: np.ndarray) -> np.ndarray:
+    """Read-only ``uint32`` word view: the coarse-to-fine stage 1 always uses it (32- and 64-bit first
+    stages stay on the fast 1- and 2-word paths), so the CtF kernels have a single specialisation."""
+    return _readonly(codes.view(np.uint32))
+
+
+def words64(codes: np.ndarray) -> np.ndarray:
+    """Read-only ``uint64`` word view; codes whose length is not a multiple of 64 are zero-padded (a copy),
+    which leaves every Hamming distance unchanged."""
+    if codes.shape[1] % 8:
+        codes = np.concatenate([codes, np.zeros((codes.shape[0], 8 - codes.shape[1] % 8), np.uint8)], axis=1)
+    return _readonly(codes.view(np.uint64))
+
+
+def stage_pad(n_later: int) -> tuple[np.ndarray, ...]:
+    """Dummy stages that pad the later-stage tuple to a multiple of 8 (at least 8): one compiled variant
+    for pyramids of 2 to 9 lengths."""
+    return (_readonly(np.zeros((1, 1), np.uint64)),) * (-n_later % 8 if n_later else 8)
+
+
+# --------------------------------------------------------------------------------------------- distances
+# ``g`` is always the flat word view of a whole gallery (one view per call, not per block: creating array
+# views costs reference counting) and ``W`` its words per code; explicit loops for W = 1 and 2 let LLVM
+# vectorise across codes, longer codes vectorise along the words. numba does not inline one jitted
+# function into another at the LLVM level, and a call per block of 64 codes costs 2-7x in the scans, so
+# the per-block helpers are inlined by numba (inline="always"); everything else stays a plain call.
+@njit(**_JIT)
+def _dist_range(q, g, W, base, m, dd, off):
+    """``dd[off + j] = popcount(q ^ code[base + j])`` for ``j < m`` (callers pass ints, not literals,
+    so that numba compiles one variant per word type)."""
+    if W == 1:
+        q0 = q[0]
+        for j in range(m):
+            dd[off + j] = _popcnt(q0 ^ g[base + j])
+    elif W == 2:
+        q0 = q[0]
+        q1 = q[1]
+        for j in range(m):
+            o = 2 * (base + j)
+            dd[off + j] = _popcnt(q0 ^ g[o]) + _popcnt(q1 ^ g[o + 1])
+    else:
+        for j in range(m):
+            o = W * (base + j)
+            s = 0
+            for w in range(W):
+                s += _popcnt(q[w] ^ g[o + w])
+            dd[off + j] = s
+
+
+# One mask helper per word count: a block loop must not contain the other cases' branches, which stop
+# LLVM from vectorising it; ``_select`` picks the helper once per query.
+@njit(inline="always", **_JIT)
+def _mask1(q, g, W, base, dd, hi):
+    """Distances of the 64 codes at ``base`` into ``dd`` and the mask of those ``<= hi``: 1 word/code."""
+    q0 = q[0]
+    h = np.int32(hi)
+    mask = np.uint64(0)
+    for j in range(BLOCK):
+        d = np.int32(_popcnt(q0 ^ g[base + j]))
+        dd[j] = d
+        mask |= np.uint64(d <= h) << np.uint64(j)
+    return mask
+
+
+@njit(inline="always", **_JIT)
+def _mask2(q, g, W, base, dd, hi):
+    """``_mask1`` for 2 words per code."""
+    q0 = q[0]
+    q1 = q[1]
+    h = np.int32(hi)
+    mask = np.uint64(0)
+    for j in range(BLOCK):
+        o = 2 * (base + j)
+        d = np.int32(_popcnt(q0 ^ g[o]) + _popcnt(q1 ^ g[o + 1]))
+        dd[j] = d
+        mask |= np.uint64(d <= h) << np.uint64(j)
+    return mask
+
+
+@njit(inline="always", **_JIT)
+def _maskw(q, g, W, base, dd, hi):
+    """``_mask1`` for W >= 3 words per code (vectorised along the words)."""
+    for j in range(BLOCK):
+        o = W * (base + j)
+        s = 0
+        for w in range(W):
+            s += _popcnt(q[w] ^ g[o + w])
+        dd[j] = s
+    h = np.int32(hi)
+    mask = np.uint64(0)
+    for j in range(BLOCK):
+        mask |= np.uint64(dd[j] <= h) << np.uint64(j)
+    return mask
+
+
+@njit(**_JIT)
+def _tail_mask(q, g, W, base, m, dd, hi):
+    """``_mask1``/``_mask2``/``_maskw`` for the last, partial block of ``m < 64`` codes."""
+    _dist_range(q, g, W, base, m, dd, np.int64(0))
+    mask = np.uint64(0)
+    for j in range(m):
+        mask |= np.uint64(dd[j] <= hi) << np.uint64(j)
+    return mask
+
+
+@njit(inline="always", **_JIT)
+def _extract(mask, base, dd, bufi, bufd, cnt):
+    """Append the codes of ``mask`` (gallery position, distance) to the buffers; returns the new count.
+
+    The first four are written without branches (``dd`` has a spare slot 64 for an exhausted mask and
+    the buffers 4 spare slots); more than four hits per block is rare in a selective scan.
+    """
+    c = _popcnt(mask)
+    j = _ctz(mask)
+    bufi[cnt] = base + j
+    bufd[cnt] = dd[j]
+    mask &= mask - np.uint64(1)
+    j = _ctz(mask)
+    bufi[cnt + 1] = base + j
+    bufd[cnt + 1] = dd[j]
+    mask &= mask - np.uint64(1)
+    j = _ctz(mask)
+    bufi[cnt + 2] = base + j
+    bufd[cnt + 2] = dd[j]
+    mask &= mask - np.uint64(1)
+    j = _ctz(mask)
+    bufi[cnt + 3] = base + j
+    bufd[cnt + 3] = dd[j]
+    mask &= mask - np.uint64(1)
+    if c > 4:
+        r = cnt + 4
+        while mask:
+            j = _ctz(mask)
+            bufi[r] = base + j
+            bufd[r] = dd[j]
+            r += 1
+            mask &= mask - np.uint64(1)
+    return cnt + c
+
+
+@njit(**_JIT)
+def _rows_dist(q, g, W, rows, c, out):
+    """``out[j] = popcount(q ^ code[rows[j]])`` for ``j < c`` (gathers candidate codes, 64-bit words).
+
+    Candidates are spread over the gallery, so each read is a cache miss: the code a few candidates
+    ahead is prefetched to keep more misses in flight (~15% faster at 10^6 codes).
+    """
+    if W == 2:
+        q0 = q[0]
+        q1 = q[1]
+        for j in range(c):
+            _prefetch(g, 2 * rows[min(j + 32, c - 1)])
+            o = 2 * rows[j]
+            out[j] = _popcnt(q0 ^ g[o]) + _popcnt(q1 ^ g[o + 1])
+    else:
+        for j in range(c):
+            ahead = W * rows[min(j + 12, c - 1)]
+            for w in range(0, W, 8):  # every cache line of the code (also the last, if unaligned)
+                _prefetch(g, ahead + w)
+            _prefetch(g, ahead + W - 1)
+            o = W * rows[j]
+            s = 0
+            for w in range(W):
+                s += _popcnt(q[w] ^ g[o + w])
+            out[j] = s
+
+
+@njit(**_JIT)
+def _dist_tiles(Q, q0, qb, g, W, n, out):
+    """``out[a, j] = Hamming(Q[q0 + a], code j)`` for ``a < qb``, gallery tile by tile: a batch of queries
+    reads each ~128 KB tile of the gallery while it is in the L2 cache (long codes are memory-bound)."""
+    tile = max(BLOCK, (1 << 17) // (8 * W))
+    for t0 in range(0, n, tile):
+        m = min(tile, n - t0)
+        for a in range(qb):
+            _dist_range(Q[q0 + a], g, W, t0, m, out[a], t0)
+
+
+@njit(**_JIT)
+def distances(Q, G, out):
+    """``out[i, j] = Hamming(Q[i], G[j])``; ``Q``/``G`` are word views ``[., W]`` (see ``words``)."""
+    n, W = G.shape
+    _dist_tiles(Q, np.int64(0), Q.shape[0], G.reshape(n * W), W, n, out)
+
+
+# ------------------------------------------------------------------------------------------ counting sort
+def _at(order, r):
+    """``order[r]``, or ``r`` when ``order`` is None (the identity permutation, without an array)."""
+
+
+@overload(_at, inline="always")
+def _at_impl(order, r):
+    if isinstance(order, types.NoneType):
+        return lambda order, r: r
+    return lambda order, r: order[r]
+
+
+@njit(**_JIT)
+def _sort_by_key(keys, order, c, L, out_order, out_keys):
+    """Stable counting sort of ``order[:c]`` by ``keys[order[r]]`` (values in [0, L]; ``order=None``: 0..c-1).
+
+    Writes the sorted entries of ``order`` to ``out_order[:c]`` and the sorted keys to ``out_keys[:c]``.
+    Only the bins between the smallest and the largest key are visited, so sorting a few candidates by
+    a long code does not cost O(L).
+
+    Distances take few distinct values, so consecutive items often hit the same bin and a plain counting
+    sort waits on its own last store (one dependency chain). Large inputs are therefore cut into 4
+    contiguous chunks that are counted and scattered side by side, each with its own next-slot table
+    (separate arrays, all loads before the stores: 4 independent chains, ~4x faster). Chunk p's slots
+    for a value come after those of the chunks before it, so the sort stays stable.
+    """
+    if c == 0:
+        return
+    lo = L
+    hi = 0
+    for r in range(c):
+        v = keys[_at(order, r)]
+        lo = min(lo, v)
+        hi = max(hi, v)
+    P = 4 if c >= 2048 else 1
+    ch = c // 4 if P == 4 else 0  # items [P * ch, c) go to the last chunk
+    nb = hi - lo + 1
+    t0 = np.zeros(nb, np.int64)
+    t1 = np.zeros(nb if P == 4 else 1, np.int64)
+    t2 = np.zeros(nb if P == 4 else 1, np.int64)
+    t3 = np.zeros(nb if P == 4 else 1, np.int64)
+    last = t3 if P == 4 else t0  # the chunk that also takes the remainder
+    if P == 4:
+        for r in range(ch):
+            t0[keys[_at(order, r)] - lo] += 1
+            t1[keys[_at(order, ch + r)] - lo] += 1
+            t2[keys[_at(order, 2 * ch + r)] - lo] += 1
+            t3[keys[_at(order, 3 * ch + r)] - lo] += 1
+    for r in range(P * ch, c):
+        last[keys[_at(order, r)] - lo] += 1
+    pos = 0
+    for b in range(nb):
+        start = pos
+        a = t0[b]
+        t0[b] = pos
+        pos += a
+        if P == 4:
+            a = t1[b]
+            t1[b] = pos
+            pos += a
+            a = t2[b]
+            t2[b] = pos
+            pos += a
+            a = t3[b]
+            t3[b] = pos
+            pos += a
+        for r in range(start, pos):  # sorted keys: a run of lo + b
+            out_keys[r] = lo + b
+    if P == 4:
+        for r in range(ch):
+            a0 = _at(order, r)
+            a1 = _at(order, ch + r)
+            a2 = _at(order, 2 * ch + r)
+            a3 = _at(order, 3 * ch + r)
+            v0 = keys[a0] - lo
+            v1 = keys[a1] - lo
+            v2 = keys[a2] - lo
+            v3 = keys[a3] - lo
+            p0 = t0[v0]
+            p1 = t1[v1]
+            p2 = t2[v2]
+            p3 = t3[v3]
+            t0[v0] = p0 + 1
+            t1[v1] = p1 + 1
+            t2[v2] = p2 + 1
+            t3[v3] = p3 + 1
+            out_order[p0] = a0
+            out_order[p1] = a1
+            out_order[p2] = a2
+            out_order[p3] = a3
+    for r in range(P * ch, c):
+        a = _at(order, r)
+        v = keys[a] - lo
+        out_order[last[v]] = a
+        last[v] += 1
+
+
+@njit(**_JIT)
+def _sort_identity(keys, c, L, out_order, out_keys):
+    """``_sort_by_key`` with ``order = 0..c-1`` (compiled without the order array)."""
+    _sort_by_key(keys, None, c, L, out_order, out_keys)
+
+
+@njit(**_JIT)
+def counting_sort_rows(D, L, out):
+    """Row-wise stable ascending counting sort of int32 distances in [0, L]: ``out[i]`` = argsort of ``D[i]``."""
+    n = D.shape[1]
+    keys_out = np.empty(n, np.int32)
+    for i in range(D.shape[0]):
+        _sort_identity(D[i], n, L, out[i], keys_out)
+
+
+# --------------------------------------------------------------------------------------- full rankings
+@njit(**_JIT)
+def _rank_one(q, g, W, L, d, outD, outI):
+    """Full ranking of one query (distances, histogram of L + 1 bins, prefix sum, stable scatter)."""
+    n = d.shape[0]
+    _dist_range(q, g, W, np.int64(0), n, d, np.int64(0))
+    _sort_identity(d, n, L, outI, outD)
+
+
+@njit(**_JIT)
+def rank(Q, G, L, outD, outI):
+    """Full rankings ``outI[i]`` (stable: ties keep gallery order) and sorted distances ``outD[i]``;
+    distances for batches of up to 32 queries at a time (``_dist_tiles``), at most ~16 MB of them."""
+    n, W = G.shape
+    g = G.reshape(n * W)
+    nq = Q.shape[0]
+    qb_max = max(1, min(32, nq, (1 << 22) // max(n, 1)))
+    d = np.empty((qb_max, n), np.int32)
+    for q0 in range(0, nq, qb_max):
+        qb = min(qb_max, nq - q0)
+        _dist_tiles(Q, q0, qb, g, W, n, d)
+        for a in range(qb):
+            _sort_identity(d[a], n, L, outI[q0 + a], outD[q0 + a])
+
+
+# ------------------------------------------------------------------------------------------------ top-k
+@njit(**_JIT)
+def _compact(bufi, bufd, cnt, k, hist, L):
+    """Keep, in order, the first ``k`` buffered codes of the ranking; returns (new count, k-th distance).
+
+    The buffer is in gallery order, so among codes at the k-th distance the earliest are kept.
+    """
+    hist[: L + 1] = 0
+    for c in range(cnt):
+        hist[bufd[c]] += 1
+    acc = 0
+    t = 0
+    while acc + hist[t] < k:
+        acc += hist[t]
+        t += 1
+    room = k - acc  # codes at distance exactly t that still fit
+    w = 0
+    for c in range(cnt):
+        v = bufd[c]
+        keep = v < t or (v == t and room > 0)
+        if v == t and room > 0:
+            room -= 1
+        if keep:
+            bufi[w] = bufi[c]
+            bufd[w] = v
+            w += 1
+    return w, t
+
+
+@njit(**_JIT)
+def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
+    """Scan the gallery for the first ``k`` codes of the ranking among those with ``d <= hi``.
+
+    Returns how many codes the buffers hold, in gallery order (unsorted); with ``k >= n`` that is every
+    code within ``hi`` (the coarse stage of CtF). Whenever the buffer is full it keeps only the first
+    ``k`` and lowers the bound to (k-th distance - 1): later codes at the k-th distance rank after the
+    k codes already seen, so the block mask skips them. The buffers need ``min(k, n) + 4096 + 128``
+    slots, or ``n + 128`` with ``k >= n``.
+    """
+    cap = bufi.shape[0] - BLOCK - 4
+    tau = hi
+    cnt = 0
+    nfull = n // BLOCK
+    # three copies of one loop, each with its own inlined mask helper (see _mask1)
+    if W == 1:
+        for b in range(nfull):
+            if tau < 0:
+                break  # k codes at distance 0 already: nothing later can enter
+            mask = _mask1(q, g, W, b * BLOCK, dd, tau)
+            cnt = _extract(mask, b * BLOCK, dd, bufi, bufd, cnt)
+            if cnt > cap:
+                cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
+                tau = t - 1
+    elif W == 2:
+        for b in range(nfull):
+            if tau < 0:
+                break
+            mask = _mask2(q, g, W, b * BLOCK, dd, tau)
+            cnt = _extract(mask, b * BLOCK, dd, bufi, bufd, cnt)
+            if cnt > cap:
+                cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
+                tau = t - 1
+    else:
+        for b in range(nfull):
+            if tau < 0:
+                break
+            mask = _maskw(q, g, W, b * BLOCK, dd, tau)
+            cnt = _extract(mask, b * BLOCK, dd, bufi, bufd, cnt)
+            if cnt > cap:
+                cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
+                tau = t - 1
+    m = n - nfull * BLOCK
+    if m > 0 and tau >= 0:
+        base = nfull * BLOCK
+        mask = _tail_mask(q, g, W, base, m, dd, tau)
+        cnt = _extract(mask, base, dd, bufi, bufd, cnt)
+    if cnt > k:
+        cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
+    return cnt
+
+
+@njit(**_JIT)
+def topk(Q, G, L, k, outD, outI):
+    """First ``k`` of each query's Hamming ranking (ties: lower gallery index first), without sorting
+    the gallery; pads with -1 / int32 max when ``k > n``."""
+    n, W = G.shape
+    g = G.reshape(n * W)
+    cap = min(k, n) + 4096 + 2 * BLOCK
+    bufi = np.empty(cap, np.int64)
+    bufd = np.empty(cap, np.int32)
+    hist = np.zeros(L + 2, np.int64)
+    dd = np.zeros(BLOCK + 1, np.int32)
+    sorted_pos = np.empty(cap, np.int64)
+    for i in range(Q.shape[0]):
+        oD = outD[i]
+        oI = outI[i]
+        cnt = _select(Q[i], g, W, n, L, k, L, bufi, bufd, hist, dd)
+        _sort_identity(bufd, cnt, L, sorted_pos, oD)
+        for r in range(cnt):
+            oI[r] = bufi[sorted_pos[r]]
+        oI[cnt:] = -1
+        oD[cnt:] = INT32_MAX
+
+
+# -------------------------------------------------------------------------------------- coarse-to-fine
+# Stage 1 (the shortest code) comes as its own 32-bit word view (``words32``). The later stages' gallery codes
+# come as a tuple of 64-bit word views (codes whose length is not a multiple of 64 are zero-padded by the
+# caller, which does not change distances), padded with dummies to a multiple of 8 stages so that
+# pyramids of 2 to 9 lengths share one compiled specialisation; their query codes as one array ``Qr``
+# [nq, total words] with stage s - 1 in columns ``qoff[s - 1]:qoff[s]``. ``S`` is the number of stages.
+# (Few, large arguments: numba unboxes every array argument on each call.)
+@njit(**_JIT)
+def _count_within(sortedD, n, t):
+    """Number of leading entries of the ascending ``sortedD`` that are <= t (binary search)."""
+    lo = 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sortedD[mid] <= t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(**_JIT)
+def _later_dist(Qr, qoff, Gr, s, i, rows, c, out):
+    """Distances at stage ``s >= 1`` of query ``i`` to the gallery codes ``rows[:c]``; the query's
+    stage-s words are ``Qr[i, qoff[s - 1]:qoff[s]]``."""
+    n, W = Gr[s - 1].shape
+    _rows_dist(Qr[i, qoff[s - 1] : qoff[s]], Gr[s - 1].reshape(n * W), W, rows, c, out)
+
+
+@njit(**_JIT)
+def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI):
+    """Full CtF rankings of a batch (issue point 3): rank everything by the shortest code, then re-rank
+    the candidates within each threshold by the next longer code, stably, in place at the head.
+
+    ``Ls[s]``: code length of stage s; ``thr[s]``: threshold (>= 0) of stage s, for s < S - 1.
+    """
+    n, W1 = G1.shape
+    g1 = G1.reshape(n * W1)
+    d = np.empty(n, np.int32)
+    tmp_i = np.empty(n, np.int64)
+    tmp_p = np.empty(n, np.int64)
+    for i in range(Q1.shape[0]):
+        oD = outD[i]
+        oI = outI[i]
+        _rank_one(Q1[i], g1, W1, L1, d, oD, oI)  # stage 1: 32-bit words, cheap to scan per query
+        c = _count_within(oD, n, thr[0])
+        for s in range(1, S):
+            if c == 0:
+                break
+            _later_dist(Qr, qoff, Gr, s, i, oI, c, d)
+            _sort_identity(d, c, Ls[s], tmp_p, oD)
+            for r in range(c):
+                tmp_i[r] = oI[tmp_p[r]]
+            oI[:c] = tmp_i[:c]
+            if s < S - 1:
+                c = _count_within(oD, c, thr[s])
+
+
+@njit(**_JIT)
+def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, ws64, ws32, outD, outI):
+    """First ``k`` of the CtF rankings of a batch without ranking the whole gallery (arguments as for
+    ``ctf_rank``; ``ws64``/``ws32``: scratch from ``ctf_workspace``, reusable across calls).
+
+    Stage 1 collects the codes within ``thr[0]`` in gallery order. Every later stage computes its
+    distances in gallery order (monotone gathers), sorts the current ranking stably by them, and keeps
+    the first ``k`` of those beyond its threshold as a segment. The output is the last stage's ranking,
+    then the segments of earlier stages and, only if stage 1 kept fewer than ``k`` codes, the next codes
+    of the stage-1 ranking (found by a second, top-k scan).
+    """
+    n, W1 = G1.shape
+    g1 = G1.reshape(n * W1)
+    big, rcap = n + 2 * BLOCK, min(k, n) + 4096 + 2 * BLOCK
+    key = ws32[big + 2 * n + 2 * rcap : big + 3 * n + 2 * rcap]
+    skey = ws32[big + 3 * n + 2 * rcap : big + 4 * n + 2 * rcap]
+    ids = ws64[:big]
+    perm = ws64[big : big + n]
+    perm2 = ws64[big + n : big + 2 * n]
+    newj = ws64[big + 2 * n : big + 3 * n]
+    rbufi = ws64[big + 3 * n : big + 3 * n + rcap]
+    rpos = ws64[big + 3 * n + rcap : big + 3 * n + 2 * rcap]
+    d1 = ws32[:big]
+    d = ws32[big : big + n]
+    sortedd = ws32[big + n : big + 2 * n]
+    rbufd = ws32[big + 2 * n : big + 2 * n + rcap]
+    rsorted = ws32[big + 2 * n + rcap : big + 2 * n + 2 * rcap]
+    seg_i = np.empty((S, k), np.int64)
+    seg_d = np.empty((S, k), np.int32)
+    seg_n = np.zeros(S, np.int64)
+    hist = np.zeros(L1 + 2, np.int64)
+    dd = np.zeros(BLOCK + 1, np.int32)
+    for i in range(Q1.shape[0]):
+        oD = outD[i]
+        oI = outI[i]
+        c1 = _select(Q1[i], g1, W1, n, L1, n, thr[0], ids, d1, hist, dd)
+        # Stage 2 orders by (d2, d1, gallery position). The candidates are in gallery order, so one
+        # counting sort on the key d2 * (t1 + 1) + d1 does it when that key has few values; otherwise
+        # sort by d1 first and then, stably, by d2.
+        T1 = min(thr[0], L1) + 1
+        combined = T1 * (Ls[1] + 1) <= 16384
+        if not combined:
+            _sort_identity(d1, c1, L1, perm, sortedd)
+        c = c1
+        pos = 0
+        for s in range(1, S):
+            L = Ls[s]
+            _later_dist(Qr, qoff, Gr, s, i, ids, c, d)
+            if s == 1 and combined:
+                for j in range(c):
+                    key[j] = d[j] * T1 + d1[j]
+                _sort_identity(key, c, T1 * (L + 1) - 1, perm2, skey)
+                for r in range(c):
+                    sortedd[r] = d[perm2[r]]
+            else:
+                _sort_by_key(d, perm, c, L, perm2, sortedd)
+            if s == S - 1:
+                pos = min(k, c)
+                for r in range(pos):
+                    oI[r] = ids[perm2[r]]
+                    oD[r] = sortedd[r]
+            else:
+                cn = _count_within(sortedd, c, thr[s])
+                m = min(c - cn, k)
+                for r in range(m):
+                    seg_i[s, r] = ids[perm2[cn + r]]
+                    seg_d[s, r] = sortedd[cn + r]
+                seg_n[s] = m
+                w = 0  # keep the candidates in gallery order for the next gather (branch-free)
+                t = thr[s]
+                for j in range(c):
+                    newj[j] = w
+                    ids[w] = ids[j]
+                    w += d[j] <= t
+                for r in range(cn):
+                    perm[r] = newj[perm2[r]]
+                c = cn
+        for s in range(S - 2, 0, -1):
+            m = min(seg_n[s], k - pos)
+            oI[pos : pos + m] = seg_i[s, :m]
+            oD[pos : pos + m] = seg_d[s, :m]
+            pos += m
+        if pos < k and c1 < n:
+            # fewer than k candidates after stage 1: continue with the stage-1 ranking beyond them
+            cnt = _select(Q1[i], g1, W1, n, L1, k, L1, rbufi, rbufd, hist, dd)
+            _sort_identity(rbufd, cnt, L1, rpos, rsorted)
+            for r in range(c1, cnt):
+                oI[pos] = rbufi[rpos[r]]
+                oD[pos] = rsorted[r]
+                pos += 1
+        oI[pos:] = -1
+        oD[pos:] = INT32_MAX
+
+
+def ctf_workspace(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scratch (int64, int32) for ``ctf_topk`` on ``n`` codes and top-``k``: about 52 bytes per code, of
+    which a call touches only the candidates. Reusing it avoids the page faults of fresh memory."""
+    big, rcap = n + 2 * BLOCK, min(k, n) + 4096 + 2 * BLOCK
+    return np.empty(big + 3 * n + 2 * rcap, np.int64), np.empty(big + 4 * n + 2 * rcap, np.int32)
+
+
+def stage_offsets(lengths: list[int]) -> np.ndarray:
+    """``qoff`` for a pyramid of code lengths (see ``ctf_rank``): 64-bit words, zero-padded."""
+    return np.array([0] + [-(-L // 64) for L in lengths[1:]], np.int64).cumsum()
+
+
+def later_queries(qs: tuple[np.ndarray, ...], qoff: np.ndarray) -> np.ndarray:
+    """``Qr`` for the later stages' packed query codes ``qs[1:]`` (see ``ctf_rank``)."""
+    if 8 * int(qoff[-1]) == sum(q.shape[1] for q in qs[1:]):  # no padding needed
+        return _readonly(np.concatenate(qs[1:], axis=1).view(np.uint64))
+    Qr = np.zeros((qs[0].shape[0], int(qoff[-1])), np.uint64)
+    b = Qr.view(np.uint8)
+    for s, q in enumerate(qs[1:]):
+        b[:, 8 * qoff[s] : 8 * qoff[s] + q.shape[1]] = q
+    return _readonly(Qr)

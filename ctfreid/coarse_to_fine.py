@@ -1,0 +1,145 @@
+"""Coarse-to-fine (CtF) Hamming search over a code pyramid (Sec. 3.1, Fig. 1).
+
+Shorter codes quickly return a rough ranking of the whole gallery; longer codes re-rank only the top
+candidates. Exact semantics (those of the authors' evaluation code), for lengths L1 < L2 < ... < LS and
+thresholds t1..t(S-1):
+
+1. rank the whole gallery by the L1 distance (stable counting sort: ties keep gallery order); the
+   candidates are the codes with distance <= t1 (inclusive), in that order;
+2. each next stage s re-ranks only the current candidates by the Ls distance (stable: ties keep the
+   previous order); the ranking becomes the re-ranked candidates followed by everything else in its
+   previous order; the new candidates are those with distance <= ts. The longest code has no threshold.
+
+``D`` is the Hamming distance at the finest stage each item reached. ``ctf_search`` returns exactly the
+first ``k`` of ``ctf_rank`` without ranking the whole gallery: stage 1 only collects the codes within
+t1, and the rest of the stage-1 ranking is scanned for only when fewer than ``k`` survive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ctfreid import _kernels
+from ctfreid.codes import check_code_set
+from ctfreid.hamming import _aligned, check_k, hamming_rank, hamming_topk, prepare_queries
+
+
+def check_thresholds(thresholds: Mapping[int, int], lengths: list[int]) -> np.ndarray:
+    """Validate CtF thresholds: one non-negative int per length but the longest -> int64 array.
+
+    A threshold >= its length keeps every candidate (it is clamped to the length).
+    """
+    if not isinstance(thresholds, Mapping):
+        raise ValueError(f"thresholds must be a dict {{length: int}}, got {type(thresholds).__name__}")
+    keys = {}
+    for key in thresholds:
+        try:
+            keys[int(key)] = key
+        except (TypeError, ValueError):
+            raise ValueError(f"thresholds keys must be code lengths, got {key!r}") from None
+    need = lengths[:-1]
+    missing = sorted(set(need) - set(keys))
+    extra = sorted(set(keys) - set(need))
+    if missing or extra:
+        raise ValueError(
+            f"thresholds must give one value for every code length but the longest {need}: "
+            + ", ".join(
+                part for part in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if part
+            )
+        )
+    out = np.empty(max(len(need), 1), dtype=np.int64)
+    for s, length in enumerate(need):
+        t = thresholds[keys[length]]
+        ok = isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+        if not ok and isinstance(t, (float, np.floating)) and float(t).is_integer():
+            ok, t = True, int(t)
+        if not ok or t < 0:
+            raise ValueError(f"thresholds[{length}] must be a non-negative integer, got {t!r}")
+        out[s] = min(int(t), length)  # t >= length keeps every candidate (and fits the int32 kernels)
+    return out
+
+
+def prepare_code_sets(
+    query_codes: Mapping[int, np.ndarray], gallery_codes: Mapping[int, np.ndarray]
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], list[int], bool]:
+    """Validate query/gallery code sets -> (query tuple, gallery tuple, lengths, single query).
+
+    Raises ``ValueError`` for mismatched lengths or widths and for an empty gallery.
+    """
+    g = check_code_set(gallery_codes, "gallery_codes")
+    lengths = list(g)
+    if not isinstance(query_codes, Mapping) or not query_codes:
+        raise ValueError(f"query_codes must be a non-empty dict {{length: uint8 codes}}, got {query_codes!r:.80}")
+    q_lengths = sorted(int(L) for L in query_codes)
+    if q_lengths != lengths:
+        raise ValueError(f"query_codes have code lengths {q_lengths} but gallery_codes have {lengths}")
+    if next(iter(g.values())).shape[0] == 0:
+        raise ValueError("gallery is empty: gallery_codes hold 0 codes")
+    by_len = {int(L): v for L, v in query_codes.items()}
+    single = all(isinstance(v, np.ndarray) and v.ndim == 1 for v in by_len.values())
+    qs, nq = [], None
+    for L in lengths:
+        q, _ = prepare_queries(by_len[L][None, :] if single else by_len[L], g[L].shape[1], f"query_codes[{L}]")
+        if nq is not None and q.shape[0] != nq:
+            raise ValueError(f"query_codes[{L}] has {q.shape[0]} rows but the shorter codes have {nq}")
+        nq = q.shape[0]
+        qs.append(q)
+    gs = tuple(_aligned(g[L]) for L in lengths)  # validated by check_code_set
+    return tuple(qs), gs, lengths, single
+
+
+def kernel_args(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], thr: np.ndarray) -> tuple:
+    """Arguments of ``_kernels.ctf_rank``/``ctf_topk`` up to the thresholds (see ``_kernels``)."""
+    S = len(gs)
+    qoff = _kernels.stage_offsets([g.shape[1] * 8 for g in gs])
+    Qr = _kernels.later_queries(qs, qoff)
+    Gr = tuple(_kernels.words64(g) for g in gs[1:]) + _kernels.stage_pad(S - 1)
+    Ls = np.array([g.shape[1] * 8 for g in gs], dtype=np.int64)
+    return _kernels.words32(qs[0]), _kernels.words32(gs[0]), int(Ls[0]), Qr, qoff, Gr, Ls, S, thr
+
+
+def ctf_rank(
+    query_codes: Mapping[int, np.ndarray],
+    gallery_codes: Mapping[int, np.ndarray],
+    thresholds: Mapping[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Full coarse-to-fine rankings ``(D int32[nq, n], I int64[nq, n])`` (Sec. 3.1, Fig. 1).
+
+    ``query_codes``/``gallery_codes``: ``{length: uint8[., length // 8]}`` with the same lengths;
+    ``thresholds``: ``{length: int}`` for every length but the longest. 1-D query codes give 1-D results.
+    """
+    qs, gs, lengths, single = prepare_code_sets(query_codes, gallery_codes)
+    thr = check_thresholds(thresholds, lengths)
+    if len(lengths) == 1:
+        D, I = hamming_rank(qs[0], gs[0])
+    else:
+        nq, n = qs[0].shape[0], gs[0].shape[0]
+        D = np.empty((nq, n), dtype=np.int32)
+        I = np.empty((nq, n), dtype=np.int64)
+        _kernels.ctf_rank(*kernel_args(qs, gs, thr), D, I)
+    return (D[0], I[0]) if single else (D, I)
+
+
+def ctf_search(
+    query_codes: Mapping[int, np.ndarray],
+    gallery_codes: Mapping[int, np.ndarray],
+    thresholds: Mapping[int, int],
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` of each coarse-to-fine ranking, ``(D int32[nq, k], I int64[nq, k])``.
+
+    Identical to ``ctf_rank(...)[:, :k]`` but never ranks the whole gallery; padded with -1 / int32 max
+    when ``k > n``.
+    """
+    k = check_k(k)
+    qs, gs, lengths, single = prepare_code_sets(query_codes, gallery_codes)
+    thr = check_thresholds(thresholds, lengths)
+    if len(lengths) == 1:
+        D, I = hamming_topk(qs[0], gs[0], k)
+    else:
+        D = np.empty((qs[0].shape[0], k), dtype=np.int32)
+        I = np.empty((qs[0].shape[0], k), dtype=np.int64)
+        _kernels.ctf_topk(*kernel_args(qs, gs, thr), k, *_kernels.ctf_workspace(gs[0].shape[0], k), D, I)
+    return (D[0], I[0]) if single else (D, I)

@@ -1,0 +1,241 @@
+"""The command line end to end on tiny generated data: encode -> calibrate -> evaluate, index build -> add
+-> search (same answers as the Python API), help texts, and the error paths (one line, non-zero exit)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctfreid.cli import COMMANDS, main
+
+torch = pytest.importorskip("torch")
+
+TINY_TRAIN = dict(backbone="resnet18", lengths=(128, 64, 32), height=32, width=16, epochs=1, warmup_epochs=0,
+                  milestones=(), p=4, k=2, val_fraction=0.4, device="cpu", num_workers=0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(synth_root, tmp_path_factory) -> Path:
+    """A tiny model trained for one epoch on the shared synthetic dataset, with a validation split."""
+    from ctfreid.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("cli") / "run"
+    train(TrainConfig(**TINY_TRAIN), synth_root, out, resume=False, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_run(run_dir, tmp_path_factory) -> Path:
+    """The same model with one weight changed: another fingerprint, same architecture."""
+    out = tmp_path_factory.mktemp("cli") / "other"
+    out.mkdir()
+    blob = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    key = next(k for k, v in blob["state_dict"].items() if v.is_floating_point())
+    blob["state_dict"][key] = blob["state_dict"][key] + 1e-3
+    torch.save(blob, out / "model.pt")
+    return out
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_one_line_error(rc: int, err: str, *fragments: str) -> None:
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "error:" in lines[0]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.count_nonzero(np.unpackbits(a) != np.unpackbits(b)))
+
+
+def _split_gallery(synth_root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    images = sorted((synth_root / "bounding_box_test").iterdir())
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for i, p in enumerate(images):
+        shutil.copy(p, (a if i % 2 == 0 else b) / p.name)
+    return a, b
+
+
+def test_index_build_add_search_equals_python_api(run_dir, synth_root, tmp_path, capsys):
+    from ctfreid.commands.index import folder_records
+    from ctfreid.encode import encode_records, load_model
+    from ctfreid.index import CtFIndex
+
+    a, b = _split_gallery(synth_root, tmp_path)
+    index_path = tmp_path / "g.ctf"
+    rc, out, err = cli(capsys, "index", "build", "--model", run_dir, "--images", a, "--out", index_path,
+                       "--beta", 2, "--quiet")
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "index", "add", "--index", index_path, "--model", run_dir, "--images", b, "--quiet")
+    assert rc == 0, err
+    assert "added" in out
+    rc, out, _ = cli(capsys, "index", "add", "--index", index_path, "--model", run_dir, "--images", b, "--quiet")
+    assert rc == 0 and "added 0 images" in out  # nothing new: nothing re-encoded or duplicated
+
+    queries = sorted((synth_root / "query").iterdir())[:4]
+    rc, out, err = cli(capsys, "search", "--index", index_path, "--model", run_dir, *queries, "--k", 7, "--json")
+    assert rc == 0, err
+    got = json.loads(out)["queries"]
+
+    # the Python API on the same images: encode a then b, one CtFIndex, the index's thresholds
+    model, info = load_model(run_dir)
+    kw = dict(height=info["height"], width=info["width"])
+    records = folder_records(a) + folder_records(b)
+    ref = CtFIndex()
+    gallery = encode_records(model, records, **kw)
+    ref.add(gallery.codes)
+    saved = CtFIndex.load(index_path)
+    ref.thresholds = dict(saved.thresholds)
+    q = encode_records(model, [(str(p), 0, 0) for p in queries], **kw)
+    D, I = ref.search(q.codes, 7)
+    assert saved.ntotal == len(records)
+    for i, item in enumerate(got):
+        assert item["query"] == str(queries[i].resolve())
+        assert [h["path"] for h in item["results"]] == [records[j][0] for j in I[i]]
+        assert [h["distance"] for h in item["results"]] == D[i].tolist()
+        assert [h["pid"] for h in item["results"]] == [records[j][1] for j in I[i]]
+        # "bits" = the finest CtF stage reached: every shorter stage passed its threshold, that stage's
+        # threshold failed (unless it is the longest), and the distance is measured at that length
+        th = ref.thresholds
+        for h in item["results"]:
+            d = {L: hamming(q.codes[L][i], gallery.codes[L][h["id"]]) for L in q.codes}
+            stage = h["stage_bits"]
+            assert all(d[L] <= th[L] for L in th if L < stage)
+            assert stage == max(q.codes) or d[stage] > th[stage]
+            assert h["distance"] == d[stage]
+
+    # the table output and the picture
+    show = tmp_path / "ranked.png"
+    rc, out, err = cli(capsys, "search", "--index", index_path, "--model", run_dir, queries[0], "--k", 3,
+                       "--show", show)
+    assert rc == 0, err
+    assert out.count("\n") >= 5 and str(records[I[0][0]][0]) in out
+    assert show.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_encode_calibrate_evaluate_and_index_with_those_thresholds(run_dir, synth_root, tmp_path, capsys):
+    from ctfreid.encoded import load_encoded
+    from ctfreid.evaluate import evaluate_sets
+    from ctfreid.index import CtFIndex
+
+    for split in ("query", "gallery", "val"):
+        rc, _, err = cli(capsys, "encode", "--model", run_dir, "--split", split, "--out", tmp_path / f"{split}.npz",
+                         "--device", "cpu", "--num-workers", 0, "--quiet")
+        assert rc == 0, err
+    th_file = tmp_path / "th.json"
+    rc, out, err = cli(capsys, "calibrate", "--val", tmp_path / "val.npz", "--beta", 2, "--out", th_file)
+    assert rc == 0, err
+    thresholds = {int(k): v for k, v in json.loads(th_file.read_text())["thresholds"].items()}
+    assert sorted(thresholds) == [32, 64]
+    res_file = tmp_path / "res.json"
+    rc, out, err = cli(capsys, "evaluate", "--query", tmp_path / "query.npz", "--gallery", tmp_path / "gallery.npz",
+                       "--thresholds", th_file, "--json", res_file)
+    assert rc == 0, err
+    res = json.loads(res_file.read_text())
+    expected = evaluate_sets(load_encoded(tmp_path / "query.npz"), load_encoded(tmp_path / "gallery.npz"), thresholds)
+    for m in ("float", "hash32", "hash64", "hash128", "ctf"):
+        for key in ("rank1", "rank5", "mAP"):
+            assert res["methods"][m][key] == pytest.approx(expected["methods"][m][key])
+    # index build takes the calibrate output
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", synth_root / "bounding_box_test",
+                     "--out", tmp_path / "g.ctf", "--thresholds", th_file, "--quiet")
+    assert rc == 0, err
+    assert {int(k): int(v) for k, v in CtFIndex.load(tmp_path / "g.ctf").thresholds.items()} == thresholds
+
+
+def test_error_paths_are_one_line(run_dir, other_run, synth_root, tmp_path, capsys):
+    missing = tmp_path / "nope"
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", missing, "--out", tmp_path / "x.ctf")
+    assert_one_line_error(rc, err, str(missing), "does not exist")
+    rc, _, err = cli(capsys, "index", "build", "--model", tmp_path / "no_run", "--images", synth_root / "query",
+                     "--out", tmp_path / "x.ctf")
+    assert_one_line_error(rc, err, "no_run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", empty, "--out", tmp_path / "x.ctf")
+    assert_one_line_error(rc, err, "no images")
+
+    index_path = tmp_path / "q.ctf"
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", synth_root / "query",
+                     "--out", index_path, "--thresholds", "32=10,64=20", "--quiet")
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", synth_root / "query",
+                     "--out", index_path, "--quiet")
+    assert_one_line_error(rc, err, "exists", "--overwrite")
+    query = sorted((synth_root / "query").iterdir())[0]
+    # another model (different weights -> different fingerprint) is refused by search and by add
+    rc, _, err = cli(capsys, "search", "--index", index_path, "--model", other_run, query)
+    assert_one_line_error(rc, err, "another model", "fingerprint")
+    rc, _, err = cli(capsys, "index", "add", "--index", index_path, "--model", other_run, "--images",
+                     synth_root / "bounding_box_test", "--quiet")
+    assert_one_line_error(rc, err, "another model")
+    # a query image that does not exist, a missing index
+    rc, _, err = cli(capsys, "search", "--index", index_path, "--model", run_dir, tmp_path / "ghost.jpg")
+    assert_one_line_error(rc, err, "ghost.jpg")
+    rc, _, err = cli(capsys, "search", "--index", tmp_path / "none.ctf", "--model", run_dir, query)
+    assert_one_line_error(rc, err, "none.ctf")
+    # a damaged index (bytes flipped in the middle; then a truncated copy) is an error, never results
+    data = bytearray(index_path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 8):
+        data[i] ^= 0xFF
+    damaged = tmp_path / "damaged.ctf"
+    damaged.write_bytes(bytes(data))
+    rc, out, err = cli(capsys, "search", "--index", damaged, "--model", run_dir, query)
+    assert_one_line_error(rc, err)
+    assert out == ""
+    truncated = tmp_path / "truncated.ctf"
+    truncated.write_bytes(index_path.read_bytes()[: len(data) // 3])
+    rc, out, err = cli(capsys, "search", "--index", truncated, "--model", run_dir, query)
+    assert_one_line_error(rc, err)
+    # bad thresholds for this model's lengths
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", synth_root / "query",
+                     "--out", tmp_path / "y.ctf", "--thresholds", "32=10")
+    assert_one_line_error(rc, err, "thresholds")
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_has_help_with_an_example(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert f"ctfreid {name}" in text and "example" in text
+
+
+def test_top_level_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in COMMANDS) and "example" in text
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--index"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error" in err
+
+
+def test_missing_torch_is_a_one_line_install_hint(tmp_path):
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
+            "from ctfreid.cli import main; sys.exit(main(sys.argv[1:]))")
+    for argv in (["demo", "--out", str(tmp_path / "d")], ["train", "--help"],
+                 ["index", "build", "--model", "r", "--images", str(tmp_path), "--out", "x.ctf"]):
+        p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1, (argv, p.stderr)
+        assert_one_line_error(p.returncode, p.stderr, 'pip install "ctfreid[train]"')

@@ -1,0 +1,127 @@
+"""Encoding: ``ctfreid train`` then ``ctfreid encode`` writes the search core's npz schema; codes are the
+model's own eval-mode signs (Eq. 2); the validation split is the run's; errors name what is wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ctfreid.cli import main  # noqa: E402
+from ctfreid.datasets import load_dataset, read_image  # noqa: E402
+from ctfreid.encode import encode_records, load_model, split_records  # noqa: E402
+from ctfreid.encoded import load_encoded  # noqa: E402
+from ctfreid.transforms import TransformConfig, build_test_transform  # noqa: E402
+
+LENGTHS = (256, 64, 32)
+TRAIN_FLAGS = ["--backbone", "mobilenet_v2", "--lengths", *map(str, LENGTHS), "--height", "64", "--width", "32",
+               "--p", "2", "--k", "2", "--epochs", "1", "--warmup-epochs", "0", "--val-fraction", "0.5",
+               "--num-workers", "0", "--device", "cpu", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(synth_root, tmp_path_factory):
+    """A run trained through the CLI (1 epoch, half the training identities held back for validation)."""
+    out = tmp_path_factory.mktemp("run") / "aio"
+    assert main(["train", "--data", str(synth_root), "--out", str(out), *TRAIN_FLAGS]) == 0
+    return out
+
+
+def test_cli_train_then_encode_writes_the_search_schema(run_dir, synth_root, synth_dataset, tmp_path, capsys):
+    assert {p.name for p in run_dir.iterdir()} >= {"model.pt", "checkpoint.pt", "config.json", "log.jsonl", "split.json"}
+    assert json.loads((run_dir / "config.json").read_text())["lengths"] == list(LENGTHS)
+    # Re-running the finished command does not train again.
+    assert main(["train", "--data", str(synth_root), "--out", str(run_dir), *TRAIN_FLAGS]) == 0
+    assert "already trained" in capsys.readouterr().out
+
+    for split, records in (("query", synth_dataset.query), ("gallery", synth_dataset.gallery)):
+        out = tmp_path / f"{split}.npz"
+        assert main(["encode", "--model", str(run_dir), "--data", str(synth_root), "--split", split,
+                     "--out", str(out), "--batch-size", "5", "--num-workers", "0", "--quiet"]) == 0
+        encoded = load_encoded(out)
+        assert encoded.lengths == sorted(LENGTHS)
+        for length in LENGTHS:
+            assert encoded.codes[length].shape == (len(records), length // 8)
+        assert encoded.features.shape == (len(records), max(LENGTHS))
+        assert encoded.pids.tolist() == [pid for _, pid, _ in records]  # original pids, -1 and 0 included
+        assert encoded.camids.tolist() == [camid for _, _, camid in records]
+        assert encoded.paths.tolist() == [path for path, _, _ in records]
+        # Codes are the signs of the stored real-valued features at the longest length.
+        assert np.array_equal(encoded.codes[max(LENGTHS)], np.packbits(encoded.features >= 0, axis=1))
+
+
+def test_encode_val_uses_the_runs_held_back_identities(run_dir, tmp_path):
+    out = tmp_path / "val.npz"
+    # No --data: the run's data folder is used.
+    assert main(["encode", "--model", str(run_dir), "--split", "val", "--out", str(out), "--quiet",
+                 "--num-workers", "0"]) == 0
+    val = load_encoded(out)
+    split = json.loads((run_dir / "split.json").read_text())
+    assert sorted(val.pids.tolist()) == sorted(pid for _, pid, _ in split["val"])
+    assert not set(val.pids.tolist()) & {pid for _, pid, _ in split["train"]}
+
+
+def test_encoded_codes_are_the_models_eval_signs(run_dir, synth_dataset):
+    model, info = load_model(run_dir)
+    assert not model.training and (info["height"], info["width"]) == (64, 32)
+    records = synth_dataset.query[:7]
+    encoded = encode_records(model, records, batch_size=3, height=64, width=32)
+    transform = build_test_transform(TransformConfig(height=64, width=32))
+    with torch.no_grad():  # oracle: one image at a time through forward() in eval mode
+        for i, (path, _, _) in enumerate(records):
+            out = model(transform(read_image(path))[None])
+            for length in LENGTHS:
+                signs = out["codes"][length][0].numpy()
+                assert set(np.unique(signs)) <= {-1.0, 1.0}
+                assert np.array_equal(encoded.codes[length][i], np.packbits(signs > 0))
+            assert np.allclose(encoded.features[i], out["bn"][max(LENGTHS)][0].numpy(), atol=1e-4)
+    # Batch size does not change the result (BN uses running statistics in eval mode).
+    again = encode_records(model, records, batch_size=64, height=64, width=32)
+    for length in LENGTHS:
+        assert np.array_equal(again.codes[length], encoded.codes[length])
+
+
+def test_unreadable_image_is_named(run_dir, synth_root, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    broken = sorted((data / "query").iterdir())[0]
+    broken.write_bytes(b"not a jpeg")
+    model, _ = load_model(run_dir)
+    records = load_dataset(data).query
+    with pytest.raises(ValueError, match=broken.name) as err:
+        encode_records(model, records, height=64, width=32, num_workers=1)
+    assert "Traceback" not in str(err.value)  # raised in the main process, not a worker's traceback
+    code = main(["encode", "--model", str(run_dir), "--data", str(data), "--split", "query",
+                 "--out", str(tmp_path / "q.npz"), "--quiet", "--num-workers", "0"])
+    assert code == 2 and broken.name in capsys.readouterr().err
+    assert not (tmp_path / "q.npz").exists()
+
+
+def test_errors_name_what_is_missing(run_dir, synth_root, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_model(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        load_model(tmp_path / "empty")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_model(tmp_path / "bad.pt")
+    # A run without a validation split cannot encode --split val.
+    _, info = load_model(run_dir)
+    with pytest.raises(ValueError, match="val-fraction"):
+        split_records("val", {**info, "val": []}, synth_root)
+    code = main(["encode", "--model", str(tmp_path / "empty"), "--data", str(synth_root), "--split", "query",
+                 "--out", str(tmp_path / "q.npz")])
+    assert code == 2 and "ctfreid encode: error" in capsys.readouterr().err

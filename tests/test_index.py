@@ -1,0 +1,186 @@
+"""CtFIndex (issue point 6): add/search/rank, ids, save/load (mmap or not), damaged files, atomic save."""
+
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import ctfreid.index as index_module
+from ctfreid.coarse_to_fine import ctf_rank, ctf_search
+from ctfreid.index import CtFIndex
+from reference import INT32_MAX, correlated_code_sets
+
+LENGTHS = (32, 128, 512)
+TH = {32: 10, 128: 45}
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return correlated_code_sets(rng, 700, 6, LENGTHS)
+
+
+def _built(g, ids=None, chunks=(0, 250, 700)):
+    index = CtFIndex()
+    for a, b in zip(chunks[:-1], chunks[1:]):
+        index.add({L: c[a:b] for L, c in g.items()}, None if ids is None else ids[a:b])
+    index.thresholds = dict(TH)
+    return index
+
+
+def test_search_and_rank_equal_the_functions(data):
+    q, g = data
+    index = _built(g)
+    assert index.ntotal == 700 and index.lengths == list(LENGTHS)
+    D, I = index.search(q, 25)
+    rD, rI = ctf_search(q, g, TH, 25)
+    np.testing.assert_array_equal(I, rI)
+    np.testing.assert_array_equal(D, rD)
+    D, I = index.rank(q)
+    rD, rI = ctf_rank(q, g, TH)
+    np.testing.assert_array_equal(I, rI)
+    np.testing.assert_array_equal(D, rD)
+    D, I = index.search({L: v[0] for L, v in q.items()}, 5)  # one 1-D query
+    np.testing.assert_array_equal(I, rI[0, :5])
+    D, I = index.search(q, 800)  # k > ntotal: padded
+    assert (I[:, 700:] == -1).all() and (D[:, 700:] == INT32_MAX).all()
+
+
+def test_explicit_ids(data):
+    q, g = data
+    ids = np.arange(700, dtype=np.int64) * 10 + 3
+    index = _built(g, ids)
+    D, I = index.search(q, 800)
+    rD, rI = ctf_search(q, g, TH, 800)
+    np.testing.assert_array_equal(I, np.where(rI >= 0, ids[rI], -1))
+    np.testing.assert_array_equal(D, rD)
+
+
+def test_add_errors(data):
+    q, g = data
+    index = CtFIndex()
+    with pytest.raises(ValueError, match="empty"):
+        index.search(q, 3)
+    index.add({L: c[:10] for L, c in g.items()})
+    with pytest.raises(ValueError, match="ids must be given on every add or on none"):
+        index.add({L: c[10:20] for L, c in g.items()}, ids=np.arange(10))
+    with pytest.raises(ValueError, match="lengths"):
+        index.add({32: g[32][:5], 128: g[128][:5]})
+    other = CtFIndex()
+    other.add({L: c[:10] for L, c in g.items()}, ids=np.arange(10))
+    with pytest.raises(ValueError, match="ids must be given"):
+        other.add({L: c[10:20] for L, c in g.items()})
+    with pytest.raises(ValueError, match="1-D integer array of length 5"):
+        CtFIndex().add({L: c[:5] for L, c in g.items()}, ids=np.arange(4))
+    with pytest.raises(ValueError, match=r"missing \[128\]"):
+        index.thresholds = {32: 3}
+        index.search(q, 3)
+    index.thresholds = dict(TH)
+    with pytest.raises(ValueError, match="code lengths"):
+        index.search({32: q[32]}, 3)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_roundtrip_and_add_after_load(data, tmp_path, mmap):
+    q, g = data
+    ids = np.arange(700, dtype=np.int64)[::-1].copy()
+    index = _built(g, ids)
+    index.metadata = {"model": "abc123", "paths": ["a.jpg", "b.jpg"]}
+    path = tmp_path / "gallery.ctf"
+    index.save(path)
+    before = path.read_bytes()
+    loaded = CtFIndex.load(path, mmap=mmap)
+    assert loaded.ntotal == 700 and loaded.lengths == list(LENGTHS)
+    assert loaded.thresholds == TH and loaded.metadata == index.metadata
+    for a, b in zip(loaded.search(q, 30), index.search(q, 30)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(loaded.rank(q), index.rank(q)):
+        np.testing.assert_array_equal(a, b)
+    extra = {L: c[:5] for L, c in g.items()}
+    loaded.add(extra, ids=np.arange(1000, 1005))
+    index.add(extra, ids=np.arange(1000, 1005))
+    assert loaded.ntotal == 705
+    for a, b in zip(loaded.search(q, 710), index.search(q, 710)):
+        np.testing.assert_array_equal(a, b)
+    assert path.read_bytes() == before  # the file is never written through the map
+
+
+def test_single_length_and_empty_index_roundtrip(tmp_path):
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 256, (50, 16), dtype=np.uint8)
+    index = CtFIndex()
+    index.add({128: codes})
+    index.save(tmp_path / "one.ctf")
+    loaded = CtFIndex.load(tmp_path / "one.ctf")
+    D, I = loaded.search({128: codes[:2]}, 3)
+    assert I[:, 0].tolist() == [0, 1] and D[:, 0].tolist() == [0, 0]
+    CtFIndex().save(tmp_path / "empty.ctf")
+    assert CtFIndex.load(tmp_path / "empty.ctf").ntotal == 0
+
+
+@pytest.fixture
+def saved(data, tmp_path):
+    path = tmp_path / "g.ctf"
+    _built(data[1]).save(path)
+    return path
+
+
+def test_truncated_file(saved):
+    blob = saved.read_bytes()
+    for cut in (3, 20, len(blob) // 2, len(blob) - 1):
+        saved.write_bytes(blob[:cut])
+        with pytest.raises(ValueError, match=r"g\.ctf.*(truncated|magic)"):
+            CtFIndex.load(saved)
+
+
+@pytest.mark.parametrize("where", ["header", "payload", "checksum"])
+def test_flipped_byte(saved, where):
+    blob = bytearray(saved.read_bytes())
+    pos = {"header": 40, "payload": len(blob) // 2, "checksum": len(blob) - 2}[where]
+    blob[pos] ^= 0x10
+    saved.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"g\.ctf.*damaged"):
+        CtFIndex.load(saved, mmap=True)
+
+
+def test_wrong_magic_newer_version_missing_file(saved, tmp_path):
+    blob = bytearray(saved.read_bytes())
+    (tmp_path / "x.ctf").write_bytes(b"PK\x03\x04" + bytes(blob[4:]))
+    with pytest.raises(ValueError, match="not a ctfreid index"):
+        CtFIndex.load(tmp_path / "x.ctf")
+    blob[8:12] = struct.pack("<I", 99)
+    saved.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="version 99"):
+        CtFIndex.load(saved)
+    with pytest.raises(FileNotFoundError, match="nope.ctf"):
+        CtFIndex.load(tmp_path / "nope.ctf")
+
+
+def test_atomic_save_keeps_old_file_on_crash(data, saved, monkeypatch):
+    before = saved.read_bytes()
+    calls = {"n": 0}
+    real = index_module.zlib.crc32
+
+    def crashing_crc32(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # in the middle of writing the arrays
+            raise OSError("disk full")
+        return real(*args)
+
+    monkeypatch.setattr(index_module.zlib, "crc32", crashing_crc32)
+    bigger = _built(data[1])
+    bigger.add({L: c[:100] for L, c in data[1].items()})
+    with pytest.raises(OSError, match="disk full"):
+        bigger.save(saved)
+    monkeypatch.undo()
+    assert saved.read_bytes() == before
+    assert os.listdir(saved.parent) == [saved.name]  # no temporary file left behind
+    assert CtFIndex.load(saved).ntotal == 700
+
+
+def test_metadata_must_be_json(saved):
+    index = CtFIndex.load(saved)
+    index.metadata = {"bad": object()}
+    with pytest.raises(ValueError, match="JSON"):
+        index.save(saved)
