@@ -39,7 +39,7 @@ DEFAULT_BETAS = (0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 3.0, 10.0)
 
 @dataclass
 class DemoConfig:
-    """Settings of :func:`run_demo`. The defaults are the ``ctfreid demo`` run (about 5-8 min on 2 CPU cores)."""
+    """Settings of :func:`run_demo`. The defaults are the ``ctfreid demo`` run (6-8 min on 2 shared CPU cores)."""
 
     out: str = "ctfreid-demo"
     data: str | None = None  # Market-1501-layout dataset; None = generate the synthetic one into OUT/data
@@ -55,7 +55,7 @@ class DemoConfig:
     # model and training (a CPU budget version of Sec. 4.2)
     backbone: str = "resnet18"
     lengths: tuple[int, ...] = (2048, 512, 128, 32)
-    height: int = 64  # model input: half the paper's 256 x 128 per side twice over, for the CPU budget
+    height: int = 64  # model input: a quarter of the paper's 256 x 128 per side, for the CPU budget
     width: int = 32
     epochs: int = 24
     warmup_epochs: int = 2
@@ -389,14 +389,18 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
         "torch_threads": threads,
     }
     notes = [
-        f"Model: {info['model_config'].get('backbone')} at {info['height']}x{info['width']}, fingerprint {fingerprint}; "
-        f"thresholds by DTO (beta {cfg.beta:g}) on {len(val)} validation images of held-out training identities.",
-        f"ms/query: best of {cfg.timing_repeats} timed runs, torch on {threads} thread(s), Hamming kernels single-threaded.",
+        f"Model: {info['model_config'].get('backbone')} at {info['height']}x{info['width']}, "
+        f"fingerprint {fingerprint}; thresholds by DTO (beta {cfg.beta:g}) on {len(val)} validation images "
+        "of held-out training identities.",
+        f"ms/query: best of {cfg.timing_repeats} timed runs, torch on {threads} thread(s), "
+        "Hamming kernels single-threaded.",
         f"Gallery-size sweep (gallery_size.png): {len(gallery)} gallery images plus {pool_what}.",
     ]
     json_path, md_path = report.write_tables(
         results, out, "results", extra,
         title=f"ctfreid demo: {len(query)} queries x {len(gallery)} gallery images ({data.name})", notes=notes)
-    paths.update(results_json=json_path, results_md=md_path, index=index_path, run_dir=run_dir, thresholds=out / "thresholds.json")
-    return {"results": results, "table": table, "paths": {k: str(v) for k, v in paths.items()}, "timings": timings,
+    paths.update(results_json=json_path, results_md=md_path, index=index_path, run_dir=run_dir,
+                 thresholds=out / "thresholds.json")
+    return {"results": results, "table": table, "query_paths": str(Path(data.root) / "query"),
+            "paths": {k: str(v) for k, v in paths.items()}, "timings": timings,
             "beta_sweep": sweep, "gallery_size_sweep": size_rows, "thresholds": thresholds}

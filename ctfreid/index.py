@@ -98,6 +98,21 @@ class CtFIndex:
     def _gallery(self, length: int) -> np.ndarray:
         return self._codes[length][: self._ntotal]
 
+    def codes(self, length: int) -> np.ndarray:
+        """The stored ``length``-bit codes, ``uint8[ntotal, length // 8]`` in insertion order (read-only view)."""
+        if length not in (self._lengths or []):
+            raise ValueError(f"this index holds code lengths {self.lengths}, not {length!r}")
+        view = self._gallery(length).view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The stored ids, ``int64[ntotal]`` in insertion order (read-only view)."""
+        view = self._ids[: self._ntotal].view() if self._ids is not None else np.empty(0, np.int64)
+        view.flags.writeable = False
+        return view
+
     # ------------------------------------------------------------------------------------------ add
     def add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None = None) -> None:
         """Append a code set ``{length: uint8[n, length // 8]}``; ``ids`` int64 [n] or None for

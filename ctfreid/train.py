@@ -60,6 +60,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._atomic import atomic_write
+from .codes import check_length
 from .datasets import Record, load_dataset, read_image, relabel_pids, split_train_val
 from .losses import LossConfig, aio_loss
 from .model import AiOModel
@@ -129,29 +130,32 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.lengths = tuple(int(x) for x in self.lengths)
         self.milestones = tuple(int(x) for x in self.milestones)
+        c = self
         checks = [
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.p >= 2 and self.k >= 1, "P must be >= 2 and K >= 1 (batch-hard triplet needs negatives)"),
-            (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0"),
-            (self.warmup_epochs >= 0 and 0 < self.warmup_factor <= 1, "warmup_epochs must be >= 0, warmup_factor in (0, 1]"),
-            (list(self.milestones) == sorted(self.milestones), "milestones must be ascending"),
-            (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
-            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
-            (self.height >= 16 and self.width >= 16, "height and width must be >= 16 pixels"),
-            (min(self.feature_shift, self.num_workers, self.log_every, self.threads) >= 0,
-             "feature_shift, num_workers, log_every and threads must be >= 0"),
-            (not self.cache_stem or self.frozen_stages > 0, "cache_stem needs frozen_stages > 0 (only a frozen stem can be cached)"),
+            (c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}"),
+            (c.p >= 2 and c.k >= 1, f"P must be >= 2 and K >= 1 (batch-hard triplet needs negatives), got P={c.p}, K={c.k}"),
+            (c.lr > 0 and c.weight_decay >= 0, f"lr must be > 0 and weight_decay >= 0, got {c.lr} and {c.weight_decay}"),
+            (c.warmup_epochs >= 0 and 0 < c.warmup_factor <= 1,
+             f"warmup_epochs must be >= 0 and warmup_factor in (0, 1], got {c.warmup_epochs} and {c.warmup_factor}"),
+            (list(c.milestones) == sorted(c.milestones), f"milestones must be ascending, got {list(c.milestones)}"),
+            (0 < c.gamma <= 1, f"gamma must be in (0, 1], got {c.gamma}"),
+            (0.0 <= c.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {c.val_fraction}"),
+            (c.height >= 16 and c.width >= 16, f"height and width must be >= 16 pixels, got {c.height} x {c.width}"),
+            (min(c.feature_shift, c.num_workers, c.log_every, c.threads, c.frozen_stages) >= 0,
+             "feature_shift, num_workers, log_every, threads and frozen_stages must be >= 0"),
+            (not c.cache_stem or c.frozen_stages > 0,
+             "cache_stem needs frozen_stages > 0 (only a frozen stem can be cached)"),
+            (len(c.lengths) > 0 and len(set(c.lengths)) == len(c.lengths), f"lengths must be distinct, got {list(c.lengths)}"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"{message}, got {self._show()}")
+                raise ValueError(message)
+        for length in c.lengths:
+            check_length(length, "code length (--lengths)")
         TransformConfig(self.height, self.width, self.flip_p, self.padding, self.erasing_p)  # validates those
         if self.weights is not None and self.weights.lower() == "none":
             self.weights = None
         resolve_device(self.device)
-
-    def _show(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in asdict(self).items())
 
     def loss_config(self) -> LossConfig:
         return LossConfig(

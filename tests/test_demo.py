@@ -102,7 +102,8 @@ def _brute_rank1(q: EncodedSet, g: EncodedSet, length: int) -> float:
     for i in range(len(q)):
         d = np.abs(gb - qb[i]).sum(1)
         order = np.argsort(d, kind="stable")
-        keep = [j for j in order if g.pids[j] != -1 and not (g.pids[j] == q.pids[i] and g.camids[j] == q.camids[i])]
+        keep = [j for j in order
+                if g.pids[j] != -1 and not (g.pids[j] == q.pids[i] and g.camids[j] == q.camids[i])]
         if not any(g.pids[j] == q.pids[i] for j in keep):
             continue
         valid += 1

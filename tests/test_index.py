@@ -184,3 +184,15 @@ def test_metadata_must_be_json(saved):
     index.metadata = {"bad": object()}
     with pytest.raises(ValueError, match="JSON"):
         index.save(saved)
+
+
+def test_stored_codes_and_ids_accessors(data):
+    q, g = data
+    ids = np.arange(700, dtype=np.int64) * 7 + 1
+    index = _built(g, ids)
+    for L in LENGTHS:
+        np.testing.assert_array_equal(index.codes(L), g[L])
+        assert not index.codes(L).flags.writeable
+    np.testing.assert_array_equal(index.ids, ids)
+    with pytest.raises(ValueError, match="2048"):
+        index.codes(2048)

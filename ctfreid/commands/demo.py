@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ctfreid.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, data=args.data, model=args.model, weights=args.weights, ids=args.ids,
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     for key in ("results_md", "results_json", "beta_sweep", "gallery_size", "ranked_lists", "index", "run_dir"):
         if key in p:
             print(f"  {p[key]}")
-    print(f"try: ctfreid search --index {p['index']} --model {p['run_dir']} {cfg.out}/data/query --k 5"
-          if cfg.data is None else f"try: ctfreid search --index {p['index']} --model {p['run_dir']} QUERY.jpg")
+    queries = sorted(Path(summary["query_paths"]).iterdir()) if summary.get("query_paths") else []
+    example = str(queries[0]) if queries else "QUERY.jpg"
+    print(f"try: ctfreid search --index {p['index']} --model {p['run_dir']} {example} --k 10 --show ranked.png")
     return 0

@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-workers and --threads must be >= 0, got {args.num_workers} and {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from pathlib import Path
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # fail before encoding, not after
     model, info = load_model(args.model, args.device)
     records = split_records(args.split, info, args.data, args.dataset)
     device = next(model.parameters()).device

@@ -195,7 +195,8 @@ def load_index(path: str | os.PathLike, mmap: bool = True):
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory of 'ctfreid train' (or its model.pt)")
+    p.add_argument("--model", required=True, metavar="RUN_DIR",
+                   help="run directory of 'ctfreid train' (or its model.pt)")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of person crops (.jpg, .jpeg, .png, .bmp)")
     p.add_argument("--recursive", action="store_true", help="also take images in sub-folders")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch (default 64)")
@@ -226,7 +227,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.action == "build" and Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} exists: pass --overwrite to replace it, or 'ctfreid index add' to extend it")
+        raise FileExistsError(
+            f"--out {args.out} exists: pass --overwrite to replace it, or 'ctfreid index add' to extend it")
     index = load_index(args.index, mmap=False) if args.action == "add" else None
     records = folder_records(args.images, recursive=args.recursive)
     model, info = load_model(args.model, device=args.device)

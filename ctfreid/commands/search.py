@@ -52,8 +52,8 @@ def query_records(items: list[str]) -> list[tuple[str, int, int]]:
 
 
 def _stored_codes(index, length: int):
-    # CtFIndex has no public accessor for its stored codes yet; ids are positions (default ids).
-    return index._gallery(length)
+    # ids are positions (index build uses default ids).
+    return index.codes(length)
 
 
 def finest_stages(index, query_codes: dict, ids, thresholds: dict):
