@@ -146,13 +146,12 @@ def _dist_range(q, g, W, base, m, dd, off):
 # LLVM from vectorising it; ``_select`` picks the helper once per query.
 @njit(inline="always", **_JIT)
 def _mask1(q, g, W, base, dd, hi):
-    """Distances of the 64 codes at ``base`` into ``dd`` and the mask of those ``<= hi``: 1 word/code."""
+    """Mask of the 64 codes at ``base`` whose distance is ``<= hi``: 1 word/code (``dd`` unused)."""
     q0 = q[0]
     h = np.int32(hi)
     mask = np.uint64(0)
-    for j in range(BLOCK):
+    for j in range(BLOCK):  # no store of the distances: _extract1 recomputes the few it needs
         d = np.int32(_popcnt(q0 ^ g[base + j]))
-        dd[j] = d
         mask |= np.uint64(d <= h) << np.uint64(j)
     return mask
 
@@ -233,23 +232,59 @@ def _extract(mask, base, dd, bufi, bufd, cnt):
     return cnt + c
 
 
+@njit(inline="always", **_JIT)
+def _extract1(mask, base, q0, g, bufi, bufd, cnt):
+    """``_extract`` for 1 word per code: recomputes the distance of each hit from the code (an L1 hit)
+    instead of reloading it from the block's distance buffer, whose scalar reloads of just-written
+    vector stores stall on store forwarding (~6 % of the 32-bit scan). An exhausted mask reads code
+    ``base + (64 & 63)``, which exists, for the spare slots."""
+    c = _popcnt(mask)
+    j = _ctz(mask) & 63
+    bufi[cnt] = base + j
+    bufd[cnt] = _popcnt(q0 ^ g[base + j])
+    mask &= mask - np.uint64(1)
+    j = _ctz(mask) & 63
+    bufi[cnt + 1] = base + j
+    bufd[cnt + 1] = _popcnt(q0 ^ g[base + j])
+    mask &= mask - np.uint64(1)
+    j = _ctz(mask) & 63
+    bufi[cnt + 2] = base + j
+    bufd[cnt + 2] = _popcnt(q0 ^ g[base + j])
+    mask &= mask - np.uint64(1)
+    j = _ctz(mask) & 63
+    bufi[cnt + 3] = base + j
+    bufd[cnt + 3] = _popcnt(q0 ^ g[base + j])
+    mask &= mask - np.uint64(1)
+    if c > 4:
+        r = cnt + 4
+        while mask:
+            j = _ctz(mask)
+            bufi[r] = base + j
+            bufd[r] = _popcnt(q0 ^ g[base + j])
+            r += 1
+            mask &= mask - np.uint64(1)
+    return cnt + c
+
+
 @njit(**_JIT)
 def _rows_dist(q, g, W, rows, c, out):
     """``out[j] = popcount(q ^ code[rows[j]])`` for ``j < c`` (gathers candidate codes, 64-bit words).
 
-    Candidates are spread over the gallery, so each read is a cache miss: the code a few candidates
-    ahead is prefetched to keep more misses in flight (~15% faster at 10^6 codes).
+    Candidates are spread over the gallery, so each read is a cache miss: the code some candidates
+    ahead is prefetched to keep more misses in flight (~15% faster at 10^6 codes; measured with cold
+    caches: 64 codes ahead for 128-bit codes, 32 for codes of one cache line, 12 for longer ones).
     """
     if W == 2:
         q0 = q[0]
         q1 = q[1]
         for j in range(c):
-            _prefetch(g, 2 * rows[min(j + 32, c - 1)])
+            _prefetch(g, 2 * rows[min(j + 64, c - 1)])
             o = 2 * rows[j]
             out[j] = _popcnt(q0 ^ g[o]) + _popcnt(q1 ^ g[o + 1])
     else:
+        dist = 32 if W <= 8 else 12
         for j in range(c):
-            ahead = W * rows[min(j + 12, c - 1)]
+            ahead = W * rows[min(j + dist, c - 1)]
             for w in range(0, W, 8):  # every cache line of the code (also the last, if unaligned)
                 _prefetch(g, ahead + w)
             _prefetch(g, ahead + W - 1)
@@ -460,11 +495,12 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
     nfull = n // BLOCK
     # three copies of one loop, each with its own inlined mask helper (see _mask1)
     if W == 1:
+        q0 = q[0]
         for b in range(nfull):
             if tau < 0:
                 break  # k codes at distance 0 already: nothing later can enter
             mask = _mask1(q, g, W, b * BLOCK, dd, tau)
-            cnt = _extract(mask, b * BLOCK, dd, bufi, bufd, cnt)
+            cnt = _extract1(mask, b * BLOCK, q0, g, bufi, bufd, cnt)
             if cnt > cap:
                 cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
                 tau = t - 1
@@ -493,6 +529,30 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
         cnt = _extract(mask, base, dd, bufi, bufd, cnt)
     if cnt > k:
         cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
+    return cnt
+
+
+@njit(**_JIT)
+def _within1(q, g, n, hi, bufi, bufd, dd):
+    """All codes within ``hi`` in gallery order, 1 word per code (the CtF stage 1 at 32 bits): the loop
+    of ``_select`` without its bound updates and compaction checks (~10 % faster); returns the count.
+    The buffers need ``n + 128`` slots."""
+    q0 = q[0]
+    h = np.int32(hi)
+    cnt = 0
+    nfull = n // BLOCK
+    for b in range(nfull):
+        base = b * BLOCK
+        mask = np.uint64(0)
+        for j in range(BLOCK):
+            d = np.int32(_popcnt(q0 ^ g[base + j]))
+            mask |= np.uint64(d <= h) << np.uint64(j)
+        cnt = _extract1(mask, base, q0, g, bufi, bufd, cnt)
+    m = n - nfull * BLOCK
+    if m > 0:
+        base = nfull * BLOCK
+        mask = _tail_mask(q, g, 1, base, m, dd, hi)
+        cnt = _extract(mask, base, dd, bufi, bufd, cnt)
     return cnt
 
 
@@ -578,87 +638,150 @@ def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI):
 
 
 @njit(**_JIT)
+def _in_stage(D, thr, s, j):
+    """Whether stage-1 candidate ``j`` passed the thresholds of stages 1 .. s - 1 (short-circuit: ``D[r]``
+    is defined only for the candidates of stage r - 1)."""
+    for r in range(1, s):
+        if D[r, j] > thr[r]:
+            return False
+    return True
+
+
+@njit(**_JIT)
+def _first_of_stage(D, Ls, s, lst, c, lo, m, ord_a, ord_b, skey, ids, oI, oD, pos):
+    """Write to ``oI/oD[pos:]`` the first ``m`` of the candidates ``lst[:c]`` (stage-1 candidate numbers,
+    ascending) with ``D[s] >= lo``, ordered by (D[s], D[s - 1], ..., D[0], gallery position); returns the
+    new ``pos``. This is the order the chain of stable re-rankings gives them (issue point 3); only
+    those that can be among the first ``m`` (``D[s]`` up to the m-th smallest) are sorted."""
+    if m <= 0:
+        return pos
+    ds = D[s]
+    w = 0
+    for j in range(c):  # branch-free filter; keeps gallery order
+        x = lst[j]
+        ord_a[w] = x
+        w += ds[x] >= lo
+    if w == 0:
+        return pos
+    if w > m:  # keep only the values of D[s] up to the m-th smallest
+        vlo = Ls[s]
+        vhi = 0
+        for r in range(w):
+            v = ds[ord_a[r]]
+            vlo = min(vlo, v)
+            vhi = max(vhi, v)
+        h = np.zeros(vhi - vlo + 1, np.int64)
+        for r in range(w):
+            h[ds[ord_a[r]] - vlo] += 1
+        acc = 0
+        t = 0
+        while acc + h[t] < m:
+            acc += h[t]
+            t += 1
+        tk = vlo + t
+        w2 = 0
+        for r in range(w):
+            x = ord_a[r]
+            ord_a[w2] = x
+            w2 += ds[x] <= tk
+        w = w2
+    # least significant key first: stable counting sorts by D[0], D[1], ..., D[s]
+    src = ord_a
+    dst = ord_b
+    for r in range(s + 1):
+        _sort_by_key(D[r], src, w, Ls[r], dst, skey)
+        src, dst = dst, src
+    m = min(m, w)
+    for r in range(m):
+        x = src[r]
+        oI[pos + r] = ids[x]
+        oD[pos + r] = ds[x]
+    return pos + m
+
+
+@njit(**_JIT)
 def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, ws64, ws32, outD, outI):
     """First ``k`` of the CtF rankings of a batch without ranking the whole gallery (arguments as for
     ``ctf_rank``; ``ws64``/``ws32``: scratch from ``ctf_workspace``, reusable across calls).
 
-    Stage 1 collects the codes within ``thr[0]`` in gallery order. Every later stage computes its
-    distances in gallery order (monotone gathers), sorts the current ranking stably by them, and keeps
-    the first ``k`` of those beyond its threshold as a segment. The output is the last stage's ranking,
-    then the segments of earlier stages and, only if stage 1 kept fewer than ``k`` codes, the next codes
-    of the stage-1 ranking (found by a second, top-k scan).
+    Stage 1 collects the codes within ``thr[0]`` in gallery order (the stage-1 candidates, numbered
+    0 .. c1 - 1); each later stage s computes its distances ``D[s]`` for the candidates of stage s - 1,
+    gathered in gallery order (monotone reads), and keeps those within ``thr[s]``, still in gallery
+    order: no sort of the candidates. The CtF ranking starts with the last stage's candidates ordered by
+    (D[S-1], ..., D[0], gallery position), then, for s = S-2 .. 1, the stage-(s-1) candidates beyond
+    ``thr[s]`` in the same kind of order, then the stage-1 ranking beyond ``thr[0]``; only the parts
+    that reach the first ``k`` are built, and within a part only the entries that can be among them are
+    sorted. The rest of the stage-1 ranking is found by a second, top-k scan.
     """
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
     big, rcap = n + 2 * BLOCK, min(k, n) + 4096 + 2 * BLOCK
-    key = ws32[big + 2 * n + 2 * rcap : big + 3 * n + 2 * rcap]
-    skey = ws32[big + 3 * n + 2 * rcap : big + 4 * n + 2 * rcap]
+    # rows/ord_a and tmp/skey share memory: the forward pass is over when the sorts begin
     ids = ws64[:big]
-    perm = ws64[big : big + n]
-    perm2 = ws64[big + n : big + 2 * n]
-    newj = ws64[big + 2 * n : big + 3 * n]
+    rows = ws64[big : big + n]
+    ord_a = rows
+    lst = ws64[big + n : big + 2 * n]
+    ord_b = ws64[big + 2 * n : big + 3 * n]
     rbufi = ws64[big + 3 * n : big + 3 * n + rcap]
     rpos = ws64[big + 3 * n + rcap : big + 3 * n + 2 * rcap]
-    d1 = ws32[:big]
-    d = ws32[big : big + n]
-    sortedd = ws32[big + n : big + 2 * n]
-    rbufd = ws32[big + 2 * n : big + 2 * n + rcap]
-    rsorted = ws32[big + 2 * n + rcap : big + 2 * n + 2 * rcap]
-    seg_i = np.empty((S, k), np.int64)
-    seg_d = np.empty((S, k), np.int32)
-    seg_n = np.zeros(S, np.int64)
+    D = ws32[: S * big].reshape(S, big)  # D[s, j]: stage-s distance of stage-1 candidate j
+    tmp = ws32[S * big : S * big + n]
+    skey = tmp
+    rbufd = ws32[S * big + n : S * big + n + rcap]
+    rsorted = ws32[S * big + n + rcap : S * big + n + 2 * rcap]
     hist = np.zeros(L1 + 2, np.int64)
     dd = np.zeros(BLOCK + 1, np.int32)
     for i in range(Q1.shape[0]):
         oD = outD[i]
         oI = outI[i]
-        c1 = _select(Q1[i], g1, W1, n, L1, n, thr[0], ids, d1, hist, dd)
-        # Stage 2 orders by (d2, d1, gallery position). The candidates are in gallery order, so one
-        # counting sort on the key d2 * (t1 + 1) + d1 does it when that key has few values; otherwise
-        # sort by d1 first and then, stably, by d2.
-        T1 = min(thr[0], L1) + 1
-        combined = T1 * (Ls[1] + 1) <= 16384
-        if not combined:
-            _sort_identity(d1, c1, L1, perm, sortedd)
+        if W1 == 1:
+            c1 = _within1(Q1[i], g1, n, thr[0], ids, D[0], dd)
+        else:
+            c1 = _select(Q1[i], g1, W1, n, L1, n, thr[0], ids, D[0], hist, dd)
+        # forward: distances of the surviving candidates, stage by stage; lst holds their numbers
+        _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
         c = c1
-        pos = 0
-        for s in range(1, S):
-            L = Ls[s]
-            _later_dist(Qr, qoff, Gr, s, i, ids, c, d)
-            if s == 1 and combined:
-                for j in range(c):
-                    key[j] = d[j] * T1 + d1[j]
-                _sort_identity(key, c, T1 * (L + 1) - 1, perm2, skey)
-                for r in range(c):
-                    sortedd[r] = d[perm2[r]]
-            else:
-                _sort_by_key(d, perm, c, L, perm2, sortedd)
-            if s == S - 1:
-                pos = min(k, c)
-                for r in range(pos):
-                    oI[r] = ids[perm2[r]]
-                    oD[r] = sortedd[r]
-            else:
-                cn = _count_within(sortedd, c, thr[s])
-                m = min(c - cn, k)
-                for r in range(m):
-                    seg_i[s, r] = ids[perm2[cn + r]]
-                    seg_d[s, r] = sortedd[cn + r]
-                seg_n[s] = m
-                w = 0  # keep the candidates in gallery order for the next gather (branch-free)
-                t = thr[s]
-                for j in range(c):
-                    newj[j] = w
-                    ids[w] = ids[j]
-                    w += d[j] <= t
-                for r in range(cn):
-                    perm[r] = newj[perm2[r]]
-                c = cn
+        if S == 2:
+            for j in range(c1):
+                lst[j] = j
+        else:  # branch-free compaction, gallery order kept
+            ds = D[1]
+            t = thr[1]
+            w = 0
+            for j in range(c1):
+                lst[w] = j
+                rows[w] = ids[j]
+                w += ds[j] <= t
+            c = w
+        for s in range(2, S - 1):
+            _later_dist(Qr, qoff, Gr, s, i, rows, c, tmp)
+            ds = D[s]
+            t = thr[s]
+            w = 0
+            for j in range(c):
+                x = lst[j]
+                d = tmp[j]
+                ds[x] = d
+                lst[w] = x
+                rows[w] = rows[j]
+                w += d <= t
+            c = w
+        if S > 2:
+            _later_dist(Qr, qoff, Gr, S - 1, i, rows, c, tmp)
+            ds = D[S - 1]
+            for j in range(c):
+                ds[lst[j]] = tmp[j]
+        pos = _first_of_stage(D, Ls, S - 1, lst, c, 0, k, ord_a, ord_b, skey, ids, oI, oD, 0)
         for s in range(S - 2, 0, -1):
-            m = min(seg_n[s], k - pos)
-            oI[pos : pos + m] = seg_i[s, :m]
-            oD[pos : pos + m] = seg_d[s, :m]
-            pos += m
+            if pos >= k:
+                break
+            # the candidates of stage s - 1 beyond thr[s] (rare with k << candidates)
+            c = 0
+            for j in range(c1):
+                if _in_stage(D, thr, s, j):
+                    lst[c] = j
+                    c += 1
+            pos = _first_of_stage(D, Ls, s, lst, c, thr[s] + 1, k - pos, ord_a, ord_b, skey, ids, oI, oD, pos)
         if pos < k and c1 < n:
             # fewer than k candidates after stage 1: continue with the stage-1 ranking beyond them
             cnt = _select(Q1[i], g1, W1, n, L1, k, L1, rbufi, rbufd, hist, dd)
@@ -671,11 +794,12 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, ws64, ws32, outD, outI):
         oD[pos:] = INT32_MAX
 
 
-def ctf_workspace(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scratch (int64, int32) for ``ctf_topk`` on ``n`` codes and top-``k``: about 52 bytes per code, of
-    which a call touches only the candidates. Reusing it avoids the page faults of fresh memory."""
+def ctf_workspace(n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scratch (int64, int32) for ``ctf_topk`` on ``n`` codes, top-``k`` and ``S`` stages: about
+    (36 + 4 S) bytes per code, of which a call touches only the candidates. Reusing it avoids the page
+    faults of fresh memory."""
     big, rcap = n + 2 * BLOCK, min(k, n) + 4096 + 2 * BLOCK
-    return np.empty(big + 3 * n + 2 * rcap, np.int64), np.empty(big + 4 * n + 2 * rcap, np.int32)
+    return np.empty(big + 3 * n + 2 * rcap, np.int64), np.empty(S * big + n + 2 * rcap, np.int32)
 
 
 def stage_offsets(lengths: list[int]) -> np.ndarray:

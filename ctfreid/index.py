@@ -237,11 +237,11 @@ class CtFIndex:
         return D, I
 
     def _workspace(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """CtF scratch, one per thread, reused while (n, k) stay the same."""
+        """CtF scratch, one per thread, reused while (n, k, number of stages) stay the same."""
         ws = getattr(self._local, "ws", None)
-        key = (n, min(k, n))
+        key = (n, min(k, n), len(self._lengths))
         if ws is None or ws[0] != key:
-            ws = (key, _kernels.ctf_workspace(n, k))
+            ws = (key, _kernels.ctf_workspace(n, k, len(self._lengths)))
             self._local.ws = ws
         return ws[1]
 
