@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctfreid.commands import positive_int
+
 HELP = "synthetic data -> train -> DTO -> CtF index -> evaluate -> tables and plots"
 DESCRIPTION = """Run the paper's pipeline end to end on the CPU, with no data, GPU or pretrained weights needed:
 generate a synthetic person re-identification dataset (Market-1501 layout), train a small All-in-One
@@ -25,16 +27,6 @@ examples:
   ctfreid demo --data market1501/ --model runs/aio --out market-demo/"""
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ctfreid.demo import DemoConfig
 
@@ -44,14 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="RUN_DIR", help="a trained run directory: skip training")
     parser.add_argument("--weights", metavar="PATH",
                         help="backbone weights (torchvision key names) to start from instead of random init")
-    parser.add_argument("--ids", type=_positive, default=d.ids,
+    parser.add_argument("--ids", type=positive_int, default=d.ids,
                         help=f"synthetic identities, half for training (default {d.ids})")
-    parser.add_argument("--cams", type=_positive, default=d.cams, help=f"synthetic cameras (default {d.cams})")
-    parser.add_argument("--epochs", type=_positive, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    parser.add_argument("--cams", type=positive_int, default=d.cams, help=f"synthetic cameras (default {d.cams})")
+    parser.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"training epochs (default {d.epochs})")
     parser.add_argument("--backbone", default=d.backbone, choices=("resnet18", "mobilenet_v2", "resnet50"),
                         help=f"backbone (default {d.backbone})")
-    parser.add_argument("--height", type=_positive, default=d.height, help=f"input height (default {d.height})")
-    parser.add_argument("--width", type=_positive, default=d.width, help=f"input width (default {d.width})")
+    parser.add_argument("--height", type=positive_int, default=d.height, help=f"input height (default {d.height})")
+    parser.add_argument("--width", type=positive_int, default=d.width, help=f"input width (default {d.width})")
     parser.add_argument("--beta", type=float, default=d.beta, help=f"DTO beta (default {d.beta:g}, the paper's)")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"seed of data, split and training (default {d.seed})")
     parser.add_argument("--device", default=d.device, help=f"cpu, cuda or auto (default {d.device})")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctfreid.commands import positive_int
+
 HELP = "generate a synthetic ReID dataset in Market-1501 layout"
 DESCRIPTION = """Generate a deterministic synthetic person re-identification dataset (NumPy + Pillow only) in
 Market-1501 layout: bounding_box_train/ (training identities), query/ (one image per test identity per
@@ -18,26 +20,16 @@ example:
   ctfreid train --data data/synth --out runs/synth"""
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    parser.add_argument("--ids", type=_positive, default=200,
+    parser.add_argument("--ids", type=positive_int, default=200,
                         help="identities in all; half train, half test (default 200)")
-    parser.add_argument("--cams", type=_positive, default=4, help="cameras, 2 to 9 (default 4)")
+    parser.add_argument("--cams", type=positive_int, default=4, help="cameras, 2 to 9 (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--images-per-id", type=_positive, default=8,
+    parser.add_argument("--images-per-id", type=positive_int, default=8,
                         help="images of each identity over its cameras, >= 4 (default 8)")
-    parser.add_argument("--height", type=_positive, default=128, help="image height in pixels (default 128)")
-    parser.add_argument("--width", type=_positive, default=64, help="image width in pixels (default 64)")
+    parser.add_argument("--height", type=positive_int, default=128, help="image height in pixels (default 128)")
+    parser.add_argument("--width", type=positive_int, default=64, help="image width in pixels (default 64)")
     parser.add_argument("--distractors", type=int, default=-1,
                         help="pid-0 distractor images in the gallery (default -1: one per test identity)")
     parser.add_argument("--junk", type=int, default=-1,
