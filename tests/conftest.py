@@ -30,3 +30,14 @@ def synth_dataset(synth_root: Path):
     from ctfreid.datasets import load_dataset
 
     return load_dataset(synth_root)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Torch on one thread: two threads on a shared 2-core machine are much slower (OpenMP waits on busy cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

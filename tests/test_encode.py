@@ -23,12 +23,7 @@ TRAIN_FLAGS = ["--backbone", "mobilenet_v2", "--lengths", *map(str, LENGTHS), "-
                "--num-workers", "0", "--device", "cpu", "--threads", "1", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

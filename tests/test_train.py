@@ -28,13 +28,7 @@ from ctfreid.transforms import TransformConfig, build_test_transform  # noqa: E4
 from ctfreid.datasets import read_image  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine are much slower than one (OpenMP waits on busy cores).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny(**kw) -> TrainConfig:
