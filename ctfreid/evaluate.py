@@ -4,7 +4,9 @@ Rows: ``float`` (squared Euclidean on real-valued features, when both sets have 
 ranking with counting sort at one code length) and ``ctf`` (coarse-to-fine search with DTO thresholds,
 Sec. 3.1). Accuracy: CMC / mAP under the Market-1501 protocol (``ctfreid.metrics``). Query time per probe
 = distance computation + sorting, as in Sec. 4.1: the ranking of all queries is timed (single thread for
-the numba kernels) and divided by the number of queries; computing the metrics is not timed. The float
+the numba kernels) and divided by the number of queries; computing the metrics is not timed. With
+``search_k``, the binary rows also time the serving path: the top-k search that ``CtFIndex.search`` runs
+(``hamming_topk`` / ``ctf_search``, no full sort), which is what a search over a large gallery costs. The float
 baseline's matrix product uses NumPy's BLAS, which may use several threads unless
 ``OPENBLAS_NUM_THREADS=1`` is set before start-up.
 """
@@ -18,9 +20,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .coarse_to_fine import ctf_rank
+from .coarse_to_fine import ctf_rank, ctf_search
 from .encoded import EncodedSet
-from .hamming import hamming_distances, hamming_rank
+from .hamming import check_k, hamming_distances, hamming_rank, hamming_topk
 from .metrics import euclidean_distances, merge_metrics, rank_by_distance, ranking_stats
 from .thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_from_distances, pair_distances
 
@@ -50,23 +52,44 @@ def _check_pair(query: EncodedSet, gallery: EncodedSet) -> None:
 
 
 def _run(rank_block: Callable[[slice], np.ndarray], query: EncodedSet, gallery: EncodedSet,
-         max_rank: int, block_size: int) -> dict:
-    """Time ``rank_block`` over query blocks and evaluate its rankings (metrics untimed)."""
+         max_rank: int, block_size: int, repeats: int = 1) -> dict:
+    """Time ``rank_block`` over query blocks (median of ``repeats`` passes) and evaluate the rankings of
+    the first pass (metrics untimed)."""
     nq = len(query)
-    parts, elapsed = [], 0.0
+    parts, times = [], []
     with single_thread():
         rank_block(slice(0, 1))  # warm-up: JIT compilation and first-touch costs stay out of the timing
-        for s in range(0, nq, block_size):
-            sl = slice(s, min(nq, s + block_size))
-            t0 = time.perf_counter()
-            idx = rank_block(sl)
-            elapsed += time.perf_counter() - t0
-            parts.append(ranking_stats(idx, query.pids[sl], query.camids[sl], gallery.pids, gallery.camids))
+        for rep in range(repeats):
+            elapsed = 0.0
+            for s in range(0, nq, block_size):
+                sl = slice(s, min(nq, s + block_size))
+                t0 = time.perf_counter()
+                idx = rank_block(sl)
+                elapsed += time.perf_counter() - t0
+                if rep == 0:
+                    parts.append(ranking_stats(idx, query.pids[sl], query.camids[sl], gallery.pids, gallery.camids))
+            times.append(elapsed)
     m = merge_metrics(parts, max_rank, len(gallery))
     return {
         "rank1": m.rank1, "rank5": m.rank5, "rank10": m.rank10, "mAP": m.mAP,
-        "query_ms": 1000.0 * elapsed / nq, "num_valid": m.num_valid, "skipped": m.num_skipped,
+        "query_ms": 1000.0 * float(np.median(times)) / nq, "num_valid": m.num_valid, "skipped": m.num_skipped,
     }
+
+
+def _time_search(search_block: Callable[[slice], object], nq: int, block_size: int, repeats: int = 1) -> float:
+    """Milliseconds per query of ``search_block`` over query blocks: median of ``repeats`` passes, after
+    one warm-up call."""
+    times = []
+    with single_thread():
+        search_block(slice(0, 1))
+        for _ in range(repeats):
+            elapsed = 0.0
+            for s in range(0, nq, block_size):
+                t0 = time.perf_counter()
+                search_block(slice(s, min(nq, s + block_size)))
+                elapsed += time.perf_counter() - t0
+            times.append(elapsed)
+    return 1000.0 * float(np.median(times)) / nq
 
 
 def candidate_counts(query_codes: Mapping[int, np.ndarray], gallery_codes: Mapping[int, np.ndarray],
@@ -88,16 +111,23 @@ def candidate_counts(query_codes: Mapping[int, np.ndarray], gallery_codes: Mappi
 
 
 def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[int, int] | None = None,
-                  max_rank: int = 10, block_size: int = 256, methods: Sequence[str] | None = None) -> dict:
+                  max_rank: int = 10, block_size: int = 256, methods: Sequence[str] | None = None,
+                  search_k: int | None = None, repeats: int = 1) -> dict:
     """Table 4 rows for ``query`` against ``gallery``.
 
     Returns ``{"methods": {"float"?, "hash<L>"..., "ctf"?: {"rank1", "rank5", "rank10", "mAP", "query_ms",
     ...}}, "ctf_thresholds": {L: t}, "skipped_queries": n}``; metrics are fractions in [0, 1]. ``float``
     needs features in both sets, ``ctf`` needs ``thresholds`` (every length but the longest). The ``ctf``
     row also has ``"candidates"``: the mean number of candidates per probe after each thresholded stage.
-    ``methods`` restricts the rows computed (names as above).
+    ``methods`` restricts the rows computed (names as above). With ``search_k``, every binary row also has
+    ``"search_ms"``: milliseconds per query of the top-``search_k`` search alone (the serving path).
+    Times are the median of ``repeats`` timed passes (the accuracy comes from the first).
     """
     _check_pair(query, gallery)
+    if search_k is not None:
+        search_k = check_k(search_k)
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     lengths = gallery.lengths
     th = check_thresholds(thresholds, lengths) if thresholds is not None else None
     rankers: dict[str, Callable[[slice], np.ndarray]] = {}
@@ -120,7 +150,16 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
         if unknown:
             raise ValueError(f"unknown or unavailable method(s) {sorted(unknown)}; available: {list(rankers)}")
         rankers = {k: v for k, v in rankers.items() if k in methods}
-    rows = {name: _run(fn, query, gallery, max_rank, block_size) for name, fn in rankers.items()}
+    rows = {name: _run(fn, query, gallery, max_rank, block_size, repeats) for name, fn in rankers.items()}
+    if search_k is not None:
+        searchers: dict[str, Callable[[slice], object]] = {
+            f"hash{L}": lambda sl, L=L: hamming_topk(query.codes[L][sl], gallery.codes[L], search_k) for L in lengths
+        }
+        if th is not None:
+            searchers["ctf"] = lambda sl: ctf_search(q_sub(sl), gallery.codes, th, search_k)
+        for name, fn in searchers.items():
+            if name in rows:
+                rows[name]["search_ms"] = _time_search(fn, len(query), block_size, repeats)
     if "ctf" in rows:
         rows["ctf"]["candidates"] = {str(L): c for L, c in candidate_counts(query.codes, gallery.codes, th).items()}
     skipped = next(iter(rows.values()))["skipped"] if rows else 0
@@ -132,6 +171,7 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
         "skipped_queries": int(skipped),
         "num_queries": len(query),
         "num_gallery": len(gallery),
+        **({"search_k": search_k} if search_k is not None else {}),
     }
 
 
@@ -144,12 +184,19 @@ def format_table(result: Mapping) -> str:
     ref_ms = rows[ref]["query_ms"] if ref else None
     header = f"{'method':<10}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>9}{'mAP':>8}{'ms/query':>10}"
     header += f"{'speed-up vs ' + ref:>22}" if ref else ""
+    k = result.get("search_k")
+    ref_search = rows[ref].get("search_ms") if ref and k else None
+    if ref_search:
+        header += f"{f'top-{k} ms':>12}{'speed-up':>10}"
     lines = [header, "-" * len(header)]
     for name, r in rows.items():
         line = (f"{name:<10}{100 * r['rank1']:>7.1f}%{100 * r['rank5']:>7.1f}%{100 * r['rank10']:>8.1f}%"
                 f"{100 * r['mAP']:>7.1f}%{r['query_ms']:>10.3f}")
         if ref:
             line += f"{ref_ms / r['query_ms']:>21.1f}x" if r["query_ms"] > 0 else f"{'-':>22}"
+        if ref_search:
+            t = r.get("search_ms")
+            line += f"{t:>12.4f}{ref_search / t:>9.1f}x" if t else f"{'-':>12}{'-':>10}"
         lines.append(line)
     notes = []
     if result.get("ctf_thresholds"):

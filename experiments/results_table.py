@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 RUNS = {
+    "aio_all": "pyramid + self-distillation, trained on all training identities (thresholds from aio_cp_sd)",
     "aio_cp_sd": "pyramid + self-distillation (full AiO)",
     "aio_cp": "pyramid, no self-distillation",
     "aio_none": "no pyramid (independent heads), no self-distillation",
@@ -23,46 +24,56 @@ def pct(x: float) -> str:
 def table4(result: dict) -> list[str]:
     rows = result["methods"]
     hashes = sorted((k for k in rows if k.startswith("hash")), key=lambda k: int(k[4:]))
-    longest = rows[hashes[-1]]["query_ms"]
-    out = ["| method | Rank-1 (%) | Rank-5 (%) | Rank-10 (%) | mAP (%) | ms / query | speed-up vs longest code |",
-           "|---|---|---|---|---|---|---|"]
+    longest = rows[hashes[-1]]
+    k = result.get("search_k")
+    head = "| method | Rank-1 (%) | Rank-5 (%) | Rank-10 (%) | mAP (%) | full ranking ms / query | speed-up |"
+    if k:
+        head += f" top-{k} search ms / query | speed-up |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in ["float", *hashes, "ctf"]:
         if name not in rows:
             continue
         r = rows[name]
         label = {"float": "float (Euclidean)", "ctf": "CtF (DTO, beta = 2)"}.get(name, f"{name[4:]}-bit")
-        out.append(f"| {label} | {pct(r['rank1'])} | {pct(r['rank5'])} | {pct(r['rank10'])} | {pct(r['mAP'])} "
-                   f"| {r['query_ms']:.3f} | {longest / r['query_ms']:.1f}x |")
+        line = (f"| {label} | {pct(r['rank1'])} | {pct(r['rank5'])} | {pct(r['rank10'])} | {pct(r['mAP'])} "
+                f"| {r['query_ms']:.3f} | {longest['query_ms'] / r['query_ms']:.1f}x |")
+        if k:
+            t = r.get("search_ms")
+            line += f" {t:.4f} | {longest['search_ms'] / t:.1f}x |" if t else " - | - |"
+        out.append(line)
     return out
+
+
+def describe_ctf(result: dict, source: str) -> str:
+    th = ", ".join(f"{k}-bit <= {v}" for k, v in result["ctf_thresholds"].items())
+    cand = result["methods"]["ctf"].get("candidates", {})
+    text = f"CtF thresholds (DTO on the validation identities{source}): {th}."
+    if cand:
+        text += (" Mean candidates per probe after each stage: "
+                 + ", ".join(f"{k}-bit {v:.0f}" for k, v in cand.items())
+                 + f" (of {result.get('num_gallery', '?')}).")
+    return text + f" Skipped queries (no valid match): {result['skipped_queries']}."
 
 
 def main(root: str) -> None:
     root_path = Path(root)
     results = {run: json.loads((root_path / run / "results.json").read_text())
                for run in RUNS if (root_path / run / "results.json").is_file()}
-    if "aio_cp_sd" in results:
-        r = results["aio_cp_sd"]
-        print("### Table 4 layout: full AiO (pyramid + self-distillation)\n")
-        print("\n".join(table4(r)))
-        th = ", ".join(f"{k}-bit <= {v}" for k, v in r["ctf_thresholds"].items())
-        cand = r["methods"]["ctf"].get("candidates", {})
-        print(f"\nCtF thresholds (DTO on the validation identities): {th}.")
-        if cand:
-            print("Mean candidates per probe after each stage: "
-                  + ", ".join(f"{k}-bit {v:.0f}" for k, v in cand.items()) + ".")
-        print(f"Skipped queries (no valid match): {r['skipped_queries']}.\n")
+    for run, source in (("aio_all", " of aio_cp_sd"), ("aio_cp_sd", "")):
+        if run in results:
+            print(f"### Table 4 layout: {RUNS[run]}\n")
+            print("\n".join(table4(results[run])))
+            print("\n" + describe_ctf(results[run], source) + "\n")
+    ablation = [run for run in ("aio_none", "aio_cp", "aio_cp_sd") if run in results]
+    if not ablation:
+        return
     print("### Table 5 layout: ablation of the code pyramid (CP) and self-distillation (SD)\n")
-    lengths = None
-    for r in results.values():
-        lengths = sorted(int(k[4:]) for k in r["methods"] if k.startswith("hash"))
-        break
-    head = " | ".join(f"{L}" for L in lengths or []) + " | CtF"
+    lengths = sorted(int(k[4:]) for k in results[ablation[0]]["methods"] if k.startswith("hash"))
+    head = " | ".join(f"{L}" for L in lengths) + " | CtF"
     print(f"| CP | SD | Rank-1 (%): {head} | mAP (%): {head} | CtF ms / query |")
-    print("|---|---|" + "---|" * (2 * (len(lengths or []) + 1) + 1))
+    print("|---|---|" + "---|" * (2 * (len(lengths) + 1) + 1))
     marks = {"aio_none": ("no", "no"), "aio_cp": ("yes", "no"), "aio_cp_sd": ("yes", "yes")}
-    for run in ["aio_none", "aio_cp", "aio_cp_sd"]:
-        if run not in results:
-            continue
+    for run in ablation:
         m = results[run]["methods"]
         r1 = " | ".join(pct(m[f"hash{L}"]["rank1"]) for L in lengths) + " | " + pct(m["ctf"]["rank1"])
         ap = " | ".join(pct(m[f"hash{L}"]["mAP"]) for L in lengths) + " | " + pct(m["ctf"]["mAP"])

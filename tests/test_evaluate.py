@@ -137,6 +137,30 @@ def test_table_and_sweep(sets):
     assert "rank1" not in only_th[0] and "expected_recall" in only_th[0]
 
 
+def test_search_k_times_the_serving_path_of_binary_rows(sets):
+    val, query, gallery = sets
+    th = fit_thresholds(val.codes, val.pids, val.camids)
+    plain = evaluate_sets(query, gallery, th)
+    res = evaluate_sets(query, gallery, th, search_k=10)
+    assert res["search_k"] == 10 and "search_k" not in plain
+    assert "search_ms" not in res["methods"]["float"]
+    for name in ("hash32", "hash64", "hash128", "ctf"):
+        assert res["methods"][name]["search_ms"] > 0
+        assert "search_ms" not in plain["methods"][name]
+        # the accuracy columns come from the full rankings either way
+        assert res["methods"][name]["mAP"] == plain["methods"][name]["mAP"]
+    text = format_table(res)
+    assert "top-10 ms" in text and "top-10 ms" not in format_table(plain)
+    with pytest.raises(ValueError, match="k"):
+        evaluate_sets(query, gallery, th, search_k=0)
+    again = evaluate_sets(query, gallery, th, search_k=10, repeats=3)
+    for name, row in again["methods"].items():
+        assert (row["rank1"], row["mAP"]) == (res["methods"][name]["rank1"], res["methods"][name]["mAP"])
+        assert row["query_ms"] > 0
+    with pytest.raises(ValueError, match="repeats"):
+        evaluate_sets(query, gallery, th, repeats=0)
+
+
 @pytest.fixture
 def files(tmp_path, sets):
     val, query, gallery = sets
@@ -161,6 +185,9 @@ def test_cli_evaluate_with_thresholds_and_json(files, capsys):
         assert 0 <= row["mAP"] <= 1
     assert data["ctf_thresholds"] == {"32": 12, "64": 28}
     assert "ctf" in capsys.readouterr().out
+    assert main(["evaluate", "--query", str(p["q"]), "--gallery", str(p["g"]), "--thresholds", "32=12,64=28",
+                 "--search-k", "5", "--repeats", "2"]) == 0
+    assert "top-5 ms" in capsys.readouterr().out
 
 
 def test_cli_calibrate_then_evaluate(files, capsys):

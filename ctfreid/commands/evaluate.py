@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ctfreid.commands import positive_int
+
 HELP = "CMC/mAP and query time of float, each code length and CtF from .npz files"
 DESCRIPTION = """Rank a query set against a gallery with real-valued features (when both .npz files have
 'features'), with each code length alone (Hamming distance + counting sort) and with coarse-to-fine
@@ -17,7 +19,7 @@ float and hash rows are printed.
 
 example:
   ctfreid evaluate --query q.npz --gallery g.npz --calibrate val.npz --beta 2 --json results.json
-  ctfreid evaluate --query q.npz --gallery g.npz --thresholds 32=9,128=41,512=190"""
+  ctfreid evaluate --query q.npz --gallery g.npz --thresholds 32=9,128=41,512=190 --search-k 100"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DTO beta with --calibrate (default 2.0; larger = more accurate, slower)")
     parser.add_argument("--rho", default="1", help="DTO rho with --calibrate: a number or 'auto' (default 1)")
     parser.add_argument("--max-rank", type=int, default=10, help="longest CMC rank (default 10)")
+    parser.add_argument("--search-k", type=positive_int, default=None, metavar="K",
+                        help="also time the top-K search alone (the index's serving path) for each binary row")
+    parser.add_argument("--repeats", type=positive_int, default=1, metavar="N",
+                        help="report the median time of N timed passes (default 1; the CPU may be shared)")
     parser.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
 
 
@@ -67,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         fits = fit_dto(val.codes, val.pids, val.camids, beta=beta, rho=parse_rho(args.rho))
         thresholds = {L: f.threshold for L, f in fits.items()}
         print(f"DTO (beta={beta:g}) on {args.calibrate}: " + ", ".join(f"{L}={t}" for L, t in thresholds.items()))
-    result = evaluate_sets(query, gallery, thresholds, max_rank=args.max_rank)
+    result = evaluate_sets(query, gallery, thresholds, max_rank=args.max_rank, search_k=args.search_k,
+                           repeats=args.repeats)
     print(f"{len(query)} queries x {len(gallery)} gallery items")
     print(format_table(result))
     if args.json:
