@@ -487,9 +487,10 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
     code within ``hi`` (the coarse stage of CtF). Whenever the buffer is full it keeps only the first
     ``k`` and lowers the bound to (k-th distance - 1): later codes at the k-th distance rank after the
     k codes already seen, so the block mask skips them. The buffers need ``min(k, n) + 4096 + 128``
-    slots, or ``n + 128`` with ``k >= n``.
+    slots, or ``n + 128`` with ``k >= n``. The first compaction comes after ``4 k + 512`` buffered codes
+    at most, so that small galleries also get a tight bound early.
     """
-    cap = bufi.shape[0] - BLOCK - 4
+    cap = min(bufi.shape[0] - BLOCK - 4, 4 * k + 512)
     tau = hi
     cnt = 0
     nfull = n // BLOCK
