@@ -7,6 +7,10 @@ the "R" (real-valued) counterpart of the longest binary code, the upper bound ro
 ``float`` row of ``ctfreid evaluate`` (Euclidean distance). ``v0`` would be the backbone's pooled feature
 instead; ``bn(v_1)`` is chosen because it is what the 2048-bit code quantises, so float vs hash2048
 isolates the quantisation loss.
+
+``flip=True`` is the usual ReID test-time augmentation (torchreid / fast-reid "flip test"): each image and
+its mirror go through the model and their ``bn(v_k)`` are averaged before the sign, so the codes and
+features become invariant to a horizontal flip. It doubles the encoding time.
 """
 
 from __future__ import annotations
@@ -77,12 +81,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int | None = None, height: int = 256,
                    width: int = 128, device: str | torch.device = "cpu", num_workers: int = 0,
                    progress: bool = False, mean: Sequence[float] | None = None,
-                   std: Sequence[float] | None = None) -> EncodedSet:
+                   std: Sequence[float] | None = None, flip: bool = False) -> EncodedSet:
     """Encode ``(path, pid, camid)`` records: packed ``sgn(bn(v_k))`` codes (Eq. 2) for every length and
     ``features = bn(v_1)`` of the longest code, with the records' pids, camids and paths.
 
     ``height`` / ``width`` (and ``mean`` / ``std``) must be those the model was trained with (``info`` of
-    :func:`load_model`). ``batch_size`` defaults to 8 on CPU (large batches of 256 x 128 activations are
+    :func:`load_model`). ``flip`` averages ``bn(v_k)`` of each image and its mirror before the sign (see
+    the module docstring). ``batch_size`` defaults to 8 on CPU (large batches of 256 x 128 activations are
     slower there: memory is mapped and unmapped for every batch) and 128 on CUDA. An unreadable image
     raises ``ValueError`` / ``FileNotFoundError`` naming it.
     """
@@ -105,10 +110,14 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
 
     with tqdm(total=len(records), desc="encoding", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for images, _, _, _ in loader:
-            out = model(images.to(dev, non_blocking=True))
-            for length in lengths:
-                codes[length].append(np.packbits(out["codes"][length].cpu().numpy() > 0, axis=1))
-            features.append(out["bn"][lengths[0]].float().cpu().numpy())
+            images = images.to(dev, non_blocking=True)
+            bn = model(images)["bn"]
+            if flip:
+                mirrored = model(images.flip(3))["bn"]
+                bn = {length: (bn[length] + mirrored[length]) * 0.5 for length in lengths}
+            for length in lengths:  # sgn(bn(v)) of Eq. 2, bit 1 for +1 (bn >= 0, as the model's eval codes)
+                codes[length].append(np.packbits(bn[length].cpu().numpy() >= 0, axis=1))
+            features.append(bn[lengths[0]].float().cpu().numpy())
             bar.update(len(images))
     model.train(was_training)
     return EncodedSet(

@@ -88,6 +88,58 @@ def test_encoded_codes_are_the_models_eval_signs(run_dir, synth_dataset):
         assert np.array_equal(again.codes[length], encoded.codes[length])
 
 
+def test_flip_test_averages_each_image_with_its_mirror(run_dir, synth_dataset, tmp_path):
+    from PIL import Image
+
+    from ctfreid.model import AiOModel
+
+    trained, _ = load_model(run_dir)
+    torch.manual_seed(0)  # a fresh model: the 1-epoch one maps every tiny image to nearly the same feature
+    model = AiOModel(**trained.config()).eval()
+    records = synth_dataset.query[:6]
+    mirrored = []
+    for i, (path, pid, camid) in enumerate(records):  # lossless mirror images on disk: the oracle's input
+        out = tmp_path / f"m{i}.png"
+        Image.open(path).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out)
+        mirrored.append((str(out), pid, camid))
+    kw = dict(height=64, width=32, batch_size=4)
+    plain, plain_mirror = encode_records(model, records, **kw), encode_records(model, mirrored, **kw)
+    flipped = encode_records(model, records, flip=True, **kw)
+    scale = np.abs(plain.features).max()  # an untrained model's features are tiny: compare relative to them
+
+    def close(a, b):
+        return np.allclose(a / scale, b / scale, atol=1e-4)
+
+    # Oracle: the mean of the image's and the mirror's bn(v), then Eq. 2's sign.
+    assert close(flipped.features, (plain.features + plain_mirror.features) / 2)
+    assert not close(flipped.features, plain.features)  # the mirror really changed something
+    with torch.no_grad():
+        transform = build_test_transform(TransformConfig(height=64, width=32))
+        a = model(torch.stack([transform(read_image(p)) for p, _, _ in records]))["bn"]
+        b = model(torch.stack([transform(read_image(p)) for p, _, _ in mirrored]))["bn"]
+    for length in LENGTHS:  # every length's code is the sign of the averaged bn(v_k)
+        mean = ((a[length] + b[length]) / 2).numpy()
+        scale_k = np.abs(mean).max()
+        sure = np.abs(mean) > 1e-4 * scale_k  # the bits of near-zero values may round either way
+        assert sure.mean() > 0.9
+        bits = np.unpackbits(flipped.codes[length], axis=1)
+        assert np.array_equal(bits[sure], (mean >= 0)[sure])
+    # A flip-tested image and its mirror get the same features.
+    assert close(encode_records(model, mirrored, flip=True, **kw).features, flipped.features)
+
+
+def test_cli_flip_matches_the_library(run_dir, synth_root, synth_dataset, tmp_path):
+    out = tmp_path / "q.npz"
+    assert main(["encode", "--model", str(run_dir), "--data", str(synth_root), "--split", "query", "--flip",
+                 "--out", str(out), "--num-workers", "0", "--quiet"]) == 0
+    model, _ = load_model(run_dir)
+    expected = encode_records(model, synth_dataset.query, height=64, width=32, flip=True)
+    plain = encode_records(model, synth_dataset.query, height=64, width=32)
+    # Same computation in the same batches: bit-identical (and not the un-flipped features).
+    assert np.array_equal(load_encoded(out).features, expected.features)
+    assert not np.array_equal(plain.features, expected.features)
+
+
 def test_unreadable_image_is_named(run_dir, synth_root, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(synth_root, data)

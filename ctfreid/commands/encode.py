@@ -13,7 +13,8 @@ longest code, the float baseline). 'ctfreid evaluate' and 'ctfreid calibrate' re
 
 examples:
   ctfreid encode --model runs/aio --data market1501/ --split query --out q.npz
-  ctfreid encode --model runs/aio --split val --out val.npz      # data folder of the run"""
+  ctfreid encode --model runs/aio --split val --out val.npz      # data folder of the run
+  ctfreid encode --model runs/aio --data market1501/ --split gallery --flip --out g.npz  # flip test"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=2, help="image decoding worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default 0 = torch's default; 1 is fastest on a busy machine)")
+    parser.add_argument("--flip", action="store_true",
+                        help="flip test: average each image's and its mirror's bn(v) before the sign (2x slower)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     encoded = encode_records(model, records, batch_size=args.batch_size, height=info["height"], width=info["width"],
                              device=device, num_workers=args.num_workers, progress=not args.quiet,
-                             mean=info["mean"], std=info["std"])
+                             mean=info["mean"], std=info["std"], flip=args.flip)
     save_encoded(args.out, encoded)
     lengths = ", ".join(str(length) for length in encoded.lengths)
     print(f"encoded {len(encoded)} {args.split} images ({lengths} bits, {encoded.features.shape[1]}-d features) -> {args.out}")
