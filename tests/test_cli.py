@@ -129,6 +129,43 @@ def test_index_build_add_search_equals_python_api(run_dir, synth_root, tmp_path,
     assert show.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_index_built_with_flip_encodes_added_images_and_queries_the_same_way(run_dir, synth_root, tmp_path, capsys):
+    from ctfreid.commands.index import folder_records
+    from ctfreid.encode import encode_records, load_model
+    from ctfreid.index import CtFIndex
+
+    a, b = _split_gallery(synth_root, tmp_path)
+    index_path = tmp_path / "g.ctf"
+    rc, out, err = cli(capsys, "index", "build", "--model", run_dir, "--images", a, "--out", index_path,
+                       "--flip", "--quiet")
+    assert rc == 0 and "flip test" in out, err
+    rc, _, err = cli(capsys, "index", "add", "--index", index_path, "--model", run_dir, "--images", b, "--quiet")
+    assert rc == 0, err
+    queries = sorted((synth_root / "query").iterdir())[:4]
+    rc, out, err = cli(capsys, "search", "--index", index_path, "--model", run_dir, *queries, "--k", 5, "--json")
+    assert rc == 0, err
+    got = json.loads(out)["queries"]
+
+    model, info = load_model(run_dir)
+    records = folder_records(a) + folder_records(b)
+    kw = dict(height=info["height"], width=info["width"])
+    gallery = encode_records(model, records, flip=True, **kw)
+    saved = CtFIndex.load(index_path)
+    assert saved.metadata["model"]["flip"] is True
+    for L, codes in gallery.codes.items():  # the added half was flip-encoded too
+        assert np.array_equal(saved.codes(L), codes)
+    plain = encode_records(model, records, **kw)
+    assert any(not np.array_equal(plain.codes[L], codes) for L, codes in gallery.codes.items())
+    ref = CtFIndex()
+    ref.add(gallery.codes)
+    ref.thresholds = dict(saved.thresholds)
+    q = encode_records(model, [(str(p), 0, 0) for p in queries], flip=True, **kw)
+    D, I = ref.search(q.codes, 5)
+    for i, item in enumerate(got):
+        assert [h["path"] for h in item["results"]] == [records[j][0] for j in I[i]]
+        assert [h["distance"] for h in item["results"]] == D[i].tolist()
+
+
 def test_encode_calibrate_evaluate_and_index_with_those_thresholds(run_dir, synth_root, tmp_path, capsys):
     from ctfreid.encoded import load_encoded
     from ctfreid.evaluate import evaluate_sets

@@ -7,12 +7,14 @@ The library side of it (used by ``ctfreid search`` and the demo too): :func:`mod
 An index file is a :class:`ctfreid.index.CtFIndex` whose ``metadata`` holds::
 
     {"format": "ctfreid-image-index/1",
-     "model": {"fingerprint", "file", "lengths", "backbone", "height", "width"},
+     "model": {"fingerprint", "file", "lengths", "backbone", "height", "width", "flip"},
      "paths": [...], "pids": [...], "camids": [...],      # one entry per indexed image, in id order
      "thresholds_source": "..."}
 
 ``pids`` / ``camids`` come from Market-1501 style names (``0002_c1s1_000451_03.jpg``) when they parse,
-else -1 (unknown). Ids are positions 0..n-1 in these lists.
+else -1 (unknown). Ids are positions 0..n-1 in these lists. ``flip`` records whether the images were
+encoded with the flip test (``index build --flip``); ``index add`` and ``ctfreid search`` encode the same
+way, since flipped and plain codes of one image differ.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ examples:
 BUILD_DESCRIPTION = """Encode every image of --images with the model of --model and write a new CtF index.
 
 example:
-  ctfreid index build --model runs/aio --images crops/ --out gallery.ctf --beta 2"""
+  ctfreid index build --model runs/aio --images crops/ --out gallery.ctf --beta 2
+  ctfreid index build --model runs/aio --images crops/ --out gallery.ctf --flip   # flip test"""
 
 ADD_DESCRIPTION = """Append the images of --images that the index does not hold yet (same path = same image);
 only they are encoded. The model must be the one that built the index (same fingerprint).
@@ -123,20 +126,27 @@ def resolve_thresholds(model, info: Mapping, spec: str | None = None, beta: floa
     return th, f"DTO beta={beta:g} on the run's {len(val)} validation images"
 
 
-def encode_kwargs(info: Mapping, batch_size: int = 64, device: str = "cpu", progress: bool = True) -> dict:
-    """Keyword arguments of ``encode_records`` matching the model's input (size, normalisation)."""
+def encode_kwargs(info: Mapping, batch_size: int = 64, device: str = "cpu", progress: bool = True,
+                  flip: bool = False) -> dict:
+    """Keyword arguments of ``encode_records`` matching the model's input (size, normalisation, flip test)."""
     return {"batch_size": batch_size, "height": info["height"], "width": info["width"], "mean": info["mean"],
-            "std": info["std"], "device": device, "progress": progress}
+            "std": info["std"], "device": device, "progress": progress, "flip": bool(flip)}
 
 
-def _model_meta(fingerprint: str, info: Mapping) -> dict:
+def index_flip(index) -> bool:
+    """Whether the images of ``index`` were encoded with the flip test (queries must be too)."""
+    return bool(((index.metadata or {}).get("model") or {}).get("flip", False))
+
+
+def _model_meta(fingerprint: str, info: Mapping, flip: bool = False) -> dict:
     cfg = info.get("model_config") or {}
     return {"fingerprint": fingerprint, "file": str(info.get("file")), "lengths": sorted(cfg.get("lengths", [])),
-            "backbone": cfg.get("backbone"), "height": info.get("height"), "width": info.get("width")}
+            "backbone": cfg.get("backbone"), "height": info.get("height"), "width": info.get("width"),
+            "flip": bool(flip)}
 
 
 def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: Mapping,
-                extra: Mapping | None = None):
+                extra: Mapping | None = None, flip: bool = False):
     """A :class:`ctfreid.index.CtFIndex` of ``encoded`` (an ``EncodedSet`` with paths) with the metadata above."""
     from ctfreid.index import CtFIndex
 
@@ -147,7 +157,7 @@ def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: 
     index.thresholds = {int(k): int(v) for k, v in thresholds.items()}
     index.metadata = {
         "format": META_FORMAT,
-        "model": _model_meta(fingerprint, info),
+        "model": _model_meta(fingerprint, info, flip),
         "paths": [str(p) for p in encoded.paths],
         "pids": [int(p) for p in encoded.pids],
         "camids": [int(c) for c in encoded.camids],
@@ -216,6 +226,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="CtF thresholds: 32=9,128=41,512=190 or a .json from 'ctfreid calibrate'")
     group.add_argument("--beta", type=float, help="fit thresholds with DTO at this beta on the run's validation split")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    b.add_argument("--flip", action="store_true",
+                   help="flip test: encode each image with its mirror (2x slower; remembered by the index, so "
+                        "'index add' and 'search' do the same)")
     a = sub.add_parser("add", help="append new images to an index", description=ADD_DESCRIPTION, formatter_class=raw)
     a.add_argument("--index", required=True, metavar="INDEX", help="index file to extend (rewritten atomically)")
     _common(a)
@@ -233,16 +246,18 @@ def run(args: argparse.Namespace) -> int:
     records = folder_records(args.images, recursive=args.recursive)
     model, info = load_model(args.model, device=args.device)
     fingerprint = model_fingerprint(model, info)
-    kw = encode_kwargs(info, args.batch_size, args.device, progress=not args.quiet)
+    flip = args.flip if args.action == "build" else index_flip(index)
+    kw = encode_kwargs(info, args.batch_size, args.device, progress=not args.quiet, flip=flip)
 
     if args.action == "build":
         thresholds, source = resolve_thresholds(model, info, args.thresholds, args.beta, kw)
         encoded = encode_records(model, records, **kw)
-        index = build_index(encoded, thresholds, fingerprint, info, {"thresholds_source": source})
+        index = build_index(encoded, thresholds, fingerprint, info, {"thresholds_source": source}, flip=flip)
         index.save(args.out)
         th = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(thresholds.items())) or "none"
         print(f"indexed {index.ntotal} images from {args.images} -> {args.out}")
-        print(f"  model {info['file']} (fingerprint {fingerprint}), lengths {sorted(model.lengths)}")
+        print(f"  model {info['file']} (fingerprint {fingerprint}), lengths {sorted(model.lengths)}"
+              + (", flip test" if flip else ""))
         print(f"  thresholds {th} ({source})")
         return 0
 

@@ -83,7 +83,7 @@ def finest_stages(index, query_codes: dict, ids, thresholds: dict):
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ctfreid.commands.index import check_model, encode_kwargs, load_index, model_fingerprint
+    from ctfreid.commands.index import check_model, encode_kwargs, index_flip, load_index, model_fingerprint
     from ctfreid.encode import encode_records, load_model
 
     if args.k < 1:
@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     records = query_records(args.images)
     model, info = load_model(args.model, device=args.device)
     check_model(index, args.index, model_fingerprint(model, info), info)
-    enc = encode_records(model, records, **encode_kwargs(info, args.batch_size, args.device, progress=False))
+    # Queries are encoded as the index's images were (flip test or not).
+    kw = encode_kwargs(info, args.batch_size, args.device, progress=False, flip=index_flip(index))
+    enc = encode_records(model, records, **kw)
     D, I = index.search(enc.codes, args.k)
     thresholds = {int(k): int(v) for k, v in index.thresholds.items()}
     S = finest_stages(index, enc.codes, I, thresholds) if thresholds else np.where(I >= 0, max(enc.codes), -1)
