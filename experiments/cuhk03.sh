@@ -1,52 +1,78 @@
 #!/usr/bin/env bash
 # Reproduce docs/results-cuhk03.md: AiO on real CUHK03 crops (Market layout) from an ImageNet MobileNetV2,
-# with the Table 5 ablation (pyramid / self-distillation on and off), on a 2-core CPU.
+# on a 2-core CPU: the Table 4 runs (frozen-2 recipe, flip test) and the Table 5 ablation (frozen-3 recipe).
 #
-#   bash experiments/cuhk03.sh DATA_DIR WEIGHTS OUT_DIR
+#   bash experiments/cuhk03.sh DATA_DIR WEIGHTS OUT_DIR [table4|ablation|all]
 #   e.g. bash experiments/cuhk03.sh ../shared/data/cuhk03np-dev ../shared/weights/mobilenet_v2_imagenet.pth runs/cuhk03
 #
-# The five trainings are independent (run them in parallel on a machine with more cores); aio_all only
-# needs aio_cp_sd's thresholds.json at its evaluation step.
+# Every training is independent of the others (run them in parallel on a machine with more cores), except
+# that aio_all's evaluation uses aio_cp_sd's thresholds.
 set -euo pipefail
 DATA=${1:?dataset folder in Market-1501 layout}; WEIGHTS=${2:?MobileNetV2 state dict}; OUT=${3:-runs/cuhk03}
+PART=${4:-all}
 mkdir -p "$OUT"
-# Fast CPU recipe: the first 3 MobileNetV2 stages (stride 8) are frozen and their outputs cached once;
-# label smoothing 0.1; 30 epochs with a 3-epoch warm-up, x0.1 at 20 and 26.
-COMMON=(--data "$DATA" --backbone mobilenet_v2 --weights "$WEIGHTS" --frozen-stages 3 --cache-stem
-        --cache-dir "$OUT/cache" --epochs 30 --warmup-epochs 3 --milestones 20 26 --label-smoothing 0.1
+# Fast CPU recipe: the first backbone stages are frozen and their outputs cached once (for each image and
+# its mirror); label smoothing 0.1; 30 epochs with a 3-epoch warm-up, x0.1 at 20 and 26.
+COMMON=(--data "$DATA" --backbone mobilenet_v2 --weights "$WEIGHTS" --cache-stem
+        --epochs 30 --warmup-epochs 3 --milestones 20 26 --label-smoothing 0.1
         --threads 1 --num-workers 0 --quiet)
-declare -A FLAGS=(
-  [aio_cp_sd]=""                                          # code pyramid + self-distillation (the full AiO)
-  [aio_cp]="--no-self-distillation"                       # code pyramid only
-  [aio_none]="--no-self-distillation --no-pyramid"        # independent heads on v0, no distillation
-)
-encode() {  # encode RUN SPLIT...
-  local run=$1; shift
+encode() {  # encode DIR RUN SUFFIX [--flip] SPLIT...: DIR/RUN/SPLIT.npz or DIR/RUN/SPLIT_flip.npz
+  local dir=$1 run=$2 suffix=$3; shift 3
+  local flip=(); [ "${1:-}" = "--flip" ] && { flip=(--flip); shift; }
   for split in "$@"; do
-    ctfreid encode --model "$OUT/$run" --data "$DATA" --split "$split" --out "$OUT/$run/$split.npz" --threads 1 --quiet
+    ctfreid encode --model "$dir/$run" --data "$DATA" --split "$split" "${flip[@]}" \
+      --out "$dir/$run/$split$suffix.npz" --threads 1 --quiet
   done
 }
-# 1. Ablation runs: 20 % of the training identities are held out; DTO fits the thresholds on them.
-for run in aio_cp_sd aio_cp aio_none; do
-  # shellcheck disable=SC2086
-  ctfreid train "${COMMON[@]}" ${FLAGS[$run]} --val-fraction 0.2 --out "$OUT/$run"
-  encode "$run" query gallery val
-  ctfreid calibrate --val "$OUT/$run/val.npz" --beta 2 --out "$OUT/$run/thresholds.json"
-  ctfreid evaluate --query "$OUT/$run/query.npz" --gallery "$OUT/$run/gallery.npz" \
-    --thresholds "$OUT/$run/thresholds.json" --search-k 100 --repeats 5 --json "$OUT/$run/results.json"
-done
-# The paper's "no CP" row of Table 5 is separate models, one per code length: its 32-bit model alone
-# (one code, so no DTO and no CtF).
-ctfreid train "${COMMON[@]}" --lengths 32 --no-self-distillation --val-fraction 0.2 --out "$OUT/aio_sep32"
-encode aio_sep32 query gallery
-ctfreid evaluate --query "$OUT/aio_sep32/query.npz" --gallery "$OUT/aio_sep32/gallery.npz" \
-  --search-k 100 --repeats 5 --json "$OUT/aio_sep32/results.json"
-# 2. The paper's protocol (Sec. 4.2): thresholds from the split run, then train on all training identities.
-ctfreid train "${COMMON[@]}" --val-fraction 0 --out "$OUT/aio_all"
-encode aio_all query gallery
-ctfreid evaluate --query "$OUT/aio_all/query.npz" --gallery "$OUT/aio_all/gallery.npz" \
-  --thresholds "$OUT/aio_cp_sd/thresholds.json" --search-k 100 --repeats 5 --json "$OUT/aio_all/results.json"
-ctfreid calibrate --val "$OUT/aio_cp_sd/val.npz" --beta-sweep \
-  --query "$OUT/aio_cp_sd/query.npz" --gallery "$OUT/aio_cp_sd/gallery.npz" | tee "$OUT/beta_sweep.txt"
+evaluate() {  # evaluate DIR RUN SUFFIX [THRESHOLDS.json]
+  local dir=$1 run=$2 suffix=$3 th=()
+  [ -n "${4:-}" ] && th=(--thresholds "$4")
+  ctfreid evaluate --query "$dir/$run/query$suffix.npz" --gallery "$dir/$run/gallery$suffix.npz" "${th[@]}" \
+    --search-k 100 --repeats 5 --json "$dir/$run/results$suffix.json"
+}
+
+if [ "$PART" = all ] || [ "$PART" = table4 ]; then
+  # Table 4: frozen-2 recipe (features[0:4] frozen, stride 4), the full AiO (pyramid + self-distillation).
+  # 1. 20 % of the training identities held out; DTO fits the thresholds on them (plain and flip-tested codes).
+  ctfreid train "${COMMON[@]}" --frozen-stages 2 --cache-dir "$OUT/cache2" --val-fraction 0.2 --out "$OUT/aio_cp_sd"
+  encode "$OUT" aio_cp_sd "" query gallery val
+  encode "$OUT" aio_cp_sd _flip --flip query gallery val
+  for suffix in "" _flip; do
+    ctfreid calibrate --val "$OUT/aio_cp_sd/val$suffix.npz" --beta 2 --out "$OUT/aio_cp_sd/thresholds$suffix.json"
+    evaluate "$OUT" aio_cp_sd "$suffix" "$OUT/aio_cp_sd/thresholds$suffix.json"
+  done
+  ctfreid calibrate --val "$OUT/aio_cp_sd/val_flip.npz" --beta-sweep \
+    --query "$OUT/aio_cp_sd/query_flip.npz" --gallery "$OUT/aio_cp_sd/gallery_flip.npz" | tee "$OUT/beta_sweep.txt"
+  # 2. The paper's protocol (Sec. 4.2): the same training on all training identities, thresholds from step 1.
+  ctfreid train "${COMMON[@]}" --frozen-stages 2 --cache-dir "$OUT/cache2" --val-fraction 0 --out "$OUT/aio_all"
+  encode "$OUT" aio_all "" query gallery
+  encode "$OUT" aio_all _flip --flip query gallery
+  for suffix in "" _flip; do evaluate "$OUT" aio_all "$suffix" "$OUT/aio_cp_sd/thresholds$suffix.json"; done
+fi
+
+if [ "$PART" = all ] || [ "$PART" = ablation ]; then
+  # Table 5: frozen-3 recipe (features[0:7] frozen, stride 8; about 2/3 of the frozen-2 training time),
+  # each setting with its own 20 % validation split and DTO thresholds; no flip test.
+  AB="$OUT/ablation"; mkdir -p "$AB"
+  declare -A FLAGS=(
+    [aio_cp_sd]=""                                          # code pyramid + self-distillation (the full AiO)
+    [aio_cp]="--no-self-distillation"                       # code pyramid only
+    [aio_none]="--no-self-distillation --no-pyramid"        # independent heads on v0, no distillation
+    [aio_sep32]="--no-self-distillation --lengths 32"       # the paper's "no CP": a separate 32-bit model
+  )
+  for run in aio_cp_sd aio_cp aio_none aio_sep32; do
+    # shellcheck disable=SC2086
+    ctfreid train "${COMMON[@]}" --frozen-stages 3 --cache-dir "$AB/cache3" ${FLAGS[$run]} --val-fraction 0.2 \
+      --out "$AB/$run"
+    encode "$AB" "$run" "" query gallery
+    if [ "$run" = aio_sep32 ]; then  # one code: no DTO, no CtF
+      evaluate "$AB" "$run" ""
+    else
+      encode "$AB" "$run" "" val
+      ctfreid calibrate --val "$AB/$run/val.npz" --beta 2 --out "$AB/$run/thresholds.json"
+      evaluate "$AB" "$run" "" "$AB/$run/thresholds.json"
+    fi
+  done
+fi
 python3 "$(dirname "$0")/results_table.py" "$OUT" > "$OUT/results.md"
 echo "tables in $OUT/results.md"

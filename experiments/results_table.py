@@ -1,6 +1,9 @@
 """Assemble the Markdown tables of docs/results-cuhk03.md from the JSON files written by experiments/cuhk03.sh.
 
     python3 experiments/results_table.py RUNS_DIR > results.md
+
+RUNS_DIR/aio_all and RUNS_DIR/aio_cp_sd hold the Table 4 runs (``results.json`` plain, ``results_flip.json``
+with the flip test); RUNS_DIR/ablation/* the Table 5 runs.
 """
 
 from __future__ import annotations
@@ -9,12 +12,15 @@ import json
 import sys
 from pathlib import Path
 
-RUNS = {
-    "aio_all": "pyramid + self-distillation, trained on all training identities (thresholds from aio_cp_sd)",
-    "aio_cp_sd": "pyramid + self-distillation (full AiO)",
-    "aio_cp": "pyramid, no self-distillation",
-    "aio_none": "no pyramid (independent heads), no self-distillation",
-    "aio_sep32": "a separate model with the 32-bit code only (the paper's 'no CP': separate models)",
+TABLE4 = {
+    "aio_all": "the paper's protocol (Sec. 4.2): trained on all 467 training identities, thresholds of aio_cp_sd",
+    "aio_cp_sd": "20 % of the training identities held out for DTO",
+}
+ABLATION = {  # run -> (CP, SD)
+    "aio_sep32": ("no (a separate 32-bit model)", "no"),
+    "aio_none": ("no (independent heads on v0)", "no"),
+    "aio_cp": ("yes", "no"),
+    "aio_cp_sd": ("yes", "yes"),
 }
 
 
@@ -22,9 +28,13 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def hash_names(methods: dict) -> list[str]:
+    return sorted((k for k in methods if k.startswith("hash")), key=lambda k: int(k[4:]))
+
+
 def table4(result: dict) -> list[str]:
     rows = result["methods"]
-    hashes = sorted((k for k in rows if k.startswith("hash")), key=lambda k: int(k[4:]))
+    hashes = hash_names(rows)
     longest = rows[hashes[-1]]
     k = result.get("search_k")
     head = "| method | Rank-1 (%) | Rank-5 (%) | Rank-10 (%) | mAP (%) | full ranking ms / query | speed-up |"
@@ -56,39 +66,68 @@ def describe_ctf(result: dict, source: str) -> str:
     return text + f" Skipped queries (no valid match): {result['skipped_queries']}."
 
 
-def main(root: str) -> None:
-    root_path = Path(root)
-    results = {run: json.loads((root_path / run / "results.json").read_text())
-               for run in RUNS if (root_path / run / "results.json").is_file()}
-    for run, source in (("aio_all", " of aio_cp_sd"), ("aio_cp_sd", "")):
-        if run in results:
-            print(f"### Table 4 layout: {RUNS[run]}\n")
-            print("\n".join(table4(results[run])))
-            print("\n" + describe_ctf(results[run], source) + "\n")
-    ablation = [run for run in ("aio_sep32", "aio_none", "aio_cp", "aio_cp_sd") if run in results]
-    if not ablation:
-        return
-    print("### Table 5 layout: ablation of the code pyramid (CP) and self-distillation (SD)\n")
-    lengths = sorted({int(k[4:]) for run in ablation for k in results[run]["methods"] if k.startswith("hash")})
+def load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def flip_comparison(root: Path) -> list[str]:
+    """Rank-1 / mAP without and with the flip test, for each Table 4 run."""
+    out = []
+    for run in TABLE4:
+        plain, flip = load(root / run / "results.json"), load(root / run / "results_flip.json")
+        if not (plain and flip):
+            continue
+        if not out:
+            out = ["| run | method | without flip: Rank-1 / mAP (%) | with flip: Rank-1 / mAP (%) |", "|---|---|---|---|"]
+        for name in ["float", *hash_names(plain["methods"]), "ctf"]:
+            a, b = plain["methods"].get(name), flip["methods"].get(name)
+            if a and b:
+                label = {"float": "float", "ctf": "CtF"}.get(name, f"{name[4:]}-bit")
+                out.append(f"| {run} | {label} | {pct(a['rank1'])} / {pct(a['mAP'])} | {pct(b['rank1'])} / {pct(b['mAP'])} |")
+    return out
+
+
+def ablation_table(results: dict[str, dict]) -> list[str]:
+    runs = [run for run in ABLATION if run in results]
+    lengths = sorted({int(k[4:]) for run in runs for k in results[run]["methods"] if k.startswith("hash")})
     head = " | ".join(f"{L}" for L in lengths) + " | CtF"
-    print(f"| CP | SD | Rank-1 (%): {head} | mAP (%): {head} | CtF ms / query |")
-    print("|---|---|" + "---|" * (2 * (len(lengths) + 1) + 1))
-    marks = {"aio_sep32": ("no (separate 32-bit model)", "no"), "aio_none": ("no (independent heads)", "no"),
-             "aio_cp": ("yes", "no"), "aio_cp_sd": ("yes", "yes")}
-    for run in ablation:
+    out = [f"| CP | SD | Rank-1 (%): {head} | mAP (%): {head} | CtF ms / query |",
+           "|---|---|" + "---|" * (2 * (len(lengths) + 1) + 1)]
+    for run in runs:
         m = results[run]["methods"]
-        multi = sum(k.startswith("hash") for k in m) > 1  # a one-code model has no CtF
+        multi = len(hash_names(m)) > 1  # a one-code model has no CtF
 
         def cells(metric: str) -> str:
             row = [pct(m[f"hash{L}"][metric]) if f"hash{L}" in m else "-" for L in lengths]
             return " | ".join(row + [pct(m["ctf"][metric]) if multi and "ctf" in m else "-"])
 
         ms = f"{m['ctf']['query_ms']:.3f}" if multi and "ctf" in m else "-"
-        cp, sd = marks[run]
-        print(f"| {cp} | {sd} | {cells('rank1')} | {cells('mAP')} | {ms} |")
-    if "aio_cp_sd" in results and "float" in results["aio_cp_sd"]["methods"]:
-        f = results["aio_cp_sd"]["methods"]["float"]
-        print(f"\nReal-valued upper bound (float features of the full AiO): Rank-1 {pct(f['rank1'])}, mAP {pct(f['mAP'])}.")
+        cp, sd = ABLATION[run]
+        out.append(f"| {cp} | {sd} | {cells('rank1')} | {cells('mAP')} | {ms} |")
+    return out
+
+
+def main(root: str) -> None:
+    root_path = Path(root)
+    for run, source in (("aio_all", " of aio_cp_sd"), ("aio_cp_sd", "")):
+        for suffix, how in (("_flip", "with the flip test"), ("", "without the flip test")):
+            result = load(root_path / run / f"results{suffix}.json")
+            if result:
+                print(f"### Table 4 layout: {run}, {TABLE4[run]}, {how}\n")
+                print("\n".join(table4(result)))
+                print("\n" + describe_ctf(result, source) + "\n")
+    lines = flip_comparison(root_path)
+    if lines:
+        print("### The flip test\n\n" + "\n".join(lines) + "\n")
+    ablation_dir = root_path / "ablation"
+    results = {run: r for run in ABLATION if (r := load(ablation_dir / run / "results.json"))}
+    if results:
+        print("### Table 5 layout: ablation of the code pyramid (CP) and self-distillation (SD)\n")
+        print("\n".join(ablation_table(results)))
+        f = results.get("aio_cp_sd", {}).get("methods", {}).get("float")
+        if f:
+            print(f"\nReal-valued upper bound (float features of the full AiO): Rank-1 {pct(f['rank1'])}, "
+                  f"mAP {pct(f['mAP'])}.")
 
 
 if __name__ == "__main__":
