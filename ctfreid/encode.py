@@ -24,7 +24,7 @@ import torch
 
 from .datasets import Record
 from .encoded import EncodedSet
-from .model import AiOModel
+from .model import AiOModel, sign_codes
 from .train import CHECKPOINT, MODEL, image_loader, resolve_device, resolve_records
 from .transforms import TransformConfig, build_test_transform
 
@@ -115,8 +115,8 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
             if flip:
                 mirrored = model(images.flip(3))["bn"]
                 bn = {length: (bn[length] + mirrored[length]) * 0.5 for length in lengths}
-            for length in lengths:  # sgn(bn(v)) of Eq. 2, bit 1 for +1 (bn >= 0, as the model's eval codes)
-                codes[length].append(np.packbits(bn[length].cpu().numpy() >= 0, axis=1))
+            for length in lengths:  # Eq. 2, as the model's eval codes
+                codes[length].append(np.packbits(sign_codes(bn[length]).cpu().numpy() > 0, axis=1))
             features.append(bn[lengths[0]].float().cpu().numpy())
             bar.update(len(images))
     model.train(was_training)

@@ -147,6 +147,11 @@ DEFAULT_LAST_STRIDE = {"resnet50": 1, "resnet18": 1, "mobilenet_v2": 2}
 
 
 # ---------------------------------------------------------------------------------------------- model
+def sign_codes(bn: torch.Tensor) -> torch.Tensor:
+    """Eq. 2's ``b = sgn(bn(v))`` as +-1 values of ``bn``'s dtype; a 0 becomes +1 (bit 1 when packed)."""
+    return torch.where(bn >= 0, 1.0, -1.0).to(bn.dtype)
+
+
 class AiOModel(nn.Module):
     """All-in-One model (Sec. 3.2): one backbone, N codes of different lengths in a pyramid (Eqs. 1-2).
 
@@ -235,7 +240,7 @@ class AiOModel(nn.Module):
                 codes[length] = torch.tanh(b)
                 logits[length] = cls(codes[length])
             else:
-                codes[length] = torch.where(b >= 0, 1.0, -1.0).to(b.dtype)
+                codes[length] = sign_codes(b)
         out = {"v0": v0, "bn": bn, "codes": codes}
         if self.training:
             out["logits"] = logits

@@ -32,6 +32,11 @@ def hash_names(methods: dict) -> list[str]:
     return sorted((k for k in methods if k.startswith("hash")), key=lambda k: int(k[4:]))
 
 
+def label(name: str, float_label: str = "float") -> str:
+    """``float`` / ``hash<L>`` / ``ctf`` -> a table label."""
+    return {"float": float_label, "ctf": "CtF"}.get(name, f"{name[4:]}-bit")
+
+
 def table4(result: dict) -> list[str]:
     rows = result["methods"]
     hashes = hash_names(rows)
@@ -45,8 +50,8 @@ def table4(result: dict) -> list[str]:
         if name not in rows:
             continue
         r = rows[name]
-        label = {"float": "float (Euclidean)", "ctf": "CtF (DTO, beta = 2)"}.get(name, f"{name[4:]}-bit")
-        line = (f"| {label} | {pct(r['rank1'])} | {pct(r['rank5'])} | {pct(r['rank10'])} | {pct(r['mAP'])} "
+        text = "CtF (DTO, beta = 2)" if name == "ctf" else label(name, "float (Euclidean)")
+        line = (f"| {text} | {pct(r['rank1'])} | {pct(r['rank5'])} | {pct(r['rank10'])} | {pct(r['mAP'])} "
                 f"| {r['query_ms']:.3f} | {longest['query_ms'] / r['query_ms']:.1f}x |")
         if k:
             t = r.get("search_ms")
@@ -82,26 +87,24 @@ def flip_comparison(root: Path) -> list[str]:
         for name in ["float", *hash_names(plain["methods"]), "ctf"]:
             a, b = plain["methods"].get(name), flip["methods"].get(name)
             if a and b:
-                label = {"float": "float", "ctf": "CtF"}.get(name, f"{name[4:]}-bit")
-                out.append(f"| {run} | {label} | {pct(a['rank1'])} / {pct(a['mAP'])} | {pct(b['rank1'])} / {pct(b['mAP'])} |")
+                out.append(f"| {run} | {label(name)} | {pct(a['rank1'])} / {pct(a['mAP'])} | {pct(b['rank1'])} / {pct(b['mAP'])} |")
     return out
 
 
 def ablation_table(results: dict[str, dict]) -> list[str]:
     runs = [run for run in ABLATION if run in results]
-    lengths = sorted({int(k[4:]) for run in runs for k in results[run]["methods"] if k.startswith("hash")})
+    lengths = sorted({int(k[4:]) for run in runs for k in hash_names(results[run]["methods"])})
     head = " | ".join(f"{L}" for L in lengths) + " | CtF"
     out = [f"| CP | SD | Rank-1 (%): {head} | mAP (%): {head} | CtF ms / query |",
            "|---|---|" + "---|" * (2 * (len(lengths) + 1) + 1)]
     for run in runs:
-        m = results[run]["methods"]
-        multi = len(hash_names(m)) > 1  # a one-code model has no CtF
+        m = results[run]["methods"]  # a one-code model has no "ctf" row
 
         def cells(metric: str) -> str:
-            row = [pct(m[f"hash{L}"][metric]) if f"hash{L}" in m else "-" for L in lengths]
-            return " | ".join(row + [pct(m["ctf"][metric]) if multi and "ctf" in m else "-"])
+            row = [pct(m[k][metric]) if k in m else "-" for k in [*(f"hash{L}" for L in lengths), "ctf"]]
+            return " | ".join(row)
 
-        ms = f"{m['ctf']['query_ms']:.3f}" if multi and "ctf" in m else "-"
+        ms = f"{m['ctf']['query_ms']:.3f}" if "ctf" in m else "-"
         cp, sd = ABLATION[run]
         out.append(f"| {cp} | {sd} | {cells('rank1')} | {cells('mAP')} | {ms} |")
     return out
