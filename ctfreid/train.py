@@ -6,7 +6,8 @@ folder and writes to ``out_dir`` (the "run directory"):
 - ``config.json``: the :class:`TrainConfig` of the run;
 - ``split.json``: the training and (when ``val_fraction > 0``) validation records, by identity, with paths
   relative to the data root, so that ``ctfreid encode --split val`` and DTO use exactly the held-out ids;
-- ``log.jsonl``: JSON lines with a ``type``: ``"epoch"`` (mean loss terms of Eq. 5, lr, images/s, time),
+- ``log.jsonl``: JSON lines with a ``type``: ``"epoch"`` (mean loss terms of Eq. 5, lr, images/s, time,
+  and the part of it spent waiting for input batches: near ``time_s`` means input-bound, add workers),
   ``"iter"`` (every ``log_every`` iterations) and ``"cache"`` (building or loading the stem cache);
 - ``checkpoint.pt``: model, optimiser, epoch, RNG states, config, pid relabel map and split, rewritten
   atomically after every epoch; re-running the same command continues from it;
@@ -637,9 +638,11 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
         model.train()
         sums: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
+        waited, ready = 0.0, start  # time spent waiting for batches (input-bound when close to time_s)
         bar = _progress(total=sampler.num_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                         disable=not progress, leave=False)
         for it, (inputs, pids) in enumerate(_batches(config, sampler, epoch, device, data, stem_cache)):
+            waited += time.perf_counter() - ready
             outputs = model.forward_from_stem(inputs) if stem_cache is not None else model(inputs)
             total, terms = aio_loss(outputs, pids, loss_config)
             optimizer.zero_grad(set_to_none=True)
@@ -655,17 +658,19 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
             bar.update(1)
             if config.log_every and (it + 1) % config.log_every == 0:
                 log.write({"type": "iter", "epoch": epoch + 1, "iter": it + 1, "lr": lr, **terms})
+            ready = time.perf_counter()
         bar.close()
         seconds = time.perf_counter() - start
         iterations = max(seen // batch_size, 1)
         last = {"type": "epoch", "epoch": epoch + 1, "lr": lr, **{n: v / iterations for n, v in sums.items()},
-                "iterations": iterations, "images": seen, "images_per_s": seen / max(seconds, 1e-9), "time_s": seconds}
+                "iterations": iterations, "images": seen, "images_per_s": seen / max(seconds, 1e-9), "time_s": seconds,
+                "data_wait_s": waited}
         speeds.append(last["images_per_s"])
         log.write(last)
         if progress:
             terms_text = " ".join(f"{n}={v:.4g}" for n, v in last.items() if n in sums)
             _write(f"epoch {epoch + 1}/{config.epochs} lr={lr:.3g} {terms_text} "
-                   f"{last['images_per_s']:.0f} img/s {seconds:.1f} s")
+                   f"{last['images_per_s']:.0f} img/s {seconds:.1f} s ({100 * waited / max(seconds, 1e-9):.0f} % waiting for data)")
         _torch_save(ckpt_path, {
             "format": "ctfreid-checkpoint/1", "epoch": epoch + 1, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "config": config.to_dict(), "model_config": model.config(),

@@ -14,9 +14,9 @@
 #   ablation  Table 5: OUT/ablation/{aio_cp,aio_none,aio_sep32} (aio_cp_sd is table4's split run).
 # Tables: python3 experiments/results_table.py OUT (and OUT/ls).
 # docs/results-cuhk03.md ran it on one H100 with EXTRA="--epochs 63 --warmup-epochs 5 --milestones 21 36"
-# (the paper's schedule scaled to 15 minutes of device time). Each run trained at 1,000-1,350 images/s,
-# limited by JPEG decoding and augmentation in its DataLoader workers, not by the GPU: give it more
-# WORKERS where there are more cores.
+# (the paper's schedule scaled to 15 minutes of device time). Each run trained at only 1,000-1,350
+# images/s; each epoch line of log.jsonl says how much of the epoch went on waiting for input batches
+# (data_wait_s): when that is most of time_s, give the runs more WORKERS.
 # Environment: CTFREID (default "ctfreid"), BACKBONE (mobilenet_v2), WORKERS (DataLoader workers per run,
 # default 4), EXTRA (more `ctfreid train` flags, e.g. "--epochs 2" for a smoke test).
 set -euo pipefail

@@ -111,6 +111,25 @@ def test_resume_continues_identically_and_same_seed_gives_same_run(synth_root, t
     assert_same_state(state(straight), state(again))
 
 
+def test_epoch_log_measures_the_wait_for_input_batches(synth_root, tmp_path, monkeypatch):
+    # Oracle: every image read is made to take at least 20 ms (num_workers=0: in this process), so an epoch
+    # waits at least 20 ms per image for its batches; training itself is not slowed, so the wait stays
+    # below the epoch time.
+    import time
+
+    import ctfreid.train as train_module
+
+    def slow_read(path):
+        time.sleep(0.02)
+        return read_image(path)
+
+    monkeypatch.setattr(train_module, "read_image", slow_read)
+    train(tiny(epochs=1), synth_root, tmp_path / "run", progress=False)
+    entries = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    (epoch,) = [e for e in entries if e["type"] == "epoch"]
+    assert 0.02 * epoch["images"] <= epoch["data_wait_s"] < epoch["time_s"]
+
+
 def test_other_seed_gives_another_run(synth_root, tmp_path):
     train(tiny(epochs=1), synth_root, tmp_path / "a", progress=False)
     train(tiny(epochs=1, seed=1), synth_root, tmp_path / "b", progress=False)
