@@ -16,61 +16,44 @@ mkdir -p "$OUT"
 COMMON=(--data "$DATA" --backbone mobilenet_v2 --weights "$WEIGHTS" --cache-stem
         --epochs 30 --warmup-epochs 3 --milestones 20 26 --label-smoothing 0.1
         --threads 1 --num-workers 0 --quiet)
-encode() {  # encode DIR RUN SUFFIX [--flip] SPLIT...: DIR/RUN/SPLIT.npz or DIR/RUN/SPLIT_flip.npz
-  local dir=$1 run=$2 suffix=$3; shift 3
-  local flip=(); [ "${1:-}" = "--flip" ] && { flip=(--flip); shift; }
-  for split in "$@"; do
-    ctfreid encode --model "$dir/$run" --data "$DATA" --split "$split" "${flip[@]}" \
-      --out "$dir/$run/$split$suffix.npz" --threads 1 --quiet
-  done
-}
-evaluate() {  # evaluate DIR RUN SUFFIX [THRESHOLDS.json]
-  local dir=$1 run=$2 suffix=$3 th=()
-  [ -n "${4:-}" ] && th=(--thresholds "$4")
-  ctfreid evaluate --query "$dir/$run/query$suffix.npz" --gallery "$dir/$run/gallery$suffix.npz" "${th[@]}" \
-    --search-k 100 --repeats 5 --json "$dir/$run/results$suffix.json"
-}
+CTF=(ctfreid); ENCODE_FLAGS=(--threads 1)
+# shellcheck source=experiments/_runs.sh
+source "$(dirname "$0")/_runs.sh"
 
 if [ "$PART" = all ] || [ "$PART" = table4 ]; then
   # Table 4: frozen-2 recipe (features[0:4] frozen, stride 4), the full AiO (pyramid + self-distillation).
   # 1. 20 % of the training identities held out; DTO fits the thresholds on them (plain and flip-tested codes).
   ctfreid train "${COMMON[@]}" --frozen-stages 2 --cache-dir "$OUT/cache2" --val-fraction 0.2 --out "$OUT/aio_cp_sd"
-  encode "$OUT" aio_cp_sd "" query gallery val
-  encode "$OUT" aio_cp_sd _flip --flip query gallery val
+  encode "$OUT/aio_cp_sd" "" query gallery val
+  encode "$OUT/aio_cp_sd" _flip --flip query gallery val
   for suffix in "" _flip; do
     ctfreid calibrate --val "$OUT/aio_cp_sd/val$suffix.npz" --beta 2 --out "$OUT/aio_cp_sd/thresholds$suffix.json"
-    evaluate "$OUT" aio_cp_sd "$suffix" "$OUT/aio_cp_sd/thresholds$suffix.json"
+    evaluate "$OUT/aio_cp_sd" "$suffix" "$OUT/aio_cp_sd/thresholds$suffix.json"
   done
   ctfreid calibrate --val "$OUT/aio_cp_sd/val_flip.npz" --beta-sweep \
     --query "$OUT/aio_cp_sd/query_flip.npz" --gallery "$OUT/aio_cp_sd/gallery_flip.npz" | tee "$OUT/beta_sweep.txt"
   # 2. The paper's protocol (Sec. 4.2): the same training on all training identities, thresholds from step 1.
   ctfreid train "${COMMON[@]}" --frozen-stages 2 --cache-dir "$OUT/cache2" --val-fraction 0 --out "$OUT/aio_all"
-  encode "$OUT" aio_all "" query gallery
-  encode "$OUT" aio_all _flip --flip query gallery
-  for suffix in "" _flip; do evaluate "$OUT" aio_all "$suffix" "$OUT/aio_cp_sd/thresholds$suffix.json"; done
+  encode "$OUT/aio_all" "" query gallery
+  encode "$OUT/aio_all" _flip --flip query gallery
+  for suffix in "" _flip; do evaluate "$OUT/aio_all" "$suffix" "$OUT/aio_cp_sd/thresholds$suffix.json"; done
 fi
 
 if [ "$PART" = all ] || [ "$PART" = ablation ]; then
   # Table 5: frozen-3 recipe (features[0:7] frozen, stride 8; about 2/3 of the frozen-2 training time),
   # each setting with its own 20 % validation split and DTO thresholds; no flip test.
   AB="$OUT/ablation"; mkdir -p "$AB"
-  declare -A FLAGS=(
-    [aio_cp_sd]=""                                          # code pyramid + self-distillation (the full AiO)
-    [aio_cp]="--no-self-distillation"                       # code pyramid only
-    [aio_none]="--no-self-distillation --no-pyramid"        # independent heads on v0, no distillation
-    [aio_sep32]="--no-self-distillation --lengths 32"       # the paper's "no CP": a separate 32-bit model
-  )
   for run in aio_cp_sd aio_cp aio_none aio_sep32; do
     # shellcheck disable=SC2086
-    ctfreid train "${COMMON[@]}" --frozen-stages 3 --cache-dir "$AB/cache3" ${FLAGS[$run]} --val-fraction 0.2 \
+    ctfreid train "${COMMON[@]}" --frozen-stages 3 --cache-dir "$AB/cache3" ${ABLATION_FLAGS[$run]} --val-fraction 0.2 \
       --out "$AB/$run"
-    encode "$AB" "$run" "" query gallery
-    if [ "$run" = aio_sep32 ]; then  # one code: no DTO, no CtF
-      evaluate "$AB" "$run" ""
+    encode "$AB/$run" "" query gallery
+    if [ "$run" = "$ONE_CODE_RUN" ]; then
+      evaluate "$AB/$run" ""
     else
-      encode "$AB" "$run" "" val
+      encode "$AB/$run" "" val
       ctfreid calibrate --val "$AB/$run/val.npz" --beta 2 --out "$AB/$run/thresholds.json"
-      evaluate "$AB" "$run" "" "$AB/$run/thresholds.json"
+      evaluate "$AB/$run" "" "$AB/$run/thresholds.json"
     fi
   done
 fi

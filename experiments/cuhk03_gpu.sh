@@ -5,14 +5,13 @@
 # `ctfreid train` default except the backbone. The backbone is the ImageNet MobileNetV2, because no ImageNet
 # ResNet-50 weights can be fetched here; where you have them, set BACKBONE=resnet50 and WEIGHTS to that file.
 #
-#   bash experiments/cuhk03_gpu.sh DATA_DIR WEIGHTS OUT_DIR [table4] [ls] [ablation]
+#   bash experiments/cuhk03_gpu.sh DATA_DIR WEIGHTS OUT_DIR [table4] [ablation]
 #
 # Parts (default: table4 and ablation); all trainings of the chosen parts run at the same time on the GPU:
 #   table4    OUT/aio_cp_sd (20 % of the training ids held out for DTO) and OUT/aio_all (all ids, with
 #             aio_cp_sd's thresholds), each encoded with and without the flip test, plus a beta sweep;
-#   ls        the same pair with label smoothing 0.1, under OUT/ls/;
 #   ablation  Table 5: OUT/ablation/{aio_cp,aio_none,aio_sep32} (aio_cp_sd is table4's split run).
-# Tables: python3 experiments/results_table.py OUT (and OUT/ls).
+# Tables: python3 experiments/results_table.py OUT.
 # docs/results-cuhk03.md ran it on one H100 with EXTRA="--epochs 63 --warmup-epochs 5 --milestones 21 36"
 # (the paper's schedule scaled to 15 minutes of device time). Each run trained at only 1,000-1,350
 # images/s; each epoch line of log.jsonl says how much of the epoch went on waiting for input batches
@@ -28,62 +27,52 @@ read -r -a EXTRA_FLAGS <<< "${EXTRA:-}"
 TRAIN=(--data "$DATA" --backbone "${BACKBONE:-mobilenet_v2}" --weights "$WEIGHTS" --num-workers "${WORKERS:-4}"
        --threads 1 --quiet "${EXTRA_FLAGS[@]}")
 
+ENCODE_FLAGS=(--num-workers 2)
+# shellcheck source=experiments/_runs.sh
+source "$(dirname "$0")/_runs.sh"
+
 train() {  # train RUN_DIR VAL_FRACTION [flags...]; the log goes to RUN_DIR.txt
   local dir=$1 val=$2; shift 2
   mkdir -p "$(dirname "$dir")"
   "${CTF[@]}" train "${TRAIN[@]}" "$@" --val-fraction "$val" --out "$dir" > "$dir.txt" 2>&1
 }
-encode() {  # encode RUN_DIR SPLIT...: plain (SPLIT.npz) and flip-tested (SPLIT_flip.npz) codes
-  local dir=$1 split; shift
-  for split in "$@"; do
-    "${CTF[@]}" encode --model "$dir" --data "$DATA" --split "$split" --out "$dir/$split.npz" --num-workers 2 --quiet
-    "${CTF[@]}" encode --model "$dir" --data "$DATA" --split "$split" --out "$dir/${split}_flip.npz" --flip \
-      --num-workers 2 --quiet
-  done
-}
-evaluate() {  # evaluate RUN_DIR SUFFIX [THRESHOLDS.json]
-  local dir=$1 suffix=$2 th=()
-  [ -n "${3:-}" ] && th=(--thresholds "$3")
-  "${CTF[@]}" evaluate --query "$dir/query$suffix.npz" --gallery "$dir/gallery$suffix.npz" "${th[@]}" \
-    --search-k 100 --repeats 5 --json "$dir/results$suffix.json" > "$dir/results$suffix.txt"
-}
-pair() {  # pair ROOT [train flags...]: ROOT/aio_cp_sd (split, DTO) and ROOT/aio_all (all ids)
-  local root=$1 suffix; shift
-  train "$root/aio_cp_sd" 0.2 "$@" & train "$root/aio_all" 0 "$@" & wait
-  encode "$root/aio_cp_sd" query gallery val & encode "$root/aio_all" query gallery & wait
+table4() {  # OUT/aio_cp_sd (split, DTO) and OUT/aio_all (all ids), plain and flip-tested
+  local suffix
+  train "$OUT/aio_cp_sd" 0.2 & train "$OUT/aio_all" 0 & wait
+  (encode "$OUT/aio_cp_sd" "" query gallery val; encode "$OUT/aio_cp_sd" _flip --flip query gallery val) &
+  (encode "$OUT/aio_all" "" query gallery; encode "$OUT/aio_all" _flip --flip query gallery) &
+  wait
   for suffix in "" _flip; do
-    "${CTF[@]}" calibrate --val "$root/aio_cp_sd/val$suffix.npz" --beta 2 --out "$root/aio_cp_sd/thresholds$suffix.json" \
+    "${CTF[@]}" calibrate --val "$OUT/aio_cp_sd/val$suffix.npz" --beta 2 --out "$OUT/aio_cp_sd/thresholds$suffix.json" \
       > /dev/null
-    evaluate "$root/aio_cp_sd" "$suffix" "$root/aio_cp_sd/thresholds$suffix.json"
-    evaluate "$root/aio_all" "$suffix" "$root/aio_cp_sd/thresholds$suffix.json"
+    evaluate "$OUT/aio_cp_sd" "$suffix" "$OUT/aio_cp_sd/thresholds$suffix.json" > "$OUT/aio_cp_sd/results$suffix.txt"
+    evaluate "$OUT/aio_all" "$suffix" "$OUT/aio_cp_sd/thresholds$suffix.json" > "$OUT/aio_all/results$suffix.txt"
   done
-  "${CTF[@]}" calibrate --val "$root/aio_cp_sd/val_flip.npz" --beta-sweep --query "$root/aio_cp_sd/query_flip.npz" \
-    --gallery "$root/aio_cp_sd/gallery_flip.npz" > "$root/beta_sweep.txt"
+  "${CTF[@]}" calibrate --val "$OUT/aio_cp_sd/val_flip.npz" --beta-sweep --query "$OUT/aio_cp_sd/query_flip.npz" \
+    --gallery "$OUT/aio_cp_sd/gallery_flip.npz" > "$OUT/beta_sweep.txt"
 }
-ablation_run() {  # ablation_run NAME [train flags...]: OUT/ablation/NAME, split run with its own DTO
-  local dir=$OUT/ablation/$1; shift
-  train "$dir" 0.2 "$@"
-  if [[ " $* " == *" --lengths 32 "* ]]; then  # one code: no DTO, no CtF
-    encode "$dir" query gallery
-    evaluate "$dir" ""
+ablation_run() {  # ablation_run NAME: OUT/ablation/NAME, split run with its own DTO, no flip test
+  local dir=$OUT/ablation/$1
+  # shellcheck disable=SC2086
+  train "$dir" 0.2 ${ABLATION_FLAGS[$1]}
+  encode "$dir" "" query gallery
+  if [ "$1" = "$ONE_CODE_RUN" ]; then
+    evaluate "$dir" "" > "$dir/results.txt"
   else
-    encode "$dir" query gallery val
+    encode "$dir" "" val
     "${CTF[@]}" calibrate --val "$dir/val.npz" --beta 2 --out "$dir/thresholds.json" > /dev/null
-    evaluate "$dir" "" "$dir/thresholds.json"
+    evaluate "$dir" "" "$dir/thresholds.json" > "$dir/results.txt"
   fi
 }
 
 mkdir -p "$OUT"
 for part in "${PARTS[@]}"; do
   case $part in
-    table4) pair "$OUT" & ;;
-    ls) pair "$OUT/ls" --label-smoothing 0.1 & ;;
+    table4) table4 & ;;
     ablation)
       mkdir -p "$OUT/ablation"; ln -sfn ../aio_cp_sd "$OUT/ablation/aio_cp_sd"
-      ablation_run aio_cp --no-self-distillation &
-      ablation_run aio_none --no-self-distillation --no-pyramid &
-      ablation_run aio_sep32 --no-self-distillation --lengths 32 & ;;
-    *) echo "unknown part '$part' (expected table4, ls or ablation)" >&2; exit 2 ;;
+      for run in aio_cp aio_none aio_sep32; do ablation_run "$run" & done ;;
+    *) echo "unknown part '$part' (expected table4 or ablation)" >&2; exit 2 ;;
   esac
 done
 wait
