@@ -15,7 +15,7 @@ at every length and for coarse-to-fine (CtF), faiss at every length, and ratios 
 ctfreid is faster). Queries rotate over ``--queries`` test queries; all methods are timed in interleaved
 blocks (warm caches), repeated in 3 passes so that a load change on a shared machine hits them alike. Also times a Market-1501-sized
 evaluation (3,368 queries x 15,913 gallery: full rankings at every length plus CtF, and the metrics if
-``ctfreid.metrics`` is available). Checks on the way: faiss top-k distances == ctfreid's at every
+``ctfreid.eval.metrics`` is available). Checks on the way: faiss top-k distances == ctfreid's at every
 length, CtF top-k == the first k of the CtF ranking. Generated codes are cached in ``--cache``.
 """
 
@@ -91,7 +91,7 @@ def make_data(n: int, n_query: int, lengths: list[int], seed: int, cache: Path) 
 def fit_thresholds(calib: dict, gallery: dict, keep: float, later_keep: float = 0.25) -> tuple[dict, list[float]]:
     """Thresholds whose kept fractions on the calibration queries are closest to ``keep`` (stage 1) and
     ``later_keep`` of the previous candidates (later stages); returns them and the fractions."""
-    from ctfreid.hamming import hamming_distances
+    from ctfreid.search.hamming import hamming_distances
 
     lengths = sorted(gallery)
     n = next(iter(gallery.values())).shape[0]
@@ -148,8 +148,8 @@ def fmt(s: float) -> str:
 # ------------------------------------------------------------------------------------------ main
 def bench_size(n, gallery, queries, calib, lengths, k, keep, budget, faiss) -> dict:
     from ctfreid import CtFIndex
-    from ctfreid.coarse_to_fine import ctf_search
-    from ctfreid.hamming import hamming_rank, hamming_topk
+    from ctfreid.search.coarse_to_fine import ctf_search
+    from ctfreid.search.hamming import hamming_rank, hamming_topk
 
     g = {L: np.ascontiguousarray(c[:n]) for L, c in gallery.items()}
     nq = queries[lengths[0]].shape[0]
@@ -215,10 +215,10 @@ def report_size(n, res, lengths, k):
 
 def bench_market(lengths, keep, seed, cache, block: int = 128) -> dict:
     """Market-1501-sized evaluation: full rankings of 3,368 queries x 15,913 gallery at every length and
-    with CtF, in blocks of ``block`` queries (as ``ctfreid.evaluate`` does: bounded memory, and fresh
-    memory is slow to touch on some VMs), then CMC/mAP with ``ctfreid.metrics`` when it is available."""
-    from ctfreid.coarse_to_fine import ctf_rank
-    from ctfreid.hamming import hamming_rank
+    with CtF, in blocks of ``block`` queries (as ``ctfreid.eval.evaluate`` does: bounded memory, and fresh
+    memory is slow to touch on some VMs), then CMC/mAP with ``ctfreid.eval.metrics`` when it is available."""
+    from ctfreid.search.coarse_to_fine import ctf_rank
+    from ctfreid.search.hamming import hamming_rank
 
     n, nq = 15_913, 3_368
     g, q, c, gp, qp = make_data(n, nq, lengths, seed + 100, cache)
@@ -227,7 +227,7 @@ def bench_market(lengths, keep, seed, cache, block: int = 128) -> dict:
     gcam, qcam = rng.integers(1, 7, n), rng.integers(1, 7, nq)
     thresholds, _ = fit_thresholds(c, g, keep)
     try:
-        from ctfreid.metrics import merge_metrics, ranking_stats
+        from ctfreid.eval.metrics import merge_metrics, ranking_stats
     except ImportError:
         merge_metrics = ranking_stats = None
     out = {}
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
             metrics = f", metrics {r['metrics_s']:.2f} s (mAP {r['mAP']:.3f})" if r["metrics_s"] is not None else ""
             print(f"  {name:>8}: ranking {r['rank_s']:.2f} s{metrics}")
             total += r["rank_s"] + (r["metrics_s"] or 0.0)
-        print(f"  total {total:.2f} s (without data generation){'' if market['ctf']['metrics_s'] is not None else '; ctfreid.metrics not available, rankings only'}")
+        print(f"  total {total:.2f} s (without data generation){'' if market['ctf']['metrics_s'] is not None else '; ctfreid.eval.metrics not available, rankings only'}")
         results["market"] = market
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     if args.json:

@@ -2,12 +2,12 @@
 
 :func:`run_demo` is what ``ctfreid demo`` runs; a :class:`DemoConfig` holds every knob so that tests run it
 end to end on a tiny configuration in seconds. The default configuration fits a fresh 2-core machine with
-no data, no GPU and no pretrained weights: it generates the synthetic dataset (``ctfreid.synth``), trains
+no data, no GPU and no pretrained weights: it generates the synthetic dataset (``ctfreid.data.synth``), trains
 a small AiO model from scratch on the CPU, and writes into ``OUT``:
 
 - ``data/`` (synthetic dataset), ``run/`` (the training run: ``model.pt``, ``log.jsonl``...), ``thresholds.json``
   (DTO, Sec. 3.3, fitted on the run's validation identities: the 6 : 4 split of Sec. 4.2);
-- ``gallery.ctf``: a :class:`ctfreid.index.CtFIndex` of the gallery with image paths, pids, camids and the
+- ``gallery.ctf``: a :class:`ctfreid.search.index.CtFIndex` of the gallery with image paths, pids, camids and the
   model fingerprint in its metadata (``ctfreid search --index OUT/gallery.ctf --model OUT/run IMAGE``);
 - ``results.json`` / ``results.md``: the Table-4 layout (float, each code length, CtF: Rank-1, Rank-5, mAP,
   ms per query, speed-up over the longest code), plus the beta and gallery-size sweeps;
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoded import EncodedSet
+from ctfreid.encoded import EncodedSet
 
 DEFAULT_BETAS = (0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 3.0, 10.0)
 
@@ -105,7 +105,7 @@ def _synthetic_data(cfg: DemoConfig, root: Path, ids: int, seed: int, size: tupl
     """Generate (or reuse, when generated with the same settings) a synthetic dataset in ``root``;
     ``size`` = (height, width) of the images, default the config's ``image_height`` x ``image_width``.
     Returns whether new data was generated."""
-    from .synth import generate_synthetic
+    from ctfreid.data.synth import generate_synthetic
 
     height, width = size or (cfg.image_height, cfg.image_width)
     settings = {"ids": ids, "cams": cfg.cams, "seed": seed, "images_per_id": cfg.images_per_id,
@@ -116,7 +116,7 @@ def _synthetic_data(cfg: DemoConfig, root: Path, ids: int, seed: int, size: tupl
         return False
     stamp.unlink(missing_ok=True)
     generate_synthetic(root, overwrite=True, progress=cfg.progress, **settings)
-    from ._atomic import atomic_write
+    from ctfreid._atomic import atomic_write
 
     with atomic_write(stamp, "w") as f:
         json.dump(settings, f)
@@ -124,8 +124,8 @@ def _synthetic_data(cfg: DemoConfig, root: Path, ids: int, seed: int, size: tupl
 
 
 def train_config(cfg: DemoConfig):
-    """The :class:`ctfreid.train.TrainConfig` of the demo's training run."""
-    from .train import TrainConfig
+    """The :class:`ctfreid.learn.train.TrainConfig` of the demo's training run."""
+    from ctfreid.learn.train import TrainConfig
 
     return TrainConfig(
         backbone=cfg.backbone, lengths=cfg.lengths, weights=cfg.weights, frozen_stages=cfg.frozen_stages,
@@ -180,7 +180,7 @@ def gallery_size_sweep(query: EncodedSet, gallery: EncodedSet, distractors: Enco
     the smaller sizes (nested subsets, as a growing database). Returns one row per size:
     ``{"gallery_size", "num_distractors", "methods", ...}`` (the ``evaluate_sets`` dict).
     """
-    from .evaluate import evaluate_sets
+    from ctfreid.eval.evaluate import evaluate_sets
 
     if np.any(distractors.pids != 0):
         raise ValueError("distractors must all have pid 0")
@@ -214,7 +214,7 @@ def pick_queries(query: EncodedSet, gallery: EncodedSet, n: int) -> np.ndarray:
 def _distractor_records(cfg: DemoConfig, out: Path, data, n_gallery: int,
                         size: tuple[int, int]) -> tuple[list, str]:
     """Records (pid 0) of the distractor pool of the gallery-size sweep and a sentence saying what they are."""
-    from .datasets import load_market_layout
+    from ctfreid.data.datasets import load_market_layout
 
     if cfg.data is None:
         n_ids = cfg.distractor_ids
@@ -261,14 +261,14 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _run_demo(cfg: DemoConfig, threads: int) -> dict:
-    from . import report
-    from .commands.index import build_index, model_fingerprint
-    from .commands.search import finest_stages
-    from .datasets import load_dataset
-    from .encode import encode_records, load_model, split_records
-    from .evaluate import beta_sweep, evaluate_sets
-    from .thresholds import fit_dto, save_thresholds
-    from .train import train
+    from ctfreid.eval import report
+    from ctfreid.infer.gallery import build_index, finest_stages
+    from ctfreid.learn.run_dir import model_fingerprint
+    from ctfreid.data.datasets import load_dataset
+    from ctfreid.infer import encode_records, load_model, split_records
+    from ctfreid.eval.evaluate import beta_sweep, evaluate_sets
+    from ctfreid.search.thresholds import fit_dto, save_thresholds
+    from ctfreid.learn.train import train
 
     t_start = time.perf_counter()
     out = Path(cfg.out)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_write
-from .codes import CodeSet, check_code_set
+from ctfreid._atomic import atomic_write
+from ctfreid.codes import CodeSet, check_code_set
 
 
 @dataclass

@@ -17,7 +17,7 @@ TINY_SYNTH = dict(ids=16, cams=3, seed=0, images_per_id=6, height=64, width=32, 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of the tiny synthetic dataset (``bounding_box_train/``, ``query/``, ``bounding_box_test/``)."""
-    from ctfreid.synth import generate_synthetic
+    from ctfreid.data.synth import generate_synthetic
 
     root = tmp_path_factory.mktemp("synth") / "tiny"
     generate_synthetic(root, **TINY_SYNTH)
@@ -27,7 +27,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synth_dataset(synth_root: Path):
     """The tiny synthetic dataset loaded as a ``ReIDDataset`` (original pids; relabel for training)."""
-    from ctfreid.datasets import load_dataset
+    from ctfreid.data.datasets import load_dataset
 
     return load_dataset(synth_root)
 

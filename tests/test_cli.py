@@ -23,7 +23,7 @@ TINY_TRAIN = dict(backbone="resnet18", lengths=(128, 64, 32), height=32, width=1
 @pytest.fixture(scope="module")
 def run_dir(synth_root, tmp_path_factory) -> Path:
     """A tiny model trained for one epoch on the shared synthetic dataset, with a validation split."""
-    from ctfreid.train import TrainConfig, train
+    from ctfreid.learn.train import TrainConfig, train
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("cli") / "run"
@@ -73,9 +73,9 @@ def _split_gallery(synth_root: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_index_build_add_search_equals_python_api(run_dir, synth_root, tmp_path, capsys):
-    from ctfreid.commands.index import folder_records
-    from ctfreid.encode import encode_records, load_model
-    from ctfreid.index import CtFIndex
+    from ctfreid.infer.gallery import folder_records
+    from ctfreid.infer import encode_records, load_model
+    from ctfreid.search.index import CtFIndex
 
     a, b = _split_gallery(synth_root, tmp_path)
     index_path = tmp_path / "g.ctf"
@@ -130,9 +130,9 @@ def test_index_build_add_search_equals_python_api(run_dir, synth_root, tmp_path,
 
 
 def test_index_built_with_flip_encodes_added_images_and_queries_the_same_way(run_dir, synth_root, tmp_path, capsys):
-    from ctfreid.commands.index import folder_records
-    from ctfreid.encode import encode_records, load_model
-    from ctfreid.index import CtFIndex
+    from ctfreid.infer.gallery import folder_records
+    from ctfreid.infer import encode_records, load_model
+    from ctfreid.search.index import CtFIndex
 
     a, b = _split_gallery(synth_root, tmp_path)
     index_path = tmp_path / "g.ctf"
@@ -168,8 +168,8 @@ def test_index_built_with_flip_encodes_added_images_and_queries_the_same_way(run
 
 def test_encode_calibrate_evaluate_and_index_with_those_thresholds(run_dir, synth_root, tmp_path, capsys):
     from ctfreid.encoded import load_encoded
-    from ctfreid.evaluate import evaluate_sets
-    from ctfreid.index import CtFIndex
+    from ctfreid.eval.evaluate import evaluate_sets
+    from ctfreid.search.index import CtFIndex
 
     for split in ("query", "gallery", "val"):
         rc, _, err = cli(capsys, "encode", "--model", run_dir, "--split", split, "--out", tmp_path / f"{split}.npz",

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from ctfreid.coarse_to_fine import ctf_rank, ctf_search
-from ctfreid.hamming import hamming_rank
+from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
+from ctfreid.search.hamming import hamming_rank
 from reference import INT32_MAX, correlated_code_sets, pad_topk, ref_ctf_rank
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ctfreid.codes import binarize, check_code_set, check_codes, pack_codes, to_signs, unpack_codes
-from ctfreid.hamming import hamming_distances
+from ctfreid.search.hamming import hamming_distances
 from reference import ref_distances
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctfreid.datasets import (
+from ctfreid.data.datasets import (
     DATASETS,
     ReIDDataset,
     load_cuhk03np,

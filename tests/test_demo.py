@@ -123,9 +123,9 @@ def tiny_config(out, **kw) -> DemoConfig:
 def test_tiny_demo_end_to_end(tmp_path):
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from ctfreid.datasets import load_dataset
-    from ctfreid.encode import encode_records, load_model
-    from ctfreid.index import CtFIndex
+    from ctfreid.data.datasets import load_dataset
+    from ctfreid.infer import encode_records, load_model
+    from ctfreid.search.index import CtFIndex
 
     out = tmp_path / "demo"
     summary = run_demo_quiet(tiny_config(out))

@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ctfreid.cli import main  # noqa: E402
-from ctfreid.datasets import load_dataset, read_image  # noqa: E402
-from ctfreid.encode import encode_records, load_model, split_records  # noqa: E402
+from ctfreid.data.datasets import load_dataset, read_image  # noqa: E402
+from ctfreid.infer import encode_records, load_model, split_records  # noqa: E402
 from ctfreid.encoded import load_encoded  # noqa: E402
-from ctfreid.transforms import TransformConfig, build_test_transform  # noqa: E402
+from ctfreid.data.transforms import TransformConfig, build_test_transform  # noqa: E402
 
 LENGTHS = (256, 64, 32)
 TRAIN_FLAGS = ["--backbone", "mobilenet_v2", "--lengths", *map(str, LENGTHS), "--height", "64", "--width", "32",
@@ -91,7 +91,7 @@ def test_encoded_codes_are_the_models_eval_signs(run_dir, synth_dataset):
 def test_flip_test_averages_each_image_with_its_mirror(run_dir, synth_dataset, tmp_path):
     from PIL import Image
 
-    from ctfreid.model import AiOModel
+    from ctfreid.learn.model import AiOModel
 
     trained, _ = load_model(run_dir)
     torch.manual_seed(0)  # a fresh model: the 1-epoch one maps every tiny image to nearly the same feature

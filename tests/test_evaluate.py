@@ -8,9 +8,9 @@ import pytest
 from ctfreid.cli import main
 from ctfreid.codes import binarize
 from ctfreid.encoded import EncodedSet, save_encoded
-from ctfreid.evaluate import beta_sweep, candidate_counts, evaluate_sets, format_sweep, format_table
-from ctfreid.metrics import evaluate_ranking
-from ctfreid.thresholds import fit_thresholds
+from ctfreid.eval.evaluate import beta_sweep, candidate_counts, evaluate_sets, format_sweep, format_table
+from ctfreid.eval.metrics import evaluate_ranking
+from ctfreid.search.thresholds import fit_thresholds
 
 LENGTHS = (32, 64, 128)
 

@@ -6,9 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-import ctfreid.index as index_module
-from ctfreid.coarse_to_fine import ctf_rank, ctf_search
-from ctfreid.index import CtFIndex
+import ctfreid.search.index as index_module
+from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
+from ctfreid.search.index import CtFIndex
 from reference import INT32_MAX, correlated_code_sets
 
 LENGTHS = (32, 128, 512)

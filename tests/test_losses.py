@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ctfreid.losses import (  # noqa: E402
+from ctfreid.learn.losses import (  # noqa: E402
     LossConfig,
     aio_loss,
     batch_hard_triplet,
@@ -17,7 +17,7 @@ from ctfreid.losses import (  # noqa: E402
     euclidean_distances,
     triplet_loss,
 )
-from ctfreid.self_distillation import (  # noqa: E402
+from ctfreid.learn.self_distillation import (  # noqa: E402
     normalized_code_distances,
     probability_distillation,
     similarity_distillation,

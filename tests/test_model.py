@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
-from ctfreid.losses import aio_loss  # noqa: E402
-from ctfreid.model import BACKBONES, AiOModel  # noqa: E402
+from ctfreid.learn.losses import aio_loss  # noqa: E402
+from ctfreid.learn.model import BACKBONES, AiOModel  # noqa: E402
 
 torch.set_num_threads(1)
 SMALL = (2, 3, 64, 32)

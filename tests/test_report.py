@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ctfreid import report
+from ctfreid.eval import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

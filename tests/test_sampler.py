@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ctfreid.sampler import PKSampler
+from ctfreid.data.sampler import PKSampler
 
 
 def pids_from_counts(counts: list[int], seed: int = 0) -> list[int]:

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from ctfreid.cli import main
-from ctfreid.datasets import load_market1501, parse_name
-from ctfreid.synth import SynthConfig, generate_synthetic
+from ctfreid.data.datasets import load_market1501, parse_name
+from ctfreid.data.synth import SynthConfig, generate_synthetic
 
 SMALL = dict(images_per_id=6, height=64, width=32)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ctfreid.codes import pack_codes
-from ctfreid.thresholds import (
+from ctfreid.search.thresholds import (
     _negative_pairs,
     fit_dto,
     fit_threshold,

@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ctfreid.datasets import load_dataset  # noqa: E402
-from ctfreid.hamming import hamming_rank  # noqa: E402
-from ctfreid.metrics import evaluate_ranking  # noqa: E402
-from ctfreid.model import AiOModel  # noqa: E402
-from ctfreid.train import (  # noqa: E402
+from ctfreid.data.datasets import load_dataset  # noqa: E402
+from ctfreid.search.hamming import hamming_rank  # noqa: E402
+from ctfreid.eval.metrics import evaluate_ranking  # noqa: E402
+from ctfreid.learn.model import AiOModel  # noqa: E402
+from ctfreid.learn.train import (  # noqa: E402
     TrainConfig,
     compute_stem_cache,
     erase_feature_maps,
@@ -24,8 +24,8 @@ from ctfreid.train import (  # noqa: E402
     shift_feature_maps,
     train,
 )
-from ctfreid.transforms import TransformConfig, build_test_transform  # noqa: E402
-from ctfreid.datasets import read_image  # noqa: E402
+from ctfreid.data.transforms import TransformConfig, build_test_transform  # noqa: E402
+from ctfreid.data.datasets import read_image  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -117,7 +117,7 @@ def test_epoch_log_measures_the_wait_for_input_batches(synth_root, tmp_path, mon
     # below the epoch time.
     import time
 
-    import ctfreid.train as train_module
+    import ctfreid.data.loader as train_module
 
     def slow_read(path):
         time.sleep(0.02)
@@ -234,7 +234,7 @@ def test_erase_feature_maps_zeroes_one_rectangle():
 @pytest.fixture(scope="module")
 def learnable_root(tmp_path_factory):
     """64 identities (32 train / 32 test), 2 cameras, distinct looks: learnable in a few CPU seconds."""
-    from ctfreid.synth import generate_synthetic
+    from ctfreid.data.synth import generate_synthetic
 
     root = tmp_path_factory.mktemp("learnable") / "data"
     generate_synthetic(root, ids=64, cams=2, seed=1, images_per_id=8, height=64, width=32,
@@ -243,7 +243,7 @@ def learnable_root(tmp_path_factory):
 
 
 def _longest_code_metrics(model: AiOModel, data, config: TrainConfig):
-    from ctfreid.encode import encode_records
+    from ctfreid.infer import encode_records
 
     q = encode_records(model, data.query, height=config.height, width=config.width)
     g = encode_records(model, data.gallery, height=config.height, width=config.width)
@@ -253,7 +253,7 @@ def _longest_code_metrics(model: AiOModel, data, config: TrainConfig):
 
 
 def test_short_training_makes_codes_clearly_better(learnable_root, tmp_path):
-    from ctfreid.encode import load_model
+    from ctfreid.infer import load_model
 
     config = TrainConfig(backbone="resnet18", lengths=(256, 32), height=32, width=16, p=8, k=4, epochs=14,
                          warmup_epochs=0, milestones=(), lr=1e-3, padding=1, erasing_p=0.0, seed=1,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctfreid.transforms import (
+from ctfreid.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDataset,

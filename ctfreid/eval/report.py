@@ -1,6 +1,6 @@
 """Paper-style reports: the Table-4 layout as JSON / Markdown / text, and the plots of Figs. 3 and 4.
 
-Inputs are the plain dicts of ``ctfreid.evaluate.evaluate_sets``::
+Inputs are the plain dicts of ``ctfreid.eval.evaluate.evaluate_sets``::
 
     {"methods": {"float" | "hash32" | ... | "ctf": {"rank1", "rank5", "rank10", "mAP", "query_ms"}},
      "ctf_thresholds": {...}, "skipped_queries": n}
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_write
+from ctfreid._atomic import atomic_write
 
 # Columns of the Table-4 layout: key in the row dict, header, format.
 COLUMNS = [
@@ -306,7 +306,7 @@ def ranked_list_items(ranking: np.ndarray, q_pid: int, q_camid: int, g_pids: np.
                       g_camids: np.ndarray, k: int = 10, protocol: bool = True) -> list[tuple[int, bool | None]]:
     """The first ``k`` gallery indices of ``ranking`` with whether each is the right identity.
 
-    ``protocol=True`` (evaluation): as in ``ctfreid.metrics``, junk (pid -1) and same-identity-same-camera
+    ``protocol=True`` (evaluation): as in ``ctfreid.eval.metrics``, junk (pid -1) and same-identity-same-camera
     items are removed and distractors (pid 0) stay as wrong answers. ``protocol=False`` (searching images
     of unknown identity): nothing is removed; right/wrong is ``None`` (unknown) unless both pids are known
     (> 0 for the query, >= 0 for the item). Padding (-1) is skipped in both cases.

@@ -29,7 +29,7 @@ def _flag(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ctfreid.train import TrainConfig, config_field_types  # torch is imported only by run() callers
+    from ctfreid.learn.train import TrainConfig, config_field_types  # torch is imported only by run() callers
 
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder in Market-1501 layout")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; resumed if it holds a run)")
@@ -65,7 +65,7 @@ def _show(value) -> str:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ctfreid.train import TrainConfig, train
+    from ctfreid.learn.train import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**values)

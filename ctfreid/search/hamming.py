@@ -4,7 +4,7 @@ The Hamming distance between two L-bit codes is the number of differing bits, po
 takes only the L + 1 integer values 0..L, so a full ranking is a *counting sort* (histogram of L + 1
 bins, prefix sum, one stable scatter): O(n + L) per query instead of O(n log n), and stable, so ties
 keep gallery order. Top-k never sorts the gallery: one scan keeps the codes within a bound that drops
-to the k-th distance seen so far (see ``ctfreid._kernels``). All results equal a brute-force NumPy
+to the k-th distance seen so far (see ``ctfreid.search._kernels``). All results equal a brute-force NumPy
 reference exactly, ties included (tests/reference.py).
 
 Codes are packed ``uint8[n, L // 8]`` (``numpy.packbits`` order, as in faiss binary indexes).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctfreid import _kernels
+from ctfreid.search import _kernels
 from ctfreid.codes import check_codes, check_length
 
 INT32_MAX = np.iinfo(np.int32).max

@@ -1,5 +1,5 @@
 """Training losses of the AiO model (Eq. 5): cross-entropy, batch-hard triplet, and their sum with the
-self-distillation terms of ``ctfreid.self_distillation``.
+self-distillation terms of ``ctfreid.learn.self_distillation``.
 
 ``L = L_ce + L_tri + lambda_1 * L_prob + lambda_2 * L_sim`` (Eq. 5), where ``L_ce`` and ``L_tri`` are
 summed over all codes and ``L_prob`` / ``L_sim`` (Eqs. 3-4) already average over teacher/student pairs.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ctfreid.self_distillation import normalized_code_distances, probability_distillation, similarity_distillation
+from ctfreid.learn.self_distillation import normalized_code_distances, probability_distillation, similarity_distillation
 
 
 @dataclass

@@ -12,7 +12,7 @@ folder and writes to ``out_dir`` (the "run directory"):
 - ``checkpoint.pt``: model, optimiser, epoch, RNG states, config, pid relabel map and split, rewritten
   atomically after every epoch; re-running the same command continues from it;
 - ``model.pt``: the final weights with the model configuration, the input size and an empty
-  ``thresholds`` slot for DTO (read by :func:`ctfreid.encode.load_model`).
+  ``thresholds`` slot for DTO (read by :func:`ctfreid.infer.encoder.load_model`).
 
 Recipe (Sec. 4.2, the defaults): ResNet-50, codes 2048/512/128/32 in a pyramid with self-distillation,
 lambda1 = 1, lambda2 = 1000, T = 1, margin 0.3; Adam, lr 3.5e-4, weight decay 5e-4; linear warm-up over 10
@@ -58,17 +58,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from ._atomic import atomic_write
-from .codes import check_length
-from .datasets import Record, load_dataset, read_image, relabel_pids, split_train_val
-from .losses import LossConfig, aio_loss
-from .model import AiOModel
-from .sampler import PKSampler
-from .transforms import TransformConfig, build_test_transform, build_train_transform
+from ctfreid._atomic import atomic_write
+from ctfreid.codes import check_length
+from ctfreid.data.datasets import Record, load_dataset, relabel_pids, relative_records, resolve_records, split_train_val
+from ctfreid.data.loader import image_loader
+from ctfreid.learn.losses import LossConfig, aio_loss
+from ctfreid.learn.model import AiOModel, resolve_device
+from ctfreid.learn.run_dir import CHECKPOINT, CONFIG, LOG, MODEL, SPLIT
+from ctfreid.data.sampler import PKSampler
+from ctfreid.data.transforms import TransformConfig, build_test_transform, build_train_transform
 
-CHECKPOINT, MODEL, CONFIG, SPLIT, LOG = "checkpoint.pt", "model.pt", "config.json", "split.json", "log.jsonl"
 
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "log_every", "cache_dir", "threads"})
@@ -188,21 +188,6 @@ def config_field_types() -> dict[str, object]:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; ``ValueError`` for unknown or unavailable devices."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available on this machine (use --device cpu)")
-    return dev
-
-
 def learning_rate(config: TrainConfig, epoch: int) -> float:
     """lr of 0-based ``epoch`` (Sec. 4.2): linear warm-up, then x gamma at each milestone reached."""
     factor = config.gamma ** sum(epoch >= m for m in config.milestones)
@@ -221,13 +206,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator; derive NumPy's and Python's from it.
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
 
 
 def _rng_states() -> dict:
@@ -252,16 +230,6 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _relative(records: Sequence[Record], root: str) -> list[list]:
-    """Records with paths relative to the data root (the split survives moving the data folder)."""
-    return [[os.path.relpath(path, root), int(pid), int(camid)] for path, pid, camid in records]
-
-
-def resolve_records(records: Sequence[Sequence], root: str | os.PathLike) -> list[Record]:
-    """Inverse of the relative form saved in ``split.json`` / checkpoints: paths joined to ``root``."""
-    return [(str(Path(root) / path), int(pid), int(camid)) for path, pid, camid in records]
-
-
 def _save_json(path: Path, obj) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -271,74 +239,6 @@ def _save_json(path: Path, obj) -> None:
 def _torch_save(path: Path, obj) -> None:
     with atomic_write(path) as f:
         torch.save(obj, f)
-
-
-class CheckedImages(Dataset):
-    """Images of ``records`` through ``transform``; an unreadable image becomes an error message that
-    :func:`collate_checked` raises in the main process (a clean one-line error naming the path, instead of
-    a DataLoader worker traceback).
-
-    A key may be ``(index, seed)``: the random augmentation of that item is then drawn from ``seed`` alone,
-    so training does not depend on which process (or how many DataLoader workers) loads it.
-    """
-
-    def __init__(self, records: Sequence[Record], transform) -> None:
-        self.records, self.transform = list(records), transform
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, key: int | tuple[int, int]):
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        path, pid, camid = self.records[index]
-        try:
-            image = read_image(path)
-            if seed is None:
-                return self.transform(image), pid, camid, index
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self.transform(image), pid, camid, index
-        except (ValueError, FileNotFoundError, OSError) as e:
-            return f"{type(e).__name__}\0{e}"
-
-
-def collate_checked(items: list):
-    """Stack a batch, or pass on the first error message (raised by :class:`CheckedLoader` in the main
-    process: collate runs inside the worker processes)."""
-    for item in items:
-        if isinstance(item, str):
-            return item
-    images, pids, camids, index = zip(*items)
-    return torch.stack(images), torch.tensor(pids), torch.tensor(camids), torch.tensor(index)
-
-
-class CheckedLoader:
-    """Iterate a DataLoader of :class:`CheckedImages`, raising an unreadable image's error here."""
-
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            if isinstance(batch, str):
-                kind, message = batch.split("\0", 1)
-                raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(message)
-            yield batch
-
-
-def image_loader(records: Sequence[Record], transform, batch_sampler=None, batch_size: int = 64,
-                 num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> CheckedLoader:
-    """Batches ``(images, pids, camids, indices)`` of ``records``, with seeded workers (deterministic for
-    ``seed``); an unreadable image raises ``ValueError`` / ``FileNotFoundError`` naming its path."""
-    generator = torch.Generator().manual_seed(seed)
-    kwargs = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size, "shuffle": False}
-    return CheckedLoader(DataLoader(
-        CheckedImages(records, transform), collate_fn=collate_checked, num_workers=num_workers,
-        worker_init_fn=_seed_worker, generator=generator, pin_memory=pin_memory, **kwargs,
-    ))
 
 
 def _progress(iterable=None, **kw):
@@ -529,8 +429,8 @@ def _model_file(model: AiOModel, config: TrainConfig, data: _Data, epoch: int) -
         "epoch": epoch,
         "pid_map": data.pid_map,
         "data_root": data.root,
-        "train": _relative(data.train_original, data.root),
-        "val": _relative(data.val, data.root),
+        "train": relative_records(data.train_original, data.root),
+        "val": relative_records(data.val, data.root),
     }
 
 
@@ -595,8 +495,8 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
             stale.unlink(missing_ok=True)
     _save_json(run_dir / CONFIG, config.to_dict())
     _save_json(run_dir / SPLIT, {"data_root": data.root, "val_fraction": config.val_fraction, "seed": config.seed,
-                                 "train": _relative(data.train_original, data.root),
-                                 "val": _relative(data.val, data.root)})
+                                 "train": relative_records(data.train_original, data.root),
+                                 "val": relative_records(data.val, data.root)})
 
     seed_everything(config.seed)
     model = AiOModel(len(data.pid_map), backbone=config.backbone, lengths=config.lengths, pyramid=config.pyramid,
@@ -674,8 +574,8 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
         _torch_save(ckpt_path, {
             "format": "ctfreid-checkpoint/1", "epoch": epoch + 1, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "config": config.to_dict(), "model_config": model.config(),
-            "pid_map": data.pid_map, "data_root": data.root, "train": _relative(data.train_original, data.root),
-            "val": _relative(data.val, data.root), "rng": _rng_states(),
+            "pid_map": data.pid_map, "data_root": data.root, "train": relative_records(data.train_original, data.root),
+            "val": relative_records(data.val, data.root), "rng": _rng_states(),
         })
     _torch_save(run_dir / MODEL, _model_file(model, config, data, config.epochs))
     return {**summary, "images_per_s": float(np.mean(speeds)), "last": last}

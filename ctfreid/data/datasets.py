@@ -262,3 +262,13 @@ def read_image(path: str | os.PathLike):
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def relative_records(records: Sequence[Record], root: str) -> list[list]:
+    """Records with paths relative to the data root (the split survives moving the data folder)."""
+    return [[os.path.relpath(path, root), int(pid), int(camid)] for path, pid, camid in records]
+
+
+def resolve_records(records: Sequence[Sequence], root: str | os.PathLike) -> list[Record]:
+    """Inverse of the relative form saved in ``split.json`` / checkpoints: paths joined to ``root``."""
+    return [(str(Path(root) / path), int(pid), int(camid)) for path, pid, camid in records]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ctfreid.commands import positive_int
+from ctfreid.cli._args import positive_int
 
 HELP = "CMC/mAP and query time of float, each code length and CtF from .npz files"
 DESCRIPTION = """Rank a query set against a gallery with real-valued features (when both .npz files have
@@ -53,8 +53,8 @@ def parse_rho(text: str) -> float | str:
 def run(args: argparse.Namespace) -> int:
     from ctfreid._atomic import atomic_write
     from ctfreid.encoded import load_encoded
-    from ctfreid.evaluate import evaluate_sets, format_table
-    from ctfreid.thresholds import fit_dto, read_thresholds
+    from ctfreid.eval.evaluate import evaluate_sets, format_table
+    from ctfreid.search.thresholds import fit_dto, read_thresholds
 
     if args.beta is not None and not args.calibrate:
         raise ValueError("--beta only applies with --calibrate VAL.npz")

@@ -2,7 +2,7 @@
 
 Rows: ``float`` (squared Euclidean on real-valued features, when both sets have them), ``hash<L>`` (Hamming
 ranking with counting sort at one code length) and ``ctf`` (coarse-to-fine search with DTO thresholds,
-Sec. 3.1). Accuracy: CMC / mAP under the Market-1501 protocol (``ctfreid.metrics``). Query time per probe
+Sec. 3.1). Accuracy: CMC / mAP under the Market-1501 protocol (``ctfreid.eval.metrics``). Query time per probe
 = distance computation + sorting, as in Sec. 4.1: the ranking of all queries is timed (single thread for
 the numba kernels) and divided by the number of queries; computing the metrics is not timed. With
 ``search_k``, the binary rows also time the serving path: the top-k search that ``CtFIndex.search`` runs
@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .coarse_to_fine import ctf_rank, ctf_search
-from .encoded import EncodedSet
-from .hamming import check_k, hamming_distances, hamming_rank, hamming_topk
-from .metrics import euclidean_distances, merge_metrics, rank_by_distance, ranking_stats
-from .thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_from_distances, pair_distances
+from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
+from ctfreid.encoded import EncodedSet
+from ctfreid.search.hamming import check_k, hamming_distances, hamming_rank, hamming_topk
+from ctfreid.eval.metrics import euclidean_distances, merge_metrics, rank_by_distance, ranking_stats
+from ctfreid.search.thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_from_distances, pair_distances
 
 DEFAULT_BETAS = (0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 3.0, 10.0)
 

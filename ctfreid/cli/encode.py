@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfreid.encode import encode_records, load_model, split_records
+    from ctfreid.infer import encode_records, load_model, split_records
     from ctfreid.encoded import save_encoded
 
     import torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ctfreid.commands import positive_int
+from ctfreid.cli._args import positive_int
 
 HELP = "synthetic data -> train -> DTO -> CtF index -> evaluate -> tables and plots"
 DESCRIPTION = """Run the paper's pipeline end to end on the CPU, with no data, GPU or pretrained weights needed:

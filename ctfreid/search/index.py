@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from ctfreid import _kernels
+from ctfreid.search import _kernels
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set
-from ctfreid.coarse_to_fine import check_thresholds
-from ctfreid.hamming import check_k, prepare_queries
+from ctfreid.search.coarse_to_fine import check_thresholds
+from ctfreid.search.hamming import check_k, prepare_queries
 
 MAGIC = b"CTFREID\x00"
 FORMAT_VERSION = 1

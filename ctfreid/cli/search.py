@@ -32,59 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
 
 
-def query_records(items: list[str]) -> list[tuple[str, int, int]]:
-    """Records of the query arguments: files as given, folders expanded (sorted)."""
-    from ctfreid.commands.index import folder_records
-    from ctfreid.datasets import parse_name
-
-    records = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            records += folder_records(p, label="query folder")
-        elif p.is_file():
-            parsed = parse_name(p.name)
-            pid, camid = parsed if parsed is not None else (-1, -1)
-            records.append((str(p.resolve()), pid, camid))
-        else:
-            raise FileNotFoundError(f"query image {item} does not exist")
-    return records
-
-
-def _stored_codes(index, length: int):
-    # ids are positions (index build uses default ids).
-    return index.codes(length)
-
-
-def finest_stages(index, query_codes: dict, ids, thresholds: dict):
-    """Code length of the finest CtF stage each returned id reached (stage k+1 is reached iff the item
-    passed every threshold of stages 1..k, Sec. 3.1); -1 for padding."""
-    import numpy as np
-
-    from ctfreid.hamming import hamming_distances
-
-    lengths = sorted(query_codes)
-    ids = np.asarray(ids)
-    stage = np.full(ids.shape, -1, dtype=np.int64)
-    for i in range(ids.shape[0]):
-        valid = ids[i] >= 0
-        sel = ids[i][valid]
-        reached = np.full(len(sel), lengths[0], dtype=np.int64)
-        alive = np.ones(len(sel), dtype=bool)
-        for a, b in zip(lengths[:-1], lengths[1:]):
-            g = _stored_codes(index, a)[sel]
-            d = hamming_distances(query_codes[a][i], g).reshape(-1)
-            alive &= d <= thresholds[a]
-            reached[alive] = b
-        stage[i][valid] = reached
-    return stage
-
-
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ctfreid.commands.index import check_model, encode_kwargs, index_flip, load_index, model_fingerprint
-    from ctfreid.encode import encode_records, load_model
+    from ctfreid.infer.encoder import encode_records
+    from ctfreid.infer.gallery import check_model, encode_kwargs, finest_stages, index_flip, load_index, query_records
+    from ctfreid.learn.run_dir import load_model, model_fingerprint
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
@@ -117,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 pid = str(h["pid"]) if h["pid"] >= 0 else "?"
                 print(f"  {h['rank']:>4}  {h['distance']:>8}  {h['stage_bits']:>4}  {pid:>5}  {h['path']}")
     if args.show:
-        from ctfreid.report import plot_ranked_lists
+        from ctfreid.eval.report import plot_ranked_lists
 
         plot_ranked_lists(args.show, [r[0] for r in records], [r[1] for r in records], [r[2] for r in records],
                           paths, np.asarray(pids), np.asarray(meta["camids"]), I, D, k=args.k,

@@ -1,4 +1,4 @@
-"""The ``ctfreid`` command line: one module per sub-command in ``ctfreid.commands``.
+"""The ``ctfreid`` command line: one module per sub-command in ``ctfreid.cli`` (this package).
 
 Each command module defines ``HELP`` (one line), ``DESCRIPTION`` (what it does, with an example),
 ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported lazily so that search-only
@@ -13,14 +13,14 @@ import sys
 
 # name -> module; the order is the order of ``ctfreid --help``.
 COMMANDS: dict[str, str] = {
-    "demo": "ctfreid.commands.demo",
-    "synth": "ctfreid.commands.synth",
-    "train": "ctfreid.commands.train",
-    "encode": "ctfreid.commands.encode",
-    "calibrate": "ctfreid.commands.calibrate",
-    "evaluate": "ctfreid.commands.evaluate",
-    "index": "ctfreid.commands.index",
-    "search": "ctfreid.commands.search",
+    "demo": "ctfreid.cli.demo",
+    "synth": "ctfreid.cli.synth",
+    "train": "ctfreid.cli.train",
+    "encode": "ctfreid.cli.encode",
+    "calibrate": "ctfreid.cli.calibrate",
+    "evaluate": "ctfreid.cli.evaluate",
+    "index": "ctfreid.cli.index",
+    "search": "ctfreid.cli.search",
 }
 
 _EPILOG = """examples:

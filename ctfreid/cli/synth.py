@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ctfreid.commands import positive_int
+from ctfreid.cli._args import positive_int
 
 HELP = "generate a synthetic ReID dataset in Market-1501 layout"
 DESCRIPTION = """Generate a deterministic synthetic person re-identification dataset (NumPy + Pillow only) in
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ctfreid.synth import generate_synthetic
+    from ctfreid.data.synth import generate_synthetic
 
     start = time.perf_counter()
     data = generate_synthetic(

@@ -53,8 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_write
-from .codes import check_code_set, check_length
+from ctfreid._atomic import atomic_write
+from ctfreid.codes import check_code_set, check_length
 
 DEFAULT_MAX_PAIRS = 1_000_000
 

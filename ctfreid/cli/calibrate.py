@@ -46,10 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfreid.commands.evaluate import parse_rho
+    from ctfreid.cli.evaluate import parse_rho
     from ctfreid.encoded import load_encoded
-    from ctfreid.evaluate import DEFAULT_BETAS, beta_sweep, format_sweep
-    from ctfreid.thresholds import fit_dto, save_thresholds
+    from ctfreid.eval.evaluate import DEFAULT_BETAS, beta_sweep, format_sweep
+    from ctfreid.search.thresholds import fit_dto, save_thresholds
 
     rho = parse_rho(args.rho)
     if (args.query or args.gallery) and not args.beta_sweep:

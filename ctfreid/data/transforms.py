@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from .datasets import Record, read_image
+from ctfreid.data.datasets import Record, read_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -21,9 +21,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ctfreid import _kernels
+from ctfreid.search import _kernels
 from ctfreid.codes import check_code_set
-from ctfreid.hamming import _aligned, check_k, hamming_rank, hamming_topk, prepare_queries
+from ctfreid.search.hamming import _aligned, check_k, hamming_rank, hamming_topk, prepare_queries
 
 
 def check_thresholds(thresholds: Mapping[int, int], lengths: list[int]) -> np.ndarray:

@@ -1,0 +1,112 @@
+"""``ctfreid index build`` / ``ctfreid index add``: a coarse-to-fine index of a folder of person crops
+(the library side is :mod:`ctfreid.infer.gallery`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "build or extend a coarse-to-fine index from a folder of images"
+DESCRIPTION = """Encode a folder of person crops with a trained AiO model and save a coarse-to-fine (CtF)
+index: the multi-length binary codes, the DTO thresholds, the image paths, the person ids parsed from
+Market-1501 style names (0002_c1s1_000451_03.jpg; -1 = unknown otherwise) and the model's fingerprint
+(a hash of its weights, configuration and code lengths). 'ctfreid search' refuses queries encoded by
+another model.
+
+  index build   encode every image in --images and write a new index to --out
+  index add     encode the images of --images that the index does not hold yet and append them
+                (old images are not re-encoded; the index must come from the same model)
+
+Thresholds of 'index build', first match wins: --thresholds (32=9,128=41,512=190 or a .json from
+'ctfreid calibrate'); --beta B (DTO with this beta on the run's validation split); the thresholds stored
+in the model file or in RUN_DIR/thresholds.json; else DTO with beta 2 on the run's validation split
+(Sec. 3.3 / 4.2: 'ctfreid train --val-fraction 0.4' keeps one).
+
+examples:
+  ctfreid index build --model runs/aio --images crops/ --out gallery.ctf
+  ctfreid index add --index gallery.ctf --model runs/aio --images new_crops/
+  ctfreid search --index gallery.ctf --model runs/aio query.jpg --k 10"""
+
+BUILD_DESCRIPTION = """Encode every image of --images with the model of --model and write a new CtF index.
+
+example:
+  ctfreid index build --model runs/aio --images crops/ --out gallery.ctf --beta 2
+  ctfreid index build --model runs/aio --images crops/ --out gallery.ctf --flip   # flip test"""
+
+ADD_DESCRIPTION = """Append the images of --images that the index does not hold yet (same path = same image);
+only they are encoded. The model must be the one that built the index (same fingerprint).
+
+example:
+  ctfreid index add --index gallery.ctf --model runs/aio --images new_crops/"""
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="RUN_DIR",
+                   help="run directory of 'ctfreid train' (or its model.pt)")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of person crops (.jpg, .jpeg, .png, .bmp)")
+    p.add_argument("--recursive", action="store_true", help="also take images in sub-folders")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch (default 64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    b = sub.add_parser("build", help="encode a folder of images into a new index", description=BUILD_DESCRIPTION,
+                       formatter_class=raw)
+    _common(b)
+    b.add_argument("--out", required=True, metavar="INDEX", help="index file to write (e.g. gallery.ctf)")
+    group = b.add_mutually_exclusive_group()
+    group.add_argument("--thresholds", metavar="SPEC",
+                       help="CtF thresholds: 32=9,128=41,512=190 or a .json from 'ctfreid calibrate'")
+    group.add_argument("--beta", type=float, help="fit thresholds with DTO at this beta on the run's validation split")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    b.add_argument("--flip", action="store_true",
+                   help="flip test: encode each image with its mirror (2x slower; remembered by the index, so "
+                        "'index add' and 'search' do the same)")
+    a = sub.add_parser("add", help="append new images to an index", description=ADD_DESCRIPTION, formatter_class=raw)
+    a.add_argument("--index", required=True, metavar="INDEX", help="index file to extend (rewritten atomically)")
+    _common(a)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctfreid.infer.encoder import encode_records
+    from ctfreid.infer.gallery import (add_to_index, build_index, check_model, encode_kwargs, folder_records,
+                                       index_flip, load_index, resolve_thresholds)
+    from ctfreid.learn.run_dir import load_model, model_fingerprint
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.action == "build" and Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(
+            f"--out {args.out} exists: pass --overwrite to replace it, or 'ctfreid index add' to extend it")
+    index = load_index(args.index, mmap=False) if args.action == "add" else None
+    records = folder_records(args.images, recursive=args.recursive)
+    model, info = load_model(args.model, device=args.device)
+    fingerprint = model_fingerprint(model, info)
+    flip = args.flip if args.action == "build" else index_flip(index)
+    kw = encode_kwargs(info, args.batch_size, args.device, progress=not args.quiet, flip=flip)
+
+    if args.action == "build":
+        thresholds, source = resolve_thresholds(model, info, args.thresholds, args.beta, kw)
+        encoded = encode_records(model, records, **kw)
+        index = build_index(encoded, thresholds, fingerprint, info, {"thresholds_source": source}, flip=flip)
+        index.save(args.out)
+        th = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(thresholds.items())) or "none"
+        print(f"indexed {index.ntotal} images from {args.images} -> {args.out}")
+        print(f"  model {info['file']} (fingerprint {fingerprint}), lengths {sorted(model.lengths)}"
+              + (", flip test" if flip else ""))
+        print(f"  thresholds {th} ({source})")
+        return 0
+
+    check_model(index, args.index, fingerprint, info)
+    known = set(index.metadata["paths"])
+    new = [r for r in records if r[0] not in known]
+    if new:
+        add_to_index(index, encode_records(model, new, **kw))
+        index.save(args.index)
+    print(f"added {len(new)} images from {args.images} to {args.index} ({len(records) - len(new)} already in it); "
+          f"{index.ntotal} images in all")
+    return 0

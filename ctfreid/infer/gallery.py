@@ -1,0 +1,195 @@
+"""Image galleries: a :class:`~ctfreid.search.index.CtFIndex` of a folder of person crops, built, extended
+and searched with the model that encoded it (used by ``ctfreid index``, ``ctfreid search`` and the demo).
+
+An image index is a ``CtFIndex`` whose ``metadata`` holds::
+
+    {"format": "ctfreid-image-index/1",
+     "model": {"fingerprint", "file", "lengths", "backbone", "height", "width", "flip"},
+     "paths": [...], "pids": [...], "camids": [...],      # one entry per indexed image, in id order
+     "thresholds_source": "..."}
+
+``pids`` / ``camids`` come from Market-1501 style names (``0002_c1s1_000451_03.jpg``) when they parse,
+else -1 (unknown). Ids are positions 0..n-1 in these lists. ``flip`` records whether the images were
+encoded with the flip test; adding and searching encode the same way, since flipped and plain codes of
+one image differ. The fingerprint (:func:`ctfreid.learn.run_dir.model_fingerprint`) makes an index refuse
+codes of another model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from ctfreid.data.datasets import IMAGE_EXTENSIONS, parse_name
+
+META_FORMAT = "ctfreid-image-index/1"
+
+
+def folder_records(folder: str | os.PathLike, label: str = "--images",
+                   recursive: bool = False) -> list[tuple[str, int, int]]:
+    """``(absolute path, pid, camid)`` of every image in ``folder`` (sorted by name); pid/camid from
+    Market-1501 style names, -1 when the name does not parse."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"{label} {folder} {what}: expected a folder of person crops (.jpg, .png...)")
+    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{label} {folder} holds no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+    records = []
+    for p in files:
+        parsed = parse_name(p.name)
+        pid, camid = parsed if parsed is not None else (-1, -1)
+        records.append((str(p.resolve()), pid, camid))
+    return records
+
+
+def resolve_thresholds(model, info: Mapping, spec: str | None = None, beta: float | None = None,
+                       encode_kw: Mapping | None = None) -> tuple[dict[int, int], str]:
+    """CtF thresholds for ``model`` and a sentence saying where they come from (order in DESCRIPTION)."""
+    from ctfreid.search.thresholds import check_thresholds, read_thresholds
+
+    lengths = sorted(model.lengths)
+    if len(lengths) == 1:
+        return {}, "one code length: no thresholds needed"
+    if spec:
+        return check_thresholds(read_thresholds(spec), lengths), f"--thresholds {spec}"
+    run_file = Path(info["file"]).parent / "thresholds.json"
+    if beta is None:
+        if info.get("thresholds"):
+            return check_thresholds(info["thresholds"], lengths), f"stored in {info['file']}"
+        if run_file.is_file():
+            return check_thresholds(read_thresholds(run_file), lengths), str(run_file)
+        beta = 2.0
+    from ctfreid.infer.encoder import encode_records
+    from ctfreid.learn.run_dir import split_records
+    from ctfreid.search.thresholds import fit_thresholds
+
+    records = split_records("val", dict(info))
+    val = encode_records(model, records, **dict(encode_kw or {}))
+    th = fit_thresholds(val.codes, val.pids, val.camids, beta=beta)
+    return th, f"DTO beta={beta:g} on the run's {len(val)} validation images"
+
+
+def encode_kwargs(info: Mapping, batch_size: int = 64, device: str = "cpu", progress: bool = True,
+                  flip: bool = False) -> dict:
+    """Keyword arguments of ``encode_records`` matching the model's input (size, normalisation, flip test)."""
+    return {"batch_size": batch_size, "height": info["height"], "width": info["width"], "mean": info["mean"],
+            "std": info["std"], "device": device, "progress": progress, "flip": bool(flip)}
+
+
+def index_flip(index) -> bool:
+    """Whether the images of ``index`` were encoded with the flip test (queries must be too)."""
+    return bool(((index.metadata or {}).get("model") or {}).get("flip", False))
+
+
+def _model_meta(fingerprint: str, info: Mapping, flip: bool = False) -> dict:
+    cfg = info.get("model_config") or {}
+    return {"fingerprint": fingerprint, "file": str(info.get("file")), "lengths": sorted(cfg.get("lengths", [])),
+            "backbone": cfg.get("backbone"), "height": info.get("height"), "width": info.get("width"),
+            "flip": bool(flip)}
+
+
+def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: Mapping,
+                extra: Mapping | None = None, flip: bool = False):
+    """A :class:`ctfreid.search.index.CtFIndex` of ``encoded`` (an ``EncodedSet`` with paths) with the metadata above."""
+    from ctfreid.search.index import CtFIndex
+
+    if encoded.paths is None:
+        raise ValueError("the encoded set has no image paths: an image index needs them")
+    index = CtFIndex()
+    index.add(encoded.codes)
+    index.thresholds = {int(k): int(v) for k, v in thresholds.items()}
+    index.metadata = {
+        "format": META_FORMAT,
+        "model": _model_meta(fingerprint, info, flip),
+        "paths": [str(p) for p in encoded.paths],
+        "pids": [int(p) for p in encoded.pids],
+        "camids": [int(c) for c in encoded.camids],
+        **dict(extra or {}),
+    }
+    return index
+
+
+def add_to_index(index, encoded) -> None:
+    """Append ``encoded`` (same code lengths) to ``index`` and to its path / pid / camid lists."""
+    if encoded.paths is None:
+        raise ValueError("the encoded set has no image paths: an image index needs them")
+    meta = dict(index.metadata)
+    index.add(encoded.codes)
+    meta["paths"] = list(meta["paths"]) + [str(p) for p in encoded.paths]
+    meta["pids"] = list(meta["pids"]) + [int(p) for p in encoded.pids]
+    meta["camids"] = list(meta["camids"]) + [int(c) for c in encoded.camids]
+    index.metadata = meta
+
+
+def check_model(index, index_path: str | os.PathLike, fingerprint: str, info: Mapping) -> None:
+    """``ValueError`` unless ``index`` was made by the model with ``fingerprint`` (and its code lengths)."""
+    meta = index.metadata or {}
+    if meta.get("format") != META_FORMAT or "paths" not in meta:
+        raise ValueError(f"index {index_path} is not an image index of 'ctfreid index build' "
+                         "(no model fingerprint or image paths in its metadata)")
+    made_by = meta.get("model", {})
+    lengths = sorted((info.get("model_config") or {}).get("lengths", []))
+    if made_by.get("fingerprint") != fingerprint or sorted(made_by.get("lengths", [])) != lengths:
+        raise ValueError(
+            f"index {index_path} was built by another model (fingerprint {made_by.get('fingerprint')}, lengths "
+            f"{made_by.get('lengths')}, {made_by.get('file')}) than {info.get('file')} (fingerprint {fingerprint}, "
+            f"lengths {lengths}): use the model that built it, or rebuild the index with 'ctfreid index build'"
+        )
+
+
+def load_index(path: str | os.PathLike, mmap: bool = True):
+    """``CtFIndex.load`` with a message naming the option when the file is missing."""
+    from ctfreid.search.index import CtFIndex
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--index {path}: no such file (build one with 'ctfreid index build')")
+    return CtFIndex.load(path, mmap=mmap)
+
+
+def query_records(items: list[str]) -> list[tuple[str, int, int]]:
+    """Records of the query arguments: files as given, folders expanded (sorted)."""
+    records = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            records += folder_records(p, label="query folder")
+        elif p.is_file():
+            parsed = parse_name(p.name)
+            pid, camid = parsed if parsed is not None else (-1, -1)
+            records.append((str(p.resolve()), pid, camid))
+        else:
+            raise FileNotFoundError(f"query image {item} does not exist")
+    return records
+
+
+def _stored_codes(index, length: int):
+    # ids are positions (index build uses default ids).
+    return index.codes(length)
+
+
+def finest_stages(index, query_codes: dict, ids, thresholds: dict):
+    """Code length of the finest CtF stage each returned id reached (stage k+1 is reached iff the item
+    passed every threshold of stages 1..k, Sec. 3.1); -1 for padding."""
+    import numpy as np
+
+    from ctfreid.search.hamming import hamming_distances
+
+    lengths = sorted(query_codes)
+    ids = np.asarray(ids)
+    stage = np.full(ids.shape, -1, dtype=np.int64)
+    for i in range(ids.shape[0]):
+        valid = ids[i] >= 0
+        sel = ids[i][valid]
+        reached = np.full(len(sel), lengths[0], dtype=np.int64)
+        alive = np.ones(len(sel), dtype=bool)
+        for a, b in zip(lengths[:-1], lengths[1:]):
+            g = _stored_codes(index, a)[sel]
+            d = hamming_distances(query_codes[a][i], g).reshape(-1)
+            alive &= d <= thresholds[a]
+            reached[alive] = b
+        stage[i][valid] = reached
+    return stage
