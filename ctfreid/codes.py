@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ctfreid.errors import CtfreidError
+
 MIN_BITS = 32
 MAX_BITS = 4096
 
@@ -27,7 +29,7 @@ def check_length(length: int, name: str = "code length") -> int:
     except (TypeError, ValueError):
         ok = False
     if not ok or length % 32 or not MIN_BITS <= length <= MAX_BITS:
-        raise ValueError(f"{name} must be a multiple of 32 between {MIN_BITS} and {MAX_BITS} bits, got {length!r}")
+        raise CtfreidError(f"{name} must be a multiple of 32 between {MIN_BITS} and {MAX_BITS} bits, got {length!r}")
     return int(length)
 
 
@@ -38,15 +40,15 @@ def check_codes(codes: np.ndarray, name: str = "codes", length: int | None = Non
     not a whole number of 32-bit words, or (when ``length`` is given) the width is not ``length // 8``.
     """
     if not isinstance(codes, np.ndarray):
-        raise ValueError(f"{name} must be a numpy uint8 array of shape (n, L // 8), got {type(codes).__name__}")
+        raise CtfreidError(f"{name} must be a numpy uint8 array of shape (n, L // 8), got {type(codes).__name__}")
     if codes.dtype != np.uint8:
-        raise ValueError(f"{name} must have dtype uint8 (packed bits), got {codes.dtype}")
+        raise CtfreidError(f"{name} must have dtype uint8 (packed bits), got {codes.dtype}")
     if codes.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, L // 8), got shape {codes.shape}")
+        raise CtfreidError(f"{name} must be 2-D (n, L // 8), got shape {codes.shape}")
     if length is not None:
         length = check_length(length)
         if codes.shape[1] != length // 8:
-            raise ValueError(
+            raise CtfreidError(
                 f"{name} must have {length // 8} bytes per row for {length}-bit codes, got shape {codes.shape}"
             )
     else:
@@ -60,7 +62,7 @@ def check_code_set(codes: Mapping[int, np.ndarray], name: str = "codes") -> Code
     Returns a new dict sorted by length (shortest first).
     """
     if not isinstance(codes, Mapping) or not codes:
-        raise ValueError(f"{name} must be a non-empty dict {{length: uint8[n, length // 8]}}, got {codes!r:.80}")
+        raise CtfreidError(f"{name} must be a non-empty dict {{length: uint8[n, length // 8]}}, got {codes!r:.80}")
     out: CodeSet = {}
     n = None
     for length in sorted(codes):
@@ -69,7 +71,7 @@ def check_code_set(codes: Mapping[int, np.ndarray], name: str = "codes") -> Code
         if n is None:
             n = arr.shape[0]
         elif arr.shape[0] != n:
-            raise ValueError(
+            raise CtfreidError(
                 f"{name}[{length_i}] has {arr.shape[0]} rows but the shorter codes have {n}: "
                 "every length must hold the same items"
             )
@@ -84,20 +86,20 @@ def pack_codes(bits: np.ndarray, name: str = "bits") -> np.ndarray:
     """
     bits = np.asarray(bits)
     if bits.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, L), got shape {bits.shape}")
+        raise CtfreidError(f"{name} must be 2-D (n, L), got shape {bits.shape}")
     check_length(bits.shape[1], f"{name} length (columns)")
     if bits.dtype == np.bool_:
         ones = bits
     else:
         if not (np.issubdtype(bits.dtype, np.integer) or np.issubdtype(bits.dtype, np.floating)):
-            raise ValueError(f"{name} must hold bool, {{0, 1}} or {{-1, +1}} values, got dtype {bits.dtype}")
+            raise CtfreidError(f"{name} must hold bool, {{0, 1}} or {{-1, +1}} values, got dtype {bits.dtype}")
         values = np.unique(bits)
         if np.all(np.isin(values, (0, 1))):
             ones = bits == 1
         elif np.all(np.isin(values, (-1, 1))):
             ones = bits == 1
         else:
-            raise ValueError(
+            raise CtfreidError(
                 f"{name} must hold bool, {{0, 1}} or {{-1, +1}} values, got values such as {values[:5].tolist()}"
             )
     return np.packbits(ones, axis=1)
@@ -117,8 +119,8 @@ def binarize(features: np.ndarray, name: str = "features") -> np.ndarray:
     """Eq. 2 without the BN: ``b = sgn(v)`` packed; a value > 0 is bit 1, a value <= 0 is bit 0."""
     features = np.asarray(features)
     if features.ndim != 2 or not np.issubdtype(features.dtype, np.number):
-        raise ValueError(f"{name} must be a real-valued 2-D array (n, L), got {features.dtype} {features.shape}")
+        raise CtfreidError(f"{name} must be a real-valued 2-D array (n, L), got {features.dtype} {features.shape}")
     check_length(features.shape[1], f"{name} length (columns)")
     if np.issubdtype(features.dtype, np.floating) and not np.isfinite(features).all():
-        raise ValueError(f"{name} must be finite, got NaN or infinite values")
+        raise CtfreidError(f"{name} must be finite, got NaN or infinite values")
     return np.packbits(features > 0, axis=1)

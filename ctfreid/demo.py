@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ctfreid.encoded import EncodedSet
+from ctfreid.errors import CtfreidError
 
 DEFAULT_BETAS = (0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 3.0, 10.0)
 
@@ -87,11 +88,11 @@ class DemoConfig:
         self.milestones = tuple(int(x) for x in self.milestones)
         self.betas = tuple(float(b) for b in self.betas)
         if self.gallery_sizes < 2:
-            raise ValueError(f"gallery_sizes must be >= 2 points, got {self.gallery_sizes}")
+            raise CtfreidError(f"gallery_sizes must be >= 2 points, got {self.gallery_sizes}")
         if self.ranked_queries < 1 or self.top_k < 1 or self.timing_repeats < 1:
-            raise ValueError("ranked_queries, top_k and timing_repeats must be >= 1")
+            raise CtfreidError("ranked_queries, top_k and timing_repeats must be >= 1")
         if self.beta <= 0 or any(b <= 0 for b in self.betas):
-            raise ValueError(f"beta values must be > 0, got beta={self.beta}, betas={self.betas}")
+            raise CtfreidError(f"beta values must be > 0, got beta={self.beta}, betas={self.betas}")
 
 
 def _say(cfg: DemoConfig, message: str) -> None:
@@ -183,7 +184,7 @@ def gallery_size_sweep(query: EncodedSet, gallery: EncodedSet, distractors: Enco
     from ctfreid.eval.evaluate import evaluate_sets
 
     if np.any(distractors.pids != 0):
-        raise ValueError("distractors must all have pid 0")
+        raise CtfreidError("distractors must all have pid 0")
     order = np.random.default_rng(seed).permutation(len(distractors))
     rows = []
     for size in gallery_size_points(len(gallery), len(distractors), points):
@@ -261,14 +262,14 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _run_demo(cfg: DemoConfig, threads: int) -> dict:
+    from ctfreid.data.datasets import load_dataset
     from ctfreid.eval import report
+    from ctfreid.eval.evaluate import beta_sweep, evaluate_sets
+    from ctfreid.infer import encode_records, load_model, split_records
     from ctfreid.infer.gallery import build_index, finest_stages
     from ctfreid.learn.run_dir import model_fingerprint
-    from ctfreid.data.datasets import load_dataset
-    from ctfreid.infer import encode_records, load_model, split_records
-    from ctfreid.eval.evaluate import beta_sweep, evaluate_sets
-    from ctfreid.search.thresholds import fit_dto, save_thresholds
     from ctfreid.learn.train import train
+    from ctfreid.search.thresholds import fit_dto, save_thresholds
 
     t_start = time.perf_counter()
     out = Path(cfg.out)

@@ -20,6 +20,7 @@ import numpy as np
 
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import CodeSet, check_code_set
+from ctfreid.errors import CtfreidError
 
 
 @dataclass
@@ -41,11 +42,11 @@ class EncodedSet:
         if self.features is not None:
             self.features = np.asarray(self.features, dtype=np.float32)
             if self.features.ndim != 2 or self.features.shape[0] != n:
-                raise ValueError(f"features must be float32[{n}, d], got shape {self.features.shape}")
+                raise CtfreidError(f"features must be float32[{n}, d], got shape {self.features.shape}")
         if self.paths is not None:
             self.paths = np.asarray(self.paths, dtype=str)
             if self.paths.shape != (n,):
-                raise ValueError(f"paths must have {n} entries, got shape {self.paths.shape}")
+                raise CtfreidError(f"paths must have {n} entries, got shape {self.paths.shape}")
 
     def __len__(self) -> int:
         return int(self.pids.shape[0])
@@ -58,7 +59,7 @@ class EncodedSet:
 def _labels(values, name: str, n: int) -> np.ndarray:
     arr = np.asarray(values)
     if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be an integer array of {n} entries, got {arr.dtype} {arr.shape}")
+        raise CtfreidError(f"{name} must be an integer array of {n} entries, got {arr.dtype} {arr.shape}")
     return arr.astype(np.int64)
 
 
@@ -87,13 +88,13 @@ def load_encoded(path: str | os.PathLike, name: str | None = None) -> EncodedSet
             missing = {"pids", "camids"} - keys
             code_keys = sorted((k for k in keys if k.startswith("codes_")), key=lambda k: int(k[6:]) if k[6:].isdigit() else -1)
             if missing or not code_keys:
-                raise ValueError(
+                raise CtfreidError(
                     f"{label}: expected arrays pids, camids and codes_<L> (e.g. codes_32), found {sorted(keys)}"
                 )
             codes = {}
             for k in code_keys:
                 if not k[6:].isdigit():
-                    raise ValueError(f"{label}: array {k!r} should be named codes_<length in bits>, e.g. codes_128")
+                    raise CtfreidError(f"{label}: array {k!r} should be named codes_<length in bits>, e.g. codes_128")
                 codes[int(k[6:])] = z[k]
             return EncodedSet(
                 codes=codes,
@@ -103,8 +104,8 @@ def load_encoded(path: str | os.PathLike, name: str | None = None) -> EncodedSet
                 paths=z["paths"] if "paths" in keys else None,
             )
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ValueError(f"{label}: not a readable .npz file ({e})") from e
+        raise CtfreidError(f"{label}: not a readable .npz file ({e})") from e
     except ValueError as e:
         if str(e).startswith(label):
             raise
-        raise ValueError(f"{label}: {e}") from e
+        raise CtfreidError(f"{label}: {e}") from e

@@ -73,8 +73,8 @@ def _split_gallery(synth_root: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_index_build_add_search_equals_python_api(run_dir, synth_root, tmp_path, capsys):
-    from ctfreid.infer.gallery import folder_records
     from ctfreid.infer import encode_records, load_model
+    from ctfreid.infer.gallery import folder_records
     from ctfreid.search.index import CtFIndex
 
     a, b = _split_gallery(synth_root, tmp_path)
@@ -130,8 +130,8 @@ def test_index_build_add_search_equals_python_api(run_dir, synth_root, tmp_path,
 
 
 def test_index_built_with_flip_encodes_added_images_and_queries_the_same_way(run_dir, synth_root, tmp_path, capsys):
-    from ctfreid.infer.gallery import folder_records
     from ctfreid.infer import encode_records, load_model
+    from ctfreid.infer.gallery import folder_records
     from ctfreid.search.index import CtFIndex
 
     a, b = _split_gallery(synth_root, tmp_path)

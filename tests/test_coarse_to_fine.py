@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from reference import INT32_MAX, correlated_code_sets, pad_topk, ref_ctf_rank
 
+from ctfreid.errors import CtfreidError
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.hamming import hamming_rank
-from reference import INT32_MAX, correlated_code_sets, pad_topk, ref_ctf_rank
 
 
 def _code(length, d):
@@ -65,7 +66,7 @@ def test_matches_loop_reference_on_random_data(lengths, n):
     for trial in range(3):
         th = {L: int(rng.integers(0, L // 2 + 1)) for L in lengths[:-1]}
         if trial == 2:
-            th[lengths[0]] = 10**12  # a threshold above the length keeps everything
+            th[lengths[0]] = lengths[0]  # a threshold equal to the length keeps everything
         D, I = ctf_rank(q, g, th)
         rD, rI = ref_ctf_rank(q, g, th)
         np.testing.assert_array_equal(I, rI)
@@ -107,10 +108,11 @@ def test_errors():
         ctf_rank(q, g, {32: 3})
     with pytest.raises(ValueError, match=r"extra \[96\]"):
         ctf_rank(q, g, {32: 3, 64: 7, 96: 1})
-    with pytest.raises(ValueError, match=r"thresholds\[64\] must be a non-negative integer"):
-        ctf_search(q, g, {32: 3, 64: -1}, 3)
-    with pytest.raises(ValueError, match=r"thresholds\[64\] must be a non-negative integer"):
-        ctf_search(q, g, {32: 3, 64: 2.5}, 3)
+    # one contract (ctfreid.search.thresholds.check_thresholds): integers in [0, L], named by length
+    for bad in (-1, 2.5, 65, float("inf"), True, "7"):
+        with pytest.raises(CtfreidError, match=r"thresholds\[64\] must be an integer Hamming distance in \[0, 64\]"):
+            ctf_search(q, g, {32: 3, 64: bad}, 3)
+    assert ctf_search(q, g, {32: 3, 64: 64.0}, 3)[1].tolist() == ctf_search(q, g, {32: 3, 64: 64}, 3)[1].tolist()
     with pytest.raises(ValueError, match="gallery is empty"):
         ctf_rank(q, {L: v[:0] for L, v in g.items()}, {32: 3, 64: 7})
     with pytest.raises(ValueError, match="code lengths"):

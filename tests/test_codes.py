@@ -2,10 +2,17 @@
 
 import numpy as np
 import pytest
-
-from ctfreid.codes import binarize, check_code_set, check_codes, pack_codes, to_signs, unpack_codes
-from ctfreid.search.hamming import hamming_distances
 from reference import ref_distances
+
+from ctfreid.codes import (
+    binarize,
+    check_code_set,
+    check_codes,
+    pack_codes,
+    to_signs,
+    unpack_codes,
+)
+from ctfreid.search.hamming import hamming_distances
 
 
 @pytest.mark.parametrize("length", [32, 96, 128, 4096])

@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from ctfreid.demo import DemoConfig, gallery_size_points, gallery_size_sweep, pick_queries
+from ctfreid.demo import (
+    DemoConfig,
+    gallery_size_points,
+    gallery_size_sweep,
+    pick_queries,
+)
 from ctfreid.encoded import EncodedSet
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 
 from ctfreid.cli import main  # noqa: E402
 from ctfreid.data.datasets import load_dataset, read_image  # noqa: E402
-from ctfreid.infer import encode_records, load_model, split_records  # noqa: E402
-from ctfreid.encoded import load_encoded  # noqa: E402
 from ctfreid.data.transforms import TransformConfig, build_test_transform  # noqa: E402
+from ctfreid.encoded import load_encoded  # noqa: E402
+from ctfreid.infer import encode_records, load_model, split_records  # noqa: E402
 
 LENGTHS = (256, 64, 32)
 TRAIN_FLAGS = ["--backbone", "mobilenet_v2", "--lengths", *map(str, LENGTHS), "--height", "64", "--width", "32",

@@ -8,7 +8,13 @@ import pytest
 from ctfreid.cli import main
 from ctfreid.codes import binarize
 from ctfreid.encoded import EncodedSet, save_encoded
-from ctfreid.eval.evaluate import beta_sweep, candidate_counts, evaluate_sets, format_sweep, format_table
+from ctfreid.eval.evaluate import (
+    beta_sweep,
+    candidate_counts,
+    evaluate_sets,
+    format_sweep,
+    format_table,
+)
 from ctfreid.eval.metrics import evaluate_ranking
 from ctfreid.search.thresholds import fit_thresholds
 

@@ -2,9 +2,14 @@
 
 import numpy as np
 import pytest
-
-from ctfreid.search.hamming import counting_sort, hamming_distances, hamming_rank, hamming_topk
 from reference import INT32_MAX, ref_distances, ref_rank, ref_topk
+
+from ctfreid.search.hamming import (
+    counting_sort,
+    hamming_distances,
+    hamming_rank,
+    hamming_topk,
+)
 
 
 def _codes(rng, n, length, distinct=None):

@@ -5,11 +5,11 @@ import struct
 
 import numpy as np
 import pytest
+from reference import INT32_MAX, correlated_code_sets
 
 import ctfreid.search.index as index_module
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.index import CtFIndex
-from reference import INT32_MAX, correlated_code_sets
 
 LENGTHS = (32, 128, 512)
 TH = {32: 10, 128: 45}

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from ctfreid.eval.metrics import euclidean_rank, evaluate_ranking, merge_metrics, rank_by_distance, ranking_stats
+from ctfreid.eval.metrics import (
+    euclidean_rank,
+    evaluate_ranking,
+    merge_metrics,
+    rank_by_distance,
+    ranking_stats,
+)
 
 
 def reference_market1501(indices, q_pids, q_camids, g_pids, g_camids, max_rank):

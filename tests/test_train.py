@@ -11,8 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ctfreid.data.datasets import load_dataset  # noqa: E402
-from ctfreid.search.hamming import hamming_rank  # noqa: E402
+from ctfreid.data.datasets import (
+    load_dataset,  # noqa: E402
+    read_image,  # noqa: E402
+)
+from ctfreid.data.transforms import TransformConfig, build_test_transform  # noqa: E402
 from ctfreid.eval.metrics import evaluate_ranking  # noqa: E402
 from ctfreid.learn.model import AiOModel  # noqa: E402
 from ctfreid.learn.train import (  # noqa: E402
@@ -24,9 +27,7 @@ from ctfreid.learn.train import (  # noqa: E402
     shift_feature_maps,
     train,
 )
-from ctfreid.data.transforms import TransformConfig, build_test_transform  # noqa: E402
-from ctfreid.data.datasets import read_image  # noqa: E402
-
+from ctfreid.search.hamming import hamming_rank  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

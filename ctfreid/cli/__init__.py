@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from ctfreid.errors import CtfreidError
+
 # name -> module; the order is the order of ``ctfreid --help``.
 COMMANDS: dict[str, str] = {
     "demo": "ctfreid.cli.demo",
@@ -93,27 +95,40 @@ def _missing_dependency(command: str | None, error: ImportError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``ctfreid ARGS``; returns the exit code (0 success, 2 a user error printed as one line, 130
+    interrupted). Any exception other than a user error (:class:`~ctfreid.errors.CtfreidError`, an
+    ``OSError`` such as a missing or unwritable file, a missing optional dependency) is a bug and keeps
+    its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     name = next((a for a in argv if not a.startswith("-")), None)
+    command = name or ""
     try:
-        parser = build_parser(only=name if name in COMMANDS else "")
-    except ImportError as e:  # a command whose options need an optional dependency
-        return _missing_dependency(name, e)
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 0 if not argv or args.command is None and ("-h" in argv or "--help" in argv) else 2
-    command = " ".join(str(x) for x in (args.command, getattr(args, "action", None)) if x)  # e.g. "index build"
-    try:
+        try:
+            parser = build_parser(only=name if name in COMMANDS else "")
+        except ImportError as e:  # a command whose options need an optional dependency
+            return _missing_dependency(name, e)
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 0 if not argv or args.command is None and ("-h" in argv or "--help" in argv) else 2
+        command = " ".join(str(x) for x in (args.command, getattr(args, "action", None)) if x)  # e.g. "index build"
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("ctfreid: interrupted", file=sys.stderr)
         return 130
     except ImportError as e:
         return _missing_dependency(command, e)
-    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, FileExistsError, IsADirectoryError...
-        print(f"ctfreid {command}: error: {e}", file=sys.stderr)
+    except (CtfreidError, OSError) as e:  # OSError: FileNotFoundError, IsADirectoryError, ENOSPC...
+        print(f"ctfreid {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in str(error):
+        return f"{error.filename}: {error}"
+    text = str(error) if not isinstance(error, OSError) or error.strerror is None else (
+        f"{error.filename}: {error.strerror}" if error.filename else error.strerror)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctfreid.errors import CtfreidError
+
 HELP = "fit DTO thresholds on an encoded validation set"
 DESCRIPTION = """Distance Threshold Optimization (DTO, Sec. 3.3 of the paper): for every code length but the
 longest, fit Gaussians to the Hamming distances of same-identity pairs (different cameras) and of
@@ -53,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     rho = parse_rho(args.rho)
     if (args.query or args.gallery) and not args.beta_sweep:
-        raise ValueError("--query / --gallery only apply with --beta-sweep")
+        raise CtfreidError("--query / --gallery only apply with --beta-sweep")
     if bool(args.query) != bool(args.gallery):
-        raise ValueError("--beta-sweep needs both --query and --gallery, or neither")
+        raise CtfreidError("--beta-sweep needs both --query and --gallery, or neither")
     val = load_encoded(args.val, f"--val {args.val}")
     fits = fit_dto(val.codes, val.pids, val.camids, beta=args.beta, rho=rho, max_pairs=args.max_pairs, seed=args.seed)
     print(f"DTO on {args.val}: {len(val)} images, beta={args.beta:g}, rho={args.rho}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctfreid.errors import CtfreidError
+
 HELP = "encode a split of a dataset into an .npz of codes and features"
 DESCRIPTION = """Run a trained AiO model (eval mode, batched, no gradients) over the query, gallery or
 training images of a Market-1501-layout folder, or over the validation identities the run held back
@@ -37,13 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfreid.infer import encode_records, load_model, split_records
-    from ctfreid.encoded import save_encoded
-
     import torch
 
+    from ctfreid.encoded import save_encoded
+    from ctfreid.infer import encode_records, load_model, split_records
+
     if args.num_workers < 0 or args.threads < 0:
-        raise ValueError(f"--num-workers and --threads must be >= 0, got {args.num_workers} and {args.threads}")
+        raise CtfreidError(f"--num-workers and --threads must be >= 0, got {args.num_workers} and {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from pathlib import Path

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ctfreid.cli._args import positive_int
+from ctfreid.errors import CtfreidError
 
 HELP = "CMC/mAP and query time of float, each code length and CtF from .npz files"
 DESCRIPTION = """Rank a query set against a gallery with real-valued features (when both .npz files have
@@ -47,7 +48,7 @@ def parse_rho(text: str) -> float | str:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"--rho: expected a positive number or 'auto', got {text!r}") from None
+        raise CtfreidError(f"--rho: expected a positive number or 'auto', got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,18 +58,18 @@ def run(args: argparse.Namespace) -> int:
     from ctfreid.search.thresholds import fit_dto, read_thresholds
 
     if args.beta is not None and not args.calibrate:
-        raise ValueError("--beta only applies with --calibrate VAL.npz")
+        raise CtfreidError("--beta only applies with --calibrate VAL.npz")
     query = load_encoded(args.query, f"--query {args.query}")
     gallery = load_encoded(args.gallery, f"--gallery {args.gallery}")
     if query.lengths != gallery.lengths:
-        raise ValueError(f"--query has code lengths {query.lengths} but --gallery has {gallery.lengths}")
+        raise CtfreidError(f"--query has code lengths {query.lengths} but --gallery has {gallery.lengths}")
     thresholds = None
     if args.thresholds:
         thresholds = read_thresholds(args.thresholds)
     elif args.calibrate:
         val = load_encoded(args.calibrate, f"--calibrate {args.calibrate}")
         if val.lengths != gallery.lengths:
-            raise ValueError(f"--calibrate has code lengths {val.lengths} but --gallery has {gallery.lengths}")
+            raise CtfreidError(f"--calibrate has code lengths {val.lengths} but --gallery has {gallery.lengths}")
         beta = 2.0 if args.beta is None else args.beta
         fits = fit_dto(val.codes, val.pids, val.camids, beta=beta, rho=parse_rho(args.rho))
         thresholds = {L: f.threshold for L, f in fits.items()}

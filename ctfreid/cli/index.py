@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ctfreid.errors import CtfreidError
+
 HELP = "build or extend a coarse-to-fine index from a folder of images"
 DESCRIPTION = """Encode a folder of person crops with a trained AiO model and save a coarse-to-fine (CtF)
 index: the multi-length binary codes, the DTO thresholds, the image paths, the person ids parsed from
@@ -73,12 +75,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ctfreid.infer.encoder import encode_records
-    from ctfreid.infer.gallery import (add_to_index, build_index, check_model, encode_kwargs, folder_records,
-                                       index_flip, load_index, resolve_thresholds)
+    from ctfreid.infer.gallery import (
+        add_to_index,
+        build_index,
+        check_model,
+        encode_kwargs,
+        folder_records,
+        index_flip,
+        load_index,
+        resolve_thresholds,
+    )
     from ctfreid.learn.run_dir import load_model, model_fingerprint
 
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise CtfreidError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.action == "build" and Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(
             f"--out {args.out} exists: pass --overwrite to replace it, or 'ctfreid index add' to extend it")

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ctfreid.errors import CtfreidError
+
 HELP = "search an index with query images"
 DESCRIPTION = """Encode the query images with the model that built the index and print each query's top-k
 gallery images by coarse-to-fine search (Sec. 3.1): rank, Hamming distance at the finest stage the item
@@ -36,11 +38,18 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ctfreid.infer.encoder import encode_records
-    from ctfreid.infer.gallery import check_model, encode_kwargs, finest_stages, index_flip, load_index, query_records
+    from ctfreid.infer.gallery import (
+        check_model,
+        encode_kwargs,
+        finest_stages,
+        index_flip,
+        load_index,
+        query_records,
+    )
     from ctfreid.learn.run_dir import load_model, model_fingerprint
 
     if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
+        raise CtfreidError(f"--k must be >= 1, got {args.k}")
     index = load_index(args.index)
     records = query_records(args.images)
     model, info = load_model(args.model, device=args.device)

@@ -29,7 +29,10 @@ def _flag(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ctfreid.learn.train import TrainConfig, config_field_types  # torch is imported only by run() callers
+    from ctfreid.learn.train import (  # torch is imported only by run() callers
+        TrainConfig,
+        config_field_types,
+    )
 
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder in Market-1501 layout")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; resumed if it holds a run)")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfreid.errors import CtfreidError
+
 Record = tuple[str, int, int]
 
 TRAIN_DIR, QUERY_DIR, GALLERY_DIR = "bounding_box_train", "query", "bounding_box_test"
@@ -94,7 +96,7 @@ def _list_images(folder: Path, example: str) -> list[str]:
         e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
     )
     if not names:
-        raise ValueError(f"image folder {folder} has no images: expected files named like '{example}'")
+        raise CtfreidError(f"image folder {folder} has no images: expected files named like '{example}'")
     return names
 
 
@@ -109,7 +111,7 @@ def read_folder(folder: str | os.PathLike, example: str = MARKET_EXAMPLE, drop_j
     for name in _list_images(folder, example):
         parsed = parse_name(name)
         if parsed is None:
-            raise ValueError(
+            raise CtfreidError(
                 f"cannot read person id and camera from '{name}' in {folder}: expected names like '{example}'"
                 " (pid >= -1, camera >= 1)"
             )
@@ -118,7 +120,7 @@ def read_folder(folder: str | os.PathLike, example: str = MARKET_EXAMPLE, drop_j
             continue
         records.append((str(folder / name), pid, camid))
     if not records:
-        raise ValueError(f"image folder {folder} has only junk images (pid -1): expected names like '{example}'")
+        raise CtfreidError(f"image folder {folder} has only junk images (pid -1): expected names like '{example}'")
     return records
 
 
@@ -224,7 +226,7 @@ def load_dataset(root: str | os.PathLike, name: str | None = None, relabel: bool
     if name is None:
         return load_market_layout(root, name=Path(root).name, relabel=relabel)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))}")
+        raise CtfreidError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))}")
     return DATASETS[name](root, relabel=relabel, **kwargs)
 
 
@@ -238,10 +240,10 @@ def split_train_val(
     Record order is preserved within each part.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise CtfreidError(f"val_fraction must be in (0, 1), got {val_fraction}")
     pids = np.array(sorted({pid for _, pid, _ in records}), dtype=np.int64)
     if len(pids) < 2:
-        raise ValueError(f"need at least 2 identities to split by identity, got {len(pids)}")
+        raise CtfreidError(f"need at least 2 identities to split by identity, got {len(pids)}")
     n_val = min(max(int(round(val_fraction * len(pids))), 1), len(pids) - 1)
     order = np.random.default_rng(seed).permutation(len(pids))
     val_ids = set(pids[order[:n_val]].tolist())
@@ -261,7 +263,7 @@ def read_image(path: str | os.PathLike):
             img.load()  # decode now so a truncated file fails here, not inside a DataLoader worker
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise CtfreidError(f"cannot read image {path}: {e}") from None
 
 
 def relative_records(records: Sequence[Record], root: str) -> list[list]:

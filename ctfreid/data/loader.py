@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ctfreid.data.datasets import Record, read_image
+from ctfreid.errors import CtfreidError
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -72,7 +73,7 @@ class CheckedLoader:
         for batch in self.loader:
             if isinstance(batch, str):
                 kind, message = batch.split("\0", 1)
-                raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(message)
+                raise (FileNotFoundError if kind == "FileNotFoundError" else CtfreidError)(message)
             yield batch
 
 

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from ctfreid.errors import CtfreidError
+
 
 class PKSampler(Sampler[int]):
     """Yield dataset indices in consecutive groups of ``p * k``: ``p`` distinct identities, ``k`` images each.
@@ -28,13 +30,13 @@ class PKSampler(Sampler[int]):
 
     def __init__(self, pids: Sequence[int], p: int = 16, k: int = 4, seed: int = 0) -> None:
         if p < 1 or k < 1:
-            raise ValueError(f"p and k must be >= 1, got p={p}, k={k}")
+            raise CtfreidError(f"p and k must be >= 1, got p={p}, k={k}")
         pids = np.asarray(pids, dtype=np.int64)
         if pids.ndim != 1:
-            raise ValueError(f"pids must be a 1-D sequence of identity labels, got shape {pids.shape}")
+            raise CtfreidError(f"pids must be a 1-D sequence of identity labels, got shape {pids.shape}")
         ids, inverse = np.unique(pids, return_inverse=True)
         if len(ids) < p:
-            raise ValueError(f"PK sampling needs at least p={p} identities, the data has {len(ids)}")
+            raise CtfreidError(f"PK sampling needs at least p={p} identities, the data has {len(ids)}")
         order = np.argsort(inverse, kind="stable")
         counts = np.bincount(inverse, minlength=len(ids))
         self._groups = np.split(order, np.cumsum(counts)[:-1])  # indices of each identity

@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from ctfreid._atomic import atomic_write
-from ctfreid.data.datasets import GALLERY_DIR, QUERY_DIR, TRAIN_DIR, ReIDDataset, load_market_layout
+from ctfreid.data.datasets import (
+    GALLERY_DIR,
+    QUERY_DIR,
+    TRAIN_DIR,
+    ReIDDataset,
+    load_market_layout,
+)
+from ctfreid.errors import CtfreidError
 
 CLOTH = np.array(
     [
@@ -65,23 +72,23 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if not 2 <= self.ids <= 9999:
-            raise ValueError(f"ids must be in [2, 9999] (4-digit Market pids), got {self.ids}")
+            raise CtfreidError(f"ids must be in [2, 9999] (4-digit Market pids), got {self.ids}")
         if not 2 <= self.cams <= 9:
-            raise ValueError(f"cams must be in [2, 9] (one-digit Market camera ids; queries need a second camera), "
+            raise CtfreidError(f"cams must be in [2, 9] (one-digit Market camera ids; queries need a second camera), "
                              f"got {self.cams}")
         if self.images_per_id < 4:
-            raise ValueError(f"images_per_id must be >= 4 (two cameras x query + gallery), got {self.images_per_id}")
+            raise CtfreidError(f"images_per_id must be >= 4 (two cameras x query + gallery), got {self.images_per_id}")
         if self.height < 32 or self.width < 16:
-            raise ValueError(f"images must be at least 32 x 16 (height x width), got {self.height} x {self.width}")
+            raise CtfreidError(f"images must be at least 32 x 16 (height x width), got {self.height} x {self.width}")
         if not 0.0 < self.train_fraction < 1.0:
-            raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
+            raise CtfreidError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
         if not 0.0 <= self.lookalike_fraction <= 1.0 or not 0.0 <= self.occlusion_p <= 1.0:
-            raise ValueError("lookalike_fraction and occlusion_p must be in [0, 1]")
+            raise CtfreidError("lookalike_fraction and occlusion_p must be in [0, 1]")
         if self.distractors < -1 or self.junk < -1:
-            raise ValueError(f"distractors and junk must be >= 0 (or -1 for the default), got {self.distractors}, "
+            raise CtfreidError(f"distractors and junk must be >= 0 (or -1 for the default), got {self.distractors}, "
                              f"{self.junk}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+            raise CtfreidError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 
     @property
     def num_train_ids(self) -> int:

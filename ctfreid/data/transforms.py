@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from ctfreid.data.datasets import Record, read_image
+from ctfreid.errors import CtfreidError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,12 +31,12 @@ class TransformConfig:
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
-            raise ValueError(f"image size must be positive, got {self.height} x {self.width}")
+            raise CtfreidError(f"image size must be positive, got {self.height} x {self.width}")
         for name in ("flip_p", "erasing_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+                raise CtfreidError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.padding < 0:
-            raise ValueError(f"padding must be >= 0, got {self.padding}")
+            raise CtfreidError(f"padding must be >= 0, got {self.padding}")
 
 
 def build_train_transform(config: TransformConfig | None = None) -> Callable:

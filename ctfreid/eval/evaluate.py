@@ -20,11 +20,27 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.encoded import EncodedSet
-from ctfreid.search.hamming import check_k, hamming_distances, hamming_rank, hamming_topk
-from ctfreid.eval.metrics import euclidean_distances, merge_metrics, rank_by_distance, ranking_stats
-from ctfreid.search.thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_from_distances, pair_distances
+from ctfreid.errors import CtfreidError
+from ctfreid.eval.metrics import (
+    euclidean_distances,
+    merge_metrics,
+    rank_by_distance,
+    ranking_stats,
+)
+from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
+from ctfreid.search.hamming import (
+    check_k,
+    hamming_distances,
+    hamming_rank,
+    hamming_topk,
+)
+from ctfreid.search.thresholds import (
+    DEFAULT_MAX_PAIRS,
+    check_thresholds,
+    fits_from_distances,
+    pair_distances,
+)
 
 DEFAULT_BETAS = (0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 3.0, 10.0)
 
@@ -46,9 +62,9 @@ def single_thread() -> Iterator[None]:
 
 def _check_pair(query: EncodedSet, gallery: EncodedSet) -> None:
     if query.lengths != gallery.lengths:
-        raise ValueError(f"query codes have lengths {query.lengths} but gallery codes have {gallery.lengths}")
+        raise CtfreidError(f"query codes have lengths {query.lengths} but gallery codes have {gallery.lengths}")
     if len(gallery) == 0 or len(query) == 0:
-        raise ValueError(f"query and gallery must not be empty (got {len(query)} and {len(gallery)} items)")
+        raise CtfreidError(f"query and gallery must not be empty (got {len(query)} and {len(gallery)} items)")
 
 
 def _run(rank_block: Callable[[slice], np.ndarray], query: EncodedSet, gallery: EncodedSet,
@@ -127,13 +143,13 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
     if search_k is not None:
         search_k = check_k(search_k)
     if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+        raise CtfreidError(f"repeats must be a positive integer, got {repeats!r}")
     lengths = gallery.lengths
     th = check_thresholds(thresholds, lengths) if thresholds is not None else None
     rankers: dict[str, Callable[[slice], np.ndarray]] = {}
     if query.features is not None and gallery.features is not None:
         if query.features.shape[1] != gallery.features.shape[1]:
-            raise ValueError(
+            raise CtfreidError(
                 f"query features have {query.features.shape[1]} dimensions but gallery features have "
                 f"{gallery.features.shape[1]}"
             )
@@ -148,7 +164,7 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
     if methods is not None:
         unknown = set(methods) - set(rankers)
         if unknown:
-            raise ValueError(f"unknown or unavailable method(s) {sorted(unknown)}; available: {list(rankers)}")
+            raise CtfreidError(f"unknown or unavailable method(s) {sorted(unknown)}; available: {list(rankers)}")
         rankers = {k: v for k, v in rankers.items() if k in methods}
     # float last: BLAS worker threads keep spinning for a while after a matrix product and would slow
     # down whichever method is timed next
@@ -221,11 +237,11 @@ def beta_sweep(val: EncodedSet, query: EncodedSet | None = None, gallery: Encode
     row also has the CtF evaluation: mean candidates per stage, Rank-1/5/10, mAP, ms per query.
     """
     if (query is None) != (gallery is None):
-        raise ValueError("beta_sweep needs both query and gallery, or neither")
+        raise CtfreidError("beta_sweep needs both query and gallery, or neither")
     if query is not None:
         _check_pair(query, gallery)
         if val.lengths != gallery.lengths:
-            raise ValueError(f"validation codes have lengths {val.lengths} but gallery codes have {gallery.lengths}")
+            raise CtfreidError(f"validation codes have lengths {val.lengths} but gallery codes have {gallery.lengths}")
     distances = pair_distances(val.codes, val.pids, val.camids, max_pairs, seed)
     rows = []
     for beta in betas:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
+from ctfreid.errors import CtfreidError
+
 
 @dataclass
 class ReIDMetrics:
@@ -39,7 +41,7 @@ class ReIDMetrics:
         """Rank-k accuracy; for ``k`` beyond the CMC length (a gallery smaller than ``max_rank``) the
         last value, which is exact: every kept item is already within the first ``len(cmc)``."""
         if k < 1:
-            raise ValueError(f"rank k must be >= 1, got {k}")
+            raise CtfreidError(f"rank k must be >= 1, got {k}")
         return float(self.cmc[min(k, len(self.cmc)) - 1])
 
     @property
@@ -67,7 +69,7 @@ def _labels(x, name: str, n: int | None = None) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or (n is not None and arr.shape[0] != n):
         want = f"{n} entries" if n is not None else "a 1-D array"
-        raise ValueError(f"{name} must be an integer array of {want}, got {arr.dtype} {arr.shape}")
+        raise CtfreidError(f"{name} must be an integer array of {want}, got {arr.dtype} {arr.shape}")
     return arr.astype(np.int64, copy=False)
 
 
@@ -120,14 +122,14 @@ def ranking_stats(indices: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarray,
     """Per-query AP and first-match rank of full rankings ``indices`` (see ``evaluate_ranking``)."""
     indices = np.asarray(indices)
     if indices.ndim != 2 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"indices must be an integer array [nq, n_gallery], got {indices.dtype} {indices.shape}")
+        raise CtfreidError(f"indices must be an integer array [nq, n_gallery], got {indices.dtype} {indices.shape}")
     nq, n = indices.shape
     q_pids = _labels(q_pids, "q_pids", nq)
     q_camids = _labels(q_camids, "q_camids", nq)
     g_pids = _labels(g_pids, "g_pids")
     g_camids = _labels(g_camids, "g_camids", g_pids.shape[0])
     if n != g_pids.shape[0]:
-        raise ValueError(
+        raise CtfreidError(
             f"indices must rank the whole gallery: {g_pids.shape[0]} columns expected, got shape {indices.shape}"
         )
     ap = np.zeros(nq, dtype=np.float64)
@@ -138,7 +140,7 @@ def ranking_stats(indices: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarray,
     bad = _scan(np.ascontiguousarray(indices), q_pids, q_camids, g_pids, g_camids, matches, ap, first)
     if bad >= 0:
         row = indices[bad]
-        raise ValueError(
+        raise CtfreidError(
             f"indices must be gallery positions in [0, {n}); row {bad} has values in [{row.min()}, {row.max()}]"
         )
     return _Partial(ap, first)
@@ -149,14 +151,14 @@ def merge_metrics(parts: list[_Partial], max_rank: int = 10, n_gallery: int | No
     ap = np.concatenate([p.ap for p in parts]) if parts else np.zeros(0)
     first = np.concatenate([p.first_hit for p in parts]) if parts else np.zeros(0, np.int64)
     if max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        raise CtfreidError(f"max_rank must be >= 1, got {max_rank}")
     if n_gallery is not None and n_gallery < max_rank:
         warnings.warn(f"gallery has only {n_gallery} items: CMC computed up to rank {n_gallery}", stacklevel=3)
         max_rank = max(n_gallery, 1)
     valid = first > 0
     num_valid = int(valid.sum())
     if num_valid == 0:
-        raise ValueError(
+        raise CtfreidError(
             f"no query has a true match in the gallery (all {first.size} queries skipped): "
             "check that query and gallery share identities seen from different cameras"
         )
@@ -182,7 +184,7 @@ def euclidean_distances(query_features: np.ndarray, gallery_features: np.ndarray
     q = np.asarray(query_features, dtype=np.float32)
     g = np.asarray(gallery_features, dtype=np.float32)
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-        raise ValueError(f"query and gallery features must be [nq, d] and [n, d], got {q.shape} and {g.shape}")
+        raise CtfreidError(f"query and gallery features must be [nq, d] and [n, d], got {q.shape} and {g.shape}")
     gn = np.einsum("ij,ij->i", g, g) if gallery_sq_norms is None else gallery_sq_norms
     d = q @ g.T
     d *= -2.0
@@ -203,7 +205,7 @@ def euclidean_rank(query_features: np.ndarray, gallery_features: np.ndarray, blo
     g = np.asarray(gallery_features, dtype=np.float32)
     q = np.asarray(query_features, dtype=np.float32)
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-        raise ValueError(f"query and gallery features must be [nq, d] and [n, d], got {q.shape} and {g.shape}")
+        raise CtfreidError(f"query and gallery features must be [nq, d] and [n, d], got {q.shape} and {g.shape}")
     gn = np.einsum("ij,ij->i", g, g)
     D = np.empty((q.shape[0], g.shape[0]), dtype=np.float32)
     I = np.empty((q.shape[0], g.shape[0]), dtype=np.int64)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ctfreid._atomic import atomic_write
+from ctfreid.errors import CtfreidError
 
 # Columns of the Table-4 layout: key in the row dict, header, format.
 COLUMNS = [
@@ -54,11 +55,11 @@ def _hash_lengths(methods: Mapping[str, object]) -> list[int]:
 def _check_results(results: Mapping) -> Mapping[str, Mapping[str, float]]:
     methods = results.get("methods") if isinstance(results, Mapping) else None
     if not isinstance(methods, Mapping) or not methods:
-        raise ValueError("results must be a dict with a non-empty 'methods' dict (the output of evaluate_sets)")
+        raise CtfreidError("results must be a dict with a non-empty 'methods' dict (the output of evaluate_sets)")
     for name, m in methods.items():
         missing = {"rank1", "rank5", "mAP", "query_ms"} - set(m)
         if missing:
-            raise ValueError(f"results['methods'][{name!r}] lacks {sorted(missing)}")
+            raise CtfreidError(f"results['methods'][{name!r}] lacks {sorted(missing)}")
     return methods
 
 
@@ -202,11 +203,11 @@ def plot_beta_sweep(rows: Sequence[Mapping], path: str | os.PathLike, reference:
     in use, marked with a dotted vertical line.
     """
     if not rows:
-        raise ValueError("beta sweep rows are empty: expected dicts with beta, rank1, mAP, query_ms")
+        raise CtfreidError("beta sweep rows are empty: expected dicts with beta, rank1, mAP, query_ms")
     rows = sorted(rows, key=lambda r: float(r["beta"]))
     b = np.array([float(r["beta"]) for r in rows])
     if np.any(b <= 0):
-        raise ValueError(f"beta values must be > 0 for a log axis, got {b.tolist()}")
+        raise CtfreidError(f"beta values must be > 0 for a log axis, got {b.tolist()}")
     fig = _figure(10, 4)
     ax_acc, ax_t = fig.subplots(1, 2)
     ax_acc.plot(b, [100 * r["rank1"] for r in rows], "o-", color="#1f77b4", label="CtF Rank-1")
@@ -253,7 +254,7 @@ def plot_gallery_size(rows: Sequence[Mapping], path: str | os.PathLike,
     ``rows``: dicts ``{"gallery_size": n, "methods": {name: {"rank1", "mAP", "query_ms"}}}``, one per size.
     """
     if not rows:
-        raise ValueError("gallery-size rows are empty: expected dicts with gallery_size and methods")
+        raise CtfreidError("gallery-size rows are empty: expected dicts with gallery_size and methods")
     from matplotlib.ticker import NullFormatter
 
     rows = sorted(rows, key=lambda r: int(r["gallery_size"]))
@@ -338,10 +339,10 @@ def plot_ranked_lists(path: str | os.PathLike, query_paths: Sequence, query_pids
     """
     nq = len(query_paths)
     if nq == 0:
-        raise ValueError("no queries to draw")
+        raise CtfreidError("no queries to draw")
     rankings = np.asarray(rankings)
     if rankings.ndim != 2 or rankings.shape[0] != nq:
-        raise ValueError(f"rankings must be [n_queries={nq}, m], got shape {rankings.shape}")
+        raise CtfreidError(f"rankings must be [n_queries={nq}, m], got shape {rankings.shape}")
     gallery_pids, gallery_camids = np.asarray(gallery_pids), np.asarray(gallery_camids)
     w, h = thumb
     fig = _figure(1.05 * (k + 1) + 0.3, 2.15 * nq + 1.0)

@@ -15,18 +15,17 @@ features become invariant to a horizontal flip. It doubles the encoding time.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ctfreid.data.datasets import Record
-from ctfreid.encoded import EncodedSet
-from ctfreid.learn.model import AiOModel, resolve_device, sign_codes
 from ctfreid.data.loader import image_loader
 from ctfreid.data.transforms import TransformConfig, build_test_transform
+from ctfreid.encoded import EncodedSet
+from ctfreid.errors import CtfreidError
+from ctfreid.learn.model import AiOModel, resolve_device, sign_codes
 
 
 @torch.no_grad()
@@ -44,11 +43,11 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
     raises ``ValueError`` / ``FileNotFoundError`` naming it.
     """
     if not records:
-        raise ValueError("no images to encode (empty list of records)")
+        raise CtfreidError("no images to encode (empty list of records)")
     dev = resolve_device(device) if isinstance(device, str) else device
     batch_size = batch_size or (128 if dev.type == "cuda" else 8)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise CtfreidError(f"batch_size must be >= 1, got {batch_size}")
     defaults = TransformConfig()
     tc = TransformConfig(height=height, width=width, mean=tuple(mean or defaults.mean), std=tuple(std or defaults.std))
     loader = image_loader(records, build_test_transform(tc), batch_size=batch_size, num_workers=num_workers,

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ctfreid.data.datasets import IMAGE_EXTENSIONS, parse_name
+from ctfreid.errors import CtfreidError
 
 META_FORMAT = "ctfreid-image-index/1"
 
@@ -37,7 +38,7 @@ def folder_records(folder: str | os.PathLike, label: str = "--images",
     files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise ValueError(f"{label} {folder} holds no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+        raise CtfreidError(f"{label} {folder} holds no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
     records = []
     for p in files:
         parsed = parse_name(p.name)
@@ -98,7 +99,7 @@ def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: 
     from ctfreid.search.index import CtFIndex
 
     if encoded.paths is None:
-        raise ValueError("the encoded set has no image paths: an image index needs them")
+        raise CtfreidError("the encoded set has no image paths: an image index needs them")
     index = CtFIndex()
     index.add(encoded.codes)
     index.thresholds = {int(k): int(v) for k, v in thresholds.items()}
@@ -116,7 +117,7 @@ def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: 
 def add_to_index(index, encoded) -> None:
     """Append ``encoded`` (same code lengths) to ``index`` and to its path / pid / camid lists."""
     if encoded.paths is None:
-        raise ValueError("the encoded set has no image paths: an image index needs them")
+        raise CtfreidError("the encoded set has no image paths: an image index needs them")
     meta = dict(index.metadata)
     index.add(encoded.codes)
     meta["paths"] = list(meta["paths"]) + [str(p) for p in encoded.paths]
@@ -129,12 +130,12 @@ def check_model(index, index_path: str | os.PathLike, fingerprint: str, info: Ma
     """``ValueError`` unless ``index`` was made by the model with ``fingerprint`` (and its code lengths)."""
     meta = index.metadata or {}
     if meta.get("format") != META_FORMAT or "paths" not in meta:
-        raise ValueError(f"index {index_path} is not an image index of 'ctfreid index build' "
+        raise CtfreidError(f"index {index_path} is not an image index of 'ctfreid index build' "
                          "(no model fingerprint or image paths in its metadata)")
     made_by = meta.get("model", {})
     lengths = sorted((info.get("model_config") or {}).get("lengths", []))
     if made_by.get("fingerprint") != fingerprint or sorted(made_by.get("lengths", [])) != lengths:
-        raise ValueError(
+        raise CtfreidError(
             f"index {index_path} was built by another model (fingerprint {made_by.get('fingerprint')}, lengths "
             f"{made_by.get('lengths')}, {made_by.get('file')}) than {info.get('file')} (fingerprint {fingerprint}, "
             f"lengths {lengths}): use the model that built it, or rebuild the index with 'ctfreid index build'"

@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ctfreid.learn.self_distillation import normalized_code_distances, probability_distillation, similarity_distillation
+from ctfreid.errors import CtfreidError
+from ctfreid.learn.self_distillation import (
+    normalized_code_distances,
+    probability_distillation,
+    similarity_distillation,
+)
 
 
 @dataclass
@@ -40,7 +45,7 @@ class LossConfig:
 def cross_entropy(logits: torch.Tensor, pids: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Identity classification loss, mean over the batch; ``pids`` are class indices in [0, classes)."""
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        raise CtfreidError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     return F.cross_entropy(logits, pids, label_smoothing=label_smoothing)
 
 
@@ -64,7 +69,7 @@ def batch_hard_triplet(distances: torch.Tensor, pids: torch.Tensor, margin: floa
     averaged over the anchors that have at least one positive and one negative (0 if there are none).
     """
     if distances.ndim != 2 or distances.shape[0] != distances.shape[1] or distances.shape[0] != pids.shape[0]:
-        raise ValueError(f"distances must be [B, B] with B = len(pids) = {pids.shape[0]}, got {tuple(distances.shape)}")
+        raise CtfreidError(f"distances must be [B, B] with B = len(pids) = {pids.shape[0]}, got {tuple(distances.shape)}")
     same = pids[:, None] == pids[None, :]
     eye = torch.eye(len(pids), dtype=torch.bool, device=pids.device)
     pos_mask = same & ~eye
@@ -81,7 +86,7 @@ def batch_hard_triplet(distances: torch.Tensor, pids: torch.Tensor, margin: floa
 def triplet_loss(codes: torch.Tensor, pids: torch.Tensor, margin: float = 0.3, distance: str = "hamming") -> torch.Tensor:
     """Batch-hard triplet loss on ``[B, L]`` relaxed codes with distance ``"hamming"`` or ``"euclidean"``."""
     if distance not in TRIPLET_DISTANCES:
-        raise ValueError(f"triplet distance must be one of {sorted(TRIPLET_DISTANCES)}, got {distance!r}")
+        raise CtfreidError(f"triplet distance must be one of {sorted(TRIPLET_DISTANCES)}, got {distance!r}")
     return batch_hard_triplet(TRIPLET_DISTANCES[distance](codes), pids, margin)
 
 
@@ -96,9 +101,9 @@ def aio_loss(
     """
     config = config or LossConfig()
     if "logits" not in outputs or "codes" not in outputs:
-        raise ValueError("aio_loss needs the training-mode outputs of AiOModel (with 'codes' and 'logits'); call model.train()")
+        raise CtfreidError("aio_loss needs the training-mode outputs of AiOModel (with 'codes' and 'logits'); call model.train()")
     if config.triplet_distance not in TRIPLET_DISTANCES:
-        raise ValueError(f"triplet_distance must be one of {sorted(TRIPLET_DISTANCES)}, got {config.triplet_distance!r}")
+        raise CtfreidError(f"triplet_distance must be one of {sorted(TRIPLET_DISTANCES)}, got {config.triplet_distance!r}")
     codes, logits = outputs["codes"], outputs["logits"]
     lengths = sorted(codes, reverse=True)
     ce = sum(cross_entropy(logits[length], pids, config.label_smoothing) for length in lengths)

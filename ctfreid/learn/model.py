@@ -36,6 +36,7 @@ import torchvision
 from torch import nn
 
 from ctfreid.codes import check_length
+from ctfreid.errors import CtfreidError
 
 DEFAULT_LENGTHS = (2048, 512, 128, 32)
 
@@ -55,9 +56,9 @@ def _load_backbone_weights(net: nn.Module, weights: str | os.PathLike, name: str
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, ...
-        raise ValueError(f"cannot read backbone weights {path} as a torch state dict: {exc}") from exc
+        raise CtfreidError(f"cannot read backbone weights {path} as a torch state dict: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
+        raise CtfreidError(
             f"backbone weights {path} must be a plain state dict {{key: tensor}} with torchvision {name} key names, "
             f"got {type(state).__name__} with keys such as {list(state)[:3] if isinstance(state, dict) else '-'}"
         )
@@ -67,7 +68,7 @@ def _load_backbone_weights(net: nn.Module, weights: str | os.PathLike, name: str
     missing = sorted(k for k in needed if k not in state)
     wrong_shape = sorted(k for k in state if k in model_state and state[k].shape != model_state[k].shape)
     if unexpected or missing or wrong_shape:
-        raise ValueError(
+        raise CtfreidError(
             f"backbone weights {path} do not match torchvision {name}: "
             f"{len(missing)} backbone keys missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unknown keys (e.g. {unexpected[:3]}), "
@@ -85,7 +86,7 @@ def _make_torchvision(name: str, weights: str | os.PathLike | None, used_prefixe
         try:
             return ctor(weights="DEFAULT")
         except Exception as exc:  # no network, proxy, cache dir not writable ...
-            raise ValueError(
+            raise CtfreidError(
                 f"could not get torchvision's ImageNet weights for {name} ({type(exc).__name__}: {exc}); "
                 "this needs the network, or pass a local state dict file instead"
             ) from exc
@@ -97,7 +98,7 @@ def _make_torchvision(name: str, weights: str | os.PathLike | None, used_prefixe
 # ---------------------------------------------------------------------------------------------- backbones
 def _split(stages: list[nn.Module], frozen_stages: int, name: str) -> tuple[nn.Sequential, nn.Sequential]:
     if not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= len(stages):
-        raise ValueError(f"frozen_stages for {name} must be an integer in [0, {len(stages)}], got {frozen_stages!r}")
+        raise CtfreidError(f"frozen_stages for {name} must be an integer in [0, {len(stages)}], got {frozen_stages!r}")
     stem = nn.Sequential(*stages[:frozen_stages])
     body = nn.Sequential(*stages[frozen_stages:], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
     return stem, body
@@ -107,7 +108,7 @@ def _resnet(name: str, v0_dim: int) -> Callable[..., BackboneParts]:
     def build(weights: str | None = None, frozen_stages: int = 0, last_stride: int = 1) -> BackboneParts:
         net = _make_torchvision(name, weights, ("conv1.", "bn1.", "layer"))
         if last_stride not in (1, 2):
-            raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
+            raise CtfreidError(f"last_stride must be 1 or 2, got {last_stride!r}")
         if last_stride == 1:
             # BoT trick: keep layer4 at stride 16 (twice the spatial detail for the pooled feature).
             # The stride sits in conv1 (BasicBlock) or conv2 (Bottleneck); the other one is already 1.
@@ -130,7 +131,7 @@ def _mobilenet_v2(weights: str | None = None, frozen_stages: int = 0, last_strid
     """torchvision mobilenet_v2 -> (stem, body, 1280); stages at the stride boundaries of ``features``."""
     net = _make_torchvision("mobilenet_v2", weights, ("features.",))
     if last_stride not in (1, 2):
-        raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
+        raise CtfreidError(f"last_stride must be 1 or 2, got {last_stride!r}")
     if last_stride == 1:
         net.features[14].conv[1][0].stride = (1, 1)  # the depthwise conv of the last stride-2 block
     f = net.features
@@ -177,14 +178,14 @@ class AiOModel(nn.Module):
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
+            raise CtfreidError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer (number of training identities), got {num_classes!r}")
+            raise CtfreidError(f"num_classes must be a positive integer (number of training identities), got {num_classes!r}")
         if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
-            raise ValueError(f"lengths must be a non-empty sequence of code lengths, got {lengths!r}")
+            raise CtfreidError(f"lengths must be a non-empty sequence of code lengths, got {lengths!r}")
         checked = [check_length(length, "code length") for length in lengths]
         if len(set(checked)) != len(checked):
-            raise ValueError(f"code lengths must be distinct, got {list(lengths)}")
+            raise CtfreidError(f"code lengths must be distinct, got {list(lengths)}")
         self.lengths: tuple[int, ...] = tuple(sorted(checked, reverse=True))
         self.num_classes = num_classes
         self.backbone_name = backbone
@@ -265,9 +266,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}") from None
+        raise CtfreidError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
+        raise CtfreidError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available on this machine (use --device cpu)")
+        raise CtfreidError(f"device {device!r} asked for but CUDA is not available on this machine (use --device cpu)")
     return dev

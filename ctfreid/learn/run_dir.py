@@ -19,6 +19,7 @@ import torch
 
 from ctfreid.data.datasets import Record, resolve_records
 from ctfreid.data.transforms import TransformConfig
+from ctfreid.errors import CtfreidError
 from ctfreid.learn.model import AiOModel, resolve_device
 
 CHECKPOINT, MODEL, CONFIG, SPLIT, LOG = "checkpoint.pt", "model.pt", "config.json", "split.json", "log.jsonl"
@@ -47,9 +48,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     try:
         blob = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {file} as a ctfreid model or checkpoint: {e}") from None
+        raise CtfreidError(f"cannot read {file} as a ctfreid model or checkpoint: {e}") from None
     if not isinstance(blob, dict) or "model_config" not in blob or not ({"state_dict", "model"} & set(blob)):
-        raise ValueError(f"{file} is not a ctfreid model or checkpoint (expected keys model_config and state_dict)")
+        raise CtfreidError(f"{file} is not a ctfreid model or checkpoint (expected keys model_config and state_dict)")
     train_config = blob.get("train_config") or blob.get("config") or {}
     size = blob.get("input") or {"height": train_config.get("height", 256), "width": train_config.get("width", 128)}
     defaults = TransformConfig()
@@ -98,13 +99,13 @@ def split_records(split: str, info: dict, data_root: str | os.PathLike | None = 
     from ctfreid.data.datasets import load_dataset
 
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise CtfreidError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     root = data_root if data_root is not None else info.get("data_root")
     if root is None:
-        raise ValueError("no data folder given (--data) and the model does not record the one it was trained on")
+        raise CtfreidError("no data folder given (--data) and the model does not record the one it was trained on")
     if split == "val":
         if not info.get("val"):
-            raise ValueError(
+            raise CtfreidError(
                 f"model {info.get('file')} was trained without a validation split: retrain with --val-fraction 0.4 "
                 "(Sec. 4.2) to get one"
             )

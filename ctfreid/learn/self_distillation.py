@@ -26,27 +26,29 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ctfreid.errors import CtfreidError
+
 
 def _ordered(values: Mapping[int, torch.Tensor], lengths: Sequence[int] | None, name: str) -> list[int]:
     """Lengths longest first, checked against the keys of ``values``."""
     if not isinstance(values, Mapping) or not values:
-        raise ValueError(f"{name} must be a non-empty dict {{code length: tensor}}, got {type(values).__name__}")
+        raise CtfreidError(f"{name} must be a non-empty dict {{code length: tensor}}, got {type(values).__name__}")
     if lengths is None:
         lengths = list(values)
     missing = [length for length in lengths if length not in values]
     if missing:
-        raise ValueError(f"{name} has no entry for code lengths {missing}; it has {sorted(values)}")
+        raise CtfreidError(f"{name} has no entry for code lengths {missing}; it has {sorted(values)}")
     if len(set(lengths)) != len(lengths):
-        raise ValueError(f"code lengths must be distinct, got {list(lengths)}")
+        raise CtfreidError(f"code lengths must be distinct, got {list(lengths)}")
     return sorted(lengths, reverse=True)
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``mean_i T^2 * CE(softmax(teacher_i / T), softmax(student_i / T))``; the teacher is detached."""
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise CtfreidError(f"temperature must be > 0, got {temperature}")
     if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
-        raise ValueError(
+        raise CtfreidError(
             f"student and teacher logits must both be [B, classes], got {tuple(student_logits.shape)} "
             f"and {tuple(teacher_logits.shape)}"
         )
@@ -74,7 +76,7 @@ def probability_distillation(
 def normalized_code_distances(codes: torch.Tensor) -> torch.Tensor:
     """``[B, L]`` relaxed codes -> ``[B, B]`` matrix ``(1 - <t_i, t_j> / L) / 2`` (= Hamming / L for ±1)."""
     if codes.ndim != 2:
-        raise ValueError(f"codes must be [B, L], got shape {tuple(codes.shape)}")
+        raise CtfreidError(f"codes must be [B, L], got shape {tuple(codes.shape)}")
     return (1.0 - codes @ codes.T / codes.shape[1]) * 0.5
 
 
@@ -92,7 +94,7 @@ def similarity_distillation(codes: Mapping[int, torch.Tensor], lengths: Sequence
     for t, s in pairs:
         for length in (t, s):
             if codes[length].ndim != 2 or codes[length].shape[1] != length:
-                raise ValueError(f"codes[{length}] must be [B, {length}], got {tuple(codes[length].shape)}")
+                raise CtfreidError(f"codes[{length}] must be [B, {length}], got {tuple(codes[length].shape)}")
         teacher = normalized_code_distances(codes[t].detach())
         student = normalized_code_distances(codes[s])
         total = total + (student - teacher).pow(2).mean()

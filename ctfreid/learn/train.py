@@ -61,14 +61,25 @@ import torch
 
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_length
-from ctfreid.data.datasets import Record, load_dataset, relabel_pids, relative_records, resolve_records, split_train_val
+from ctfreid.data.datasets import (
+    Record,
+    load_dataset,
+    relabel_pids,
+    relative_records,
+    resolve_records,
+    split_train_val,
+)
 from ctfreid.data.loader import image_loader
+from ctfreid.data.sampler import PKSampler
+from ctfreid.data.transforms import (
+    TransformConfig,
+    build_test_transform,
+    build_train_transform,
+)
+from ctfreid.errors import CtfreidError
 from ctfreid.learn.losses import LossConfig, aio_loss
 from ctfreid.learn.model import AiOModel, resolve_device
 from ctfreid.learn.run_dir import CHECKPOINT, CONFIG, LOG, MODEL, SPLIT
-from ctfreid.data.sampler import PKSampler
-from ctfreid.data.transforms import TransformConfig, build_test_transform, build_train_transform
-
 
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "log_every", "cache_dir", "threads"})
@@ -150,7 +161,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise CtfreidError(message)
         for length in c.lengths:
             check_length(length, "code length (--lengths)")
         TransformConfig(self.height, self.width, self.flip_p, self.padding, self.erasing_p)  # validates those
@@ -178,7 +189,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(names)}")
+            raise CtfreidError(f"unknown training settings {unknown}; known: {sorted(names)}")
         return cls(**values)
 
 
@@ -372,7 +383,7 @@ def _prepare_data(config: TrainConfig, data_root: str | os.PathLike) -> _Data:
         records, val = split_train_val(records, config.val_fraction, config.seed)
     relabelled, pid_map = relabel_pids(records)
     if len(pid_map) < config.p:
-        raise ValueError(f"{data_root}: {len(pid_map)} training identities, fewer than P = {config.p} per batch")
+        raise CtfreidError(f"{data_root}: {len(pid_map)} training identities, fewer than P = {config.p} per batch")
     return _Data(relabelled, list(records), val, pid_map, data.root)
 
 
@@ -389,7 +400,7 @@ def _check_resumable(saved: dict, config: TrainConfig, run_dir: Path) -> None:
     diff = {k: (saved.get(k), new[k]) for k in new if k not in RESUMABLE_CHANGES and saved.get(k) != new[k]}
     if diff:
         shown = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(
+        raise CtfreidError(
             f"{run_dir} holds a run with other settings ({shown}): use another --out, the same settings, "
             "or --no-resume to start it again"
         )
@@ -549,7 +560,7 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
             total.backward()
             optimizer.step()
             if not math.isfinite(terms["total"]):
-                raise ValueError(f"training diverged at epoch {epoch + 1}, iteration {it + 1}: loss {terms} (try a lower --lr)")
+                raise CtfreidError(f"training diverged at epoch {epoch + 1}, iteration {it + 1}: loss {terms} (try a lower --lr)")
             seen += len(pids)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value

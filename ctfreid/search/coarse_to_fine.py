@@ -21,44 +21,17 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ctfreid.search import _kernels
 from ctfreid.codes import check_code_set
-from ctfreid.search.hamming import _aligned, check_k, hamming_rank, hamming_topk, prepare_queries
-
-
-def check_thresholds(thresholds: Mapping[int, int], lengths: list[int]) -> np.ndarray:
-    """Validate CtF thresholds: one non-negative int per length but the longest -> int64 array.
-
-    A threshold >= its length keeps every candidate (it is clamped to the length).
-    """
-    if not isinstance(thresholds, Mapping):
-        raise ValueError(f"thresholds must be a dict {{length: int}}, got {type(thresholds).__name__}")
-    keys = {}
-    for key in thresholds:
-        try:
-            keys[int(key)] = key
-        except (TypeError, ValueError):
-            raise ValueError(f"thresholds keys must be code lengths, got {key!r}") from None
-    need = lengths[:-1]
-    missing = sorted(set(need) - set(keys))
-    extra = sorted(set(keys) - set(need))
-    if missing or extra:
-        raise ValueError(
-            f"thresholds must give one value for every code length but the longest {need}: "
-            + ", ".join(
-                part for part in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if part
-            )
-        )
-    out = np.empty(max(len(need), 1), dtype=np.int64)
-    for s, length in enumerate(need):
-        t = thresholds[keys[length]]
-        ok = isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
-        if not ok and isinstance(t, (float, np.floating)) and float(t).is_integer():
-            ok, t = True, int(t)
-        if not ok or t < 0:
-            raise ValueError(f"thresholds[{length}] must be a non-negative integer, got {t!r}")
-        out[s] = min(int(t), length)  # t >= length keeps every candidate (and fits the int32 kernels)
-    return out
+from ctfreid.errors import CtfreidError
+from ctfreid.search import _kernels
+from ctfreid.search.hamming import (
+    _aligned,
+    check_k,
+    hamming_rank,
+    hamming_topk,
+    prepare_queries,
+)
+from ctfreid.search.thresholds import threshold_array
 
 
 def prepare_code_sets(
@@ -71,19 +44,19 @@ def prepare_code_sets(
     g = check_code_set(gallery_codes, "gallery_codes")
     lengths = list(g)
     if not isinstance(query_codes, Mapping) or not query_codes:
-        raise ValueError(f"query_codes must be a non-empty dict {{length: uint8 codes}}, got {query_codes!r:.80}")
+        raise CtfreidError(f"query_codes must be a non-empty dict {{length: uint8 codes}}, got {query_codes!r:.80}")
     q_lengths = sorted(int(L) for L in query_codes)
     if q_lengths != lengths:
-        raise ValueError(f"query_codes have code lengths {q_lengths} but gallery_codes have {lengths}")
+        raise CtfreidError(f"query_codes have code lengths {q_lengths} but gallery_codes have {lengths}")
     if next(iter(g.values())).shape[0] == 0:
-        raise ValueError("gallery is empty: gallery_codes hold 0 codes")
+        raise CtfreidError("gallery is empty: gallery_codes hold 0 codes")
     by_len = {int(L): v for L, v in query_codes.items()}
     single = all(isinstance(v, np.ndarray) and v.ndim == 1 for v in by_len.values())
     qs, nq = [], None
     for L in lengths:
         q, _ = prepare_queries(by_len[L][None, :] if single else by_len[L], g[L].shape[1], f"query_codes[{L}]")
         if nq is not None and q.shape[0] != nq:
-            raise ValueError(f"query_codes[{L}] has {q.shape[0]} rows but the shorter codes have {nq}")
+            raise CtfreidError(f"query_codes[{L}] has {q.shape[0]} rows but the shorter codes have {nq}")
         nq = q.shape[0]
         qs.append(q)
     gs = tuple(_aligned(g[L]) for L in lengths)  # validated by check_code_set
@@ -111,7 +84,7 @@ def ctf_rank(
     ``thresholds``: ``{length: int}`` for every length but the longest. 1-D query codes give 1-D results.
     """
     qs, gs, lengths, single = prepare_code_sets(query_codes, gallery_codes)
-    thr = check_thresholds(thresholds, lengths)
+    thr = threshold_array(thresholds, lengths)
     if len(lengths) == 1:
         D, I = hamming_rank(qs[0], gs[0])
     else:
@@ -135,7 +108,7 @@ def ctf_search(
     """
     k = check_k(k)
     qs, gs, lengths, single = prepare_code_sets(query_codes, gallery_codes)
-    thr = check_thresholds(thresholds, lengths)
+    thr = threshold_array(thresholds, lengths)
     if len(lengths) == 1:
         D, I = hamming_topk(qs[0], gs[0], k)
     else:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctfreid.search import _kernels
 from ctfreid.codes import check_codes, check_length
+from ctfreid.errors import CtfreidError
+from ctfreid.search import _kernels
 
 INT32_MAX = np.iinfo(np.int32).max
 
@@ -40,7 +41,7 @@ def prepare_queries(queries: np.ndarray, width: int, name: str = "queries") -> t
     single = isinstance(queries, np.ndarray) and queries.ndim == 1
     q = check_codes(queries[None, :] if single else queries, name)
     if q.shape[1] != width:
-        raise ValueError(
+        raise CtfreidError(
             f"{name} have {q.shape[1] * 8}-bit codes ({q.shape[1]} bytes) but the gallery has "
             f"{width * 8}-bit codes ({width} bytes)"
         )
@@ -50,7 +51,7 @@ def prepare_queries(queries: np.ndarray, width: int, name: str = "queries") -> t
 def check_k(k: int) -> int:
     """``k`` as a positive int, else ``ValueError``."""
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise CtfreidError(f"k must be a positive integer, got {k!r}")
     return int(k)
 
 
@@ -72,9 +73,9 @@ def counting_sort(distances: np.ndarray, length: int) -> np.ndarray:
     length = check_length(length, "length")
     d = np.asarray(distances)
     if d.ndim not in (1, 2) or not (np.issubdtype(d.dtype, np.integer) or d.dtype == np.bool_):
-        raise ValueError(f"distances must be a 1-D or 2-D integer array, got {d.dtype} {d.shape}")
+        raise CtfreidError(f"distances must be a 1-D or 2-D integer array, got {d.dtype} {d.shape}")
     if d.size and (d.min() < 0 or d.max() > length):
-        raise ValueError(f"distances must lie in [0, {length}], got values in [{d.min()}, {d.max()}]")
+        raise CtfreidError(f"distances must lie in [0, {length}], got values in [{d.min()}, {d.max()}]")
     d2 = np.ascontiguousarray(d.reshape(-1, d.shape[-1]) if d.ndim == 2 else d[None, :], dtype=np.int32)
     out = np.empty(d2.shape, dtype=np.int64)
     _kernels.counting_sort_rows(d2, length, out)

@@ -36,11 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from ctfreid.search import _kernels
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set
-from ctfreid.search.coarse_to_fine import check_thresholds
+from ctfreid.errors import CtfreidError
+from ctfreid.search import _kernels
 from ctfreid.search.hamming import check_k, prepare_queries
+from ctfreid.search.thresholds import threshold_array
 
 MAGIC = b"CTFREID\x00"
 FORMAT_VERSION = 1
@@ -101,7 +102,7 @@ class CtFIndex:
     def codes(self, length: int) -> np.ndarray:
         """The stored ``length``-bit codes, ``uint8[ntotal, length // 8]`` in insertion order (read-only view)."""
         if length not in (self._lengths or []):
-            raise ValueError(f"this index holds code lengths {self.lengths}, not {length!r}")
+            raise CtfreidError(f"this index holds code lengths {self.lengths}, not {length!r}")
         view = self._gallery(length).view()
         view.flags.writeable = False
         return view
@@ -122,18 +123,18 @@ class CtFIndex:
         if self._lengths is None:
             self._lengths = lengths
         elif lengths != self._lengths:
-            raise ValueError(f"codes have lengths {lengths} but the index holds lengths {self._lengths}")
+            raise CtfreidError(f"codes have lengths {lengths} but the index holds lengths {self._lengths}")
         n = next(iter(cs.values())).shape[0]
         given = ids is not None
         if self._default_ids is not None and self._default_ids == given:
-            raise ValueError(
+            raise CtfreidError(
                 "ids must be given on every add or on none: the index was built "
                 + ("with default ids (ntotal, ntotal + 1, ...)" if self._default_ids else "with explicit ids")
             )
         if given:
             ids_arr = np.asarray(ids)
             if ids_arr.ndim != 1 or ids_arr.shape[0] != n or not np.issubdtype(ids_arr.dtype, np.integer):
-                raise ValueError(f"ids must be a 1-D integer array of length {n}, got {ids_arr.dtype} {ids_arr.shape}")
+                raise CtfreidError(f"ids must be a 1-D integer array of length {n}, got {ids_arr.dtype} {ids_arr.shape}")
             ids_arr = ids_arr.astype(np.int64)
         else:
             ids_arr = np.arange(self._ntotal, self._ntotal + n, dtype=np.int64)
@@ -165,16 +166,16 @@ class CtFIndex:
     def _queries(self, query_codes: Mapping[int, np.ndarray]) -> tuple[tuple[np.ndarray, ...], bool]:
         """Validated 2-D query codes per length (shortest first) and whether the queries were 1-D."""
         if self._ntotal == 0 or self._lengths is None:
-            raise ValueError("the index is empty: add codes before searching")
+            raise CtfreidError("the index is empty: add codes before searching")
         if not isinstance(query_codes, Mapping):
-            raise ValueError(f"query_codes must be a dict {{length: uint8 codes}}, got {type(query_codes).__name__}")
+            raise CtfreidError(f"query_codes must be a dict {{length: uint8 codes}}, got {type(query_codes).__name__}")
         try:
             arrays = [query_codes[L] for L in self._lengths]
         except KeyError:
             arrays = None
         if arrays is None or len(query_codes) != len(self._lengths):
             keys = sorted(query_codes)
-            raise ValueError(f"query_codes have code lengths {keys} but the index holds {self._lengths}")
+            raise CtfreidError(f"query_codes have code lengths {keys} but the index holds {self._lengths}")
         single = all(isinstance(v, np.ndarray) and v.ndim == 1 for v in arrays)
         qs = []
         for L, v in zip(self._lengths, arrays):
@@ -187,7 +188,7 @@ class CtFIndex:
                 v, _ = prepare_queries(v, L // 8, f"query_codes[{L}]")
             q = v
             if qs and q.shape[0] != qs[0].shape[0]:
-                raise ValueError(f"query_codes[{L}] has {q.shape[0]} rows but the shorter codes have {qs[0].shape[0]}")
+                raise CtfreidError(f"query_codes[{L}] has {q.shape[0]} rows but the shorter codes have {qs[0].shape[0]}")
             qs.append(q)
         return tuple(qs), single
 
@@ -205,7 +206,7 @@ class CtFIndex:
         key = tuple(self.thresholds.items()) if isinstance(self.thresholds, dict) else None
         cached = getattr(self, "_thr_cache", None)
         if key is None or cached is None or cached[0] != (key, tuple(self._lengths)):
-            thr = check_thresholds(self.thresholds, self._lengths)
+            thr = threshold_array(self.thresholds, self._lengths)
             if key is None:
                 return thr
             self._thr_cache = cached = ((key, tuple(self._lengths)), thr)
@@ -285,9 +286,9 @@ class CtFIndex:
         try:
             json.dumps(header["metadata"])
         except (TypeError, ValueError) as e:
-            raise ValueError(f"index metadata must be JSON-serialisable: {e}") from None
+            raise CtfreidError(f"index metadata must be JSON-serialisable: {e}") from None
         if not isinstance(header["metadata"], dict):
-            raise ValueError(f"index metadata must be a dict, got {type(header['metadata']).__name__}")
+            raise CtfreidError(f"index metadata must be a dict, got {type(header['metadata']).__name__}")
         # offsets depend on the header size, which depends on the offsets: iterate until stable
         size = 0
         for _ in range(10):
@@ -336,7 +337,7 @@ class CtFIndex:
         size = path.stat().st_size
 
         def bad(what: str) -> ValueError:
-            return ValueError(f"cannot load index {path}: {what}")
+            return CtfreidError(f"cannot load index {path}: {what}")
 
         with open(path, "rb") as f:
             prefix = f.read(_PREFIX.size)
@@ -383,11 +384,11 @@ class CtFIndex:
             for name, shape, dtype in specs:
                 info = arrays[name]
                 if tuple(info["shape"]) != shape or np.dtype(info["dtype"]) != np.dtype(dtype):
-                    raise ValueError(name)
+                    raise CtfreidError(name)
                 off = int(info["offset"])
                 nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
                 if off % _ALIGN or off + nbytes > size - _CRC.size:
-                    raise ValueError(name)
+                    raise CtfreidError(name)
                 if nbytes == 0:
                     loaded[name] = np.empty(shape, dtype)
                 elif mmap:
@@ -397,7 +398,7 @@ class CtFIndex:
                     with open(path, "rb") as f:
                         f.seek(off)
                         if f.readinto(memoryview(arr).cast("B")) != nbytes:
-                            raise ValueError(name)
+                            raise CtfreidError(name)
                     loaded[name] = arr
         except (ValueError, KeyError, TypeError):
             raise bad("file is damaged (inconsistent header)") from None

@@ -47,7 +47,7 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +55,7 @@ import numpy as np
 
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set, check_length
+from ctfreid.errors import CtfreidError
 
 DEFAULT_MAX_PAIRS = 1_000_000
 
@@ -132,9 +133,9 @@ def f_beta_curve(length: int, pos_mean: float, pos_std: float, neg_mean: float, 
 
 def _check_beta_rho(beta, rho) -> None:
     if not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+        raise CtfreidError(f"beta must be a finite number > 0, got {beta!r}")
     if rho != "auto" and (not isinstance(rho, numbers.Real) or not math.isfinite(rho) or rho <= 0):
-        raise ValueError(f"rho must be a finite number > 0 or 'auto', got {rho!r}")
+        raise CtfreidError(f"rho must be a finite number > 0 or 'auto', got {rho!r}")
 
 
 def fit_threshold(pos_distances: np.ndarray, neg_distances: np.ndarray, length: int,
@@ -151,9 +152,9 @@ def fit_threshold(pos_distances: np.ndarray, neg_distances: np.ndarray, length: 
     neg = np.asarray(neg_distances, dtype=np.float64).ravel()
     for name, d in (("relevant (same identity)", pos), ("non-relevant (different identity)", neg)):
         if d.size == 0:
-            raise ValueError(f"{length}-bit codes: no {name} pairs to fit a Gaussian to")
+            raise CtfreidError(f"{length}-bit codes: no {name} pairs to fit a Gaussian to")
         if d.size < 2 or float(d.std()) == 0.0:
-            raise ValueError(
+            raise CtfreidError(
                 f"{length}-bit codes: all {d.size} {name} pair distances equal {d[0]:g}; "
                 "a Gaussian needs at least two different values (are the codes constant?)"
             )
@@ -251,25 +252,25 @@ def pair_distances(codes: Mapping[int, np.ndarray], pids: np.ndarray, camids: np
     n = next(iter(codes.values())).shape[0]
     pids = np.asarray(pids)
     if pids.shape != (n,) or not np.issubdtype(pids.dtype, np.integer):
-        raise ValueError(f"pids must be an integer array of {n} entries, got {pids.dtype} {pids.shape}")
+        raise CtfreidError(f"pids must be an integer array of {n} entries, got {pids.dtype} {pids.shape}")
     if camids is not None:
         camids = np.asarray(camids)
         if camids.shape != (n,) or not np.issubdtype(camids.dtype, np.integer):
-            raise ValueError(f"camids must be an integer array of {n} entries, got {camids.dtype} {camids.shape}")
+            raise CtfreidError(f"camids must be an integer array of {n} entries, got {camids.dtype} {camids.shape}")
     if int(max_pairs) < 1:
-        raise ValueError(f"max_pairs must be >= 1, got {max_pairs!r}")
+        raise CtfreidError(f"max_pairs must be >= 1, got {max_pairs!r}")
     all_lengths = sorted(codes)
     lengths = all_lengths[:-1] if lengths is None else sorted(int(L) for L in lengths)
     missing = [L for L in lengths if L not in codes]
     if missing:
-        raise ValueError(f"validation codes have no length(s) {missing}; they have {all_lengths}")
+        raise CtfreidError(f"validation codes have no length(s) {missing}; they have {all_lengths}")
     if not lengths:
-        raise ValueError(f"DTO needs at least two code lengths (thresholds for all but the longest); got {all_lengths}")
+        raise CtfreidError(f"DTO needs at least two code lengths (thresholds for all but the longest); got {all_lengths}")
 
     labelled = pids[pids != -1]
     ids = np.unique(labelled)
     if ids.size < 2:
-        raise ValueError(
+        raise CtfreidError(
             f"validation set has {ids.size} identit{'y' if ids.size == 1 else 'ies'} among {labelled.size} "
             "labelled items (pid -1 ignored): DTO needs at least two identities for non-relevant pairs"
         )
@@ -278,7 +279,7 @@ def pair_distances(codes: Mapping[int, np.ndarray], pids: np.ndarray, camids: np
     num_pos = pi.size
     if num_pos == 0:
         where = " from different cameras" if camids is not None else ""
-        raise ValueError(
+        raise CtfreidError(
             f"validation set has no relevant pairs (two images of the same pid{where}) among {labelled.size} "
             f"labelled items of {ids.size} identities: DTO needs same-identity pairs"
         )
@@ -333,11 +334,16 @@ def parse_thresholds(text: str) -> dict[int, int]:
     try:
         for item in str(text).split(","):
             key, value = item.split("=")
-            out[int(key.strip())] = int(value.strip())
+            length = int(key.strip())
+            if length in out:
+                raise CtfreidError(f"thresholds: {length}= is given twice in {text!r}")
+            out[length] = int(value.strip())
+    except CtfreidError:
+        raise
     except ValueError:
-        raise ValueError(f"thresholds: expected {THRESHOLDS_FORM}; got {text!r}") from None
+        raise CtfreidError(f"thresholds: expected {THRESHOLDS_FORM}; got {text!r}") from None
     if not out:
-        raise ValueError(f"thresholds: expected {THRESHOLDS_FORM}; got {text!r}")
+        raise CtfreidError(f"thresholds: expected {THRESHOLDS_FORM}; got {text!r}")
     return out
 
 
@@ -347,9 +353,23 @@ def _from_mapping(obj, label: str) -> dict[int, int]:
     try:
         if not isinstance(obj, Mapping) or not obj:
             raise TypeError
-        return {int(k): int(v) for k, v in obj.items()}
+        out = {}
+        for k, v in obj.items():
+            out[int(k)] = v
+        check_thresholds(out, list(out) + [max(out) + 1])  # values: integers in [0, L]
+        return {L: int(v) for L, v in out.items()}
+    except CtfreidError as e:
+        raise CtfreidError(f"{label}: {e}") from None
     except (TypeError, ValueError):
-        raise ValueError(f"{label}: expected a JSON object {{\"thresholds\": {{\"32\": 9, ...}}}}") from None
+        raise CtfreidError(f"{label}: expected a JSON object {{\"thresholds\": {{\"32\": 9, ...}}}}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise CtfreidError(f"key {repeated[0]!r} is given twice")
+    return dict(pairs)
 
 
 def read_thresholds(spec: str | os.PathLike) -> dict[int, int]:
@@ -361,26 +381,59 @@ def read_thresholds(spec: str | os.PathLike) -> dict[int, int]:
         if not path.is_file():
             raise FileNotFoundError(f"thresholds file {spec_s}: no such file")
         try:
-            obj = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"thresholds file {spec_s}: not readable JSON ({e})") from None
+            obj = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, CtfreidError) as e:
+            raise CtfreidError(f"thresholds file {spec_s}: not readable JSON ({e})") from None
         return _from_mapping(obj, f"thresholds file {spec_s}")
     return parse_thresholds(spec_s)
 
 
-def check_thresholds(thresholds: Mapping[int, int], lengths: list[int]) -> dict[int, int]:
-    """Validate thresholds for a code pyramid: every length but the longest, each in ``[0, length]``."""
-    lengths = sorted(lengths)
-    th = {int(k): int(v) for k, v in thresholds.items()}
-    need = set(lengths[:-1])
-    if set(th) != need:
-        raise ValueError(
-            f"thresholds must give every code length but the longest ({sorted(need)}), got {sorted(th)}"
-        )
+def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int]) -> dict[int, int]:
+    """The one contract for CtF thresholds (Sec. 3.1): a mapping with exactly one threshold per code
+    length but the longest, each an integer distance in ``[0, length]`` -> ``{length: t}`` sorted.
+
+    Keys may be ints or their strings (JSON); values ints (or floats with an integral value, such as
+    ``9.0``). Anything else (``9.7``, ``true``, ``inf``, a threshold above its length, a missing or extra
+    length) is a :class:`~ctfreid.errors.CtfreidError` naming the length.
+    """
+    if not isinstance(thresholds, Mapping):
+        raise CtfreidError(f"thresholds must be a dict {{length: int}}, got {type(thresholds).__name__}")
+    lengths = sorted(int(L) for L in lengths)
+    th: dict[int, int] = {}
+    for key, t in thresholds.items():
+        if isinstance(key, (bool, np.bool_)):
+            raise CtfreidError(f"thresholds keys must be code lengths in bits, got {key!r}")
+        try:
+            L = int(key)
+        except (TypeError, ValueError):
+            raise CtfreidError(f"thresholds keys must be code lengths in bits, got {key!r}") from None
+        if L in th:
+            raise CtfreidError(f"thresholds give the {L}-bit code twice")
+        integral = isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+        if not integral and isinstance(t, (float, np.floating)) and math.isfinite(t) and float(t).is_integer():
+            integral, t = True, int(t)
+        if not integral:
+            raise CtfreidError(f"thresholds[{L}] must be an integer Hamming distance in [0, {L}], got {t!r}")
+        th[L] = int(t)
+    need = lengths[:-1]
+    missing, extra = sorted(set(need) - set(th)), sorted(set(th) - set(need))
+    if missing or extra:
+        parts = [f"missing {missing}" if missing else "", f"extra {extra}" if extra else ""]
+        raise CtfreidError(f"thresholds must give one value for every code length but the longest {need}: "
+                           + ", ".join(p for p in parts if p))
     for L, t in th.items():
         if not 0 <= t <= L:
-            raise ValueError(f"threshold for {L}-bit codes must be a distance in [0, {L}], got {t}")
+            raise CtfreidError(f"thresholds[{L}] must be an integer Hamming distance in [0, {L}], got {t}")
     return dict(sorted(th.items()))
+
+
+def threshold_array(thresholds: Mapping[int, int], lengths: Sequence[int]) -> np.ndarray:
+    """:func:`check_thresholds` as the kernels' ``int64`` array, shortest length first (one dummy entry for
+    a single length)."""
+    th = check_thresholds(thresholds, lengths)
+    out = np.zeros(max(len(th), 1), np.int64)
+    out[: len(th)] = list(th.values())
+    return out
 
 
 def save_thresholds(path: str | os.PathLike, fits: Mapping[int, ThresholdFit], extra: dict | None = None) -> None:
