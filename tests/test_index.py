@@ -1,11 +1,11 @@
-"""CtFIndex (issue point 6): add/search/rank, ids, save/load (mmap or not), damaged files, atomic save."""
+"""CtFIndex: add/search/rank, ids, save/load (mmap or not), damaged files, atomic save, k clamping."""
 
 import os
 import struct
 
 import numpy as np
 import pytest
-from reference import INT32_MAX, correlated_code_sets
+from reference import correlated_code_sets
 
 import ctfreid.search.index as index_module
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
@@ -43,8 +43,10 @@ def test_search_and_rank_equal_the_functions(data):
     np.testing.assert_array_equal(D, rD)
     D, I = index.search({L: v[0] for L, v in q.items()}, 5)  # one 1-D query
     np.testing.assert_array_equal(I, rI[0, :5])
-    D, I = index.search(q, 800)  # k > ntotal: padded
-    assert (I[:, 700:] == -1).all() and (D[:, 700:] == INT32_MAX).all()
+    D, I = index.search(q, 800)  # k > ntotal: clamped to ntotal (no padding), the whole ranking
+    np.testing.assert_array_equal(I, ctf_rank(q, g, TH)[1])
+    D, I = index.search(q, 10**9)  # no allocation of k-sized outputs
+    assert I.shape == (6, 700)
 
 
 def test_explicit_ids(data):
@@ -52,8 +54,8 @@ def test_explicit_ids(data):
     ids = np.arange(700, dtype=np.int64) * 10 + 3
     index = _built(g, ids)
     D, I = index.search(q, 800)
-    rD, rI = ctf_search(q, g, TH, 800)
-    np.testing.assert_array_equal(I, np.where(rI >= 0, ids[rI], -1))
+    rD, rI = ctf_search(q, g, TH, 700)
+    np.testing.assert_array_equal(I, ids[rI])
     np.testing.assert_array_equal(D, rD)
 
 

@@ -480,7 +480,7 @@ def _compact(bufi, bufd, cnt, k, hist, L):
 
 
 @njit(**_JIT)
-def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
+def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd, live):
     """Scan the gallery for the first ``k`` codes of the ranking among those with ``d <= hi``.
 
     Returns how many codes the buffers hold, in gallery order (unsorted); with ``k >= n`` that is every
@@ -488,7 +488,8 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
     ``k`` and lowers the bound to (k-th distance - 1): later codes at the k-th distance rank after the
     k codes already seen, so the block mask skips them. The buffers need ``min(k, n) + 4096 + 128``
     slots, or ``n + 128`` with ``k >= n``. The first compaction comes after ``4 k + 512`` buffered codes
-    at most, so that small galleries also get a tight bound early.
+    at most, so that small galleries also get a tight bound early. ``live``: one word per block of 64
+    codes, bit j set iff code ``64 b + j`` is live (removed codes never enter the buffers).
     """
     cap = min(bufi.shape[0] - BLOCK - 4, 4 * k + 512)
     tau = hi
@@ -500,7 +501,7 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
         for b in range(nfull):
             if tau < 0:
                 break  # k codes at distance 0 already: nothing later can enter
-            mask = _mask1(q, g, W, b * BLOCK, dd, tau)
+            mask = _mask1(q, g, W, b * BLOCK, dd, tau) & live[b]
             cnt = _extract1(mask, b * BLOCK, q0, g, bufi, bufd, cnt)
             if cnt > cap:
                 cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
@@ -509,7 +510,7 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
         for b in range(nfull):
             if tau < 0:
                 break
-            mask = _mask2(q, g, W, b * BLOCK, dd, tau)
+            mask = _mask2(q, g, W, b * BLOCK, dd, tau) & live[b]
             cnt = _extract(mask, b * BLOCK, dd, bufi, bufd, cnt)
             if cnt > cap:
                 cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
@@ -518,7 +519,7 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
         for b in range(nfull):
             if tau < 0:
                 break
-            mask = _maskw(q, g, W, b * BLOCK, dd, tau)
+            mask = _maskw(q, g, W, b * BLOCK, dd, tau) & live[b]
             cnt = _extract(mask, b * BLOCK, dd, bufi, bufd, cnt)
             if cnt > cap:
                 cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
@@ -526,7 +527,7 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
     m = n - nfull * BLOCK
     if m > 0 and tau >= 0:
         base = nfull * BLOCK
-        mask = _tail_mask(q, g, W, base, m, dd, tau)
+        mask = _tail_mask(q, g, W, base, m, dd, tau) & live[nfull]
         cnt = _extract(mask, base, dd, bufi, bufd, cnt)
     if cnt > k:
         cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
@@ -534,7 +535,7 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd):
 
 
 @njit(**_JIT)
-def _within1(q, g, n, hi, bufi, bufd, dd):
+def _within1(q, g, n, hi, bufi, bufd, dd, live):
     """All codes within ``hi`` in gallery order, 1 word per code (the CtF stage 1 at 32 bits): the loop
     of ``_select`` without its bound updates and compaction checks (~10 % faster); returns the count.
     The buffers need ``n + 128`` slots."""
@@ -548,17 +549,17 @@ def _within1(q, g, n, hi, bufi, bufd, dd):
         for j in range(BLOCK):
             d = np.int32(_popcnt(q0 ^ g[base + j]))
             mask |= np.uint64(d <= h) << np.uint64(j)
-        cnt = _extract1(mask, base, q0, g, bufi, bufd, cnt)
+        cnt = _extract1(mask & live[b], base, q0, g, bufi, bufd, cnt)
     m = n - nfull * BLOCK
     if m > 0:
         base = nfull * BLOCK
-        mask = _tail_mask(q, g, 1, base, m, dd, hi)
+        mask = _tail_mask(q, g, 1, base, m, dd, hi) & live[nfull]
         cnt = _extract(mask, base, dd, bufi, bufd, cnt)
     return cnt
 
 
 @njit(**_JIT)
-def topk(Q, G, L, k, outD, outI):
+def topk(Q, G, L, k, live, outD, outI):
     """First ``k`` of each query's Hamming ranking (ties: lower gallery index first), without sorting
     the gallery; pads with -1 / int32 max when ``k > n``."""
     n, W = G.shape
@@ -572,7 +573,7 @@ def topk(Q, G, L, k, outD, outI):
     for i in range(Q.shape[0]):
         oD = outD[i]
         oI = outI[i]
-        cnt = _select(Q[i], g, W, n, L, k, L, bufi, bufd, hist, dd)
+        cnt = _select(Q[i], g, W, n, L, k, L, bufi, bufd, hist, dd, live)
         _sort_identity(bufd, cnt, L, sorted_pos, oD)
         for r in range(cnt):
             oI[r] = bufi[sorted_pos[r]]
@@ -611,7 +612,7 @@ def _later_dist(Qr, qoff, Gr, s, i, rows, c, out):
 
 @njit(**_JIT)
 def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI):
-    """Full CtF rankings of a batch (issue point 3): rank everything by the shortest code, then re-rank
+    """Full CtF rankings of a batch (Sec. 3.1, Fig. 1): rank everything by the shortest code, then re-rank
     the candidates within each threshold by the next longer code, stably, in place at the head.
 
     ``Ls[s]``: code length of stage s; ``thr[s]``: threshold (>= 0) of stage s, for s < S - 1.
@@ -652,7 +653,7 @@ def _in_stage(D, thr, s, j):
 def _first_of_stage(D, Ls, s, lst, c, lo, m, ord_a, ord_b, skey, ids, oI, oD, pos):
     """Write to ``oI/oD[pos:]`` the first ``m`` of the candidates ``lst[:c]`` (stage-1 candidate numbers,
     ascending) with ``D[s] >= lo``, ordered by (D[s], D[s - 1], ..., D[0], gallery position); returns the
-    new ``pos``. This is the order the chain of stable re-rankings gives them (issue point 3); only
+    new ``pos``. This is the order the chain of stable re-rankings gives them (Sec. 3.1); only
     those that can be among the first ``m`` (``D[s]`` up to the m-th smallest) are sorted."""
     if m <= 0:
         return pos
@@ -701,7 +702,7 @@ def _first_of_stage(D, Ls, s, lst, c, lo, m, ord_a, ord_b, skey, ids, oI, oD, po
 
 
 @njit(**_JIT)
-def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, ws64, ws32, outD, outI):
+def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI):
     """First ``k`` of the CtF rankings of a batch without ranking the whole gallery (arguments as for
     ``ctf_rank``; ``ws64``/``ws32``: scratch from ``ctf_workspace``, reusable across calls).
 
@@ -736,9 +737,9 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, ws64, ws32, outD, outI):
         oD = outD[i]
         oI = outI[i]
         if W1 == 1:
-            c1 = _within1(Q1[i], g1, n, thr[0], ids, D[0], dd)
+            c1 = _within1(Q1[i], g1, n, thr[0], ids, D[0], dd, live)
         else:
-            c1 = _select(Q1[i], g1, W1, n, L1, n, thr[0], ids, D[0], hist, dd)
+            c1 = _select(Q1[i], g1, W1, n, L1, n, thr[0], ids, D[0], hist, dd, live)
         # forward: distances of the surviving candidates, stage by stage; lst holds their numbers
         _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
         c = c1
@@ -785,7 +786,7 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, ws64, ws32, outD, outI):
             pos = _first_of_stage(D, Ls, s, lst, c, thr[s] + 1, k - pos, ord_a, ord_b, skey, ids, oI, oD, pos)
         if pos < k and c1 < n:
             # fewer than k candidates after stage 1: continue with the stage-1 ranking beyond them
-            cnt = _select(Q1[i], g1, W1, n, L1, k, L1, rbufi, rbufd, hist, dd)
+            cnt = _select(Q1[i], g1, W1, n, L1, k, L1, rbufi, rbufd, hist, dd, live)
             _sort_identity(rbufd, cnt, L1, rpos, rsorted)
             for r in range(c1, cnt):
                 oI[pos] = rbufi[rpos[r]]
@@ -793,6 +794,45 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, ws64, ws32, outD, outI):
                 pos += 1
         oI[pos:] = -1
         oD[pos:] = INT32_MAX
+
+
+@njit(**_JIT)
+def hit_keys(Q1, G1, Qr, qoff, Gr, S, thr, P, outD, outS):
+    """The coarse-to-fine sort key of given hits (see ``ctfreid.search.merge``): for query ``i`` and gallery
+    position ``P[i, r] >= 0``, the distance at every length up to the finest stage the item reaches
+    (``outD[i, r, s]``, -1 beyond) and the number of stages (``outS[i, r]``): stage ``s + 1`` is reached
+    iff the distance at stage ``s`` is ``<= thr[s]``. Padding (``P < 0``) gets stages 0 and distances -1.
+    Costs ``k x S`` distance computations per query, nothing per gallery item."""
+    W1 = G1.shape[1]
+    for i in range(P.shape[0]):
+        for r in range(P.shape[1]):
+            p = P[i, r]
+            for s in range(S):
+                outD[i, r, s] = -1
+            if p < 0:
+                outS[i, r] = 0
+                continue
+            d = 0
+            for w in range(W1):
+                d += _popcnt(Q1[i, w] ^ G1[p, w])
+            outD[i, r, 0] = d
+            st = 1
+            for s in range(1, S):
+                if d > thr[s - 1]:
+                    break
+                g = Gr[s - 1]
+                d = 0
+                for w in range(g.shape[1]):
+                    d += _popcnt(Qr[i, qoff[s - 1] + w] ^ g[p, w])
+                outD[i, r, s] = d
+                st += 1
+            outS[i, r] = st
+
+
+def all_live(n: int) -> np.ndarray:
+    """The ``live`` mask of ``n`` codes with none removed: one all-ones word per block of 64 (and one for
+    the partial block)."""
+    return np.full(n // BLOCK + 1, np.uint64(0xFFFFFFFFFFFFFFFF), np.uint64)
 
 
 def ctf_workspace(n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:

@@ -114,5 +114,6 @@ def ctf_search(
     else:
         D = np.empty((qs[0].shape[0], k), dtype=np.int32)
         I = np.empty((qs[0].shape[0], k), dtype=np.int64)
-        _kernels.ctf_topk(*kernel_args(qs, gs, thr), k, *_kernels.ctf_workspace(gs[0].shape[0], k, len(gs)), D, I)
+        n = gs[0].shape[0]
+        _kernels.ctf_topk(*kernel_args(qs, gs, thr), k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, len(gs)), D, I)
     return (D[0], I[0]) if single else (D, I)

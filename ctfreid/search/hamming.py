@@ -106,5 +106,5 @@ def hamming_topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.n
     q, single = prepare_queries(queries, g.shape[1])
     D = np.empty((q.shape[0], k), dtype=np.int32)
     I = np.empty((q.shape[0], k), dtype=np.int64)
-    _kernels.topk(_kernels.words(q), _kernels.words(g), g.shape[1] * 8, k, D, I)
+    _kernels.topk(_kernels.words(q), _kernels.words(g), g.shape[1] * 8, k, _kernels.all_live(g.shape[0]), D, I)
     return (D[0], I[0]) if single else (D, I)

@@ -3,11 +3,25 @@
     index = CtFIndex()
     index.add({32: c32, 128: c128, 512: c512, 2048: c2048})   # lengths fixed by the first add
     index.thresholds = {32: 9, 128: 41, 512: 190}               # e.g. from DTO (Sec. 3.3)
-    D, I = index.search(query_codes, k=100)                     # int32 / int64 [nq, k]
+    D, I = index.search(query_codes, k=100)                     # int32 / int64 [nq, min(k, ntotal)]
+    hits = index.search_hits(query_codes, k=100)                # ids, stages, per-length distances
+    index.remove_ids(np.array([3, 17]))                         # erasure: the codes are overwritten
     index.save("gallery.ctf"); index = CtFIndex.load("gallery.ctf", mmap=True)
 
-Results are exactly those of ``ctf_search`` / ``ctf_rank`` (``I`` holds the stored ids, -1 padding). An
-index with a single length is a plain Hamming index (no thresholds).
+Results are exactly those of ``ctf_search`` / ``ctf_rank`` over the live items (``I`` holds the stored
+ids). The order is the coarse-to-fine key of ``ctfreid.search.merge``: more stages first, then the distances
+from the finest length reached down to the shortest, then insertion order. ``k`` larger than ``ntotal`` is
+clamped: results have ``min(k, ntotal)`` columns (no padding; a faiss index would pad with -1). An index with
+a single length is a plain Hamming index (no thresholds).
+
+Removal (``remove_ids``) clears the items' bits in a live mask that the scans AND into their block masks
+(one word per 64 codes) and overwrites their codes with zeros at once: O(removed). Dead slots are compacted
+away when they pass ``COMPACT_FRACTION`` of the slots (as Qdrant's vacuum) or on ``compact()``; ``save`` and
+``to_bytes`` compact first, so a file never holds a removed item.
+
+Concurrency: any number of threads may search while one adds, removes or compacts; a readers-writer lock
+makes each search see the index before or after a whole write, never half of one (the kernels release the
+GIL, so searches run in parallel).
 
 File format (version 1, little-endian)::
 
@@ -16,23 +30,30 @@ File format (version 1, little-endian)::
 The JSON header holds ``lengths``, ``ntotal``, ``thresholds``, ``metadata``, ``file_size`` and, per array
 (``codes_<L>`` uint8 [n, L // 8] and ``ids`` int64 [n]), its dtype, shape and offset; arrays start at
 64-byte aligned offsets so they can be memory-mapped. The trailing CRC-32 covers every byte before it.
-``load`` checks the magic, the version, the header, the file size and the checksum before returning, so
-a truncated or damaged file raises ``ValueError`` naming the file and the problem and never yields wrong
-results. With ``mmap=True`` the checksum is still verified (one sequential read of the file, ~1 s per
-GB): correctness beats load time; the arrays are then read-only memory maps, and ``add`` copies them into
-memory first (copy on write). ``save`` is atomic: a crash mid-save leaves any previous file intact.
+``load`` opens the file once, checks the magic, the version, the header, the size and the checksum on that
+descriptor and maps or reads every array from the same descriptor, so a file replaced meanwhile by another
+process cannot mix two files. With ``mmap=True`` the checksum is still verified (one sequential read, ~1 s
+per GB); the arrays are then read-only maps and the first ``add`` / ``remove_ids`` copies them into memory.
+Caveat of memory maps: another program that overwrites the file *in place* (not by replacing it, as
+``save`` does) changes what a mapped index reads, or raises SIGBUS if it truncates it; load with
+``mmap=False`` when files may be rewritten in place. ``save`` is atomic: a crash mid-save leaves any
+previous file intact. ``to_bytes`` / ``from_bytes`` and pickling use the same format.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import mmap as _mmap
 import os
+import stat
 import struct
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -41,14 +62,17 @@ from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
 from ctfreid.search.hamming import check_k, prepare_queries
+from ctfreid.search.merge import Hits, empty_hits
 from ctfreid.search.thresholds import threshold_array
 
 MAGIC = b"CTFREID\x00"
 FORMAT_VERSION = 1
+COMPACT_FRACTION = 0.2  # dead slots beyond this share of the slots are compacted away
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sII")  # magic, version, header size
 _CRC = struct.Struct("<I")
 _CHUNK = 16 << 20
+_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _align(x: int) -> int:
@@ -64,29 +88,94 @@ def _empty_aligned(shape: tuple, dtype) -> np.ndarray:
     return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
+class _RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _check_ids(ids: Any, n: int) -> np.ndarray:
+    """``ids`` as unique non-negative int64 [n], else a CtfreidError naming the problem."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.shape[0] != n or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
+        raise CtfreidError(f"ids must be a 1-D integer array of length {n}, got {arr.dtype} {arr.shape}")
+    if arr.dtype == np.uint64 and n and int(arr.max()) > np.iinfo(np.int64).max:
+        raise CtfreidError(f"ids must be below 2**63 (int64), got {int(arr.max())}")
+    out = arr.astype(np.int64)
+    if n and int(out.min()) < 0:
+        raise CtfreidError(f"ids must be non-negative (-1 marks padding), got {int(out.min())}")
+    if n > 1 and not (np.diff(out) > 0).all():
+        s = np.sort(out)
+        dup = s[1:][s[1:] == s[:-1]]
+        if dup.size:
+            raise CtfreidError(f"ids must be unique: id {int(dup[0])} is given twice")
+    return out
+
+
 class CtFIndex:
     """Coarse-to-fine index over ``{length: packed codes}`` code sets with int64 ids (faiss-style).
 
     Attributes: ``thresholds`` (dict length -> int for every length but the longest; checked when
-    searching), ``metadata`` (JSON-serialisable dict saved with the index), ``ntotal``, ``lengths``.
+    searching; a call may pass its own), ``metadata`` (JSON-serialisable dict saved with the index),
+    ``ntotal`` (live items), ``lengths`` (shortest first).
     """
 
     def __init__(self) -> None:
         self.thresholds: dict[int, int] = {}
         self.metadata: dict[str, Any] = {}
         self._lengths: list[int] | None = None
-        self._codes: dict[int, np.ndarray] = {}  # capacity-sized buffers (or read-only memory maps)
-        self._ids: np.ndarray = np.empty(0, np.int64)
-        self._ntotal = 0
+        self._codes: dict[int, np.ndarray] = {}  # capacity-sized buffers (or read-only maps after load)
+        self._ids: np.ndarray = np.empty(0, np.int64)  # id of every slot (dead slots keep theirs)
+        self._live: np.ndarray = _kernels.all_live(0)  # bit j of word b: slot 64 b + j is live
+        self._nslots = 0  # slots in use, live or dead
+        self._ndead = 0
+        self._next_id = 0  # next default id (default ids are never reused)
         self._default_ids: bool | None = None  # fixed by the first add
-        self._local = threading.local()  # per-thread search scratch (no page faults on reuse)
+        self._increasing = True  # ids strictly increase with the slot: lookups by binary search
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (argsort of ids, sorted ids) otherwise
         self._views: tuple | None = None
+        self._thr_cache: tuple | None = None
+        self._lock = _RWLock()
+        self._local = threading.local()  # per-thread search scratch (no page faults on reuse)
 
     # ---------------------------------------------------------------------------------------- state
     @property
     def ntotal(self) -> int:
-        """Number of stored codes."""
-        return self._ntotal
+        """Number of live (stored, not removed) items."""
+        return self._nslots - self._ndead
 
     @property
     def lengths(self) -> list[int]:
@@ -94,78 +183,202 @@ class CtFIndex:
         return list(self._lengths or [])
 
     def __repr__(self) -> str:
-        return f"CtFIndex(lengths={self.lengths}, ntotal={self._ntotal}, thresholds={self.thresholds})"
+        return f"CtFIndex(lengths={self.lengths}, ntotal={self.ntotal}, thresholds={self.thresholds})"
 
-    def _gallery(self, length: int) -> np.ndarray:
-        return self._codes[length][: self._ntotal]
+    def _live_slots(self) -> np.ndarray:
+        """Boolean [nslots]: which slots are live."""
+        bits = np.unpackbits(self._live.view(np.uint8), bitorder="little")
+        return bits[: self._nslots].astype(bool)
 
     def codes(self, length: int) -> np.ndarray:
-        """The stored ``length``-bit codes, ``uint8[ntotal, length // 8]`` in insertion order (read-only view)."""
+        """The stored ``length``-bit codes of the live items, ``uint8[ntotal, length // 8]`` in insertion
+        order (read-only)."""
         if length not in (self._lengths or []):
             raise CtfreidError(f"this index holds code lengths {self.lengths}, not {length!r}")
-        view = self._gallery(length).view()
+        with self._lock.read():
+            view = self._codes[length][: self._nslots]
+            if self._ndead:
+                view = view[self._live_slots()]
+            view = view.view()
         view.flags.writeable = False
         return view
 
     @property
     def ids(self) -> np.ndarray:
-        """The stored ids, ``int64[ntotal]`` in insertion order (read-only view)."""
-        view = self._ids[: self._ntotal].view() if self._ids is not None else np.empty(0, np.int64)
+        """The live ids, ``int64[ntotal]`` in insertion order (read-only)."""
+        with self._lock.read():
+            view = self._ids[: self._nslots]
+            if self._ndead:
+                view = view[self._live_slots()]
+            view = view.view()
         view.flags.writeable = False
         return view
 
     # ------------------------------------------------------------------------------------------ add
     def add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None = None) -> None:
-        """Append a code set ``{length: uint8[n, length // 8]}``; ``ids`` int64 [n] or None for
-        ``ntotal .. ntotal + n - 1``. The first ``add`` fixes the lengths and whether ids are given."""
+        """Append a code set ``{length: uint8[n, length // 8]}``; ``ids``: unique non-negative int64 [n], or
+        None for default ids (``0, 1, 2, ...`` in insertion order, never reused after a removal). The first
+        ``add`` fixes the lengths and whether ids are given."""
         cs = check_code_set(codes, "codes")
         lengths = list(cs)
-        if self._lengths is None:
-            self._lengths = lengths
-        elif lengths != self._lengths:
-            raise CtfreidError(f"codes have lengths {lengths} but the index holds lengths {self._lengths}")
         n = next(iter(cs.values())).shape[0]
         given = ids is not None
-        if self._default_ids is not None and self._default_ids == given:
-            raise CtfreidError(
-                "ids must be given on every add or on none: the index was built "
-                + ("with default ids (ntotal, ntotal + 1, ...)" if self._default_ids else "with explicit ids")
-            )
-        if given:
-            ids_arr = np.asarray(ids)
-            if ids_arr.ndim != 1 or ids_arr.shape[0] != n or not np.issubdtype(ids_arr.dtype, np.integer):
-                raise CtfreidError(f"ids must be a 1-D integer array of length {n}, got {ids_arr.dtype} {ids_arr.shape}")
-            ids_arr = ids_arr.astype(np.int64)
-        else:
-            ids_arr = np.arange(self._ntotal, self._ntotal + n, dtype=np.int64)
-        if n == 0:
+        ids_arr = _check_ids(ids, n) if given else None
+        with self._lock.write():
+            if self._lengths is not None and lengths != self._lengths:
+                raise CtfreidError(f"codes have lengths {lengths} but the index holds lengths {self._lengths}")
+            if self._default_ids is not None and self._default_ids == given:
+                raise CtfreidError(
+                    "ids must be given on every add or on none: the index was built "
+                    + ("with default ids (0, 1, 2, ...)" if self._default_ids else "with explicit ids")
+                )
+            if ids_arr is None:
+                ids_arr = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+            elif n:
+                self._check_new_ids(ids_arr)
+            if self._lengths is None:
+                self._lengths = lengths
+                self._codes = {L: np.empty((0, L // 8), np.uint8) for L in lengths}
             self._default_ids = not given
-            return
-        new_total = self._ntotal + n
-        for L, arr in cs.items():
-            self._codes[L] = self._grow(self._codes.get(L), new_total, (L // 8,), np.uint8)
-            self._codes[L][self._ntotal : new_total] = arr
-        self._ids = self._grow(self._ids, new_total, (), np.int64)
-        self._ids[self._ntotal : new_total] = ids_arr
-        self._ntotal = new_total
-        self._default_ids = not given
-        self._views = None
+            if n == 0:
+                return
+            old, new_total = self._nslots, self._nslots + n
+            for L, arr in cs.items():
+                self._codes[L] = self._grow(self._codes[L], new_total, (L // 8,), np.uint8)
+                self._codes[L][old:new_total] = arr
+            self._ids = self._grow(self._ids, new_total, (), np.int64)
+            self._ids[old:new_total] = ids_arr
+            cap_words = self._ids.shape[0] // _kernels.BLOCK + 1
+            if self._live.shape[0] < cap_words:
+                live = np.zeros(cap_words, np.uint64)
+                live[: self._live.shape[0]] = self._live
+                self._live = live
+            self._set_live(np.arange(old, new_total), True)
+            if self._increasing:
+                self._increasing = bool((old == 0 or ids_arr[0] > self._ids[old - 1])
+                                        and (n == 1 or (np.diff(ids_arr) > 0).all()))
+            self._sorted = None
+            self._nslots = new_total
+            self._next_id = max(self._next_id, int(ids_arr.max()) + 1)
+            self._views = None
 
-    def _grow(self, buf: np.ndarray | None, need: int, row: tuple, dtype) -> np.ndarray:
+    def _check_new_ids(self, ids_arr: np.ndarray) -> None:
+        """Refuse ids that a live item holds; compact first when a removed item's slot still holds one."""
+        if not self._nslots or (self._increasing and ids_arr.min() > self._ids[self._nslots - 1]):
+            return
+        pos = self._lookup(ids_arr, live_only=False)
+        if (pos < 0).all():
+            return
+        live = self._live_slots()
+        clash = pos[pos >= 0]
+        if live[clash].any():
+            raise CtfreidError(f"ids must be unique: id {int(self._ids[clash[live[clash]][0]])} is already in the index")
+        self._compact_locked()  # only removed items hold these ids: drop their slots first
+
+    def _grow(self, buf: np.ndarray, need: int, row: tuple, dtype) -> np.ndarray:
         """A writable buffer with room for ``need`` rows holding the current rows (amortised doubling;
-        memory-mapped arrays are copied into memory here)."""
-        if buf is not None and buf.shape[0] >= need and buf.flags.writeable and not isinstance(buf, np.memmap):
+        read-only maps are copied into memory here)."""
+        if buf.shape[0] >= need and buf.flags.writeable:
             return buf
-        cap = max(need, 2 * self._ntotal, 1024)
+        cap = max(need, 2 * self._nslots, 1024) if buf.shape[0] < need else buf.shape[0]
         new = _empty_aligned((cap,) + row, dtype)
-        if buf is not None and self._ntotal:
-            new[: self._ntotal] = buf[: self._ntotal]
+        if self._nslots:
+            new[: self._nslots] = buf[: self._nslots]
         return new
+
+    def _set_live(self, pos: np.ndarray, alive: bool) -> None:
+        words = (pos >> 6).astype(np.intp)
+        bits = np.left_shift(np.uint64(1), (pos & 63).astype(np.uint64))
+        if alive:
+            np.bitwise_or.at(self._live, words, bits)
+        else:
+            np.bitwise_and.at(self._live, words, ~bits)
+
+    # ------------------------------------------------------------------------------------- removal
+    def _lookup(self, ids: np.ndarray, live_only: bool = True) -> np.ndarray:
+        """Slot of each id, -1 when absent (or removed, with ``live_only``): binary search, O(log n) per id
+        (the ids are sorted once after an add when they do not increase with insertion)."""
+        n = self._nslots
+        if n == 0 or ids.size == 0:
+            return np.full(ids.shape, -1, np.int64)
+        if self._increasing:
+            stored, order = self._ids[:n], None
+        else:
+            if self._sorted is None:
+                order = np.argsort(self._ids[:n], kind="stable")
+                self._sorted = (order, self._ids[:n][order])
+            order, stored = self._sorted
+        at = np.minimum(np.searchsorted(stored, ids), n - 1)
+        found = stored[at] == ids
+        pos = np.where(found, at if order is None else order[at], -1).astype(np.int64)
+        if live_only and found.any():
+            p = pos[found]
+            alive = (self._live[p >> 6] >> (p & 63).astype(np.uint64)) & np.uint64(1)
+            pos[np.flatnonzero(found)[alive == 0]] = -1
+        return pos
+
+    def remove_ids(self, ids: Any) -> int:
+        """Remove the items with these ids; returns how many were removed (unknown or already removed ids
+        are not an error and are not counted).
+
+        From the return on, no search returns them, their codes are overwritten with zeros in memory, and
+        ``save`` / ``to_bytes`` write none of their bytes; answers equal those of an index built without
+        them. Costs O(removed log n); dead slots are compacted away past ``COMPACT_FRACTION`` of the slots.
+        """
+        arr = np.asarray(ids)
+        if arr.ndim == 0:
+            arr = arr[None]
+        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
+            raise CtfreidError(f"ids must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        if arr.size == 0:
+            return 0
+        if arr.dtype == np.uint64:
+            arr = arr[arr <= np.iinfo(np.int64).max]
+        arr = np.unique(arr.astype(np.int64))
+        with self._lock.write():
+            pos = self._lookup(arr)
+            pos = pos[pos >= 0]
+            if pos.size == 0:
+                return 0
+            for L in self._lengths:
+                if not self._codes[L].flags.writeable:  # a read-only map from load: copy on write
+                    self._codes[L] = self._grow(self._codes[L], self._nslots, (L // 8,), np.uint8)
+                self._codes[L][pos] = 0
+            self._set_live(pos, False)
+            self._ndead += int(pos.size)
+            if self._ndead > COMPACT_FRACTION * self._nslots:
+                self._compact_locked()
+            self._views = None
+            return int(pos.size)
+
+    def compact(self) -> None:
+        """Drop the slots of removed items now (O(n)); answers do not change."""
+        with self._lock.write():
+            self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        if not self._ndead:
+            return
+        keep = self._live_slots()
+        m = int(keep.sum())
+        for L in self._lengths:
+            new = _empty_aligned((max(m, 1024), L // 8), np.uint8)
+            new[:m] = self._codes[L][: self._nslots][keep]
+            self._codes[L] = new
+        ids = _empty_aligned((max(m, 1024),), np.int64)
+        ids[:m] = self._ids[: self._nslots][keep]
+        self._ids = ids
+        self._live = np.zeros(ids.shape[0] // _kernels.BLOCK + 1, np.uint64)
+        self._nslots, self._ndead = m, 0
+        self._set_live(np.arange(m), True)
+        self._increasing = bool(m <= 1 or (np.diff(ids[:m]) > 0).all())
+        self._sorted = None
+        self._views = None
 
     # --------------------------------------------------------------------------------------- search
     def _queries(self, query_codes: Mapping[int, np.ndarray]) -> tuple[tuple[np.ndarray, ...], bool]:
         """Validated 2-D query codes per length (shortest first) and whether the queries were 1-D."""
-        if self._ntotal == 0 or self._lengths is None:
+        if self._lengths is None:
             raise CtfreidError("the index is empty: add codes before searching")
         if not isinstance(query_codes, Mapping):
             raise CtfreidError(f"query_codes must be a dict {{length: uint8 codes}}, got {type(query_codes).__name__}")
@@ -186,25 +399,27 @@ class CtFIndex:
                 and v.flags.c_contiguous and (qs or v.ctypes.data % 8 == 0)  # later stages are copied
             ):
                 v, _ = prepare_queries(v, L // 8, f"query_codes[{L}]")
-            q = v
-            if qs and q.shape[0] != qs[0].shape[0]:
-                raise CtfreidError(f"query_codes[{L}] has {q.shape[0]} rows but the shorter codes have {qs[0].shape[0]}")
-            qs.append(q)
+            if qs and v.shape[0] != qs[0].shape[0]:
+                raise CtfreidError(f"query_codes[{L}] has {v.shape[0]} rows but the shorter codes have {qs[0].shape[0]}")
+            qs.append(v)
         return tuple(qs), single
 
     def _stage_views(self) -> tuple:
-        """Stage-1 codes, later-stage word views, lengths and query offsets (cached until the next add)."""
+        """Stage-1 codes, later-stage word views, lengths and query offsets (cached until the next write)."""
         if self._views is None:
-            gs = [self._gallery(L) for L in self._lengths]
+            gs = [self._codes[L][: self._nslots] for L in self._lengths]
             Gr = tuple(_kernels.words64(g) for g in gs[1:]) + _kernels.stage_pad(len(gs) - 1)
             Ls = np.array(self._lengths, dtype=np.int64)
             self._views = (gs[0], Gr, Ls, _kernels.stage_offsets(self._lengths))
         return self._views
 
-    def _thresholds(self) -> np.ndarray:
-        """``thresholds`` validated (re-checked only when the dict's contents change)."""
+    def _thresholds(self, thresholds: Mapping[int, int] | None) -> np.ndarray:
+        """Per-call ``thresholds``, else the attribute, validated (the attribute's check is cached until
+        the dict's contents change)."""
+        if thresholds is not None:
+            return threshold_array(thresholds, self._lengths)
         key = tuple(self.thresholds.items()) if isinstance(self.thresholds, dict) else None
-        cached = getattr(self, "_thr_cache", None)
+        cached = self._thr_cache
         if key is None or cached is None or cached[0] != (key, tuple(self._lengths)):
             thr = threshold_array(self.thresholds, self._lengths)
             if key is None:
@@ -212,30 +427,36 @@ class CtFIndex:
             self._thr_cache = cached = ((key, tuple(self._lengths)), thr)
         return cached[1]
 
-    def _run(self, qs: tuple[np.ndarray, ...], k: int | None) -> tuple[np.ndarray, np.ndarray]:
-        n, nq = self._ntotal, qs[0].shape[0]
+    def _positions(self, qs: tuple[np.ndarray, ...], k: int | None, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Kernel results over the slots: (D, slot positions), [nq, min(k, ntotal)] (all live for k None).
+        Call with the read lock held."""
+        n, nq, live_n = self._nslots, qs[0].shape[0], self.ntotal
         lengths = self._lengths
-        m = n if k is None else k
-        D = np.empty((nq, m), np.int32)
-        I = np.empty((nq, m), np.int64)
         G1, Gr, Ls, qoff = self._stage_views()
+        m = live_n if k is None else min(k, live_n)
+        if m == 0:
+            return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64)
+        full = k is None
+        cols = n if full else m
+        D = np.empty((nq, cols), np.int32)
+        P = np.empty((nq, cols), np.int64)
         if len(lengths) == 1:
-            if k is None:
-                _kernels.rank(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], D, I)
+            if full:
+                _kernels.rank(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], D, P)
             else:
-                _kernels.topk(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], k, D, I)
+                _kernels.topk(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], m, self._live, D, P)
         else:
             Qr = _kernels.later_queries(qs, qoff)
-            args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Ls, len(lengths),
-                    self._thresholds())
-            if k is None:
-                _kernels.ctf_rank(*args, D, I)
+            args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Ls, len(lengths), thr)
+            if full:
+                _kernels.ctf_rank(*args, D, P)
             else:
-                _kernels.ctf_topk(*args, k, *self._workspace(n, k), D, I)
-        if not self._default_ids:
-            valid = I >= 0
-            I[valid] = self._ids[I[valid]]
-        return D, I
+                _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P)
+        if full and self._ndead:  # the order is a per-item key: dropping removed items keeps it exact
+            keep = self._live_slots()[P]
+            P = P[keep].reshape(nq, live_n)
+            D = D[keep].reshape(nq, live_n)
+        return D, P
 
     def _workspace(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """CtF scratch, one per thread, reused while (n, k, number of stages) stay the same."""
@@ -246,32 +467,63 @@ class CtFIndex:
             self._local.ws = ws
         return ws[1]
 
-    def search(self, query_codes: Mapping[int, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """First ``k`` results of the coarse-to-fine ranking: ``(D int32[nq, k], I int64[nq, k])``.
+    def search(self, query_codes: Mapping[int, np.ndarray], k: int,
+               thresholds: Mapping[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """First ``k`` results of the coarse-to-fine ranking: ``(D int32[nq, m], I int64[nq, m])`` with
+        ``m = min(k, ntotal)``.
 
-        ``D`` is the Hamming distance at the finest stage each result reached; ``I`` the stored ids;
-        padded with -1 / int32 max when ``k > ntotal``. 1-D query codes give 1-D results.
+        ``D`` is the Hamming distance at the finest stage each result reached (Sec. 3.1); ``I`` the stored
+        ids. ``thresholds`` overrides the attribute for this call. 1-D query codes give 1-D results.
         """
         k = check_k(k)
         qs, single = self._queries(query_codes)
-        D, I = self._run(qs, k)
+        with self._lock.read():
+            D, P = self._positions(qs, k, self._thresholds(thresholds))
+            I = self._ids[P]
         return (D[0], I[0]) if single else (D, I)
 
-    def rank(self, query_codes: Mapping[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
+                    thresholds: Mapping[int, int] | None = None) -> Hits:
+        """First ``k`` results with their coarse-to-fine sort key (``ctfreid.search.merge.Hits``): ids,
+        the number of stages each hit was ranked with, and its distance at each length up to the finest
+        it reached. Same order as ``search``; ``merge_hits`` of several indexes' hits equals the hits of
+        one index over their union. 1-D query codes are treated as one query (results stay 2-D)."""
+        k = check_k(k)
+        qs, _ = self._queries(query_codes)
+        with self._lock.read():
+            thr = self._thresholds(thresholds)
+            _, P = self._positions(qs, k, thr)
+            if P.shape[1] == 0:
+                return empty_hits(qs[0].shape[0], self._lengths)
+            G1, Gr, _, qoff = self._stage_views()
+            S = len(self._lengths)
+            dist = np.empty(P.shape + (S,), np.int32)
+            stages = np.empty(P.shape, np.int8)
+            Qr = _kernels.later_queries(qs, qoff) if S > 1 else _kernels._readonly(np.zeros((qs[0].shape[0], 1), np.uint64))
+            _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages)
+            ids = self._ids[P]
+        return Hits(ids, stages, dist, tuple(self._lengths))
+
+    def rank(self, query_codes: Mapping[int, np.ndarray],
+             thresholds: Mapping[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Full coarse-to-fine rankings ``(D int32[nq, ntotal], I int64[nq, ntotal])`` (for evaluation)."""
         qs, single = self._queries(query_codes)
-        D, I = self._run(qs, None)
+        with self._lock.read():
+            D, P = self._positions(qs, None, self._thresholds(thresholds))
+            I = self._ids[P]
         return (D[0], I[0]) if single else (D, I)
 
-    # ------------------------------------------------------------------------------------ save/load
+    # ------------------------------------------------------------------------------- save / load / bytes
     def _header(self) -> tuple[dict, list[tuple[str, np.ndarray]]]:
-        arrays = [(f"codes_{L}", self._gallery(L)) for L in self.lengths] + [("ids", self._ids[: self._ntotal])]
+        n = self._nslots
+        arrays = [(f"codes_{L}", self._codes[L][:n]) for L in self.lengths] + [("ids", self._ids[:n])]
         thresholds = {str(int(L)): int(t) for L, t in self.thresholds.items()} if self.thresholds else {}
         header = {
             "format": "ctfreid.CtFIndex",
             "lengths": self.lengths,
-            "ntotal": self._ntotal,
+            "ntotal": n,
             "default_ids": self._default_ids,
+            "next_id": self._next_id,
             "thresholds": thresholds,
             "metadata": self.metadata,
             "arrays": [],
@@ -279,33 +531,33 @@ class CtFIndex:
         }
         return header, arrays
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the index to ``path`` atomically (format in the module docstring)."""
-        path = Path(path)
-        header, arrays = self._header()
+    def _write(self, f: BinaryIO) -> None:
+        """The file format onto ``f`` (compacting first, so that removed items leave no bytes)."""
+        if self._ndead:
+            with self._lock.write():
+                self._compact_locked()
+        if not isinstance(self.metadata, dict):
+            raise CtfreidError(f"index metadata must be a dict, got {type(self.metadata).__name__}")
         try:
-            json.dumps(header["metadata"])
+            json.dumps(self.metadata)
         except (TypeError, ValueError) as e:
             raise CtfreidError(f"index metadata must be JSON-serialisable: {e}") from None
-        if not isinstance(header["metadata"], dict):
-            raise CtfreidError(f"index metadata must be a dict, got {type(header['metadata']).__name__}")
-        # offsets depend on the header size, which depends on the offsets: iterate until stable
-        size = 0
-        for _ in range(10):
-            header["arrays"] = []
-            off = _align(_PREFIX.size + size)
-            for name, arr in arrays:
-                header["arrays"].append(
-                    {"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape), "offset": off}
-                )
-                off = _align(off + arr.nbytes)
-            header["file_size"] = off + _CRC.size
-            blob = json.dumps(header, sort_keys=True).encode()
-            if len(blob) == size:
-                break
-            size = len(blob)
-        crc = 0
-        with atomic_write(path) as f:
+        with self._lock.read():
+            header, arrays = self._header()
+            # offsets depend on the header size, which depends on the offsets: iterate until stable
+            size = 0
+            for _ in range(10):
+                header["arrays"] = []
+                off = _align(_PREFIX.size + size)
+                for name, arr in arrays:
+                    header["arrays"].append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape), "offset": off})
+                    off = _align(off + arr.nbytes)
+                header["file_size"] = off + _CRC.size
+                blob = json.dumps(header, sort_keys=True).encode()
+                if len(blob) == size:
+                    break
+                size = len(blob)
+            crc = 0
 
             def put(data) -> None:
                 nonlocal crc
@@ -324,88 +576,139 @@ class CtFIndex:
             put(b"\0" * (header["file_size"] - _CRC.size - pos))
             f.write(_CRC.pack(crc))
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index to ``path`` atomically (format in the module docstring)."""
+        with atomic_write(Path(path)) as f:
+            self._write(f)
+
+    def to_bytes(self) -> bytes:
+        """The index in the file format (checksummed), e.g. to send it to another process."""
+        buf = io.BytesIO()
+        self._write(buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> "CtFIndex":
+        """An index from ``to_bytes`` output; the checksum is verified."""
+        mv = memoryview(data).cast("B")
+        buf = _empty_aligned((mv.nbytes,), np.uint8)  # kernels read aligned words
+        buf[:] = np.frombuffer(mv, np.uint8)
+        return cls._parse(buf, "index bytes")
+
+    def __getstate__(self) -> dict:
+        return {"bytes": self.to_bytes()}  # locks and per-thread scratch are not state
+
+    def __setstate__(self, state: dict) -> None:
+        other = CtFIndex.from_bytes(state["bytes"])
+        self.__dict__.update(other.__dict__)
+
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> "CtFIndex":
-        """Read an index written by ``save``; ``mmap=True`` maps the code arrays read-only.
+        """Read an index written by ``save``; ``mmap=True`` maps the arrays read-only.
 
-        Raises ``FileNotFoundError`` if ``path`` does not exist and ``ValueError`` naming the file if it
-        is not a ctfreid index, was written by a newer format version, is truncated or is damaged.
+        The file is opened once: the checksum is verified and every array is read or mapped from that one
+        descriptor. Raises ``FileNotFoundError`` if ``path`` does not exist and ``CtfreidError`` naming the
+        file if it is not a regular file, not a ctfreid index, newer than this version, truncated or damaged.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"index file {path} does not exist")
-        size = path.stat().st_size
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"index file {path} does not exist") from None
+        except IsADirectoryError:
+            raise CtfreidError(f"cannot load index {path}: it is a directory, not an index file") from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise CtfreidError(f"cannot load index {path}: it is a directory, not an index file")
+            if not stat.S_ISREG(st.st_mode):
+                raise CtfreidError(f"cannot load index {path}: not a regular file (a device, FIFO or socket)")
+            size = st.st_size
+            if size < _PREFIX.size + _CRC.size:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    head = f.read(8)
+                raise CtfreidError(f"cannot load index {path}: "
+                                   + ("file is truncated" if head and MAGIC.startswith(head) else
+                                      "not a ctfreid index file (wrong magic bytes)"))
+            if mmap:
+                buf = np.frombuffer(_mmap.mmap(fd, size, access=_mmap.ACCESS_READ), np.uint8)
+            else:
+                buf = _empty_aligned((size,), np.uint8)
+                mv, got = memoryview(buf), 0
+                while got < size:
+                    r = os.preadv(fd, [mv[got:]], got)
+                    if r <= 0:
+                        break
+                    got += r
+                buf = buf[:got]
+        finally:
+            os.close(fd)
+        return cls._parse(buf, str(path))
 
-        def bad(what: str) -> ValueError:
-            return CtfreidError(f"cannot load index {path}: {what}")
+    @classmethod
+    def _parse(cls, buf: np.ndarray, name: str) -> "CtFIndex":
+        """An index over the bytes ``buf`` (uint8, 64-byte aligned, or a read-only map): every check of
+        the format first, then array views into ``buf``."""
+        size = buf.shape[0]
 
-        with open(path, "rb") as f:
-            prefix = f.read(_PREFIX.size)
-            if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
-                raise bad("not a ctfreid index file (wrong magic bytes)")
-            _, version, hsize = _PREFIX.unpack(prefix)
-            if version > FORMAT_VERSION:
-                raise bad(f"written in format version {version}, this ctfreid reads up to version {FORMAT_VERSION}")
-            if version < 1 or _PREFIX.size + hsize + _CRC.size > size:
-                raise bad("file is truncated or damaged (header does not fit)")
-            blob = f.read(hsize)
-            try:
-                header = json.loads(blob.decode())
-                lengths = [int(L) for L in header["lengths"]]
-                n = int(header["ntotal"])
-                expect = int(header["file_size"])
-                arrays = {a["name"]: a for a in header["arrays"]}
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-                raise bad("file is damaged (unreadable header)") from None
-            if size < expect:
-                raise bad(f"file is truncated ({size} bytes, expected {expect})")
-            if size != expect:
-                raise bad(f"file is damaged ({size} bytes, expected {expect})")
-            # verify the checksum before trusting any byte of the payload
-            crc = zlib.crc32(prefix + blob)
-            buf = bytearray(min(_CHUNK, size))
-            left = size - _CRC.size - _PREFIX.size - hsize
-            mv = memoryview(buf)
-            while left > 0:
-                got = f.readinto(mv[: min(len(buf), left)])
-                if not got:
-                    raise bad("file is truncated")
-                crc = zlib.crc32(mv[:got], crc)
-                left -= got
-            (stored,) = _CRC.unpack(f.read(_CRC.size))
-            if crc != stored:
-                raise bad("checksum mismatch: the file is damaged")
+        def bad(what: str) -> CtfreidError:
+            return CtfreidError(f"cannot load index {name}: {what}")
+
+        if size < _PREFIX.size or bytes(buf[:8]) != MAGIC:
+            raise bad("file is truncated" if size < 8 and MAGIC.startswith(bytes(buf[:size])) and size
+                      else "not a ctfreid index file (wrong magic bytes)")
+        _, version, hsize = _PREFIX.unpack(bytes(buf[: _PREFIX.size]))
+        if version > FORMAT_VERSION:
+            raise bad(f"written in format version {version}, this ctfreid reads up to version {FORMAT_VERSION}")
+        if version < 1 or _PREFIX.size + hsize + _CRC.size > size:
+            raise bad("file is truncated or damaged (header does not fit)")
+        blob = bytes(buf[_PREFIX.size : _PREFIX.size + hsize])
+        try:
+            header = json.loads(blob.decode())
+            lengths = [int(L) for L in header["lengths"]]
+            n = int(header["ntotal"])
+            expect = int(header["file_size"])
+            arrays = {a["name"]: a for a in header["arrays"]}
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise bad("file is damaged (unreadable header)") from None
+        if size < expect:
+            raise bad(f"file is truncated ({size} bytes, expected {expect})")
+        if size != expect:
+            raise bad(f"file is damaged ({size} bytes, expected {expect})")
+        crc = 0
+        for start in range(0, size - _CRC.size, _CHUNK):  # verify before trusting any byte of the payload
+            crc = zlib.crc32(buf[start : min(start + _CHUNK, size - _CRC.size)], crc)
+        (stored,) = _CRC.unpack(bytes(buf[size - _CRC.size :]))
+        if crc != stored:
+            raise bad("checksum mismatch: the file is damaged")
         index = cls()
         try:
             index.metadata = dict(header.get("metadata") or {})
-            index.thresholds = {int(L): int(t) for L, t in sorted((header.get("thresholds") or {}).items(), key=lambda x: int(x[0]))}
+            index.thresholds = {int(L): int(t) for L, t in
+                                sorted((header.get("thresholds") or {}).items(), key=lambda x: int(x[0]))}
             specs = [(f"codes_{L}", (n, L // 8), np.uint8) for L in lengths] + [("ids", (n,), np.int64)]
             loaded = {}
-            for name, shape, dtype in specs:
-                info = arrays[name]
+            for aname, shape, dtype in specs:
+                info = arrays[aname]
                 if tuple(info["shape"]) != shape or np.dtype(info["dtype"]) != np.dtype(dtype):
-                    raise CtfreidError(name)
+                    raise ValueError(aname)
                 off = int(info["offset"])
                 nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
                 if off % _ALIGN or off + nbytes > size - _CRC.size:
-                    raise CtfreidError(name)
-                if nbytes == 0:
-                    loaded[name] = np.empty(shape, dtype)
-                elif mmap:
-                    loaded[name] = np.memmap(path, dtype=dtype, mode="r", offset=off, shape=shape)
-                else:
-                    arr = _empty_aligned(shape, dtype)
-                    with open(path, "rb") as f:
-                        f.seek(off)
-                        if f.readinto(memoryview(arr).cast("B")) != nbytes:
-                            raise CtfreidError(name)
-                    loaded[name] = arr
+                    raise ValueError(aname)
+                loaded[aname] = buf[off : off + nbytes].view(dtype).reshape(shape)
+            ids = loaded["ids"]
+            if n and (int(ids.min()) < 0 or (n > 1 and len(np.unique(ids)) != n)):
+                raise ValueError("ids")
         except (ValueError, KeyError, TypeError):
             raise bad("file is damaged (inconsistent header)") from None
         if lengths:
             index._lengths = lengths
         index._codes = {L: loaded[f"codes_{L}"] for L in lengths}
         index._ids = loaded["ids"]
-        index._ntotal = n
+        index._nslots = n
+        index._live = _kernels.all_live(n)
         index._default_ids = header.get("default_ids")
+        index._next_id = int(header.get("next_id", int(ids.max()) + 1 if n else 0))
+        index._increasing = bool(n <= 1 or (np.diff(ids) > 0).all())
         return index
