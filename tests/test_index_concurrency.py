@@ -1,0 +1,125 @@
+"""CtFIndex under concurrency: threads searching while a thread adds and removes (every answer equals the
+answer of one whole state, computed beforehand on a separately built index), and loads racing a process
+that keeps replacing the file (every load is one of the two saved indexes, never an error)."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from reference import correlated_code_sets
+
+from ctfreid.search.index import CtFIndex
+
+LENGTHS = (32, 128, 512)
+TH = {32: 11, 128: 48}
+
+
+def test_searches_see_whole_writes():
+    rng = np.random.default_rng(0)
+    q, g = correlated_code_sets(rng, 4000, 4, LENGTHS)
+    ids = np.arange(4000)
+    # the plan: start with 2000 items, then alternately add 200 and remove 100 live ones
+    live = list(range(2000))
+    ops, states, nxt = [], [list(live)], 2000
+    for step in range(14):
+        if step % 2 == 0:
+            ops.append(("add", np.arange(nxt, nxt + 200)))
+            live += list(range(nxt, nxt + 200))
+            nxt += 200
+        else:
+            gone = rng.choice(live, 100, replace=False)
+            ops.append(("remove", gone))
+            live = [i for i in live if i not in set(gone.tolist())]
+        states.append(list(live))
+
+    def answer(index):
+        D, I = index.search(q, 30)
+        return I.tolist()
+
+    expected = []
+    for rows in states:  # reference answers: a fresh index per state, single-threaded
+        ref = CtFIndex()
+        ref.add({L: c[rows] for L, c in g.items()}, ids=ids[rows])
+        ref.thresholds = dict(TH)
+        expected.append(answer(ref))
+
+    index = CtFIndex()
+    index.add({L: c[:2000] for L, c in g.items()}, ids=ids[:2000])
+    index.thresholds = dict(TH)
+    started, finished = [0], [0]
+    failures, checked = [], [0]
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            lo = finished[0]
+            got = answer(index)
+            hi = started[0]
+            if not any(got == expected[v] for v in range(lo, hi + 1)):
+                failures.append((lo, hi))
+            checked[0] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for kind, arg in ops:
+        started[0] += 1
+        if kind == "add":
+            index.add({L: c[arg] for L, c in g.items()}, ids=ids[arg])
+        else:
+            assert index.remove_ids(arg) == 100
+        finished[0] += 1
+        time.sleep(0.02)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not failures, f"{len(failures)} of {checked[0]} searches saw half a write"
+    assert checked[0] > 20 and answer(index) == expected[-1]
+
+
+SAVER = """
+import sys, time
+from ctfreid.search.index import CtFIndex
+a, b, path, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+blobs = [CtFIndex.from_bytes(open(p, "rb").read()) for p in (a, b)]
+end, i = time.time() + seconds, 0
+print("ready", flush=True)
+while time.time() < end:
+    blobs[i % 2].save(path)
+    i += 1
+"""
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_loads_racing_a_saver_process_never_mix_two_files(tmp_path, mmap):
+    rng = np.random.default_rng(1)
+    sets = [correlated_code_sets(rng, n, 1, LENGTHS)[1] for n in (3000, 2000)]
+    paths = []
+    for i, codes in enumerate(sets):
+        index = CtFIndex()
+        index.add(codes)
+        index.thresholds = dict(TH)
+        paths.append(tmp_path / f"{i}.ctf")
+        index.save(paths[-1])
+    target = tmp_path / "live.ctf"
+    paths[0].rename(tmp_path / "a.ctf")
+    a = CtFIndex.from_bytes((tmp_path / "a.ctf").read_bytes())
+    a.save(target)
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path / "a.ctf"), str(paths[1]), str(target), "2.5"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        seen = {3000: 0, 2000: 0}
+        end = time.time() + 2.0
+        while time.time() < end:
+            loaded = CtFIndex.load(target, mmap=mmap)  # must never raise: the file is always whole
+            n = loaded.ntotal
+            assert n in seen
+            np.testing.assert_array_equal(loaded.codes(512), sets[0 if n == 3000 else 1][512])
+            seen[n] += 1
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == 0 and min(seen.values()) > 0, seen
