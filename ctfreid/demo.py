@@ -266,7 +266,7 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
     from ctfreid.eval import report
     from ctfreid.eval.evaluate import beta_sweep, evaluate_sets
     from ctfreid.infer import encode_records, load_model, split_records
-    from ctfreid.infer.gallery import build_index, finest_stages
+    from ctfreid.infer.gallery import build_index
     from ctfreid.learn.run_dir import model_fingerprint
     from ctfreid.learn.train import train
     from ctfreid.search.thresholds import fit_dto, save_thresholds
@@ -370,8 +370,8 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
     picked = pick_queries(query, gallery, cfg.ranked_queries)
     if len(picked):
         qcodes = {L: c[picked] for L, c in query.codes.items()}
-        D, I = index.rank(qcodes)
-        stages = finest_stages(index, qcodes, I, thresholds) if thresholds else None
+        hits = index.search_hits(qcodes, index.ntotal)  # the whole ranking, with the stage of each item
+        I, D, stages = hits.ids, hits.finest_distances, hits.stage_bits
         meta = index.metadata
         paths["ranked_lists"] = report.plot_ranked_lists(
             out / "ranked_lists.png", query.paths[picked], query.pids[picked], query.camids[picked],

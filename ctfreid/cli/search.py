@@ -41,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from ctfreid.infer.gallery import (
         check_model,
         encode_kwargs,
-        finest_stages,
         index_flip,
         load_index,
         query_records,
@@ -57,9 +56,8 @@ def run(args: argparse.Namespace) -> int:
     # Queries are encoded as the index's images were (flip test or not).
     kw = encode_kwargs(info, args.batch_size, args.device, progress=False, flip=index_flip(index))
     enc = encode_records(model, records, **kw)
-    D, I = index.search(enc.codes, args.k)
-    thresholds = {int(k): int(v) for k, v in index.thresholds.items()}
-    S = finest_stages(index, enc.codes, I, thresholds) if thresholds else np.where(I >= 0, max(enc.codes), -1)
+    hits = index.search_hits(enc.codes, args.k)  # k is clamped to the number of images
+    I, D, S = hits.ids, hits.finest_distances, hits.stage_bits
     meta = index.metadata
     paths, pids = meta["paths"], meta["pids"]
     out = []

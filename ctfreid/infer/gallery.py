@@ -165,32 +165,3 @@ def query_records(items: list[str]) -> list[tuple[str, int, int]]:
         else:
             raise FileNotFoundError(f"query image {item} does not exist")
     return records
-
-
-def _stored_codes(index, length: int):
-    # ids are positions (index build uses default ids).
-    return index.codes(length)
-
-
-def finest_stages(index, query_codes: dict, ids, thresholds: dict):
-    """Code length of the finest CtF stage each returned id reached (stage k+1 is reached iff the item
-    passed every threshold of stages 1..k, Sec. 3.1); -1 for padding."""
-    import numpy as np
-
-    from ctfreid.search.hamming import hamming_distances
-
-    lengths = sorted(query_codes)
-    ids = np.asarray(ids)
-    stage = np.full(ids.shape, -1, dtype=np.int64)
-    for i in range(ids.shape[0]):
-        valid = ids[i] >= 0
-        sel = ids[i][valid]
-        reached = np.full(len(sel), lengths[0], dtype=np.int64)
-        alive = np.ones(len(sel), dtype=bool)
-        for a, b in zip(lengths[:-1], lengths[1:]):
-            g = _stored_codes(index, a)[sel]
-            d = hamming_distances(query_codes[a][i], g).reshape(-1)
-            alive &= d <= thresholds[a]
-            reached[alive] = b
-        stage[i][valid] = reached
-    return stage

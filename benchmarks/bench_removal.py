@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Removal and the hot path: what ``CtFIndex.remove_ids`` costs, and what removed items cost searches.
+
+    python3 benchmarks/bench_removal.py                       # n = 1e6, the codes of bench_search.py
+    python3 benchmarks/bench_removal.py --compare-to d4ce6fc  # also the single-query CtF top-100 of that commit
+
+Single thread, top-100, the synthetic multi-length codes and threshold fit of ``bench_search.py`` (stage 1
+keeps about 2 %). Prints medians of interleaved blocks (``bench_search.timed_blocks``) for:
+
+- CtF top-100 of one query on an index with 10 % of its items removed (not compacted) against a compacted
+  index of the same live items, and against faiss ``IndexBinaryFlat`` at 32 bits in the same run;
+- ``remove_ids`` of 1, 1,000 and 100,000 ids (a fresh copy of the index each time, below the automatic
+  compaction for the first two);
+- with ``--compare-to REV``: the same single-query CtF top-100 with the code of commit ``REV`` (a git
+  worktree in a temporary folder), old and new run alternately in subprocesses, 3 rounds each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _data(n: int, seed: int = 0):
+    from bench_search import fit_thresholds, make_data
+
+    lengths = [32, 128, 512, 2048]
+    g, q, c, _, _ = make_data(n, 64, lengths, seed, Path(tempfile.gettempdir()) / "ctfreid-bench")
+    g = {L: np.ascontiguousarray(v[:n]) for L, v in g.items()}
+    thresholds, kept = fit_thresholds(c, g, 0.02)
+    return g, q, thresholds, kept
+
+
+def worker(n: int, seconds: float) -> dict:
+    """Median single-query CtF top-100 of the ctfreid on sys.path (old or new), and faiss 32-bit."""
+    import faiss
+    from bench_search import timed_blocks
+
+    from ctfreid import CtFIndex
+
+    faiss.omp_set_num_threads(1)
+    g, q, thresholds, _ = _data(n)
+    index = CtFIndex()
+    index.add(g)
+    index.thresholds = thresholds
+    flat = faiss.IndexBinaryFlat(32)
+    flat.add(g[32])
+    q1 = [{L: v[i : i + 1] for L, v in q.items()} for i in range(q[32].shape[0])]
+    res = timed_blocks({"ctf": lambda i: index.search(q1[i], 100),
+                        "faiss32": lambda i: flat.search(q[32][i : i + 1], 100)}, len(q1), seconds)
+    return {"ctf": res["ctf"][0], "faiss32": res["faiss32"][0]}
+
+
+def compare(rev: str, n: int, rounds: int = 3) -> None:
+    repo = HERE.parent
+    tmp = Path(tempfile.mkdtemp(prefix="ctfreid-old-"))
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tmp / "tree"), rev],
+                   check=True, capture_output=True)
+    try:
+        runs = {"old": [], "new": []}
+        for r in range(rounds):
+            for name, root in (("old", tmp / "tree"), ("new", repo)):
+                env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{HERE}")
+                out = subprocess.run([sys.executable, __file__, "--worker", "--n", str(n)], env=env, check=True,
+                                     capture_output=True, text=True, cwd=str(root)).stdout
+                runs[name].append(json.loads(out.strip().splitlines()[-1]))
+        print(f"\nsingle-query CtF top-100 at n = {n:,}: commit {rev} (old) against this tree (new), "
+              f"{rounds} alternating rounds, medians")
+        print("| code | CtF top-100 | faiss 32-bit top-100 | CtF / faiss |")
+        print("|---|---|---|---|")
+        for name in ("old", "new"):
+            ctf = float(np.median([x["ctf"] for x in runs[name]]))
+            fa = float(np.median([x["faiss32"] for x in runs[name]]))
+            print(f"| {name} | {ctf * 1e6:.0f} µs | {fa * 1e6:.0f} µs | {ctf / fa:.2f} |")
+        new, old = (float(np.median([x["ctf"] for x in runs[k]])) for k in ("new", "old"))
+        print(f"new / old: {new / old:.3f}")
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp / "tree")], capture_output=True)
+
+
+def removal(n: int, seconds: float) -> None:
+    import faiss
+    from bench_search import timed_blocks
+
+    from ctfreid import CtFIndex
+
+    faiss.omp_set_num_threads(1)
+    g, q, thresholds, kept = _data(n)
+    rng = np.random.default_rng(0)
+    gone = np.sort(rng.choice(n, n // 10, replace=False))
+    removed = CtFIndex()
+    removed.add(g)
+    removed.thresholds = thresholds
+    t = time.perf_counter()
+    removed.remove_ids(gone)
+    t_remove = time.perf_counter() - t
+    keep = np.setdiff1d(np.arange(n), gone)
+    compacted = CtFIndex()
+    compacted.add({L: v[keep] for L, v in g.items()}, ids=keep)
+    compacted.thresholds = thresholds
+    flat = faiss.IndexBinaryFlat(32)
+    flat.add(g[32][keep])
+    q1 = [{L: v[i : i + 1] for L, v in q.items()} for i in range(q[32].shape[0])]
+    for i in range(4):
+        assert np.array_equal(removed.search(q1[i], 100)[1], compacted.search(q1[i], 100)[1])
+    res = timed_blocks({"removed": lambda i: removed.search(q1[i], 100),
+                        "compacted": lambda i: compacted.search(q1[i], 100),
+                        "faiss32": lambda i: flat.search(q[32][i : i + 1], 100)}, len(q1), seconds)
+    print(f"\nn = {n:,}, thresholds {thresholds} (stage 1 keeps {kept[0]:.1%}); 10 % removed = {n // 10:,} ids "
+          f"(remove_ids took {t_remove * 1e3:.0f} ms)")
+    print("| index | CtF top-100, one query | vs compacted |")
+    print("|---|---|---|")
+    for name in ("removed", "compacted", "faiss32"):
+        label = {"removed": "10 % removed, not compacted", "compacted": "compacted (same live items)",
+                 "faiss32": "faiss IndexBinaryFlat 32-bit (same live items)"}[name]
+        print(f"| {label} | {res[name][0] * 1e6:.0f} µs | {res[name][0] / res['compacted'][0]:.3f} |")
+    del removed, compacted
+    print("\n| remove_ids of | time (median of 3) |")
+    print("|---|---|")
+    base = CtFIndex()
+    base.add(g)
+    for m in (1, 1_000, 100_000):
+        times = []
+        for r in range(3):
+            index = CtFIndex.from_bytes(base.to_bytes()) if m == 100_000 or r == 0 else index
+            ids = np.random.default_rng(r).choice(n, m, replace=False)
+            t = time.perf_counter()
+            index.remove_ids(ids)
+            times.append(time.perf_counter() - t)
+        note = " (includes the automatic compaction)" if m / n > 0.2 else ""
+        print(f"| {m:,} ids | {np.median(times) * 1e3:.2f} ms{note} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--seconds", type=float, default=6.0, help="timed seconds per block set")
+    ap.add_argument("--compare-to", metavar="REV", help="also time the single-query CtF of this commit")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.n, args.seconds)))
+        return 0
+    removal(args.n, args.seconds)
+    if args.compare_to:
+        compare(args.compare_to, args.n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
