@@ -1,37 +1,86 @@
-"""Atomic file writes: write to a temporary file beside the target, fsync, then rename over it."""
+"""Atomic file writes: write to a temporary file beside the target, fsync, then rename over it.
+
+- a crash, a kill or a full disk never leaves a half-written target: either the old file or the new one;
+- the temporary file is ``.NAME.PID.RANDOM.tmp``; one left behind by a killed writer (its process is gone)
+  is removed by the next write of the same target;
+- the new file keeps the old one's permissions (a private 0600 index stays private), else gets those of a
+  plain ``open()`` (0666 & ~umask);
+- writing to a symbolic link replaces the file it points to and keeps the link;
+- errors name the user's path, not the temporary file.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files of earlier writes of ``path`` whose writer process is gone."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 :].split(".")
+        if len(parts) == 3 and parts[0].isdigit() and not _alive(int(parts[0])):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file for writing; on success it replaces ``path`` atomically.
 
-    On any exception the temporary file is removed and an existing ``path`` is left untouched.
+    On any exception the temporary file is removed and an existing ``path`` is left untouched; an
+    ``OSError`` (a full disk, a missing permission) is re-raised naming ``path`` and the cause.
     """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))  # update the link's target, keep the link
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a directory, expected a file path")
+    remove_stale_temporaries(path)
     try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would (0666 & ~umask).
+        old_mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        old_mode = 0o666 & ~umask
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot write {path}: {e.strerror}") from None
+    try:
+        os.chmod(tmp, old_mode)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        # a full disk (also as the RuntimeError torch.save chains to it) becomes one error naming the file
+        cause = e if isinstance(e, OSError) else (e.__cause__ or e.__context__) if isinstance(e, RuntimeError) else None
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, f"cannot write {path}: {os.strerror(cause.errno)}") from e
         raise

@@ -118,7 +118,7 @@ def to_signs(codes: np.ndarray, name: str = "codes") -> np.ndarray:
 def binarize(features: np.ndarray, name: str = "features") -> np.ndarray:
     """Eq. 2 without the BN: ``b = sgn(v)`` packed; a value > 0 is bit 1, a value <= 0 is bit 0."""
     features = np.asarray(features)
-    if features.ndim != 2 or not np.issubdtype(features.dtype, np.number):
+    if features.ndim != 2 or not np.issubdtype(features.dtype, np.number) or np.iscomplexobj(features):
         raise CtfreidError(f"{name} must be a real-valued 2-D array (n, L), got {features.dtype} {features.shape}")
     check_length(features.shape[1], f"{name} length (columns)")
     if np.issubdtype(features.dtype, np.floating) and not np.isfinite(features).all():

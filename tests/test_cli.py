@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +277,86 @@ def test_missing_torch_is_a_one_line_install_hint(tmp_path):
         p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
         assert p.returncode == 1, (argv, p.stderr)
         assert_one_line_error(p.returncode, p.stderr, 'pip install "ctfreid[train]"')
+
+
+# --------------------------------------------------------------------------- hardening: races and hostile input
+def test_two_index_add_processes_keep_both_additions(run_dir, synth_root, tmp_path, capsys):
+    a, b = _split_gallery(synth_root, tmp_path)
+    c = tmp_path / "c"
+    c.mkdir()
+    for p in sorted(a.iterdir())[:3]:  # the index starts with 3 images; each process adds its own folder
+        shutil.move(str(p), c / p.name)
+    index_path = tmp_path / "g.ctf"
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", c, "--out", index_path,
+                     "--thresholds", "32=10,64=20", "--quiet")
+    assert rc == 0, err
+    procs = [subprocess.Popen([sys.executable, "-m", "ctfreid", "index", "add", "--index", str(index_path),
+                               "--model", str(run_dir), "--images", str(folder), "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for folder in (a, b)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    from ctfreid.search.index import CtFIndex
+
+    saved = CtFIndex.load(index_path)
+    names = {Path(p).name for p in saved.metadata["paths"]}
+    assert names == {p.name for folder in (a, b, c) for p in folder.iterdir()}
+    assert saved.ntotal == len(names)
+
+
+def test_bad_outputs_and_parameters_fail_before_any_work(run_dir, synth_root, tmp_path, capsys):
+    images = synth_root / "bounding_box_test"
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["index", "build", "--model", run_dir, "--images", images, "--out", tmp_path / "adir"], "is a directory"),
+        (["index", "build", "--model", run_dir, "--images", images, "--out", tmp_path / "no" / "g.ctf"], "does not exist"),
+        (["index", "build", "--model", run_dir, "--images", images, "--out", tmp_path / "g.ctf", "--beta", "0"],
+         "finite number > 0"),
+        (["index", "build", "--model", run_dir, "--images", images, "--out", tmp_path / "g.ctf", "--batch-size", "0"],
+         "positive integer"),
+        (["encode", "--model", run_dir, "--split", "query", "--out", tmp_path / "no" / "q.npz"], "does not exist"),
+        (["encode", "--model", run_dir, "--split", "query", "--out", tmp_path / "q.npz", "--batch-size", "0"],
+         "positive integer"),
+        (["calibrate", "--val", tmp_path / "v.npz", "--beta", "nan"], "finite number > 0"),
+        (["evaluate", "--query", tmp_path / "q.npz", "--gallery", tmp_path / "g.npz", "--json", tmp_path / "adir"],
+         "is a directory"),
+    ]
+    for argv, fragment in cases:
+        start = time.perf_counter()
+        with pytest.raises(SystemExit) as info:  # argparse refuses while parsing: nothing is encoded
+            main([str(x) for x in argv])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and fragment in err, (argv, err)
+        assert time.perf_counter() - start < 5
+
+
+def test_hostile_inputs_are_one_line_errors(run_dir, synth_root, tmp_path, capsys):
+    from PIL import Image
+
+    index_path = tmp_path / "g.ctf"
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", synth_root / "bounding_box_test",
+                     "--out", index_path, "--thresholds", "32=10,64=20", "--quiet")
+    assert rc == 0, err
+    query = sorted((synth_root / "query").iterdir())[0]
+    # k far beyond the index: clamped, every image listed once
+    rc, out, err = cli(capsys, "search", "--index", index_path, "--model", run_dir, query, "--k", 10**9, "--json")
+    assert rc == 0, err
+    from ctfreid.search.index import CtFIndex
+
+    assert len(json.loads(out)["queries"][0]["results"]) == CtFIndex.load(index_path).ntotal
+    # a decompression bomb: a few KB of PNG that would decode to 400 megapixels
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb, optimize=True)
+    assert bomb.stat().st_size < 100_000
+    rc, _, err = cli(capsys, "search", "--index", index_path, "--model", run_dir, bomb)
+    assert_one_line_error(rc, err, "bomb.png", "pixels", "MAX_IMAGE_PIXELS")
+    # files that are not what the option expects
+    (tmp_path / "model.json").write_text("{}")
+    rc, _, err = cli(capsys, "search", "--index", index_path, "--model", tmp_path / "model.json", query)
+    assert_one_line_error(rc, err, "model.json is not a ctfreid model", "expected a run directory")
+    assert "weights_only" not in err
+    rc, _, err = cli(capsys, "search", "--index", index_path, "--model", index_path, query)
+    assert_one_line_error(rc, err, "is not a ctfreid model")
+    for index_arg, fragment in ((tmp_path, "is a directory"), ("/dev/null", "not a regular file")):
+        rc, _, err = cli(capsys, "search", "--index", index_arg, "--model", run_dir, query)
+        assert_one_line_error(rc, err, fragment)

@@ -89,3 +89,8 @@ def test_binarize_errors():
         binarize(np.ones((2, 33)))
     with pytest.raises(ValueError, match="finite"):
         binarize(np.full((1, 32), np.nan))
+
+
+def test_binarize_refuses_complex_features():
+    with pytest.raises(ValueError, match="real-valued"):
+        binarize(np.ones((2, 32), np.complex64))

@@ -221,3 +221,18 @@ def test_synth_fixture_is_a_market_dataset(synth_dataset):
     test_ids = {p for _, p, _ in synth_dataset.query}
     assert len(train_ids) == 8 and len(test_ids) == 8 and not train_ids & test_ids
     assert {p for _, p, _ in synth_dataset.gallery} == test_ids | {0, -1}
+
+
+def test_read_image_refuses_pictures_beyond_the_pixel_limit(tmp_path):
+    from PIL import Image
+
+    from ctfreid.data import datasets
+    from ctfreid.errors import CtfreidError
+
+    big = tmp_path / "big.png"
+    Image.new("1", (8000, 6000)).save(big)  # 48 megapixels: below Pillow's own limit, above ours
+    with pytest.raises(CtfreidError, match=r"big.png has 8000 x 6000 pixels, more than the limit"):
+        datasets.read_image(big)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (64, 128)).save(small)
+    assert datasets.read_image(small).size == (64, 128)

@@ -273,3 +273,38 @@ def test_short_training_makes_codes_clearly_better(learnable_root, tmp_path):
     log = [e for e in log if e["type"] == "epoch"]
     assert len(log) == config.epochs and log[-1]["total"] < log[0]["total"]
     assert np.isfinite([e["total"] for e in log]).all()
+
+
+# ----------------------------------------------------------------------------------- finished runs, damage
+def test_rerunning_a_finished_run_without_its_checkpoint_keeps_its_model(synth_root, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(epochs=1), synth_root, run, progress=False)
+    (run / "checkpoint.pt").unlink()  # a user cleaning up
+    (run / "thresholds.json").write_text('{"thresholds": {"32": 9}}')
+    before = (run / "model.pt").read_bytes()
+    summary = train(tiny(epochs=1), synth_root, run, progress=False)  # the same command again
+    assert summary["resumed_from_epoch"] == 1 and (run / "model.pt").read_bytes() == before
+    assert (run / "thresholds.json").is_file()
+    with pytest.raises(ValueError, match="cannot continue to 2"):
+        train(tiny(epochs=2), synth_root, run, progress=False)
+    assert (run / "model.pt").read_bytes() == before
+    train(tiny(epochs=1, seed=5), synth_root, run, resume=False, progress=False)  # start over: nothing stale
+    assert (run / "model.previous.pt").read_bytes() == before
+    assert (run / "thresholds.previous.json").is_file() and not (run / "thresholds.json").exists()
+    assert (run / "model.pt").read_bytes() != before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
+def test_a_damaged_checkpoint_is_named_with_what_to_do(synth_root, tmp_path, damage):
+    run = tmp_path / "run"
+    train(tiny(epochs=1), synth_root, run, progress=False)
+    ckpt = run / "checkpoint.pt"
+    blob = ckpt.read_bytes()
+    if damage == "truncate":
+        ckpt.write_bytes(blob[: len(blob) // 2])
+    elif damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint at all")
+    else:
+        torch.save({"something": 1}, ckpt)
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint.pt is damaged .*--no-resume"):
+        train(tiny(epochs=2), synth_root, run, progress=False)

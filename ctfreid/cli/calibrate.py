@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ctfreid.cli._args import output_file, positive_float
 from ctfreid.errors import CtfreidError
 
 HELP = "fit DTO thresholds on an encoded validation set"
@@ -32,11 +33,11 @@ def _betas(text: str) -> list[float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", required=True, metavar="VAL.npz",
                         help="encoded validation set (pids, camids, codes_<L>)")
-    parser.add_argument("--beta", type=float, default=2.0, help="F_beta weight of recall (default 2.0, the paper's)")
+    parser.add_argument("--beta", type=positive_float, default=2.0, help="F_beta weight of recall (default 2.0, the paper's)")
     parser.add_argument("--rho", default="1",
                         help="weight of the negative CDF: a number, or 'auto' = the real negative/positive "
                         "pair ratio (default 1)")
-    parser.add_argument("--out", metavar="thresholds.json", help="write thresholds, beta and the Gaussian fits as JSON")
+    parser.add_argument("--out", type=output_file, metavar="thresholds.json", help="write thresholds, beta and the Gaussian fits as JSON")
     parser.add_argument("--max-pairs", type=int, default=1_000_000,
                         help="most pairs of each kind used for the fits (deterministic subsample; default 1000000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair subsample (default 0)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ctfreid.cli._args import output_file, positive_int
 from ctfreid.errors import CtfreidError
 
 HELP = "encode a split of a dataset into an .npz of codes and features"
@@ -24,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="DIR", help="dataset folder in Market-1501 layout (default: the run's)")
     parser.add_argument("--split", required=True, choices=("query", "gallery", "train", "val"),
                         help="which images: query/, bounding_box_test/, bounding_box_train/ or the run's validation ids")
-    parser.add_argument("--out", required=True, metavar="FILE.npz", help="output .npz (written atomically)")
+    parser.add_argument("--out", required=True, type=output_file, metavar="FILE.npz", help="output .npz (written atomically)")
     parser.add_argument("--dataset", default=None,
                         help="dataset loader name (e.g. market1501_500k for the extra distractors); default: Market layout")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per forward pass (default: 8 on CPU, where it is fastest, 128 on CUDA)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     parser.add_argument("--num-workers", type=int, default=2, help="image decoding worker processes (default 2)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ctfreid.cli._args import positive_int
+from ctfreid.cli._args import output_file, positive_float, positive_int
 from ctfreid.errors import CtfreidError
 
 HELP = "CMC/mAP and query time of float, each code length and CtF from .npz files"
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--thresholds", metavar="SPEC",
                        help="CtF thresholds: 32=9,128=41,512=190 or a thresholds .json from 'ctfreid calibrate'")
     group.add_argument("--calibrate", metavar="VAL.npz", help="fit thresholds with DTO on this validation set")
-    parser.add_argument("--beta", type=float, default=None,
+    parser.add_argument("--beta", type=positive_float, default=None,
                         help="DTO beta with --calibrate (default 2.0; larger = more accurate, slower)")
     parser.add_argument("--rho", default="1", help="DTO rho with --calibrate: a number or 'auto' (default 1)")
     parser.add_argument("--max-rank", type=int, default=10, help="longest CMC rank (default 10)")
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time the top-K search alone (the index's serving path) for each binary row")
     parser.add_argument("--repeats", type=positive_int, default=1, metavar="N",
                         help="report the median time of N timed passes (default 1; the CPU may be shared)")
-    parser.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
+    parser.add_argument("--json", type=output_file, metavar="OUT.json", help="also write the results as JSON")
 
 
 def parse_rho(text: str) -> float | str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ctfreid.errors import CtfreidError
+from ctfreid.cli._args import output_file, positive_float, positive_int
 
 HELP = "build or extend a coarse-to-fine index from a folder of images"
 DESCRIPTION = """Encode a folder of person crops with a trained AiO model and save a coarse-to-fine (CtF)
@@ -48,7 +48,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="run directory of 'ctfreid train' (or its model.pt)")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of person crops (.jpg, .jpeg, .png, .bmp)")
     p.add_argument("--recursive", action="store_true", help="also take images in sub-folders")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoding batch (default 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -59,11 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b = sub.add_parser("build", help="encode a folder of images into a new index", description=BUILD_DESCRIPTION,
                        formatter_class=raw)
     _common(b)
-    b.add_argument("--out", required=True, metavar="INDEX", help="index file to write (e.g. gallery.ctf)")
+    b.add_argument("--out", required=True, type=output_file, metavar="INDEX", help="index file to write (e.g. gallery.ctf)")
     group = b.add_mutually_exclusive_group()
     group.add_argument("--thresholds", metavar="SPEC",
                        help="CtF thresholds: 32=9,128=41,512=190 or a .json from 'ctfreid calibrate'")
-    group.add_argument("--beta", type=float, help="fit thresholds with DTO at this beta on the run's validation split")
+    group.add_argument("--beta", type=positive_float, help="fit thresholds with DTO at this beta on the run's validation split")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b.add_argument("--flip", action="store_true",
                    help="flip test: encode each image with its mirror (2x slower; remembered by the index, so "
@@ -74,44 +74,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfreid.infer.encoder import encode_records
-    from ctfreid.infer.gallery import (
-        add_to_index,
-        build_index,
-        check_model,
-        encode_kwargs,
-        folder_records,
-        index_flip,
-        load_index,
-        resolve_thresholds,
-    )
-    from ctfreid.learn.run_dir import load_model, model_fingerprint
+    from ctfreid.infer.gallery import index_lock
 
-    if args.batch_size < 1:
-        raise CtfreidError(f"--batch-size must be >= 1, got {args.batch_size}")
+    target = args.out if args.action == "build" else args.index
     if args.action == "build" and Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(
             f"--out {args.out} exists: pass --overwrite to replace it, or 'ctfreid index add' to extend it")
-    index = load_index(args.index, mmap=False) if args.action == "add" else None
+    with index_lock(target):  # two writers of one index wait for each other instead of losing images
+        return _build(args) if args.action == "build" else _add(args)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ctfreid.infer.encoder import encode_records
+    from ctfreid.infer.gallery import build_index, encode_kwargs, folder_records, resolve_thresholds
+    from ctfreid.learn.run_dir import load_model, model_fingerprint
+
     records = folder_records(args.images, recursive=args.recursive)
     model, info = load_model(args.model, device=args.device)
     fingerprint = model_fingerprint(model, info)
-    flip = args.flip if args.action == "build" else index_flip(index)
-    kw = encode_kwargs(info, args.batch_size, args.device, progress=not args.quiet, flip=flip)
+    kw = encode_kwargs(info, args.batch_size, args.device, progress=not args.quiet, flip=args.flip)
+    thresholds, source = resolve_thresholds(model, info, args.thresholds, args.beta, kw)
+    encoded = encode_records(model, records, **kw)
+    index = build_index(encoded, thresholds, fingerprint, info, {"thresholds_source": source}, flip=args.flip)
+    index.save(args.out)
+    th = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(thresholds.items())) or "none"
+    print(f"indexed {index.ntotal} images from {args.images} -> {args.out}")
+    print(f"  model {info['file']} (fingerprint {fingerprint}), lengths {sorted(model.lengths)}"
+          + (", flip test" if args.flip else ""))
+    print(f"  thresholds {th} ({source})")
+    return 0
 
-    if args.action == "build":
-        thresholds, source = resolve_thresholds(model, info, args.thresholds, args.beta, kw)
-        encoded = encode_records(model, records, **kw)
-        index = build_index(encoded, thresholds, fingerprint, info, {"thresholds_source": source}, flip=flip)
-        index.save(args.out)
-        th = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(thresholds.items())) or "none"
-        print(f"indexed {index.ntotal} images from {args.images} -> {args.out}")
-        print(f"  model {info['file']} (fingerprint {fingerprint}), lengths {sorted(model.lengths)}"
-              + (", flip test" if flip else ""))
-        print(f"  thresholds {th} ({source})")
-        return 0
 
+def _add(args: argparse.Namespace) -> int:
+    from ctfreid.infer.encoder import encode_records
+    from ctfreid.infer.gallery import add_to_index, check_model, encode_kwargs, folder_records, index_flip, load_index
+    from ctfreid.learn.run_dir import load_model, model_fingerprint
+
+    index = load_index(args.index, mmap=False)
+    records = folder_records(args.images, recursive=args.recursive)
+    model, info = load_model(args.model, device=args.device)
+    fingerprint = model_fingerprint(model, info)
     check_model(index, args.index, fingerprint, info)
+    kw = encode_kwargs(info, args.batch_size, args.device, progress=not args.quiet, flip=index_flip(index))
     known = set(index.metadata["paths"])
     new = [r for r in records if r[0] not in known]
     if new:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ctfreid.errors import CtfreidError
+from ctfreid.cli._args import output_file, positive_int
 
 HELP = "search an index with query images"
 DESCRIPTION = """Encode the query images with the model that built the index and print each query's top-k
@@ -27,10 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="query image files or folders of images")
     parser.add_argument("--index", required=True, metavar="INDEX", help="index file of 'ctfreid index build'")
     parser.add_argument("--model", required=True, metavar="RUN_DIR", help="the run directory that built the index")
-    parser.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    parser.add_argument("--k", type=positive_int, default=10, help="results per query (default 10; at most the images indexed)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    parser.add_argument("--show", metavar="OUT.png", help="also draw the ranked lists into this picture")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoding batch (default 64)")
+    parser.add_argument("--show", type=output_file, metavar="OUT.png", help="also draw the ranked lists into this picture")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per encoding batch (default 64)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
 
 
@@ -47,8 +47,6 @@ def run(args: argparse.Namespace) -> int:
     )
     from ctfreid.learn.run_dir import load_model, model_fingerprint
 
-    if args.k < 1:
-        raise CtfreidError(f"--k must be >= 1, got {args.k}")
     index = load_index(args.index)
     records = query_records(args.images)
     model, info = load_model(args.model, device=args.device)

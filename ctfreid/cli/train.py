@@ -12,7 +12,9 @@ self-distillation, Eq. 5) on the bounding_box_train/ images of a Market-1501-lay
 are the paper's recipe (Sec. 4.2: ResNet-50, Adam lr 3.5e-4 with a 10-epoch warm-up, x0.1 at 40 and 70,
 120 epochs, 16 x 4 PK batches, 256 x 128). RUN_DIR receives config.json, split.json, log.jsonl (one JSON
 line per epoch), checkpoint.pt after every epoch and model.pt at the end. Running the same command again
-continues from the last completed epoch.
+continues from the last completed epoch; a finished run is left as it is (also when its checkpoint.pt was
+deleted). --no-resume starts again and keeps nothing stale: the old log and checkpoint are removed, the
+old model.pt and thresholds.json are kept aside as model.previous.pt and thresholds.previous.json.
 
 Fast CPU recipe: freeze the first backbone stages and cache their outputs once (--frozen-stages N
 --cache-stem); only the rest is trained, with flip, translation and erasing applied to the cached maps.
@@ -37,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder in Market-1501 layout")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; resumed if it holds a run)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start again even if RUN_DIR holds a checkpoint")
+                        help="start again even if RUN_DIR holds a run (its model.pt and thresholds.json are "
+                             "kept as model.previous.pt and thresholds.previous.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     hints = config_field_types()
     group = parser.add_argument_group("training settings (defaults: the paper's recipe)")

@@ -252,17 +252,32 @@ def split_train_val(
     return train, val
 
 
+# Person crops are small (Market-1501: 128 x 64); a larger picture is refused before it is decoded, so a
+# "decompression bomb" (a few KB of PNG that decodes to gigabytes) cannot exhaust memory.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
 def read_image(path: str | os.PathLike):
-    """Open an image as an RGB ``PIL.Image``; ``ValueError`` naming the path if it is unreadable or corrupt."""
+    """Open an image as an RGB ``PIL.Image``; ``CtfreidError`` naming the path if it is unreadable, corrupt
+    or larger than ``MAX_IMAGE_PIXELS`` pixels."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path} does not exist")
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise CtfreidError(f"image {path} has {w} x {h} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} "
+                                   "(ctfreid.data.datasets.MAX_IMAGE_PIXELS): expected a person crop")
             img.load()  # decode now so a truncated file fails here, not inside a DataLoader worker
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, CtfreidError):
+            raise
+        if isinstance(e, Image.DecompressionBombError):  # refused by Pillow before our size check
+            raise CtfreidError(f"image {path} has more pixels than the limit of {MAX_IMAGE_PIXELS:,} "
+                               "(ctfreid.data.datasets.MAX_IMAGE_PIXELS): expected a person crop") from None
         raise CtfreidError(f"cannot read image {path}: {e}") from None
 
 

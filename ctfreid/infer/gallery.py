@@ -17,8 +17,10 @@ codes of another model.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from ctfreid.data.datasets import IMAGE_EXTENSIONS, parse_name
@@ -143,12 +145,35 @@ def check_model(index, index_path: str | os.PathLike, fingerprint: str, info: Ma
 
 
 def load_index(path: str | os.PathLike, mmap: bool = True):
-    """``CtFIndex.load`` with a message naming the option when the file is missing."""
+    """``CtFIndex.load`` with messages naming the option: a missing path, a folder, a device or FIFO."""
     from ctfreid.search.index import CtFIndex
 
-    if not Path(path).is_file():
+    p = Path(path)
+    if not p.exists():
         raise FileNotFoundError(f"--index {path}: no such file (build one with 'ctfreid index build')")
+    if p.is_dir():
+        raise CtfreidError(f"--index {path} is a directory: expected an index file written by 'ctfreid index build'")
+    if not p.is_file():
+        raise CtfreidError(f"--index {path} is not a regular file (a device, FIFO or socket): expected an index "
+                           "file written by 'ctfreid index build'")
     return CtFIndex.load(path, mmap=mmap)
+
+
+@contextlib.contextmanager
+def index_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive lock of an index file for a whole read-modify-write (load, add, save), so that
+    two writers of one index (two 'ctfreid index add' runs) never lose each other's images: the second
+    waits for the first. The lock is ``fcntl.flock`` on ``PATH.lock``, released when the process exits,
+    even when killed; the lock file stays beside the index."""
+    lock = Path(str(path) + ".lock")
+    if not lock.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {lock.parent} does not exist")
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def query_records(items: list[str]) -> list[tuple[str, int, int]]:

@@ -45,10 +45,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     ``train`` and ``val`` (records with paths relative to ``data_root``; ``val`` empty without a split).
     """
     file = model_path(Path(path))
+    expected = f"expected a run directory of 'ctfreid train' or its {MODEL}"
+    with open(file, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive; anything else is not a model
+        raise CtfreidError(f"{file} is not a ctfreid model: {expected}")
     try:
         blob = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CtfreidError(f"cannot read {file} as a ctfreid model or checkpoint: {e}") from None
+    except Exception as e:  # a damaged archive: torch's own advice (weights_only...) would mislead
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CtfreidError(f"{file} is damaged or not a ctfreid model ({first[:120]}): {expected}") from None
     if not isinstance(blob, dict) or "model_config" not in blob or not ({"state_dict", "model"} & set(blob)):
         raise CtfreidError(f"{file} is not a ctfreid model or checkpoint (expected keys model_config and state_dict)")
     train_config = blob.get("train_config") or blob.get("config") or {}

@@ -79,7 +79,7 @@ from ctfreid.data.transforms import (
 from ctfreid.errors import CtfreidError
 from ctfreid.learn.losses import LossConfig, aio_loss
 from ctfreid.learn.model import AiOModel, resolve_device
-from ctfreid.learn.run_dir import CHECKPOINT, CONFIG, LOG, MODEL, SPLIT
+from ctfreid.learn.run_dir import CHECKPOINT, CONFIG, LOG, MODEL, SPLIT, THRESHOLDS
 
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "log_every", "cache_dir", "threads"})
@@ -395,6 +395,38 @@ def _data_from_checkpoint(ckpt: dict, data_root: str | os.PathLike) -> _Data:
     return _Data(relabelled, original, resolve_records(ckpt["val"], root), pid_map, root)
 
 
+_CHECKPOINT_KEYS = ("config", "model", "optimizer", "epoch", "rng", "pid_map", "train", "val")
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """The checkpoint of an interrupted run; a damaged one is named, with what to do."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CHECKPOINT_KEYS):
+            raise ValueError("it lacks the keys of a ctfreid checkpoint")
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise CtfreidError(f"checkpoint {path} is damaged ({first}): pass --no-resume to start the run again") from None
+    return ckpt
+
+
+def _finished_run(model_path: Path, config: TrainConfig, run_dir: Path) -> dict:
+    """The summary of a finished run (model.pt, no checkpoint) trained with ``config``, else an error."""
+    try:
+        blob = torch.load(model_path, map_location="cpu", weights_only=True)
+        saved, epoch = dict(blob["train_config"]), int(blob["epoch"])
+    except Exception:
+        raise CtfreidError(f"{model_path} is damaged or not a ctfreid model: use another --out, or --no-resume "
+                           "to train again (the old file is kept as model.previous.pt)") from None
+    _check_resumable(saved, config, run_dir)
+    if epoch < config.epochs:
+        raise CtfreidError(f"{run_dir} holds a run finished after {epoch} epochs whose checkpoint is gone: it cannot "
+                           f"continue to {config.epochs}; use --no-resume to train again (the old model is kept as "
+                           "model.previous.pt) or another --out")
+    return {"run_dir": str(run_dir), "model": str(model_path), "resumed_from_epoch": epoch, "epochs": config.epochs,
+            "images_per_s": None, "last": None}
+
+
 def _check_resumable(saved: dict, config: TrainConfig, run_dir: Path) -> None:
     new = config.to_dict()
     diff = {k: (saved.get(k), new[k]) for k in new if k not in RESUMABLE_CHANGES and saved.get(k) != new[k]}
@@ -495,15 +527,23 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
     ckpt_path, log_path = run_dir / CHECKPOINT, run_dir / LOG
 
     ckpt = None
+    model_path = run_dir / MODEL
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = _load_checkpoint(ckpt_path)
         _check_resumable(ckpt["config"], config, run_dir)
         data = _data_from_checkpoint(ckpt, data_root)
         _rewrite_log(log_path, ckpt["epoch"])
+    elif resume and model_path.is_file():  # a finished run whose checkpoint was cleaned up: leave it as it is
+        return _finished_run(model_path, config, run_dir)
     else:
         data = _prepare_data(config, data_root)
-        for stale in (ckpt_path, log_path, run_dir / MODEL):  # a previous run in this folder
+        # Start again, keeping nothing stale: the log and checkpoint of an earlier run go; its model and
+        # thresholds are kept aside (never deleted), so that they cannot be mistaken for the new run's.
+        for stale in (ckpt_path, log_path):
             stale.unlink(missing_ok=True)
+        for name in (MODEL, THRESHOLDS):
+            if (run_dir / name).is_file():
+                os.replace(run_dir / name, run_dir / f"{Path(name).stem}.previous{Path(name).suffix}")
     _save_json(run_dir / CONFIG, config.to_dict())
     _save_json(run_dir / SPLIT, {"data_root": data.root, "val_fraction": config.val_fraction, "seed": config.seed,
                                  "train": relative_records(data.train_original, data.root),
