@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from ctfreid.codes import pack_codes
+from ctfreid.errors import CtfreidError
 from ctfreid.search.thresholds import (
     _negative_pairs,
+    check_thresholds,
     fit_dto,
     fit_threshold,
     fit_thresholds,
@@ -219,3 +221,31 @@ def test_threshold_strings_and_files(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="bad.json"):
         read_thresholds(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('{"32": 1e400, "64": 20}', r"thresholds\[32\] must be an integer Hamming distance in \[0, 32\], got inf"),
+    ('{"32": 9.7, "64": 20}', r"thresholds\[32\] must be an integer .* got 9.7"),
+    ('{"32": 11.5, "64": 20}', r"got 11.5"),
+    ('{"32": true, "64": 20}', r"got True"),
+    ('{"32": 9, "32": 10, "64": 20}', "given twice"),
+    ('{"32": -1, "64": 20}', r"got -1"),
+])
+def test_thresholds_files_are_never_coerced(tmp_path, text, fragment):
+    path = tmp_path / "th.json"
+    path.write_text(text)
+    with pytest.raises(CtfreidError, match=fragment):
+        read_thresholds(path)
+
+
+def test_threshold_strings_refuse_a_repeated_length():
+    with pytest.raises(CtfreidError, match="given twice"):
+        parse_thresholds("32=9,32=10")
+
+
+def test_check_thresholds_is_the_one_contract():
+    assert check_thresholds({"32": 9, 64: 20.0}, [64, 32, 128]) == {32: 9, 64: 20}
+    with pytest.raises(CtfreidError, match=r"thresholds\[64\] must be an integer Hamming distance in \[0, 64\], got 65"):
+        check_thresholds({32: 9, 64: 65}, [32, 64, 128])
+    with pytest.raises(CtfreidError, match=r"missing \[64\]"):
+        check_thresholds({32: 9}, [32, 64, 128])
