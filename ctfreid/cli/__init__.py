@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "ctfreid.cli.evaluate",
     "index": "ctfreid.cli.index",
     "search": "ctfreid.cli.search",
+    "serve": "ctfreid.cli.serve",
 }
 
 _EPILOG = """examples:
@@ -77,6 +78,7 @@ _HELP = {
     "evaluate": "CMC/mAP and query time of float, each code length and CtF from .npz files",
     "index": "build or extend a coarse-to-fine index from a folder of images",
     "search": "search an index with query images",
+    "serve": "HTTP search service over a durable gallery (add, search, erase; a web page at /)",
 }
 
 

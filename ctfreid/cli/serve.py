@@ -1,0 +1,86 @@
+"""``ctfreid serve``: the HTTP search service (FastAPI + uvicorn) over a durable gallery."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+from pathlib import Path
+
+from ctfreid.errors import CtfreidError
+
+HELP = "HTTP search service over a durable gallery (add, search, erase; a web page at /)"
+DESCRIPTION = """Serve coarse-to-fine search (Sec. 3.1) over a gallery kept in an SQLite store.
+
+The store (--store DIR, created on first start) is bound to the model's fingerprint. Items are added
+as images (encoded by --model) or as packed codes; erasures (DELETE /v1/items/ID, DELETE /v1/persons/PID,
+POST /v1/erase) are final: rows deleted with secure_delete, the WAL checkpointed, the index updated,
+then the receipt. API: POST /v1/items, POST /v1/search, GET /v1/items/ID[/thumbnail], GET /v1/stats,
+GET /healthz; a page at /.
+
+example:
+  ctfreid serve --store gallery/ --model runs/aio --port 8080
+  curl -F images=@query.jpg -F k=5 http://127.0.0.1:8080/v1/search"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, type=Path, help="the gallery's store folder (created on first start)")
+    p.add_argument("--model", required=True, help="a run directory of 'ctfreid train' (or its model.pt / an .onnx export)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback; others need --token-file)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token every request must carry")
+    p.add_argument("--beta", type=float, help="default DTO beta (needs the model's validation split)")
+    p.add_argument("--retention-days", type=float, help="erase crops older than this many days, automatically")
+    p.add_argument("--retention-seconds", type=float, help=argparse.SUPPRESS)  # tests: tiny retention
+    p.add_argument("--no-thumbnails", action="store_true", help="do not keep a small JPEG of each added crop")
+    p.add_argument("--flip", action="store_true", default=None, help="flip test when encoding images")
+    p.add_argument("--max-concurrency", type=int, default=16, help="requests in progress before 503 (default 16)")
+    p.add_argument("--max-images", type=int, default=64, help="images (or codes) per request (default 64)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit in MiB (default 32)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctfreid.serve.app import ServeConfig, create_app
+
+    token = None
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+        if not token:
+            raise CtfreidError(f"--token-file {args.token_file} is empty")
+    if not _is_loopback(args.host) and token is None:
+        raise CtfreidError(f"--host {args.host} is not a loopback address: give --token-file so that "
+                           "only holders of the token can search and erase")
+    if not 0 <= args.port < 65536:
+        raise CtfreidError(f"--port must be in 0..65535, got {args.port}")
+    retention = args.retention_seconds
+    if args.retention_days is not None:
+        if args.retention_days <= 0:
+            raise CtfreidError(f"--retention-days must be > 0, got {args.retention_days:g}")
+        retention = args.retention_days * 86400.0
+    for name in ("max_concurrency", "max_images"):
+        if getattr(args, name) < 1:
+            raise CtfreidError(f"--{name.replace('_', '-')} must be >= 1")
+    config = ServeConfig(store=str(args.store), model=str(args.model), host=args.host, port=args.port, token=token,
+                         beta=args.beta, retention_seconds=retention, thumbnails=not args.no_thumbnails,
+                         flip=args.flip, max_concurrency=args.max_concurrency, max_images=args.max_images,
+                         max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    app = create_app(config)
+    import uvicorn
+
+    svc = app.svc
+    print(f"ctfreid serve: {len(svc.gallery)} items from {args.store} (model {svc.encoder.fingerprint}), "
+          f"listening on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0

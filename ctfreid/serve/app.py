@@ -1,0 +1,577 @@
+"""The FastAPI application of ``ctfreid serve`` (see ``ctfreid serve --help`` and ``docs`` in the module
+:mod:`ctfreid.cli.serve`).
+
+Every answer is JSON; every error is ``{"error": {"field": NAME or null, "message": TEXT}}`` with 400 (bad
+input), 401 (no or wrong token), 404, 413 (body, image count or pixels over the limits), 422 (a request
+that does not validate) or 503 (overloaded). Thresholds of a search, in order of precedence: the request's
+``thresholds``; its ``beta`` (DTO on the Gaussian fits of the model's validation split, Sec. 3.3, Eq. 8;
+400 when the model has no validation split); the server default (``--beta``, else the thresholds stored
+with the model, else DTO with beta = 2 when fits exist, else ``t_L = L``: no pruning, the ranking of the
+longest code).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import datetime as _dt
+import hmac
+import io
+import json
+import math
+import resource
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+
+from ctfreid.errors import CtfreidError
+from ctfreid.serve.gallery import Filter, Gallery
+from ctfreid.serve.store import FieldError, ItemMeta, Store
+
+STATIC = Path(__file__).with_name("static")
+
+
+@dataclass
+class ServeConfig:
+    """Options of ``ctfreid serve`` (limits included)."""
+
+    store: str
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    beta: float | None = None
+    retention_seconds: float | None = None
+    thumbnails: bool = True
+    flip: bool | None = None
+    max_body_bytes: int = 32 << 20
+    max_images: int = 64
+    max_pixels: int = 16_000_000
+    max_k: int = 1000
+    max_concurrency: int = 16
+    thumb_size: tuple[int, int] = (64, 128)
+
+
+def _error(status: int, field: str | None, message: str):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"field": field, "message": message}}, status_code=status)
+
+
+class Service:
+    """Everything behind the routes: encoder, store, gallery, thresholds, counters."""
+
+    def __init__(self, config: ServeConfig, encoder=None) -> None:
+        from ctfreid.serve import encoder as enc_mod
+
+        self.config = config
+        self.started = time.time()
+        t0 = time.perf_counter()
+        self.encoder = encoder if encoder is not None else enc_mod.load(config.model, flip=config.flip)
+        self.lengths = sorted(self.encoder.lengths)
+        self.store = Store(config.store, self.encoder.fingerprint, self.lengths)
+        fits = self.store.get_meta("dto_fits")
+        if fits is None:  # first start: Gaussian fits of the validation pairs, kept with the store
+            fits_obj = enc_mod.dto_fits(self.encoder)
+            self.store.set_meta("dto_fits", json.dumps(fits_obj))
+        else:
+            fits_obj = json.loads(fits)
+        self.fits: dict | None = fits_obj
+        self.default_thresholds = self._default_thresholds()
+        self.gallery = Gallery(self.store, self.default_thresholds)
+        self.start_seconds = time.perf_counter() - t0
+        self.requests: collections.Counter = collections.Counter()
+        self.latency: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=10_000))
+        self.inflight = 0
+        self.inflight_lock = threading.Lock()
+        self.retention_erased = 0
+        self._stop = threading.Event()
+
+    def _default_thresholds(self) -> dict[int, int]:
+        from ctfreid.search.thresholds import check_thresholds
+
+        from ctfreid.serve.encoder import thresholds_for_beta
+
+        need = self.lengths[:-1]
+        if not need:
+            return {}
+        if self.config.beta is not None:
+            if not self.fits:
+                raise CtfreidError(f"--beta {self.config.beta:g} needs DTO statistics, but model {self.config.model} "
+                                   "has no readable validation split: retrain with --val-fraction, or omit --beta")
+            return thresholds_for_beta(self.fits, self.config.beta)
+        if self.encoder.thresholds:
+            return check_thresholds(self.encoder.thresholds, self.lengths)
+        if self.fits:
+            return thresholds_for_beta(self.fits, 2.0)
+        return {L: L for L in need}
+
+    # ------------------------------------------------------------------------------------- helpers
+    def thresholds_for(self, thresholds: Any, beta: Any) -> dict[int, int]:
+        from ctfreid.search.thresholds import check_thresholds, parse_thresholds
+
+        from ctfreid.serve.encoder import thresholds_for_beta
+
+        if thresholds not in (None, ""):
+            try:
+                if isinstance(thresholds, str):
+                    thresholds = json.loads(thresholds) if thresholds.strip().startswith("{") else parse_thresholds(thresholds)
+                if not isinstance(thresholds, Mapping):
+                    raise CtfreidError("must be an object {length: distance}")
+                thr = {}
+                for k, v in thresholds.items():
+                    if isinstance(v, bool) or not isinstance(v, int):
+                        raise CtfreidError(f"threshold of {k} must be an integer, got {v!r:.30}")
+                    thr[int(k)] = v
+                return check_thresholds(thr, self.lengths)
+            except (ValueError, TypeError) as e:
+                raise FieldError("thresholds", str(e)) from None
+        if beta not in (None, ""):
+            try:
+                b = float(beta)
+            except (TypeError, ValueError):
+                raise FieldError("beta", f"must be a number > 0, got {beta!r:.30}") from None
+            if not math.isfinite(b) or b <= 0:
+                raise FieldError("beta", f"must be a finite number > 0, got {beta!r:.30}")
+            if not self.fits:
+                raise FieldError("beta", "this model has no validation statistics for DTO; pass thresholds instead")
+            return thresholds_for_beta(self.fits, b)
+        return self.default_thresholds
+
+    def decode_codes(self, obj: Any, field: str = "codes") -> dict[int, np.ndarray]:
+        if not isinstance(obj, Mapping) or not obj:
+            raise FieldError(field, "must be an object {length: [base64 code, ...]} with every code length")
+        keys = {}
+        for k in obj:
+            try:
+                keys[int(k)] = k
+            except (TypeError, ValueError):
+                raise FieldError(f"{field}.{k}", f"not a code length; the gallery holds {self.lengths}") from None
+        if sorted(keys) != self.lengths:
+            raise FieldError(field, f"lengths {sorted(keys)} given, the gallery holds {self.lengths}")
+        out, n = {}, None
+        for L in self.lengths:
+            items = obj[keys[L]]
+            if not isinstance(items, list):
+                raise FieldError(f"{field}.{L}", "must be a list of base64 strings")
+            if n is None:
+                n = len(items)
+            elif len(items) != n:
+                raise FieldError(f"{field}.{L}", f"{len(items)} codes, the shorter length has {n}")
+            arr = np.empty((len(items), L // 8), np.uint8)
+            for i, s in enumerate(items):
+                try:
+                    b = base64.b64decode(s, validate=True) if isinstance(s, str) else None
+                except (binascii.Error, ValueError):
+                    b = None
+                if b is None or len(b) != L // 8:
+                    raise FieldError(f"{field}.{L}[{i}]", f"must be {L // 8} bytes in base64 (a packed {L}-bit code)")
+                arr[i] = np.frombuffer(b, np.uint8)
+            out[L] = arr
+        if not n:
+            raise FieldError(field, "no codes given")
+        if n > self.config.max_images:
+            raise FieldError(field, f"{n} items, at most {self.config.max_images} per request", 413)
+        return out
+
+    def decode_images(self, blobs: list[tuple[str, bytes]]) -> list:
+        from PIL import Image, UnidentifiedImageError
+
+        Image.MAX_IMAGE_PIXELS = self.config.max_pixels
+        out = []
+        for i, (name, data) in enumerate(blobs):
+            field = f"images[{i}]"
+            try:
+                im = Image.open(io.BytesIO(data))
+                w, h = im.size
+                if w * h > self.config.max_pixels:
+                    raise FieldError(field, f"{name}: {w} x {h} pixels, at most {self.config.max_pixels}", 413)
+                im.load()
+                out.append(im.convert("RGB"))
+            except Image.DecompressionBombError as e:
+                raise FieldError(field, f"{name}: {e}", 413) from None
+            except UnidentifiedImageError:
+                raise FieldError(field, f"{name}: not an image (cannot identify its format)") from None
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                if isinstance(e, FieldError):
+                    raise
+                raise FieldError(field, f"{name}: corrupt image ({e})") from None
+        return out
+
+    def thumbnail(self, im) -> bytes:
+        t = im.copy()
+        t.thumbnail(self.config.thumb_size)
+        buf = io.BytesIO()
+        t.save(buf, "JPEG", quality=80)
+        return buf.getvalue()
+
+    def encode(self, images: list) -> tuple[dict[int, np.ndarray], float]:
+        t0 = time.perf_counter()
+        enc = self.encoder.encode_images(images)
+        return {int(L): np.ascontiguousarray(c) for L, c in enc.codes.items()}, (time.perf_counter() - t0) * 1e3
+
+    def receipt(self, ids: list[int]) -> dict:
+        now = time.time()
+        return {"erased": ids, "count": len(ids), "time": now,
+                "time_utc": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat()}
+
+    def retention_loop(self) -> None:
+        r = self.config.retention_seconds
+        period = max(0.05, min(60.0, r / 4))
+        while not self._stop.wait(period):
+            cutoff = time.time() - r
+            try:
+                gone = self.gallery.erase_where(lambda: self.store.select_ids(added_before=cutoff))
+            except Exception:  # noqa: BLE001 - keep the loop alive; the next round retries
+                continue
+            self.retention_erased += len(gone)
+
+    def stats(self) -> dict:
+        n = len(self.gallery)
+        code_bytes = n * (sum(self.lengths) // 8 + 8)
+        lat = {}
+        for name, d in list(self.latency.items()):
+            arr = np.array(d, dtype=np.float64)
+            if arr.size:
+                lat[name] = {f"p{p}": round(float(np.percentile(arr, p)), 3) for p in (50, 95, 99)} | {"n": int(arr.size)}
+        return {
+            "items": n,
+            "erased": self.store.erased(),
+            "erased_by_retention": self.retention_erased,
+            "lengths": self.lengths,
+            "thresholds": {str(k): v for k, v in self.default_thresholds.items()},
+            "dto_fits": self.fits is not None,
+            "model_fingerprint": self.encoder.fingerprint,
+            "uptime_s": round(time.time() - self.started, 3),
+            "start_s": round(self.start_seconds, 3),
+            "memory": {"index_bytes": code_bytes,
+                       "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+            "requests": dict(self.requests),
+            "latency_ms": lat,
+            "retention_seconds": self.config.retention_seconds,
+        }
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: token check (constant time), body size limit, bounded concurrency, counters."""
+
+    OPEN = ("/healthz", "/", "/favicon.ico")
+
+    def __init__(self, app, service: Service) -> None:
+        self.app = app
+        self.svc = service
+        tok = service.config.token
+        self.expected = f"Bearer {tok}".encode() if tok else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        svc = self.svc
+        path = scope["path"]
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapped(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        async def respond(resp):
+            await resp(scope, receive, send_wrapped)
+
+        key = _route_name(scope["method"], path)
+        try:
+            if self.expected is not None and not (path in self.OPEN or path.startswith("/static/")):
+                headers = dict(scope["headers"])
+                got = headers.get(b"authorization", b"")
+                if not hmac.compare_digest(got, self.expected):
+                    return await respond(_error(401, "Authorization", "missing or wrong bearer token"))
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            limit = svc.config.max_body_bytes
+            if length is not None:
+                try:
+                    if int(length) > limit:
+                        return await respond(_error(413, "body", f"{int(length)} bytes, at most {limit}"))
+                except ValueError:
+                    return await respond(_error(400, "Content-Length", "not a number"))
+            seen = {"n": 0}
+
+            async def receive_limited():
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen["n"] += len(message.get("body", b""))
+                    if seen["n"] > limit:
+                        raise _TooLarge()
+                return message
+
+            guarded = path.startswith("/v1/")
+            if guarded:
+                with svc.inflight_lock:
+                    if svc.inflight >= svc.config.max_concurrency:
+                        busy = True
+                    else:
+                        busy = False
+                        svc.inflight += 1
+                if busy:
+                    return await respond(_error(503, None, f"overloaded: {svc.config.max_concurrency} requests "
+                                                           "in progress, retry later"))
+            try:
+                await self.app(scope, receive_limited, send_wrapped)
+            except _TooLarge:
+                await respond(_error(413, "body", f"more than {limit} bytes"))
+            finally:
+                if guarded:
+                    with svc.inflight_lock:
+                        svc.inflight -= 1
+        finally:
+            svc.requests[f"{key} {status['code']}"] += 1
+            svc.latency[key].append((time.perf_counter() - t0) * 1e3)
+
+
+def _route_name(method: str, path: str) -> str:
+    parts = path.split("/")
+    parts = ["{x}" if p.isdigit() or (p.startswith("-") and p[1:].isdigit()) else p for p in parts]
+    name = "/".join(parts)
+    if name.endswith("/thumbnail"):
+        name = "/v1/items/{x}/thumbnail"
+    return f"{method} {name if len(name) < 64 else name[:64]}"
+
+
+def create_app(config: ServeConfig, encoder=None):
+    """The ASGI application (loads the model and the store now, so start-up errors surface before serving)."""
+    import contextlib
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.staticfiles import StaticFiles
+
+    svc = Service(config, encoder)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        thread = None
+        if config.retention_seconds:
+            thread = threading.Thread(target=svc.retention_loop, name="retention", daemon=True)
+            thread.start()
+        yield
+        svc._stop.set()
+        if thread is not None:
+            thread.join(timeout=5)
+        svc.store.close()
+
+    app = FastAPI(title="ctfreid serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = svc
+
+    @app.exception_handler(FieldError)
+    async def _field_error(request, e: FieldError):
+        return _error(e.status, e.field, e.message)
+
+    @app.exception_handler(CtfreidError)
+    async def _user_error(request, e: CtfreidError):
+        return _error(400, None, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, e: RequestValidationError):
+        err = (e.errors() or [{}])[0]
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
+        return _error(422, ".".join(loc) or None, err.get("msg", "invalid request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        return _error(e.status_code, None, str(e.detail))
+
+    async def read_request(request: Request) -> tuple[dict, list[tuple[str, bytes]]]:
+        """(fields, images) from multipart or JSON."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            try:
+                form = await request.form(max_files=config.max_images, max_fields=100,
+                                          max_part_size=config.max_body_bytes)
+            except _TooLarge:
+                raise
+            except Exception as e:  # noqa: BLE001 - python-multipart / starlette parse errors
+                status = 413 if "Too many files" in str(e) else 400
+                raise FieldError("images" if status == 413 else "body", f"bad multipart body: {e}", status) from None
+            fields, images = {}, []
+            for name, value in form.multi_items():
+                if hasattr(value, "read"):
+                    if name != "images":
+                        raise FieldError(name, "unexpected file field (images go in 'images')")
+                    images.append((value.filename or f"image {len(images)}", await value.read()))
+                else:
+                    fields[name] = value
+            if "metadata" in fields:
+                try:
+                    fields["metadata"] = json.loads(fields["metadata"])
+                except json.JSONDecodeError as e:
+                    raise FieldError("metadata", f"not JSON: {e}") from None
+            return fields, images
+        if ctype.startswith("application/json") or not ctype:
+            body = await request.body()
+            try:
+                obj = json.loads(body or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise FieldError("body", f"not JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise FieldError("body", "must be a JSON object")
+            return obj, []
+        raise FieldError("Content-Type", f"expected multipart/form-data or application/json, got {ctype!r}", 415)
+
+    def metas_from(fields: dict, n: int) -> list[ItemMeta]:
+        raw = fields.get("metadata")
+        if raw is None:
+            return [ItemMeta() for _ in range(n)]
+        if not isinstance(raw, list) or len(raw) != n:
+            raise FieldError("metadata", f"must be a list of {n} objects (one per item)")
+        return [ItemMeta.from_json(m, f"metadata[{i}]") for i, m in enumerate(raw)]
+
+    def int_field(fields: dict, name: str, default=None, lo=None, hi=None):
+        v = fields.get(name)
+        if v in (None, ""):
+            return default
+        try:
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError
+            x = int(v)
+        except (TypeError, ValueError):
+            raise FieldError(name, f"must be an integer, got {v!r:.30}") from None
+        if lo is not None and x < lo or hi is not None and x > hi:
+            raise FieldError(name, f"must be between {lo} and {hi}, got {x}")
+        return x
+
+    def float_field(fields: dict, name: str):
+        v = fields.get(name)
+        if v in (None, ""):
+            return None
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            x = float(v)
+        except (TypeError, ValueError):
+            raise FieldError(name, f"must be a number, got {v!r:.30}") from None
+        if not math.isfinite(x):
+            raise FieldError(name, f"must be finite, got {v!r:.30}")
+        return x
+
+    def query_codes(fields, images) -> tuple[dict[int, np.ndarray], float, list]:
+        if images and "codes" in fields:
+            raise FieldError("codes", "give images or codes, not both")
+        if images:
+            if len(images) > config.max_images:
+                raise FieldError("images", f"{len(images)} images, at most {config.max_images}", 413)
+            decoded = svc.decode_images(images)
+            codes, ms = svc.encode(decoded)
+            return codes, ms, decoded
+        if "codes" not in fields:
+            raise FieldError("images", "no images (multipart field 'images') and no codes given")
+        return svc.decode_codes(fields["codes"]), 0.0, []
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"ok": True, "items": len(svc.gallery)}
+
+    @app.get("/v1/stats")
+    async def stats():
+        return svc.stats()
+
+    @app.post("/v1/items")
+    async def add_items(request: Request):
+        fields, images = await read_request(request)
+
+        def work():
+            codes, _, decoded = query_codes(fields, images)
+            n = next(iter(codes.values())).shape[0]
+            metas = metas_from(fields, n)
+            for m, (name, _) in zip(metas, images):
+                if m.source is None:
+                    m.source = name
+            thumbs = [svc.thumbnail(im) for im in decoded] if config.thumbnails and decoded else None
+            return svc.gallery.add(codes, metas, thumbs)
+
+        ids = await run_in_threadpool(work)
+        return {"ids": ids}
+
+    @app.post("/v1/search")
+    async def search(request: Request):
+        fields, images = await read_request(request)
+
+        def work():
+            k = int_field(fields, "k", 10, 1, config.max_k)
+            thr = svc.thresholds_for(fields.get("thresholds"), fields.get("beta"))
+            flt = Filter(camera=int_field(fields, "camera"), time_from=float_field(fields, "time_from"),
+                         time_to=float_field(fields, "time_to"))
+            codes, encode_ms, _ = query_codes(fields, images)
+            t0 = time.perf_counter()
+            hits = svc.gallery.search(codes, k, thr, flt)
+            search_ms = (time.perf_counter() - t0) * 1e3
+            want_cand = str(fields.get("candidates", "true")).lower() not in ("false", "0", "no")
+            cands = svc.gallery.candidates(codes, thr) if want_cand else [None] * len(hits)
+            nq = len(hits)
+            return {"queries": [{"hits": h, "candidates": c, "encode_ms": round(encode_ms / nq, 3),
+                                 "search_ms": round(search_ms / nq, 3)} for h, c in zip(hits, cands)],
+                    "thresholds": {str(k_): v for k_, v in thr.items()}}
+
+        return await run_in_threadpool(work)
+
+    @app.get("/v1/items/{item_id}")
+    async def get_item(item_id: int):
+        row = await run_in_threadpool(svc.store.get, item_id)
+        if row is None:
+            return _error(404, "id", f"no item {item_id}")
+        return row
+
+    @app.get("/v1/items/{item_id}/thumbnail")
+    async def get_thumb(item_id: int):
+        data = await run_in_threadpool(svc.store.thumbnail, item_id)
+        if data is None:
+            return _error(404, "id", f"no thumbnail for item {item_id}")
+        return Response(data, media_type="image/jpeg")
+
+    @app.delete("/v1/items/{item_id}")
+    async def delete_item(item_id: int):
+        gone = await run_in_threadpool(svc.gallery.erase, [item_id])
+        if not gone:
+            return _error(404, "id", f"no item {item_id}")
+        return svc.receipt(gone)
+
+    @app.delete("/v1/persons/{pid}")
+    async def delete_person(pid: int):
+        gone = await run_in_threadpool(svc.gallery.erase_where, lambda: svc.store.select_ids(pid=pid))
+        return svc.receipt(gone)
+
+    @app.post("/v1/erase")
+    async def erase(request: Request):
+        fields, _ = await read_request(request)
+        allowed = {"pid", "camera", "track", "time_from", "time_to"}
+        extra = set(fields) - allowed
+        if extra:
+            raise FieldError(sorted(extra)[0], f"unknown filter; expected some of {', '.join(sorted(allowed))}")
+        cond = dict(pid=int_field(fields, "pid"), camera=int_field(fields, "camera"),
+                    track=None if fields.get("track") is None else str(fields["track"]),
+                    time_from=float_field(fields, "time_from"), time_to=float_field(fields, "time_to"))
+        if all(v is None for v in cond.values()):
+            raise FieldError("filter", f"give at least one of {', '.join(sorted(allowed))}")
+        gone = await run_in_threadpool(svc.gallery.erase_where, lambda: svc.store.select_ids(**cond))
+        return svc.receipt(gone)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return Guard(app, svc)

@@ -1,0 +1,218 @@
+"""The in-memory gallery of ``ctfreid serve``: a :class:`~ctfreid.search.index.CtFIndex` built from the store
+(ids = store ids, added in id order, so the index's insertion-order tie-break is the id) and the few fields
+that searches filter on and answer with.
+
+Consistency: a write first commits to the store, then changes the index and the field cache under the
+write side of a readers-writer lock; a search holds the read side for the index search and the field
+look-ups. So every search sees the gallery before or after each whole write (a serial order of the
+writes), and a write is acknowledged only once both the store and the index have it.
+
+Filters are exact: coarse-to-fine order is a per-item key (``ctfreid.search.merge``), so the filtered
+ranking is the full ranking with the other items left out; the search asks for ``4 x`` more hits until
+``k`` pass the filter or the gallery is exhausted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ctfreid.search.index import CtFIndex
+from ctfreid.serve.store import ItemMeta, Store
+
+
+class RWLock:
+    """Many readers or one writer (writers are not starved: a waiting writer blocks new readers)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass
+class Filter:
+    """Exact search filter: camera equality and an inclusive capture-time range (items without a time
+    never pass a time condition)."""
+
+    camera: int | None = None
+    time_from: float | None = None
+    time_to: float | None = None
+
+    def __bool__(self) -> bool:
+        return not (self.camera is None and self.time_from is None and self.time_to is None)
+
+    def passes(self, f: tuple) -> bool:
+        _pid, camera, t = f[0], f[1], f[2]
+        if self.camera is not None and camera != self.camera:
+            return False
+        if self.time_from is not None and (t is None or t < self.time_from):
+            return False
+        if self.time_to is not None and (t is None or t > self.time_to):
+            return False
+        return True
+
+
+class Gallery:
+    """Store + index, kept in step. ``fields[id] = (pid, camera, time, source)``."""
+
+    def __init__(self, store: Store, thresholds: Mapping[int, int]) -> None:
+        self.store = store
+        self.lengths = store.lengths
+        self.thresholds = dict(thresholds)
+        self.lock = RWLock()
+        self._write = threading.Lock()  # one writer at a time, store commit and index change in the same order
+        t0 = time.perf_counter()
+        self.index = CtFIndex()
+        self.index.thresholds = dict(thresholds)
+        self.fields: dict[int, tuple] = {}
+        self.index.add({L: np.empty((0, L // 8), np.uint8) for L in self.lengths}, np.empty(0, np.int64))
+        for ids, codes, metas in store.iter_all():
+            self.index.add(codes, ids)
+            for m in metas:
+                self.fields[m[0]] = tuple(m[1:5])
+        self.load_seconds = time.perf_counter() - t0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile the search kernels now (numba JIT), not in the first client's request."""
+        rng = np.random.default_rng(0)
+        tiny = CtFIndex()
+        tiny.add({L: rng.integers(0, 256, (4, L // 8), dtype=np.uint8) for L in self.lengths}, np.arange(4))
+        q = {L: tiny.codes(L)[:1].copy() for L in self.lengths}
+        tiny.search_hits(q, 2, self.thresholds if len(self.lengths) > 1 else None)
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def add(self, codes: Mapping[int, np.ndarray], metas: Sequence[ItemMeta],
+            thumbs: Sequence[bytes | None] | None = None) -> list[int]:
+        with self._write:
+            ids = self.store.add(codes, metas, thumbs)  # committed: durable before the index sees it
+            with self.lock.write():
+                self.index.add(codes, np.asarray(ids, np.int64))
+                for i, m in zip(ids, metas):
+                    self.fields[i] = (m.pid, m.camera, m.time, m.source)
+        return ids
+
+    def erase(self, ids: Sequence[int]) -> list[int]:
+        """Erase from the store (rows deleted, WAL checkpointed) and then from memory; returns the ids erased."""
+        with self._write:
+            gone = self.store.delete(ids)
+            with self.lock.write():
+                self.index.remove_ids(np.asarray(gone, np.int64))
+                for i in gone:
+                    self.fields.pop(i, None)
+        return gone
+
+    def erase_where(self, select: Callable[[], list[int]]) -> list[int]:
+        with self._write:  # select and delete under the write lock: no add slips in between
+            ids = select()
+            gone = self.store.delete(ids)
+            with self.lock.write():
+                self.index.remove_ids(np.asarray(gone, np.int64))
+                for i in gone:
+                    self.fields.pop(i, None)
+        return gone
+
+    def search(self, query: Mapping[int, np.ndarray], k: int, thresholds: Mapping[int, int] | None = None,
+               flt: Filter | None = None) -> list[dict]:
+        """Top-``k`` hits per query (coarse-to-fine order, exactly those of ``CtFIndex.search_hits`` on the
+        items passing ``flt``), each with ``candidates``: items reaching each stage."""
+        thr = dict(thresholds) if thresholds is not None else self.thresholds
+        nq = next(iter(query.values())).shape[0]
+        out = []
+        with self.lock.read():
+            n = self.index.ntotal
+            kk = min(k, n)
+            pending = list(range(nq))
+            results: dict[int, list] = {}
+            while pending:
+                if kk == 0:
+                    for qi in pending:
+                        results[qi] = []
+                    break
+                sub = {L: q[pending] for L, q in query.items()}
+                hits = self.index.search_hits(sub, kk, thr if len(self.lengths) > 1 else None)
+                still = []
+                for row, qi in enumerate(pending):
+                    got = []
+                    for j in range(hits.ids.shape[1]):
+                        i = int(hits.ids[row, j])
+                        if i < 0:
+                            continue
+                        f = self.fields[i]
+                        if flt and not flt.passes(f):
+                            continue
+                        s = int(hits.stages[row, j])
+                        got.append({"id": i, "distance": int(hits.distances[row, j, s - 1]),
+                                    "stage_bits": self.lengths[s - 1], "stage": s,
+                                    "pid": f[0], "camera": f[1], "time": f[2], "source": f[3]})
+                        if len(got) == k:
+                            break
+                    if len(got) < k and kk < n:
+                        still.append(qi)
+                    else:
+                        results[qi] = got
+                pending = still
+                kk = min(n, kk * 4)
+            for qi in range(nq):
+                out.append(results[qi])
+        return out
+
+    def candidates(self, query: Mapping[int, np.ndarray], thresholds: Mapping[int, int] | None = None) -> list[dict]:
+        """Per query, the number of gallery items ranked at each stage (stage 1 = all; stage s + 1 = those
+        within every threshold up to ``L_s``, Sec. 3.1), computed exactly with the packed popcount."""
+        thr = dict(thresholds) if thresholds is not None else self.thresholds
+        with self.lock.read():
+            n = self.index.ntotal
+            if n == 0:
+                return [{str(L): 0 for L in self.lengths} for _ in range(next(iter(query.values())).shape[0])]
+            codes = {L: self.index.codes(L) for L in self.lengths}
+        nq = next(iter(query.values())).shape[0]
+        res = []
+        for qi in range(nq):
+            alive = np.ones(n, bool)
+            counts = {}
+            for s, L in enumerate(self.lengths):
+                counts[str(L)] = int(alive.sum())
+                if s + 1 < len(self.lengths):
+                    d = np.bitwise_count(np.bitwise_xor(codes[L], query[L][qi])).sum(axis=1)
+                    alive &= d <= thr[L]
+            res.append(counts)
+        return res

@@ -1,0 +1,310 @@
+"""The durable gallery of ``ctfreid serve``: one SQLite database, the record of every item.
+
+Every item is a row: ``id`` (``INTEGER PRIMARY KEY AUTOINCREMENT``, so ids increase and are never reused,
+even after the newest item is erased), the packed codes of every length (one blob, lengths shortest first),
+``pid``, ``camera``, ``time`` (capture time, seconds since the epoch), ``source``, ``track``, ``extra``
+(free JSON), ``added`` (server time) and an optional JPEG ``thumb``.
+
+Durability and erasure rely on SQLite itself, no log format of our own:
+
+- ``journal_mode=WAL`` + ``synchronous=FULL``: a transaction is on disk when ``commit`` returns, and a write
+  is acknowledged only after that;
+- ``secure_delete=ON``: deleted rows (and freed overflow pages) are overwritten with zeros;
+- after a delete, ``wal_checkpoint(TRUNCATE)`` copies the zeroed pages into the main file and truncates the
+  ``-wal`` file, so the erased bytes are in neither file when the erasure is acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctfreid.codes import check_code_set
+from ctfreid.errors import CtfreidError
+
+DB_NAME = "gallery.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    codes BLOB NOT NULL,
+    pid INTEGER,
+    camera INTEGER,
+    time REAL,
+    source TEXT,
+    track TEXT,
+    extra TEXT,
+    added REAL NOT NULL,
+    thumb BLOB
+);
+CREATE INDEX IF NOT EXISTS items_pid ON items(pid);
+"""
+
+META_FIELDS = ("pid", "camera", "time", "source", "track", "extra")
+
+
+@dataclass
+class ItemMeta:
+    """What a client may say about a crop (every field optional)."""
+
+    pid: int | None = None
+    camera: int | None = None
+    time: float | None = None
+    source: str | None = None
+    track: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "metadata") -> "ItemMeta":
+        """Validate one metadata object; errors name ``where`` and the field."""
+        if obj is None:
+            return cls()
+        if not isinstance(obj, Mapping):
+            raise FieldError(where, f"must be a JSON object, got {type(obj).__name__}")
+        unknown = set(obj) - set(META_FIELDS)
+        if unknown:
+            raise FieldError(f"{where}.{sorted(unknown)[0]}", f"unknown field; expected some of {', '.join(META_FIELDS)}")
+        out = cls()
+        for name in ("pid", "camera"):
+            v = obj.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not -2**63 <= v < 2**63):
+                raise FieldError(f"{where}.{name}", f"must be an integer, got {v!r:.40}")
+            setattr(out, name, v)
+        v = obj.get("time")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v):
+            raise FieldError(f"{where}.time", f"must be seconds since the epoch (a number), got {v!r:.40}")
+        out.time = None if v is None else float(v)
+        for name in ("source", "track"):
+            v = obj.get(name)
+            if v is not None and not isinstance(v, (str, int)):
+                raise FieldError(f"{where}.{name}", f"must be a string, got {type(v).__name__}")
+            setattr(out, name, None if v is None else str(v))
+        v = obj.get("extra")
+        if v is not None and not isinstance(v, Mapping):
+            raise FieldError(f"{where}.extra", f"must be a JSON object, got {type(v).__name__}")
+        out.extra = dict(v or {})
+        return out
+
+
+class FieldError(CtfreidError):
+    """A user error about one named field of a request."""
+
+    def __init__(self, field_name: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+        self.status = status
+
+
+class Store:
+    """The SQLite store in ``directory`` (created on first use) bound to one model fingerprint and code lengths.
+
+    Thread-safe: one connection, every call under a lock (SQLite serialises writers anyway).
+    """
+
+    def __init__(self, directory: str | Path, fingerprint: str, lengths: Sequence[int]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / DB_NAME
+        self.lengths = sorted(int(L) for L in lengths)
+        self._widths = [L // 8 for L in self.lengths]
+        self._row_bytes = sum(self._widths)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA secure_delete=ON")
+        db.execute("PRAGMA wal_autocheckpoint=1000")
+        with self._lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(stmt)
+                meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+                if not meta:
+                    for k, v in {"schema": str(SCHEMA_VERSION), "fingerprint": fingerprint,
+                                 "lengths": json.dumps(self.lengths), "erased": "0",
+                                 "created": repr(time.time())}.items():
+                        db.execute("INSERT INTO meta VALUES (?, ?)", (k, v))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        if meta:
+            if meta.get("fingerprint") != fingerprint:
+                self.close()
+                raise CtfreidError(
+                    f"store {self.directory} belongs to the model with fingerprint {meta.get('fingerprint')}, "
+                    f"not {fingerprint}: serve it with its own model, or use another --store"
+                )
+            if json.loads(meta["lengths"]) != self.lengths:
+                self.close()
+                raise CtfreidError(f"store {self.directory} holds codes of lengths {meta['lengths']}, "
+                                   f"the model writes {self.lengths}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------------------------ meta values
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # ---------------------------------------------------------------------------------------- codes
+    def pack(self, codes: Mapping[int, np.ndarray]) -> list[bytes]:
+        cs = check_code_set(codes, "codes")
+        if list(cs) != self.lengths:
+            raise FieldError("codes", f"lengths {list(cs)} given, the gallery holds {self.lengths}")
+        rows = np.concatenate([cs[L] for L in self.lengths], axis=1)
+        return [r.tobytes() for r in rows]
+
+    def unpack(self, blobs: Sequence[bytes]) -> dict[int, np.ndarray]:
+        buf = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), self._row_bytes)
+        out, at = {}, 0
+        for L, w in zip(self.lengths, self._widths):
+            out[L] = np.ascontiguousarray(buf[:, at:at + w])
+            at += w
+        return out
+
+    # ---------------------------------------------------------------------------------------- writes
+    def add(self, codes: Mapping[int, np.ndarray], metas: Sequence[ItemMeta],
+            thumbs: Sequence[bytes | None] | None = None) -> list[int]:
+        """Insert items in one transaction; returns their ids once it has committed (durable)."""
+        blobs = self.pack(codes)
+        if len(blobs) != len(metas):
+            raise FieldError("metadata", f"{len(metas)} objects for {len(blobs)} items")
+        thumbs = thumbs or [None] * len(blobs)
+        now = time.time()
+        ids = []
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for blob, m, th in zip(blobs, metas, thumbs):
+                    cur = db.execute(
+                        "INSERT INTO items (codes, pid, camera, time, source, track, extra, added, thumb) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (blob, m.pid, m.camera, m.time, m.source, m.track,
+                         json.dumps(m.extra) if m.extra else None, now, th))
+                    ids.append(int(cur.lastrowid))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return ids
+
+    def delete(self, ids: Iterable[int]) -> list[int]:
+        """Delete these rows (those that exist), then checkpoint the WAL with TRUNCATE: when this returns,
+        the rows' bytes are in neither the database file nor the ``-wal`` file. Returns the ids deleted."""
+        ids = sorted({int(i) for i in ids})
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                found = []
+                for chunk in _chunks(ids, 500):
+                    q = ",".join("?" * len(chunk))
+                    found += [r[0] for r in db.execute(f"SELECT id FROM items WHERE id IN ({q})", chunk)]
+                    db.execute(f"DELETE FROM items WHERE id IN ({q})", chunk)
+                if found:
+                    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'erased'", (len(found),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            if found:
+                self._checkpoint_locked()
+        return sorted(found)
+
+    def _checkpoint_locked(self) -> None:
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:  # another connection (a reader outside the service) holds the WAL: retry briefly
+            for _ in range(50):
+                time.sleep(0.02)
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy:
+                    return
+            raise CtfreidError(f"could not checkpoint {self.path}-wal: another process keeps it open")
+
+    # ---------------------------------------------------------------------------------------- reads
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def erased(self) -> int:
+        return int(self.get_meta("erased") or 0)
+
+    def iter_all(self, batch: int = 50_000):
+        """Yield ``(ids int64[m], codes {L: [m, L//8]}, metas list[tuple])`` in id order, in batches."""
+        last = -1
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, codes, pid, camera, time, source, track FROM items WHERE id > ? ORDER BY id LIMIT ?",
+                    (last, batch)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield (np.array([r[0] for r in rows], np.int64), self.unpack([r[1] for r in rows]),
+                   [(r[0],) + tuple(r[2:]) for r in rows])
+
+    def get(self, item_id: int) -> dict | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, pid, camera, time, source, track, extra, added, thumb IS NOT NULL FROM items WHERE id = ?",
+                (int(item_id),)).fetchone()
+        if row is None:
+            return None
+        return {"id": row[0], "pid": row[1], "camera": row[2], "time": row[3], "source": row[4], "track": row[5],
+                "extra": json.loads(row[6]) if row[6] else {}, "added": row[7], "thumbnail": bool(row[8])}
+
+    def thumbnail(self, item_id: int) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT thumb FROM items WHERE id = ?", (int(item_id),)).fetchone()
+        return None if row is None else row[0]
+
+    def select_ids(self, pid: int | None = None, camera: int | None = None, track: str | None = None,
+                   time_from: float | None = None, time_to: float | None = None,
+                   added_before: float | None = None) -> list[int]:
+        """Ids of the items matching every given condition (time: capture time, inclusive range)."""
+        conds, args = [], []
+        for col, v in (("pid", pid), ("camera", camera), ("track", track)):
+            if v is not None:
+                conds.append(f"{col} = ?")
+                args.append(v)
+        if time_from is not None:
+            conds.append("time >= ?")
+            args.append(time_from)
+        if time_to is not None:
+            conds.append("time <= ?")
+            args.append(time_to)
+        if added_before is not None:  # retention: by capture time, else by the time the item was added
+            conds.append("COALESCE(time, added) < ?")
+            args.append(added_before)
+        if not conds:
+            raise CtfreidError("an erasure filter needs at least one condition")
+        with self._lock:
+            return [r[0] for r in self._db.execute(f"SELECT id FROM items WHERE {' AND '.join(conds)} ORDER BY id",
+                                                   args)]
+
+
+def _chunks(seq: Sequence, n: int):
+    for i in range(0, len(seq), n):
+        yield list(seq[i:i + n])
