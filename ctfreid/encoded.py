@@ -6,11 +6,16 @@ An encoded set holds, for ``n`` images:
 - ``camids``: int64[n] camera ids;
 - ``codes_<L>``: uint8[n, L // 8] packed binary codes, one key per code length ``L``;
 - ``features`` (optional): float32[n, d] real-valued features (for the ``float`` baseline);
-- ``paths`` (optional): str[n] image paths.
+- ``paths`` (optional): str[n] image paths;
+- ``meta`` (optional): a 0-d string array holding a JSON object (e.g. the model fingerprint and the
+  split), :attr:`EncodedSet.meta`.
+
+Everything is a plain array, so the file loads with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -32,7 +37,7 @@ class EncodedSet:
     camids: np.ndarray
     features: np.ndarray | None = None
     paths: np.ndarray | None = None
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # JSON-serialisable, saved with the arrays
 
     def __post_init__(self) -> None:
         self.codes = check_code_set(self.codes, "codes")
@@ -47,6 +52,8 @@ class EncodedSet:
             self.paths = np.asarray(self.paths, dtype=str)
             if self.paths.shape != (n,):
                 raise CtfreidError(f"paths must have {n} entries, got shape {self.paths.shape}")
+        if not isinstance(self.meta, dict):
+            raise CtfreidError(f"meta must be a dict (saved as JSON), got {type(self.meta).__name__}")
 
     def __len__(self) -> int:
         return int(self.pids.shape[0])
@@ -72,16 +79,33 @@ def save_encoded(path: str | os.PathLike, data: EncodedSet) -> None:
         arrays["features"] = data.features
     if data.paths is not None:
         arrays["paths"] = data.paths
+    if data.meta:
+        try:
+            text = json.dumps(data.meta, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise CtfreidError(f"meta of {path} must be JSON-serialisable: {e}") from e
+        arrays["meta"] = np.array(text)
     with atomic_write(path) as f:
         np.savez(f, **arrays)
 
 
+_EXPECTED = "expected a zip of the arrays pids, camids and codes_<L>, as written by 'ctfreid encode'"
+
+
 def load_encoded(path: str | os.PathLike, name: str | None = None) -> EncodedSet:
-    """Read an encoded set written by ``save_encoded`` (or by any tool following the schema above)."""
+    """Read an encoded set written by ``save_encoded`` (or by any tool following the schema above).
+
+    Raises :class:`~ctfreid.errors.CtfreidError` naming the file for anything that is not such a set: another
+    kind of file (a ``.npy`` array, text), missing or misnamed arrays, and non-finite ``features`` (NaN or
+    infinite values would give meaningless float-baseline metrics without an error).
+    """
     path = Path(path)
     label = name or str(path)
     if not path.is_file():
         raise FileNotFoundError(f"{label}: no such file (expected an .npz with pids, camids, codes_<L>)")
+    not_npz = f"{label} is not an .npz of encoded images ({_EXPECTED})"
+    if not zipfile.is_zipfile(path):  # np.load would read a .npy array or try to unpickle anything else
+        raise CtfreidError(not_npz)
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
@@ -96,16 +120,39 @@ def load_encoded(path: str | os.PathLike, name: str | None = None) -> EncodedSet
                 if not k[6:].isdigit():
                     raise CtfreidError(f"{label}: array {k!r} should be named codes_<length in bits>, e.g. codes_128")
                 codes[int(k[6:])] = z[k]
+            features = z["features"] if "features" in keys else None
+            if features is not None and np.issubdtype(features.dtype, np.number):
+                bad = ~np.isfinite(features)
+                if bad.any():
+                    rows = int(bad.reshape(len(features), -1).any(axis=1).sum()) if features.ndim else 1
+                    raise CtfreidError(
+                        f"{label}: array 'features' has non-finite values (NaN or infinity) in {rows} of "
+                        f"{len(features) if features.ndim else 1} rows; expected finite float features"
+                    )
+            meta = _read_meta(z["meta"], label) if "meta" in keys else {}
             return EncodedSet(
                 codes=codes,
                 pids=z["pids"],
                 camids=z["camids"],
-                features=z["features"] if "features" in keys else None,
+                features=features,
                 paths=z["paths"] if "paths" in keys else None,
+                meta=meta,
             )
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CtfreidError(f"{label}: not a readable .npz file ({e})") from e
+        raise CtfreidError(f"{not_npz}: {e}") from e
     except ValueError as e:
         if str(e).startswith(label):
             raise
+        if "pickle" in str(e):  # an object array inside the zip: not something save_encoded writes
+            raise CtfreidError(f"{not_npz}: it holds an object array") from e
         raise CtfreidError(f"{label}: {e}") from e
+
+
+def _read_meta(array: np.ndarray, label: str) -> dict:
+    try:
+        meta = json.loads(str(array[()]))
+    except (ValueError, TypeError, IndexError) as e:
+        raise CtfreidError(f"{label}: array 'meta' must be a JSON object, got {str(array)[:60]!r}") from e
+    if not isinstance(meta, dict):
+        raise CtfreidError(f"{label}: array 'meta' must be a JSON object, got {type(meta).__name__}")
+    return meta

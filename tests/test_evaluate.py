@@ -244,3 +244,52 @@ def test_cli_errors_are_one_line(files, capsys):
     assert "code lengths" in capsys.readouterr().err
     assert main(["calibrate", "--val", str(p["val"]), "--rho", "x"]) == 2
     assert "--rho" in capsys.readouterr().err
+
+
+def test_encoded_set_round_trip_with_meta(tmp_path, sets):
+    from ctfreid.encoded import load_encoded
+
+    _, query, _ = sets
+    meta = {"model": {"fingerprint": "abc123", "lengths": [32, 64, 128]}, "split": "query", "flip": False}
+    s = EncodedSet(query.codes, query.pids, query.camids, features=query.features,
+                   paths=np.array([f"q/{i}.jpg" for i in range(len(query))]), meta=meta)
+    save_encoded(tmp_path / "q.npz", s)
+    back = load_encoded(tmp_path / "q.npz")
+    assert back.meta == meta
+    for L in LENGTHS:
+        assert np.array_equal(back.codes[L], s.codes[L])
+    assert np.array_equal(back.pids, s.pids) and np.array_equal(back.camids, s.camids)
+    assert np.array_equal(back.features, s.features) and list(back.paths) == list(s.paths)
+    with np.load(tmp_path / "q.npz", allow_pickle=False) as z:  # plain arrays only: the JSON is a string
+        assert json.loads(str(z["meta"][()])) == meta
+    save_encoded(tmp_path / "plain.npz", EncodedSet(query.codes, query.pids, query.camids))
+    assert load_encoded(tmp_path / "plain.npz").meta == {}
+    with pytest.raises(ValueError, match="JSON"):
+        save_encoded(tmp_path / "bad.npz", EncodedSet(query.codes, query.pids, query.camids, meta={"x": object()}))
+
+
+def test_evaluate_refuses_non_finite_features(files, capsys):
+    tmp, p = files
+    q = dict(np.load(p["q"]))
+    for bad in (np.nan, np.inf):
+        q["features"] = q["features"].copy()
+        q["features"][3, 7] = bad
+        np.savez(tmp / "nan.npz", **q)
+        assert main(["evaluate", "--query", str(tmp / "nan.npz"), "--gallery", str(p["g"])]) == 2
+        out = capsys.readouterr()
+        assert "nan.npz" in out.err and "'features'" in out.err and "non-finite" in out.err
+        assert out.err.count("\n") == 1 and "float" not in out.out
+
+
+def test_evaluate_names_files_that_are_not_encoded_sets(files, capsys):
+    tmp, p = files
+    np.save(tmp / "array.npy", np.zeros((4, 4)))
+    (tmp / "array.npy").rename(tmp / "array.npz")  # a .npy array named .npz
+    (tmp / "text.npz").write_text("hello")  # 5 bytes of text
+    np.savez(tmp / "objects.npz", pids=np.array([1, "x"], dtype=object), camids=np.zeros(2, int),
+             codes_32=np.zeros((2, 4), np.uint8))
+    for name in ("array.npz", "text.npz", "objects.npz"):
+        assert main(["evaluate", "--query", str(tmp / name), "--gallery", str(p["g"])]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp / name} is not an .npz of encoded images (expected" in err, err
+        assert "pickle" not in err and err.count("\n") == 1
