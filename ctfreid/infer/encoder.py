@@ -15,20 +15,23 @@ features become invariant to a horizontal flip. It doubles the encoding time.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from ctfreid.data.datasets import Record
-from ctfreid.data.loader import image_loader
-from ctfreid.data.transforms import TransformConfig, build_test_transform
 from ctfreid.encoded import EncodedSet
 from ctfreid.errors import CtfreidError
-from ctfreid.learn.model import AiOModel, resolve_device, sign_codes
+
+if TYPE_CHECKING:  # torch is imported lazily: the ONNX path of load_encoder must work without it
+    import torch
+
+    from ctfreid.learn.model import AiOModel
 
 
-@torch.no_grad()
 def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int | None = None, height: int = 256,
                    width: int = 128, device: str | torch.device = "cpu", num_workers: int = 0,
                    progress: bool = False, mean: Sequence[float] | None = None,
@@ -42,6 +45,12 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
     slower there: memory is mapped and unmapped for every batch) and 128 on CUDA. An unreadable image
     raises ``ValueError`` / ``FileNotFoundError`` naming it.
     """
+    import torch
+
+    from ctfreid.data.loader import image_loader
+    from ctfreid.data.transforms import TransformConfig, build_test_transform
+    from ctfreid.learn.model import resolve_device, sign_codes
+
     if not records:
         raise CtfreidError("no images to encode (empty list of records)")
     dev = resolve_device(device) if isinstance(device, str) else device
@@ -59,7 +68,8 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
     features: list[np.ndarray] = []
     from tqdm import tqdm
 
-    with tqdm(total=len(records), desc="encoding", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with torch.no_grad(), tqdm(total=len(records), desc="encoding", unit="img", disable=not progress,
+                               dynamic_ncols=True) as bar:
         for images, _, _, _ in loader:
             images = images.to(dev, non_blocking=True)
             bn = model(images)["bn"]
@@ -78,3 +88,134 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
         features=np.concatenate(features).astype(np.float32),
         paths=np.array([path for path, _, _ in records], dtype=str),
     )
+
+
+# --- one entry point for torch run directories and ONNX exports -----------------------------------------------
+
+
+class Encoder(Protocol):
+    """What :func:`load_encoder` returns, for a torch run directory and for an ONNX export alike.
+
+    ``fingerprint`` is the run's :func:`ctfreid.learn.run_dir.model_fingerprint` (an ONNX export carries its
+    run's, so indexes built with the run accept the export); ``lengths`` shortest first; ``thresholds`` the
+    DTO thresholds (Sec. 3.3) stored with the model, or None; ``info`` everything else (file, backbone, mean,
+    std, ...). Codes are packed ``sgn(bn(v_k))`` (Eq. 2); ``features`` is ``bn(v_1)`` of the longest code.
+    """
+
+    fingerprint: str
+    lengths: list[int]
+    height: int
+    width: int
+    flip: bool
+    thresholds: dict[int, int] | None
+    info: dict
+
+    def encode_images(self, images: Sequence[Any], batch_size: int = 32) -> EncodedSet: ...
+
+    def encode_records(self, records: Sequence[Record], batch_size: int = 32, progress: bool = False) -> EncodedSet: ...
+
+
+def encoded_from_bn(bn: dict[int, np.ndarray], records: Sequence[Record] | None = None) -> EncodedSet:
+    """``{L: bn(v_L)}`` float arrays -> an :class:`EncodedSet`: packed ``sgn`` codes (Eq. 2, ``sgn(0) = +1`` as
+    :func:`ctfreid.learn.model.sign_codes`) and ``features = bn(v_1)`` of the longest length; labels from
+    ``records`` or -1 (and no paths) for bare images."""
+    n = next(iter(bn.values())).shape[0]
+    return EncodedSet(
+        codes={length: np.packbits(values >= 0, axis=1) for length, values in bn.items()},
+        pids=np.array([pid for _, pid, _ in records], dtype=np.int64) if records is not None else np.full(n, -1),
+        camids=np.array([c for _, _, c in records], dtype=np.int64) if records is not None else np.full(n, -1),
+        features=np.ascontiguousarray(bn[max(bn)], dtype=np.float32),
+        paths=np.array([path for path, _, _ in records], dtype=str) if records is not None else None,
+    )
+
+
+def stored_thresholds(info: dict, path: str | os.PathLike | None = None) -> dict[int, int] | None:
+    """DTO thresholds kept with a model: the model file's ``thresholds``, else ``thresholds.json`` (written by
+    ``ctfreid calibrate`` / ``ctfreid demo``) in the run directory ``path``; None if neither exists."""
+    thr = info.get("thresholds")
+    if thr:
+        return {int(k): int(v) for k, v in thr.items()}
+    if path is not None:
+        run = Path(path) if Path(path).is_dir() else Path(path).parent
+        file = run / "thresholds.json"
+        if file.is_file():
+            from ctfreid.search.thresholds import read_thresholds
+
+            return read_thresholds(file)
+    return None
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise CtfreidError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+class TorchEncoder:
+    """A trained run directory (or its ``model.pt``) as an :class:`Encoder` on torch."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", flip: bool | None = None) -> None:
+        from ctfreid.learn.run_dir import load_model, model_fingerprint
+
+        self.model, info = load_model(path, device=device)
+        self.device = next(self.model.parameters()).device
+        self.fingerprint: str = model_fingerprint(self.model, info)
+        self.lengths: list[int] = sorted(self.model.lengths)
+        self.height: int = int(info["height"])
+        self.width: int = int(info["width"])
+        self.flip: bool = bool(flip)  # a run directory has no flip setting of its own
+        self.thresholds = stored_thresholds(info, path)
+        self.info = {**info, "backbone": self.model.backbone_name, "runtime": "torch", "device": str(self.device)}
+
+    def _transform(self):
+        from ctfreid.data.transforms import TransformConfig, build_test_transform
+
+        return build_test_transform(TransformConfig(height=self.height, width=self.width,
+                                                    mean=tuple(self.info["mean"]), std=tuple(self.info["std"])))
+
+    def encode_images(self, images: Sequence[Any], batch_size: int = 32) -> EncodedSet:
+        """Codes (Eq. 2) and features of decoded images (converted to RGB); pids / camids -1, no paths."""
+        import torch
+
+        _check_batch_size(batch_size)
+        if len(images) == 0:
+            raise CtfreidError("no images to encode (empty list of images)")
+        tf = self._transform()
+        parts: dict[int, list[np.ndarray]] = {length: [] for length in self.lengths}
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = torch.stack([tf(im.convert("RGB")) for im in images[i:i + batch_size]]).to(self.device)
+                bn = self.model(x)["bn"]
+                if self.flip:
+                    mirrored = self.model(x.flip(3))["bn"]
+                    bn = {length: (bn[length] + mirrored[length]) * 0.5 for length in self.lengths}
+                for length in self.lengths:
+                    parts[length].append(bn[length].float().cpu().numpy())
+        return encoded_from_bn({length: np.concatenate(p) for length, p in parts.items()})
+
+    def encode_records(self, records: Sequence[Record], batch_size: int = 32, progress: bool = False) -> EncodedSet:
+        """Codes and features of ``(path, pid, camid)`` records read from disk (errors name the file)."""
+        return encode_records(self.model, records, batch_size=_check_batch_size(batch_size), height=self.height,
+                              width=self.width, device=self.device, progress=progress, mean=self.info["mean"],
+                              std=self.info["std"], flip=self.flip)
+
+
+def is_onnx_file(path: str | os.PathLike) -> bool:
+    """A ``*.onnx`` path (the ONNX encoder of ``ctfreid export``) rather than a run directory / model.pt."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def load_encoder(path: str | os.PathLike, *, device: str = "cpu", flip: bool | None = None,
+                 threads: int | None = None) -> Encoder:
+    """A run directory / ``model.pt`` -> a torch encoder; a ``*.onnx`` file written by ``ctfreid export`` -> an
+    onnxruntime encoder (imports no torch; CUDA provider when ``device`` asks for it and it is available).
+
+    ``flip=None``: the file's own setting (an ONNX export made with ``--flip`` has the flip test in its
+    graph; a run directory has none, so False). ``threads`` bounds onnxruntime's intra-op threads (torch:
+    ``torch.set_num_threads`` is the caller's).
+    """
+    if is_onnx_file(path):
+        from ctfreid.infer.onnx_encoder import OnnxEncoder
+
+        return OnnxEncoder(path, device=device, flip=flip, threads=threads)
+    return TorchEncoder(path, device=device, flip=flip)
