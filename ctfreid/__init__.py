@@ -15,6 +15,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CtFIndex": "ctfreid.search.index",
+    "Hits": "ctfreid.search.merge",
+    "merge_hits": "ctfreid.search.merge",
+    "set_num_threads": "ctfreid.search.parallel",
+    "get_num_threads": "ctfreid.search.parallel",
     "pack_codes": "ctfreid.codes",
     "unpack_codes": "ctfreid.codes",
     "binarize": "ctfreid.codes",

@@ -63,6 +63,7 @@ from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
 from ctfreid.search.hamming import check_k, prepare_queries
 from ctfreid.search.merge import Hits, empty_hits
+from ctfreid.search.parallel import run_chunks
 from ctfreid.search.thresholds import threshold_array
 
 MAGIC = b"CTFREID\x00"
@@ -467,50 +468,68 @@ class CtFIndex:
             self._local.ws = ws
         return ws[1]
 
+    def _hit_keys(self, qs: tuple[np.ndarray, ...], P: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-length distances and stage counts of the hits at slots ``P`` (read lock held)."""
+        G1, Gr, _, qoff = self._stage_views()
+        S = len(self._lengths)
+        dist = np.empty(P.shape + (S,), np.int32)
+        stages = np.empty(P.shape, np.int8)
+        Qr = _kernels.later_queries(qs, qoff) if S > 1 else _kernels._readonly(np.zeros((qs[0].shape[0], 1), np.uint64))
+        _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages)
+        return dist, stages
+
+    def _run(self, qs: tuple[np.ndarray, ...], k: int | None, thresholds: Mapping[int, int] | None,
+             threads: int | None, keys: bool = False) -> tuple:
+        """(D, slots[, distances, stages]) of every query, the queries split over ``threads`` threads
+        (each query is searched on its own, so the answers do not depend on the split)."""
+        with self._lock.read():
+            thr = self._thresholds(thresholds)
+
+            def chunk(a: int, b: int) -> tuple:
+                part = tuple(q[a:b] for q in qs)
+                D, P = self._positions(part, k, thr)
+                return (D, P) + (self._hit_keys(part, P, thr) if keys and P.shape[1] else ())
+
+            parts = run_chunks(chunk, qs[0].shape[0], threads)
+            out = [np.concatenate(x, axis=0) if len(parts) > 1 else x[0] for x in zip(*parts)]
+            out.insert(2, self._ids[out[1]])  # slots -> stored ids while the read lock is held
+        return tuple(out)
+
     def search(self, query_codes: Mapping[int, np.ndarray], k: int,
-               thresholds: Mapping[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               thresholds: Mapping[int, int] | None = None, threads: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """First ``k`` results of the coarse-to-fine ranking: ``(D int32[nq, m], I int64[nq, m])`` with
         ``m = min(k, ntotal)``.
 
         ``D`` is the Hamming distance at the finest stage each result reached (Sec. 3.1); ``I`` the stored
-        ids. ``thresholds`` overrides the attribute for this call. 1-D query codes give 1-D results.
+        ids. ``thresholds`` overrides the attribute for this call; ``threads`` the default number of
+        threads (``ctfreid.search.parallel.set_num_threads``) over which a batch of queries is split.
+        1-D query codes give 1-D results.
         """
         k = check_k(k)
         qs, single = self._queries(query_codes)
-        with self._lock.read():
-            D, P = self._positions(qs, k, self._thresholds(thresholds))
-            I = self._ids[P]
+        D, _, I = self._run(qs, k, thresholds, threads)
         return (D[0], I[0]) if single else (D, I)
 
     def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
-                    thresholds: Mapping[int, int] | None = None) -> Hits:
+                    thresholds: Mapping[int, int] | None = None, threads: int | None = None) -> Hits:
         """First ``k`` results with their coarse-to-fine sort key (``ctfreid.search.merge.Hits``): ids,
         the number of stages each hit was ranked with, and its distance at each length up to the finest
         it reached. Same order as ``search``; ``merge_hits`` of several indexes' hits equals the hits of
         one index over their union. 1-D query codes are treated as one query (results stay 2-D)."""
         k = check_k(k)
         qs, _ = self._queries(query_codes)
-        with self._lock.read():
-            thr = self._thresholds(thresholds)
-            _, P = self._positions(qs, k, thr)
-            if P.shape[1] == 0:
-                return empty_hits(qs[0].shape[0], self._lengths)
-            G1, Gr, _, qoff = self._stage_views()
-            S = len(self._lengths)
-            dist = np.empty(P.shape + (S,), np.int32)
-            stages = np.empty(P.shape, np.int8)
-            Qr = _kernels.later_queries(qs, qoff) if S > 1 else _kernels._readonly(np.zeros((qs[0].shape[0], 1), np.uint64))
-            _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages)
-            ids = self._ids[P]
+        out = self._run(qs, k, thresholds, threads, keys=True)
+        if out[1].shape[1] == 0:
+            return empty_hits(qs[0].shape[0], self._lengths)
+        _, _, ids, dist, stages = out
         return Hits(ids, stages, dist, tuple(self._lengths))
 
-    def rank(self, query_codes: Mapping[int, np.ndarray],
-             thresholds: Mapping[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def rank(self, query_codes: Mapping[int, np.ndarray], thresholds: Mapping[int, int] | None = None,
+             threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Full coarse-to-fine rankings ``(D int32[nq, ntotal], I int64[nq, ntotal])`` (for evaluation)."""
         qs, single = self._queries(query_codes)
-        with self._lock.read():
-            D, P = self._positions(qs, None, self._thresholds(thresholds))
-            I = self._ids[P]
+        D, _, I = self._run(qs, None, thresholds, threads)
         return (D[0], I[0]) if single else (D, I)
 
     # ------------------------------------------------------------------------------- save / load / bytes

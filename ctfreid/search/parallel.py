@@ -1,0 +1,63 @@
+"""Threads for batches of queries: the kernels release the GIL, so a batch split into contiguous chunks of
+queries runs on several cores with answers identical to one thread (each query is searched on its own).
+
+``set_num_threads(n)`` sets the default (like ``faiss.omp_set_num_threads``; initially every core this
+process may use); a call's ``threads=`` overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from ctfreid.errors import CtfreidError
+
+MIN_QUERIES_PER_THREAD = 2  # below this a thread costs more than it saves
+
+_default: int | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: object, name: str = "threads") -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise CtfreidError(f"{name} must be a positive integer, got {threads!r}")
+    return threads
+
+
+def set_num_threads(n: int) -> None:
+    """Default number of threads for searches of several queries (``threads=`` of a call overrides it)."""
+    global _default
+    _default = check_threads(n, "n")
+
+
+def get_num_threads() -> int:
+    """The default number of search threads: ``set_num_threads``, else every core this process may use."""
+    return _default if _default is not None else _cores()
+
+
+def run_chunks(fn: Callable[[int, int], object], nq: int, threads: int | None) -> list:
+    """``[fn(start, stop) for each chunk]`` over ``nq`` queries in at most ``threads`` contiguous chunks,
+    in order; the first chunk runs in the calling thread, the others in a shared pool."""
+    t = get_num_threads() if threads is None else check_threads(threads)
+    t = max(1, min(t, nq // MIN_QUERIES_PER_THREAD))
+    if t == 1:
+        return [fn(0, nq)]
+    bounds = [nq * i // t for i in range(t + 1)]
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < t - 1:
+            _pool = ThreadPoolExecutor(max_workers=max(t - 1, _cores()), thread_name_prefix="ctfreid-search")
+        pool = _pool
+    futures = [pool.submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    first = fn(bounds[0], bounds[1])
+    return [first] + [f.result() for f in futures]

@@ -1,0 +1,46 @@
+"""Batches of queries on several threads give exactly the answers of one thread, ties included."""
+
+import numpy as np
+import pytest
+from test_merge import tied_codes
+
+from ctfreid.errors import CtfreidError
+from ctfreid.search import parallel
+from ctfreid.search.index import CtFIndex
+
+
+@pytest.mark.parametrize("thresholds", [{32: 9, 64: 20}, {32: 32, 64: 0}])
+def test_threads_give_the_one_thread_answers(thresholds):
+    rng = np.random.default_rng(11)
+    g, q = tied_codes(rng, 3000), tied_codes(rng, 37)
+    index = CtFIndex()
+    index.add(g)
+    index.remove_ids(rng.choice(3000, 200, replace=False))
+    one = index.search(q, 50, thresholds=thresholds, threads=1)
+    h1 = index.search_hits(q, 50, thresholds=thresholds, threads=1)
+    r1 = index.rank(q, thresholds=thresholds, threads=1)
+    single = [index.search({L: c[i] for L, c in q.items()}, 50, thresholds=thresholds) for i in range(37)]
+    np.testing.assert_array_equal(one[1], np.stack([s[1] for s in single]))
+    for t in (2, 3, 8):
+        for a, b in zip(index.search(q, 50, thresholds=thresholds, threads=t), one):
+            np.testing.assert_array_equal(a, b)
+        h = index.search_hits(q, 50, thresholds=thresholds, threads=t)
+        np.testing.assert_array_equal(h.ids, h1.ids)
+        np.testing.assert_array_equal(h.distances, h1.distances)
+        np.testing.assert_array_equal(h.stages, h1.stages)
+        for a, b in zip(index.rank(q, thresholds=thresholds, threads=t), r1):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_default_number_of_threads():
+    before = parallel.get_num_threads()
+    try:
+        parallel.set_num_threads(3)
+        assert parallel.get_num_threads() == 3
+        seen = []
+        parallel.run_chunks(lambda a, b: seen.append((a, b)), 12, None)
+        assert sorted(seen) == [(0, 4), (4, 8), (8, 12)]
+        with pytest.raises(CtfreidError, match="positive integer"):
+            parallel.set_num_threads(0)
+    finally:
+        parallel.set_num_threads(before)
