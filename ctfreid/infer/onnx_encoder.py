@@ -113,7 +113,9 @@ class OnnxEncoder:
         self.thresholds: dict[int, int] | None = {int(k): int(v) for k, v in thr.items()} if thr else None
         self._outputs = [output_name(length) for length in self.lengths]
         self.mean, self.std = mean, std
+        # model_config / file / mean / std as in load_model's info, so the image-index helpers read both alike
         self.info: dict = {**meta, "file": str(file), "runtime": "onnxruntime", "mean": tuple(mean),
+                           "model_config": {"lengths": sorted(self.lengths, reverse=True), "backbone": meta.get("backbone")},
                            "std": tuple(std), "graph_flip": graph_flip, "providers": self.session.get_providers(),
                            "input_shape": inputs[INPUT_NAME]}
 
