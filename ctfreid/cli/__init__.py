@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "index": "ctfreid.cli.index",
     "search": "ctfreid.cli.search",
     "serve": "ctfreid.cli.serve",
+    "export": "ctfreid.cli.export",
 }
 
 _EPILOG = """examples:
@@ -79,6 +80,7 @@ _HELP = {
     "index": "build or extend a coarse-to-fine index from a folder of images",
     "search": "search an index with query images",
     "serve": "HTTP search service over a durable gallery (add, search, erase; a web page at /)",
+    "export": "export a trained run to an ONNX encoder (onnxruntime, no torch) and check it",
 }
 
 
