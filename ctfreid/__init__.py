@@ -4,7 +4,8 @@ Implements "Faster Person Re-Identification" (Wang, Gong, Cheng, Hou, ECCV 2020)
 pyramid, Distance Threshold Optimization (DTO) and coarse-to-fine (CtF) Hamming search.
 
 The search side needs only NumPy (and numba); the model side needs the ``train`` extra (torch).
-Names are imported lazily so ``import ctfreid`` stays cheap.
+Names are imported lazily so ``import ctfreid`` stays cheap; every name of ``__all__`` keeps working across
+reorganisations of the subpackages (tests/test_layout.py resolves each one).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _LAZY = {
     "EncodedSet": "ctfreid.encoded",
     "load_encoded": "ctfreid.encoded",
     "save_encoded": "ctfreid.encoded",
+    "CtfreidError": "ctfreid.errors",
 }
 
 __all__ = sorted(_LAZY)

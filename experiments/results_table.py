@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from ctfreid.eval.report import method_key, parse_method
+
 TABLE4 = {
     "aio_all": "the paper's protocol (Sec. 4.2): trained on all 467 training identities, thresholds of aio_cp_sd",
     "aio_cp_sd": "20 % of the training identities held out for DTO",
@@ -29,12 +31,12 @@ def pct(x: float) -> str:
 
 
 def hash_names(methods: dict) -> list[str]:
-    return sorted((k for k in methods if k.startswith("hash")), key=lambda k: int(k[4:]))
+    return sorted((k for k in methods if parse_method(k) is not None), key=parse_method)
 
 
 def label(name: str, float_label: str = "float") -> str:
     """``float`` / ``hash<L>`` / ``ctf`` -> a table label."""
-    return {"float": float_label, "ctf": "CtF"}.get(name, f"{name[4:]}-bit")
+    return {"float": float_label, "ctf": "CtF"}.get(name, f"{parse_method(name)}-bit")
 
 
 def table4(result: dict) -> list[str]:
@@ -93,7 +95,7 @@ def flip_comparison(root: Path) -> list[str]:
 
 def ablation_table(results: dict[str, dict]) -> list[str]:
     runs = [run for run in ABLATION if run in results]
-    lengths = sorted({int(k[4:]) for run in runs for k in hash_names(results[run]["methods"])})
+    lengths = sorted({parse_method(k) for run in runs for k in hash_names(results[run]["methods"])})
     head = " | ".join(f"{L}" for L in lengths) + " | CtF"
     out = [f"| CP | SD | Rank-1 (%): {head} | mAP (%): {head} | CtF ms / query |",
            "|---|---|" + "---|" * (2 * (len(lengths) + 1) + 1)]
@@ -101,7 +103,7 @@ def ablation_table(results: dict[str, dict]) -> list[str]:
         m = results[run]["methods"]  # a one-code model has no "ctf" row
 
         def cells(metric: str) -> str:
-            row = [pct(m[k][metric]) if k in m else "-" for k in [*(f"hash{L}" for L in lengths), "ctf"]]
+            row = [pct(m[k][metric]) if k in m else "-" for k in [*map(method_key, lengths), "ctf"]]
             return " | ".join(row)
 
         ms = f"{m['ctf']['query_ms']:.3f}" if "ctf" in m else "-"

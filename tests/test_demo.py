@@ -78,25 +78,57 @@ def test_pick_queries_distinct_ids_with_cross_camera_matches():
     assert pick_queries(query, gallery, 1).tolist() == [0]
 
 
-def test_best_time_keeps_accuracy_and_the_fastest_run():
-    from ctfreid.demo import best_time
-
-    runs = iter([3.0, 1.0, 2.0])
-
-    def run():
-        t = next(runs)
-        return {"methods": {"ctf": {"rank1": 0.5, "query_ms": t}, "hash32": {"rank1": 0.2, "query_ms": 2 * t}}}
-
-    best = best_time(run, 3)
-    assert best["methods"]["ctf"] == {"rank1": 0.5, "query_ms": 1.0}
-    assert best["methods"]["hash32"] == {"rank1": 0.2, "query_ms": 2.0}
-
-
 def test_config_validation():
     with pytest.raises(ValueError, match="gallery_sizes"):
         DemoConfig(gallery_sizes=1)
     with pytest.raises(ValueError, match="beta"):
         DemoConfig(betas=(0.0, 1.0))
+    # too few identities for one PK batch of training identities: refused before any image is drawn
+    with pytest.raises(ValueError, match=r"ids=2 .* p=16: use --ids (\d+)"):
+        DemoConfig(ids=2)
+    with pytest.raises(ValueError, match="ids must be in"):
+        DemoConfig(ids=0)
+    with pytest.raises(ValueError, match="cams"):
+        DemoConfig(cams=1)
+    with pytest.raises(ValueError, match="val_fraction"):
+        DemoConfig(val_fraction=0.0)
+    DemoConfig(ids=2, model="any/run")  # no training: two identities are enough for the synthetic data
+
+
+def test_suggested_minimum_of_ids_is_the_minimum():
+    import re
+
+    with pytest.raises(ValueError) as e:
+        DemoConfig(ids=20, p=8)
+    least = int(re.search(r"--ids (\d+)", str(e.value)).group(1))
+    DemoConfig(ids=least, p=8)
+    with pytest.raises(ValueError):
+        DemoConfig(ids=least - 1, p=8)
+
+
+def test_cli_demo_checks_paths_before_any_work(tmp_path, capsys, monkeypatch):
+    """--model / --data / --weights that do not exist fail at once: nothing is generated or trained."""
+    from ctfreid import demo
+    from ctfreid.cli import main
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the demo started working before checking its inputs")
+
+    monkeypatch.setattr(demo, "_synthetic_data", no_work)
+    monkeypatch.setattr(demo, "_run_demo", no_work)
+    out = tmp_path / "out"
+    for flags, name in ((["--model", str(tmp_path / "missing")], "missing"),
+                        (["--data", str(tmp_path / "nodata")], "nodata"),
+                        (["--weights", str(tmp_path / "w.pth")], "w.pth")):
+        assert main(["demo", "--out", str(out), "--quiet", *flags]) == 2
+        err = capsys.readouterr().err
+        assert name in err and err.count("\n") == 1, err
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "file"), "--quiet"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--quiet", "--ids", "2"]) == 2
+    assert "--ids" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def _brute_rank1(q: EncodedSet, g: EncodedSet, length: int) -> float:
@@ -146,7 +178,7 @@ def test_tiny_demo_end_to_end(tmp_path):
     sizes = [r["gallery_size"] for r in doc["gallery_size_sweep"]]
     assert len(sizes) == 4 and sizes == sorted(sizes)
     md = (out / "results.md").read_text()
-    assert "| CtF" in md and "speed-up vs 128-bit" in md and "best of 2 timed runs" in md
+    assert "| CtF" in md and "speed-up vs 128-bit" in md and "median of 2 timed runs" in md
 
     # independent check of the wiring: re-encode with the saved model, brute-force Rank-1 of the longest code
     data = load_dataset(out / "data")

@@ -167,3 +167,70 @@ def test_package_ships_py_typed():
     assert (ROOT / "py.typed").is_file()
     conf = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
     assert "py.typed" in conf["tool"]["setuptools"]["package-data"]["ctfreid"]
+
+
+def test_every_public_top_level_name_resolves_without_torch():
+    """``ctfreid.X`` for each X in ``__all__`` (the names of the flat layout before the subpackages) is the
+    object of its home module; none of them needs torch."""
+    code = """
+import importlib, ctfreid
+missing = [n for n in ctfreid.__all__ if getattr(ctfreid, n, None) is None]
+assert not missing, missing
+from ctfreid.errors import CtfreidError
+assert ctfreid.CtfreidError is CtfreidError and issubclass(CtfreidError, ValueError)
+for n in ctfreid.__all__:
+    home = importlib.import_module(ctfreid._LAZY[n])
+    assert getattr(ctfreid, n) is getattr(home, n), n
+    assert n in dir(ctfreid)
+for old in ("CtFIndex", "pack_codes", "unpack_codes", "fit_thresholds", "evaluate_ranking", "hamming_rank",
+            "ctf_search", "load_encoded", "EncodedSet"):
+    assert old in ctfreid.__all__, old
+try:
+    ctfreid.no_such_name
+except AttributeError as e:
+    assert "no_such_name" in str(e)
+else:
+    raise AssertionError("unknown names must raise AttributeError")
+assert "torch" not in sys.modules
+print(len(ctfreid.__all__))
+"""
+    r = run_without_torch(code)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) >= 17
+
+
+def test_command_help_lines_are_the_modules_own():
+    """``ctfreid --help`` lists ``_HELP`` without importing the commands: each line must equal its command
+    module's ``HELP`` (read with ``ast``, so no optional dependency is needed)."""
+    from ctfreid.cli import _HELP, COMMANDS
+
+    assert set(_HELP) == set(COMMANDS)
+    for name, module in COMMANDS.items():
+        path = ROOT.parent / (module.replace(".", "/") + ".py")
+        tree = ast.parse(path.read_text())
+        helps = [node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "HELP" for t in node.targets)]
+        assert len(helps) == 1, f"{path}: expected one top-level HELP = '...'"
+        assert ast.literal_eval(helps[0]) == _HELP[name], f"_HELP[{name!r}] differs from {module}.HELP"
+
+
+def test_report_tables_work_without_torch_and_matplotlib(tmp_path):
+    """Tables and JSON of a report need neither torch nor matplotlib (only the plots need matplotlib)."""
+    code = """
+import importlib.abc
+class NoPlots(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("matplotlib blocked by the test")
+sys.meta_path.insert(0, NoPlots())
+from ctfreid.eval import report
+from ctfreid.eval.evaluate import format_table
+res = {"methods": {"hash32": {"rank1": .5, "rank5": .6, "rank10": .7, "mAP": .4, "query_ms": 1.0},
+                   "ctf": {"rank1": .6, "rank5": .7, "rank10": .8, "mAP": .5, "query_ms": 0.5}}}
+j, m = report.write_tables(res, sys.argv[1])
+print(format_table(res).splitlines()[-1])
+assert "torch" not in sys.modules and "matplotlib" not in sys.modules
+"""
+    r = run_without_torch(code, str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "results.md").is_file() and "ctf" in (tmp_path / "results.md").read_text().lower()

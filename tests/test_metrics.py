@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 from ctfreid.eval.metrics import (
+    RankingStats,
     euclidean_rank,
     evaluate_ranking,
     merge_metrics,
     rank_by_distance,
     ranking_stats,
+    squared_euclidean_distances,
 )
 
 
@@ -64,6 +66,7 @@ def test_blocks_of_queries_merge_to_the_same_result():
     indices = np.argsort(rng.random((50, 64)), axis=1)
     whole = evaluate_ranking(indices, q_pids, q_cams, g_pids, g_cams)
     parts = [ranking_stats(indices[s:s + 7], q_pids[s:s + 7], q_cams[s:s + 7], g_pids, g_cams) for s in range(0, 50, 7)]
+    assert all(isinstance(p, RankingStats) for p in parts)  # public type of the public function
     blocked = merge_metrics(parts, 10, 64)
     assert np.allclose(whole.cmc, blocked.cmc) and whole.mAP == pytest.approx(blocked.mAP)
     assert (whole.num_valid, whole.num_skipped) == (blocked.num_valid, blocked.num_skipped)
@@ -122,6 +125,9 @@ def test_euclidean_rank_matches_float64_brute_force():
     exact = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
     assert np.array_equal(I, np.argsort(exact, axis=1, kind="stable"))
     assert np.allclose(D, np.sort(exact, axis=1), atol=1e-3)
+    # the distances are squared (what the name says), not Euclidean
+    assert np.allclose(squared_euclidean_distances(q, g), exact, atol=1e-3)
+    assert not np.allclose(squared_euclidean_distances(q, g), np.sqrt(exact), atol=1e-3)
     same = np.repeat(g[:1], 4, axis=0)  # identical gallery items: gallery order
     _, I = euclidean_rank(g[:1], same)
     assert I.tolist() == [[0, 1, 2, 3]]

@@ -50,13 +50,29 @@ def test_table_rows_order_percent_and_speedup():
 
 
 def test_markdown_and_text_tables():
+    from ctfreid.eval.evaluate import format_table
+
     md = report.format_markdown(_results())
     lines = md.strip().splitlines()
     assert len(lines) == 2 + 5
     assert "speed-up vs 2048-bit" in lines[0]
     assert lines[-1].startswith("| CtF") and "90.0" in lines[-1] and "8.0x" in lines[-1]
-    txt = report.format_text(_results())
-    assert "32-bit" in txt and "16.0x" in txt and len(txt.strip().splitlines()) == 7
+    # the one terminal table (the CLI's and the demo's)
+    txt = format_table(_results()).splitlines()
+    assert "speed-up vs hash2048" in txt[0]
+    by = {line.split()[0]: line for line in txt[2:7]}
+    assert set(by) == {"ctf", "hash2048", "hash32", "float", "hash128"}
+    assert by["hash32"].split()[1] == "40.0%" and by["hash32"].endswith("16.0x")
+    assert by["ctf"].endswith("8.0x") and by["float"].endswith("0.2x")
+
+
+def test_method_keys_one_helper():
+    assert [report.method_key(L) for L in (32, 2048)] == ["hash32", "hash2048"]
+    for L in (32, 64, 2048):
+        assert report.parse_method(report.method_key(L)) == L
+    for key in ("float", "ctf", "hash", "hashx", "hash-32", "Hash32", 32):
+        assert report.parse_method(key) is None
+    assert report.method_label("hash128") == "128-bit" and report.method_label("ctf").startswith("CtF")
 
 
 def test_write_tables(tmp_path):

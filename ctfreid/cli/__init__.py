@@ -44,7 +44,9 @@ def _load(name: str):
     return importlib.import_module(COMMANDS[name])
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``ctfreid`` parser with the options of ``command`` (its module is imported); every other command
+    is a placeholder with its ``_HELP`` line, so that ``ctfreid --help`` imports no command module."""
     parser = _Parser(
         prog="ctfreid",
         description="Fast person re-identification with multi-length binary codes and coarse-to-fine search.",
@@ -53,8 +55,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
-        if only is not None and name != only:
-            # Register a placeholder so --help lists every command without importing them all.
+        if name != command:
             sub.add_parser(name, help=_HELP.get(name, ""))
             continue
         module = _load(name)
@@ -69,7 +70,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-# Short help lines for the top-level listing (kept here so `ctfreid --help` imports nothing heavy).
+# Short help lines for the top-level listing (kept here so `ctfreid --help` imports nothing heavy); each equals
+# its command module's HELP (tests/test_layout.py checks it).
 _HELP = {
     "demo": "synthetic data -> train -> DTO -> CtF index -> evaluate -> tables and plots",
     "synth": "generate a synthetic ReID dataset in Market-1501 layout",
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     command = name or ""
     try:
         try:
-            parser = build_parser(only=name if name in COMMANDS else "")
+            parser = build_parser(name if name in COMMANDS else None)
         except ImportError as e:  # a command whose options need an optional dependency
             return _missing_dependency(name, e)
         args = parser.parse_args(argv)

@@ -23,11 +23,12 @@ import numpy as np
 from ctfreid.encoded import EncodedSet
 from ctfreid.errors import CtfreidError
 from ctfreid.eval.metrics import (
-    euclidean_distances,
     merge_metrics,
     rank_by_distance,
     ranking_stats,
+    squared_euclidean_distances,
 )
+from ctfreid.eval.report import method_key, parse_method
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.hamming import (
     check_k,
@@ -42,6 +43,7 @@ from ctfreid.search.thresholds import (
     pair_distances,
 )
 
+# beta values of the accuracy / speed sweep (Fig. 4); the paper's DTO uses beta = 2 (Eq. 8)
 DEFAULT_BETAS = (0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 3.0, 10.0)
 
 
@@ -155,9 +157,10 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
             )
         g_feat = gallery.features
         g_norms = np.einsum("ij,ij->i", g_feat, g_feat)
-        rankers["float"] = lambda sl: rank_by_distance(euclidean_distances(query.features[sl], g_feat, g_norms))
+        rankers["float"] = lambda sl: rank_by_distance(
+            squared_euclidean_distances(query.features[sl], g_feat, g_norms))
     for L in lengths:
-        rankers[f"hash{L}"] = lambda sl, L=L: hamming_rank(query.codes[L][sl], gallery.codes[L])[1]
+        rankers[method_key(L)] = lambda sl, L=L: hamming_rank(query.codes[L][sl], gallery.codes[L])[1]
     if th is not None:
         q_sub = lambda sl: {L: c[sl] for L, c in query.codes.items()}  # noqa: E731
         rankers["ctf"] = lambda sl: ctf_rank(q_sub(sl), gallery.codes, th)[1]
@@ -173,7 +176,7 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
     rows = {name: timed[name] for name in rankers}
     if search_k is not None:
         searchers: dict[str, Callable[[slice], object]] = {
-            f"hash{L}": lambda sl, L=L: hamming_topk(query.codes[L][sl], gallery.codes[L], search_k) for L in lengths
+            method_key(L): lambda sl, L=L: hamming_topk(query.codes[L][sl], gallery.codes[L], search_k) for L in lengths
         }
         if th is not None:
             searchers["ctf"] = lambda sl: ctf_search(q_sub(sl), gallery.codes, th, search_k)
@@ -199,8 +202,8 @@ def format_table(result: Mapping) -> str:
     """Plain-text table in the layout of the paper's Table 4 (percentages, ms per query, speed-up
     relative to the longest code)."""
     rows = result["methods"]
-    hashes = [k for k in rows if k.startswith("hash") and k[4:].isdigit()]
-    ref = max(hashes, key=lambda k: int(k[4:])) if hashes else None
+    hashes = [k for k in rows if parse_method(k) is not None]
+    ref = max(hashes, key=parse_method) if hashes else None
     ref_ms = rows[ref]["query_ms"] if ref else None
     header = f"{'method':<10}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>9}{'mAP':>8}{'ms/query':>10}"
     header += f"{'speed-up vs ' + ref:>22}" if ref else ""
@@ -230,11 +233,13 @@ def format_table(result: Mapping) -> str:
 
 def beta_sweep(val: EncodedSet, query: EncodedSet | None = None, gallery: EncodedSet | None = None,
                betas: Sequence[float] = DEFAULT_BETAS, rho: float | str = 1.0,
-               max_pairs: int = DEFAULT_MAX_PAIRS, seed: int = 0, max_rank: int = 10) -> list[dict]:
+               max_pairs: int = DEFAULT_MAX_PAIRS, seed: int = 0, max_rank: int = 10,
+               repeats: int = 1) -> list[dict]:
     """Accuracy / speed against beta (the paper's Fig. 4): one row per beta.
 
     Thresholds come from DTO on ``val`` (pair distances computed once). With ``query`` and ``gallery`` each
-    row also has the CtF evaluation: mean candidates per stage, Rank-1/5/10, mAP, ms per query.
+    row also has the CtF evaluation: mean candidates per stage, Rank-1/5/10, mAP, ms per query (the median
+    of ``repeats`` timed passes, as in ``evaluate_sets``).
     """
     if (query is None) != (gallery is None):
         raise CtfreidError("beta_sweep needs both query and gallery, or neither")
@@ -254,7 +259,7 @@ def beta_sweep(val: EncodedSet, query: EncodedSet | None = None, gallery: Encode
             "expected_neg_rate": {str(L): f.neg_rate for L, f in fits.items()},
         }
         if query is not None:
-            r = evaluate_sets(query, gallery, th, max_rank=max_rank, methods=["ctf"])["methods"]["ctf"]
+            r = evaluate_sets(query, gallery, th, max_rank=max_rank, methods=["ctf"], repeats=repeats)["methods"]["ctf"]
             row.update(r)
         rows.append(row)
     return rows

@@ -58,8 +58,11 @@ class ReIDMetrics:
 
 
 @dataclass
-class _Partial:
-    """Per-query results of a block of queries, merged by ``merge_metrics``."""
+class RankingStats:
+    """Per-query results of a block of queries (``ranking_stats``), merged into CMC / mAP by ``merge_metrics``.
+
+    Blocks of queries evaluated separately (e.g. to bound memory) merge into exactly the metrics of one
+    evaluation of all queries."""
 
     ap: np.ndarray  # float64[nq] (0 for skipped queries)
     first_hit: np.ndarray  # int64[nq]: 1-based kept rank of the first true match (0 = skipped)
@@ -118,7 +121,7 @@ def _num_matches(q_pids, q_camids, g_pids, g_camids) -> np.ndarray:
 
 
 def ranking_stats(indices: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarray,
-                  g_pids: np.ndarray, g_camids: np.ndarray) -> _Partial:
+                  g_pids: np.ndarray, g_camids: np.ndarray) -> RankingStats:
     """Per-query AP and first-match rank of full rankings ``indices`` (see ``evaluate_ranking``)."""
     indices = np.asarray(indices)
     if indices.ndim != 2 or not np.issubdtype(indices.dtype, np.integer):
@@ -135,7 +138,7 @@ def ranking_stats(indices: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarray,
     ap = np.zeros(nq, dtype=np.float64)
     first = np.zeros(nq, dtype=np.int64)
     if nq == 0 or n == 0:
-        return _Partial(ap, first)
+        return RankingStats(ap, first)
     matches = _num_matches(q_pids, q_camids, g_pids, g_camids)
     bad = _scan(np.ascontiguousarray(indices), q_pids, q_camids, g_pids, g_camids, matches, ap, first)
     if bad >= 0:
@@ -143,10 +146,10 @@ def ranking_stats(indices: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarray,
         raise CtfreidError(
             f"indices must be gallery positions in [0, {n}); row {bad} has values in [{row.min()}, {row.max()}]"
         )
-    return _Partial(ap, first)
+    return RankingStats(ap, first)
 
 
-def merge_metrics(parts: list[_Partial], max_rank: int = 10, n_gallery: int | None = None) -> ReIDMetrics:
+def merge_metrics(parts: list[RankingStats], max_rank: int = 10, n_gallery: int | None = None) -> ReIDMetrics:
     """Combine per-block results into CMC / mAP. ``max_rank`` is cut to ``n_gallery`` (with a warning)."""
     ap = np.concatenate([p.ap for p in parts]) if parts else np.zeros(0)
     first = np.concatenate([p.first_hit for p in parts]) if parts else np.zeros(0, np.int64)
@@ -172,13 +175,13 @@ def evaluate_ranking(indices: np.ndarray, q_pids: np.ndarray, q_camids: np.ndarr
     """CMC and mAP of full rankings ``indices`` (``int[nq, n]``, gallery positions best first).
 
     Market-1501 protocol (Sec. 4.1), identical to torchreid's ``eval_market1501`` for the same order.
-    Raises ``ValueError`` when no query has a true match.
+    Raises :class:`~ctfreid.errors.CtfreidError` (a ``ValueError``) when no query has a true match.
     """
     part = ranking_stats(indices, q_pids, q_camids, g_pids, g_camids)
     return merge_metrics([part], max_rank, np.asarray(indices).shape[1])
 
 
-def euclidean_distances(query_features: np.ndarray, gallery_features: np.ndarray,
+def squared_euclidean_distances(query_features: np.ndarray, gallery_features: np.ndarray,
                         gallery_sq_norms: np.ndarray | None = None) -> np.ndarray:
     """Squared Euclidean distances ``float32[nq, n]`` = ``|q|^2 + |g|^2 - 2 q.g`` (one matmul)."""
     q = np.asarray(query_features, dtype=np.float32)
@@ -210,7 +213,7 @@ def euclidean_rank(query_features: np.ndarray, gallery_features: np.ndarray, blo
     D = np.empty((q.shape[0], g.shape[0]), dtype=np.float32)
     I = np.empty((q.shape[0], g.shape[0]), dtype=np.int64)
     for s in range(0, q.shape[0], block_size):
-        d = euclidean_distances(q[s:s + block_size], g, gn)
+        d = squared_euclidean_distances(q[s:s + block_size], g, gn)
         i = rank_by_distance(d)
         I[s:s + block_size] = i
         D[s:s + block_size] = np.take_along_axis(d, i, axis=1)

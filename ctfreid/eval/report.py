@@ -1,4 +1,6 @@
-"""Paper-style reports: the Table-4 layout as JSON / Markdown / text, and the plots of Figs. 3 and 4.
+"""Paper-style reports: the Table-4 layout as JSON / Markdown, and the plots of Figs. 3 and 4 (the terminal
+table is ``ctfreid.eval.evaluate.format_table``). Method keys are built and read only by :func:`method_key`
+and :func:`parse_method`.
 
 Inputs are the plain dicts of ``ctfreid.eval.evaluate.evaluate_sets``::
 
@@ -37,19 +39,30 @@ _STYLE = {"float": ("#444444", "s"), "ctf": ("#d62728", "o")}
 _HASH_COLOURS = ["#9ecae1", "#6baed6", "#3182bd", "#08519c", "#08306b"]
 
 
+def method_key(length: int) -> str:
+    """The method key of Hamming ranking with the codes of ``length`` bits alone: 32 -> ``"hash32"``."""
+    return f"hash{int(length)}"
+
+
+def parse_method(key: str) -> int | None:
+    """The code length of a single-length method key (``"hash32"`` -> 32); None for ``float``, ``ctf``..."""
+    if isinstance(key, str) and key.startswith("hash") and key[4:].isdigit():
+        return int(key[4:])
+    return None
+
+
 def method_label(method: str) -> str:
     """Human name of a method key: ``float`` -> "float (Euclidean)", ``hash32`` -> "32-bit", ``ctf`` -> "CtF"."""
     if method == "float":
         return "float (Euclidean)"
     if method == "ctf":
         return "CtF (coarse-to-fine)"
-    if method.startswith("hash") and method[4:].isdigit():
-        return f"{int(method[4:])}-bit"
-    return method
+    length = parse_method(method)
+    return method if length is None else f"{length}-bit"
 
 
 def _hash_lengths(methods: Mapping[str, object]) -> list[int]:
-    return sorted(int(m[4:]) for m in methods if m.startswith("hash") and m[4:].isdigit())
+    return sorted(L for L in map(parse_method, methods) if L is not None)
 
 
 def _check_results(results: Mapping) -> Mapping[str, Mapping[str, float]]:
@@ -64,7 +77,7 @@ def _check_results(results: Mapping) -> Mapping[str, Mapping[str, float]]:
 
 
 def _method_order(methods: Mapping[str, object]) -> list[str]:
-    hashes = [f"hash{L}" for L in _hash_lengths(methods)]
+    hashes = [method_key(L) for L in _hash_lengths(methods)]
     rest = [m for m in methods if m not in hashes and m not in ("float", "ctf")]
     return [m for m in ["float", *hashes, *rest, "ctf"] if m in methods]
 
@@ -75,7 +88,7 @@ def table_rows(results: Mapping) -> list[dict]:
     """
     methods = _check_results(results)
     lengths = _hash_lengths(methods)
-    ref_ms = float(methods[f"hash{lengths[-1]}"]["query_ms"]) if lengths else None
+    ref_ms = float(methods[method_key(lengths[-1])]["query_ms"]) if lengths else None
     rows = []
     for name in _method_order(methods):
         m = methods[name]
@@ -108,16 +121,6 @@ def format_markdown(results: Mapping) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def format_text(results: Mapping) -> str:
-    """The Table-4 layout as an aligned plain-text table for the terminal."""
-    rows = table_rows(results)
-    headers = [h for _, h, _ in COLUMNS[:-1]] + [_speedup_header(results)]
-    body = [_cells(r) for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(headers, *body)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, body)]) + "\n"
 
 
 def _jsonable(obj):
@@ -187,7 +190,7 @@ def _style(method: str, lengths: Sequence[int]) -> dict:
     if method in _STYLE:
         colour, marker = _STYLE[method]
     else:
-        L = int(method[4:]) if method.startswith("hash") and method[4:].isdigit() else None
+        L = parse_method(method)
         i = lengths.index(L) if L in lengths else 0
         colour = _HASH_COLOURS[min(len(_HASH_COLOURS) - 1, i + max(0, len(_HASH_COLOURS) - len(lengths)))]
         marker = "^v<>dph"[i % 7]
@@ -261,7 +264,7 @@ def plot_gallery_size(rows: Sequence[Mapping], path: str | os.PathLike,
     present = rows[0]["methods"]
     lengths = _hash_lengths(present)
     if methods is None:
-        wanted = ["float"] + [f"hash{L}" for L in sorted({lengths[0], lengths[-1]})] if lengths else ["float"]
+        wanted = ["float"] + [method_key(L) for L in sorted({lengths[0], lengths[-1]})] if lengths else ["float"]
         methods = [m for m in [*wanted, "ctf"] if m in present]
     sizes = np.array([int(r["gallery_size"]) for r in rows])
     fig = _figure(13, 4.2)
