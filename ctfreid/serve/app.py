@@ -53,6 +53,7 @@ class ServeConfig:
     flip: bool | None = None
     max_body_bytes: int = 32 << 20
     max_images: int = 64
+    max_codes: int = 10_000  # codes per request (cheap: no decoding, no model)
     max_pixels: int = 16_000_000
     max_k: int = 1000
     max_concurrency: int = 16
@@ -96,7 +97,6 @@ class Service:
 
     def _default_thresholds(self) -> dict[int, int]:
         from ctfreid.search.thresholds import check_thresholds
-
         from ctfreid.serve.encoder import thresholds_for_beta
 
         need = self.lengths[:-1]
@@ -116,7 +116,6 @@ class Service:
     # ------------------------------------------------------------------------------------- helpers
     def thresholds_for(self, thresholds: Any, beta: Any) -> dict[int, int]:
         from ctfreid.search.thresholds import check_thresholds, parse_thresholds
-
         from ctfreid.serve.encoder import thresholds_for_beta
 
         if thresholds not in (None, ""):
@@ -177,8 +176,8 @@ class Service:
             out[L] = arr
         if not n:
             raise FieldError(field, "no codes given")
-        if n > self.config.max_images:
-            raise FieldError(field, f"{n} items, at most {self.config.max_images} per request", 413)
+        if n > self.config.max_codes:
+            raise FieldError(field, f"{n} items, at most {self.config.max_codes} per request", 413)
         return out
 
     def decode_images(self, blobs: list[tuple[str, bytes]]) -> list:
@@ -220,7 +219,7 @@ class Service:
     def receipt(self, ids: list[int]) -> dict:
         now = time.time()
         return {"erased": ids, "count": len(ids), "time": now,
-                "time_utc": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat()}
+                "time_utc": _dt.datetime.fromtimestamp(now, _dt.UTC).isoformat()}
 
     def retention_loop(self) -> None:
         r = self.config.retention_seconds
@@ -228,7 +227,7 @@ class Service:
         while not self._stop.wait(period):
             cutoff = time.time() - r
             try:
-                gone = self.gallery.erase_where(lambda: self.store.select_ids(added_before=cutoff))
+                gone = self.gallery.erase_where(lambda c=cutoff: self.store.select_ids(added_before=c))
             except Exception:  # noqa: BLE001 - keep the loop alive; the next round retries
                 continue
             self.retention_erased += len(gone)
@@ -355,7 +354,7 @@ def create_app(config: ServeConfig, encoder=None):
 
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.staticfiles import StaticFiles

@@ -65,7 +65,7 @@ class ItemMeta:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, obj: Any, where: str = "metadata") -> "ItemMeta":
+    def from_json(cls, obj: Any, where: str = "metadata") -> ItemMeta:
         """Validate one metadata object; errors name ``where`` and the field."""
         if obj is None:
             return cls()
