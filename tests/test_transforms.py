@@ -1,4 +1,5 @@
-"""Input pipeline (Sec. 4.2): shapes, ImageNet normalisation, flip, pad + crop, random erasing, dataset."""
+"""Input pipeline (Sec. 4.2): shapes, ImageNet normalisation, flip, pad + crop, random erasing, and the
+test transform through the loader that applies it (``ctfreid.data.loader``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from PIL import Image
 from ctfreid.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ImageDataset,
     TransformConfig,
     build_test_transform,
     build_train_transform,
@@ -84,20 +84,23 @@ def test_bad_config(kwargs):
         TransformConfig(**kwargs)
 
 
-def test_image_dataset_items(synth_dataset):
-    ds = ImageDataset(synth_dataset.query, build_test_transform(TransformConfig(height=32, width=16)))
-    assert len(ds) == len(synth_dataset.query)
-    x, pid, camid, index = ds[3]
-    path, want_pid, want_cam = synth_dataset.query[3]
-    assert x.shape == (3, 32, 16) and (pid, camid, index) == (want_pid, want_cam, 3)
-    loader = torch.utils.data.DataLoader(ds, batch_size=5)
+def test_loader_applies_the_test_transform(synth_dataset):
+    from ctfreid.data.datasets import read_image
+    from ctfreid.data.loader import image_loader
+
+    transform = build_test_transform(TransformConfig(height=32, width=16))
+    loader = image_loader(synth_dataset.query[:7], transform, batch_size=5)
     xb, pids, camids, idx = next(iter(loader))
     assert xb.shape == (5, 3, 32, 16) and idx.tolist() == [0, 1, 2, 3, 4]
     assert pids.tolist() == [r[1] for r in synth_dataset.query[:5]]
+    assert camids.tolist() == [r[2] for r in synth_dataset.query[:5]]
+    torch.testing.assert_close(xb[3], transform(read_image(synth_dataset.query[3][0])))
 
 
-def test_image_dataset_reports_bad_image(tmp_path):
+def test_loader_reports_bad_image(tmp_path):
+    from ctfreid.data.loader import image_loader
+
     bad = tmp_path / "0001_c1s1_000001_00.jpg"
     bad.write_bytes(b"broken")
     with pytest.raises(ValueError, match="0001_c1s1_000001_00.jpg"):
-        ImageDataset([(str(bad), 1, 0)])[0]
+        next(iter(image_loader([(str(bad), 1, 0)], build_test_transform())))

@@ -1,20 +1,20 @@
 """PK sampling (Sec. 4.2): every batch holds P identities x K images (default 16 x 4 = 64).
 
-Batch-hard triplet loss needs positives and negatives inside each batch, hence this sampler.
+Batch-hard triplet loss needs positives and negatives inside each batch, hence this sampler. It hands out
+whole batches (``batches(epoch)``, a ``batch_sampler`` for a DataLoader); plain NumPy, no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
 
 from ctfreid.errors import CtfreidError
 
 
-class PKSampler(Sampler[int]):
-    """Yield dataset indices in consecutive groups of ``p * k``: ``p`` distinct identities, ``k`` images each.
+class PKSampler:
+    """Batches of ``p * k`` dataset indices: ``p`` distinct identities, ``k`` images each.
 
     Each epoch, every identity's images are shuffled and cut into chunks of ``k``; the last chunk (or the only
     one, for identities with fewer than ``k`` images, a single image included) is topped up by sampling that
@@ -22,10 +22,8 @@ class PKSampler(Sampler[int]):
     full batches with ``p`` distinct identities each (largest-remaining first, random tie-break, so
     identities with many images are not cut short); batch order is shuffled.
 
-    The order depends only on ``seed`` and the epoch: :meth:`set_epoch` selects the epoch of the next
-    iteration, and each iteration then advances the epoch by one. ``len(sampler)`` is the number of indices
-    yielded, ``num_batches * p * k``, the same every epoch; use ``DataLoader(batch_size=p * k,
-    sampler=sampler)`` (no partial batch ever occurs).
+    The batches depend only on ``seed`` and the epoch passed to :meth:`batches`; there are
+    ``num_batches`` of them every epoch (no partial batch ever occurs).
     """
 
     def __init__(self, pids: Sequence[int], p: int = 16, k: int = 4, seed: int = 0) -> None:
@@ -40,16 +38,9 @@ class PKSampler(Sampler[int]):
         order = np.argsort(inverse, kind="stable")
         counts = np.bincount(inverse, minlength=len(ids))
         self._groups = np.split(order, np.cumsum(counts)[:-1])  # indices of each identity
-        self.p, self.k, self.seed, self.epoch = p, k, seed, 0
+        self.p, self.k, self.seed = p, k, seed
         self._chunks = -(-counts // k)  # ceil(n / k) chunks per identity
         self.num_batches = _max_batches(self._chunks, p)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration produce epoch ``epoch``'s order."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_batches * self.p * self.k
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         """The ``num_batches`` batches of epoch ``epoch``: int64 arrays of ``p * k`` dataset indices."""
@@ -75,11 +66,6 @@ class PKSampler(Sampler[int]):
             out.append(np.concatenate([chunks[i].pop() for i in chosen]))
             remaining[chosen] -= 1
         return [out[i] for i in rng.permutation(n_batches)]
-
-    def __iter__(self) -> Iterator[int]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        for batch in self.batches(epoch):
-            yield from batch.tolist()
 
 
 def _max_batches(chunks: np.ndarray, p: int) -> int:

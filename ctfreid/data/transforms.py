@@ -1,16 +1,14 @@
 """Input pipeline of Sec. 4.2: resize to 256 x 128, horizontal flip, pad + random crop, ImageNet
-normalisation and random erasing for training; resize + normalisation for testing."""
+normalisation and random erasing for training; resize + normalisation for testing. The datasets that apply
+them are in ``ctfreid.data.loader``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from ctfreid.data.datasets import Record, read_image
 from ctfreid.errors import CtfreidError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,18 +63,3 @@ def build_test_transform(config: TransformConfig | None = None) -> Callable:
             T.Normalize(c.mean, c.std),
         ]
     )
-
-
-class ImageDataset(Dataset):
-    """A torch dataset over ``(path, pid, camid)`` records returning ``(image, pid, camid, index)``."""
-
-    def __init__(self, records: Sequence[Record], transform: Callable | None = None) -> None:
-        self.records = list(records)
-        self.transform = transform or build_test_transform()
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
-        path, pid, camid = self.records[index]
-        return self.transform(read_image(path)), pid, camid, index
