@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -32,10 +33,13 @@ def test_output_shapes_each_backbone(backbone):
         assert out["logits"][length].shape == (4, 7)
 
 
-def test_default_lengths_sorted_longest_first_and_validated():
+def test_lengths_shortest_first_like_the_search_side_and_validated():
     model = AiOModel(num_classes=3, backbone="resnet18")
-    assert model.lengths == (2048, 512, 128, 32)
-    assert AiOModel(3, "resnet18", lengths=[32, 256, 64]).lengths == (256, 64, 32)
+    assert model.lengths == (32, 128, 512, 2048)  # as CtFIndex.lengths / EncodedSet.lengths: CtF stage order
+    assert model.lengths_longest_first == (2048, 512, 128, 32)  # Eq. 1's chain: fcs / bns / classifiers
+    other = AiOModel(3, "resnet18", lengths=[32, 256, 64])
+    assert other.lengths == (32, 64, 256) and other.lengths_longest_first == (256, 64, 32)
+    assert [bn.num_features for bn in other.bns] == [256, 64, 32]
     for bad in [(2048, 500), (16,), (8192,), (64, 64), ()]:
         with pytest.raises(ValueError):
             AiOModel(num_classes=3, backbone="resnet18", lengths=bad)
@@ -59,7 +63,7 @@ def test_pyramid_on_off_structure_and_computation():
         out = model(_x(3))
         v0 = out["v0"]
         prev = v0
-        for length, fc, bn in zip(model.lengths, model.fcs, model.bns):
+        for length, fc, bn in zip(model.lengths_longest_first, model.fcs, model.bns):
             v = fc(prev if model.pyramid else v0)
             torch.testing.assert_close(out["bn"][length], bn(v))
             prev = v
@@ -72,7 +76,7 @@ def test_train_codes_are_tanh_eval_codes_are_signs():
     for length in (64, 32):
         torch.testing.assert_close(out["codes"][length], torch.tanh(out["bn"][length]))
         torch.testing.assert_close(
-            out["logits"][length], out["codes"][length] @ model.classifiers[model.lengths.index(length)].weight.T
+            out["logits"][length], out["codes"][length] @ model.classifiers[model.lengths_longest_first.index(length)].weight.T
         )
     model.eval()
     out = model(_x(4))
@@ -146,6 +150,11 @@ def test_config_rebuilds_model():
     }
     clone = AiOModel(**cfg)
     clone.load_state_dict(model.state_dict(), strict=True)
+    # model files store the lengths longest first (the format before `lengths` became shortest first):
+    # they load into the same layers in either order
+    again = AiOModel(**{**cfg, "lengths": [32, 128]})
+    again.load_state_dict(model.state_dict(), strict=True)
+    assert again.lengths == clone.lengths == (32, 128)
     clone.eval()
     x = _x(2)
     torch.testing.assert_close(clone(x)["bn"][32], model(x)["bn"][32])
@@ -222,3 +231,22 @@ def test_imagenet_download_failure_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torchvision.models, "mobilenet_v2", offline)
     with pytest.raises(ValueError, match="ImageNet weights for mobilenet_v2.*network is unreachable"):
         AiOModel(3, "mobilenet_v2", lengths=(32,), weights="imagenet")
+
+
+def test_encoded_features_are_the_longest_codes_bn(synth_dataset):
+    """``encode_records``'s float features are bn(v) of the longest code (Table 4's float row), whatever the
+    order of ``model.lengths``."""
+    from ctfreid.data.datasets import read_image
+    from ctfreid.data.transforms import TransformConfig, build_test_transform
+    from ctfreid.infer.encoder import encode_records
+
+    torch.manual_seed(0)
+    model = AiOModel(3, "mobilenet_v2", lengths=(32, 128, 64)).eval()
+    records = synth_dataset.query[:3]
+    enc = encode_records(model, records, height=32, width=16, progress=False)
+    assert enc.features.shape == (3, 128)
+    tf = build_test_transform(TransformConfig(height=32, width=16))
+    x = torch.stack([tf(read_image(p)) for p, _, _ in records])
+    with torch.no_grad():
+        bn = model(x)["bn"][128]
+    np.testing.assert_allclose(enc.features, bn.numpy(), rtol=1e-4, atol=1e-5)

@@ -78,7 +78,7 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
                 bn = {length: (bn[length] + mirrored[length]) * 0.5 for length in lengths}
             for length in lengths:  # Eq. 2, as the model's eval codes
                 codes[length].append(np.packbits(sign_codes(bn[length]).cpu().numpy() > 0, axis=1))
-            features.append(bn[lengths[0]].float().cpu().numpy())
+            features.append(bn[max(lengths)].float().cpu().numpy())  # the longest code's bn(v)
             bar.update(len(images))
     model.train(was_training)
     return EncodedSet(

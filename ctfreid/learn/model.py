@@ -156,7 +156,10 @@ def sign_codes(bn: torch.Tensor) -> torch.Tensor:
 class AiOModel(nn.Module):
     """All-in-One model (Sec. 3.2): one backbone, N codes of different lengths in a pyramid (Eqs. 1-2).
 
-    ``forward(x)`` returns a dict with int-keyed sub-dicts (keys = code lengths, longest first):
+    ``lengths`` lists the code lengths shortest first, as everywhere in the package; ``lengths_longest_first``
+    is the order of Eq. 1's chain and of ``fcs``, ``bns`` and ``classifiers``.
+
+    ``forward(x)`` returns a dict with sub-dicts keyed by code length (``int``):
 
     - ``"v0"``: ``[B, v0_dim]`` pooled backbone feature (the float feature of Table 4).
     - ``"bn"``: ``{L: bn(v_L)}`` real-valued ``[B, L]``.
@@ -186,7 +189,8 @@ class AiOModel(nn.Module):
         checked = [check_length(length, "code length") for length in lengths]
         if len(set(checked)) != len(checked):
             raise CtfreidError(f"code lengths must be distinct, got {list(lengths)}")
-        self.lengths: tuple[int, ...] = tuple(sorted(checked, reverse=True))
+        # Eq. 1 chains the codes longest first; fcs / bns / classifiers (and the state dict) are in that order.
+        self.lengths_longest_first: tuple[int, ...] = tuple(sorted(checked, reverse=True))
         self.num_classes = num_classes
         self.backbone_name = backbone
         self.pyramid = bool(pyramid)
@@ -200,20 +204,27 @@ class AiOModel(nn.Module):
             p.requires_grad_(False)
 
         # Eq. 1: FC_k maps l_{k-1} -> l_k (pyramid) or v0 -> l_k (independent heads).
-        in_dims = [self.v0_dim, *self.lengths[:-1]] if self.pyramid else [self.v0_dim] * len(self.lengths)
-        self.fcs = nn.ModuleList(nn.Linear(d, length) for d, length in zip(in_dims, self.lengths))
-        self.bns = nn.ModuleList(nn.BatchNorm1d(length) for length in self.lengths)
+        chain = self.lengths_longest_first
+        in_dims = [self.v0_dim, *chain[:-1]] if self.pyramid else [self.v0_dim] * len(chain)
+        self.fcs = nn.ModuleList(nn.Linear(d, length) for d, length in zip(in_dims, chain))
+        self.bns = nn.ModuleList(nn.BatchNorm1d(length) for length in chain)
         for norm in self.bns:
             # BN shift fixed at 0 (as the authors' BNHead): sgn(bn(v)) thresholds each bit at its mean,
             # so bits stay balanced and symmetric to 0, the reason Eq. 2 uses BN at all.
             norm.bias.requires_grad_(False)
-        self.classifiers = nn.ModuleList(nn.Linear(length, num_classes, bias=False) for length in self.lengths)
+        self.classifiers = nn.ModuleList(nn.Linear(length, num_classes, bias=False) for length in chain)
         for fc in self.fcs:
             nn.init.kaiming_normal_(fc.weight, mode="fan_out")
             nn.init.zeros_(fc.bias)
         for cls in self.classifiers:
             nn.init.normal_(cls.weight, std=0.001)
         self.stem.eval()
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The code lengths, shortest first, the order of the search side (``CtFIndex.lengths``,
+        ``EncodedSet.lengths``: the CtF stages, Sec. 3.1). The pyramid order is ``lengths_longest_first``."""
+        return self.lengths_longest_first[::-1]
 
     def train(self, mode: bool = True) -> AiOModel:
         """Set train/eval mode; the frozen stem always stays in eval mode (fixed BN statistics)."""
@@ -232,7 +243,7 @@ class AiOModel(nn.Module):
         codes: dict[int, torch.Tensor] = {}
         logits: dict[int, torch.Tensor] = {}
         prev = v0
-        for length, fc, norm, cls in zip(self.lengths, self.fcs, self.bns, self.classifiers):
+        for length, fc, norm, cls in zip(self.lengths_longest_first, self.fcs, self.bns, self.classifiers):
             v = fc(prev if self.pyramid else v0)
             prev = v
             b = norm(v)
@@ -252,7 +263,7 @@ class AiOModel(nn.Module):
         return {
             "num_classes": self.num_classes,
             "backbone": self.backbone_name,
-            "lengths": list(self.lengths),
+            "lengths": list(self.lengths_longest_first),  # as in model files written before: unchanged format
             "pyramid": self.pyramid,
             "frozen_stages": self.frozen_stages,
             "last_stride": self.last_stride,
