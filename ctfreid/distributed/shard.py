@@ -1,0 +1,169 @@
+"""One shard of a :class:`~ctfreid.distributed.sharded.ShardedIndex`: a :class:`CtFIndex` over the items whose
+id is ``i (mod N)``, and (optionally) its durable store.
+
+The class is plain Python; :mod:`ctfreid.distributed.sharded` runs it as a Ray actor. Ray restarts a dead
+actor by calling ``__init__`` again with the same arguments, so the constructor is also the recovery path: it
+rebuilds the index from the shard's store (the items the store has committed, hence every acknowledged one).
+
+The store is the service's SQLite store (:class:`ctfreid.serve.store.Store`: WAL, ``synchronous=FULL``,
+``secure_delete``, erasure checkpoints), with one addition: items keep the global id the sharded index gave
+them (the service's store numbers rows itself), written to the same schema under the store's own lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctfreid.errors import CtfreidError
+from ctfreid.search.index import CtFIndex
+from ctfreid.search.merge import Hits
+from ctfreid.serve.store import DB_NAME, Store
+
+
+class ShardStore(Store):
+    """The service's store, with items inserted under ids chosen by the caller (global ids of a sharded
+    index), and the shard's ``next_id`` / ``thresholds`` kept in the ``meta`` table."""
+
+    def put(self, ids: np.ndarray, codes: Mapping[int, np.ndarray], next_id: int) -> None:
+        """Insert the items in one transaction (durable when this returns: WAL + ``synchronous=FULL``).
+        Ids already stored are left as they are (a retried write is a no-op)."""
+        blobs = self.pack(codes)
+        now = time.time()
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT OR IGNORE INTO items (id, codes, added) VALUES (?, ?, ?)",
+                               [(int(i), b, now) for i, b in zip(ids, blobs)])
+                db.execute("INSERT INTO meta VALUES ('next_id', ?) ON CONFLICT(key) DO UPDATE SET value = "
+                           "MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(int(next_id)),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+
+def stored_lengths(directory: Path) -> list[int] | None:
+    """The code lengths recorded in the store under ``directory``, None when there is no store yet."""
+    path = directory / DB_NAME
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'lengths'").fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    finally:
+        db.close()
+    return None if row is None else [int(L) for L in json.loads(row[0])]
+
+
+class Shard:
+    """Shard ``index`` of ``count``: a :class:`CtFIndex` with explicit (global) ids and, with ``store``,
+    the :class:`ShardStore` in ``store`` that makes its writes durable."""
+
+    def __init__(self, index: int, count: int, store: str | None = None,
+                 fingerprint: str = "ctfreid.distributed") -> None:
+        self.shard, self.count = int(index), int(count)
+        self.fingerprint = fingerprint
+        self.dir = Path(store) if store else None
+        self.store: ShardStore | None = None
+        self.index = CtFIndex()
+        self.next_id = 0
+        self.started = time.time()
+        if self.dir is not None:
+            lengths = stored_lengths(self.dir)
+            if lengths is not None:
+                self._open(lengths)
+                self._reload()
+
+    # ------------------------------------------------------------------------------------ persistence
+    def _open(self, lengths: list[int]) -> None:
+        self.store = ShardStore(self.dir, self.fingerprint, lengths)
+
+    def _reload(self) -> None:
+        """Rebuild the index from the store, in id order (= insertion order for global ids)."""
+        assert self.store is not None
+        for ids, codes, _ in self.store.iter_all():
+            self.index.add(codes, ids)
+        thr = self.store.get_meta("thresholds")
+        if thr:
+            self.index.thresholds = {int(L): int(t) for L, t in json.loads(thr).items()}
+        self.next_id = int(self.store.get_meta("next_id") or 0)
+
+    # ------------------------------------------------------------------------------------------ calls
+    def info(self) -> dict[str, Any]:
+        """What the driver needs to check and monitor this shard."""
+        return {"shard": self.shard, "pid": os.getpid(), "ntotal": self.index.ntotal,
+                "lengths": self.index.lengths, "next_id": self.next_id, "started": self.started,
+                "durable": self.store is not None}
+
+    def add(self, ids: np.ndarray, codes: Mapping[int, np.ndarray], next_id: int) -> int:
+        """Add items (ids already routed here); returns how many were new. With a store the items are
+        committed there first, so an item in the index is always durable. A retried call (the same ids with
+        the same codes, after a restart) adds nothing twice; an id held by an item with other codes is an
+        error."""
+        ids = np.asarray(ids, np.int64)
+        if ids.size and (ids % self.count != self.shard).any():
+            raise CtfreidError(f"shard {self.shard} of {self.count} got ids routed elsewhere")
+        ids, codes = self._new_only(ids, codes)
+        if self.dir is not None and ids.size:
+            if self.store is None:
+                self._open(sorted(int(L) for L in codes))
+            self.store.put(ids, codes, next_id)
+        if ids.size or not self.index.lengths:
+            self.index.add(codes, ids)
+        self.next_id = max(self.next_id, int(next_id))
+        return int(ids.size)
+
+    def _new_only(self, ids: np.ndarray, codes: Mapping[int, np.ndarray]) -> tuple[np.ndarray, dict]:
+        codes = {int(L): np.asarray(c) for L, c in codes.items()}
+        live = self.index.ids
+        if not ids.size or not live.size or ids.min() > live.max():  # the usual case: new, increasing ids
+            return ids, codes
+        seen = np.isin(ids, live)
+        if not seen.any():
+            return ids, codes
+        where = np.searchsorted(live, ids[seen]) if (np.diff(live) > 0).all() else \
+            np.array([int(np.flatnonzero(live == i)[0]) for i in ids[seen]])
+        for L, c in codes.items():
+            if not np.array_equal(self.index.codes(L)[where], c[seen]):
+                raise CtfreidError(f"ids must be unique: id {int(ids[seen][0])} is already in the index")
+        keep = ~seen
+        return ids[keep], {L: c[keep] for L, c in codes.items()}
+
+    def remove_ids(self, ids: np.ndarray) -> int:
+        """Remove these ids (those held here): erased from the store (committed, WAL checkpointed) before
+        the index; returns how many the index held."""
+        ids = np.asarray(ids, np.int64)
+        if self.store is not None and ids.size:
+            self.store.delete(ids.tolist())
+        return self.index.remove_ids(ids)
+
+    def set_thresholds(self, thresholds: dict[int, int]) -> None:
+        self.index.thresholds = {int(L): int(t) for L, t in thresholds.items()}
+        if self.store is not None:
+            self.store.set_meta("thresholds", json.dumps(self.index.thresholds))
+
+    def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
+                    thresholds: dict[int, int] | None) -> Hits | None:
+        """This shard's first ``k`` hits (None while it holds no code lengths yet)."""
+        if not self.index.lengths:
+            return None
+        return self.index.search_hits(query_codes, k, thresholds=thresholds)
+
+    def to_bytes(self) -> bytes:
+        return self.index.to_bytes()
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None

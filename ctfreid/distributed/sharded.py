@@ -1,0 +1,390 @@
+"""``ShardedIndex``: a coarse-to-fine gallery split over ``N`` Ray actors, with exactly the answers of one
+:class:`~ctfreid.search.index.CtFIndex` over the same items.
+
+    from ctfreid.distributed import ShardedIndex
+    index = ShardedIndex(shards=4, store="gallery/")     # address=None: start or join a local Ray
+    index.add({32: c32, 128: c128, 512: c512, 2048: c2048})
+    index.thresholds = {32: 9, 128: 41, 512: 190}
+    hits = index.search_hits(query_codes, k=100)         # hits.partial == () when every shard answered
+    D, I = index.search(query_codes, k=100)              # raises ShardsUnavailable rather than answer short
+
+Why the answers are exact: coarse-to-fine search (Sec. 3.1) orders the gallery by a key each item has on its
+own (stages reached, then the distances from the finest length down, then insertion order; see
+:mod:`ctfreid.search.merge`). Items get global ids in insertion order and go to shard ``id % N``; every shard
+returns its own first ``k`` with their keys, and :func:`~ctfreid.search.merge.merge_hits` keeps the first
+``k`` of the union, ties broken by id = insertion order. Removing items does not change the others' keys.
+With explicit ids the answers are exact when the ids increase with insertion (as the tie-break of one index
+is insertion order and the merge's is the id).
+
+Faults: with ``store=DIR`` each shard commits its writes to its own SQLite store (``DIR/shard-<i>/``) before
+acknowledging them, and a dead shard actor is restarted by Ray (``max_restarts``) and reloads its items from
+there. A search waits at most ``timeout`` seconds for the shards; shards that have not answered by then are
+listed in ``Hits.partial`` (``search`` raises :class:`ShardsUnavailable` instead). Without a store nothing is
+durable, so a dead shard is not restarted (it would come back empty): its items stay missing, flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctfreid._atomic import atomic_write
+from ctfreid.codes import check_code_set
+from ctfreid.errors import CtfreidError
+from ctfreid.search.hamming import check_k
+from ctfreid.search.index import CtFIndex, _check_ids
+from ctfreid.search.merge import Hits, empty_hits, merge_hits
+from ctfreid.search.thresholds import check_thresholds
+
+CONFIG = "sharded.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ShardedHits(Hits):
+    """:class:`~ctfreid.search.merge.Hits` of a sharded search; ``partial`` lists the shards whose items
+    are missing from the answer (empty tuple: the answer is exact)."""
+
+    partial: tuple[int, ...] = ()
+
+
+class ShardsUnavailable(CtfreidError):
+    """Some shards did not answer within the timeout; ``missing`` lists them and ``hits`` holds the answer
+    over the other shards."""
+
+    def __init__(self, missing: tuple[int, ...], hits: ShardedHits, timeout: float) -> None:
+        super().__init__(f"shards {list(missing)} did not answer within {timeout:g} s: the answer would miss "
+                         "their items (search_hits returns it, flagged partial)")
+        self.missing, self.hits = missing, hits
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as e:  # the optional extra
+        raise CtfreidError('ctfreid.distributed needs Ray: pip install "ctfreid[ray]"') from e
+    return ray
+
+
+def _code_set(codes: Mapping[int, np.ndarray], name: str) -> dict[int, np.ndarray]:
+    """Queries as 2-D code sets (one 1-D query code per length is one query, as in CtFIndex)."""
+    if isinstance(codes, Mapping):
+        codes = {L: (c[None] if isinstance(c, np.ndarray) and c.ndim == 1 else c) for L, c in codes.items()}
+    return check_code_set(codes, name)
+
+
+class ShardedIndex:
+    """A :class:`CtFIndex` surface (``add``, ``search``, ``search_hits``, ``remove_ids``, ``ntotal``,
+    ``lengths``, ``thresholds``, ``save`` / ``load``) over ``shards`` Ray actors (Sec. 3.1 search, split by
+    item).
+
+    - ``address``: None starts a local Ray (or uses the one this process already joined); ``"auto"`` or
+      ``"ray://host:port"`` joins a cluster;
+    - ``store``: a directory; shard ``i`` keeps its durable store in ``store/shard-<i>/``. An existing
+      directory is reopened (its items, ids and shard count);
+    - ``timeout``: seconds a search waits for the shards before answering without the missing ones;
+    - ``max_restarts``: how often Ray restarts a dead shard (only with a store; -1: always);
+    - ``actor_options``: extra Ray actor options (e.g. ``{"num_cpus": 4}``; default ``num_cpus=0`` and the
+      SPREAD scheduling strategy, one shard per node where possible).
+    """
+
+    def __init__(self, shards: int = 1, address: str | None = None, store: str | Path | None = None,
+                 timeout: float = 30.0, max_restarts: int = -1, fingerprint: str = "ctfreid.distributed",
+                 actor_options: Mapping[str, Any] | None = None) -> None:
+        if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1:
+            raise CtfreidError(f"shards must be a positive integer, got {shards!r}")
+        ray = _ray()
+        self._ray = ray
+        self.timeout = float(timeout)
+        self.store = Path(store) if store is not None else None
+        self._lengths: list[int] | None = None
+        self._thresholds: dict[int, int] = {}
+        self._next_id = 0
+        self._default_ids: bool | None = None
+        n = int(shards)
+        if self.store is not None:
+            cfg = self._read_config()
+            if cfg is not None:
+                if cfg["shards"] != n:
+                    raise CtfreidError(f"store {self.store} holds {cfg['shards']} shards, not {n}: open it with "
+                                       f"shards={cfg['shards']} (or save and load to reshard)")
+                self._lengths = cfg["lengths"]
+                self._thresholds = {int(L): int(t) for L, t in cfg["thresholds"].items()}
+                self._default_ids = cfg["default_ids"]
+                fingerprint = cfg["fingerprint"]
+            self.store.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        from ctfreid.distributed.shard import Shard
+
+        opts: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": "SPREAD",
+                                "max_restarts": int(max_restarts) if self.store is not None else 0}
+        opts.update(actor_options or {})
+        remote = ray.remote(Shard)
+        self.actors = [remote.options(**opts).remote(i, n, None if self.store is None else
+                                                     str(self.store / f"shard-{i}"), fingerprint)
+                       for i in range(n)]
+        infos = ray.get([a.info.remote() for a in self.actors])
+        self._next_id = max([self._next_id] + [int(i["next_id"]) for i in infos])
+        if self._lengths is None:
+            self._lengths = next((i["lengths"] for i in infos if i["lengths"]), None)
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def shards(self) -> int:
+        return len(self.actors)
+
+    @property
+    def lengths(self) -> list[int]:
+        return list(self._lengths or [])
+
+    @property
+    def ntotal(self) -> int:
+        """Live items over all shards (waits for every shard)."""
+        return sum(int(i["ntotal"]) for i in self._ray.get([a.info.remote() for a in self.actors]))
+
+    @property
+    def thresholds(self) -> dict[int, int]:
+        return dict(self._thresholds)
+
+    @thresholds.setter
+    def thresholds(self, value: Mapping[int, int]) -> None:
+        """Validated against the lengths (once known), pushed to every shard (and their stores); searches
+        also pass them per call, so a restarted shard answers with them too."""
+        thr = {int(L): int(t) for L, t in dict(value).items()}
+        if self._lengths:
+            check_thresholds(thr, self._lengths)
+        self._ray.get([a.set_thresholds.remote(thr) for a in self.actors])
+        self._thresholds = thr
+        self._write_config()
+
+    def __repr__(self) -> str:
+        return f"ShardedIndex(shards={self.shards}, lengths={self.lengths}, store={self.store})"
+
+    def shard_info(self) -> list[dict]:
+        """Per shard: pid, live items, next id, start time (changes when Ray restarted it), durability."""
+        return self._ray.get([a.info.remote() for a in self.actors])
+
+    # ---------------------------------------------------------------------------------------- config
+    def _read_config(self) -> dict | None:
+        path = self.store / CONFIG
+        if not path.exists():
+            return None
+        try:
+            cfg = json.loads(path.read_text())
+            if cfg.get("format") != FORMAT:
+                raise ValueError(f"format {cfg.get('format')!r}")
+            return cfg
+        except (ValueError, KeyError) as e:
+            raise CtfreidError(f"{path} is not a sharded-index configuration ({e})") from None
+
+    def _config(self) -> dict:
+        return {"format": FORMAT, "shards": self.shards, "lengths": self._lengths,
+                "thresholds": {str(L): t for L, t in self._thresholds.items()},
+                "default_ids": self._default_ids, "next_id": self._next_id, "fingerprint": self.fingerprint}
+
+    def _write_config(self) -> None:
+        if self.store is not None:
+            with atomic_write(self.store / CONFIG, "w") as f:
+                json.dump(self._config(), f)
+
+    # ------------------------------------------------------------------------------------------ writes
+    def add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None = None) -> np.ndarray:
+        """Add a code set ``{length: uint8[n, length // 8]}``; ``ids`` unique non-negative int64, or None for
+        global ids ``next_id, next_id + 1, ...`` (never reused). Items go to shard ``id % N``; returns the
+        ids. When this returns every shard has committed its part (with a store: durable). A call that
+        raises may have been applied on some shards; retrying it with the returned or given ids is safe."""
+        cs = check_code_set(codes, "codes")
+        lengths = list(cs)
+        n = next(iter(cs.values())).shape[0]
+        if self._lengths is not None and lengths != self._lengths:
+            raise CtfreidError(f"codes have lengths {lengths} but the index holds lengths {self._lengths}")
+        given = ids is not None
+        if self._default_ids is not None and self._default_ids == given:
+            raise CtfreidError("ids must be given on every add or on none: the index was built "
+                               + ("with default ids (0, 1, 2, ...)" if self._default_ids else "with explicit ids"))
+        if given:
+            ids_arr = _check_ids(ids, n)  # the one index's checks: 1-D, integer, unique, non-negative
+        else:
+            ids_arr = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        next_id = max(self._next_id, int(ids_arr.max()) + 1) if n else self._next_id
+        self._lengths, self._default_ids = lengths, (not given)
+        self._write_config()
+        shard_of = ids_arr % self.shards
+        args = []
+        for i in range(self.shards):
+            sel = np.flatnonzero(shard_of == i)
+            args.append((ids_arr[sel], {L: c[sel] for L, c in cs.items()}, next_id))
+        self._call_all("add", args)
+        self._next_id = next_id
+        self._write_config()
+        return ids_arr
+
+    def remove_ids(self, ids: Any) -> int:
+        """Remove the items with these ids from their shards (erased from the stores first); returns how
+        many were removed."""
+        arr = np.asarray(ids)
+        if arr.ndim == 0:
+            arr = arr[None]
+        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
+            raise CtfreidError(f"ids must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        arr = np.unique(arr[arr >= 0].astype(np.int64)) if arr.size else arr.astype(np.int64)
+        if arr.size == 0:
+            return 0
+        shard_of = arr % self.shards
+        return int(sum(self._call_all("remove_ids", [(arr[shard_of == i],) for i in range(self.shards)])))
+
+    def _call_all(self, method: str, args: list[tuple]) -> list:
+        """``method(*args[i])`` on every shard ``i``, concurrently; the results once all have acknowledged.
+        A shard that died mid-call is asked again once Ray has restarted it (the shards' writes are
+        idempotent), for at most ``timeout`` seconds (writes never return without every shard)."""
+        ray = self._ray
+        deadline = time.monotonic() + self.timeout
+        out: list = [None] * self.shards
+        pending = {getattr(a, method).remote(*args[i]): i for i, a in enumerate(self.actors)}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                raise CtfreidError(
+                    f"{method}: shards {sorted(pending.values())} did not acknowledge within {self.timeout:g} s; "
+                    "the write may be applied on the other shards: retry it with the same ids")
+            for ref in ready:
+                i = pending.pop(ref)
+                try:
+                    out[i] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    if deadline - time.monotonic() <= 0:
+                        raise CtfreidError(f"{method}: shard {i} is down; the write may be applied on the other "
+                                           "shards: retry it with the same ids") from None
+                    time.sleep(0.05)
+                    pending[getattr(self.actors[i], method).remote(*args[i])] = i
+        return out
+
+    # ------------------------------------------------------------------------------------------ search
+    def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
+                    thresholds: Mapping[int, int] | None = None, timeout: float | None = None) -> ShardedHits:
+        """First ``k`` results over every shard with their coarse-to-fine keys, equal to one
+        :class:`CtFIndex`'s ``search_hits`` over the same items (Sec. 3.1; exact merge, ties included).
+
+        The queries are put in the object store once and every shard searches them concurrently. Shards that
+        have not answered within ``timeout`` (default: the index's) are retried while time is left (a
+        restarting shard), then listed in ``partial``: the answer then misses their items."""
+        k = check_k(k)
+        qs = _code_set(query_codes, "query codes")
+        if not self._lengths:
+            return ShardedHits(*_fields(empty_hits(next(iter(qs.values())).shape[0], list(qs))), partial=())
+        if list(qs) != self._lengths:
+            raise CtfreidError(f"query codes have lengths {list(qs)} but the index holds lengths {self._lengths}")
+        thr = dict(thresholds) if thresholds is not None else dict(self._thresholds)
+        check_thresholds(thr, self._lengths)
+        nq = next(iter(qs.values())).shape[0]
+        parts, missing = self._fan_out(qs, k, thr, self.timeout if timeout is None else float(timeout))
+        if not parts:
+            merged = empty_hits(nq, self._lengths)
+        else:
+            merged = merge_hits(parts, k)
+        return ShardedHits(*_fields(merged), partial=tuple(missing))
+
+    def _fan_out(self, qs: dict, k: int, thr: dict, timeout: float) -> tuple[list[Hits], list[int]]:
+        ray = self._ray
+        qref = ray.put(qs)
+        deadline = time.monotonic() + timeout
+        pending = {a.search_hits.remote(qref, k, thr): i for i, a in enumerate(self.actors)}
+        parts: list[Hits] = []
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=left, fetch_local=True)
+            if not ready:
+                break
+            for ref in ready:
+                i = pending.pop(ref)
+                try:
+                    h = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    if deadline - time.monotonic() > 0.05:  # restarting: ask again once it is back
+                        time.sleep(0.05)
+                        pending[self.actors[i].search_hits.remote(qref, k, thr)] = i
+                    else:
+                        pending[ref] = i
+                    continue
+                if h is not None:
+                    parts.append(h)
+        return parts, sorted(pending.values())
+
+    def search(self, query_codes: Mapping[int, np.ndarray], k: int,
+               thresholds: Mapping[int, int] | None = None, timeout: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """``(D int32[nq, m], I int64[nq, m])`` as :meth:`CtFIndex.search` (1-D queries give 1-D results);
+        raises :class:`ShardsUnavailable` (with the partial answer) rather than answer without a shard."""
+        single = any(np.asarray(c).ndim == 1 for c in query_codes.values())
+        h = self.search_hits(query_codes, k, thresholds, timeout)
+        if h.partial:
+            raise ShardsUnavailable(h.partial, h, self.timeout if timeout is None else float(timeout))
+        D, I = h.finest_distances, h.ids
+        return (D[0], I[0]) if single else (D, I)
+
+    # ------------------------------------------------------------------------------------- save / load
+    def save(self, directory: str | Path) -> None:
+        """Write every shard's index (``shard-<i>.ctf``, CtFIndex format) and ``sharded.json`` into
+        ``directory`` (created), each file atomically."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        blobs = self._ray.get([a.to_bytes.remote() for a in self.actors], timeout=max(self.timeout, 600))
+        for i, b in enumerate(blobs):
+            with atomic_write(d / f"shard-{i}.ctf") as f:
+                f.write(b)
+        with atomic_write(d / CONFIG, "w") as f:
+            json.dump(self._config(), f)
+
+    @classmethod
+    def load(cls, directory: str | Path, shards: int | None = None, address: str | None = None,
+             store: str | Path | None = None, **kwargs: Any) -> "ShardedIndex":
+        """A sharded index holding what :meth:`save` wrote (``shards``: the saved count, or another count to
+        reshard; items keep their ids)."""
+        d = Path(directory)
+        path = d / CONFIG
+        try:
+            cfg = json.loads(path.read_text())
+            nsaved = int(cfg["shards"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CtfreidError(f"{d} does not hold a saved sharded index ({e})") from None
+        parts = [CtFIndex.load(d / f"shard-{i}.ctf", mmap=False) for i in range(nsaved)]
+        out = cls(shards=nsaved if shards is None else shards, address=address, store=store, **kwargs)
+        if out._lengths and out.ntotal:
+            raise CtfreidError(f"store {store} already holds items: load into an empty store")
+        ids = np.concatenate([p.ids for p in parts]) if parts else np.empty(0, np.int64)
+        order = np.argsort(ids, kind="stable")  # global ids = insertion order
+        lengths = cfg["lengths"]
+        if lengths:
+            codes = {L: np.concatenate([p.codes(L) for p in parts])[order] for L in lengths}
+            out._default_ids = None
+            out.add(codes, ids[order])
+        out._default_ids = cfg["default_ids"]
+        out._next_id = max(out._next_id, int(cfg["next_id"]))
+        if cfg["thresholds"]:
+            out.thresholds = {int(L): int(t) for L, t in cfg["thresholds"].items()}
+        out._write_config()
+        return out
+
+    def close(self) -> None:
+        """Stop the shard actors (their stores stay on disk)."""
+        for a in self.actors:
+            try:
+                self._ray.get(a.close.remote(), timeout=10)
+            except Exception:  # a dead shard has nothing to close
+                pass
+            self._ray.kill(a, no_restart=True)
+        self.actors = []
+
+
+def _fields(h: Hits) -> tuple:
+    return h.ids, h.stages, h.distances, h.lengths

@@ -1,0 +1,206 @@
+"""ShardedIndex (ctfreid.distributed) against one CtFIndex over the same items (the oracle; CtFIndex itself is
+checked against brute force in test_index.py): exact hits, ties included, before and after removals, with
+1, 2 and 3 shards; a SIGKILLed shard restarted by Ray with its items; the partial flag while a shard is down;
+acknowledged writes surviving a reopen; save / load with resharding. One local Ray for the module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ctfreid.distributed import ShardedIndex, ShardsUnavailable  # noqa: E402
+from ctfreid.errors import CtfreidError  # noqa: E402
+from ctfreid.search.index import CtFIndex  # noqa: E402
+
+LENGTHS = (32, 128, 512)
+THR = {32: 13, 128: 60}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def tied_codes(rng: np.random.Generator, n: int, distinct: int = 40) -> dict[int, np.ndarray]:
+    """Codes drawn from few distinct rows (many exact ties at every length), with near-duplicates."""
+    base = {L: rng.integers(0, 256, (distinct, L // 8), dtype=np.uint8) for L in LENGTHS}
+    pick = rng.integers(0, distinct, n)
+    out = {L: base[L][pick].copy() for L in LENGTHS}
+    flip = rng.random(n) < 0.3  # some items differ from their twin in one byte of one length
+    for L in LENGTHS:
+        rows = np.flatnonzero(flip & (rng.random(n) < 0.5))
+        out[L][rows, 0] ^= np.uint8(1)
+    return out
+
+
+def assert_same_hits(a, b) -> None:
+    assert a.lengths == b.lengths
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.stages, b.stages)
+    np.testing.assert_array_equal(a.distances, b.distances)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_exact_equality_with_one_index_before_and_after_removals(local_ray, shards):
+    rng = np.random.default_rng(shards)
+    one, sharded = CtFIndex(), ShardedIndex(shards=shards)
+    try:
+        for n in (150, 90):  # two adds: ids continue globally
+            c = tied_codes(rng, n)
+            one.add(c)
+            np.testing.assert_array_equal(sharded.add(c), one.ids[-n:])
+        one.thresholds = dict(THR)
+        sharded.thresholds = dict(THR)
+        q = tied_codes(rng, 9)
+        assert sharded.ntotal == one.ntotal == 240
+        for k in (1, 7, 50, 1000):
+            h = sharded.search_hits(q, k)
+            assert h.partial == ()
+            assert_same_hits(h, one.search_hits(q, k))
+        D, I = sharded.search(q, 25)
+        D1, I1 = one.search(q, 25)
+        np.testing.assert_array_equal(D, D1)
+        np.testing.assert_array_equal(I, I1)
+        d, i = sharded.search({L: c[0] for L, c in q.items()}, 5)  # one 1-D query: 1-D results, as one index
+        np.testing.assert_array_equal(i, one.search({L: c[0] for L, c in q.items()}, 5)[1])
+        per_call = {32: 20, 128: 70}
+        assert_same_hits(sharded.search_hits(q, 30, thresholds=per_call), one.search_hits(q, 30, thresholds=per_call))
+
+        gone = rng.choice(240, 70, replace=False)
+        assert sharded.remove_ids(np.concatenate([gone, [10_000]])) == one.remove_ids(gone) == 70
+        assert sharded.remove_ids(gone[:5]) == 0
+        assert sharded.ntotal == one.ntotal == 170
+        for k in (3, 40, 1000):
+            assert_same_hits(sharded.search_hits(q, k), one.search_hits(q, k))
+        c = tied_codes(rng, 30)  # adds after removals: fresh ids, never a removed one
+        one.add(c)
+        sharded.add(c)
+        assert_same_hits(sharded.search_hits(q, 60), one.search_hits(q, 60))
+    finally:
+        sharded.close()
+
+
+def test_errors_are_ctfreid_errors(local_ray, tmp_path):
+    sharded = ShardedIndex(shards=2, store=tmp_path / "g")
+    try:
+        c = tied_codes(np.random.default_rng(0), 10)
+        sharded.add(c)
+        with pytest.raises(CtfreidError, match="ids must be given on every add or on none"):
+            sharded.add(c, ids=np.arange(100, 110))
+        with pytest.raises(CtfreidError, match="lengths"):
+            sharded.add({32: c[32]})
+        with pytest.raises(CtfreidError, match="thresholds|threshold"):
+            sharded.search_hits(c, 3)  # no thresholds for a 3-length index
+    finally:
+        sharded.close()
+    with pytest.raises(CtfreidError, match="holds 2 shards, not 3"):
+        ShardedIndex(shards=3, store=tmp_path / "g")
+    with pytest.raises(CtfreidError, match="shards must be a positive integer"):
+        ShardedIndex(shards=0)
+
+
+def test_killed_shard_is_restarted_with_its_items_and_writes_survive_a_reopen(local_ray, tmp_path):
+    rng = np.random.default_rng(7)
+    c = tied_codes(rng, 300)
+    q = tied_codes(rng, 6)
+    one = CtFIndex()
+    one.add(c)
+    one.thresholds = dict(THR)
+    sharded = ShardedIndex(shards=3, store=tmp_path / "g", timeout=60)
+    try:
+        sharded.add(c)
+        sharded.thresholds = dict(THR)
+        gone = np.arange(0, 300, 7)
+        one.remove_ids(gone)
+        sharded.remove_ids(gone)
+        before = sharded.shard_info()[1]
+        os.kill(before["pid"], signal.SIGKILL)  # shard 1 dies; Ray restarts it and it reloads its store
+        h = sharded.search_hits(q, 80)  # waits (bounded) for the restarted shard: complete, exact
+        assert h.partial == ()
+        assert_same_hits(h, one.search_hits(q, 80))
+        after = sharded.shard_info()[1]
+        assert after["pid"] != before["pid"] and after["ntotal"] == before["ntotal"] > 0
+        c2 = tied_codes(rng, 20)  # writes to the restarted shard are durable too
+        one.add(c2)
+        sharded.add(c2)
+    finally:
+        sharded.close()
+    reopened = ShardedIndex(shards=3, store=tmp_path / "g")
+    try:
+        assert reopened.thresholds == THR and reopened.ntotal == one.ntotal
+        assert_same_hits(reopened.search_hits(q, 100), one.search_hits(q, 100))
+        c3 = tied_codes(rng, 5)
+        one.add(c3)  # ids continue after the reopen (320 ..), none reused
+        np.testing.assert_array_equal(reopened.add(c3), one.ids[-5:])
+        assert_same_hits(reopened.search_hits(q, 100), one.search_hits(q, 100))
+    finally:
+        reopened.close()
+
+
+def test_a_dead_shard_gives_an_answer_flagged_partial_never_silently_short(local_ray):
+    rng = np.random.default_rng(3)
+    c = tied_codes(rng, 120)
+    q = tied_codes(rng, 4)
+    sharded = ShardedIndex(shards=2)  # no store: a dead shard is not restarted (it would come back empty)
+    try:
+        sharded.add(c)
+        sharded.thresholds = dict(THR)
+        ray.kill(sharded.actors[1], no_restart=True)
+        t = time.monotonic()
+        h = sharded.search_hits(q, 50, timeout=1.0)
+        assert time.monotonic() - t < 20
+        assert h.partial == (1,)
+        survivors = CtFIndex()  # the answer is exactly shard 0's part: the even ids
+        even = np.arange(0, 120, 2)
+        survivors.add({L: x[even] for L, x in c.items()}, ids=even)
+        survivors.thresholds = dict(THR)
+        assert_same_hits(h, survivors.search_hits(q, 50))
+        with pytest.raises(ShardsUnavailable, match=r"shards \[1\]") as e:
+            sharded.search(q, 50, timeout=0.5)
+        assert e.value.missing == (1,)
+        with pytest.raises(CtfreidError, match="retry it with the same ids"):
+            sharded.timeout = 1.0
+            sharded.add(tied_codes(rng, 4))
+    finally:
+        sharded.close()
+
+
+def test_save_and_load_with_resharding(local_ray, tmp_path):
+    rng = np.random.default_rng(11)
+    c = tied_codes(rng, 200)
+    q = tied_codes(rng, 5)
+    one = CtFIndex()
+    one.add(c)
+    one.thresholds = dict(THR)
+    one.remove_ids(np.arange(0, 200, 3))
+    sharded = ShardedIndex(shards=3)
+    try:
+        sharded.add(c)
+        sharded.thresholds = dict(THR)
+        sharded.remove_ids(np.arange(0, 200, 3))
+        sharded.save(tmp_path / "saved")
+    finally:
+        sharded.close()
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "shard-0.ctf", "shard-1.ctf", "shard-2.ctf", "sharded.json"]
+    loaded = ShardedIndex.load(tmp_path / "saved", shards=2)
+    try:
+        assert loaded.shards == 2 and loaded.thresholds == THR and loaded.ntotal == one.ntotal
+        assert_same_hits(loaded.search_hits(q, 150), one.search_hits(q, 150))
+        c2 = tied_codes(rng, 10)
+        one.add(c2)
+        np.testing.assert_array_equal(loaded.add(c2), one.ids[-10:])  # default ids continue at 200
+        assert_same_hits(loaded.search_hits(q, 150), one.search_hits(q, 150))
+    finally:
+        loaded.close()
