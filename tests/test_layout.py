@@ -234,3 +234,27 @@ assert "torch" not in sys.modules and "matplotlib" not in sys.modules
     r = run_without_torch(code, str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "results.md").is_file() and "ctf" in (tmp_path / "results.md").read_text().lower()
+
+
+def test_one_definition_of_each_shared_name():
+    """Names that once had two definitions (the same constant in two modules, two table formatters...)
+    are defined in exactly one module; everything else imports them."""
+    once = {"DEFAULT_BETAS": "ctfreid.eval.evaluate", "IMAGE_EXTENSIONS": "ctfreid.data.datasets",
+            "format_table": "ctfreid.eval.evaluate", "method_key": "ctfreid.eval.report",
+            "parse_method": "ctfreid.eval.report", "squared_euclidean_distances": "ctfreid.eval.metrics",
+            "CtfreidError": "ctfreid.errors", "atomic_write": "ctfreid._atomic"}
+    where: dict[str, list[str]] = {name: [] for name in once}
+    for name, path in modules():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign):
+                defined = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                defined = [node.target.id]
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined = [node.name]
+            else:
+                continue
+            for d in defined:
+                if d in where:
+                    where[d].append(name)
+    assert where == {name: [home] for name, home in once.items()}
