@@ -108,11 +108,11 @@ class DemoConfig:
         if self.model is not None:
             return
         n_train = synth.num_train_ids
-        n_val = min(max(int(round(self.val_fraction * n_train)), 1), n_train - 1)  # as split_train_val
-        if n_train < 2 or n_train - n_val < self.p:
+        n_fit = _fit_ids(n_train, self.val_fraction)
+        if n_fit < self.p:
             raise CtfreidError(
-                f"ids={self.ids} gives {n_train} training identities, {max(n_train - n_val, 0)} after holding "
-                f"back the validation split (val_fraction {self.val_fraction:g}); PK batches need p={self.p}: "
+                f"ids={self.ids} leaves {n_fit} identities to train on ({n_train} training identities less the "
+                f"validation split, val_fraction {self.val_fraction:g}); PK batches need p={self.p}: "
                 f"use --ids {_min_ids(self.p, self.val_fraction, self.ids)} or more"
             )
 
@@ -132,13 +132,19 @@ class DemoConfig:
             raise NotADirectoryError(f"--out {out} exists and is not a folder")
 
 
+def _fit_ids(n_train: int, val_fraction: float) -> int:
+    """Identities left for training after ``split_train_val`` holds back the validation ones."""
+    if n_train < 2:
+        return 0  # the split needs two identities
+    return n_train - min(max(int(round(val_fraction * n_train)), 1), n_train - 1)
+
+
 def _min_ids(p: int, val_fraction: float, start: int) -> int:
     """The smallest number of synthetic identities whose training part still fills a PK batch."""
     from ctfreid.data.synth import SynthConfig
 
     for ids in range(max(start, 2), 10000):
-        n_train = SynthConfig(ids=ids).num_train_ids
-        if n_train - min(max(int(round(val_fraction * n_train)), 1), n_train - 1) >= p:
+        if _fit_ids(SynthConfig(ids=ids).num_train_ids, val_fraction) >= p:
             return ids
     return 9999
 

@@ -84,7 +84,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="beta"):
         DemoConfig(betas=(0.0, 1.0))
     # too few identities for one PK batch of training identities: refused before any image is drawn
-    with pytest.raises(ValueError, match=r"ids=2 .* p=16: use --ids (\d+)"):
+    with pytest.raises(ValueError, match=r"ids=2 leaves 0 identities to train on .* p=16: use --ids \d+"):
         DemoConfig(ids=2)
     with pytest.raises(ValueError, match="ids must be in"):
         DemoConfig(ids=0)
