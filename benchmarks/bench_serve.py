@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""``ctfreid serve`` under open-loop load: latency percentiles and error rate of ``POST /v1/search`` with
+codes at fixed request rates, start-up time and memory per item, and the overhead over in-process
+``CtFIndex.search_hits`` on the same queries (the baseline, measured in the same run).
+
+    python3 benchmarks/bench_serve.py                      # 1e4 and 1e5 items, a tiny model trained here
+    python3 benchmarks/bench_serve.py --sizes 10000 100000 1000000 --rates 50 200 --seconds 10
+
+Open loop: request i is sent at ``t0 + i / rate`` whether or not earlier ones have answered, and its
+latency counts from that scheduled time (so queueing inside the service is measured, not hidden as a
+closed-loop client would). Errors: any answer other than 200 (503 when over ``--max-concurrency``) or a
+transport error. One query per request, top-10, the service's default thresholds (DTO fits of the model's
+validation split), candidate counts included (``--no-candidates`` to leave them out).
+
+The gallery is written straight into the SQLite store with ``ctfreid.serve.store.Store`` (codes of the
+model's lengths: random bytes, queries are gallery codes with 6 % of their bits flipped), then the service
+is started as ``python -m ctfreid serve`` on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def tiny_model(root: Path) -> Path:
+    import torch
+
+    from ctfreid.data.synth import generate_synthetic
+    from ctfreid.learn.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    generate_synthetic(root / "synth", ids=16, cams=3, seed=0, images_per_id=6, height=64, width=32, distractors=4,
+                       junk=2)
+    train(TrainConfig(backbone="resnet18", lengths=(128, 64, 32), height=32, width=16, epochs=1, warmup_epochs=0,
+                      milestones=(), p=4, k=2, val_fraction=0.4, device="cpu", num_workers=0, seed=0),
+          root / "synth", root / "run", resume=False, progress=False)
+    return root / "run"
+
+
+def correlated_codes(rng, n: int, lengths: list[int]) -> dict[int, np.ndarray]:
+    """Longer codes extend the shorter ones (as real multi-length codes correlate), so stages prune."""
+    base = rng.integers(0, 256, (n, max(lengths) // 8), dtype=np.uint8)
+    return {L: np.ascontiguousarray(base[:, : L // 8]) for L in lengths}
+
+
+def queries_near(codes, rng, nq: int, lengths: list[int]) -> dict[int, np.ndarray]:
+    L = max(lengths)
+    q = codes[L][rng.integers(0, codes[L].shape[0], nq)].copy()
+    bits = np.unpackbits(q, axis=1)
+    flip = rng.random(bits.shape) < 0.06
+    q = np.packbits(bits ^ flip, axis=1)
+    return {m: np.ascontiguousarray(q[:, : m // 8]) for m in lengths}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(store: Path, model: Path, max_concurrency: int):
+    import httpx
+
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "ctfreid", "serve", "--store", str(store), "--model", str(model),
+                             "--port", str(port), "--max-concurrency", str(max_concurrency)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read().decode())
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.TransportError:
+            time.sleep(0.05)
+
+
+async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float) -> dict:
+    import httpx
+
+    n = int(rate * seconds)
+    lat = np.full(n, np.nan)
+    errors = 0
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        t0 = time.perf_counter() + 0.2
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            due = t0 + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            try:
+                r = await client.post("/v1/search", content=bodies[i % len(bodies)],
+                                      headers={"Content-Type": "application/json"})
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                lat[i] = (time.perf_counter() - due) * 1e3
+            else:
+                errors += 1
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    good = lat[~np.isnan(lat)]
+    pct = {f"p{p}": float(np.percentile(good, p)) if good.size else float("nan") for p in (50, 95, 99)}
+    return {"rate": rate, "requests": n, "error_rate": errors / n, **pct}
+
+
+def in_process(codes, queries, thresholds: dict, k: int = 10) -> float:
+    """Median ms of one-query ``CtFIndex.search_hits`` (the baseline)."""
+    from ctfreid.search.index import CtFIndex
+
+    index = CtFIndex()
+    index.add(codes, np.arange(1, next(iter(codes.values())).shape[0] + 1, dtype=np.int64))
+    nq = next(iter(queries.values())).shape[0]
+    one = [{L: q[i:i + 1] for L, q in queries.items()} for i in range(nq)]
+    index.search_hits(one[0], k, thresholds)
+    times = []
+    for _ in range(3):
+        for q in one:
+            t = time.perf_counter()
+            index.search_hits(q, k, thresholds)
+            times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="run directory (default: a tiny model trained here in ~3 s)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--rates", type=float, nargs="+", default=[50, 200, 500])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--max-concurrency", type=int, default=64)
+    ap.add_argument("--no-candidates", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    from ctfreid.infer.encoder import load_encoder
+    from ctfreid.serve.store import ItemMeta, Store
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    model = args.model or tiny_model(tmp)
+    enc = load_encoder(model)
+    lengths = sorted(enc.lengths)
+    rng = np.random.default_rng(0)
+    results = []
+    empty_store = tmp / "empty"
+    proc, url, _ = start(empty_store, model, args.max_concurrency)
+    import httpx
+
+    base_rss = httpx.get(url + "/v1/stats").json()["memory"]["max_rss_bytes"]
+    proc.terminate()
+    proc.wait()
+    for n in args.sizes:
+        codes = correlated_codes(rng, n, lengths)
+        store_dir = tmp / f"store{n}"
+        store = Store(store_dir, enc.fingerprint, lengths)
+        t = time.perf_counter()
+        for a in range(0, n, 20_000):
+            part = {L: c[a:a + 20_000] for L, c in codes.items()}
+            store.add(part, [ItemMeta(camera=int(i % 6)) for i in range(part[lengths[0]].shape[0])])
+        fill_s = time.perf_counter() - t
+        store.close()
+        queries = queries_near(codes, rng, 200, lengths)
+        bodies = [json.dumps({"codes": {str(L): [base64.b64encode(queries[L][i].tobytes()).decode()]
+                                        for L in lengths}, "k": 10,
+                              **({"candidates": False} if args.no_candidates else {})}).encode()
+                  for i in range(200)]
+        proc, url, start_s = start(store_dir, model, args.max_concurrency)
+        try:
+            stats = httpx.get(url + "/v1/stats").json()
+            thr = {int(k): v for k, v in stats["thresholds"].items()}
+            rss = stats["memory"]["max_rss_bytes"]
+            row = {"items": n, "fill_store_s": fill_s, "start_s": start_s, "load_s": stats["start_s"],
+                   "rss_mb": rss / 2**20, "bytes_per_item": (rss - base_rss) / n,
+                   "in_process_ms": in_process(codes, queries, thr), "loads": []}
+            for rate in args.rates:
+                res = asyncio.run(open_loop(url, bodies, rate, args.seconds))
+                res["overhead_p50_ms"] = res["p50"] - row["in_process_ms"]
+                row["loads"].append(res)
+                print(json.dumps({"items": n, **res}), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait()
+        print(json.dumps({k: v for k, v in row.items() if k != "loads"}), flush=True)
+        results.append(row)
+    print()
+    print("| items | start-up (s) | RSS (MiB) | bytes / item | in-process search_hits (ms) | rate (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in results:
+        for res in row["loads"]:
+            print(f"| {row['items']:,} | {row['start_s']:.2f} | {row['rss_mb']:.0f} | {row['bytes_per_item']:.0f} | "
+                  f"{row['in_process_ms']:.3f} | {res['rate']:g} | {res['p50']:.2f} | {res['p95']:.2f} | "
+                  f"{res['p99']:.2f} | {res['error_rate']:.1%} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
