@@ -235,6 +235,11 @@ def test_auth_limits_and_bad_input_are_json_errors_naming_the_field(run_dir, tmp
             return body["message"]
 
         err(c.post("/v1/items", content=b"x" * 600_000, headers={"Content-Type": "application/json"}), 413, "body")
+        def chunks():  # no Content-Length: the limit is enforced while reading
+            for _ in range(20):
+                yield b"x" * 50_000
+
+        err(c.post("/v1/search", content=chunks(), headers={"Content-Type": "application/json"}), 413, "body")
         png = io.BytesIO()
         Image.new("RGB", (20, 40), (10, 200, 30)).save(png, "PNG")
         files = [("images", (f"{i}.png", png.getvalue(), "image/png")) for i in range(3)]
@@ -326,6 +331,10 @@ def test_image_path_answers_equal_encode_records_and_ctfindex(run_dir, synth_roo
         assert item["pid"] == meta[5]["pid"] and item["thumbnail"] is True
         t = srv.client.get(f"/v1/items/{ids[5]}/thumbnail")
         assert t.status_code == 200 and t.content[:2] == b"\xff\xd8"
+        thumb = t.content[-66:-2]  # entropy-coded data of this image (the header tables are in every JPEG)
+        assert thumb in store_bytes(tmp_path / "store")
+        assert srv.client.delete(f"/v1/items/{ids[5]}").json()["erased"] == [ids[5]]
+        assert thumb not in store_bytes(tmp_path / "store")  # the thumbnail's bytes went with the row
         page = srv.client.get("/")
         assert page.status_code == 200 and "app.js" in page.text
         assert srv.client.get("/static/app.js").status_code == 200
@@ -428,3 +437,19 @@ def test_retention_erases_old_crops_in_the_background(run_dir, tmp_path):
         assert srv.client.get(f"/v1/items/{ids[1]}").status_code == 200
         assert [h[0] for h in served_hits(srv, code, 5)[0]] == [ids[1]]
         assert srv.client.get("/v1/stats").json()["erased_by_retention"] == 1
+
+
+def test_overload_is_503_and_healthz_stays_open(run_dir, tmp_path):
+    TestClient = pytest.importorskip("fastapi.testclient").TestClient
+
+    from ctfreid.serve.app import ServeConfig, create_app
+
+    app = create_app(ServeConfig(store=str(tmp_path / "store"), model=str(run_dir), max_concurrency=2))
+    with TestClient(app) as c:
+        assert c.get("/v1/stats").status_code == 200
+        app.svc.inflight = 2  # two requests in progress
+        r = c.get("/v1/stats")
+        assert r.status_code == 503 and "overloaded" in r.json()["error"]["message"]
+        assert c.get("/healthz").status_code == 200
+        app.svc.inflight = 0
+        assert c.get("/v1/stats").json()["requests"]["GET /v1/stats 503"] == 1

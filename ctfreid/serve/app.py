@@ -401,8 +401,8 @@ def create_app(config: ServeConfig, encoder=None):
             try:
                 form = await request.form(max_files=config.max_images, max_fields=100,
                                           max_part_size=config.max_body_bytes)
-            except _TooLarge:
-                raise
+            except _TooLarge:  # a chunked body over the limit (no Content-Length to refuse it up front)
+                raise FieldError("body", f"more than {config.max_body_bytes} bytes", 413) from None
             except Exception as e:  # noqa: BLE001 - python-multipart / starlette parse errors
                 status = 413 if "Too many files" in str(e) else 400
                 raise FieldError("images" if status == 413 else "body", f"bad multipart body: {e}", status) from None
@@ -421,7 +421,10 @@ def create_app(config: ServeConfig, encoder=None):
                     raise FieldError("metadata", f"not JSON: {e}") from None
             return fields, images
         if ctype.startswith("application/json") or not ctype:
-            body = await request.body()
+            try:
+                body = await request.body()
+            except _TooLarge:
+                raise FieldError("body", f"more than {config.max_body_bytes} bytes", 413) from None
             try:
                 obj = json.loads(body or b"null")
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
