@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""The gallery over Ray shards (``ctfreid.distributed.ShardedIndex``) against one in-process ``CtFIndex``.
+
+    python3 benchmarks/bench_distributed.py                  # n = 1e6, shards 1 2 4, local Ray on this machine
+    python3 benchmarks/bench_distributed.py --n 100000 --shards 1 2
+
+The codes and threshold fit of ``bench_search.py`` (4 lengths 32/128/512/2048 = 340 bytes per item; stage 1
+keeps about 2 %). Everything runs on this machine (a local Ray with one worker per shard), so the shards
+share its cores: the figures measure the fan-out + merge overhead, not the speed-up of more machines.
+Prints, in the same run:
+
+- answers checked equal to the one index's (``search_hits``, 64 queries, top-100);
+- single-query top-100 latency, median of interleaved blocks (``bench_search.timed_blocks``), one index vs
+  1, 2, 4 shards, and the difference = fan-out + merge overhead per query;
+- batch throughput: 64 queries per call, top-100, queries per second;
+- adding ``n`` items: in memory, and durably (each shard's SQLite store committed);
+- recovery: SIGKILL of the shard actor of a 1-shard durable index of ``n`` items, time until a search
+  answers complete again (Ray restarts the actor, which reloads its store); store bytes per item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+
+def _data(n: int, seed: int = 0):
+    from bench_search import fit_thresholds, make_data
+
+    lengths = [32, 128, 512, 2048]
+    g, q, c, _, _ = make_data(n, 64, lengths, seed, Path(tempfile.gettempdir()) / "ctfreid-bench")
+    g = {L: np.ascontiguousarray(v[:n]) for L, v in g.items()}
+    thresholds, kept = fit_thresholds(c, g, 0.02)
+    return g, q, thresholds, kept
+
+
+def _same(a, b) -> bool:
+    return (np.array_equal(a.ids, b.ids) and np.array_equal(a.stages, b.stages)
+            and np.array_equal(a.distances, b.distances))
+
+
+def batch_qps(fs: dict, q, rounds: int = 5) -> dict:
+    """Queries per second of each ``f(q)``, medians of ``rounds`` interleaved calls (load changes on a
+    shared machine hit every method alike)."""
+    times: dict = {name: [] for name in fs}
+    for f in fs.values():
+        f(q)
+    for _ in range(rounds):
+        for name, f in fs.items():
+            t = time.perf_counter()
+            f(q)
+            times[name].append(time.perf_counter() - t)
+    return {name: q[32].shape[0] / float(np.median(v)) for name, v in times.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--budget", type=float, default=6.0, help="seconds of single-query timing per shard count")
+    ap.add_argument("--no-recovery", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    import ray
+    from bench_search import timed_blocks
+
+    from ctfreid.distributed import ShardedIndex
+    from ctfreid.search.index import CtFIndex
+
+    n, k = args.n, args.k
+    g, q, thresholds, kept = _data(n)
+    nq = q[32].shape[0]
+    q1 = [{L: v[i:i + 1] for L, v in q.items()} for i in range(nq)]
+    print(f"n = {n:,}, {nq} queries, top-{k}, thresholds {thresholds} (kept {[round(x, 3) for x in kept]}), "
+          f"{os.cpu_count()} cores", flush=True)
+    one = CtFIndex()
+    t = time.perf_counter()
+    one.add(g)
+    one.thresholds = thresholds
+    res: dict = {"n": n, "k": k, "cores": os.cpu_count(), "one_add_s": time.perf_counter() - t, "shards": {}}
+    ref = one.search_hits(q, k)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    for S in args.shards:
+        idx = ShardedIndex(shards=S, timeout=600)
+        try:
+            t = time.perf_counter()
+            idx.add(g)
+            add_s = time.perf_counter() - t
+            idx.thresholds = thresholds
+            exact = _same(idx.search_hits(q, k), ref)
+            lat = timed_blocks({"one": lambda i: one.search(q1[i], k), "sharded": lambda i: idx.search(q1[i], k)},
+                               nq, args.budget)
+            qps = batch_qps({"one": lambda x: one.search(x, k), "sharded": lambda x: idx.search(x, k)}, q)
+            qps_one, qps_sh = qps["one"], qps["sharded"]
+        finally:
+            idx.close()
+        r = {"add_s": add_s, "exact": exact, "one_query_s": lat["one"][0], "sharded_query_s": lat["sharded"][0],
+             "overhead_s": lat["sharded"][0] - lat["one"][0], "batch_qps_one": qps_one, "batch_qps_sharded": qps_sh}
+        res["shards"][S] = r
+        print(f"  {S} shard(s): exact {exact}; one query {r['sharded_query_s'] * 1e3:.2f} ms vs one index "
+              f"{r['one_query_s'] * 1e3:.2f} ms (overhead {r['overhead_s'] * 1e3:+.2f} ms); batch of {nq}: "
+              f"{qps_sh:,.0f} q/s vs {qps_one:,.0f} q/s; add {add_s:.1f} s", flush=True)
+
+    if not args.no_recovery:
+        d = Path(tempfile.mkdtemp(prefix="ctfreid-shard-"))
+        try:
+            idx = ShardedIndex(shards=1, store=d, timeout=600)
+            t = time.perf_counter()
+            for a in range(0, n, 100_000):  # durable adds: committed to the shard's SQLite store
+                idx.add({L: v[a:a + 100_000] for L, v in g.items()})
+            durable_add_s = time.perf_counter() - t
+            idx.thresholds = thresholds
+            db = d / "shard-0" / "gallery.sqlite"
+            store_bytes = db.stat().st_size
+            pid = idx.shard_info()[0]["pid"]
+            t = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            h = idx.search_hits(q, k)
+            recover_s = time.perf_counter() - t
+            res["recovery"] = {"durable_add_s": durable_add_s, "recover_s": recover_s, "complete": h.partial == (),
+                               "exact": _same(h, ref), "store_bytes_per_item": store_bytes / n}
+            idx.close()
+            print(f"  durable add of {n:,} items (1 shard, SQLite WAL synchronous=FULL): {durable_add_s:.1f} s; "
+                  f"store {store_bytes / n:.0f} bytes/item; SIGKILLed shard answering again (complete "
+                  f"{h.partial == ()}, exact {_same(h, ref)}) after {recover_s:.1f} s", flush=True)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    ray.shutdown()
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
