@@ -81,11 +81,11 @@ class OnnxEncoder:
         except CtfreidError:
             raise
         except Exception as e:  # onnxruntime's errors are multi-line protobuf / graph dumps
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CtfreidError(f"{file} is not a ctfreid encoder ({first[:100]}): {NOT_ENCODER}") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(str(file), "it")
+            raise CtfreidError(f"{file} is not a ctfreid encoder: {NOT_ENCODER} (onnxruntime: {first[:90]})") from None
         version = meta.get("format_version")
         if version is None:
-            raise CtfreidError(f"{file} is not a ctfreid encoder (no ctfreid metadata): {NOT_ENCODER}")
+            raise CtfreidError(f"{file} is not a ctfreid encoder: {NOT_ENCODER} (it has no ctfreid metadata)")
         if version != FORMAT_VERSION:
             raise CtfreidError(f"{file} is a ctfreid encoder of format {version}, this ctfreid reads format "
                                f"{FORMAT_VERSION}: export it again with this version")
