@@ -204,15 +204,15 @@ class Gallery:
             if n == 0:
                 return [{str(L): 0 for L in self.lengths} for _ in range(next(iter(query.values())).shape[0])]
             codes = {L: self.index.codes(L) for L in self.lengths}
-        nq = next(iter(query.values())).shape[0]
-        res = []
-        for qi in range(nq):
-            alive = np.ones(n, bool)
-            counts = {}
-            for s, L in enumerate(self.lengths):
-                counts[str(L)] = int(alive.sum())
-                if s + 1 < len(self.lengths):
-                    d = np.bitwise_count(np.bitwise_xor(codes[L], query[L][qi])).sum(axis=1)
-                    alive &= d <= thr[L]
-            res.append(counts)
+            nq = next(iter(query.values())).shape[0]
+            res = []
+            for qi in range(nq):  # under the lock: the same gallery as a search holding it
+                alive = np.ones(n, bool)
+                counts = {}
+                for s, L in enumerate(self.lengths):
+                    counts[str(L)] = int(alive.sum())
+                    if s + 1 < len(self.lengths):
+                        d = np.bitwise_count(np.bitwise_xor(codes[L], query[L][qi])).sum(axis=1)
+                        alive &= d <= thr[L]
+                res.append(counts)
         return res
