@@ -20,26 +20,32 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the same numbers as ctfreid.data.transf
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def preprocess_image(image: Any, height: int, width: int, mean: Sequence[float] = IMAGENET_MEAN,
-                     std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-    """A PIL image -> float32 ``[3, height, width]``, resized (bilinear, antialiased) and normalised."""
+def _normalised_hwc(image: Any, height: int, width: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     if not isinstance(image, Image.Image):
         raise CtfreidError(f"expected a PIL image to encode, got {type(image).__name__}")
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    resized = rgb.resize((int(width), int(height)), Image.BILINEAR)
-    x = np.asarray(resized, dtype=np.float32) / np.float32(255)  # HWC, as ToTensor's float(x).div(255)
-    x = x.transpose(2, 0, 1)
-    m = np.asarray(mean, dtype=np.float32)[:, None, None]
-    s = np.asarray(std, dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((x - m) / s, dtype=np.float32)
+    x = np.asarray(rgb.resize((int(width), int(height)), Image.BILINEAR), dtype=np.float32)  # a new array
+    # in place, in torch's order: ToTensor's float(x) / 255, then Normalize's (x - mean) / std
+    x /= np.float32(255)
+    x -= mean
+    x /= std
+    return x
+
+
+def preprocess_image(image: Any, height: int, width: int, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """A PIL image -> float32 ``[3, height, width]``, resized (bilinear, antialiased) and normalised."""
+    m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(_normalised_hwc(image, height, width, m, s).transpose(2, 0, 1))
 
 
 def preprocess_batch(images: Sequence[Any], height: int, width: int, mean: Sequence[float] = IMAGENET_MEAN,
                      std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """PIL images -> float32 ``[B, 3, height, width]`` (see :func:`preprocess_image`)."""
+    m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
     out = np.empty((len(images), 3, int(height), int(width)), dtype=np.float32)
     for i, image in enumerate(images):
-        out[i] = preprocess_image(image, height, width, mean, std)
+        out[i] = _normalised_hwc(image, height, width, m, s).transpose(2, 0, 1)
     return out
