@@ -12,7 +12,9 @@ Prints, in the same run:
 - answers checked equal to the one index's (``search_hits``, 64 queries, top-100);
 - single-query top-100 latency, median of interleaved blocks (``bench_search.timed_blocks``), one index vs
   1, 2, 4 shards, and the difference = fan-out + merge overhead per query;
-- batch throughput: 64 queries per call, top-100, queries per second;
+- of that overhead: the Ray floor (one small actor call to every shard at once, no search) and the merge
+  (``merge_hits`` over the shards' own top-k);
+- batch throughput: 64 queries per call, top-100, queries per second (medians of interleaved calls);
 - adding ``n`` items: in memory, and durably (each shard's SQLite store committed);
 - recovery: SIGKILL of the shard actor of a 1-shard durable index of ``n`` items, time until a search
   answers complete again (Ray restarts the actor, which reloads its store); store bytes per item.
@@ -66,6 +68,23 @@ def batch_qps(fs: dict, q, rounds: int = 5) -> dict:
     return {name: q[32].shape[0] / float(np.median(v)) for name, v in times.items()}
 
 
+def merge_time(parts: list, k: int) -> tuple[float, float]:
+    """Median time of ``merge_hits`` over the shards' own answers (each its first ``k``), for the first
+    query and for the whole batch: the driver's merge step."""
+    from ctfreid.search.merge import Hits, merge_hits
+
+    res = []
+    for rows in (slice(0, 1), slice(None)):
+        p = [Hits(h.ids[rows], h.stages[rows], h.distances[rows], h.lengths) for h in parts]
+        ts = []
+        for _ in range(50):
+            t = time.perf_counter()
+            merge_hits(p, k)
+            ts.append(time.perf_counter() - t)
+        res.append(float(np.median(ts)))
+    return res[0], res[1]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -105,16 +124,25 @@ def main(argv=None) -> int:
             exact = _same(idx.search_hits(q, k), ref)
             lat = timed_blocks({"one": lambda i: one.search(q1[i], k), "sharded": lambda i: idx.search(q1[i], k)},
                                nq, args.budget)
+            rpc = []
+            for _ in range(200):  # the floor: one small actor call per shard, all at once, no search
+                t = time.perf_counter()
+                ray.get([a.info.remote() for a in idx.actors])
+                rpc.append(time.perf_counter() - t)
+            rpc_s = float(np.median(rpc))
+            merge_1, merge_b = merge_time(ray.get([a.search_hits.remote(q, k, thresholds) for a in idx.actors]), k)
             qps = batch_qps({"one": lambda x: one.search(x, k), "sharded": lambda x: idx.search(x, k)}, q)
             qps_one, qps_sh = qps["one"], qps["sharded"]
         finally:
             idx.close()
-        r = {"add_s": add_s, "exact": exact, "one_query_s": lat["one"][0], "sharded_query_s": lat["sharded"][0],
+        r = {"merge_one_query_s": merge_1, "merge_batch_s": merge_b, "rpc_s": rpc_s, "add_s": add_s, "exact": exact, "one_query_s": lat["one"][0], "sharded_query_s": lat["sharded"][0],
              "overhead_s": lat["sharded"][0] - lat["one"][0], "batch_qps_one": qps_one, "batch_qps_sharded": qps_sh}
         res["shards"][S] = r
         print(f"  {S} shard(s): exact {exact}; one query {r['sharded_query_s'] * 1e3:.2f} ms vs one index "
               f"{r['one_query_s'] * 1e3:.2f} ms (overhead {r['overhead_s'] * 1e3:+.2f} ms); batch of {nq}: "
-              f"{qps_sh:,.0f} q/s vs {qps_one:,.0f} q/s; add {add_s:.1f} s", flush=True)
+              f"{qps_sh:,.0f} q/s vs {qps_one:,.0f} q/s; add {add_s:.1f} s; of the overhead: {S} null actor "
+              f"calls {rpc_s * 1e3:.2f} ms, merge {merge_1 * 1e6:.0f} µs (batch of {nq}: {merge_b * 1e3:.2f} ms)",
+              flush=True)
 
     if not args.no_recovery:
         d = Path(tempfile.mkdtemp(prefix="ctfreid-shard-"))
