@@ -50,14 +50,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     On any exception the temporary file is removed and an existing ``path`` is left untouched; an
     ``OSError`` (a full disk, a missing permission) is re-raised naming ``path`` and the cause.
     """
-    path = Path(path)
+    user = path = Path(path)  # messages name the path the user gave, also when it is a link
     if path.is_symlink():
         path = Path(os.path.realpath(path))  # update the link's target, keep the link
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: folder {parent} does not exist")
+        raise FileNotFoundError(f"cannot write {user}: folder {parent} does not exist")
     if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a directory, expected a file path")
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {user}: it is a directory, expected a file path")
     remove_stale_temporaries(path)
     try:
         old_mode = stat.S_IMODE(path.stat().st_mode)
@@ -68,7 +68,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=parent)
     except OSError as e:
-        raise type(e)(e.errno, f"cannot write {path}: {e.strerror}") from None
+        raise type(e)(e.errno, f"cannot write {user}: {e.strerror}") from None
     try:
         os.chmod(tmp, old_mode)
         with os.fdopen(fd, mode) as f:
@@ -79,8 +79,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        # a full disk (also as the RuntimeError torch.save chains to it) becomes one error naming the file
+        # a full disk (also as the RuntimeError torch.save chains to it) becomes one error naming the file;
+        # an error about another file (one the caller opened while writing) keeps its own message
         cause = e if isinstance(e, OSError) else (e.__cause__ or e.__context__) if isinstance(e, RuntimeError) else None
-        if isinstance(cause, OSError) and cause.errno is not None:
-            raise OSError(cause.errno, f"cannot write {path}: {os.strerror(cause.errno)}") from e
+        if isinstance(cause, OSError) and cause.errno is not None and cause.filename in (None, tmp, str(path)):
+            raise OSError(cause.errno, f"cannot write {user}: {os.strerror(cause.errno)}") from e
         raise

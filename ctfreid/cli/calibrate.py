@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 
-from ctfreid.cli._args import output_file, positive_float
+from ctfreid.cli._args import output_file, positive_float, positive_int
 from ctfreid.errors import CtfreidError
 
 HELP = "fit DTO thresholds on an encoded validation set"
@@ -27,6 +28,9 @@ def _betas(text: str) -> list[float]:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.1,1,2, got {text!r}") from None
+    for value in values:  # refused while parsing, not after the first fit is printed
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"expected finite betas > 0, got {text!r}")
     return values
 
 
@@ -38,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of the negative CDF: a number, or 'auto' = the real negative/positive "
                         "pair ratio (default 1)")
     parser.add_argument("--out", type=output_file, metavar="thresholds.json", help="write thresholds, beta and the Gaussian fits as JSON")
-    parser.add_argument("--max-pairs", type=int, default=1_000_000,
+    parser.add_argument("--max-pairs", type=positive_int, default=1_000_000,
                         help="most pairs of each kind used for the fits (deterministic subsample; default 1000000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair subsample (default 0)")
     parser.add_argument("--beta-sweep", action="store_true", help="print the trade-off table over several betas")

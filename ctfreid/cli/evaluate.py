@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from ctfreid.cli._args import output_file, positive_float, positive_int
 from ctfreid.errors import CtfreidError
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=positive_float, default=None,
                         help="DTO beta with --calibrate (default 2.0; larger = more accurate, slower)")
     parser.add_argument("--rho", default="1", help="DTO rho with --calibrate: a number or 'auto' (default 1)")
-    parser.add_argument("--max-rank", type=int, default=10, help="longest CMC rank (default 10)")
+    parser.add_argument("--max-rank", type=positive_int, default=10, help="longest CMC rank (default 10)")
     parser.add_argument("--search-k", type=positive_int, default=None, metavar="K",
                         help="also time the top-K search alone (the index's serving path) for each binary row")
     parser.add_argument("--repeats", type=positive_int, default=1, metavar="N",
@@ -46,9 +47,12 @@ def parse_rho(text: str) -> float | str:
     if str(text).strip().lower() == "auto":
         return "auto"
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise CtfreidError(f"--rho: expected a positive number or 'auto', got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:  # refused before any set is loaded
+        raise CtfreidError(f"--rho: expected a finite number > 0 or 'auto', got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.beta is not None and not args.calibrate:
         raise CtfreidError("--beta only applies with --calibrate VAL.npz")
+    rho = parse_rho(args.rho)
     query = load_encoded(args.query, f"--query {args.query}")
     gallery = load_encoded(args.gallery, f"--gallery {args.gallery}")
     if query.lengths != gallery.lengths:
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         if val.lengths != gallery.lengths:
             raise CtfreidError(f"--calibrate has code lengths {val.lengths} but --gallery has {gallery.lengths}")
         beta = 2.0 if args.beta is None else args.beta
-        fits = fit_dto(val.codes, val.pids, val.camids, beta=beta, rho=parse_rho(args.rho))
+        fits = fit_dto(val.codes, val.pids, val.camids, beta=beta, rho=rho)
         thresholds = {L: f.threshold for L, f in fits.items()}
         print(f"DTO (beta={beta:g}) on {args.calibrate}: " + ", ".join(f"{L}={t}" for L, t in thresholds.items()))
     result = evaluate_sets(query, gallery, thresholds, max_rank=args.max_rank, search_k=args.search_k,

@@ -74,14 +74,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfreid.infer.gallery import index_lock
+    from ctfreid.infer.gallery import check_index_file, index_lock
 
+    if args.action == "add":
+        check_index_file(args.index)  # before locking: no INDEX.lock litter beside a wrong --index
     target = args.out if args.action == "build" else args.index
+    _refuse_existing(args)
+    with index_lock(target):  # two writers of one index wait for each other instead of losing images
+        if args.action == "build":
+            _refuse_existing(args)  # again under the lock: another build may have written it meanwhile
+            return _build(args)
+        return _add(args)
+
+
+def _refuse_existing(args: argparse.Namespace) -> None:
     if args.action == "build" and Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(
             f"--out {args.out} exists: pass --overwrite to replace it, or 'ctfreid index add' to extend it")
-    with index_lock(target):  # two writers of one index wait for each other instead of losing images
-        return _build(args) if args.action == "build" else _add(args)
 
 
 def _build(args: argparse.Namespace) -> int:

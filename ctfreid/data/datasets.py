@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,10 +263,16 @@ def read_image(path: str | os.PathLike):
     or larger than ``MAX_IMAGE_PIXELS`` pixels."""
     from PIL import Image, UnidentifiedImageError
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"image {path} does not exist")
+    if not os.path.isfile(path):  # a folder, a device or a FIFO (reading one would block forever)
+        kind = "a directory" if os.path.isdir(path) else "not a regular file (a device, FIFO or socket)"
+        raise CtfreidError(f"image {path} is {kind}: expected an image file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow warns from 89 megapixels; our own, lower limit speaks instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise CtfreidError(f"image {path} has {w} x {h} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} "

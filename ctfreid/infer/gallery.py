@@ -35,7 +35,8 @@ def folder_records(folder: str | os.PathLike, label: str = "--images",
     Market-1501 style names, -1 when the name does not parse."""
     folder = Path(folder)
     if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        what = ("does not exist" if not folder.exists() else "is a file, not a folder" if folder.is_file()
+                else "is not a folder (a device, FIFO or socket)")
         raise FileNotFoundError(f"{label} {folder} {what}: expected a folder of person crops (.jpg, .png...)")
     files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -144,10 +145,8 @@ def check_model(index, index_path: str | os.PathLike, fingerprint: str, info: Ma
         )
 
 
-def load_index(path: str | os.PathLike, mmap: bool = True):
-    """``CtFIndex.load`` with messages naming the option: a missing path, a folder, a device or FIFO."""
-    from ctfreid.search.index import CtFIndex
-
+def check_index_file(path: str | os.PathLike) -> None:
+    """Refuse an ``--index`` that is not an existing regular file, saying what it is instead."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--index {path}: no such file (build one with 'ctfreid index build')")
@@ -156,6 +155,13 @@ def load_index(path: str | os.PathLike, mmap: bool = True):
     if not p.is_file():
         raise CtfreidError(f"--index {path} is not a regular file (a device, FIFO or socket): expected an index "
                            "file written by 'ctfreid index build'")
+
+
+def load_index(path: str | os.PathLike, mmap: bool = True):
+    """``CtFIndex.load`` with messages naming the option: a missing path, a folder, a device or FIFO."""
+    from ctfreid.search.index import CtFIndex
+
+    check_index_file(path)
     return CtFIndex.load(path, mmap=mmap)
 
 
@@ -164,11 +170,17 @@ def index_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold the exclusive lock of an index file for a whole read-modify-write (load, add, save), so that
     two writers of one index (two 'ctfreid index add' runs) never lose each other's images: the second
     waits for the first. The lock is ``fcntl.flock`` on ``PATH.lock``, released when the process exits,
-    even when killed; the lock file stays beside the index."""
-    lock = Path(str(path) + ".lock")
+    even when killed; the lock file stays beside the index. A symbolic link locks the file it points to,
+    so two links to one index exclude each other too."""
+    target = Path(os.path.realpath(path))
+    lock = target.with_name(target.name + ".lock")
     if not lock.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {lock.parent} does not exist")
-    with open(lock, "a") as f:
+    try:
+        f = open(lock, "a")
+    except OSError as e:  # name the user's file, not the lock beside it
+        raise type(e)(e.errno, f"cannot lock {path} for writing: its lock file {lock}: {e.strerror}") from None
+    with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -187,6 +199,9 @@ def query_records(items: list[str]) -> list[tuple[str, int, int]]:
             parsed = parse_name(p.name)
             pid, camid = parsed if parsed is not None else (-1, -1)
             records.append((str(p.resolve()), pid, camid))
+        elif p.exists():  # a device or a FIFO: reading it would block or give no picture
+            raise CtfreidError(f"query image {item} is not a regular file (a device, FIFO or socket): expected an "
+                               "image file or a folder of them")
         else:
             raise FileNotFoundError(f"query image {item} does not exist")
     return records

@@ -32,8 +32,11 @@ def model_path(path: Path) -> Path:
             if (path / name).is_file():
                 return path / name
         raise FileNotFoundError(f"{path} holds no {MODEL} or {CHECKPOINT}: expected a run directory of 'ctfreid train'")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (expected a run directory or its {MODEL})")
+    if not path.is_file():  # reading a FIFO would block forever
+        raise CtfreidError(f"model {path} is not a regular file (a device, FIFO or socket): expected a run "
+                           f"directory of 'ctfreid train' or its {MODEL}")
     return path
 
 

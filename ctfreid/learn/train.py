@@ -158,7 +158,17 @@ class TrainConfig:
             (not c.cache_stem or c.frozen_stages > 0,
              "cache_stem needs frozen_stages > 0 (only a frozen stem can be cached)"),
             (len(c.lengths) > 0 and len(set(c.lengths)) == len(c.lengths), f"lengths must be distinct, got {list(c.lengths)}"),
+            # the loss weights of Eq. 5 and T of Eq. 3: refused now, not as a NaN loss after the data is ready
+            (c.temperature > 0 and c.margin >= 0 and c.lambda1 >= 0 and c.lambda2 >= 0,
+             f"temperature must be > 0 and margin, lambda1, lambda2 >= 0, got {c.temperature}, {c.margin}, "
+             f"{c.lambda1}, {c.lambda2}"),
+            (0.0 <= c.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {c.label_smoothing}"),
         ]
+        nonfinite = [f.name for f in dataclasses.fields(c)
+                     if isinstance(getattr(c, f.name), float) and not math.isfinite(getattr(c, f.name))]
+        if nonfinite:
+            raise CtfreidError(f"{', '.join(nonfinite)} must be finite numbers, got "
+                               + ", ".join(str(getattr(c, n)) for n in nonfinite))
         for ok, message in checks:
             if not ok:
                 raise CtfreidError(message)

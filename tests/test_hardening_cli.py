@@ -1,0 +1,101 @@
+"""Hardening of the command line: a full disk while 'ctfreid train' saves, and parameters refused before any
+file is read or any work starts (one rule: counts are >= 1, weights are finite)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from ctfreid.cli import main
+
+torch = pytest.importorskip("torch")
+
+TINY = ["--backbone", "resnet18", "--lengths", "64", "32", "--height", "32", "--width", "16", "--epochs", "1",
+        "--warmup-epochs", "0", "--milestones", "--p", "4", "--k", "2", "--num-workers", "0", "--device", "cpu",
+        "--quiet"]
+
+
+def one_line(err: str, *fragments: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_full_disk_while_train_saves_its_checkpoint_is_one_line(synth_root, tmp_path, capsys, monkeypatch):
+    import ctfreid._atomic
+
+    real = os.fdopen
+
+    class FullDisk:  # the temporary checkpoint file: every write fails as on a full disk
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fdopen(fd, mode="r", *args, **kw):
+        f = real(fd, mode, *args, **kw)
+        return FullDisk(f) if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}") else f
+
+    monkeypatch.setattr(ctfreid._atomic.os, "fdopen", fdopen)
+    run = tmp_path / "run"
+    torch.set_num_threads(1)
+    rc = main(["train", "--data", str(synth_root), "--out", str(run), *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2
+    one_line(err, "checkpoint.pt", "No space left on device")
+    assert ".tmp" not in err
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp") or p.name == "checkpoint.pt"]
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--lr", "inf", "lr must be finite"),
+    ("--lambda2", "nan", "lambda2 must be finite"),
+    ("--temperature", "0", "temperature must be > 0"),
+    ("--margin", "-0.3", "margin"),
+    ("--label-smoothing", "1", "label_smoothing must be in [0, 1)"),
+])
+def test_training_settings_that_cannot_train_are_refused_before_any_work(tmp_path, capsys, flag, value, fragment):
+    # before: a NaN loss (or a raw error) once the data was read and the model built
+    run = tmp_path / "run"
+    rc = main(["train", "--data", str(tmp_path / "no-data"), "--out", str(run), *TINY, flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2
+    one_line(err, fragment)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["calibrate", "--val", "V", "--beta-sweep", "--betas", "0,-1"], "expected finite betas > 0"),
+    (["calibrate", "--val", "V", "--beta-sweep", "--betas", "1,nan"], "expected finite betas > 0"),
+    (["calibrate", "--val", "V", "--max-pairs", "0"], "positive integer"),
+    (["evaluate", "--query", "Q", "--gallery", "G", "--max-rank", "0"], "positive integer"),
+])
+def test_counts_and_betas_are_refused_while_parsing(tmp_path, capsys, argv, fragment):
+    # V, Q, G do not exist: an error about them would mean the value was checked too late
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / a) if a in ("V", "Q", "G") else a for a in argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and fragment in err, err
+
+
+@pytest.mark.parametrize("rho", ["-1", "0", "nan", "inf"])
+def test_evaluate_refuses_a_bad_rho_before_loading_the_sets(tmp_path, capsys, rho):
+    rc = main(["evaluate", "--query", str(tmp_path / "q.npz"), "--gallery", str(tmp_path / "g.npz"),
+               "--calibrate", str(tmp_path / "v.npz"), "--rho", rho])
+    err = capsys.readouterr().err
+    assert rc == 2
+    one_line(err, "--rho", "finite number > 0")
