@@ -78,9 +78,9 @@ def test_an_unusable_lock_file_is_one_error_naming_the_index(tmp_path, capsys):
     index = tmp_path / "g.ctf"
     index.write_bytes(b"index")
     (tmp_path / "g.ctf.lock").mkdir()  # as a read-only folder would, the lock cannot be opened
-    with pytest.raises(OSError, match=r"cannot lock .*g\.ctf for writing: its lock file .*g\.ctf\.lock: Is a directory"):
-        with gallery.index_lock(index):
-            pass
+    with pytest.raises(OSError, match=r"cannot lock .*g\.ctf for writing: its lock file .*g\.ctf\.lock: Is a directory"), \
+            gallery.index_lock(index):
+        pass
     rc = main(["index", "add", "--index", str(index), "--model", str(tmp_path / "no-run"), "--images", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "cannot lock" in err, err
@@ -150,9 +150,8 @@ def test_pillows_bomb_warning_gives_way_to_our_one_line_error(tmp_path):
 
 def test_atomic_write_keeps_errors_about_other_files(tmp_path):
     other = tmp_path / "input.bin"
-    with pytest.raises(FileNotFoundError) as info:
-        with atomic_write(tmp_path / "out.bin") as f:
-            f.write(open(other, "rb").read())  # the caller's own read fails: not a write error of out.bin
+    with pytest.raises(FileNotFoundError) as info, atomic_write(tmp_path / "out.bin") as f:
+        f.write(other.read_bytes())  # the caller's own read fails: not a write error of out.bin
     assert "input.bin" in str(info.value) and "cannot write" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -163,8 +162,7 @@ def test_atomic_write_errors_name_the_link_the_user_gave(tmp_path):
     target.write_bytes(b"old")
     link = tmp_path / "g.ctf"
     link.symlink_to(target)
-    with pytest.raises(OSError, match=r"cannot write .*/g\.ctf: No space left on device") as info:
-        with atomic_write(link) as f:
-            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match=r"cannot write .*/g\.ctf: No space left on device") as info, atomic_write(link):
+        raise OSError(errno.ENOSPC, "No space left on device")
     assert "real" not in str(info.value) and info.value.errno == errno.ENOSPC
     assert target.read_bytes() == b"old" and sorted(p.name for p in target.parent.iterdir()) == ["g.ctf"]

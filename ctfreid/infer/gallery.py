@@ -177,15 +177,14 @@ def index_lock(path: str | os.PathLike) -> Iterator[None]:
     if not lock.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {lock.parent} does not exist")
     try:
-        f = open(lock, "a")
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     except OSError as e:  # name the user's file, not the lock beside it
         raise type(e)(e.errno, f"cannot lock {path} for writing: its lock file {lock}: {e.strerror}") from None
-    with f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def query_records(items: list[str]) -> list[tuple[str, int, int]]:
