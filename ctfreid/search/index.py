@@ -552,48 +552,56 @@ class CtFIndex:
 
     def _write(self, f: BinaryIO) -> None:
         """The file format onto ``f`` (compacting first, so that removed items leave no bytes)."""
-        if self._ndead:
-            with self._lock.write():
-                self._compact_locked()
         if not isinstance(self.metadata, dict):
             raise CtfreidError(f"index metadata must be a dict, got {type(self.metadata).__name__}")
         try:
             json.dumps(self.metadata)
         except (TypeError, ValueError) as e:
             raise CtfreidError(f"index metadata must be JSON-serialisable: {e}") from None
-        with self._lock.read():
-            header, arrays = self._header()
-            # offsets depend on the header size, which depends on the offsets: iterate until stable
-            size = 0
-            for _ in range(10):
-                header["arrays"] = []
-                off = _align(_PREFIX.size + size)
-                for name, arr in arrays:
-                    header["arrays"].append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape), "offset": off})
-                    off = _align(off + arr.nbytes)
-                header["file_size"] = off + _CRC.size
-                blob = json.dumps(header, sort_keys=True).encode()
-                if len(blob) == size:
-                    break
-                size = len(blob)
-            crc = 0
+        while True:
+            with self._lock.read():
+                # written under the same read lock that saw no removed slot: a removal that slips in after
+                # a compaction sends us round again instead of writing its item's id as a live one
+                if not self._ndead:
+                    self._write_locked(f)
+                    return
+            with self._lock.write():
+                self._compact_locked()
 
-            def put(data) -> None:
-                nonlocal crc
-                mv = memoryview(data).cast("B")
-                crc = zlib.crc32(mv, crc)
-                f.write(mv)
+    def _write_locked(self, f: BinaryIO) -> None:
+        """The file format onto ``f``; read lock held and no removed slot."""
+        header, arrays = self._header()
+        # offsets depend on the header size, which depends on the offsets: iterate until stable
+        size = 0
+        for _ in range(10):
+            header["arrays"] = []
+            off = _align(_PREFIX.size + size)
+            for name, arr in arrays:
+                header["arrays"].append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape), "offset": off})
+                off = _align(off + arr.nbytes)
+            header["file_size"] = off + _CRC.size
+            blob = json.dumps(header, sort_keys=True).encode()
+            if len(blob) == size:
+                break
+            size = len(blob)
+        crc = 0
 
-            put(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob)) + blob)
-            pos = _PREFIX.size + len(blob)
-            for (name, arr), info in zip(arrays, header["arrays"]):
-                put(b"\0" * (info["offset"] - pos))
-                step = max(1, _CHUNK // max(1, arr[:1].nbytes))  # rows per write
-                for start in range(0, arr.shape[0], step):
-                    put(np.ascontiguousarray(arr[start : start + step]))
-                pos = info["offset"] + arr.nbytes
-            put(b"\0" * (header["file_size"] - _CRC.size - pos))
-            f.write(_CRC.pack(crc))
+        def put(data) -> None:
+            nonlocal crc
+            mv = memoryview(data).cast("B")
+            crc = zlib.crc32(mv, crc)
+            f.write(mv)
+
+        put(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob)) + blob)
+        pos = _PREFIX.size + len(blob)
+        for (name, arr), info in zip(arrays, header["arrays"]):
+            put(b"\0" * (info["offset"] - pos))
+            step = max(1, _CHUNK // max(1, arr[:1].nbytes))  # rows per write
+            for start in range(0, arr.shape[0], step):
+                put(np.ascontiguousarray(arr[start : start + step]))
+            pos = info["offset"] + arr.nbytes
+        put(b"\0" * (header["file_size"] - _CRC.size - pos))
+        f.write(_CRC.pack(crc))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index to ``path`` atomically (format in the module docstring)."""
