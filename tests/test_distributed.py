@@ -124,8 +124,17 @@ def test_killed_shard_is_restarted_with_its_items_and_writes_survive_a_reopen(lo
         gone = np.arange(0, 300, 7)
         one.remove_ids(gone)
         sharded.remove_ids(gone)
+        sharded.search_hits(q, 80)  # warm: the shards' first search loads the compiled kernels
         before = sharded.shard_info()[1]
         os.kill(before["pid"], signal.SIGKILL)  # shard 1 dies; Ray restarts it and it reloads its store
+        t = time.monotonic()
+        during = sharded.search_hits(q, 80, timeout=0.5)  # a restart takes seconds (a process, its imports)
+        assert time.monotonic() - t < 5
+        assert during.partial == (1,)
+        others = CtFIndex()  # the flagged answer is exactly that of shards 0 and 2
+        keep = np.setdiff1d(np.flatnonzero(np.arange(300) % 3 != 1), gone)
+        others.add({L: x[keep] for L, x in c.items()}, ids=keep)
+        assert_same_hits(during, others.search_hits(q, 80, thresholds=THR))
         h = sharded.search_hits(q, 80)  # waits (bounded) for the restarted shard: complete, exact
         assert h.partial == ()
         assert_same_hits(h, one.search_hits(q, 80))
