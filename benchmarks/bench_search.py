@@ -3,6 +3,7 @@
 
     python3 benchmarks/bench_search.py                                   # default sizes 1e4,1e5,1e6
     python3 benchmarks/bench_search.py --sizes 1e7 --lengths 32,2048 --no-market
+    python3 benchmarks/bench_search.py --removal [--compare-to REV]     # bench_removal.py at n = 1e6 only
 
 Synthetic codes: every code length is the sign of its own random projection of a shared latent vector
 (identity clusters of look-alike identities, images with their own noise level), so shorter codes are
@@ -264,7 +265,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "ctfreid-bench"))
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--removal", action="store_true",
+                    help="only the removal section (bench_removal.py, n = 1e6): search with 10 %% removed vs "
+                         "compacted, and remove_ids of 1, 1e3, 1e5 ids")
+    ap.add_argument("--compare-to", metavar="REV", help="with --removal: also the single-query CtF of this commit")
     args = ap.parse_args(argv)
+    if args.removal:  # the removal figures live in their own script; one entry point for the search side
+        import bench_removal
+
+        return bench_removal.main(["--seconds", str(args.budget)]
+                                  + (["--compare-to", args.compare_to] if args.compare_to else []))
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     lengths = sorted(int(x) for x in args.lengths.split(","))
     try:

@@ -193,7 +193,8 @@ class CtFIndex:
 
     def codes(self, length: int) -> np.ndarray:
         """The stored ``length``-bit codes of the live items, ``uint8[ntotal, length // 8]`` in insertion
-        order (read-only)."""
+        order (read-only). While no item is removed this is a view of the index's buffer, so an item
+        removed later reads as zeros in it too (erasure reaches every view); copy it to keep the codes."""
         if length not in (self._lengths or []):
             raise CtfreidError(f"this index holds code lengths {self.lengths}, not {length!r}")
         with self._lock.read():
