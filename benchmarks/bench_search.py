@@ -232,7 +232,9 @@ def bench_market(lengths, keep, seed, cache, block: int = 128) -> dict:
     except ImportError:
         merge_metrics = ranking_stats = None
     out = {}
-    for name in [f"hash{L}" for L in lengths] + ["ctf"]:
+    from ctfreid.eval.report import method_key, parse_method
+
+    for name in [method_key(L) for L in lengths] + ["ctf"]:
         t_rank = t_metrics = 0.0
         parts = []
         for s in range(0, nq, block):
@@ -241,7 +243,8 @@ def bench_market(lengths, keep, seed, cache, block: int = 128) -> dict:
             if name == "ctf":
                 _, I = ctf_rank({L: v[sl] for L, v in q.items()}, g, thresholds)
             else:
-                _, I = hamming_rank(q[int(name[4:])][sl], g[int(name[4:])])
+                L = parse_method(name)
+                _, I = hamming_rank(q[L][sl], g[L])
             t_rank += time.perf_counter() - t
             if ranking_stats is not None:
                 t = time.perf_counter()

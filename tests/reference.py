@@ -43,7 +43,7 @@ def ref_topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarr
 
 
 def ref_ctf_rank_one(q_dists: dict[int, np.ndarray], thresholds: dict[int, int]) -> tuple[list[int], list[int]]:
-    """Coarse-to-fine ranking of one query from its distances at every length (issue point 3, literally).
+    """Coarse-to-fine ranking of one query from its distances at every length (Sec. 3.1, literally: the ``ctfreid.search.coarse_to_fine`` docstring's steps).
 
     ``q_dists[L][i]`` is the distance of gallery item i at length L. Returns (indices, distances).
     """

@@ -1,4 +1,4 @@
-"""Coarse-to-fine search (issue point 3): hand-worked example, loop-based reference, top-k == prefix."""
+"""Coarse-to-fine search (Sec. 3.1, Fig. 1): hand-worked example, loop-based reference, top-k == prefix."""
 
 import numpy as np
 import pytest

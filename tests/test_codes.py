@@ -1,4 +1,4 @@
-"""Code format (issue point 1): packing helpers, faiss layout compatibility, validation errors."""
+"""Code format (packed bits, as faiss binary indexes): packing helpers, faiss layout compatibility, validation errors."""
 
 import numpy as np
 import pytest

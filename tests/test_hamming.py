@@ -1,4 +1,4 @@
-"""Hamming distances, stable counting sort, full ranking and top-k (issue point 2) vs brute force."""
+"""Hamming distances, stable counting sort, full ranking and top-k (Sec. 3.1) vs brute force."""
 
 import numpy as np
 import pytest

@@ -20,7 +20,7 @@ from ctfreid.codes import check_codes, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
 
-INT32_MAX = np.iinfo(np.int32).max
+INT32_MAX = _kernels.INT32_MAX
 
 
 def _aligned(codes: np.ndarray) -> np.ndarray:
