@@ -132,6 +132,10 @@ def test_metadata_round_trip(onnx_file, torch_encoder, run_dir):
     assert tuple(encoder.info["std"]) == pytest.approx(tuple(torch_encoder.info["std"]))
     assert encoder.info["backbone"] == "mobilenet_v2"
     assert encoder.info["model_config"]["lengths"] == list(LENGTHS)
+    # the run's validation split travels with the export (DTO thresholds can be fitted from the export)
+    from ctfreid.learn.run_dir import split_records
+
+    assert split_records("val", encoder.info) == split_records("val", torch_encoder.info) != []
 
 
 def test_flip_graph_equals_torch_flip_encoding(run_dir, onnx_file, synth_dataset, capsys):

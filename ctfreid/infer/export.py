@@ -89,6 +89,10 @@ def export_onnx(model: AiOModel, info: dict, out: str | os.PathLike, *, fingerpr
         "thresholds": {str(k): int(v) for k, v in sorted(thresholds.items())} if thresholds else None,
         "backbone": model.backbone_name,
         "source": source,
+        # the run's data folder and held-back validation records (relative paths), so that split_records
+        # ("val", encoder.info) finds the images to fit DTO thresholds with the export as with the run
+        "data_root": info.get("data_root"),
+        "val": [list(r) for r in info.get("val") or []],
         "exporter": f"torch {torch.__version__} dynamo",
         "opset": opset,
     }
