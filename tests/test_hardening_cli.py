@@ -99,3 +99,31 @@ def test_evaluate_refuses_a_bad_rho_before_loading_the_sets(tmp_path, capsys, rh
     err = capsys.readouterr().err
     assert rc == 2
     one_line(err, "--rho", "finite number > 0")
+
+
+def test_a_file_as_data_is_named_and_leaves_no_empty_run_directory(tmp_path, capsys):
+    data = tmp_path / "market.zip"
+    data.write_bytes(b"PK")
+    run = tmp_path / "run"
+    rc = main(["train", "--data", str(data), "--out", str(run), *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2
+    one_line(err, "market.zip is a file, not a folder", "Market-1501 layout")  # before: "does not exist"
+    assert not run.exists()  # before: an empty run directory was left behind
+
+
+def test_an_unusable_stem_cache_folder_is_refused_before_the_cache_is_computed(synth_root, tmp_path, capsys,
+                                                                               monkeypatch):
+    import ctfreid.learn.train as train_module
+
+    def never(*args, **kw):
+        raise AssertionError("the stem cache was computed before its folder was checked")
+
+    monkeypatch.setattr(train_module, "compute_stem_cache", never)
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    rc = main(["train", "--data", str(synth_root), "--out", str(tmp_path / "run"), *TINY, "--frozen-stages", "2",
+               "--cache-stem", "--cache-dir", str(blocker)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    one_line(err, "stem cache folder", "is a file")

@@ -88,10 +88,17 @@ def parse_name(name: str) -> tuple[int, int] | None:
     return pid, cam - 1
 
 
+def _not_a_folder(path: Path) -> str:
+    """What a path that should be a folder is instead (for messages)."""
+    if not path.exists():
+        return "does not exist"
+    return "is a file, not a folder" if path.is_file() else "is not a folder (a device, FIFO or socket)"
+
+
 def _list_images(folder: Path, example: str) -> list[str]:
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"image folder {folder} does not exist: expected a folder of person crops named like '{example}'"
+            f"image folder {folder} {_not_a_folder(folder)}: expected a folder of person crops named like '{example}'"
         )
     names = sorted(
         e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
@@ -145,7 +152,8 @@ def relabel_pids(records: Sequence[Record]) -> tuple[list[Record], dict[int, int
 def _find_root(root: Path) -> Path:
     """``root`` itself, or its single sub-folder holding the three Market folders (e.g. an unzipped archive)."""
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} does not exist")
+        raise FileNotFoundError(f"dataset folder {root} {_not_a_folder(root)}: expected a folder in Market-1501 "
+                                "layout (bounding_box_train/, query/, bounding_box_test/)")
     if (root / TRAIN_DIR).is_dir() or (root / QUERY_DIR).is_dir():
         return root
     nested = [p for p in sorted(root.iterdir()) if p.is_dir() and (p / TRAIN_DIR).is_dir() and (p / QUERY_DIR).is_dir()]

@@ -328,9 +328,14 @@ def load_or_compute_stem_cache(model: AiOModel, records: Sequence[Record], confi
                 return cache, {"type": "cache", "source": str(path), "loaded": True, "time_s": time.perf_counter() - start}
         except Exception:  # a damaged cache file is just recomputed
             pass
+    # an unusable cache folder is found now, not after minutes of computing the cache
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise NotADirectoryError(f"stem cache folder {cache_dir} is a file: expected a folder (--cache-dir)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the stem cache in {cache_dir}: permission denied (--cache-dir)")
     cache = compute_stem_cache(model, records, config, device, progress)
     seconds = time.perf_counter() - start
-    cache_dir.mkdir(parents=True, exist_ok=True)
     _torch_save(path, cache.cpu())
     info = {"type": "cache", "source": str(path), "loaded": False, "time_s": seconds,
             "images_per_s": 2 * len(records) / max(seconds, 1e-9), "shape": list(cache.shape),
@@ -532,7 +537,6 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
     """The body of :func:`train` (which sets the thread count around it)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"run directory {run_dir} exists and is not a folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     ckpt_path, log_path = run_dir / CHECKPOINT, run_dir / LOG
 
@@ -547,6 +551,7 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
         return _finished_run(model_path, config, run_dir)
     else:
         data = _prepare_data(config, data_root)
+        run_dir.mkdir(parents=True, exist_ok=True)  # after the data checks: a wrong --data leaves no empty run
         # Start again, keeping nothing stale: the log and checkpoint of an earlier run go; its model and
         # thresholds are kept aside (never deleted), so that they cannot be mistaken for the new run's.
         for stale in (ckpt_path, log_path):
