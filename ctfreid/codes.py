@@ -65,9 +65,9 @@ def check_code_set(codes: Mapping[int, np.ndarray], name: str = "codes") -> Code
         raise CtfreidError(f"{name} must be a non-empty dict {{length: uint8[n, length // 8]}}, got {codes!r:.80}")
     out: CodeSet = {}
     n = None
-    for length in sorted(codes):
-        length_i = check_length(length, f"{name} key")
-        arr = check_codes(codes[length], f"{name}[{length_i}]", length_i)
+    keys = {check_length(key, f"{name} key"): key for key in codes}  # checked before sorting: "32" and 64 do not sort
+    for length_i in sorted(keys):
+        arr = check_codes(codes[keys[length_i]], f"{name}[{length_i}]", length_i)
         if n is None:
             n = arr.shape[0]
         elif arr.shape[0] != n:

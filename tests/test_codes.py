@@ -94,3 +94,10 @@ def test_binarize_errors():
 def test_binarize_refuses_complex_features():
     with pytest.raises(ValueError, match="real-valued"):
         binarize(np.ones((2, 32), np.complex64))
+
+
+def test_check_code_set_refuses_a_string_length_among_integers():
+    codes = {"32": np.zeros((1, 4), np.uint8), 64: np.zeros((1, 8), np.uint8)}  # before: a raw TypeError from sorted
+    with pytest.raises(ValueError, match="codes key must be a multiple of 32"):
+        check_code_set(codes)
+    assert list(check_code_set({64: codes[64], 32: codes["32"]})) == [32, 64]
