@@ -127,3 +127,28 @@ def test_an_unusable_stem_cache_folder_is_refused_before_the_cache_is_computed(s
     err = capsys.readouterr().err
     assert rc == 2
     one_line(err, "stem cache folder", "is a file")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("hardening") / "run"
+    torch.set_num_threads(1)
+    assert main(["train", "--data", str(synth_root), "--out", str(run), *TINY]) == 0
+    return run
+
+
+def test_an_output_that_is_the_model_file_is_refused(tiny_run, synth_root, tmp_path, capsys):
+    model = tiny_run / "model.pt"
+    before = model.read_bytes()
+    link = tmp_path / "link.pt"
+    link.symlink_to(model)
+    for argv in (["encode", "--model", str(tiny_run), "--split", "query", "--out", str(model), "--num-workers", "0",
+                  "--device", "cpu", "--quiet"],
+                 ["index", "build", "--model", str(tiny_run), "--images", str(synth_root / "query"),
+                  "--out", str(link), "--overwrite", "--thresholds", "32=10", "--quiet"]):
+        capsys.readouterr()
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        one_line(err, "is the model file", "would destroy the model")
+    assert model.read_bytes() == before  # before: replaced by an .npz of codes, or by an index

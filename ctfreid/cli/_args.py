@@ -42,3 +42,12 @@ def output_file(text: str) -> str:
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise argparse.ArgumentTypeError(f"cannot write {text}: permission denied")
     return text
+
+
+def not_the_model(out: str, option: str, model_file: str) -> None:
+    """Refuse an output that is the model file being read (it would be replaced by codes or an index)."""
+    from ctfreid.errors import CtfreidError
+
+    if os.path.realpath(out) == os.path.realpath(model_file):
+        raise CtfreidError(f"{option} {out} is the model file {model_file}: writing there would destroy the "
+                           "model; choose another output file")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ctfreid.cli._args import output_file, positive_int
+from ctfreid.cli._args import not_the_model, output_file, positive_int
 from ctfreid.errors import CtfreidError
 
 HELP = "encode a split of a dataset into an .npz of codes and features"
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # fail before encoding, not after
     model, info = load_model(args.model, args.device)
+    not_the_model(args.out, "--out", info["file"])
     records = split_records(args.split, info, args.data, args.dataset)
     device = next(model.parameters()).device
     encoded = encode_records(model, records, batch_size=args.batch_size, height=info["height"], width=info["width"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ctfreid.cli._args import output_file, positive_float, positive_int
+from ctfreid.cli._args import not_the_model, output_file, positive_float, positive_int
 
 HELP = "build or extend a coarse-to-fine index from a folder of images"
 DESCRIPTION = """Encode a folder of person crops with a trained AiO model and save a coarse-to-fine (CtF)
@@ -100,6 +100,7 @@ def _build(args: argparse.Namespace) -> int:
 
     records = folder_records(args.images, recursive=args.recursive)
     model, info = load_model(args.model, device=args.device)
+    not_the_model(args.out, "--out", info["file"])
     fingerprint = model_fingerprint(model, info)
     kw = encode_kwargs(info, args.batch_size, args.device, progress=not args.quiet, flip=args.flip)
     thresholds, source = resolve_thresholds(model, info, args.thresholds, args.beta, kw)
