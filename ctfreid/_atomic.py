@@ -31,6 +31,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _umask() -> int:
+    """The process umask, read without changing it: setting it to 0 and back, even briefly, would give
+    files that other threads of the process create meanwhile world-writable modes."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o077)  # no /proc: the briefest change, to the most private mask
+    os.umask(umask)
+    return umask
+
+
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove the temporary files of earlier writes of ``path`` whose writer process is gone."""
     removed = []
@@ -62,9 +74,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     try:
         old_mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        old_mode = 0o666 & ~umask
+        old_mode = 0o666 & ~_umask()
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=parent)
     except OSError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 import sys
 import warnings
@@ -166,3 +167,19 @@ def test_atomic_write_errors_name_the_link_the_user_gave(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert "real" not in str(info.value) and info.value.errno == errno.ENOSPC
     assert target.read_bytes() == b"old" and sorted(p.name for p in target.parent.iterdir()) == ["g.ctf"]
+
+
+def test_atomic_write_never_changes_the_process_umask(tmp_path, monkeypatch):
+    """Setting the umask to 0 and back, even briefly, makes files of other threads world-writable."""
+    old = os.umask(0o027)
+    try:
+        def no_umask(mask):
+            raise AssertionError(f"os.umask({mask:o}) called by atomic_write")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        with atomic_write(tmp_path / "new.bin") as f:
+            f.write(b"x")
+        monkeypatch.undo()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.bin").stat().st_mode) == 0o640  # 0666 & ~0027, as open() gives
