@@ -91,13 +91,39 @@ def test_exact_equality_with_one_index_before_and_after_removals(local_ray, shar
         sharded.close()
 
 
-def test_errors_are_ctfreid_errors(local_ray, tmp_path):
-    sharded = ShardedIndex(shards=2, store=tmp_path / "g")
+def test_errors_are_ctfreid_errors_and_a_refused_add_writes_nothing(local_ray):
+    sharded = ShardedIndex(shards=2)
     try:
         c = tied_codes(np.random.default_rng(0), 10)
         sharded.add(c)
         with pytest.raises(CtfreidError, match="ids must be given on every add or on none"):
             sharded.add(c, ids=np.arange(100, 110))
+        with pytest.raises(CtfreidError, match="shards must be a positive integer"):
+            ShardedIndex(shards=0)
+    finally:
+        sharded.close()
+    explicit, one = ShardedIndex(shards=3), CtFIndex()
+    try:
+        c = tied_codes(np.random.default_rng(1), 10)
+        explicit.add(c, ids=np.arange(0, 100, 10))
+        one.add(c, ids=np.arange(0, 100, 10))
+        clash = np.array([101, 102, 30, 104, 105, 106, 107, 108, 109, 110])  # 30 (shard 0) is taken
+        with pytest.raises(CtfreidError, match="id 30 is already in the index"):
+            one.add(c, ids=clash)
+        with pytest.raises(CtfreidError, match="id 30 is already in the index"):
+            explicit.add(c, ids=clash)
+        assert explicit.ntotal == one.ntotal == 10  # nothing written on any shard, as with one index
+        one.thresholds = explicit.thresholds = dict(THR)
+        assert_same_hits(explicit.search_hits(c, 10), one.search_hits(c, 10))
+    finally:
+        explicit.close()
+
+
+def test_errors_on_a_durable_index(local_ray, tmp_path):
+    sharded = ShardedIndex(shards=2, store=tmp_path / "g")
+    try:
+        c = tied_codes(np.random.default_rng(0), 10)
+        sharded.add(c)
         with pytest.raises(CtfreidError, match="lengths"):
             sharded.add({32: c[32]})
         with pytest.raises(CtfreidError, match="thresholds|threshold"):
@@ -106,8 +132,6 @@ def test_errors_are_ctfreid_errors(local_ray, tmp_path):
         sharded.close()
     with pytest.raises(CtfreidError, match="holds 2 shards, not 3"):
         ShardedIndex(shards=3, store=tmp_path / "g")
-    with pytest.raises(CtfreidError, match="shards must be a positive integer"):
-        ShardedIndex(shards=0)
 
 
 def test_killed_shard_is_restarted_with_its_items_and_writes_survive_a_reopen(local_ray, tmp_path):

@@ -140,6 +140,14 @@ class Shard:
         keep = ~seen
         return ids[keep], {L: c[keep] for L, c in codes.items()}
 
+    def clash(self, ids: np.ndarray, codes: Mapping[int, np.ndarray]) -> str | None:
+        """The error ``add`` would raise for these items, None when it would accept them (writes nothing)."""
+        try:
+            self._new_only(np.asarray(ids, np.int64), codes)
+        except CtfreidError as e:
+            return str(e)
+        return None
+
     def remove_ids(self, ids: np.ndarray) -> int:
         """Remove these ids (those held here): erased from the store (committed, WAL checkpointed) before
         the index; returns how many the index held."""

@@ -201,8 +201,9 @@ class ShardedIndex:
     def add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None = None) -> np.ndarray:
         """Add a code set ``{length: uint8[n, length // 8]}``; ``ids`` unique non-negative int64, or None for
         global ids ``next_id, next_id + 1, ...`` (never reused). Items go to shard ``id % N``; returns the
-        ids. When this returns every shard has committed its part (with a store: durable). A call that
-        raises may have been applied on some shards; retrying it with the returned or given ids is safe."""
+        ids. When this returns every shard has committed its part (with a store: durable). An id already
+        held by another item is refused before any shard writes; a call that fails because a shard stayed
+        down may have been applied on the others, and retrying it with the same ids is safe."""
         cs = check_code_set(codes, "codes")
         lengths = list(cs)
         n = next(iter(cs.values())).shape[0]
@@ -224,6 +225,10 @@ class ShardedIndex:
         for i in range(self.shards):
             sel = np.flatnonzero(shard_of == i)
             args.append((ids_arr[sel], {L: c[sel] for L, c in cs.items()}, next_id))
+        if given:  # refuse an id held by another item on any shard before any shard writes (as one index)
+            errors = [e for e in self._call_all("clash", [a[:2] for a in args]) if e]
+            if errors:
+                raise CtfreidError(errors[0])
         self._call_all("add", args)
         self._next_id = next_id
         self._write_config()
