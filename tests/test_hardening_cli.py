@@ -67,6 +67,8 @@ def test_a_full_disk_while_train_saves_its_checkpoint_is_one_line(synth_root, tm
     ("--temperature", "0", "temperature must be > 0"),
     ("--margin", "-0.3", "margin"),
     ("--label-smoothing", "1", "label_smoothing must be in [0, 1)"),
+    ("--seed", "-1", "seed must be an integer in [0, 2**32)"),
+    ("--milestones", "-5", "milestones must be epochs >= 0"),
 ])
 def test_training_settings_that_cannot_train_are_refused_before_any_work(tmp_path, capsys, flag, value, fragment):
     # before: a NaN loss (or a raw error) once the data was read and the model built
@@ -83,6 +85,9 @@ def test_training_settings_that_cannot_train_are_refused_before_any_work(tmp_pat
     (["calibrate", "--val", "V", "--beta-sweep", "--betas", "1,nan"], "expected finite betas > 0"),
     (["calibrate", "--val", "V", "--max-pairs", "0"], "positive integer"),
     (["evaluate", "--query", "Q", "--gallery", "G", "--max-rank", "0"], "positive integer"),
+    # before: a raw ValueError traceback from NumPy's seeding, after the data was read
+    (["calibrate", "--val", "V", "--seed", "-1"], "expected an integer in [0, 2**32)"),
+    (["synth", "--out", "V", "--seed", "-1"], "expected an integer in [0, 2**32)"),
 ])
 def test_counts_and_betas_are_refused_while_parsing(tmp_path, capsys, argv, fragment):
     # V, Q, G do not exist: an error about them would mean the value was checked too late

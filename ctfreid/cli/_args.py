@@ -51,3 +51,14 @@ def not_the_model(out: str, option: str, model_file: str) -> None:
     if os.path.realpath(out) == os.path.realpath(model_file):
         raise CtfreidError(f"{option} {out} is the model file {model_file}: writing there would destroy the "
                            "model; choose another output file")
+
+
+def seed(text: str) -> int:
+    """argparse type: a random seed, an integer in [0, 2**32) (NumPy's seeds; a negative one is refused)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {value}")
+    return value

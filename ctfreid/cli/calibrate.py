@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ctfreid.cli._args import output_file, positive_float, positive_int
+from ctfreid.cli._args import output_file, positive_float, positive_int, seed
 from ctfreid.errors import CtfreidError
 
 HELP = "fit DTO thresholds on an encoded validation set"
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=output_file, metavar="thresholds.json", help="write thresholds, beta and the Gaussian fits as JSON")
     parser.add_argument("--max-pairs", type=positive_int, default=1_000_000,
                         help="most pairs of each kind used for the fits (deterministic subsample; default 1000000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pair subsample (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the pair subsample (default 0)")
     parser.add_argument("--beta-sweep", action="store_true", help="print the trade-off table over several betas")
     parser.add_argument("--betas", type=_betas, default=None, metavar="B1,B2,...",
                         help="betas of the sweep (default 0.01,0.03,0.1,0.3,1,2,3,10)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ctfreid.cli._args import positive_int
+from ctfreid.cli._args import positive_int, seed
 
 HELP = "generate a synthetic ReID dataset in Market-1501 layout"
 DESCRIPTION = """Generate a deterministic synthetic person re-identification dataset (NumPy + Pillow only) in
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ids", type=positive_int, default=200,
                         help="identities in all; half train, half test (default 200)")
     parser.add_argument("--cams", type=positive_int, default=4, help="cameras, 2 to 9 (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     parser.add_argument("--images-per-id", type=positive_int, default=8,
                         help="images of each identity over its cameras, >= 4 (default 8)")
     parser.add_argument("--height", type=positive_int, default=128, help="image height in pixels (default 128)")

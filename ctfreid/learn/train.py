@@ -157,7 +157,10 @@ class TrainConfig:
              "feature_shift, num_workers, log_every, threads and frozen_stages must be >= 0"),
             (not c.cache_stem or c.frozen_stages > 0,
              "cache_stem needs frozen_stages > 0 (only a frozen stem can be cached)"),
-            (len(c.lengths) > 0 and len(set(c.lengths)) == len(c.lengths), f"lengths must be distinct, got {list(c.lengths)}"),
+            (len(c.lengths) > 0 and len(set(c.lengths)) == len(c.lengths),
+             f"lengths must be one or more distinct values, got {list(c.lengths)}"),
+            (0 <= c.seed < 2**32, f"seed must be an integer in [0, 2**32) (NumPy's seeds), got {c.seed}"),
+            (all(m >= 0 for m in c.milestones), f"milestones must be epochs >= 0, got {list(c.milestones)}"),
             # the loss weights of Eq. 5 and T of Eq. 3: refused now, not as a NaN loss after the data is ready
             (c.temperature > 0 and c.margin >= 0 and c.lambda1 >= 0 and c.lambda2 >= 0,
              f"temperature must be > 0 and margin, lambda1, lambda2 >= 0, got {c.temperature}, {c.margin}, "
