@@ -42,7 +42,6 @@ previous file intact. ``to_bytes`` / ``from_bytes`` and pickling use the same fo
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import mmap as _mmap
@@ -51,13 +50,14 @@ import stat
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from ctfreid._atomic import atomic_write
+from ctfreid._rwlock import RWLock
 from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
@@ -87,45 +87,6 @@ def _empty_aligned(shape: tuple, dtype) -> np.ndarray:
     raw = np.empty(nbytes + _ALIGN, np.uint8)
     off = -raw.ctypes.data % _ALIGN
     return raw[off : off + nbytes].view(dtype).reshape(shape)
-
-
-class _RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 def _check_ids(ids: Any, n: int) -> np.ndarray:
@@ -169,7 +130,7 @@ class CtFIndex:
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (argsort of ids, sorted ids) otherwise
         self._views: tuple | None = None
         self._thr_cache: tuple | None = None
-        self._lock = _RWLock()
+        self._lock = RWLock()
         self._local = threading.local()  # per-thread search scratch (no page faults on reuse)
 
     # ---------------------------------------------------------------------------------------- state
