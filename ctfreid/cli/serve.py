@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action="store_true", default=None, help="flip test when encoding images")
     p.add_argument("--max-concurrency", type=int, default=16, help="requests in progress before 503 (default 16)")
     p.add_argument("--max-images", type=int, default=64, help="images (or codes) per request (default 64)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="shard the gallery over Ray actors: a local Ray without ADDRESS, or 'auto' / 'ray://HOST:PORT' "
+                        "to join a cluster (the ray extra)")
+    p.add_argument("--shards", type=int, default=2, help="with --ray: number of shards (default 2)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit in MiB (default 32)")
 
 
@@ -49,6 +53,23 @@ def _is_loopback(host: str) -> bool:
             return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
         except OSError:
             return False
+
+
+def _sharded(args: argparse.Namespace):
+    """``--ray``: the gallery's index sharded over Ray actors, each shard with a durable store of its own under
+    ``STORE/shards`` (so that Ray can restart a dead shard). The service's SQLite store stays the record: the
+    shards are rebuilt from it at every start."""
+
+    def factory(fingerprint: str):
+        import shutil
+
+        from ctfreid.distributed import ShardedIndex
+
+        shard_dir = Path(args.store) / "shards"
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        return ShardedIndex(shards=args.shards, address=args.ray or None, store=shard_dir, fingerprint=fingerprint)
+
+    return factory
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         if args.retention_days <= 0:
             raise CtfreidError(f"--retention-days must be > 0, got {args.retention_days:g}")
         retention = args.retention_days * 86400.0
+    if args.shards < 1:
+        raise CtfreidError(f"--shards must be >= 1, got {args.shards}")
     for name in ("max_concurrency", "max_images"):
         if getattr(args, name) < 1:
             raise CtfreidError(f"--{name.replace('_', '-')} must be >= 1")
@@ -76,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                          beta=args.beta, retention_seconds=retention, thumbnails=not args.no_thumbnails,
                          flip=args.flip, max_concurrency=args.max_concurrency, max_images=args.max_images,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)))
-    app = create_app(config)
+    app = create_app(config, index_factory=_sharded(args) if args.ray is not None else None)
     import uvicorn
 
     svc = app.svc

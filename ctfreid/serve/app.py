@@ -69,7 +69,7 @@ def _error(status: int, field: str | None, message: str):
 class Service:
     """Everything behind the routes: encoder, store, gallery, thresholds, counters."""
 
-    def __init__(self, config: ServeConfig, encoder=None) -> None:
+    def __init__(self, config: ServeConfig, encoder=None, index_factory=None) -> None:
         from ctfreid.serve import encoder as enc_mod
 
         self.config = config
@@ -86,7 +86,8 @@ class Service:
             fits_obj = json.loads(fits)
         self.fits: dict | None = fits_obj
         self.default_thresholds = self._default_thresholds()
-        self.gallery = Gallery(self.store, self.default_thresholds)
+        index = index_factory(self.encoder.fingerprint) if index_factory is not None else None
+        self.gallery = Gallery(self.store, self.default_thresholds, index=index)
         self.start_seconds = time.perf_counter() - t0
         self.requests: collections.Counter = collections.Counter()
         self.latency: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=10_000))
@@ -348,8 +349,11 @@ def _route_name(method: str, path: str) -> str:
     return f"{method} {name if len(name) < 64 else name[:64]}"
 
 
-def create_app(config: ServeConfig, encoder=None):
-    """The ASGI application (loads the model and the store now, so start-up errors surface before serving)."""
+def create_app(config: ServeConfig, encoder=None, index_factory=None):
+    """The ASGI application (loads the model and the store now, so start-up errors surface before serving).
+
+    ``index_factory(fingerprint)``: the gallery's index when it is not one in-process ``CtFIndex`` (``ctfreid
+    serve --ray`` passes a ``ctfreid.distributed.ShardedIndex``)."""
     import contextlib
 
     from fastapi import FastAPI
@@ -359,7 +363,7 @@ def create_app(config: ServeConfig, encoder=None):
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.staticfiles import StaticFiles
 
-    svc = Service(config, encoder)
+    svc = Service(config, encoder, index_factory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -519,14 +523,18 @@ def create_app(config: ServeConfig, encoder=None):
                          time_to=float_field(fields, "time_to"))
             codes, encode_ms, _ = query_codes(fields, images)
             t0 = time.perf_counter()
-            hits = svc.gallery.search(codes, k, thr, flt)
+            hits, partial = svc.gallery.search(codes, k, thr, flt)
             search_ms = (time.perf_counter() - t0) * 1e3
             want_cand = str(fields.get("candidates", "true")).lower() not in ("false", "0", "no")
             cands = svc.gallery.candidates(codes, thr) if want_cand else [None] * len(hits)
             nq = len(hits)
-            return {"queries": [{"hits": h, "candidates": c, "encode_ms": round(encode_ms / nq, 3),
-                                 "search_ms": round(search_ms / nq, 3)} for h, c in zip(hits, cands)],
-                    "thresholds": {str(k_): v for k_, v in thr.items()}}
+            answer = {"queries": [{"hits": h, "candidates": c, "encode_ms": round(encode_ms / nq, 3),
+                                   "search_ms": round(search_ms / nq, 3)} for h, c in zip(hits, cands)],
+                      "thresholds": {str(k_): v for k_, v in thr.items()}}
+            if partial:  # a sharded gallery with shards that did not answer in time: said, never silent
+                answer["partial"] = {"missing_shards": list(partial),
+                                     "message": "these shards did not answer in time: their items are missing"}
+            return answer
 
         return await run_in_threadpool(work)
 

@@ -52,17 +52,19 @@ class Filter:
 class Gallery:
     """Store + index, kept in step. ``fields[id] = (pid, camera, time, source)``."""
 
-    def __init__(self, store: Store, thresholds: Mapping[int, int]) -> None:
+    def __init__(self, store: Store, thresholds: Mapping[int, int], index=None) -> None:
         self.store = store
         self.lengths = store.lengths
         self.thresholds = dict(thresholds)
         self.lock = RWLock()
         self._write = threading.Lock()  # one writer at a time, store commit and index change in the same order
         t0 = time.perf_counter()
-        self.index = CtFIndex()
+        # a CtFIndex, or anything with its surface (ctfreid.distributed.ShardedIndex for --ray)
+        self.index = CtFIndex() if index is None else index
         self.index.thresholds = dict(thresholds)
         self.fields: dict[int, tuple] = {}
-        self.index.add({L: np.empty((0, L // 8), np.uint8) for L in self.lengths}, np.empty(0, np.int64))
+        if isinstance(self.index, CtFIndex):  # lengths and explicit ids fixed before the first item
+            self.index.add({L: np.empty((0, L // 8), np.uint8) for L in self.lengths}, np.empty(0, np.int64))
         for ids, codes, metas in store.iter_all():
             self.index.add(codes, ids)
             for m in metas:
@@ -112,12 +114,13 @@ class Gallery:
         return gone
 
     def search(self, query: Mapping[int, np.ndarray], k: int, thresholds: Mapping[int, int] | None = None,
-               flt: Filter | None = None) -> list[dict]:
+               flt: Filter | None = None) -> tuple[list[list[dict]], tuple[int, ...]]:
         """Top-``k`` hits per query (coarse-to-fine order, exactly those of ``CtFIndex.search_hits`` on the
-        items passing ``flt``), each with ``candidates``: items reaching each stage."""
+        items passing ``flt``), and the shards that did not answer (a sharded index; empty otherwise)."""
         thr = dict(thresholds) if thresholds is not None else self.thresholds
         nq = next(iter(query.values())).shape[0]
         out = []
+        partial: set[int] = set()
         with self.lock.read():
             n = self.index.ntotal
             kk = min(k, n)
@@ -130,6 +133,7 @@ class Gallery:
                     break
                 sub = {L: q[pending] for L, q in query.items()}
                 hits = self.index.search_hits(sub, kk, thr if len(self.lengths) > 1 else None)
+                partial.update(getattr(hits, "partial", ()))
                 still = []
                 for row, qi in enumerate(pending):
                     got = []
@@ -154,7 +158,7 @@ class Gallery:
                 kk = min(n, kk * 4)
             for qi in range(nq):
                 out.append(results[qi])
-        return out
+        return out, tuple(sorted(partial))
 
     def candidates(self, query: Mapping[int, np.ndarray], thresholds: Mapping[int, int] | None = None) -> list[dict]:
         """Per query, the number of gallery items ranked at each stage (stage 1 = all; stage s + 1 = those
@@ -162,6 +166,8 @@ class Gallery:
         thr = dict(thresholds) if thresholds is not None else self.thresholds
         with self.lock.read():
             n = self.index.ntotal
+            if not hasattr(self.index, "codes"):  # a sharded index keeps the codes in its shards
+                return [None] * next(iter(query.values())).shape[0]
             if n == 0:
                 return [{str(L): 0 for L in self.lengths} for _ in range(next(iter(query.values())).shape[0])]
             # 32-bit words: a popcount per word, not per byte (a row sum over uint8 is ~1000x slower)
