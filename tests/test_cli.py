@@ -269,11 +269,13 @@ def test_top_level_help_and_bad_arguments(capsys):
     assert len(err.strip().splitlines()) == 1 and "error" in err
 
 
-def test_missing_torch_is_a_one_line_install_hint(tmp_path):
+def test_missing_torch_is_a_one_line_install_hint(run_dir, synth_root, tmp_path):
     code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
             "from ctfreid.cli import main; sys.exit(main(sys.argv[1:]))")
+    # a run directory needs torch (an ONNX export does not: tests/test_onnx.py)
     for argv in (["demo", "--out", str(tmp_path / "d")], ["train", "--help"],
-                 ["index", "build", "--model", "r", "--images", str(tmp_path), "--out", "x.ctf"]):
+                 ["index", "build", "--model", str(run_dir), "--images", str(synth_root / "query"),
+                  "--out", str(tmp_path / "x.ctf")]):
         p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
         assert p.returncode == 1, (argv, p.stderr)
         assert_one_line_error(p.returncode, p.stderr, 'pip install "ctfreid[train]"')

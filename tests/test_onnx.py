@@ -133,7 +133,7 @@ def test_metadata_round_trip(onnx_file, torch_encoder, run_dir):
     assert encoder.info["backbone"] == "mobilenet_v2"
     assert encoder.info["model_config"]["lengths"] == list(LENGTHS)
     # the run's validation split travels with the export (DTO thresholds can be fitted from the export)
-    from ctfreid.learn.run_dir import split_records
+    from ctfreid.data.datasets import split_records
 
     assert split_records("val", encoder.info) == split_records("val", torch_encoder.info) != []
 
@@ -265,3 +265,43 @@ def test_torch_encoder_members(torch_encoder, synth_dataset):
     assert got.pids.tolist() == [-1] * 5 and got.paths is None
     with pytest.raises(CtfreidError, match="batch_size"):
         torch_encoder.encode_images(images, batch_size=0)
+
+
+CLI_CHILD = """
+from ctfreid.cli import main
+rc = main(sys.argv[1:])
+assert "torch" not in sys.modules, "torch was imported"
+sys.exit(rc)
+"""
+
+
+def _cli_without_torch(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(PRELUDE) + textwrap.dedent(CLI_CHILD),
+                           *map(str, argv)], capture_output=True, text=True, timeout=300)
+
+
+def test_commands_take_an_onnx_encoder_without_torch(run_dir, onnx_file, synth_root, tmp_path, capsys):
+    gallery, query = synth_root / "bounding_box_test", sorted((synth_root / "query").iterdir())[:3]
+    built = tmp_path / "onnx.ctf"
+    r = _cli_without_torch("index", "build", "--model", onnx_file, "--images", gallery, "--out", built, "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli_without_torch("search", "--index", built, "--model", onnx_file, *query, "--k", 5, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    onnx_answer = json.loads(r.stdout)["queries"]
+    # the same index searched with the run directory that was exported: accepted (same fingerprint), same ids
+    assert main(["search", "--index", str(built), "--model", str(run_dir), *map(str, query), "--k", "5", "--json"]) == 0
+    torch_answer = json.loads(capsys.readouterr().out)["queries"]
+    assert [[h["id"] for h in q["results"]] for q in onnx_answer] == [[h["id"] for h in q["results"]] for q in torch_answer]
+    # an unrelated encoder is refused: an export of another model (one weight changed)
+    other = tmp_path / "other"
+    other.mkdir()
+    blob = __import__("torch").load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    key = next(k for k, v in blob["state_dict"].items() if v.is_floating_point())
+    blob["state_dict"][key] = blob["state_dict"][key] + 1e-3
+    __import__("torch").save(blob, other / "model.pt")
+    assert main(["export", "--model", str(other), "--out", str(tmp_path / "other.onnx")]) == 0
+    capsys.readouterr()
+    r = _cli_without_torch("search", "--index", built, "--model", tmp_path / "other.onnx", query[0])
+    assert r.returncode == 2 and "built by another model" in r.stderr and "Traceback" not in r.stderr
+    r = _cli_without_torch("encode", "--model", onnx_file, "--split", "query", "--out", tmp_path / "q.npz", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]

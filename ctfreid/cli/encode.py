@@ -21,7 +21,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory of 'ctfreid train' (or its model.pt)")
+    parser.add_argument("--model", required=True, metavar="RUN_DIR|ENCODER.onnx",
+                        help="run directory of 'ctfreid train' (or its model.pt), or its ONNX export ('ctfreid export')")
     parser.add_argument("--data", metavar="DIR", help="dataset folder in Market-1501 layout (default: the run's)")
     parser.add_argument("--split", required=True, choices=("query", "gallery", "train", "val"),
                         help="which images: query/, bounding_box_test/, bounding_box_train/ or the run's validation ids")
@@ -40,26 +41,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from pathlib import Path
 
     from ctfreid.encoded import save_encoded
-    from ctfreid.infer import encode_records, load_model, split_records
 
     if args.num_workers < 0 or args.threads < 0:
         raise CtfreidError(f"--num-workers and --threads must be >= 0, got {args.num_workers} and {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from pathlib import Path
-
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # fail before encoding, not after
-    model, info = load_model(args.model, args.device)
-    not_the_model(args.out, "--out", info["file"])
-    records = split_records(args.split, info, args.data, args.dataset)
-    device = next(model.parameters()).device
-    encoded = encode_records(model, records, batch_size=args.batch_size, height=info["height"], width=info["width"],
-                             device=device, num_workers=args.num_workers, progress=not args.quiet,
-                             mean=info["mean"], std=info["std"], flip=args.flip)
+    if str(args.model).endswith(".onnx"):  # an ONNX export: onnxruntime, no torch
+        from ctfreid.data.datasets import split_records
+        from ctfreid.infer.encoder import load_encoder
+
+        enc = load_encoder(args.model, device=args.device, flip=True if args.flip else None,
+                           threads=args.threads or None)
+        not_the_model(args.out, "--out", enc.info["file"])
+        records = split_records(args.split, enc.info, args.data, args.dataset)
+        encoded = enc.encode_records(records, batch_size=args.batch_size or 32, progress=not args.quiet)
+    else:
+        encoded = _encode_with_torch(args)
     save_encoded(args.out, encoded)
     lengths = ", ".join(str(length) for length in encoded.lengths)
     print(f"encoded {len(encoded)} {args.split} images ({lengths} bits, {encoded.features.shape[1]}-d features) -> {args.out}")
     return 0
+
+
+def _encode_with_torch(args: argparse.Namespace):
+    import torch
+
+    from ctfreid.infer import encode_records, load_model, split_records
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, info = load_model(args.model, args.device)
+    not_the_model(args.out, "--out", info["file"])
+    records = split_records(args.split, info, args.data, args.dataset)
+    device = next(model.parameters()).device
+    return encode_records(model, records, batch_size=args.batch_size, height=info["height"], width=info["width"],
+                          device=device, num_workers=args.num_workers, progress=not args.quiet,
+                          mean=info["mean"], std=info["std"], flip=args.flip)

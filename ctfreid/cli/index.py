@@ -44,8 +44,8 @@ example:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN_DIR",
-                   help="run directory of 'ctfreid train' (or its model.pt)")
+    p.add_argument("--model", required=True, metavar="RUN_DIR|ENCODER.onnx",
+                   help="run directory of 'ctfreid train' (or its model.pt), or its ONNX export ('ctfreid export')")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of person crops (.jpg, .jpeg, .png, .bmp)")
     p.add_argument("--recursive", action="store_true", help="also take images in sub-folders")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoding batch (default 64)")
@@ -94,42 +94,36 @@ def _refuse_existing(args: argparse.Namespace) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ctfreid.infer.encoder import encode_records
-    from ctfreid.infer.gallery import build_index, encode_kwargs, folder_records, resolve_thresholds
-    from ctfreid.learn.run_dir import load_model, model_fingerprint
+    from ctfreid.infer.encoder import load_encoder
+    from ctfreid.infer.gallery import build_index, folder_records, resolve_thresholds
 
     records = folder_records(args.images, recursive=args.recursive)
-    model, info = load_model(args.model, device=args.device)
-    not_the_model(args.out, "--out", info["file"])
-    fingerprint = model_fingerprint(model, info)
-    kw = encode_kwargs(info, args.batch_size, args.device, progress=not args.quiet, flip=args.flip)
-    thresholds, source = resolve_thresholds(model, info, args.thresholds, args.beta, kw)
-    encoded = encode_records(model, records, **kw)
-    index = build_index(encoded, thresholds, fingerprint, info, {"thresholds_source": source}, flip=args.flip)
+    enc = load_encoder(args.model, device=args.device, flip=True if args.flip else None)
+    not_the_model(args.out, "--out", enc.info["file"])
+    thresholds, source = resolve_thresholds(enc, args.thresholds, args.beta, args.batch_size, not args.quiet)
+    encoded = enc.encode_records(records, batch_size=args.batch_size, progress=not args.quiet)
+    index = build_index(encoded, thresholds, enc.fingerprint, enc.info, {"thresholds_source": source}, flip=enc.flip)
     index.save(args.out)
     th = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(thresholds.items())) or "none"
     print(f"indexed {index.ntotal} images from {args.images} -> {args.out}")
-    print(f"  model {info['file']} (fingerprint {fingerprint}), lengths {sorted(model.lengths)}"
-          + (", flip test" if args.flip else ""))
+    print(f"  model {enc.info['file']} (fingerprint {enc.fingerprint}, {enc.info.get('runtime', 'torch')}), "
+          f"lengths {enc.lengths}" + (", flip test" if enc.flip else ""))
     print(f"  thresholds {th} ({source})")
     return 0
 
 
 def _add(args: argparse.Namespace) -> int:
-    from ctfreid.infer.encoder import encode_records
-    from ctfreid.infer.gallery import add_to_index, check_model, encode_kwargs, folder_records, index_flip, load_index
-    from ctfreid.learn.run_dir import load_model, model_fingerprint
+    from ctfreid.infer.encoder import load_encoder
+    from ctfreid.infer.gallery import add_to_index, check_model, folder_records, index_flip, load_index
 
     index = load_index(args.index, mmap=False)
     records = folder_records(args.images, recursive=args.recursive)
-    model, info = load_model(args.model, device=args.device)
-    fingerprint = model_fingerprint(model, info)
-    check_model(index, args.index, fingerprint, info)
-    kw = encode_kwargs(info, args.batch_size, args.device, progress=not args.quiet, flip=index_flip(index))
+    enc = load_encoder(args.model, device=args.device, flip=index_flip(index))  # encode as the index's images were
+    check_model(index, args.index, enc.fingerprint, enc.info)
     known = set(index.metadata["paths"])
     new = [r for r in records if r[0] not in known]
     if new:
-        add_to_index(index, encode_records(model, new, **kw))
+        add_to_index(index, enc.encode_records(new, batch_size=args.batch_size, progress=not args.quiet))
         index.save(args.index)
     print(f"added {len(new)} images from {args.images} to {args.index} ({len(records) - len(new)} already in it); "
           f"{index.ntotal} images in all")

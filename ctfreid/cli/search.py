@@ -26,7 +26,8 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="query image files or folders of images")
     parser.add_argument("--index", required=True, metavar="INDEX", help="index file of 'ctfreid index build'")
-    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="the run directory that built the index")
+    parser.add_argument("--model", required=True, metavar="RUN_DIR|ENCODER.onnx",
+                        help="the run directory that built the index, or its ONNX export")
     parser.add_argument("--k", type=positive_int, default=10, help="results per query (default 10; at most the images indexed)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--show", type=output_file, metavar="OUT.png", help="also draw the ranked lists into this picture")
@@ -37,23 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ctfreid.infer.encoder import encode_records
-    from ctfreid.infer.gallery import (
-        check_model,
-        encode_kwargs,
-        index_flip,
-        load_index,
-        query_records,
-    )
-    from ctfreid.learn.run_dir import load_model, model_fingerprint
+    from ctfreid.infer.encoder import load_encoder
+    from ctfreid.infer.gallery import check_model, index_flip, load_index, query_records
 
     index = load_index(args.index)
     records = query_records(args.images)
-    model, info = load_model(args.model, device=args.device)
-    check_model(index, args.index, model_fingerprint(model, info), info)
-    # Queries are encoded as the index's images were (flip test or not).
-    kw = encode_kwargs(info, args.batch_size, args.device, progress=False, flip=index_flip(index))
-    enc = encode_records(model, records, **kw)
+    # a run directory or its ONNX export; queries are encoded as the index's images were (flip test or not)
+    encoder = load_encoder(args.model, device=args.device, flip=index_flip(index))
+    check_model(index, args.index, encoder.fingerprint, encoder.info)
+    enc = encoder.encode_records(records, batch_size=args.batch_size)
     hits = index.search_hits(enc.codes, args.k)  # k is clamped to the number of images
     I, D, S = hits.ids, hits.finest_distances, hits.stage_bits
     meta = index.metadata

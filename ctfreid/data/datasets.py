@@ -304,3 +304,27 @@ def relative_records(records: Sequence[Record], root: str) -> list[list]:
 def resolve_records(records: Sequence[Sequence], root: str | os.PathLike) -> list[Record]:
     """Inverse of the relative form saved in ``split.json`` / checkpoints: paths joined to ``root``."""
     return [(str(Path(root) / path), int(pid), int(camid)) for path, pid, camid in records]
+
+
+SPLITS = ("query", "gallery", "train", "val")
+
+
+def split_records(split: str, info: dict, data_root: str | os.PathLike | None = None,
+                  dataset: str | None = None) -> list[Record]:
+    """Records of ``split``: ``query`` / ``gallery`` / ``train`` (the whole ``bounding_box_train/``) of the
+    dataset in ``data_root``, or ``val``: the validation identities the run held back (``info`` of
+    ``ctfreid.learn.run_dir.load_model`` or of an encoder), read from ``data_root`` (default: the run's data folder)."""
+    if split not in SPLITS:
+        raise CtfreidError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    root = data_root if data_root is not None else info.get("data_root")
+    if root is None:
+        raise CtfreidError("no data folder given (--data) and the model does not record the one it was trained on")
+    if split == "val":
+        if not info.get("val"):
+            raise CtfreidError(
+                f"model {info.get('file')} was trained without a validation split: retrain with --val-fraction 0.4 "
+                "(Sec. 4.2) to get one"
+            )
+        return resolve_records(info["val"], load_dataset(root, dataset).root)
+    data = load_dataset(root, dataset)
+    return {"query": data.query, "gallery": data.gallery, "train": data.train}[split]

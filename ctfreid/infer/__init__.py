@@ -13,7 +13,7 @@ import importlib
 
 _LAZY = {
     "load_model": "ctfreid.learn.run_dir",
-    "split_records": "ctfreid.learn.run_dir",
+    "split_records": "ctfreid.data.datasets",
     "model_fingerprint": "ctfreid.learn.run_dir",
     "encode_records": "ctfreid.infer.encoder",
 }

@@ -50,38 +50,28 @@ def folder_records(folder: str | os.PathLike, label: str = "--images",
     return records
 
 
-def resolve_thresholds(model, info: Mapping, spec: str | None = None, beta: float | None = None,
-                       encode_kw: Mapping | None = None) -> tuple[dict[int, int], str]:
-    """CtF thresholds for ``model`` and a sentence saying where they come from (order in DESCRIPTION)."""
+def resolve_thresholds(encoder, spec: str | None = None, beta: float | None = None, batch_size: int = 64,
+                       progress: bool = False) -> tuple[dict[int, int], str]:
+    """CtF thresholds for ``encoder`` (``ctfreid.infer.encoder.load_encoder``: a run or its ONNX export) and a
+    sentence saying where they come from: ``spec`` (``32=9,...`` or a calibrate .json), else ``beta`` (DTO on
+    the run's validation split, Sec. 3.3), else the thresholds stored with the model, else DTO with beta 2."""
     from ctfreid.search.thresholds import check_thresholds, read_thresholds
 
-    lengths = sorted(model.lengths)
+    lengths = sorted(encoder.lengths)
     if len(lengths) == 1:
         return {}, "one code length: no thresholds needed"
     if spec:
         return check_thresholds(read_thresholds(spec), lengths), f"--thresholds {spec}"
-    run_file = Path(info["file"]).parent / "thresholds.json"
     if beta is None:
-        if info.get("thresholds"):
-            return check_thresholds(info["thresholds"], lengths), f"stored in {info['file']}"
-        if run_file.is_file():
-            return check_thresholds(read_thresholds(run_file), lengths), str(run_file)
+        if encoder.thresholds:
+            return check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.info['file']}"
         beta = 2.0
-    from ctfreid.infer.encoder import encode_records
-    from ctfreid.learn.run_dir import split_records
+    from ctfreid.data.datasets import split_records
     from ctfreid.search.thresholds import fit_thresholds
 
-    records = split_records("val", dict(info))
-    val = encode_records(model, records, **dict(encode_kw or {}))
+    val = encoder.encode_records(split_records("val", dict(encoder.info)), batch_size=batch_size, progress=progress)
     th = fit_thresholds(val.codes, val.pids, val.camids, beta=beta)
     return th, f"DTO beta={beta:g} on the run's {len(val)} validation images"
-
-
-def encode_kwargs(info: Mapping, batch_size: int = 64, device: str = "cpu", progress: bool = True,
-                  flip: bool = False) -> dict:
-    """Keyword arguments of ``encode_records`` matching the model's input (size, normalisation, flip test)."""
-    return {"batch_size": batch_size, "height": info["height"], "width": info["width"], "mean": info["mean"],
-            "std": info["std"], "device": device, "progress": progress, "flip": bool(flip)}
 
 
 def index_flip(index) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ctfreid.data.datasets import Record, resolve_records
+from ctfreid.data.datasets import SPLITS, split_records  # noqa: F401  (re-exported: the run's splits, torch-free)
 from ctfreid.data.transforms import TransformConfig
 from ctfreid.errors import CtfreidError
 from ctfreid.learn.model import AiOModel, resolve_device
@@ -95,29 +95,3 @@ def model_fingerprint(model, info: Mapping) -> str:
         h.update(str(tuple(tensor.shape)).encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:20]
-
-
-SPLITS = ("query", "gallery", "train", "val")
-
-
-def split_records(split: str, info: dict, data_root: str | os.PathLike | None = None,
-                  dataset: str | None = None) -> list[Record]:
-    """Records of ``split``: ``query`` / ``gallery`` / ``train`` (the whole ``bounding_box_train/``) of the
-    dataset in ``data_root``, or ``val``: the validation identities the run held back (``info`` of
-    :func:`load_model`), read from ``data_root`` (default: the run's data folder)."""
-    from ctfreid.data.datasets import load_dataset
-
-    if split not in SPLITS:
-        raise CtfreidError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    root = data_root if data_root is not None else info.get("data_root")
-    if root is None:
-        raise CtfreidError("no data folder given (--data) and the model does not record the one it was trained on")
-    if split == "val":
-        if not info.get("val"):
-            raise CtfreidError(
-                f"model {info.get('file')} was trained without a validation split: retrain with --val-fraction 0.4 "
-                "(Sec. 4.2) to get one"
-            )
-        return resolve_records(info["val"], load_dataset(root, dataset).root)
-    data = load_dataset(root, dataset)
-    return {"query": data.query, "gallery": data.gallery, "train": data.train}[split]

@@ -31,7 +31,7 @@ def dto_fits(encoder) -> dict | None:
     info = encoder.info
     if len(encoder.lengths) < 2 or not info.get("val") or not info.get("data_root"):
         return None
-    from ctfreid.learn.run_dir import split_records
+    from ctfreid.data.datasets import split_records
 
     try:
         enc = encoder.encode_records(split_records("val", info))
