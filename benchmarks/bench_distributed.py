@@ -38,15 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-
-def _data(n: int, seed: int = 0):
-    from bench_search import fit_thresholds, make_data
-
-    lengths = [32, 128, 512, 2048]
-    g, q, c, _, _ = make_data(n, 64, lengths, seed, Path(tempfile.gettempdir()) / "ctfreid-bench")
-    g = {L: np.ascontiguousarray(v[:n]) for L, v in g.items()}
-    thresholds, kept = fit_thresholds(c, g, 0.02)
-    return g, q, thresholds, kept
+from bench_removal import _data  # noqa: E402  (the codes and threshold fit of bench_search.py)
 
 
 def _same(a, b) -> bool:

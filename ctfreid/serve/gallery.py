@@ -95,15 +95,10 @@ class Gallery:
 
     def erase(self, ids: Sequence[int]) -> list[int]:
         """Erase from the store (rows deleted, WAL checkpointed) and then from memory; returns the ids erased."""
-        with self._write:
-            gone = self.store.delete(ids)
-            with self.lock.write():
-                self.index.remove_ids(np.asarray(gone, np.int64))
-                for i in gone:
-                    self.fields.pop(i, None)
-        return gone
+        return self.erase_where(lambda: list(ids))
 
     def erase_where(self, select: Callable[[], list[int]]) -> list[int]:
+        """``erase`` of the ids ``select()`` returns, chosen under the writer lock."""
         with self._write:  # select and delete under the write lock: no add slips in between
             ids = select()
             gone = self.store.delete(ids)
