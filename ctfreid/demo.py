@@ -310,9 +310,9 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
     from ctfreid.data.datasets import load_dataset
     from ctfreid.eval import report
     from ctfreid.eval.evaluate import beta_sweep, evaluate_sets, format_table
-    from ctfreid.infer import encode_records, load_model, split_records
+    from ctfreid.data.datasets import split_records
+    from ctfreid.infer.encoder import load_encoder
     from ctfreid.infer.gallery import build_index
-    from ctfreid.learn.run_dir import model_fingerprint
     from ctfreid.learn.train import train
     from ctfreid.search.thresholds import fit_dto, save_thresholds
 
@@ -351,18 +351,21 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
     else:
         run_dir = Path(cfg.model)
         _say(cfg, f"  using the trained model in {run_dir}")
-    model, info = load_model(run_dir, device=cfg.device)
-    fingerprint = model_fingerprint(model, info)
+    encoder = load_encoder(run_dir, device=cfg.device)  # a run directory, or its ONNX export (--model x.onnx)
+    info, fingerprint = encoder.info, encoder.fingerprint
+    info.setdefault("height", encoder.height)
+    info.setdefault("width", encoder.width)
     timings["train_s"] = time.perf_counter() - t
 
-    enc_kw = dict(batch_size=cfg.batch_size, height=info["height"], width=info["width"], mean=info["mean"],
-                  std=info["std"], device=cfg.device, num_workers=cfg.num_workers, progress=cfg.progress)
+
+    def encode(records):
+        return encoder.encode_records(records, batch_size=cfg.batch_size, progress=cfg.progress)
 
     # 3. encode + DTO on the validation identities (Sec. 3.3 / 4.2)
     t = step(3, "encode query / gallery / validation images; DTO thresholds on the validation split")
-    query = encode_records(model, data.query, **enc_kw)
-    gallery = encode_records(model, data.gallery, **enc_kw)
-    val = encode_records(model, split_records("val", info, data_root), **enc_kw)
+    query = encode(data.query)
+    gallery = encode(data.gallery)
+    val = encode(split_records("val", info, data_root))
     fits = fit_dto(val.codes, val.pids, val.camids, beta=cfg.beta)
     thresholds = {L: f.threshold for L, f in fits.items()}
     th_extra = {"source": f"DTO beta={cfg.beta:g} on the validation split of {run_dir}", "num_images": len(val)}
@@ -391,7 +394,7 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
     # 6. gallery size (Fig. 3)
     t = step(6, "gallery-size sweep with distractors (Fig. 3)")
     pool_records, pool_what = _distractor_records(cfg, out, data, len(gallery), (info["height"], info["width"]))
-    pool = encode_records(model, pool_records, **enc_kw)
+    pool = encode(pool_records)
     size_rows = gallery_size_sweep(query, gallery, pool, thresholds, cfg.gallery_sizes, cfg.seed,
                                    repeats=cfg.timing_repeats)
     timings["gallery_sweep_s"] = time.perf_counter() - t

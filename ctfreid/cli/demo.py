@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     parser.add_argument("--out", default=d.out, metavar="DIR", help=f"output folder (default {d.out}/)")
     parser.add_argument("--data", metavar="DIR", help="a dataset in Market-1501 layout instead of synthetic data")
-    parser.add_argument("--model", metavar="RUN_DIR", help="a trained run directory: skip training")
+    parser.add_argument("--model", metavar="RUN_DIR|ENCODER.onnx",
+                        help="a trained run directory, or its ONNX export: skip training")
     parser.add_argument("--weights", metavar="PATH",
                         help="backbone weights (torchvision key names) to start from instead of random init")
     parser.add_argument("--ids", type=positive_int, default=d.ids,
