@@ -362,3 +362,15 @@ def test_hostile_inputs_are_one_line_errors(run_dir, synth_root, tmp_path, capsy
     for index_arg, fragment in ((tmp_path, "is a directory"), ("/dev/null", "not a regular file")):
         rc, _, err = cli(capsys, "search", "--index", index_arg, "--model", run_dir, query)
         assert_one_line_error(rc, err, fragment)
+
+
+def test_an_early_ctrl_c_is_one_line(monkeypatch, capsys):
+    import ctfreid.cli as cli_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "build_parser", interrupted)  # Ctrl-C while the command is being set up
+    assert main(["evaluate", "--help"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "ctfreid: interrupted" and "Traceback" not in err
