@@ -89,7 +89,6 @@ def ort_session(path: Path, threads: int):
 
 def jpeg_crops(n: int, seed: int = 0) -> list[bytes]:
     """Market-1501 sized (128x64) JPEG crops, smooth random content with noise, quality 90."""
-    from PIL import Image
 
     from ctfreid.infer.export import generated_images
 

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import base64
 import json
-import os
 import socket
 import subprocess
 import sys
