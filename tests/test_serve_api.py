@@ -424,6 +424,36 @@ def test_searches_during_writes_see_a_prefix_of_the_serial_order_of_adds(run_dir
         assert seen > 3 and acked == list(range(1, 61))
 
 
+def test_searches_during_erasures_see_a_prefix_of_the_serial_order_of_erasures(run_dir, tmp_path):
+    code = {L: np.full((60, L // 8), 0x3C, np.uint8) for L in LENGTHS}
+    erased: list[int] = []
+    with Server(tmp_path / "store", run_dir) as srv:
+        ids = srv.client.post("/v1/items", json={"codes": b64(code)}).json()["ids"]
+        one = {L: c[:1] for L, c in code.items()}
+        done = threading.Event()
+
+        def eraser():
+            with httpx.Client(base_url=srv.url, timeout=10) as c:
+                for i in ids:
+                    assert c.delete(f"/v1/items/{i}").json()["erased"] == [i]
+                    erased.append(i)
+            done.set()
+
+        t = threading.Thread(target=eraser)
+        t.start()
+        seen = 0
+        while not done.is_set():
+            before = len(erased)
+            got = [h[0] for h in served_hits(srv, one, 100)[0]]  # equal codes: insertion order = id order
+            after = len(erased)
+            m = len(ids) - len(got)  # the search saw the first m erasures, whole, and none of the others
+            assert got == ids[m:], got
+            assert before <= m <= after + 1
+            seen += 1
+        t.join()
+        assert seen > 3 and erased == ids and served_hits(srv, one, 100)[0] == []
+
+
 def test_retention_erases_old_crops_in_the_background(run_dir, tmp_path):
     now = time.time()
     code = {L: np.random.default_rng(3).integers(0, 256, (2, L // 8), dtype=np.uint8) for L in LENGTHS}
