@@ -60,6 +60,14 @@ def test_hits_equal_a_brute_force_key(thresholds):
     np.testing.assert_array_equal(hits.ids, bi)
     np.testing.assert_array_equal(hits.stages, bs)
     np.testing.assert_array_equal(hits.distances, bd)
+    # candidates: items ranked at each stage = within every earlier threshold, counted by brute force
+    d = {L: ref_distances(q[L], g[L]) for L in LENGTHS}
+    alive = np.ones((5, 90), bool)
+    want = [alive.sum(1)]
+    for L in LENGTHS[:-1]:
+        alive &= d[L] <= thresholds[L]
+        want.append(alive.sum(1))
+    np.testing.assert_array_equal(hits.candidates, np.stack(want, axis=1))
     D, I = index.search(q, 40, thresholds=thresholds)  # same order as search, D = finest distance
     np.testing.assert_array_equal(I, hits.ids)
     np.testing.assert_array_equal(D, hits.finest_distances)
@@ -94,6 +102,7 @@ def test_merge_of_shards_equals_one_index(sizes, split):
             np.testing.assert_array_equal(got.ids, want.ids)
             np.testing.assert_array_equal(got.stages, want.stages)
             np.testing.assert_array_equal(got.distances, want.distances)
+            np.testing.assert_array_equal(got.candidates, want.candidates)  # counts add up over shards
 
 
 def test_merge_errors():

@@ -397,4 +397,4 @@ class ShardedIndex:
 
 
 def _fields(h: Hits) -> tuple:
-    return h.ids, h.stages, h.distances, h.lengths
+    return h.ids, h.stages, h.distances, h.lengths, h.candidates

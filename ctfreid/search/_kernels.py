@@ -702,7 +702,7 @@ def _first_of_stage(D, Ls, s, lst, c, lo, m, ord_a, ord_b, skey, ids, oI, oD, po
 
 
 @njit(**_JIT)
-def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI):
+def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC):
     """First ``k`` of the CtF rankings of a batch without ranking the whole gallery (arguments as for
     ``ctf_rank``; ``ws64``/``ws32``: scratch from ``ctf_workspace``, reusable across calls).
 
@@ -713,7 +713,8 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
     (D[S-1], ..., D[0], gallery position), then, for s = S-2 .. 1, the stage-(s-1) candidates beyond
     ``thr[s]`` in the same kind of order, then the stage-1 ranking beyond ``thr[0]``; only the parts
     that reach the first ``k`` are built, and within a part only the entries that can be among them are
-    sorted. The rest of the stage-1 ranking is found by a second, top-k scan.
+    sorted. The rest of the stage-1 ranking is found by a second, top-k scan. ``outC[i, s]`` (s >= 1)
+    receives the number of codes ranked at stage s (the per-stage candidate counts, for free).
     """
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
@@ -743,6 +744,7 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
         # forward: distances of the surviving candidates, stage by stage; lst holds their numbers
         _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
         c = c1
+        outC[i, 1] = c1  # outC[i, s]: items ranked at stage s (s >= 1; stage 0 ranks every live code)
         if S == 2:
             for j in range(c1):
                 lst[j] = j
@@ -755,6 +757,7 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
                 rows[w] = ids[j]
                 w += ds[j] <= t
             c = w
+            outC[i, 2] = c
         for s in range(2, S - 1):
             _later_dist(Qr, qoff, Gr, s, i, rows, c, tmp)
             ds = D[s]
@@ -768,6 +771,7 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
                 rows[w] = rows[j]
                 w += d <= t
             c = w
+            outC[i, s + 1] = c
         if S > 2:
             _later_dist(Qr, qoff, Gr, S - 1, i, rows, c, tmp)
             ds = D[S - 1]

@@ -115,5 +115,7 @@ def ctf_search(
         D = np.empty((qs[0].shape[0], k), dtype=np.int32)
         I = np.empty((qs[0].shape[0], k), dtype=np.int64)
         n = gs[0].shape[0]
-        _kernels.ctf_topk(*kernel_args(qs, gs, thr), k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, len(gs)), D, I)
+        counts = np.zeros((qs[0].shape[0], len(gs)), np.int64)
+        _kernels.ctf_topk(*kernel_args(qs, gs, thr), k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, len(gs)), D,
+                          I, counts)
     return (D[0], I[0]) if single else (D, I)

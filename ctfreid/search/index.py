@@ -42,6 +42,7 @@ previous file intact. ``to_bytes`` / ``from_bytes`` and pickling use the same fo
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import mmap as _mmap
@@ -390,15 +391,18 @@ class CtFIndex:
             self._thr_cache = cached = ((key, tuple(self._lengths)), thr)
         return cached[1]
 
-    def _positions(self, qs: tuple[np.ndarray, ...], k: int | None, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Kernel results over the slots: (D, slot positions), [nq, min(k, ntotal)] (all live for k None).
+    def _positions(self, qs: tuple[np.ndarray, ...], k: int | None, thr: np.ndarray) -> tuple:
+        """Kernel results over the slots: (D, slot positions), [nq, min(k, ntotal)] (all live for k None), and
+        the per-stage candidate counts ``int64 [nq, S]`` (items ranked at each stage; -1 for full rankings).
         Call with the read lock held."""
         n, nq, live_n = self._nslots, qs[0].shape[0], self.ntotal
         lengths = self._lengths
         G1, Gr, Ls, qoff = self._stage_views()
         m = live_n if k is None else min(k, live_n)
+        C = np.full((nq, len(lengths)), -1 if k is None else 0, np.int64)
+        C[:, 0] = live_n  # stage 1 ranks every live item
         if m == 0:
-            return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64)
+            return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64), C
         full = k is None
         cols = n if full else m
         D = np.empty((nq, cols), np.int32)
@@ -414,12 +418,12 @@ class CtFIndex:
             if full:
                 _kernels.ctf_rank(*args, D, P)
             else:
-                _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P)
+                _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C)
         if full and self._ndead:  # the order is a per-item key: dropping removed items keeps it exact
             keep = self._live_slots()[P]
             P = P[keep].reshape(nq, live_n)
             D = D[keep].reshape(nq, live_n)
-        return D, P
+        return D, P, C
 
     def _workspace(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """CtF scratch, one per thread, reused while (n, k, number of stages) stay the same."""
@@ -449,12 +453,12 @@ class CtFIndex:
 
             def chunk(a: int, b: int) -> tuple:
                 part = tuple(q[a:b] for q in qs)
-                D, P = self._positions(part, k, thr)
-                return (D, P) + (self._hit_keys(part, P, thr) if keys and P.shape[1] else ())
+                D, P, C = self._positions(part, k, thr)
+                return (D, P, C) + (self._hit_keys(part, P, thr) if keys and P.shape[1] else ())
 
             parts = run_chunks(chunk, qs[0].shape[0], threads)
             out = [np.concatenate(x, axis=0) if len(parts) > 1 else x[0] for x in zip(*parts)]
-            out.insert(2, self._ids[out[1]])  # slots -> stored ids while the read lock is held
+            out.insert(2, self._ids[out[1]])  # slots -> stored ids while the read lock is held: D, P, I, C, ...
         return tuple(out)
 
     def search(self, query_codes: Mapping[int, np.ndarray], k: int,
@@ -470,28 +474,29 @@ class CtFIndex:
         """
         k = check_k(k)
         qs, single = self._queries(query_codes)
-        D, _, I = self._run(qs, k, thresholds, threads)
+        D, _, I = self._run(qs, k, thresholds, threads)[:3]
         return (D[0], I[0]) if single else (D, I)
 
     def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
                     thresholds: Mapping[int, int] | None = None, threads: int | None = None) -> Hits:
         """First ``k`` results with their coarse-to-fine sort key (``ctfreid.search.merge.Hits``): ids,
         the number of stages each hit was ranked with, and its distance at each length up to the finest
-        it reached. Same order as ``search``; ``merge_hits`` of several indexes' hits equals the hits of
-        one index over their union. 1-D query codes are treated as one query (results stay 2-D)."""
+        it reached, and per query the number of items ranked at each stage (``candidates``). Same order as
+        ``search``; ``merge_hits`` of several indexes' hits equals the hits of one index over their union.
+        1-D query codes are treated as one query (results stay 2-D)."""
         k = check_k(k)
         qs, _ = self._queries(query_codes)
         out = self._run(qs, k, thresholds, threads, keys=True)
         if out[1].shape[1] == 0:
-            return empty_hits(qs[0].shape[0], self._lengths)
-        _, _, ids, dist, stages = out
-        return Hits(ids, stages, dist, tuple(self._lengths))
+            return dataclasses.replace(empty_hits(qs[0].shape[0], self._lengths), candidates=out[3])
+        _, _, ids, counts, dist, stages = out
+        return Hits(ids, stages, dist, tuple(self._lengths), counts)
 
     def rank(self, query_codes: Mapping[int, np.ndarray], thresholds: Mapping[int, int] | None = None,
              threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Full coarse-to-fine rankings ``(D int32[nq, ntotal], I int64[nq, ntotal])`` (for evaluation)."""
         qs, single = self._queries(query_codes)
-        D, _, I = self._run(qs, None, thresholds, threads)
+        D, _, I = self._run(qs, None, thresholds, threads)[:3]
         return (D[0], I[0]) if single else (D, I)
 
     # ------------------------------------------------------------------------------- save / load / bytes

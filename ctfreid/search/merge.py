@@ -33,13 +33,16 @@ class Hits:
     - ``stages``: ``int8 [nq, k]``, how many code lengths each hit was ranked with (1 .. S), 0 for padding;
     - ``distances``: ``int32 [nq, k, S]``, the Hamming distance at each length (shortest first) up to the
       finest the hit reached, ``-1`` beyond it and for padding;
-    - ``lengths``: the code lengths, shortest first.
+    - ``lengths``: the code lengths, shortest first;
+    - ``candidates``: ``int64 [nq, S]`` or None, the number of items ranked at each stage (stage 1 ranks
+      them all; stage ``s + 1`` those within every threshold up to ``L_s``): what pruning each query got.
     """
 
     ids: np.ndarray
     stages: np.ndarray
     distances: np.ndarray
     lengths: tuple[int, ...]
+    candidates: np.ndarray | None = None
 
     @property
     def finest_distances(self) -> np.ndarray:
@@ -105,10 +108,14 @@ def merge_hits(parts: Sequence[Hits], k: int) -> Hits:
                 np.concatenate([p.distances for p in parts], axis=1), lengths)
     width = allh.ids.shape[1]
     if width == 0:
-        return empty_hits(nq, lengths)
+        counts = np.sum([p.candidates for p in parts], axis=0) if all(p.candidates is not None for p in parts) else None
+        return Hits(*(getattr(empty_hits(nq, lengths), f) for f in ("ids", "stages", "distances", "lengths")), counts)
     order = np.lexsort(sort_key(allh), axis=-1)[:, : min(int(k), width)]
     ids = np.take_along_axis(allh.ids, order, axis=1)
     keep = int((ids >= 0).sum(axis=1).max(initial=0))  # drop columns that are padding in every row
     order = order[:, :keep]
+    counts = None  # items ranked at each stage add up over disjoint shards
+    if all(p.candidates is not None for p in parts):
+        counts = np.sum([p.candidates for p in parts], axis=0)
     return Hits(np.take_along_axis(allh.ids, order, axis=1), np.take_along_axis(allh.stages, order, axis=1),
-                np.take_along_axis(allh.distances, order[..., None], axis=1), lengths)
+                np.take_along_axis(allh.distances, order[..., None], axis=1), lengths, counts)

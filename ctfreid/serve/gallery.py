@@ -155,28 +155,16 @@ class Gallery:
                 out.append(results[qi])
         return out, tuple(sorted(partial))
 
-    def candidates(self, query: Mapping[int, np.ndarray], thresholds: Mapping[int, int] | None = None) -> list[dict]:
+    def candidates(self, query: Mapping[int, np.ndarray], thresholds: Mapping[int, int] | None = None) -> list:
         """Per query, the number of gallery items ranked at each stage (stage 1 = all; stage s + 1 = those
-        within every threshold up to ``L_s``, Sec. 3.1), computed exactly with the packed popcount."""
+        within every threshold up to ``L_s``, Sec. 3.1), counted exactly by the search kernels (summed over
+        the shards of a sharded index); None where a shard did not answer."""
         thr = dict(thresholds) if thresholds is not None else self.thresholds
+        nq = next(iter(query.values())).shape[0]
         with self.lock.read():
-            n = self.index.ntotal
-            if not hasattr(self.index, "codes"):  # a sharded index keeps the codes in its shards
-                return [None] * next(iter(query.values())).shape[0]
-            if n == 0:
-                return [{str(L): 0 for L in self.lengths} for _ in range(next(iter(query.values())).shape[0])]
-            # 32-bit words: a popcount per word, not per byte (a row sum over uint8 is ~1000x slower)
-            codes = {L: np.ascontiguousarray(self.index.codes(L)).view(np.uint32) for L in self.lengths[:-1]}
-            nq = next(iter(query.values())).shape[0]
-            res = []
-            for qi in range(nq):  # under the lock: the same gallery as a search holding it
-                alive = np.ones(n, bool)
-                counts = {}
-                for s, L in enumerate(self.lengths):
-                    counts[str(L)] = int(alive.sum())
-                    if s + 1 < len(self.lengths):
-                        q = np.ascontiguousarray(query[L][qi]).view(np.uint32)
-                        d = np.bitwise_count(codes[L] ^ q).sum(axis=1, dtype=np.int32)
-                        alive &= d <= thr[L]
-                res.append(counts)
-        return res
+            if self.index.ntotal == 0:
+                return [{str(L): 0 for L in self.lengths} for _ in range(nq)]
+            hits = self.index.search_hits(query, 1, thr if len(self.lengths) > 1 else None)
+        if hits.candidates is None or getattr(hits, "partial", ()):
+            return [None] * nq
+        return [{str(L): int(c) for L, c in zip(self.lengths, row)} for row in hits.candidates]
