@@ -5,6 +5,7 @@ codes at fixed request rates, start-up time and memory per item, and the overhea
 
     python3 benchmarks/bench_serve.py                      # 1e4 and 1e5 items, a tiny model trained here
     python3 benchmarks/bench_serve.py --sizes 10000 100000 1000000 --rates 50 200 --seconds 10
+    python3 benchmarks/bench_serve.py --write-rate 20     # adds and erasures (alternating) during the loads
 
 Open loop: request i is due at ``t0 + i / rate`` whether or not earlier ones have answered (64 keep-alive
 connections; a request waiting for one still counts from its due time), and its latency counts from then (so queueing inside the service is measured, not hidden as a
@@ -158,6 +159,69 @@ def in_process(codes, queries, thresholds: dict, k: int = 10) -> float:
     return float(np.median(times) * 1e3)
 
 
+class Writer:
+    """Adds and erasures at a fixed rate while searches run (a thread with its own connection): each
+    operation adds one item or erases the oldest item this writer added, alternately; an erasure is
+    acknowledged only after the service has deleted the row, checkpointed the WAL and updated the index."""
+
+    def __init__(self, url: str, lengths: list[int], rate: float, seed: int = 7) -> None:
+        import threading
+
+        self.url, self.lengths, self.rate = url, lengths, rate
+        self.rng = np.random.default_rng(seed)
+        self.lat: dict[str, list[float]] = {"add": [], "erase": []}
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Writer":
+        if self.rate > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.rate > 0:
+            self._thread.join()
+
+    def _run(self) -> None:
+        import httpx
+
+        mine: list[int] = []
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            t0, i = time.perf_counter(), 0
+            while not self._stop.is_set():
+                due = t0 + i / self.rate
+                time.sleep(max(0.0, due - time.perf_counter()))
+                try:
+                    if i % 2 == 0 or not mine:
+                        code = correlated_codes(self.rng, 1, self.lengths)
+                        r = c.post("/v1/items", json={"codes": {str(L): [base64.b64encode(v[0].tobytes()).decode()]
+                                                                for L, v in code.items()}})
+                        kind = "add"
+                        if r.status_code == 200:
+                            mine += r.json()["ids"]
+                    else:
+                        r = c.delete(f"/v1/items/{mine.pop(0)}")
+                        kind = "erase"
+                    if r.status_code == 200:
+                        self.lat[kind].append((time.perf_counter() - due) * 1e3)
+                    else:
+                        self.errors += 1
+                except httpx.HTTPError:
+                    self.errors += 1
+                i += 1
+
+    def summary(self) -> dict:
+        out = {"write_rate": self.rate, "write_errors": self.errors}
+        for kind, lat in self.lat.items():
+            if lat:
+                out[f"{kind}_p50"] = float(np.percentile(lat, 50))
+                out[f"{kind}_p99"] = float(np.percentile(lat, 99))
+                out[f"{kind}s"] = len(lat)
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="run directory (default: a tiny model trained here in ~3 s)")
@@ -166,6 +230,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--max-concurrency", type=int, default=64)
     ap.add_argument("--no-candidates", action="store_true")
+    ap.add_argument("--write-rate", type=float, default=0.0,
+                    help="adds + erasures per second (alternating) running during every search load (default 0)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -212,7 +278,9 @@ def main() -> None:
                    "rss_mb": rss / 2**20, "bytes_per_item": (rss - base_rss) / n,
                    "in_process_ms": in_process(codes, queries, thr), "loads": []}
             for rate in args.rates:
-                res = asyncio.run(open_loop(url, bodies, rate, args.seconds))
+                with Writer(url, lengths, args.write_rate) as writer:
+                    res = asyncio.run(open_loop(url, bodies, rate, args.seconds))
+                res.update(writer.summary())
                 res["overhead_p50_ms"] = res["p50"] - row["in_process_ms"]
                 row["loads"].append(res)
                 print(json.dumps({"items": n, **res}), flush=True)
@@ -222,13 +290,16 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "loads"}), flush=True)
         results.append(row)
     print()
-    print("| items | start-up (s) | RSS (MiB) | bytes / item | in-process search_hits (ms) | rate (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| items | start-up (s) | RSS (MiB) | bytes / item | in-process search_hits (ms) | rate (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors | writes/s | add p50 / p99 (ms) | erase p50 / p99 (ms) | write errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         for res in row["loads"]:
+            adds = f"{res['add_p50']:.1f} / {res['add_p99']:.1f}" if "add_p50" in res else "-"
+            erases = f"{res['erase_p50']:.1f} / {res['erase_p99']:.1f}" if "erase_p50" in res else "-"
             print(f"| {row['items']:,} | {row['start_s']:.2f} | {row['rss_mb']:.0f} | {row['bytes_per_item']:.0f} | "
                   f"{row['in_process_ms']:.3f} | {res['rate']:g} | {res['p50']:.2f} | {res['p95']:.2f} | "
-                  f"{res['p99']:.2f} | {res['error_rate']:.1%} |")
+                  f"{res['p99']:.2f} | {res['error_rate']:.1%} | {res['write_rate']:g} | {adds} | {erases} | "
+                  f"{res['write_errors']} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
