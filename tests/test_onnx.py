@@ -304,3 +304,20 @@ def test_commands_take_an_onnx_encoder_without_torch(run_dir, onnx_file, synth_r
     assert r.returncode == 2 and "built by another model" in r.stderr and "Traceback" not in r.stderr
     r = _cli_without_torch("encode", "--model", onnx_file, "--split", "query", "--out", tmp_path / "q.npz", "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_serve_with_an_onnx_encoder_finds_a_gallery_crop_first(onnx_file, synth_root, tmp_path):
+    pytest.importorskip("fastapi")
+    from test_serve_api import Server
+
+    files = sorted((synth_root / "bounding_box_test").glob("*.jpg"))[:10]
+    with Server(tmp_path / "store", onnx_file) as srv:
+        r = srv.client.post("/v1/items", files=[("images", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
+        assert r.status_code == 200, r.text
+        ids = r.json()["ids"]
+        r = srv.client.post("/v1/search", files=[("images", (files[3].name, files[3].read_bytes(), "image/jpeg"))],
+                            data={"k": "3"})
+        assert r.status_code == 200, r.text
+        first = r.json()["queries"][0]["hits"][0]
+        assert first["id"] == ids[3] and first["distance"] == 0
+        assert srv.client.get("/v1/stats").json()["model_fingerprint"] == load_encoder(onnx_file).fingerprint
