@@ -41,3 +41,20 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+TINY_TRAIN = dict(backbone="resnet18", lengths=(128, 64, 32), height=32, width=16, epochs=1, warmup_epochs=0,
+                  milestones=(), p=4, k=2, val_fraction=0.4, device="cpu", num_workers=0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained for one epoch on the shared synthetic dataset, with a validation split (one per
+    test module: modules may write beside it)."""
+    torch = pytest.importorskip("torch")
+    from ctfreid.learn.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(TrainConfig(**TINY_TRAIN), synth_root, out, resume=False, progress=False)
+    return out

@@ -17,21 +17,6 @@ from ctfreid.cli import COMMANDS, main
 
 torch = pytest.importorskip("torch")
 
-TINY_TRAIN = dict(backbone="resnet18", lengths=(128, 64, 32), height=32, width=16, epochs=1, warmup_epochs=0,
-                  milestones=(), p=4, k=2, val_fraction=0.4, device="cpu", num_workers=0, seed=0)
-
-
-@pytest.fixture(scope="module")
-def run_dir(synth_root, tmp_path_factory) -> Path:
-    """A tiny model trained for one epoch on the shared synthetic dataset, with a validation split."""
-    from ctfreid.learn.train import TrainConfig, train
-
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("cli") / "run"
-    train(TrainConfig(**TINY_TRAIN), synth_root, out, resume=False, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
 def other_run(run_dir, tmp_path_factory) -> Path:
     """The same model with one weight changed: another fingerprint, same architecture."""

@@ -25,20 +25,7 @@ pytest.importorskip("fastapi")
 
 from ctfreid.search.index import CtFIndex
 
-TINY_TRAIN = dict(backbone="resnet18", lengths=(128, 64, 32), height=32, width=16, epochs=1, warmup_epochs=0,
-                  milestones=(), p=4, k=2, val_fraction=0.4, device="cpu", num_workers=0, seed=0)
 LENGTHS = [32, 64, 128]
-
-
-@pytest.fixture(scope="module")
-def run_dir(synth_root, tmp_path_factory) -> Path:
-    """A tiny model trained for one epoch on the shared synthetic dataset, with a validation split."""
-    from ctfreid.learn.train import TrainConfig, train
-
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("serve") / "run"
-    train(TrainConfig(**TINY_TRAIN), synth_root, out, resume=False, progress=False)
-    return out
 
 
 def free_port() -> int:

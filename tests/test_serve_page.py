@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("httpx")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 
-from test_serve_api import Server, run_dir  # noqa: E402,F401 - the shared tiny model fixture and server
+from test_serve_api import Server  # noqa: E402 - the server (run_dir comes from conftest)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -36,7 +36,7 @@ def browser(tmp_path):
     driver.quit()
 
 
-def test_page_finds_a_gallery_crop_first_and_forgets_it_after_erasure(run_dir, synth_root, tmp_path, browser):  # noqa: F811
+def test_page_finds_a_gallery_crop_first_and_forgets_it_after_erasure(run_dir, synth_root, tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -10,12 +10,12 @@ pytest.importorskip("ray")
 pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 
-from test_serve_api import Server, b64, near, oracle_hits, random_codes, run_dir, served_hits  # noqa: E402, F401
+from test_serve_api import Server, b64, near, oracle_hits, random_codes, served_hits  # noqa: E402
 
 from ctfreid.search.index import CtFIndex  # noqa: E402
 
 
-def test_serve_ray_answers_like_one_index(run_dir, tmp_path):  # noqa: F811
+def test_serve_ray_answers_like_one_index(run_dir, tmp_path):
     rng = np.random.default_rng(4)
     n = 300
     gallery = random_codes(rng, n)

@@ -37,18 +37,11 @@ class ShardStore(Store):
         Ids already stored are left as they are (a retried write is a no-op)."""
         blobs = self.pack(codes)
         now = time.time()
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("INSERT OR IGNORE INTO items (id, codes, added) VALUES (?, ?, ?)",
-                               [(int(i), b, now) for i, b in zip(ids, blobs)])
-                db.execute("INSERT INTO meta VALUES ('next_id', ?) ON CONFLICT(key) DO UPDATE SET value = "
-                           "MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(int(next_id)),))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO items (id, codes, added) VALUES (?, ?, ?)",
+                           [(int(i), b, now) for i, b in zip(ids, blobs)])
+            db.execute("INSERT INTO meta VALUES ('next_id', ?) ON CONFLICT(key) DO UPDATE SET value = "
+                       "MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(int(next_id)),))
 
 
 def stored_lengths(directory: Path) -> list[int] | None:

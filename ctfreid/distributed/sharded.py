@@ -38,7 +38,7 @@ from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
 from ctfreid.search.hamming import check_k
-from ctfreid.search.index import CtFIndex, _check_ids
+from ctfreid.search.index import CtFIndex, check_ids
 from ctfreid.search.merge import Hits, empty_hits, merge_hits
 from ctfreid.search.thresholds import check_thresholds
 
@@ -214,7 +214,7 @@ class ShardedIndex:
             raise CtfreidError("ids must be given on every add or on none: the index was built "
                                + ("with default ids (0, 1, 2, ...)" if self._default_ids else "with explicit ids"))
         if given:
-            ids_arr = _check_ids(ids, n)  # the one index's checks: 1-D, integer, unique, non-negative
+            ids_arr = check_ids(ids, n)  # the one index's checks: 1-D, integer, unique, non-negative
         else:
             ids_arr = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         next_id = max(self._next_id, int(ids_arr.max()) + 1) if n else self._next_id

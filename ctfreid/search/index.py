@@ -90,7 +90,7 @@ def _empty_aligned(shape: tuple, dtype) -> np.ndarray:
     return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
-def _check_ids(ids: Any, n: int) -> np.ndarray:
+def check_ids(ids: Any, n: int) -> np.ndarray:
     """``ids`` as unique non-negative int64 [n], else a CtfreidError naming the problem."""
     arr = np.asarray(ids)
     if arr.ndim != 1 or arr.shape[0] != n or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
@@ -187,7 +187,7 @@ class CtFIndex:
         lengths = list(cs)
         n = next(iter(cs.values())).shape[0]
         given = ids is not None
-        ids_arr = _check_ids(ids, n) if given else None
+        ids_arr = check_ids(ids, n) if given else None
         with self._lock.write():
             if self._lengths is not None and lengths != self._lengths:
                 raise CtfreidError(f"codes have lengths {lengths} but the index holds lengths {self._lengths}")

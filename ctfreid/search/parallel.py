@@ -18,6 +18,7 @@ MIN_QUERIES_PER_THREAD = 2  # below this a thread costs more than it saves
 
 _default: int | None = None
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
@@ -53,10 +54,11 @@ def run_chunks(fn: Callable[[int, int], object], nq: int, threads: int | None) -
     if t == 1:
         return [fn(0, nq)]
     bounds = [nq * i // t for i in range(t + 1)]
-    global _pool
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < t - 1:
-            _pool = ThreadPoolExecutor(max_workers=max(t - 1, _cores()), thread_name_prefix="ctfreid-search")
+        if _pool is None or _pool_size < t - 1:
+            _pool_size = max(t - 1, _cores())
+            _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="ctfreid-search")
         pool = _pool
     futures = [pool.submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
     first = fn(bounds[0], bounds[1])

@@ -523,10 +523,10 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
                          time_to=float_field(fields, "time_to"))
             codes, encode_ms, _ = query_codes(fields, images)
             t0 = time.perf_counter()
-            hits, partial = svc.gallery.search(codes, k, thr, flt)
+            hits, cands, partial = svc.gallery.search(codes, k, thr, flt)
             search_ms = (time.perf_counter() - t0) * 1e3
-            want_cand = str(fields.get("candidates", "true")).lower() not in ("false", "0", "no")
-            cands = svc.gallery.candidates(codes, thr) if want_cand else [None] * len(hits)
+            if str(fields.get("candidates", "true")).lower() in ("false", "0", "no"):
+                cands = [None] * len(hits)
             nq = len(hits)
             answer = {"queries": [{"hits": h, "candidates": c, "encode_ms": round(encode_ms / nq, 3),
                                    "search_ms": round(search_ms / nq, 3)} for h, c in zip(hits, cands)],

@@ -109,62 +109,53 @@ class Gallery:
         return gone
 
     def search(self, query: Mapping[int, np.ndarray], k: int, thresholds: Mapping[int, int] | None = None,
-               flt: Filter | None = None) -> tuple[list[list[dict]], tuple[int, ...]]:
+               flt: Filter | None = None) -> tuple[list[list[dict]], list[dict | None], tuple[int, ...]]:
         """Top-``k`` hits per query (coarse-to-fine order, exactly those of ``CtFIndex.search_hits`` on the
-        items passing ``flt``), and the shards that did not answer (a sharded index; empty otherwise)."""
+        items passing ``flt``); per query the number of items ranked at each stage (stage 1 = all; stage
+        s + 1 = those within every threshold up to ``L_s``, Sec. 3.1; counted by the search kernels, summed
+        over the shards of a sharded index; None where a shard did not answer); and the shards that did not
+        answer (a sharded index; empty otherwise)."""
         thr = dict(thresholds) if thresholds is not None else self.thresholds
         nq = next(iter(query.values())).shape[0]
-        out = []
         partial: set[int] = set()
+        results: dict[int, list] = {}
+        counts: list[dict | None] = [{str(L): 0 for L in self.lengths} for _ in range(nq)]
         with self.lock.read():
             n = self.index.ntotal
             kk = min(k, n)
-            pending = list(range(nq))
-            results: dict[int, list] = {}
+            pending = list(range(nq)) if kk else []
+            first = True
             while pending:
-                if kk == 0:
-                    for qi in pending:
-                        results[qi] = []
-                    break
                 sub = {L: q[pending] for L, q in query.items()}
                 hits = self.index.search_hits(sub, kk, thr if len(self.lengths) > 1 else None)
                 partial.update(getattr(hits, "partial", ()))
+                if first:  # the counts do not depend on k: the first round (every query) has them
+                    good = hits.candidates is not None and not getattr(hits, "partial", ())
+                    counts = [{str(L): int(c) for L, c in zip(self.lengths, row)} if good else None
+                              for row in (hits.candidates if good else [None] * nq)]
+                    first = False
                 still = []
                 for row, qi in enumerate(pending):
-                    got = []
-                    for j in range(hits.ids.shape[1]):
-                        i = int(hits.ids[row, j])
-                        if i < 0:
-                            continue
-                        f = self.fields[i]
-                        if flt and not flt.passes(f):
-                            continue
-                        s = int(hits.stages[row, j])
-                        got.append({"id": i, "distance": int(hits.distances[row, j, s - 1]),
-                                    "stage_bits": self.lengths[s - 1], "stage": s,
-                                    "pid": f[0], "camera": f[1], "time": f[2], "source": f[3]})
-                        if len(got) == k:
-                            break
-                    if len(got) < k and kk < n:
+                    results[qi] = self._passing(hits, row, k, flt)
+                    if len(results[qi]) < k and kk < n:
                         still.append(qi)
-                    else:
-                        results[qi] = got
                 pending = still
                 kk = min(n, kk * 4)
-            for qi in range(nq):
-                out.append(results[qi])
-        return out, tuple(sorted(partial))
+        return [results.get(qi, []) for qi in range(nq)], counts, tuple(sorted(partial))
 
-    def candidates(self, query: Mapping[int, np.ndarray], thresholds: Mapping[int, int] | None = None) -> list:
-        """Per query, the number of gallery items ranked at each stage (stage 1 = all; stage s + 1 = those
-        within every threshold up to ``L_s``, Sec. 3.1), counted exactly by the search kernels (summed over
-        the shards of a sharded index); None where a shard did not answer."""
-        thr = dict(thresholds) if thresholds is not None else self.thresholds
-        nq = next(iter(query.values())).shape[0]
-        with self.lock.read():
-            if self.index.ntotal == 0:
-                return [{str(L): 0 for L in self.lengths} for _ in range(nq)]
-            hits = self.index.search_hits(query, 1, thr if len(self.lengths) > 1 else None)
-        if hits.candidates is None or getattr(hits, "partial", ()):
-            return [None] * nq
-        return [{str(L): int(c) for L, c in zip(self.lengths, row)} for row in hits.candidates]
+    def _passing(self, hits, row: int, k: int, flt: Filter | None) -> list[dict]:
+        """The first ``k`` hits of row ``row`` that pass ``flt``, as answered (id, distance, stage, fields)."""
+        got = []
+        for j in range(hits.ids.shape[1]):
+            i = int(hits.ids[row, j])
+            if i < 0:  # padding
+                continue
+            f = self.fields[i]
+            if flt and not flt.passes(f):
+                continue
+            s = int(hits.stages[row, j])
+            got.append({"id": i, "distance": int(hits.distances[row, j, s - 1]), "stage_bits": self.lengths[s - 1],
+                        "stage": s, "pid": f[0], "camera": f[1], "time": f[2], "source": f[3]})
+            if len(got) == k:
+                break
+        return got

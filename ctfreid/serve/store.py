@@ -16,11 +16,12 @@ Durability and erasure rely on SQLite itself, no log format of our own:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,21 +127,15 @@ class Store:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA secure_delete=ON")
         db.execute("PRAGMA wal_autocheckpoint=1000")
-        with self._lock:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(stmt)
-                meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-                if not meta:
-                    for k, v in {"schema": str(SCHEMA_VERSION), "fingerprint": fingerprint,
-                                 "lengths": json.dumps(self.lengths), "erased": "0",
-                                 "created": repr(time.time())}.items():
-                        db.execute("INSERT INTO meta VALUES (?, ?)", (k, v))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(stmt)
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                for k, v in {"schema": str(SCHEMA_VERSION), "fingerprint": fingerprint,
+                             "lengths": json.dumps(self.lengths), "erased": "0",
+                             "created": repr(time.time())}.items():
+                    db.execute("INSERT INTO meta VALUES (?, ?)", (k, v))
         if meta:
             if meta.get("fingerprint") != fingerprint:
                 self.close()
@@ -184,6 +179,20 @@ class Store:
         return out
 
     # ---------------------------------------------------------------------------------------- writes
+    @contextlib.contextmanager
+    def transaction(self, locked: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error), under the
+        store's lock unless the caller holds it (``locked=True``). Durable when the block exits: WAL +
+        ``synchronous=FULL``."""
+        with contextlib.nullcontext() if locked else self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def add(self, codes: Mapping[int, np.ndarray], metas: Sequence[ItemMeta],
             thumbs: Sequence[bytes | None] | None = None) -> list[int]:
         """Insert items in one transaction; returns their ids once it has committed (durable)."""
@@ -193,21 +202,14 @@ class Store:
         thumbs = thumbs or [None] * len(blobs)
         now = time.time()
         ids = []
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for blob, m, th in zip(blobs, metas, thumbs):
-                    cur = db.execute(
-                        "INSERT INTO items (codes, pid, camera, time, source, track, extra, added, thumb) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (blob, m.pid, m.camera, m.time, m.source, m.track,
-                         json.dumps(m.extra) if m.extra else None, now, th))
-                    ids.append(int(cur.lastrowid))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            for blob, m, th in zip(blobs, metas, thumbs):
+                cur = db.execute(
+                    "INSERT INTO items (codes, pid, camera, time, source, track, extra, added, thumb) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (blob, m.pid, m.camera, m.time, m.source, m.track,
+                     json.dumps(m.extra) if m.extra else None, now, th))
+                ids.append(int(cur.lastrowid))
         return ids
 
     def delete(self, ids: Iterable[int]) -> list[int]:
@@ -215,9 +217,7 @@ class Store:
         the rows' bytes are in neither the database file nor the ``-wal`` file. Returns the ids deleted."""
         ids = sorted({int(i) for i in ids})
         with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self.transaction(locked=True) as db:
                 found = []
                 for chunk in _chunks(ids, 500):
                     q = ",".join("?" * len(chunk))
@@ -225,10 +225,6 @@ class Store:
                     db.execute(f"DELETE FROM items WHERE id IN ({q})", chunk)
                 if found:
                     db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'erased'", (len(found),))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             if found:
                 self._checkpoint_locked()
         return sorted(found)
