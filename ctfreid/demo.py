@@ -307,10 +307,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _run_demo(cfg: DemoConfig, threads: int) -> dict:
-    from ctfreid.data.datasets import load_dataset
+    from ctfreid.data.datasets import load_dataset, split_records
     from ctfreid.eval import report
     from ctfreid.eval.evaluate import beta_sweep, evaluate_sets, format_table
-    from ctfreid.data.datasets import split_records
     from ctfreid.infer.encoder import load_encoder
     from ctfreid.infer.gallery import build_index
     from ctfreid.learn.train import train
@@ -353,8 +352,6 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
         _say(cfg, f"  using the trained model in {run_dir}")
     encoder = load_encoder(run_dir, device=cfg.device)  # a run directory, or its ONNX export (--model x.onnx)
     info, fingerprint = encoder.info, encoder.fingerprint
-    info.setdefault("height", encoder.height)
-    info.setdefault("width", encoder.width)
     timings["train_s"] = time.perf_counter() - t
 
 

@@ -17,6 +17,7 @@ Because an item's key does not depend on the other items, removing items never r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,16 +107,14 @@ def merge_hits(parts: Sequence[Hits], k: int) -> Hits:
     allh = Hits(np.concatenate([p.ids for p in parts], axis=1),
                 np.concatenate([p.stages for p in parts], axis=1),
                 np.concatenate([p.distances for p in parts], axis=1), lengths)
+    # items ranked at each stage add up over disjoint shards
+    counts = np.sum([p.candidates for p in parts], axis=0) if all(p.candidates is not None for p in parts) else None
     width = allh.ids.shape[1]
     if width == 0:
-        counts = np.sum([p.candidates for p in parts], axis=0) if all(p.candidates is not None for p in parts) else None
-        return Hits(*(getattr(empty_hits(nq, lengths), f) for f in ("ids", "stages", "distances", "lengths")), counts)
+        return dataclasses.replace(empty_hits(nq, lengths), candidates=counts)
     order = np.lexsort(sort_key(allh), axis=-1)[:, : min(int(k), width)]
     ids = np.take_along_axis(allh.ids, order, axis=1)
     keep = int((ids >= 0).sum(axis=1).max(initial=0))  # drop columns that are padding in every row
     order = order[:, :keep]
-    counts = None  # items ranked at each stage add up over disjoint shards
-    if all(p.candidates is not None for p in parts):
-        counts = np.sum([p.candidates for p in parts], axis=0)
     return Hits(np.take_along_axis(allh.ids, order, axis=1), np.take_along_axis(allh.stages, order, axis=1),
                 np.take_along_axis(allh.distances, order[..., None], axis=1), lengths, counts)
