@@ -77,6 +77,33 @@ def _prefetch(typingctx, arr, idx):
     return types.void(arr, idx), codegen
 
 
+@intrinsic
+def _mask64(typingctx, arr, base, q, hi):
+    """Mask of the 64 codes ``arr[base:base + 64]`` (a ``uint32`` word view, one word per code) whose
+    distance to the word ``q`` is ``<= hi``: one vector load, XOR, popcount and compare on ``<64 x i32>``
+    and a bitcast of the ``<64 x i1>`` result (``vpopcntd`` + ``vpcmpd`` into mask registers on AVX-512).
+    The plain-loop version (``_mask1``) builds the mask with shifts and ORs, ~3x slower from L1."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint32 and isinstance(base, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i32 = ir.IntType(32)
+        vt = ir.VectorType(i32, BLOCK)
+        undef = ir.Constant(vt, ir.Undefined)
+
+        def splat(v, ty):
+            v = builder.insert_element(undef, context.cast(builder, v, ty, types.int32), ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, undef, ir.Constant(vt, [0] * BLOCK))
+
+        x = builder.load(builder.bitcast(builder.gep(ary.data, [args[1]]), vt.as_pointer()), align=4)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), f"llvm.ctpop.v{BLOCK}i32")
+        d = builder.call(ctpop, [builder.xor(x, splat(args[2], signature.args[2]))])
+        return builder.bitcast(builder.icmp_signed("<=", d, splat(args[3], signature.args[3])), ir.IntType(BLOCK))
+
+    return types.uint64(arr, base, q, hi), codegen
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     v = a.view()
     v.flags.writeable = False
@@ -702,9 +729,103 @@ def _first_of_stage(D, Ls, s, lst, c, lo, m, ord_a, ord_b, skey, ids, oI, oD, po
 
 
 @njit(**_JIT)
+def _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids, D, ws64, ws32, oD, oI, oC):
+    """Query ``i`` of ``ctf_topk`` from its stage-1 candidates on: gallery positions ``ids[:c1]`` in gallery
+    order, their stage-1 and stage-2 distances in ``D[0, :c1]`` and ``D[1, :c1]`` (``D``: [S, >= c1]).
+    Computes the later stages' distances into ``D[2:]``, writes the first ``k`` to ``oD``/``oI`` and the
+    candidate counts to ``oC[1:]``; ``g1``: the flat stage-1 word view (``W1`` words per code)."""
+    big, rcap = n + 2 * BLOCK, min(k, n) + 4096 + 2 * BLOCK
+    # rows/ord_a and tmp/skey share memory: the forward pass is over when the sorts begin
+    rows = ws64[big : big + n]
+    ord_a = rows
+    lst = ws64[big + n : big + 2 * n]
+    ord_b = ws64[big + 2 * n : big + 3 * n]
+    tmp = ws32[S * big : S * big + n]
+    skey = tmp
+    # forward: distances of the surviving candidates, stage by stage; lst holds their numbers
+    c = c1
+    oC[1] = c1  # oC[s]: items ranked at stage s (s >= 1; stage 0 ranks every live code)
+    if S == 2:
+        for j in range(c1):
+            lst[j] = j
+    else:  # branch-free compaction, gallery order kept
+        ds = D[1]
+        t = thr[1]
+        w = 0
+        for j in range(c1):
+            lst[w] = j
+            rows[w] = ids[j]
+            w += ds[j] <= t
+        c = w
+        oC[2] = c
+    for s in range(2, S - 1):
+        _later_dist(Qr, qoff, Gr, s, i, rows, c, tmp)
+        ds = D[s]
+        t = thr[s]
+        w = 0
+        for j in range(c):
+            x = lst[j]
+            d = tmp[j]
+            ds[x] = d
+            lst[w] = x
+            rows[w] = rows[j]
+            w += d <= t
+        c = w
+        oC[s + 1] = c
+    if S > 2:
+        _later_dist(Qr, qoff, Gr, S - 1, i, rows, c, tmp)
+        ds = D[S - 1]
+        for j in range(c):
+            ds[lst[j]] = tmp[j]
+    pos = _first_of_stage(D, Ls, S - 1, lst, c, 0, k, ord_a, ord_b, skey, ids, oI, oD, 0)
+    for s in range(S - 2, 0, -1):
+        if pos >= k:
+            break
+        # the candidates of stage s - 1 beyond thr[s] (rare with k << candidates)
+        c = 0
+        for j in range(c1):
+            if _in_stage(D, thr, s, j):
+                lst[c] = j
+                c += 1
+        pos = _first_of_stage(D, Ls, s, lst, c, thr[s] + 1, k - pos, ord_a, ord_b, skey, ids, oI, oD, pos)
+    if pos < k and c1 < n:
+        # fewer than k candidates after stage 1: continue with the stage-1 ranking beyond them
+        rbufi = ws64[big + 3 * n : big + 3 * n + rcap]
+        rpos = ws64[big + 3 * n + rcap : big + 3 * n + 2 * rcap]
+        rbufd = ws32[S * big + n : S * big + n + rcap]
+        rsorted = ws32[S * big + n + rcap : S * big + n + 2 * rcap]
+        hist = np.zeros(L1 + 2, np.int64)
+        dd = np.zeros(BLOCK + 1, np.int32)
+        cnt = _select(Q1[i], g1, W1, n, L1, k, L1, rbufi, rbufd, hist, dd, live)
+        _sort_identity(rbufd, cnt, L1, rpos, rsorted)
+        for r in range(c1, cnt):
+            oI[pos] = rbufi[rpos[r]]
+            oD[pos] = rsorted[r]
+            pos += 1
+    oI[pos:] = -1
+    oD[pos:] = INT32_MAX
+
+
+@njit(**_JIT)
+def _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, oD, oI, oC):
+    """Query ``i`` of ``ctf_topk`` on its own: stage 1 and 2 into the workspace, then ``_ctf_finish``."""
+    big = n + 2 * BLOCK
+    ids = ws64[:big]
+    D = ws32[: S * big].reshape(S, big)  # D[s, j]: stage-s distance of stage-1 candidate j
+    dd = np.zeros(BLOCK + 1, np.int32)
+    if W1 == 1:
+        c1 = _within1(Q1[i], g1, n, thr[0], ids, D[0], dd, live)
+    else:
+        c1 = _select(Q1[i], g1, W1, n, L1, n, thr[0], ids, D[0], np.zeros(L1 + 2, np.int64), dd, live)
+    _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
+    _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids, D, ws64, ws32, oD, oI, oC)
+
+
+@njit(**_JIT)
 def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC):
     """First ``k`` of the CtF rankings of a batch without ranking the whole gallery (arguments as for
-    ``ctf_rank``; ``ws64``/``ws32``: scratch from ``ctf_workspace``, reusable across calls).
+    ``ctf_rank``; ``ws64``/``ws32``: scratch from ``ctf_workspace``, reusable across calls), one query
+    after the other (``ctf_topk_batch``: a batch at once, same answers).
 
     Stage 1 collects the codes within ``thr[0]`` in gallery order (the stage-1 candidates, numbered
     0 .. c1 - 1); each later stage s computes its distances ``D[s]`` for the candidates of stage s - 1,
@@ -718,86 +839,124 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
     """
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
-    big, rcap = n + 2 * BLOCK, min(k, n) + 4096 + 2 * BLOCK
-    # rows/ord_a and tmp/skey share memory: the forward pass is over when the sorts begin
-    ids = ws64[:big]
-    rows = ws64[big : big + n]
-    ord_a = rows
-    lst = ws64[big + n : big + 2 * n]
-    ord_b = ws64[big + 2 * n : big + 3 * n]
-    rbufi = ws64[big + 3 * n : big + 3 * n + rcap]
-    rpos = ws64[big + 3 * n + rcap : big + 3 * n + 2 * rcap]
-    D = ws32[: S * big].reshape(S, big)  # D[s, j]: stage-s distance of stage-1 candidate j
-    tmp = ws32[S * big : S * big + n]
-    skey = tmp
-    rbufd = ws32[S * big + n : S * big + n + rcap]
-    rsorted = ws32[S * big + n + rcap : S * big + n + 2 * rcap]
-    hist = np.zeros(L1 + 2, np.int64)
-    dd = np.zeros(BLOCK + 1, np.int32)
     for i in range(Q1.shape[0]):
-        oD = outD[i]
-        oI = outI[i]
-        if W1 == 1:
-            c1 = _within1(Q1[i], g1, n, thr[0], ids, D[0], dd, live)
+        _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i])
+
+
+# A batch scans the gallery in tiles of TILE blocks (16 KB of 32-bit codes: stays in L1 while every query
+# of the batch is compared with it; the tile's 128-bit codes, 64 KB, stay in L2 for their stage 2).
+TILE = 64
+
+
+@njit(inline="always", **_JIT)
+def _extract_pos(mask, base, out, m):
+    """Append the gallery positions of ``mask`` to ``out[m:]``; returns the new count (``_extract``
+    without distances: four slots without branches, ``out`` has 4 spare slots)."""
+    c = _popcnt(mask)
+    out[m] = base + _ctz(mask)
+    mask &= mask - np.uint64(1)
+    out[m + 1] = base + _ctz(mask)
+    mask &= mask - np.uint64(1)
+    out[m + 2] = base + _ctz(mask)
+    mask &= mask - np.uint64(1)
+    out[m + 3] = base + _ctz(mask)
+    mask &= mask - np.uint64(1)
+    if c > 4:
+        r = m + 4
+        while mask:
+            out[r] = base + _ctz(mask)
+            r += 1
+            mask &= mask - np.uint64(1)
+    return m + c
+
+
+@njit(**_JIT)
+def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, ids, D, c):
+    """Append those of the tile hits ``pos[:m]`` of one query whose stage-2 distance is ``<= hi2`` to its
+    candidates (``ids``, ``D[0]``, ``D[1]`` from ``c`` on; branch-free, in gallery order) with their
+    stage-1 and stage-2 distances, computed while the tile's codes are in cache; returns the new count."""
+    d0 = D[0]
+    d1 = D[1]
+    for r in range(m):
+        p = pos[r]
+        if W2 == 2:
+            d = _popcnt(q2[0] ^ g2[2 * p]) + _popcnt(q2[1] ^ g2[2 * p + 1])
         else:
-            c1 = _select(Q1[i], g1, W1, n, L1, n, thr[0], ids, D[0], hist, dd, live)
-        # forward: distances of the surviving candidates, stage by stage; lst holds their numbers
-        _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
-        c = c1
-        outC[i, 1] = c1  # outC[i, s]: items ranked at stage s (s >= 1; stage 0 ranks every live code)
-        if S == 2:
-            for j in range(c1):
-                lst[j] = j
-        else:  # branch-free compaction, gallery order kept
-            ds = D[1]
-            t = thr[1]
-            w = 0
-            for j in range(c1):
-                lst[w] = j
-                rows[w] = ids[j]
-                w += ds[j] <= t
-            c = w
-            outC[i, 2] = c
-        for s in range(2, S - 1):
-            _later_dist(Qr, qoff, Gr, s, i, rows, c, tmp)
-            ds = D[s]
-            t = thr[s]
-            w = 0
-            for j in range(c):
-                x = lst[j]
-                d = tmp[j]
-                ds[x] = d
-                lst[w] = x
-                rows[w] = rows[j]
-                w += d <= t
-            c = w
-            outC[i, s + 1] = c
-        if S > 2:
-            _later_dist(Qr, qoff, Gr, S - 1, i, rows, c, tmp)
-            ds = D[S - 1]
-            for j in range(c):
-                ds[lst[j]] = tmp[j]
-        pos = _first_of_stage(D, Ls, S - 1, lst, c, 0, k, ord_a, ord_b, skey, ids, oI, oD, 0)
-        for s in range(S - 2, 0, -1):
-            if pos >= k:
-                break
-            # the candidates of stage s - 1 beyond thr[s] (rare with k << candidates)
-            c = 0
-            for j in range(c1):
-                if _in_stage(D, thr, s, j):
-                    lst[c] = j
-                    c += 1
-            pos = _first_of_stage(D, Ls, s, lst, c, thr[s] + 1, k - pos, ord_a, ord_b, skey, ids, oI, oD, pos)
-        if pos < k and c1 < n:
-            # fewer than k candidates after stage 1: continue with the stage-1 ranking beyond them
-            cnt = _select(Q1[i], g1, W1, n, L1, k, L1, rbufi, rbufd, hist, dd, live)
-            _sort_identity(rbufd, cnt, L1, rpos, rsorted)
-            for r in range(c1, cnt):
-                oI[pos] = rbufi[rpos[r]]
-                oD[pos] = rsorted[r]
-                pos += 1
-        oI[pos:] = -1
-        oD[pos:] = INT32_MAX
+            d = 0
+            for w in range(W2):
+                d += _popcnt(q2[w] ^ g2[W2 * p + w])
+        ids[c] = p
+        d0[c] = _popcnt(q0 ^ g1[p])
+        d1[c] = d
+        c += d <= hi2
+    return c
+
+
+@njit(**_JIT)
+def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt, c1):
+    """Stage 1 (and the stage-2 distances of its candidates) of queries ``a0 .. a0 + na - 1``: for each
+    tile of the gallery, every query's 64-code masks (``_mask64``, ``live`` applied); query ``a``'s hits
+    with a stage-2 distance ``<= hi2`` are appended to ``bufI[a]``/``bufD[a, 0:2]`` in gallery order.
+    ``c1[a]``: its number of stage-1 candidates; ``cnt[a]``: how many were kept, or more than the
+    buffer's capacity once it overflowed (the caller then searches that query on its own)."""
+    cap = bufI.shape[1]
+    n2, W2 = G2.shape
+    g2 = G2.reshape(n2 * W2)
+    nfull = n // BLOCK
+    ntiles = max(1, -(-nfull // TILE))
+    pos = np.empty((TILE + 1) * BLOCK + 4, np.int64)  # a tile's hits (the last tile: + the partial block)
+    dd = np.zeros(BLOCK + 1, np.int32)
+    for t in range(ntiles):
+        t0 = t * TILE
+        t1 = min(nfull, t0 + TILE)
+        for a in range(na):
+            c = cnt[a]
+            if c > cap:
+                continue
+            q0 = Q1[a0 + a, 0]
+            m = 0
+            for b in range(t0, t1):
+                m = _extract_pos(_mask64(g1, b * BLOCK, q0, hi) & live[b], b * BLOCK, pos, m)
+            if t == ntiles - 1 and n > nfull * BLOCK:  # the last, partial block
+                mask = _tail_mask(Q1[a0 + a], g1, 1, nfull * BLOCK, n - nfull * BLOCK, dd, hi) & live[nfull]
+                m = _extract_pos(mask, nfull * BLOCK, pos, m)
+            c1[a] += m
+            if c + m > cap:
+                cnt[a] = cap + 1
+            else:
+                cnt[a] = _append_tile(q0, g1, Qr[a0 + a, qoff[0] : qoff[1]], g2, W2, hi2, pos, m, bufI[a], bufD[a], c)
+
+
+@njit(**_JIT)
+def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi2, bufI, bufD, outD, outI, outC):
+    """``ctf_topk`` for a batch at once, same answers: stage 1 scans the gallery once per group of
+    ``bufI.shape[0]`` queries, tile by tile (``_scan_tiles``), instead of once per query; the later stages
+    run per query (``_ctf_finish``). Stage-1 codes of one 32-bit word (``G1``: [n, 1]). ``bufI``/``bufD``:
+    candidate buffers from ``batch_buffers``.
+
+    Only the stage-1 candidates with a stage-2 distance ``<= hi2`` are kept (``hi2 >= thr[1]``; less
+    memory traffic): they rank before all the others (Sec. 3.1), so the first ``k`` come from them alone
+    when at least ``k`` are kept (or all were). Otherwise, and when a query has more candidates than the
+    buffers hold, that query is searched on its own (``_ctf_one``)."""
+    n, W1 = G1.shape
+    g1 = G1.reshape(n * W1)
+    nq = Q1.shape[0]
+    G, cap = bufI.shape
+    cnt = np.zeros(G, np.int64)
+    c1 = np.zeros(G, np.int64)
+    for a0 in range(0, nq, G):
+        na = min(G, nq - a0)
+        cnt[:] = 0
+        c1[:] = 0
+        _scan_tiles(Q1, g1, n, thr[0], hi2, Qr, qoff, Gr[0], live, a0, na, bufI, bufD, cnt, c1)
+        for a in range(na):
+            i = a0 + a
+            if cnt[a] > cap or (cnt[a] < k and cnt[a] < c1[a]):
+                _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i])
+            else:
+                _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, cnt[a], bufI[a], bufD[a],
+                            ws64, ws32, outD[i], outI[i], outC[i])
+                outC[i, 1] = c1[a]
 
 
 @njit(**_JIT)
@@ -845,6 +1004,20 @@ def ctf_workspace(n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:
     faults of fresh memory."""
     big, rcap = n + 2 * BLOCK, min(k, n) + 4096 + 2 * BLOCK
     return np.empty(big + 3 * n + 2 * rcap, np.int64), np.empty(S * big + n + 2 * rcap, np.int32)
+
+
+def batch_shape(n: int, nq: int, S: int, budget: int = 1 << 28) -> tuple[int, int]:
+    """(queries at a time G, candidates a query cap) of ``ctf_topk_batch``'s buffers for ``nq`` queries on
+    ``n`` codes and ``S`` stages: room for ``n / 16 + 4096`` candidates a query (thresholds keep a few %; a
+    query with more is searched on its own) and ``G <= nq`` queries within ``budget`` bytes (only the
+    pages of actual candidates are touched)."""
+    cap = min(n, n // 16 + 4096) + 2 * BLOCK
+    return max(1, min(nq, budget // (cap * (8 + 4 * S)))), cap
+
+
+def batch_buffers(G: int, cap: int, S: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate buffers of ``ctf_topk_batch``: ids ``int64 [G, cap]``, distances ``int32 [G, S, cap]``."""
+    return np.empty((G, cap), np.int64), np.empty((G, S, cap), np.int32)
 
 
 def stage_offsets(lengths: list[int]) -> np.ndarray:

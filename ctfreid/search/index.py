@@ -70,6 +70,8 @@ from ctfreid.search.thresholds import threshold_array
 MAGIC = b"CTFREID\x00"
 FORMAT_VERSION = 1
 COMPACT_FRACTION = 0.2  # dead slots beyond this share of the slots are compacted away
+BATCH_MIN_QUERIES = 2  # top-k of this many queries (per thread) or more: ctf_topk_batch (measured)
+BATCH_FILTER_MIN_N = 1 << 17  # larger galleries: a batch keeps only the stage-2 candidates (measured)
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sII")  # magic, version, header size
 _CRC = struct.Struct("<I")
@@ -417,6 +419,11 @@ class CtFIndex:
             args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Ls, len(lengths), thr)
             if full:
                 _kernels.ctf_rank(*args, D, P)
+            elif nq >= BATCH_MIN_QUERIES and lengths[0] == 32:
+                # stage 2 keeps only the candidates within thr[1] on large galleries (see ctf_topk_batch)
+                hi2 = int(thr[1]) if len(lengths) > 2 and n > BATCH_FILTER_MIN_N else lengths[1]
+                _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), hi2, *self._batch_buffers(n, nq),
+                                        D, P, C)
             else:
                 _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C)
         if full and self._ndead:  # the order is a per-item key: dropping removed items keeps it exact
@@ -433,6 +440,15 @@ class CtFIndex:
             ws = (key, _kernels.ctf_workspace(n, k, len(self._lengths)))
             self._local.ws = ws
         return ws[1]
+
+    def _batch_buffers(self, n: int, nq: int) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate buffers of ``ctf_topk_batch``, one pair per thread, reused while they fit."""
+        S = len(self._lengths)
+        G, cap = _kernels.batch_shape(n, nq, S)
+        bufs = getattr(self._local, "batch", None)
+        if bufs is None or bufs[0].shape[0] < G or bufs[1].shape[1:] != (S, cap):
+            bufs = self._local.batch = _kernels.batch_buffers(G, cap, S)
+        return bufs
 
     def _hit_keys(self, qs: tuple[np.ndarray, ...], P: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-length distances and stage counts of the hits at slots ``P`` (read lock held)."""

@@ -1,0 +1,132 @@
+"""The cache-blocked batch scan (``_kernels.ctf_topk_batch``) gives exactly the one-query answers and those of a
+brute-force oracle: ties, removed items, k beyond the candidates, per-call thresholds, every ``Hits`` field."""
+
+import numpy as np
+import pytest
+
+from ctfreid.search import _kernels
+from ctfreid.search import index as index_module
+from ctfreid.search.index import CtFIndex
+
+NQ = 70  # queries: batches of 1 .. 70 are their prefixes
+
+
+def codes(rng: np.random.Generator, n: int, lengths: tuple[int, ...], pool: int) -> dict[int, np.ndarray]:
+    """Random codes, half of them drawn from a small pool (many exact ties at every length)."""
+    out = {L: rng.integers(0, 256, (n, L // 8), dtype=np.uint8) for L in lengths}
+    tied = rng.random(n) < 0.5
+    pick = rng.integers(0, pool, n)
+    for L in lengths:
+        base = rng.integers(0, 256, (pool, L // 8), dtype=np.uint8)
+        out[L][tied] = base[pick[tied]]
+    return out
+
+
+def oracle(q: dict, g: dict, live: np.ndarray, thresholds: dict, k: int) -> tuple:
+    """(ids, stages, distances, candidates) by unpacking bits: the stages from the thresholds, then the
+    documented key (more stages first, finest distance, ..., shortest distance, insertion order)."""
+    lengths = sorted(g)
+    S = len(lengths)
+    d = []
+    for L in lengths:  # Hamming distance = mismatching bits, counted from the unpacked bits
+        qb = np.unpackbits(q[L], axis=1).astype(np.int64)
+        gb = np.unpackbits(g[L], axis=1).astype(np.int64)
+        d.append(qb @ (1 - gb).T + (1 - qb) @ gb.T)
+    d = np.stack(d, axis=2)  # [nq, n, S]
+    nq, n = d.shape[:2]
+    stages = np.ones((nq, n), np.int64)
+    reach = np.ones((nq, n), bool)
+    for s, L in enumerate(lengths[:-1]):
+        reach &= d[:, :, s] <= thresholds[L]
+        stages += reach
+    keyd = np.where(np.arange(S) < stages[..., None], d, -1)
+    m = min(k, int(live.sum()))
+    ids = np.full((nq, k), -1, np.int64)
+    st = np.zeros((nq, k), np.int8)
+    dist = np.full((nq, k, S), -1, np.int32)
+    cand = np.stack([(stages[:, live] >= s + 1).sum(axis=1) for s in range(S)], axis=1)
+    pos = np.flatnonzero(live)
+    for i in range(nq):
+        order = np.lexsort([pos] + [keyd[i, pos, s] for s in range(S)] + [-stages[i, pos]])[:m]
+        ids[i, :m] = pos[order]
+        st[i, :m] = stages[i, pos[order]]
+        dist[i, :m] = keyd[i, pos[order]]
+    return ids, st, dist, cand
+
+
+def one_query(index: CtFIndex, q: dict, k: int, thresholds: dict) -> tuple:
+    """The one-query, one-thread path, query by query."""
+    hits = [index.search_hits({L: c[i : i + 1] for L, c in q.items()}, k, thresholds, threads=1) for i in range(NQ)]
+    found = [index.search({L: c[i] for L, c in q.items()}, k, thresholds, threads=1) for i in range(NQ)]
+    return (np.concatenate([h.ids for h in hits]), np.concatenate([h.stages for h in hits]),
+            np.concatenate([h.distances for h in hits]), np.concatenate([h.candidates for h in hits]),
+            np.stack([f[0] for f in found]))
+
+
+CASES = [  # n, lengths, thresholds, k
+    (1, (32, 128, 512), {32: 16, 128: 64}, 5),
+    (63, (32, 64, 96, 128), {32: 14, 64: 30, 96: 46}, 10),
+    (4095, (32, 128, 512), {32: 10, 128: 56}, 20),
+    (4097, (32, 64, 96, 128), {32: 12, 64: 28, 96: 46}, 30),
+    (8269, (32, 128), {32: 11}, 40),  # two stages: every stage-1 candidate is kept
+    (9001, (32, 64, 96, 128), {32: 13, 64: 30, 96: 44}, 300),  # k beyond the later stages' candidates
+    (10000, (32, 128, 512), {32: 32, 128: 128}, 50),  # everything passes: buffers overflow
+    (5000, (32, 64, 96, 128), {32: 0, 64: 0, 96: 0}, 7000),  # k > n, (almost) no candidates
+]
+
+
+@pytest.mark.parametrize("filter_min_n", [0, 1 << 40])  # stage 2 keeps only thr[1]'s candidates / all
+@pytest.mark.parametrize("n, lengths, thresholds, k", CASES)
+def test_batches_equal_one_query_and_oracle(monkeypatch, filter_min_n, n, lengths, thresholds, k):
+    monkeypatch.setattr(index_module, "BATCH_FILTER_MIN_N", filter_min_n)
+    rng = np.random.default_rng(n)
+    g, q = codes(rng, n, lengths, 9), codes(rng, NQ, lengths, 9)
+    q = {L: np.concatenate([g[L][rng.integers(0, n, NQ // 2)], c[: NQ - NQ // 2]]) for L, c in q.items()}
+    index = CtFIndex()
+    index.add(g)
+    index.thresholds = {L: 0 for L in lengths[:-1]}  # overridden per call
+    removed = rng.choice(n, n // 7, replace=False)
+    index.remove_ids(removed)
+    live = np.ones(n, bool)
+    live[removed] = False
+    want = oracle(q, g, live, thresholds, k)
+    one = one_query(index, q, k, thresholds)
+    m = min(k, int(live.sum()))
+    for got, ref in zip(one[:3], want[:3]):
+        np.testing.assert_array_equal(got, ref[:, :m])
+    np.testing.assert_array_equal(one[3], want[3])
+    for b in (1, 2, 3, 9, 64, NQ):
+        qb = {L: c[:b] for L, c in q.items()}
+        for t in (1, 2):
+            h = index.search_hits(qb, k, threads=t, thresholds=thresholds)
+            D, ids = index.search(qb, k, threads=t, thresholds=thresholds)
+            np.testing.assert_array_equal(h.ids, one[0][:b])
+            np.testing.assert_array_equal(h.stages, one[1][:b])
+            np.testing.assert_array_equal(h.distances, one[2][:b])
+            np.testing.assert_array_equal(h.candidates, one[3][:b])
+            np.testing.assert_array_equal(ids, one[0][:b])
+            np.testing.assert_array_equal(D, one[4][:b])
+
+
+def test_kernel_groups_and_hi2():
+    """Groups smaller than the batch and any stage-2 bound >= thr[1] give the one-query answers."""
+    rng = np.random.default_rng(5)
+    lengths = (32, 128, 512, 2048)
+    n, k = 6000, 25
+    g, q = codes(rng, n, lengths, 5), codes(rng, 33, lengths, 5)
+    index = CtFIndex()
+    index.add(g)
+    index.thresholds = {32: 12, 128: 58, 512: 240}
+    index.remove_ids(rng.choice(n, 500, replace=False))
+    qs, _ = index._queries(q)
+    G1, Gr, Ls, qoff = index._stage_views()
+    thr = index._thresholds(None)
+    args = (_kernels.words32(qs[0]), _kernels.words32(G1), 32, _kernels.later_queries(qs, qoff), qoff, Gr, Ls, 4, thr,
+            k, index._live, *_kernels.ctf_workspace(n, k, 4))
+    want = [np.empty((33, k), np.int32), np.empty((33, k), np.int64), np.zeros((33, 4), np.int64)]
+    _kernels.ctf_topk(*args, *want)
+    for G, hi2 in ((1, thr[1]), (4, thr[1] + 3), (33, 128), (50, thr[1])):
+        got = [np.empty((33, k), np.int32), np.empty((33, k), np.int64), np.zeros((33, 4), np.int64)]
+        _kernels.ctf_topk_batch(*args, int(hi2), *_kernels.batch_buffers(G, _kernels.batch_shape(n, 33, 4)[1], 4), *got)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
