@@ -77,7 +77,7 @@ _HELP = {
     "synth": "generate a synthetic ReID dataset in Market-1501 layout",
     "train": "train an All-in-One (AiO) model that writes multi-length binary codes",
     "encode": "encode a split of a dataset into an .npz of codes and features",
-    "calibrate": "fit DTO thresholds on an encoded validation set",
+    "calibrate": "fit coarse-to-fine thresholds on a validation set: DTO, or aimed at accuracy or a time budget",
     "evaluate": "CMC/mAP and query time of float, each code length and CtF from .npz files",
     "index": "build or extend a coarse-to-fine index from a folder of images",
     "search": "search an index with query images",

@@ -1,26 +1,44 @@
-"""``ctfreid calibrate``: DTO thresholds (Sec. 3.3) from an encoded validation set."""
+"""``ctfreid calibrate``: coarse-to-fine thresholds from an encoded validation set: DTO (Sec. 3.3), or aimed
+at an accuracy or a time target (``ctfreid.eval.calibration``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 from ctfreid.cli._args import output_file, positive_float, positive_int, seed
 from ctfreid.errors import CtfreidError
 
-HELP = "fit DTO thresholds on an encoded validation set"
-DESCRIPTION = """Distance Threshold Optimization (DTO, Sec. 3.3 of the paper): for every code length but the
-longest, fit Gaussians to the Hamming distances of same-identity pairs (different cameras) and of
-different-identity pairs in a validation set, and choose the threshold that maximises F_beta. Larger
-beta favours recall (more candidates: slower, more accurate). The thresholds .json it writes is accepted
-by 'ctfreid evaluate --thresholds', 'ctfreid index build' and 'ctfreid search'.
+HELP = "fit coarse-to-fine thresholds on a validation set: DTO, or aimed at accuracy or a time budget"
+DESCRIPTION = """Thresholds for coarse-to-fine search, for every code length but the longest, fitted on a
+validation set (never on the test set). The thresholds .json it writes is accepted by 'ctfreid evaluate
+--thresholds', 'ctfreid index build' and 'ctfreid search'. Three targets:
 
+--target dto: Distance Threshold Optimization (DTO, Sec. 3.3 of the paper): fit Gaussians to the Hamming
+distances of same-identity pairs (different cameras) and of different-identity pairs, and choose the
+threshold that maximises F_beta. Larger beta favours recall (more candidates: slower, more accurate).
+
+--target accuracy: the thresholds with the lowest expected query time whose CtF mAP and Rank-1 stay within
+--tolerance points of the longest code alone, on the validation identities split into query and gallery
+(one query per identity and camera).
+--target time: the best validation mAP whose expected time is at most --budget-ms milliseconds per query.
+Expected times come from a cost model of top-k CtF search measured on this machine (5-20 s; --cost-model
+reads a saved one, --save-cost-model keeps it) and are planned for a gallery of --gallery-size items (the
+fractions kept at each stage transfer across sizes; default: the validation gallery).
+
+Without --target: dto when --beta is given, time when --budget-ms is, else dto (the paper's).
 --beta-sweep prints thresholds for a range of betas; with --query and --gallery it also evaluates CtF at
-each (the accuracy / speed trade-off of the paper's Fig. 4). Fit on validation data, never on the test set.
+each (the accuracy / speed trade-off of the paper's Fig. 4).
 
 example:
   ctfreid calibrate --val val.npz --beta 2 --out thresholds.json
+  ctfreid calibrate --val val.npz --target accuracy --tolerance 0.5 --gallery-size 100000 --out thresholds.json
+  ctfreid calibrate --val val.npz --target time --budget-ms 0.2 --cost-model cost.json --out thresholds.json
   ctfreid calibrate --val val.npz --beta-sweep --query q.npz --gallery g.npz"""
+
+TARGETS = ("dto", "accuracy", "time")
+DEFAULT_TARGET = "dto"
 
 
 def _betas(text: str) -> list[float]:
@@ -34,17 +52,45 @@ def _betas(text: str) -> list[float]:
     return values
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of points, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of points >= 0, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", required=True, metavar="VAL.npz",
                         help="encoded validation set (pids, camids, codes_<L>)")
-    parser.add_argument("--beta", type=positive_float, default=2.0, help="F_beta weight of recall (default 2.0, the paper's)")
+    parser.add_argument("--target", choices=TARGETS, default=None,
+                        help="dto (the paper's F_beta), accuracy (fastest within --tolerance of the longest code) "
+                        "or time (most accurate within --budget-ms); default: see above")
+    parser.add_argument("--beta", type=positive_float, default=None,
+                        help="DTO: F_beta weight of recall (default 2.0, the paper's)")
     parser.add_argument("--rho", default="1",
-                        help="weight of the negative CDF: a number, or 'auto' = the real negative/positive "
+                        help="DTO: weight of the negative CDF: a number, or 'auto' = the real negative/positive "
                         "pair ratio (default 1)")
-    parser.add_argument("--out", type=output_file, metavar="thresholds.json", help="write thresholds, beta and the Gaussian fits as JSON")
+    parser.add_argument("--tolerance", type=_tolerance, default=None, metavar="POINTS",
+                        help="target accuracy: most mAP and Rank-1 points lost to the longest code (default 0.5)")
+    parser.add_argument("--budget-ms", type=positive_float, default=None, metavar="MS",
+                        help="target time: most expected milliseconds per query")
+    parser.add_argument("--gallery-size", type=positive_int, default=None, metavar="N",
+                        help="targets: plan the time for a gallery of N items (default: the validation gallery)")
+    parser.add_argument("--k", type=positive_int, default=None,
+                        help="targets: the top-k of the searches timed (default 100, or the cost model's)")
+    parser.add_argument("--cost-model", metavar="COST.json",
+                        help="targets: read the cost model from this file instead of measuring it")
+    parser.add_argument("--save-cost-model", type=output_file, metavar="COST.json",
+                        help="targets: write the measured cost model here (for --cost-model next time)")
+    parser.add_argument("--out", type=output_file, metavar="thresholds.json",
+                        help="write the thresholds and how they were fitted as JSON")
     parser.add_argument("--max-pairs", type=positive_int, default=1_000_000,
                         help="most pairs of each kind used for the fits (deterministic subsample; default 1000000)")
-    parser.add_argument("--seed", type=seed, default=0, help="seed of the pair subsample (default 0)")
+    parser.add_argument("--seed", type=seed, default=0,
+                        help="seed of the pair subsample and of the validation query / gallery split (default 0)")
     parser.add_argument("--beta-sweep", action="store_true", help="print the trade-off table over several betas")
     parser.add_argument("--betas", type=_betas, default=None, metavar="B1,B2,...",
                         help="betas of the sweep (default 0.01,0.03,0.1,0.3,1,2,3,10)")
@@ -52,28 +98,93 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gallery", metavar="G.npz", help="with --beta-sweep: ... against this gallery")
 
 
+def resolve_target(args: argparse.Namespace) -> str:
+    """The target of the command line, its options checked against it (one clear error otherwise)."""
+    target = args.target or ("dto" if args.beta is not None else "time" if args.budget_ms is not None
+                             else DEFAULT_TARGET)
+    targeted = {"--tolerance": args.tolerance, "--budget-ms": args.budget_ms, "--gallery-size": args.gallery_size,
+                "--k": args.k, "--cost-model": args.cost_model, "--save-cost-model": args.save_cost_model}
+    if target == "dto":
+        given = [name for name, v in targeted.items() if v is not None]
+        if given:
+            which = {"--tolerance": "accuracy", "--budget-ms": "time"}.get(given[0], "accuracy or time")
+            raise CtfreidError(f"{given[0]} applies to --target {which}, not dto")
+        return target
+    if args.beta is not None:
+        raise CtfreidError(f"--beta applies to --target dto, not {target}")
+    if target == "accuracy" and args.budget_ms is not None:
+        raise CtfreidError("--budget-ms applies to --target time, not accuracy (use --tolerance)")
+    if target == "time" and args.budget_ms is None:
+        raise CtfreidError("--target time needs --budget-ms MS (the most expected milliseconds per query)")
+    if target == "time" and args.tolerance is not None:
+        raise CtfreidError("--tolerance applies to --target accuracy, not time (use --budget-ms)")
+    if args.cost_model and args.save_cost_model:
+        raise CtfreidError("--save-cost-model writes a measured cost model; with --cost-model nothing is measured")
+    return target
+
+
+def _fit_target(args: argparse.Namespace, target: str, val) -> tuple[dict, dict]:
+    """The targeted fit: prints it, returns (thresholds, the rest of the JSON)."""
+    from ctfreid.eval.calibration import DEFAULT_TOLERANCE, fit_target, format_fit
+    from ctfreid.eval.cost_model import CostModel, default_sizes, format_cost_model, measure_cost_model
+
+    if args.cost_model:
+        model = CostModel.load(args.cost_model)
+        model.check_lengths(val.lengths, f"codes of {args.val}")
+        print(f"cost model from {args.cost_model}")
+    else:
+        k = args.k or 100
+        n = args.gallery_size or len(val)
+        sizes = default_sizes(n, k)
+        print(f"measuring the cost model of top-{k} search on generated codes ({sizes[0]} and {sizes[1]} items, "
+              "one thread)...", flush=True)
+        model = measure_cost_model(val.lengths, sizes, k=k)
+        if args.save_cost_model:
+            model.save(args.save_cost_model)
+            print(f"wrote {args.save_cost_model}")
+    print(format_cost_model(model))
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    fit = fit_target(val, target, tolerance, args.budget_ms, model, args.gallery_size, args.k, args.seed,
+                     args.max_pairs)
+    print(format_fit(fit))
+    sizes = model.info.get("sizes")
+    if sizes and not min(sizes) / 4 <= fit.gallery_size <= 4 * max(sizes):
+        print(f"note: the cost model was measured on galleries of {sizes} items, far from {fit.gallery_size}: "
+              f"measure one for this size (omit --cost-model, add --gallery-size {fit.gallery_size})")
+    return fit.thresholds, {"fit": fit.to_dict(), "cost_model": model.to_dict()}
+
+
 def run(args: argparse.Namespace) -> int:
+    from ctfreid._atomic import atomic_write
     from ctfreid.cli.evaluate import parse_rho
     from ctfreid.encoded import load_encoded
     from ctfreid.eval.evaluate import DEFAULT_BETAS, beta_sweep, format_sweep
     from ctfreid.search.thresholds import fit_dto, save_thresholds
 
     rho = parse_rho(args.rho)
+    target = resolve_target(args)
+    beta = 2.0 if args.beta is None else args.beta
     if (args.query or args.gallery) and not args.beta_sweep:
         raise CtfreidError("--query / --gallery only apply with --beta-sweep")
     if bool(args.query) != bool(args.gallery):
         raise CtfreidError("--beta-sweep needs both --query and --gallery, or neither")
     val = load_encoded(args.val, f"--val {args.val}")
-    fits = fit_dto(val.codes, val.pids, val.camids, beta=args.beta, rho=rho, max_pairs=args.max_pairs, seed=args.seed)
-    print(f"DTO on {args.val}: {len(val)} images, beta={args.beta:g}, rho={args.rho}")
-    print(f"{'length':>6}  {'relevant mean/std (pairs)':<28}{'non-relevant mean/std (pairs)':<32}"
-          f"{'threshold':>9}{'F_beta':>8}{'recall':>8}{'neg. rate':>11}")
-    for L, f in fits.items():
-        pos = f"{f.pos_mean:.2f}/{f.pos_std:.2f} ({f.num_pos})"
-        neg = f"{f.neg_mean:.2f}/{f.neg_std:.2f} ({f.num_neg})"
-        print(f"{L:>6}  {pos:<28}{neg:<32}{f.threshold:>9}{f.f_beta:>8.3f}{f.recall:>8.3f}{f.neg_rate:>11.2e}")
-    print("thresholds: " + ",".join(f"{L}={f.threshold}" for L, f in fits.items()))
-    extra = {"rho_spec": rho, "val": str(args.val), "num_images": len(val)}
+    extra = {"target": target, "val": str(args.val), "num_images": len(val), "seed": args.seed}
+    if target == "dto":
+        extra["rho_spec"] = rho
+        fits = fit_dto(val.codes, val.pids, val.camids, beta=beta, rho=rho, max_pairs=args.max_pairs, seed=args.seed)
+        print(f"DTO on {args.val}: {len(val)} images, beta={beta:g}, rho={args.rho}")
+        print(f"{'length':>6}  {'relevant mean/std (pairs)':<28}{'non-relevant mean/std (pairs)':<32}"
+              f"{'threshold':>9}{'F_beta':>8}{'recall':>8}{'neg. rate':>11}")
+        for L, f in fits.items():
+            pos = f"{f.pos_mean:.2f}/{f.pos_std:.2f} ({f.num_pos})"
+            neg = f"{f.neg_mean:.2f}/{f.neg_std:.2f} ({f.num_neg})"
+            print(f"{L:>6}  {pos:<28}{neg:<32}{f.threshold:>9}{f.f_beta:>8.3f}{f.recall:>8.3f}{f.neg_rate:>11.2e}")
+        print("thresholds: " + ",".join(f"{L}={f.threshold}" for L, f in fits.items()))
+    else:
+        print(f"thresholds for target {target} on {args.val}: {len(val)} images")
+        thresholds, more = _fit_target(args, target, val)
+        extra.update(more)
     if args.beta_sweep:
         query = load_encoded(args.query, f"--query {args.query}") if args.query else None
         gallery = load_encoded(args.gallery, f"--gallery {args.gallery}") if args.gallery else None
@@ -82,6 +193,11 @@ def run(args: argparse.Namespace) -> int:
         print(format_sweep(rows))
         extra["sweep"] = rows
     if args.out:
-        save_thresholds(args.out, fits, extra)
+        if target == "dto":
+            save_thresholds(args.out, fits, extra)
+        else:
+            with atomic_write(args.out, "w") as f:
+                json.dump({"thresholds": {str(L): t for L, t in thresholds.items()}, **extra}, f, indent=2)
+                f.write("\n")
         print(f"wrote {args.out}")
     return 0

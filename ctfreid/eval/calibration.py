@@ -1,0 +1,376 @@
+"""Thresholds aimed at what a user wants: the accuracy of the longest code, or a time budget (Sec. 3.3).
+
+DTO (``ctfreid.search.thresholds``, Alg. 1) balances accuracy and speed with one knob, beta, whose effect on
+either is only known after the fact. The paper notes that the direct alternative, a search over the
+thresholds by cross-validation, has too large a space (``prod_L L > 4e9`` settings for 32/128/512/2048
+bits). This module makes that search small enough to run in seconds and aims it at a target:
+
+- ``target="accuracy"``: the thresholds with the lowest expected query time whose CtF mAP *and* Rank-1 on
+  the validation split stay within ``tolerance`` points of the longest code alone;
+- ``target="time"``: the best validation mAP (then Rank-1) whose expected time is at most ``budget_ms``.
+
+Protocol. The validation identities are split like a test set (:func:`split_validation`): one query per
+identity and camera (for identities seen by two or more cameras), the other images form the gallery;
+accuracy is CMC / mAP under the Market-1501 protocol (``ctfreid.eval.metrics``) of the full CtF ranking,
+as ``evaluate_sets`` and ``beta_sweep`` compute it. Time is the cost model's expected milliseconds of
+top-``k`` search (``ctfreid.eval.cost_model``) for a gallery of ``gallery_size`` items, from the fractions of
+the validation gallery each threshold keeps.
+
+Search. Per thresholded length, a grid of candidate thresholds from the validation distance distributions:
+quantiles of the same-identity (cross-camera) distances, of the different-identity distances (the kept
+fraction of non-matches), the DTO thresholds of a range of betas (Eq. 8), and the length itself (no
+pruning). From "no pruning" at every length, a greedy descent lowers one length's threshold by one grid
+step at a time, the step that loses the least accuracy per millisecond saved (free steps first, the
+largest saving among them); every point it visits, and every step it tries, is a candidate, as are the
+DTO thresholds. The target picks among them, then a local search refines the pick one grid step per
+length at a time (down for the accuracy target, up for the time target). Thresholds only decrease along
+the descent, so accuracy and time move monotonically but for noise. Rankings are evaluated once per
+distinct candidate set (two threshold settings that keep the same items at every stage rank alike).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ctfreid.encoded import EncodedSet
+from ctfreid.errors import CtfreidError
+from ctfreid.eval.cost_model import CostModel, expected_ms, stage_work
+from ctfreid.eval.evaluate import DEFAULT_BETAS
+from ctfreid.eval.metrics import merge_metrics, ranking_stats
+from ctfreid.search.coarse_to_fine import ctf_rank
+from ctfreid.search.hamming import check_k, hamming_distances, hamming_rank
+from ctfreid.search.thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_from_distances, pair_distances
+
+TARGETS = ("accuracy", "time")
+DEFAULT_TOLERANCE = 0.5  # mAP and Rank-1 points
+# quantile levels of the grids: same-identity distances (recall kept) and different-identity ones (kept
+# fraction of non-matches)
+POSITIVE_LEVELS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
+NEGATIVE_LEVELS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+GRID_BETAS = DEFAULT_BETAS + (30.0, 100.0)
+
+
+@dataclass
+class TargetFit:
+    """Thresholds for a target and what they are expected to give (fractions are in [0, 1]; ``tolerance``
+    and ``budget_ms`` as given).
+
+    ``keep_fractions[L]``: the mean fraction of the validation gallery ranked with the ``L``-bit code (every
+    length but the shortest); ``candidates[L]``: that fraction times ``gallery_size``; ``reference``: mAP and
+    Rank-1 of the longest code alone on the same split; ``no_pruning_ms``: the expected time with every
+    threshold at its length (CtF ranking everything at every length).
+    """
+
+    target: str
+    thresholds: dict[int, int]
+    expected_ms: float
+    val_map: float
+    val_rank1: float
+    reference: dict[str, float]
+    keep_fractions: dict[int, float]
+    candidates: dict[int, float]
+    gallery_size: int
+    k: int
+    no_pruning_ms: float
+    tolerance: float | None = None
+    budget_ms: float | None = None
+    val_queries: int = 0
+    val_gallery: int = 0
+    evaluations: int = 0
+    grids: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (length keys as strings)."""
+        return {
+            "target": self.target,
+            "tolerance": self.tolerance,
+            "budget_ms": self.budget_ms,
+            "thresholds": {str(L): t for L, t in self.thresholds.items()},
+            "expected_ms": self.expected_ms,
+            "gallery_size": self.gallery_size,
+            "k": self.k,
+            "val_mAP": self.val_map,
+            "val_rank1": self.val_rank1,
+            "reference": self.reference,
+            "keep_fractions": {str(L): f for L, f in self.keep_fractions.items()},
+            "candidates": {str(L): c for L, c in self.candidates.items()},
+            "no_pruning_ms": self.no_pruning_ms,
+            "val_queries": self.val_queries,
+            "val_gallery": self.val_gallery,
+            "evaluations": self.evaluations,
+        }
+
+
+def split_validation(val: EncodedSet, seed: int = 0) -> tuple[EncodedSet, EncodedSet]:
+    """Query and gallery from a validation set, like a test protocol (CUHK03-NP, Market-1501): one query
+    per identity and camera, drawn with ``seed``, for identities seen by two or more cameras; every other
+    image (pid -1 ones dropped) is in the gallery. Raises when no query would have a true match."""
+    pids, cams = val.pids, val.camids
+    rng = np.random.default_rng(seed)
+    labelled = np.flatnonzero(pids != -1)
+    order = labelled[rng.permutation(labelled.size)]
+    cams_of: dict[int, set] = {}
+    for i in labelled:
+        cams_of.setdefault(int(pids[i]), set()).add(int(cams[i]))
+    is_query = np.zeros(pids.size, bool)
+    taken: set[tuple[int, int]] = set()
+    for i in order:
+        key = (int(pids[i]), int(cams[i]))
+        if len(cams_of[key[0]]) >= 2 and key not in taken:
+            taken.add(key)
+            is_query[i] = True
+    is_gallery = (pids != -1) & ~is_query
+    if not is_query.any() or not is_gallery.any():
+        raise CtfreidError(
+            f"validation set: {len(cams_of)} identities, none seen by two cameras with images to spare: a "
+            "query / gallery split needs identities with images from two or more cameras"
+        )
+
+    def take(mask: np.ndarray) -> EncodedSet:
+        return EncodedSet(codes={L: c[mask] for L, c in val.codes.items()}, pids=pids[mask], camids=cams[mask])
+
+    return take(is_query), take(is_gallery)
+
+
+def _check_target(target: str, tolerance, budget_ms) -> None:
+    if target not in TARGETS:
+        raise CtfreidError(f"target must be one of {list(TARGETS)}, got {target!r}")
+    if target == "accuracy":
+        if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not math.isfinite(tolerance) \
+                or tolerance < 0:
+            raise CtfreidError(f"tolerance must be a finite number >= 0 (mAP and Rank-1 points), got {tolerance!r}")
+        if budget_ms is not None:
+            raise CtfreidError("budget_ms applies to target='time', not 'accuracy'")
+    else:
+        if isinstance(budget_ms, bool) or not isinstance(budget_ms, numbers.Real) or not math.isfinite(budget_ms) \
+                or budget_ms <= 0:
+            raise CtfreidError(f"budget_ms must be a finite number > 0 (milliseconds per query), got {budget_ms!r}")
+
+
+class _Evaluator:
+    """Accuracy and expected time of threshold settings on a validation split, memoised."""
+
+    def __init__(self, query: EncodedSet, gallery: EncodedSet, model: CostModel, gallery_size: int, k: int):
+        self.query, self.gallery, self.model, self.n, self.k = query, gallery, model, gallery_size, k
+        self.lengths = gallery.lengths
+        self.dist = [hamming_distances(query.codes[L], gallery.codes[L]) for L in self.lengths]
+        self._points: dict[tuple[int, ...], tuple[float, float, float, np.ndarray]] = {}
+        self._by_sets: dict[bytes, tuple[float, float]] = {}
+        self.rankings = 0
+        longest = self.lengths[-1]
+        self.ref_map, self.ref_rank1 = self._metrics(hamming_rank(query.codes[longest], gallery.codes[longest])[1])
+
+    def _metrics(self, ranking: np.ndarray) -> tuple[float, float]:
+        q, g = self.query, self.gallery
+        m = merge_metrics([ranking_stats(ranking, q.pids, q.camids, g.pids, g.camids)], 1, len(g))
+        return 100.0 * m.mAP, 100.0 * m.rank1
+
+    def __call__(self, th: tuple[int, ...]) -> tuple[float, float, float, np.ndarray]:
+        """``(expected ms, mAP points, Rank-1 points, mean keep fraction per later length)``."""
+        if th in self._points:
+            return self._points[th]
+        counts, bins = stage_work(self.dist, th)
+        fractions = counts / len(self.gallery)
+        ms = expected_ms(self.model, fractions, self.n, self.k, bins)
+        # the CtF ranking depends only on how far each item gets (its distances are fixed)
+        reached = np.ones(self.dist[0].shape, np.int8)
+        alive = np.ones(self.dist[0].shape, bool)
+        for d, t in zip(self.dist[:-1], th):
+            alive &= d <= t
+            reached += alive
+        key = hashlib.blake2b(reached.tobytes(), digest_size=16).digest()
+        if key not in self._by_sets:
+            thr = dict(zip(self.lengths[:-1], th))
+            self._by_sets[key] = self._metrics(ctf_rank(self.query.codes, self.gallery.codes, thr)[1])
+            self.rankings += 1
+        out = (ms, *self._by_sets[key], fractions.mean(axis=0))
+        self._points[th] = out
+        return out
+
+    @property
+    def points(self) -> dict[tuple[int, ...], tuple[float, float, float, np.ndarray]]:
+        return self._points
+
+
+def threshold_grids(query: EncodedSet, gallery: EncodedSet, dist: list[np.ndarray], dto: list[dict[int, int]]
+                    ) -> list[list[int]]:
+    """Candidate thresholds per length but the longest (ascending, ending with the length itself): quantiles
+    of the same-identity cross-camera and of the different-identity query-gallery distances, and the DTO
+    thresholds ``dto``."""
+    same = query.pids[:, None] == gallery.pids[None, :]
+    pos = same & (query.camids[:, None] != gallery.camids[None, :])
+    neg = ~same
+    grids = []
+    for s, L in enumerate(gallery.lengths[:-1]):
+        values = {L} | {t[L] for t in dto}
+        if pos.any():
+            values |= {int(v) for v in np.quantile(dist[s][pos], POSITIVE_LEVELS, method="lower")}
+        if neg.any():
+            values |= {int(v) for v in np.quantile(dist[s][neg], NEGATIVE_LEVELS, method="lower")}
+        grids.append(sorted(values))
+    return grids
+
+
+def _step(grid: list[int], value: int, up: bool) -> int | None:
+    """The next grid value above (``up``) or below ``value``; None at the end of the grid."""
+    i = int(np.searchsorted(grid, value, side="right" if up else "left"))
+    if up:
+        return grid[i] if i < len(grid) else None
+    return grid[i - 1] if i > 0 else None
+
+
+def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEFAULT_TOLERANCE,
+               budget_ms: float | None = None, cost_model: CostModel | None = None, gallery_size: int | None = None,
+               k: int | None = None, seed: int = 0, max_pairs: int = DEFAULT_MAX_PAIRS) -> TargetFit:
+    """Thresholds for ``target`` on the validation set ``val`` (see the module).
+
+    ``cost_model``: measured on this machine when None (``measure_cost_model`` at ``default_sizes``,
+    5-20 s); ``gallery_size``: the gallery the time is planned for (default: the validation gallery);
+    ``k``: the top-k of the searches (default: the cost model's); ``seed``: the query / gallery split;
+    ``max_pairs``: the pair subsample of the DTO seeds. Raises :class:`~ctfreid.errors.CtfreidError` for a
+    bad target, tolerance or budget, a budget below the cheapest thresholds, or a tolerance that nothing
+    meets (possible only for a tolerance of about 0: the ranking without pruning breaks the longest code's
+    ties by the shorter codes).
+    """
+    _check_target(target, tolerance, budget_ms)
+    lengths = val.lengths
+    if len(lengths) < 2:
+        raise CtfreidError(f"coarse-to-fine thresholds need two or more code lengths, the validation codes have {lengths}")
+    query, gallery = split_validation(val, seed)
+    n = len(gallery) if gallery_size is None else gallery_size
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise CtfreidError(f"gallery_size must be a positive integer, got {gallery_size!r}")
+    n = int(n)
+    if cost_model is None:
+        from ctfreid.eval.cost_model import default_sizes, measure_cost_model
+
+        cost_model = measure_cost_model(lengths, default_sizes(n, check_k(k or 100)), k=check_k(k or 100))
+    cost_model.check_lengths(lengths, "validation codes")
+    k = cost_model.k if k is None else check_k(k)
+
+    ev = _Evaluator(query, gallery, cost_model, n, k)
+    distances = pair_distances(val.codes, val.pids, val.camids, max_pairs, seed)
+    try:  # DTO's thresholds as seeds; none where its Gaussians cannot be fitted (constant distances)
+        dto = [{L: f.threshold for L, f in fits_from_distances(distances, b).items()} for b in GRID_BETAS]
+    except CtfreidError:
+        dto = []
+    grids = threshold_grids(query, gallery, ev.dist, dto)
+    S = len(grids)
+
+    def loss(a: tuple, b: tuple) -> float:  # accuracy lost going from a to b, in points (mAP or Rank-1)
+        return max(a[1] - b[1], a[2] - b[2])
+
+    top = tuple(g[-1] for g in grids)
+    x = top
+    while True:  # the greedy descent
+        cur = ev(x)
+        moves = []
+        for s in range(S):
+            lower = _step(grids[s], x[s], up=False)
+            if lower is not None:
+                m = x[:s] + (lower,) + x[s + 1:]
+                moves.append((m, cur[0] - ev(m)[0], loss(cur, ev(m))))
+        if not moves:
+            break
+        free = [mv for mv in moves if mv[2] <= 0]
+        if free:
+            x = max(free, key=lambda mv: mv[1])[0]
+        else:
+            saving = [mv for mv in moves if mv[1] > 0]
+            x = (max(saving, key=lambda mv: mv[1] / mv[2]) if saving else min(moves, key=lambda mv: mv[2]))[0]
+    for t in dto:
+        ev(tuple(t[L] for L in lengths[:-1]))
+
+    if target == "accuracy":
+        def ok(p: tuple) -> bool:
+            r = ev(p)
+            return r[1] >= ev.ref_map - tolerance and r[2] >= ev.ref_rank1 - tolerance
+
+        feasible = [p for p in ev.points if ok(p)]
+        if not feasible:
+            best = max(ev.points.values(), key=lambda r: (min(r[1] - ev.ref_map, r[2] - ev.ref_rank1)))
+            raise CtfreidError(
+                f"no thresholds keep mAP and Rank-1 within {tolerance:g} points of the {lengths[-1]}-bit code "
+                f"(validation mAP {ev.ref_map:.2f}, Rank-1 {ev.ref_rank1:.2f}); the closest gives mAP {best[1]:.2f}, "
+                f"Rank-1 {best[2]:.2f}: use a larger tolerance"
+            )
+        pick = min(feasible, key=lambda p: (ev(p)[0], -ev(p)[1]))
+        while True:  # refine: one grid step down at any length, while it stays feasible and saves time
+            options = [pick[:s] + (lo,) + pick[s + 1:] for s in range(S)
+                       if (lo := _step(grids[s], pick[s], up=False)) is not None]
+            options = [p for p in options if ok(p) and ev(p)[0] < ev(pick)[0]]
+            if not options:
+                break
+            pick = min(options, key=lambda p: ev(p)[0])
+    else:
+        within = [p for p in ev.points if ev(p)[0] <= budget_ms]
+        if not within:
+            cheapest = min(ev.points, key=lambda p: ev(p)[0])
+            raise CtfreidError(
+                f"budget {budget_ms:g} ms per query is unreachable for a gallery of {n} items: the cheapest "
+                f"thresholds ({','.join(f'{L}={t}' for L, t in zip(lengths, cheapest))}) are expected to take "
+                f"{ev(cheapest)[0]:.4g} ms (fixed costs and the {lengths[0]}-bit scan of every item)"
+            )
+
+        def better(p: tuple) -> tuple:
+            r = ev(p)
+            return (r[1], r[2], -r[0])
+
+        pick = max(within, key=better)
+        while True:  # refine: one grid step up at any length, while within the budget and more accurate
+            options = [pick[:s] + (hi,) + pick[s + 1:] for s in range(S)
+                       if (hi := _step(grids[s], pick[s], up=True)) is not None]
+            options = [p for p in options if ev(p)[0] <= budget_ms and better(p) > better(pick)]
+            if not options:
+                break
+            pick = max(options, key=better)
+
+    ms, mAP, rank1, fractions = ev(pick)
+    later = lengths[1:]
+    return TargetFit(
+        target=target, thresholds=check_thresholds(dict(zip(lengths[:-1], pick)), lengths), expected_ms=ms,
+        val_map=mAP / 100.0, val_rank1=rank1 / 100.0,
+        reference={"mAP": ev.ref_map / 100.0, "rank1": ev.ref_rank1 / 100.0, "length": lengths[-1]},
+        keep_fractions={L: float(f) for L, f in zip(later, fractions)},
+        candidates={L: float(f) * n for L, f in zip(later, fractions)},
+        gallery_size=n, k=k, no_pruning_ms=ev(top)[0],
+        tolerance=float(tolerance) if target == "accuracy" else None,
+        budget_ms=float(budget_ms) if target == "time" else None,
+        val_queries=len(query), val_gallery=len(gallery), evaluations=ev.rankings,
+        grids={L: g for L, g in zip(lengths[:-1], grids)},
+    )
+
+
+def fit_thresholds(codes: Mapping[int, np.ndarray], pids: np.ndarray, camids: np.ndarray,
+                   target: str = "accuracy", tolerance: float = DEFAULT_TOLERANCE, budget_ms: float | None = None,
+                   cost_model: CostModel | None = None, gallery_size: int | None = None, k: int | None = None,
+                   seed: int = 0) -> dict[int, int]:
+    """:func:`fit_target` on validation codes and labels: thresholds ``{length: t}`` for every length but the
+    longest (the targeted counterpart of DTO's ``ctfreid.search.thresholds.fit_thresholds``)."""
+    val = EncodedSet(codes=codes, pids=pids, camids=camids)
+    return fit_target(val, target, tolerance, budget_ms, cost_model, gallery_size, k, seed).thresholds
+
+
+def format_fit(fit: TargetFit) -> str:
+    """A few lines: the thresholds, the expected time, validation accuracy against the longest code, the
+    keep fractions."""
+    aim = (f"within {fit.tolerance:g} points of the {fit.reference['length']}-bit code" if fit.target == "accuracy"
+           else f"best mAP within {fit.budget_ms:g} ms per query")
+    lines = [
+        f"target {fit.target} ({aim}), top-{fit.k} search over a gallery of {fit.gallery_size} items",
+        "thresholds: " + ",".join(f"{L}={t}" for L, t in fit.thresholds.items()),
+        f"expected {fit.expected_ms:.4g} ms per query (no pruning: {fit.no_pruning_ms:.4g} ms)",
+        (f"validation ({fit.val_queries} queries, {fit.val_gallery} gallery): CtF mAP {100 * fit.val_map:.2f}, "
+        f"Rank-1 {100 * fit.val_rank1:.2f}; {fit.reference['length']}-bit code mAP {100 * fit.reference['mAP']:.2f}, "
+        f"Rank-1 {100 * fit.reference['rank1']:.2f}"),
+        "kept per stage: " + ", ".join(f"{L} bits {100 * f:.2f} % ({fit.candidates[L]:.1f} items)"
+                                        for L, f in fit.keep_fractions.items()),
+        f"({fit.evaluations} rankings evaluated)",
+    ]
+    return "\n".join(lines)
