@@ -240,3 +240,18 @@ def test_cli_bad_input_is_one_line_exit_2(files, capsys, args, fragments):
     assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("ctfreid calibrate: error:"), err
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+def test_assess_reports_given_thresholds_like_a_fit():
+    val = decoy_set()
+    model = model_for(LENGTHS)
+    fit = fit_target(val, "accuracy", tolerance=0.5, cost_model=model)
+    from ctfreid.eval.calibration import assess
+
+    same = assess(val, fit.thresholds, model)
+    assert same.target == "given" and same.thresholds == fit.thresholds
+    assert (same.expected_ms, same.val_map, same.val_rank1) == (fit.expected_ms, fit.val_map, fit.val_rank1)
+    assert same.keep_fractions == fit.keep_fractions and same.no_pruning_ms == fit.no_pruning_ms
+    lower = assess(val, {32: P[32] - 1, 64: P[64]}, model)
+    assert lower.val_map < 0.9 and lower.expected_ms < fit.expected_ms
+    assert "thresholds as given" in format_fit(lower)

@@ -347,6 +347,30 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
     )
 
 
+def assess(val: EncodedSet, thresholds: Mapping[int, int], cost_model: CostModel, gallery_size: int | None = None,
+           k: int | None = None, seed: int = 0) -> TargetFit:
+    """What given thresholds (DTO's, say) give under the protocol of :func:`fit_target`: expected time,
+    validation mAP and Rank-1, keep fractions (``target="given"``), to compare them with a targeted fit."""
+    lengths = val.lengths
+    th = check_thresholds(thresholds, lengths)
+    cost_model.check_lengths(lengths, "validation codes")
+    query, gallery = split_validation(val, seed)
+    n = len(gallery) if gallery_size is None else int(gallery_size)
+    if n < 1:
+        raise CtfreidError(f"gallery_size must be a positive integer, got {gallery_size!r}")
+    k = cost_model.k if k is None else check_k(k)
+    ev = _Evaluator(query, gallery, cost_model, n, k)
+    ms, mAP, rank1, fractions = ev(tuple(th.values()))
+    return TargetFit(
+        target="given", thresholds=th, expected_ms=ms, val_map=mAP / 100.0, val_rank1=rank1 / 100.0,
+        reference={"mAP": ev.ref_map / 100.0, "rank1": ev.ref_rank1 / 100.0, "length": lengths[-1]},
+        keep_fractions={L: float(f) for L, f in zip(lengths[1:], fractions)},
+        candidates={L: float(f) * n for L, f in zip(lengths[1:], fractions)},
+        gallery_size=n, k=k, no_pruning_ms=ev(tuple(lengths[:-1]))[0],
+        val_queries=len(query), val_gallery=len(gallery), evaluations=ev.rankings,
+    )
+
+
 def fit_thresholds(codes: Mapping[int, np.ndarray], pids: np.ndarray, camids: np.ndarray,
                    target: str = "accuracy", tolerance: float = DEFAULT_TOLERANCE, budget_ms: float | None = None,
                    cost_model: CostModel | None = None, gallery_size: int | None = None, k: int | None = None,
@@ -360,8 +384,12 @@ def fit_thresholds(codes: Mapping[int, np.ndarray], pids: np.ndarray, camids: np
 def format_fit(fit: TargetFit) -> str:
     """A few lines: the thresholds, the expected time, validation accuracy against the longest code, the
     keep fractions."""
-    aim = (f"within {fit.tolerance:g} points of the {fit.reference['length']}-bit code" if fit.target == "accuracy"
-           else f"best mAP within {fit.budget_ms:g} ms per query")
+    if fit.target == "accuracy":
+        aim = f"within {fit.tolerance:g} points of the {fit.reference['length']}-bit code"
+    elif fit.target == "time":
+        aim = f"best mAP within {fit.budget_ms:g} ms per query"
+    else:
+        aim = "thresholds as given"
     lines = [
         f"target {fit.target} ({aim}), top-{fit.k} search over a gallery of {fit.gallery_size} items",
         "thresholds: " + ",".join(f"{L}={t}" for L, t in fit.thresholds.items()),
