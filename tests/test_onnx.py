@@ -321,3 +321,78 @@ def test_serve_with_an_onnx_encoder_finds_a_gallery_crop_first(onnx_file, synth_
         first = r.json()["queries"][0]["hits"][0]
         assert first["id"] == ids[3] and first["distance"] == 0
         assert srv.client.get("/v1/stats").json()["model_fingerprint"] == load_encoder(onnx_file).fingerprint
+
+
+# --- int8 (static quantisation) ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_file(run_dir, onnx_file):
+    out = run_dir.parent / "encoder.int8.onnx"
+    assert main(["export", "--model", str(run_dir), "--out", str(out), "--int8", "--max-images", "24"]) == 0
+    return out
+
+
+def test_int8_keeps_the_float_encoders_bits(tmp_path):
+    """A freshly initialised AiO encoder (its features vary across images as a trained one's do; the one-epoch
+    tiny run's barely do, so rounding would dominate them), quantised with 32 calibration images: the codes
+    of 64 other images keep >= 97 % of the float export's bits (the oracle), and batches agree."""
+    import onnx
+
+    from ctfreid.infer.quantize import quantize_onnx
+    from ctfreid.learn.model import AiOModel
+
+    torch.manual_seed(0)
+    model = AiOModel(num_classes=10, backbone="mobilenet_v2", lengths=LENGTHS).eval()
+    info = {"height": 64, "width": 32, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    export_onnx(model, info, tmp_path / "f.onnx", fingerprint="fp")
+    entry = quantize_onnx(tmp_path / "f.onnx", tmp_path / "q.onnx", generated_images(32, 64, 32, seed=1))
+    f, q = OnnxEncoder(tmp_path / "f.onnx"), OnnxEncoder(tmp_path / "q.onnx")
+    assert q.info["quantization"] == entry and entry["calibration_images"] == 32
+    assert (q.fingerprint, q.lengths) == (f.fingerprint, f.lengths) == ("fp", sorted(LENGTHS))
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    init = {t.name: t for t in proto.graph.initializer}
+    assert [n.op_type for n in proto.graph.node].count("QuantizeLinear") > 10
+    assert sum(t.data_type == onnx.TensorProto.INT8 for t in init.values()) >= 50  # the 52 convolutions' weights
+    for node in proto.graph.node:  # the code heads stay float32: their signs are the codes (Eq. 2)
+        if node.op_type in ("Gemm", "BatchNormalization"):
+            assert all(init[i].data_type == onnx.TensorProto.FLOAT for i in node.input[1:] if i in init)
+    images = generated_images(64, 64, 32, seed=7)
+    a, b = f.encode_images(images), q.encode_images(images)
+    for length in LENGTHS:
+        assert 0.97 <= _bit_agreement(a.codes[length], b.codes[length]) < 1.0
+    x = q.preprocess(images[:8])
+    one = np.concatenate([q.run_bn(x[i:i + 1])[256] for i in range(8)])
+    np.testing.assert_allclose(one, q.run_bn(x)[256], atol=1e-5, rtol=0)
+
+
+def test_int8_export_of_a_run_queries_its_index(int8_file, onnx_file, run_dir, synth_root, tmp_path, capsys):
+    q, f = OnnxEncoder(int8_file), OnnxEncoder(onnx_file)
+    # calibrated on 24 of the run's training images (the default source), recorded in the metadata
+    assert q.info["quantization"]["calibration_images"] == 24
+    assert (q.fingerprint, q.lengths, q.thresholds) == (f.fingerprint, f.lengths, f.thresholds)
+    built = tmp_path / "gallery.ctf"
+    gallery = synth_root / "bounding_box_test"
+    assert main(["index", "build", "--model", str(run_dir), "--images", str(gallery), "--out", str(built), "--quiet"]) == 0
+    query = sorted(gallery.iterdir())[:3]
+    capsys.readouterr()
+    # accepted (same fingerprint as the run); each gallery crop finds itself first (distance 0 but for rounding)
+    assert main(["search", "--index", str(built), "--model", str(int8_file), *map(str, query), "--k", "5", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)["queries"]
+    assert len(answers) == 3 and all(len(a["results"]) == 5 for a in answers)
+
+
+def test_int8_bad_input(run_dir, int8_file, tmp_path, capsys):
+    from ctfreid.infer.quantize import quantize_onnx
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", "--model", str(run_dir), "--out", str(tmp_path / "a.onnx"), "--calibration", str(empty)]) == 2
+    assert "--calibration is for --int8" in capsys.readouterr().err
+    assert main(["export", "--model", str(run_dir), "--out", str(tmp_path / "b.onnx"), "--int8",
+                 "--calibration", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "no images" in err and str(empty) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.onnx").exists()
+    with pytest.raises(CtfreidError, match="already quantised"):
+        quantize_onnx(int8_file, tmp_path / "c.onnx", generated_images(2, 64, 32))

@@ -29,7 +29,7 @@ INPUT_NAME = "images"
 PREFIX = "ctfreid."
 # metadata_props written by ctfreid.infer.export (values are JSON)
 META_KEYS = ("format_version", "fingerprint", "lengths", "height", "width", "mean", "std", "flip", "thresholds",
-             "backbone", "source", "data_root", "val", "exporter", "opset")
+             "backbone", "source", "data_root", "val", "exporter", "opset", "quantization")
 NOT_ENCODER = "expected an .onnx file written by 'ctfreid export'"
 
 
