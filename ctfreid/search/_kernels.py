@@ -846,6 +846,7 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
 # A batch scans the gallery in tiles of TILE blocks (16 KB of 32-bit codes: stays in L1 while every query
 # of the batch is compared with it; the tile's 128-bit codes, 64 KB, stay in L2 for their stage 2).
 TILE = 64
+TILE_PREFETCH_QUERIES = 16  # this many queries or more: prefetch each tile's stage-2 codes (~20 % faster)
 
 
 @njit(inline="always", **_JIT)
@@ -870,21 +871,26 @@ def _extract_pos(mask, base, out, m):
     return m + c
 
 
-@njit(**_JIT)
-def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, ids, D, c):
+@njit(inline="always", **_JIT)
+def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c):
     """Append those of the tile hits ``pos[:m]`` of one query whose stage-2 distance is ``<= hi2`` to its
     candidates (``ids``, ``D[0]``, ``D[1]`` from ``c`` on; branch-free, in gallery order) with their
-    stage-1 and stage-2 distances, computed while the tile's codes are in cache; returns the new count."""
-    d0 = D[0]
-    d1 = D[1]
+    stage-1 and stage-2 distances, computed while the tile's codes are in cache; returns the new count.
+    The stage-2 distances go to ``tmp`` first: a loop of independent gathers (~5 % faster)."""
     for r in range(m):
         p = pos[r]
         if W2 == 2:
-            d = _popcnt(q2[0] ^ g2[2 * p]) + _popcnt(q2[1] ^ g2[2 * p + 1])
+            tmp[r] = _popcnt(q2[0] ^ g2[2 * p]) + _popcnt(q2[1] ^ g2[2 * p + 1])
         else:
             d = 0
             for w in range(W2):
                 d += _popcnt(q2[w] ^ g2[W2 * p + w])
+            tmp[r] = d
+    d0 = D[0]
+    d1 = D[1]
+    for r in range(m):
+        p = pos[r]
+        d = tmp[r]
         ids[c] = p
         d0[c] = _popcnt(q0 ^ g1[p])
         d1[c] = d
@@ -905,10 +911,14 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     nfull = n // BLOCK
     ntiles = max(1, -(-nfull // TILE))
     pos = np.empty((TILE + 1) * BLOCK + 4, np.int64)  # a tile's hits (the last tile: + the partial block)
+    tmp = np.empty((TILE + 1) * BLOCK, np.int32)
     dd = np.zeros(BLOCK + 1, np.int32)
     for t in range(ntiles):
         t0 = t * TILE
         t1 = min(nfull, t0 + TILE)
+        if na >= TILE_PREFETCH_QUERIES:  # they read most cache lines of the tile's stage-2 codes
+            for w in range(W2 * t0 * BLOCK, W2 * t1 * BLOCK, 8):
+                _prefetch(g2, w)
         for a in range(na):
             c = cnt[a]
             if c > cap:
@@ -924,7 +934,7 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
             if c + m > cap:
                 cnt[a] = cap + 1
             else:
-                cnt[a] = _append_tile(q0, g1, Qr[a0 + a, qoff[0] : qoff[1]], g2, W2, hi2, pos, m, bufI[a], bufD[a], c)
+                cnt[a] = _append_tile(q0, g1, Qr[a0 + a, qoff[0] : qoff[1]], g2, W2, hi2, pos, m, tmp, bufI[a], bufD[a], c)
 
 
 @njit(**_JIT)
