@@ -80,6 +80,7 @@ from ctfreid.errors import CtfreidError
 from ctfreid.learn.losses import LossConfig, aio_loss
 from ctfreid.learn.model import AiOModel, resolve_device
 from ctfreid.learn.run_dir import CHECKPOINT, CONFIG, LOG, MODEL, SPLIT, THRESHOLDS
+from ctfreid.learn.self_distillation import PROB_TEACHERS, SIM_TEACHERS
 
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "log_every", "cache_dir", "threads"})
@@ -111,6 +112,13 @@ class TrainConfig:
     margin: float = _f(0.3, "batch-hard triplet margin")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy (0 = the paper's)")
     triplet_distance: str = _f("hamming", "triplet distance on the relaxed codes", choices=("hamming", "euclidean"))
+    prob_teacher: str = _f("next", "teacher of Eq. 3: next (code k teaches k+1, the paper) or longest (teaches all)",
+                           choices=PROB_TEACHERS)
+    sim_teacher: str = _f("next", "teacher of Eq. 4: next (the paper), longest, or v0 (the real-valued feature "
+                          "teaches every code)", choices=SIM_TEACHERS)
+    quantization_weight: float = _f(0.0, "weight of the quantisation loss mean (|tanh code| - 1)^2, summed over codes")
+    balance_weight: float = _f(0.0, "weight of the bit-balance loss mean_bit (batch mean of the bit)^2, summed over codes")
+    decorrelation_weight: float = _f(0.0, "weight of the bit-decorrelation loss (off-diagonal of t^T t / B), summed over codes")
     # optimisation (Sec. 4.2)
     lr: float = _f(3.5e-4, "Adam learning rate after warm-up")
     weight_decay: float = _f(5e-4, "Adam weight decay (L2)")
@@ -165,6 +173,11 @@ class TrainConfig:
             (c.temperature > 0 and c.margin >= 0 and c.lambda1 >= 0 and c.lambda2 >= 0,
              f"temperature must be > 0 and margin, lambda1, lambda2 >= 0, got {c.temperature}, {c.margin}, "
              f"{c.lambda1}, {c.lambda2}"),
+            (min(c.quantization_weight, c.balance_weight, c.decorrelation_weight) >= 0,
+             "quantization_weight, balance_weight and decorrelation_weight must be >= 0"),
+            (c.prob_teacher in PROB_TEACHERS and c.sim_teacher in SIM_TEACHERS,
+             (f"prob_teacher must be one of {list(PROB_TEACHERS)} and sim_teacher one of {list(SIM_TEACHERS)}, "
+              f"got {c.prob_teacher!r} and {c.sim_teacher!r}")),
             (0.0 <= c.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {c.label_smoothing}"),
         ]
         nonfinite = [f.name for f in dataclasses.fields(c)
@@ -186,7 +199,9 @@ class TrainConfig:
         return LossConfig(
             margin=self.margin, lambda1=self.lambda1, lambda2=self.lambda2, temperature=self.temperature,
             self_distillation=self.self_distillation, label_smoothing=self.label_smoothing,
-            triplet_distance=self.triplet_distance,
+            triplet_distance=self.triplet_distance, prob_teacher=self.prob_teacher, sim_teacher=self.sim_teacher,
+            quantization_weight=self.quantization_weight, balance_weight=self.balance_weight,
+            decorrelation_weight=self.decorrelation_weight,
         )
 
     def transform_config(self) -> TransformConfig:
@@ -447,6 +462,8 @@ def _finished_run(model_path: Path, config: TrainConfig, run_dir: Path) -> dict:
 
 def _check_resumable(saved: dict, config: TrainConfig, run_dir: Path) -> None:
     new = config.to_dict()
+    # a setting added after the run was saved has its default value there (new fields keep old behaviour)
+    saved = {**TrainConfig().to_dict(), **saved}
     diff = {k: (saved.get(k), new[k]) for k in new if k not in RESUMABLE_CHANGES and saved.get(k) != new[k]}
     if diff:
         shown = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
