@@ -57,27 +57,51 @@ def decoy_set(n_ids: int = 40, seed: int = 0) -> EncodedSet:
                       pids=np.array(pids), camids=np.array(cams))
 
 
-def work(query, gallery, th):
-    dist = [hamming_distances(query.codes[L], gallery.codes[L]) for L in gallery.lengths]
-    counts, bins = stage_work(dist, [th[L] for L in gallery.lengths[:-1]])
-    return counts / len(gallery), bins
+def folds_of(val, folds=4):
+    return [split_validation(val, 0, j) for j in range(folds)]
 
 
-def val_accuracy(query, gallery, th):
-    I = ctf_rank(query.codes, gallery.codes, th)[1]
-    m = evaluate_ranking(I, query.pids, query.camids, gallery.pids, gallery.camids)
-    return m.mAP, m.rank1
+def work(splits, th):
+    """Per query of all folds: keep fractions and sort bins."""
+    fractions, bins = [], []
+    for query, gallery in splits:
+        dist = [hamming_distances(query.codes[L], gallery.codes[L]) for L in gallery.lengths]
+        c, b = stage_work(dist, [th[L] for L in gallery.lengths[:-1]])
+        fractions.append(c / len(gallery))
+        bins.append(b)
+    return np.concatenate(fractions), np.concatenate(bins)
+
+
+def val_accuracy(splits, th):
+    """mAP and Rank-1 pooled over the queries of all folds (evaluate_ranking per fold, weighted by the
+    number of valid queries)."""
+    ms = []
+    for query, gallery in splits:
+        I = ctf_rank(query.codes, gallery.codes, th)[1]
+        ms.append(evaluate_ranking(I, query.pids, query.camids, gallery.pids, gallery.camids))
+    w = np.array([m.num_valid for m in ms], float)
+    return float(np.dot(w, [m.mAP for m in ms]) / w.sum()), float(np.dot(w, [m.rank1 for m in ms]) / w.sum())
 
 
 def test_split_validation_by_hand():
     codes = {32: np.zeros((9, 4), np.uint8), 64: np.zeros((9, 8), np.uint8)}
+    codes[32][:, 0] = np.arange(9)  # image i has first byte i: which images are queries
     pids = np.array([1, 1, 1, 2, 2, 3, 3, -1, 1])
     cams = np.array([0, 0, 1, 0, 0, 1, 2, 1, 2])
-    q, g = split_validation(EncodedSet(codes=codes, pids=pids, camids=cams), seed=0)
+    val = EncodedSet(codes=codes, pids=pids, camids=cams)
+    q, g = split_validation(val, seed=0)
     # identity 1: one query per camera (0, 1, 2); identity 2 is seen by one camera: gallery only;
     # identity 3: both images are queries; pid -1 dropped
     assert sorted(zip(q.pids.tolist(), q.camids.tolist())) == [(1, 0), (1, 1), (1, 2), (3, 1), (3, 2)]
     assert sorted(zip(g.pids.tolist(), g.camids.tolist())) == [(1, 0), (2, 0), (2, 0)]
+    # fold 1 takes identity 1's other camera-0 image as the query, the same images otherwise; fold 2 = fold 0
+    def images(s):
+        return sorted(s.codes[32][:, 0].tolist())
+
+    q1, g1 = split_validation(val, seed=0, fold=1)
+    assert {images(q)[0], images(q1)[0]} == {0, 1} and images(q)[1:] == images(q1)[1:] == [2, 5, 6, 8]
+    assert images(split_validation(val, seed=0, fold=2)[0]) == images(q)
+    assert sorted(images(q1) + images(g1)) == [0, 1, 2, 3, 4, 5, 6, 8]
     with pytest.raises(CtfreidError, match="two or more cameras"):
         split_validation(EncodedSet(codes=codes, pids=pids, camids=np.zeros(9, int)))
 
@@ -91,17 +115,18 @@ def test_accuracy_target_picks_the_cheapest_thresholds_that_keep_every_match():
     # every threshold at least the match distance: a lower one loses half of the camera-0 queries' AP
     assert all(fit.thresholds[L] >= P[L] for L in (32, 64)), fit.thresholds
     # and the cheapest such: the same candidates as the known best thresholds P
-    query, gallery = split_validation(val)
+    splits = folds_of(val)
     best = {32: P[32], 64: P[64]}
-    f_best, bins_best = work(query, gallery, best)
-    f_fit, _bins_fit = work(query, gallery, fit.thresholds)
+    f_best, bins_best = work(splits, best)
+    f_fit, _ = work(splits, fit.thresholds)
     assert np.array_equal(f_fit, f_best)
-    assert fit.expected_ms == pytest.approx(expected_ms(model, f_best, len(gallery), bins=bins_best), rel=1e-12)
+    n = len(splits[0][1])
+    assert fit.expected_ms == pytest.approx(expected_ms(model, f_best, n, bins=bins_best), rel=1e-12)
     assert fit.expected_ms < fit.no_pruning_ms
     assert fit.keep_fractions == pytest.approx(dict(zip((64, 256), f_best.mean(axis=0))))
     # one step below P at either length loses accuracy (the construction works as intended)
-    assert val_accuracy(query, gallery, {32: P[32] - 1, 64: P[64]})[0] < 0.9
-    assert val_accuracy(query, gallery, {32: P[32], 64: P[64] - 1})[0] < 0.9
+    assert val_accuracy(splits, {32: P[32] - 1, 64: P[64]})[0] < 0.9
+    assert val_accuracy(splits, {32: P[32], 64: P[64] - 1})[0] < 0.9
     assert fit_thresholds(val.codes, val.pids, val.camids, "accuracy", 0.5, cost_model=model) == fit.thresholds
     assert "target accuracy" in format_fit(fit)
 
@@ -135,23 +160,23 @@ def test_time_budget_is_respected_and_spent_on_accuracy():
     generous = fit_target(val, "time", budget_ms=1e9, cost_model=model, gallery_size=n)
     budget = 0.5 * generous.no_pruning_ms
     tight = fit_target(val, "time", budget_ms=budget, cost_model=model, gallery_size=n)
-    query, gallery = split_validation(val)
+    splits = folds_of(val)
     for fit in (generous, tight):
         # the expected time and the accuracy, recomputed from the thresholds alone
-        fractions, bins = work(query, gallery, fit.thresholds)
+        fractions, bins = work(splits, fit.thresholds)
         assert expected_ms(model, fractions, n, bins=bins) == pytest.approx(fit.expected_ms, rel=1e-12)
-        mAP, rank1 = val_accuracy(query, gallery, fit.thresholds)
+        mAP, rank1 = val_accuracy(splits, fit.thresholds)
         assert (mAP, rank1) == (pytest.approx(fit.val_map, abs=1e-12), pytest.approx(fit.val_rank1, abs=1e-12))
     assert tight.expected_ms <= budget < generous.no_pruning_ms
     assert tight.val_map <= generous.val_map
     # the budget buys at least the accuracy of no pruning when that fits, and of any DTO fit that fits
     no_pruning = {L: L for L in val.lengths[:-1]}
-    assert generous.val_map >= val_accuracy(query, gallery, no_pruning)[0]
+    assert generous.val_map >= val_accuracy(splits, no_pruning)[0] - 1e-12
     for beta in (0.3, 1.0, 2.0, 10.0):
         th = dto_thresholds(val.codes, val.pids, val.camids, beta=beta)
-        f, b = work(query, gallery, th)
+        f, b = work(splits, th)
         if expected_ms(model, f, n, bins=b) <= budget:
-            assert tight.val_map >= val_accuracy(query, gallery, th)[0] - 1e-12, beta
+            assert tight.val_map >= val_accuracy(splits, th)[0] - 1e-12, beta
     with pytest.raises(CtfreidError, match=r"budget 0\.001 ms per query is unreachable for a gallery of 100000"):
         fit_target(val, "time", budget_ms=0.001, cost_model=model, gallery_size=n)
 

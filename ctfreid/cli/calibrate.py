@@ -21,7 +21,7 @@ threshold that maximises F_beta. Larger beta favours recall (more candidates: sl
 
 --target accuracy: the thresholds with the lowest expected query time whose CtF mAP and Rank-1 stay within
 --tolerance points of the longest code alone, on the validation identities split into query and gallery
-(one query per identity and camera).
+(one query per identity and camera; --folds splits pooled).
 --target time: the best validation mAP whose expected time is at most --budget-ms milliseconds per query.
 Expected times come from a cost model of top-k CtF search measured on this machine (5-20 s; --cost-model
 reads a saved one, --save-cost-model keeps it) and are planned for a gallery of --gallery-size items (the
@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="targets: plan the time for a gallery of N items (default: the validation gallery)")
     parser.add_argument("--k", type=positive_int, default=None,
                         help="targets: the top-k of the searches timed (default 100, or the cost model's)")
+    parser.add_argument("--folds", type=positive_int, default=None,
+                        help="targets: validation query / gallery splits pooled (default 4; each draws other "
+                        "images of every identity and camera as queries)")
     parser.add_argument("--cost-model", metavar="COST.json",
                         help="targets: read the cost model from this file instead of measuring it")
     parser.add_argument("--save-cost-model", type=output_file, metavar="COST.json",
@@ -103,7 +106,7 @@ def resolve_target(args: argparse.Namespace) -> str:
     target = args.target or ("dto" if args.beta is not None else "time" if args.budget_ms is not None
                              else DEFAULT_TARGET)
     targeted = {"--tolerance": args.tolerance, "--budget-ms": args.budget_ms, "--gallery-size": args.gallery_size,
-                "--k": args.k, "--cost-model": args.cost_model, "--save-cost-model": args.save_cost_model}
+                "--k": args.k, "--folds": args.folds, "--cost-model": args.cost_model, "--save-cost-model": args.save_cost_model}
     if target == "dto":
         given = [name for name, v in targeted.items() if v is not None]
         if given:
@@ -125,7 +128,7 @@ def resolve_target(args: argparse.Namespace) -> str:
 
 def _fit_target(args: argparse.Namespace, target: str, val) -> tuple[dict, dict]:
     """The targeted fit: prints it, returns (thresholds, the rest of the JSON)."""
-    from ctfreid.eval.calibration import DEFAULT_TOLERANCE, fit_target, format_fit
+    from ctfreid.eval.calibration import DEFAULT_FOLDS, DEFAULT_TOLERANCE, fit_target, format_fit
     from ctfreid.eval.cost_model import CostModel, default_sizes, format_cost_model, measure_cost_model
 
     if args.cost_model:
@@ -144,8 +147,8 @@ def _fit_target(args: argparse.Namespace, target: str, val) -> tuple[dict, dict]
             print(f"wrote {args.save_cost_model}")
     print(format_cost_model(model))
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
-    fit = fit_target(val, target, tolerance, args.budget_ms, model, args.gallery_size, args.k, args.seed,
-                     args.max_pairs)
+    fit = fit_target(val, target, tolerance, args.budget_ms, model, args.gallery_size, args.k, seed=args.seed,
+                     folds=args.folds or DEFAULT_FOLDS, max_pairs=args.max_pairs)
     print(format_fit(fit))
     sizes = model.info.get("sizes")
     if sizes and not min(sizes) / 4 <= fit.gallery_size <= 4 * max(sizes):

@@ -12,7 +12,10 @@ bits). This module makes that search small enough to run in seconds and aims it 
 Protocol. The validation identities are split like a test set (:func:`split_validation`): one query per
 identity and camera (for identities seen by two or more cameras), the other images form the gallery;
 accuracy is CMC / mAP under the Market-1501 protocol (``ctfreid.eval.metrics``) of the full CtF ranking,
-as ``evaluate_sets`` and ``beta_sweep`` compute it. Time is the cost model's expected milliseconds of
+as ``evaluate_sets`` and ``beta_sweep`` compute it. One split has few queries (one per identity and
+camera), and picking the cheapest of hundreds of settings within a tolerance favours those that are
+lucky on them; so the metrics are pooled over ``folds`` splits that draw other images as queries (the
+paper's "cross-validation"), which puts most validation images to use as queries. Time is the cost model's expected milliseconds of
 top-``k`` search (``ctfreid.eval.cost_model``) for a gallery of ``gallery_size`` items, from the fractions of
 the validation gallery each threshold keeps.
 
@@ -54,6 +57,7 @@ DEFAULT_TOLERANCE = 0.5  # mAP and Rank-1 points
 POSITIVE_LEVELS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
 NEGATIVE_LEVELS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 GRID_BETAS = DEFAULT_BETAS + (30.0, 100.0)
+DEFAULT_FOLDS = 4  # query / gallery splits pooled (each identity-camera's first four images serve as queries)
 
 
 @dataclass
@@ -83,6 +87,7 @@ class TargetFit:
     val_queries: int = 0
     val_gallery: int = 0
     evaluations: int = 0
+    folds: int = 1
     grids: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
@@ -104,27 +109,29 @@ class TargetFit:
             "val_queries": self.val_queries,
             "val_gallery": self.val_gallery,
             "evaluations": self.evaluations,
+            "folds": self.folds,
         }
 
 
-def split_validation(val: EncodedSet, seed: int = 0) -> tuple[EncodedSet, EncodedSet]:
+def split_validation(val: EncodedSet, seed: int = 0, fold: int = 0) -> tuple[EncodedSet, EncodedSet]:
     """Query and gallery from a validation set, like a test protocol (CUHK03-NP, Market-1501): one query
-    per identity and camera, drawn with ``seed``, for identities seen by two or more cameras; every other
-    image (pid -1 ones dropped) is in the gallery. Raises when no query would have a true match."""
+    per identity and camera, for identities seen by two or more cameras; every other image (pid -1 ones
+    dropped) is in the gallery. The images of each identity and camera are shuffled with ``seed``; fold
+    ``j`` takes the ``j``-th (cyclically) as the query, so folds ``0 .. m - 1`` use each of ``m`` images
+    once. Raises when no query would have a true match."""
     pids, cams = val.pids, val.camids
     rng = np.random.default_rng(seed)
     labelled = np.flatnonzero(pids != -1)
     order = labelled[rng.permutation(labelled.size)]
     cams_of: dict[int, set] = {}
-    for i in labelled:
-        cams_of.setdefault(int(pids[i]), set()).add(int(cams[i]))
-    is_query = np.zeros(pids.size, bool)
-    taken: set[tuple[int, int]] = set()
+    groups: dict[tuple[int, int], list[int]] = {}
     for i in order:
-        key = (int(pids[i]), int(cams[i]))
-        if len(cams_of[key[0]]) >= 2 and key not in taken:
-            taken.add(key)
-            is_query[i] = True
+        cams_of.setdefault(int(pids[i]), set()).add(int(cams[i]))
+        groups.setdefault((int(pids[i]), int(cams[i])), []).append(int(i))
+    is_query = np.zeros(pids.size, bool)
+    for (pid, _), members in groups.items():
+        if len(cams_of[pid]) >= 2:
+            is_query[members[fold % len(members)]] = True
     is_gallery = (pids != -1) & ~is_query
     if not is_query.any() or not is_gallery.any():
         raise CtfreidError(
@@ -136,6 +143,12 @@ def split_validation(val: EncodedSet, seed: int = 0) -> tuple[EncodedSet, Encode
         return EncodedSet(codes={L: c[mask] for L, c in val.codes.items()}, pids=pids[mask], camids=cams[mask])
 
     return take(is_query), take(is_gallery)
+
+
+def _splits(val: EncodedSet, seed: int, folds: int) -> list[tuple[EncodedSet, EncodedSet]]:
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 1:
+        raise CtfreidError(f"folds must be a positive integer, got {folds!r}")
+    return [split_validation(val, seed, j) for j in range(int(folds))]
 
 
 def _check_target(target: str, tolerance, budget_ms) -> None:
@@ -154,42 +167,48 @@ def _check_target(target: str, tolerance, budget_ms) -> None:
 
 
 class _Evaluator:
-    """Accuracy and expected time of threshold settings on a validation split, memoised."""
+    """Accuracy and expected time of threshold settings on validation splits (folds), memoised; metrics
+    are pooled over the queries of all folds."""
 
-    def __init__(self, query: EncodedSet, gallery: EncodedSet, model: CostModel, gallery_size: int, k: int):
-        self.query, self.gallery, self.model, self.n, self.k = query, gallery, model, gallery_size, k
-        self.lengths = gallery.lengths
-        self.dist = [hamming_distances(query.codes[L], gallery.codes[L]) for L in self.lengths]
+    def __init__(self, splits: list[tuple[EncodedSet, EncodedSet]], model: CostModel, gallery_size: int, k: int):
+        self.splits, self.model, self.n, self.k = splits, model, gallery_size, k
+        self.lengths = splits[0][1].lengths
+        self.dist = [[hamming_distances(q.codes[L], g.codes[L]) for L in self.lengths] for q, g in splits]
         self._points: dict[tuple[int, ...], tuple[float, float, float, np.ndarray]] = {}
         self._by_sets: dict[bytes, tuple[float, float]] = {}
         self.rankings = 0
-        longest = self.lengths[-1]
-        self.ref_map, self.ref_rank1 = self._metrics(hamming_rank(query.codes[longest], gallery.codes[longest])[1])
+        L = self.lengths[-1]
+        self.ref_map, self.ref_rank1 = self._metrics([hamming_rank(q.codes[L], g.codes[L])[1] for q, g in splits])
 
-    def _metrics(self, ranking: np.ndarray) -> tuple[float, float]:
-        q, g = self.query, self.gallery
-        m = merge_metrics([ranking_stats(ranking, q.pids, q.camids, g.pids, g.camids)], 1, len(g))
+    def _metrics(self, rankings: list[np.ndarray]) -> tuple[float, float]:
+        parts = [ranking_stats(r, q.pids, q.camids, g.pids, g.camids) for r, (q, g) in zip(rankings, self.splits)]
+        m = merge_metrics(parts, 1, min(len(g) for _, g in self.splits))
         return 100.0 * m.mAP, 100.0 * m.rank1
 
     def __call__(self, th: tuple[int, ...]) -> tuple[float, float, float, np.ndarray]:
         """``(expected ms, mAP points, Rank-1 points, mean keep fraction per later length)``."""
         if th in self._points:
             return self._points[th]
-        counts, bins = stage_work(self.dist, th)
-        fractions = counts / len(self.gallery)
-        ms = expected_ms(self.model, fractions, self.n, self.k, bins)
-        # the CtF ranking depends only on how far each item gets (its distances are fixed)
-        reached = np.ones(self.dist[0].shape, np.int8)
-        alive = np.ones(self.dist[0].shape, bool)
-        for d, t in zip(self.dist[:-1], th):
-            alive &= d <= t
-            reached += alive
-        key = hashlib.blake2b(reached.tobytes(), digest_size=16).digest()
+        fractions, bins, keys = [], [], hashlib.blake2b(digest_size=16)
+        for dist, (_, g) in zip(self.dist, self.splits):
+            c, b = stage_work(dist, th)
+            fractions.append(c / len(g))
+            bins.append(b)
+            # the CtF ranking depends only on how far each item gets (its distances are fixed)
+            reached = np.ones(dist[0].shape, np.int8)
+            alive = np.ones(dist[0].shape, bool)
+            for d, t in zip(dist[:-1], th):
+                alive &= d <= t
+                reached += alive
+            keys.update(reached.tobytes())
+        f = np.concatenate(fractions)
+        ms = expected_ms(self.model, f, self.n, self.k, np.concatenate(bins))
+        key = keys.digest()
         if key not in self._by_sets:
             thr = dict(zip(self.lengths[:-1], th))
-            self._by_sets[key] = self._metrics(ctf_rank(self.query.codes, self.gallery.codes, thr)[1])
+            self._by_sets[key] = self._metrics([ctf_rank(q.codes, g.codes, thr)[1] for q, g in self.splits])
             self.rankings += 1
-        out = (ms, *self._by_sets[key], fractions.mean(axis=0))
+        out = (ms, *self._by_sets[key], f.mean(axis=0))
         self._points[th] = out
         return out
 
@@ -197,22 +216,35 @@ class _Evaluator:
     def points(self) -> dict[tuple[int, ...], tuple[float, float, float, np.ndarray]]:
         return self._points
 
+    @property
+    def num_queries(self) -> int:
+        return sum(len(q) for q, _ in self.splits)
 
-def threshold_grids(query: EncodedSet, gallery: EncodedSet, dist: list[np.ndarray], dto: list[dict[int, int]]
-                    ) -> list[list[int]]:
+    @property
+    def mean_gallery(self) -> int:
+        return round(float(np.mean([len(g) for _, g in self.splits])))
+
+
+def threshold_grids(splits: list[tuple[EncodedSet, EncodedSet]], dist: list[list[np.ndarray]],
+                    dto: list[dict[int, int]]) -> list[list[int]]:
     """Candidate thresholds per length but the longest (ascending, ending with the length itself): quantiles
-    of the same-identity cross-camera and of the different-identity query-gallery distances, and the DTO
-    thresholds ``dto``."""
-    same = query.pids[:, None] == gallery.pids[None, :]
-    pos = same & (query.camids[:, None] != gallery.camids[None, :])
-    neg = ~same
+    of the same-identity cross-camera and of the different-identity query-gallery distances (all folds),
+    and the DTO thresholds ``dto``."""
+    lengths = splits[0][1].lengths
+    pos = {L: [] for L in lengths[:-1]}
+    neg = {L: [] for L in lengths[:-1]}
+    for (q, g), d in zip(splits, dist):
+        same = q.pids[:, None] == g.pids[None, :]
+        p = same & (q.camids[:, None] != g.camids[None, :])
+        for s, L in enumerate(lengths[:-1]):
+            pos[L].append(d[s][p])
+            neg[L].append(d[s][~same])
     grids = []
-    for s, L in enumerate(gallery.lengths[:-1]):
+    for L in lengths[:-1]:
         values = {L} | {t[L] for t in dto}
-        if pos.any():
-            values |= {int(v) for v in np.quantile(dist[s][pos], POSITIVE_LEVELS, method="lower")}
-        if neg.any():
-            values |= {int(v) for v in np.quantile(dist[s][neg], NEGATIVE_LEVELS, method="lower")}
+        for dd, levels in ((np.concatenate(pos[L]), POSITIVE_LEVELS), (np.concatenate(neg[L]), NEGATIVE_LEVELS)):
+            if dd.size:
+                values |= {int(v) for v in np.quantile(dd, levels, method="lower")}
         grids.append(sorted(values))
     return grids
 
@@ -227,13 +259,14 @@ def _step(grid: list[int], value: int, up: bool) -> int | None:
 
 def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEFAULT_TOLERANCE,
                budget_ms: float | None = None, cost_model: CostModel | None = None, gallery_size: int | None = None,
-               k: int | None = None, seed: int = 0, max_pairs: int = DEFAULT_MAX_PAIRS) -> TargetFit:
+               k: int | None = None, seed: int = 0, folds: int = DEFAULT_FOLDS,
+               max_pairs: int = DEFAULT_MAX_PAIRS) -> TargetFit:
     """Thresholds for ``target`` on the validation set ``val`` (see the module).
 
     ``cost_model``: measured on this machine when None (``measure_cost_model`` at ``default_sizes``,
     5-20 s); ``gallery_size``: the gallery the time is planned for (default: the validation gallery);
-    ``k``: the top-k of the searches (default: the cost model's); ``seed``: the query / gallery split;
-    ``max_pairs``: the pair subsample of the DTO seeds. Raises :class:`~ctfreid.errors.CtfreidError` for a
+    ``k``: the top-k of the searches (default: the cost model's); ``seed``, ``folds``: the query / gallery
+    splits (:func:`split_validation`); ``max_pairs``: the pair subsample of the DTO seeds. Raises :class:`~ctfreid.errors.CtfreidError` for a
     bad target, tolerance or budget, a budget below the cheapest thresholds, or a tolerance that nothing
     meets (possible only for a tolerance of about 0: the ranking without pruning breaks the longest code's
     ties by the shorter codes).
@@ -242,8 +275,8 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
     lengths = val.lengths
     if len(lengths) < 2:
         raise CtfreidError(f"coarse-to-fine thresholds need two or more code lengths, the validation codes have {lengths}")
-    query, gallery = split_validation(val, seed)
-    n = len(gallery) if gallery_size is None else gallery_size
+    splits = _splits(val, seed, folds)
+    n = len(splits[0][1]) if gallery_size is None else gallery_size
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise CtfreidError(f"gallery_size must be a positive integer, got {gallery_size!r}")
     n = int(n)
@@ -254,13 +287,13 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
     cost_model.check_lengths(lengths, "validation codes")
     k = cost_model.k if k is None else check_k(k)
 
-    ev = _Evaluator(query, gallery, cost_model, n, k)
+    ev = _Evaluator(splits, cost_model, n, k)
     distances = pair_distances(val.codes, val.pids, val.camids, max_pairs, seed)
     try:  # DTO's thresholds as seeds; none where its Gaussians cannot be fitted (constant distances)
         dto = [{L: f.threshold for L, f in fits_from_distances(distances, b).items()} for b in GRID_BETAS]
     except CtfreidError:
         dto = []
-    grids = threshold_grids(query, gallery, ev.dist, dto)
+    grids = threshold_grids(splits, ev.dist, dto)
     S = len(grids)
 
     def loss(a: tuple, b: tuple) -> float:  # accuracy lost going from a to b, in points (mAP or Rank-1)
@@ -342,24 +375,24 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
         gallery_size=n, k=k, no_pruning_ms=ev(top)[0],
         tolerance=float(tolerance) if target == "accuracy" else None,
         budget_ms=float(budget_ms) if target == "time" else None,
-        val_queries=len(query), val_gallery=len(gallery), evaluations=ev.rankings,
+        val_queries=ev.num_queries, val_gallery=ev.mean_gallery, evaluations=ev.rankings, folds=len(splits),
         grids={L: g for L, g in zip(lengths[:-1], grids)},
     )
 
 
 def assess(val: EncodedSet, thresholds: Mapping[int, int], cost_model: CostModel, gallery_size: int | None = None,
-           k: int | None = None, seed: int = 0) -> TargetFit:
+           k: int | None = None, seed: int = 0, folds: int = DEFAULT_FOLDS) -> TargetFit:
     """What given thresholds (DTO's, say) give under the protocol of :func:`fit_target`: expected time,
     validation mAP and Rank-1, keep fractions (``target="given"``), to compare them with a targeted fit."""
     lengths = val.lengths
     th = check_thresholds(thresholds, lengths)
     cost_model.check_lengths(lengths, "validation codes")
-    query, gallery = split_validation(val, seed)
-    n = len(gallery) if gallery_size is None else int(gallery_size)
+    splits = _splits(val, seed, folds)
+    n = len(splits[0][1]) if gallery_size is None else int(gallery_size)
     if n < 1:
         raise CtfreidError(f"gallery_size must be a positive integer, got {gallery_size!r}")
     k = cost_model.k if k is None else check_k(k)
-    ev = _Evaluator(query, gallery, cost_model, n, k)
+    ev = _Evaluator(splits, cost_model, n, k)
     ms, mAP, rank1, fractions = ev(tuple(th.values()))
     return TargetFit(
         target="given", thresholds=th, expected_ms=ms, val_map=mAP / 100.0, val_rank1=rank1 / 100.0,
@@ -367,7 +400,7 @@ def assess(val: EncodedSet, thresholds: Mapping[int, int], cost_model: CostModel
         keep_fractions={L: float(f) for L, f in zip(lengths[1:], fractions)},
         candidates={L: float(f) * n for L, f in zip(lengths[1:], fractions)},
         gallery_size=n, k=k, no_pruning_ms=ev(tuple(lengths[:-1]))[0],
-        val_queries=len(query), val_gallery=len(gallery), evaluations=ev.rankings,
+        val_queries=ev.num_queries, val_gallery=ev.mean_gallery, evaluations=ev.rankings, folds=len(splits),
     )
 
 
@@ -394,7 +427,7 @@ def format_fit(fit: TargetFit) -> str:
         f"target {fit.target} ({aim}), top-{fit.k} search over a gallery of {fit.gallery_size} items",
         "thresholds: " + ",".join(f"{L}={t}" for L, t in fit.thresholds.items()),
         f"expected {fit.expected_ms:.4g} ms per query (no pruning: {fit.no_pruning_ms:.4g} ms)",
-        (f"validation ({fit.val_queries} queries, {fit.val_gallery} gallery): CtF mAP {100 * fit.val_map:.2f}, "
+        (f"validation ({fit.val_queries} queries in {fit.folds} folds, {fit.val_gallery} gallery): CtF mAP {100 * fit.val_map:.2f}, "
         f"Rank-1 {100 * fit.val_rank1:.2f}; {fit.reference['length']}-bit code mAP {100 * fit.reference['mAP']:.2f}, "
         f"Rank-1 {100 * fit.reference['rank1']:.2f}"),
         "kept per stage: " + ", ".join(f"{L} bits {100 * f:.2f} % ({fit.candidates[L]:.1f} items)"
