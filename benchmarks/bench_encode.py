@@ -13,9 +13,10 @@ demo's), batch 1 and 32, 1 and 2 threads (``torch.set_num_threads`` / onnxruntim
 - where the time goes per image: JPEG decoding (Pillow, 128x64 Market-1501 sized crops), preprocessing
   (``ctfreid.infer.preprocess``, NumPy, and the torchvision test transform), the network (above); with
   decoding, crops/s = 1 / (decode + preprocess + network), the three steps being sequential per batch;
-- ``--int8``: the MobileNetV2 encoder quantised by ``onnxruntime.quantization.quantize_dynamic`` (int8
-  weights, dynamic activations): its speed in the same table and its bit agreement with float32 on
-  generated images. Accuracy on CUHK03 needs a trained model, which is not in the repository.
+- ``--int8``: each encoder quantised as ``ctfreid export --int8`` does (``ctfreid.infer.quantize``: static
+  QDQ, uint8 activations, int8 per-channel weights of the backbone, calibrated on 64 generated images):
+  its speed in the same table and its bit agreement with float32 on 64 other generated images. Accuracy on
+  CUHK03: ``docs/results-cuhk03.md``.
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ def make_encoder(backbone: str, height: int, width: int, folder: Path, int8: boo
     export_onnx(model, info, path, fingerprint="bench")
     quant = None
     if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from ctfreid.infer.export import generated_images
+        from ctfreid.infer.quantize import quantize_onnx
 
         quant = folder / f"{backbone}_{height}x{width}.int8.onnx"
-        quantize_dynamic(str(path), str(quant), weight_type=QuantType.QInt8)
+        quantize_onnx(path, quant, generated_images(64, height, width, seed=1))
     return model, path, quant, torch
 
 
@@ -138,7 +140,7 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of runs per runtime and cell (default 1)")
-    ap.add_argument("--int8", action="store_true", help="also the int8 dynamic quantisation of MobileNetV2")
+    ap.add_argument("--int8", action="store_true", help="also the int8 encoders of 'ctfreid export --int8'")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     import onnxruntime
@@ -155,14 +157,13 @@ def main() -> None:
                   f"{stages[size]['preprocess_numpy'] * 1e3:.3f} ms, torchvision {stages[size]['preprocess_torch'] * 1e3:.3f} ms",
                   flush=True)
             for backbone in args.backbones:
-                int8 = args.int8 and backbone == "mobilenet_v2"
-                model, path, quant, _ = make_encoder(backbone, height, width, Path(tmp), int8)
+                model, path, quant, _ = make_encoder(backbone, height, width, Path(tmp), args.int8)
                 if quant is not None:
-                    agreement[size] = int8_agreement(path, quant, height, width)
+                    agreement[f"{backbone} {size}"] = int8_agreement(path, quant, height, width)
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     sessions = {"ort": ort_session(path, threads)}
-                    if quant is not None and threads == 1:
+                    if quant is not None:
                         sessions["ort_int8"] = ort_session(quant, threads)
                     for batch in args.batches:
                         x = np.random.default_rng(0).standard_normal((batch, 3, height, width)).astype(np.float32)
@@ -189,8 +190,8 @@ def main() -> None:
                               f"   with JPEG: {row['torch_crops_s_jpeg']:.1f} / {row['ort_crops_s_jpeg']:.1f}", flush=True)
     print()
     print(table(rows))
-    for size, agree in agreement.items():
-        print(f"int8 vs float32 MobileNetV2 {size}, share of equal bits: "
+    for cell, agree in agreement.items():
+        print(f"int8 vs float32 {cell}, share of equal bits: "
               + ", ".join(f"{L}: {a:.2%}" for L, a in sorted(agree.items())))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "stages": stages, "int8_agreement": agreement}, indent=1))
