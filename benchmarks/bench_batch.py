@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
 """Batches of queries on 1 and 2 threads: CtF top-100 per query against faiss ``IndexBinaryFlat`` at 32 and
-2048 bits (``faiss.omp_set_num_threads`` the same), and the NumPy streaming-read floor.
+2048 bits (``faiss.omp_set_num_threads`` the same), and the NumPy streaming-read floor; then where a query's
+time goes.
 
-    python3 benchmarks/bench_batch.py                   # n = 1e6, batches 1, 8, 64, 512
-    python3 benchmarks/bench_batch.py --sizes 1e4,1e5,1e6,1e7 --batches 1,8,64,512
+    python3 benchmarks/bench_batch.py                                  # n = 1e6, batches 1, 8, 64, 512
+    python3 benchmarks/bench_batch.py --sizes 1e4,1e5,1e6,1e7 --budget 0.5
 
-The codes and threshold fit are those of ``bench_search.py`` (stage 1 keeps about 2 %). Each cell is the
-median over 3 passes of interleaved timed calls of the whole batch, divided by the batch size (time per
-query). "floor": ``codes32.sum()`` over the same 32-bit code array (a streaming read that stays in cache),
-the bound one query of a memory-bound scan cannot beat. Every batch answer is checked against the
-one-query, one-thread answers.
+The codes and threshold fit are those of ``bench_search.py`` (stage 1 keeps about 2 %; 1e7 codes take ~12
+minutes to generate once, then are cached in $TMPDIR/ctfreid-bench, and ~10 GB of memory). Each cell is
+the median over 3 passes of interleaved timed calls of the whole batch, divided by the batch size (time
+per query). "floor": ``codes32.view(np.uint32).sum()`` over the same 32-bit codes, the bound one query
+of a memory-bound scan cannot beat. faiss at 2048 bits runs on at most ``--faiss2048-work`` query x code
+pairs a call (a cell marked * timed a sub-batch: faiss's time per query then is that of the smaller
+batch). Every batch answer is checked against the one-query, one-thread answers.
+
+The breakdown (one thread, wall-clock medians, µs per query) times the kernel's parts on their own:
+"scan" = stage 1 with an impossible threshold (the 64-code masks alone); "survivors" = stage 1 with the
+real threshold minus "scan" (extracting the stage-1 candidates, their stage-2 distances and the
+compaction to those within the stage-2 threshold); "re-rank" = the distances of stages 3 .. S of the
+surviving candidates; "top-k" = the rest of the kernel (compactions between the later stages, ordering, the first k); "Python" =
+``search`` minus the kernel (validation, views, ids).
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def median_time(f, budget: float, min_calls: int = 3) -> float:
+def median_time(f, budget: float, min_calls: int = 1) -> float:
+    """Median wall time of ``f()`` over calls for ``budget`` seconds (at least ``min_calls``), after one warm-up."""
     f()
     times, start = [], time.perf_counter()
     while len(times) < min_calls or time.perf_counter() - start < budget:
@@ -36,6 +47,51 @@ def median_time(f, budget: float, min_calls: int = 3) -> float:
     return float(np.median(times))
 
 
+def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
+    """µs per query of the parts of one thread's top-100 of a batch of ``b`` queries (see the docstring;
+    ``ctf_topk_batch`` in groups of up to 64 queries, its tile scan ``_scan_tiles`` timed on its own)."""
+    from ctfreid.search import _kernels as K
+    from ctfreid.search.index import BATCH_FILTER_MIN_N
+
+    qs, _ = index._queries({L: v[:b] for L, v in q.items()})
+    G1, Gr, Ls, qoff = index._stage_views()
+    thr = index._thresholds(None)
+    n, S = G1.shape[0], len(Ls)
+    Q1, g1 = K.words32(qs[0]), K.words32(G1).reshape(n)
+    Qr = K.later_queries(qs, qoff)
+    hi2 = int(thr[1]) if S > 2 and n > BATCH_FILTER_MIN_N else int(Ls[1])
+    total = median_time(lambda: index.search({L: v[:b] for L, v in q.items()}, 100, threads=1), budget)
+    kernel = median_time(lambda: index._positions(qs, 100, thr), budget)
+    bufI, bufD = index._batch_buffers(n, b)
+    cnt, c1 = np.zeros(bufI.shape[0], np.int64), np.zeros(bufI.shape[0], np.int64)
+
+    def stage1(hi: int, h2: int) -> None:
+        for a0 in range(0, b, bufI.shape[0]):
+            cnt[:], c1[:] = 0, 0
+            K._scan_tiles(Q1, g1, n, hi, h2, Qr, qoff, Gr[0], index._live, a0, min(bufI.shape[0], b - a0),
+                          bufI, bufD, cnt, c1)
+
+    scan = median_time(lambda: stage1(-1, -1), budget)
+    survivors = median_time(lambda: stage1(int(thr[0]), hi2), budget)
+    stage1(int(thr[0]), int(thr[1]))  # the last group's stage-2 candidates, for the re-rank timing
+    a0 = (b - 1) // bufI.shape[0] * bufI.shape[0]
+    cands = [(a0 + a, bufI[a, : cnt[a]].copy()) for a in range(b - a0) if cnt[a] <= bufI.shape[1]]
+    out = np.empty(n + 2 * K.BLOCK, np.int32)
+
+    def rerank() -> None:
+        for i, rows in cands:
+            for s in range(2, S):
+                K._later_dist(Qr, qoff, Gr, s, i, rows, rows.shape[0], out)
+                if s < S - 1:
+                    rows = rows[out[: rows.shape[0]] <= thr[s]]
+
+    per = len(cands)
+    re = median_time(rerank, budget) / per
+    scan, survivors, kernel, total = scan / b, survivors / b, kernel / b, total / b
+    return {"scan": scan, "survivors": survivors - scan, "re-rank": re, "top-k": kernel - survivors - re,
+            "Python": total - kernel, "total": total}
+
+
 def main(argv=None) -> int:
     import faiss
     from bench_search import fit_thresholds, make_data
@@ -43,10 +99,12 @@ def main(argv=None) -> int:
     from ctfreid import CtFIndex
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="1e6")
+    ap.add_argument("--sizes", default="1e6", help="gallery sizes, comma-separated (e.g. 1e4,1e5,1e6,1e7)")
     ap.add_argument("--batches", default="1,8,64,512")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per cell and pass")
+    ap.add_argument("--faiss2048-work", type=float, default=1e8,
+                    help="at most this many query x code pairs a faiss 2048-bit call (larger batches: a sub-batch)")
     args = ap.parse_args(argv)
     lengths = [32, 128, 512, 2048]
     batches = [int(b) for b in args.batches.split(",")]
@@ -62,26 +120,38 @@ def main(argv=None) -> int:
         flat = {L: faiss.IndexBinaryFlat(L) for L in (32, 2048)}
         for L, f in flat.items():
             f.add(g[L])
-        one = index.search(q, 100, threads=1)
+        g32 = g[32]
+        del g
+        one = np.stack([index.search({L: v[i] for L, v in q.items()}, 100, threads=1)[1] for i in range(nq)])
         print(f"\nn = {n:,}, thresholds {thresholds} (stage 1 keeps {kept[0]:.1%}); µs per query, medians of 3 passes")
         print("| threads | batch | CtF | faiss 32 | faiss 2048 | NumPy floor | faiss 32 / CtF | faiss 2048 / CtF | CtF / floor |")
         print("|---|---|---|---|---|---|---|---|---|")
-        floor = median_time(lambda: g[32].view(np.uint32).sum(), args.budget / 3)
+        floor = median_time(lambda: g32.view(np.uint32).sum(), args.budget / 3, 3)
         for t in threads:
             faiss.omp_set_num_threads(t)
             for b in batches:
                 qb = {L: np.ascontiguousarray(v[:b]) for L, v in q.items()}
                 got = index.search(qb, 100, threads=t)
-                assert np.array_equal(got[1], one[1][:b]), "batch answers differ from one query at a time"
+                assert np.array_equal(got[1], one[:b]), "batch answers differ from one query at a time"
+                b2048 = max(1, min(b, int(args.faiss2048_work // n)))
+                q2048 = qb[2048][:b2048]
                 cells = {}
                 for _ in range(3):
-                    for name, f in (("ctf", lambda: index.search(qb, 100, threads=t)),
-                                    ("f32", lambda: flat[32].search(qb[32], 100)),
-                                    ("f2048", lambda: flat[2048].search(qb[2048], 100))):
-                        cells.setdefault(name, []).append(median_time(f, args.budget / 3) / b)
+                    for name, f, m in (("ctf", lambda: index.search(qb, 100, threads=t), b),
+                                       ("f32", lambda: flat[32].search(qb[32], 100), b),
+                                       ("f2048", lambda: flat[2048].search(q2048, 100), b2048)):
+                        cells.setdefault(name, []).append(median_time(f, args.budget / 3) / m)
                 ctf, f32, f2048 = (float(np.median(cells[k])) for k in ("ctf", "f32", "f2048"))
-                print(f"| {t} | {b} | {ctf * 1e6:.0f} | {f32 * 1e6:.0f} | {f2048 * 1e6:.0f} | {floor * 1e6:.0f} | "
-                      f"{f32 / ctf:.2f} | {f2048 / ctf:.1f} | {ctf / floor:.2f} |", flush=True)
+                star = "*" if b2048 < b else ""
+                print(f"| {t} | {b} | {ctf * 1e6:.0f} | {f32 * 1e6:.0f} | {f2048 * 1e6:.0f}{star} | {floor * 1e6:.0f} | "
+                      f"{f32 / ctf:.2f} | {f2048 / ctf:.1f}{star} | {ctf / floor:.2f} |", flush=True)
+        print(f"\nwhere the time goes (n = {n:,}, 1 thread, µs per query)")
+        print("| batch | scan | survivors | re-rank | top-k | Python | total |")
+        print("|---|---|---|---|---|---|---|")
+        for b in sorted({1, min(64, nq)} & set(batches) or {batches[0]}):
+            parts = breakdown(index, q, b, args.budget / 3)
+            print(f"| {b} | " + " | ".join(f"{parts[k] * 1e6:.0f}" for k in ("scan", "survivors", "re-rank", "top-k", "Python", "total")) + " |",
+                  flush=True)
     return 0
 
 
