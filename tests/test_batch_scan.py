@@ -79,6 +79,7 @@ CASES = [  # n, lengths, thresholds, k
 @pytest.mark.parametrize("n, lengths, thresholds, k", CASES)
 def test_batches_equal_one_query_and_oracle(monkeypatch, filter_min_n, n, lengths, thresholds, k):
     monkeypatch.setattr(index_module, "BATCH_FILTER_MIN_N", filter_min_n)
+    monkeypatch.setattr(index_module, "BATCH_MIN_QUERIES", 1)  # the batch scan for every batch size
     rng = np.random.default_rng(n)
     g, q = codes(rng, n, lengths, 9), codes(rng, NQ, lengths, 9)
     q = {L: np.concatenate([g[L][rng.integers(0, n, NQ // 2)], c[: NQ - NQ // 2]]) for L, c in q.items()}
@@ -97,7 +98,7 @@ def test_batches_equal_one_query_and_oracle(monkeypatch, filter_min_n, n, length
     for got, ref in zip(one[:3], want[:3]):
         np.testing.assert_array_equal(got, ref[:, :m])
     np.testing.assert_array_equal(one[3], want[3])
-    for b in (1, 2, 3, 9, 64, NQ):
+    for b in (1, 2, 3, 9, 64, NQ):  # 2 threads: chunks of 1 .. 35 queries
         qb = {L: c[:b] for L, c in q.items()}
         for t in (1, 2):
             h = index.search_hits(qb, k, threads=t, thresholds=thresholds)

@@ -876,9 +876,11 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c):
     """Append those of the tile hits ``pos[:m]`` of one query whose stage-2 distance is ``<= hi2`` to its
     candidates (``ids``, ``D[0]``, ``D[1]`` from ``c`` on; branch-free, in gallery order) with their
     stage-1 and stage-2 distances, computed while the tile's codes are in cache; returns the new count.
-    The stage-2 distances go to ``tmp`` first: a loop of independent gathers (~5 % faster)."""
+    The stage-2 distances go to ``tmp`` first: a loop of independent gathers, each prefetching the code
+    16 hits ahead (for groups too small to prefetch the whole tile; ~5 % faster for 1 query)."""
     for r in range(m):
         p = pos[r]
+        _prefetch(g2, W2 * pos[min(r + 16, m - 1)])
         if W2 == 2:
             tmp[r] = _popcnt(q2[0] ^ g2[2 * p]) + _popcnt(q2[1] ^ g2[2 * p + 1])
         else:
