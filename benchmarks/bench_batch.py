@@ -12,7 +12,8 @@ the median over 3 passes of interleaved timed calls of the whole batch, divided 
 per query). "floor": ``codes32.view(np.uint32).sum()`` over the same 32-bit codes, the bound one query
 of a memory-bound scan cannot beat. faiss at 2048 bits runs on at most ``--faiss2048-work`` query x code
 pairs a call (a cell marked * timed a sub-batch: faiss's time per query then is that of the smaller
-batch). Every batch answer is checked against the one-query, one-thread answers.
+batch). Every batch answer is checked against the one-query, one-thread answers. faiss runs with
+``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (see ``main``).
 
 The breakdown (one thread, wall-clock medians, µs per query) times the kernel's parts on their own:
 "scan" = stage 1 with an impossible threshold (the 64-code masks alone); "survivors" = stage 1 with the
@@ -25,6 +26,7 @@ surviving candidates; "top-k" = the rest of the kernel (compactions between the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -93,6 +95,9 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
+    # faiss's OpenMP threads spin while they wait; on a shared machine one descheduled thread then stalls
+    # the others for milliseconds (2 threads measured 10-100x slower than 1 under load), so they sleep
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import faiss
     from bench_search import fit_thresholds, make_data
 

@@ -11,6 +11,11 @@ loop, giving a 64-bit mask of the codes that pass; the few passing codes are the
 count-trailing-zeros, four at a time without branches. Top-k keeps lowering that bound as it goes (the
 k-th distance so far), so most blocks yield an empty mask and cost only the distance computation.
 
+A batch of CtF top-k queries (``ctf_topk_batch``) scans the gallery once per group of up to 64 queries,
+in tiles of 4,096 codes that stay in L1 while every query of the group is compared with them; each query's
+stage-1 hits get their stage-2 distances while the tile's longer codes are still in cache, and only the
+later stages run query by query.
+
 Conventions: distances int32, gallery positions int64, results exact and deterministic: ties always
 keep gallery order (stable counting sort), whatever the word or block size.
 """
@@ -81,8 +86,9 @@ def _prefetch(typingctx, arr, idx):
 def _mask64(typingctx, arr, base, q, hi):
     """Mask of the 64 codes ``arr[base:base + 64]`` (a ``uint32`` word view, one word per code) whose
     distance to the word ``q`` is ``<= hi``: one vector load, XOR, popcount and compare on ``<64 x i32>``
-    and a bitcast of the ``<64 x i1>`` result (``vpopcntd`` + ``vpcmpd`` into mask registers on AVX-512).
-    The plain-loop version (``_mask1``) builds the mask with shifts and ORs, ~3x slower from L1."""
+    and a bitcast of the ``<64 x i1>`` result (``vpopcntd`` + ``vpcmpd`` into mask registers on AVX-512),
+    where the shift-and-OR loop of ``_mask1`` compiles to narrow vectors and one masked OR per 4 codes.
+    Reads through the array's data pointer: ``base`` is trusted (full blocks only)."""
     if not (isinstance(arr, types.Array) and arr.dtype == types.uint32 and isinstance(base, types.Integer)):
         return None
 
