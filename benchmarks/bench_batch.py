@@ -50,10 +50,10 @@ def median_time(f, budget: float, min_calls: int = 1) -> float:
 
 
 def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
-    """µs per query of the parts of one thread's top-100 of a batch of ``b`` queries (see the docstring;
-    ``ctf_topk_batch`` in groups of up to 64 queries, its tile scan ``_scan_tiles`` timed on its own)."""
+    """µs per query of the parts of one thread's top-100 of a batch of ``b`` queries (see the docstring),
+    with the kernel ``CtFIndex.search`` uses for that batch size (``ctf_topk_batch`` or ``ctf_topk``)."""
     from ctfreid.search import _kernels as K
-    from ctfreid.search.index import BATCH_FILTER_MIN_N
+    from ctfreid.search.index import BATCH_FILTER_MIN_N, BATCH_MIN_QUERIES
 
     qs, _ = index._queries({L: v[:b] for L, v in q.items()})
     G1, Gr, Ls, qoff = index._stage_views()
@@ -64,20 +64,37 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     hi2 = int(thr[1]) if S > 2 and n > BATCH_FILTER_MIN_N else int(Ls[1])
     total = median_time(lambda: index.search({L: v[:b] for L, v in q.items()}, 100, threads=1), budget)
     kernel = median_time(lambda: index._positions(qs, 100, thr), budget)
-    bufI, bufD = index._batch_buffers(n, b)
-    cnt, c1 = np.zeros(bufI.shape[0], np.int64), np.zeros(bufI.shape[0], np.int64)
+    if b >= BATCH_MIN_QUERIES:  # ctf_topk_batch: the tile scan (_scan_tiles) on its own
+        bufI, bufD = index._batch_buffers(n, b)
+        cnt, c1 = np.zeros(bufI.shape[0], np.int64), np.zeros(bufI.shape[0], np.int64)
 
-    def stage1(hi: int, h2: int) -> None:
-        for a0 in range(0, b, bufI.shape[0]):
-            cnt[:], c1[:] = 0, 0
-            K._scan_tiles(Q1, g1, n, hi, h2, Qr, qoff, Gr[0], index._live, a0, min(bufI.shape[0], b - a0),
-                          bufI, bufD, cnt, c1)
+        def stage1(hi: int, h2: int) -> None:
+            for a0 in range(0, b, bufI.shape[0]):
+                cnt[:], c1[:] = 0, 0
+                K._scan_tiles(Q1, g1, n, hi, h2, Qr, qoff, Gr[0], index._live, a0, min(bufI.shape[0], b - a0),
+                              bufI, bufD, cnt, c1)
 
-    scan = median_time(lambda: stage1(-1, -1), budget)
-    survivors = median_time(lambda: stage1(int(thr[0]), hi2), budget)
-    stage1(int(thr[0]), int(thr[1]))  # the last group's stage-2 candidates, for the re-rank timing
-    a0 = (b - 1) // bufI.shape[0] * bufI.shape[0]
-    cands = [(a0 + a, bufI[a, : cnt[a]].copy()) for a in range(b - a0) if cnt[a] <= bufI.shape[1]]
+        scan = median_time(lambda: stage1(-1, -1), budget)
+        survivors = median_time(lambda: stage1(int(thr[0]), hi2), budget)
+        stage1(int(thr[0]), int(thr[1]))  # the last group's stage-2 candidates, for the re-rank timing
+        a0 = (b - 1) // bufI.shape[0] * bufI.shape[0]
+        cands = [(a0 + a, bufI[a, : cnt[a]].copy()) for a in range(b - a0) if cnt[a] <= bufI.shape[1]]
+    else:  # ctf_topk: one query at a time (_within1, then the stage-2 distances of all its candidates)
+        big = n + 2 * K.BLOCK
+        ids, d0, d1 = np.empty(big, np.int64), np.empty(big, np.int32), np.empty(big, np.int32)
+        dd = np.zeros(K.BLOCK + 1, np.int32)
+
+        def stage1(hi: int) -> int:
+            c = 0
+            for i in range(b):
+                c = K._within1(Q1[i], g1, n, hi, ids, d0, dd, index._live)
+                K._later_dist(Qr, qoff, Gr, 1, i, ids, c, d1)
+            return c
+
+        scan = median_time(lambda: stage1(-1), budget)
+        survivors = median_time(lambda: stage1(int(thr[0])), budget)
+        c = stage1(int(thr[0]))
+        cands = [(b - 1, ids[:c][d1[:c] <= thr[1]].copy())]
     out = np.empty(n + 2 * K.BLOCK, np.int32)
 
     def rerank() -> None:
