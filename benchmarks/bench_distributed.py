@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--n-query", type=int, default=64, help="queries in the cached code file (64 of them are used)")
     ap.add_argument("--budget", type=float, default=6.0, help="seconds of single-query timing per shard count")
     ap.add_argument("--chunks", type=int, default=4,
                     help="add the gallery in this many equal parts (n / 4: the buffers end exactly full, no doubling)")
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     from ctfreid.search.index import CtFIndex
 
     n, k = args.n, args.k
-    g, q, thresholds, kept = _data(n)
+    g, q, thresholds, kept = _data(n, n_query=args.n_query)
     nq = q[32].shape[0]
     q1 = [{L: v[i:i + 1] for L, v in q.items()} for i in range(nq)]
     print(f"n = {n:,}, {nq} queries, top-{k}, thresholds {thresholds} (kept {[round(x, 3) for x in kept]}), "

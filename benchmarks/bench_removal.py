@@ -32,11 +32,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def _data(n: int, seed: int = 0):
+def _data(n: int, seed: int = 0, n_query: int = 64):
+    """Gallery codes, 64 test queries, the thresholds fit and its kept fractions. ``n_query`` picks the cached
+    file (``bench_batch.py`` caches 512 queries: reusing its file at 1e7 saves minutes and 3.4 GB)."""
     from bench_search import fit_thresholds, make_data
 
     lengths = [32, 128, 512, 2048]
-    g, q, c, _, _ = make_data(n, 64, lengths, seed, Path(tempfile.gettempdir()) / "ctfreid-bench")
+    g, q, c, _, _ = make_data(n, n_query, lengths, seed, Path(tempfile.gettempdir()) / "ctfreid-bench")
+    q = {L: v[:64] for L, v in q.items()}
     g = {L: np.ascontiguousarray(v[:n]) for L, v in g.items()}
     thresholds, kept = fit_thresholds(c, g, 0.02)
     return g, q, thresholds, kept
