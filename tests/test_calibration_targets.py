@@ -232,16 +232,25 @@ def test_cli_accuracy_target_writes_thresholds_that_evaluate_reads(files, capsys
     assert rc == 0, err
 
 
-def test_cli_time_target_and_dto_default(files, capsys):
+def test_cli_time_target_dto_and_the_default(files, capsys):
     rc, _, err = cli(capsys, "calibrate", "--val", files / "val.npz", "--budget-ms", "1",
                        "--cost-model", files / "cost.json", "--out", files / "th.json")
     assert rc == 0, err
     saved = json.loads((files / "th.json").read_text())
     assert saved["target"] == "time" and saved["fit"]["expected_ms"] <= 1.0
-    rc, _out, err = cli(capsys, "calibrate", "--val", files / "bench.npz", "--out", files / "dto.json")
+    rc, _, err = cli(capsys, "calibrate", "--val", files / "bench.npz", "--beta", "2", "--out", files / "dto.json")
     assert rc == 0, err
     saved = json.loads((files / "dto.json").read_text())
     assert saved["target"] == "dto" and saved["beta"] == 2.0 and "fits" in saved
+    # without a target or --beta: the accuracy target (tolerance 0.5)
+    rc, _, err = cli(capsys, "calibrate", "--val", files / "val.npz", "--cost-model", files / "cost.json",
+                     "--out", files / "default.json")
+    assert rc == 0, err
+    saved = json.loads((files / "default.json").read_text())
+    assert saved["target"] == "accuracy" and saved["fit"]["tolerance"] == 0.5
+    # --beta-sweep alone is still DTO's sweep
+    rc, out, err = cli(capsys, "calibrate", "--val", files / "bench.npz", "--beta-sweep")
+    assert rc == 0 and "DTO on" in out and "beta sweep" in out, err
 
 
 @pytest.mark.parametrize("args, fragments", [
