@@ -23,7 +23,7 @@ threshold that maximises F_beta. Larger beta favours recall (more candidates: sl
 --tolerance points of the longest code alone, on the validation identities split into query and gallery
 (one query per identity and camera; --folds splits pooled).
 --target time: the best validation mAP whose expected time is at most --budget-ms milliseconds per query.
-Expected times come from a cost model of top-k CtF search measured on this machine (5-20 s; --cost-model
+Expected times come from a cost model of top-k CtF search measured on this machine (5-40 s; --cost-model
 reads a saved one, --save-cost-model keeps it) and are planned for a gallery of --gallery-size items (the
 fractions kept at each stage transfer across sizes; default: the validation gallery).
 
