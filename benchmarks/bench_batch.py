@@ -9,18 +9,22 @@ time goes.
 The codes and threshold fit are those of ``bench_search.py`` (stage 1 keeps about 2 %; 1e7 codes take ~12
 minutes to generate once, then are cached in $TMPDIR/ctfreid-bench, and ~10 GB of memory). Each cell is
 the median over 3 passes of interleaved timed calls of the whole batch, divided by the batch size (time
-per query). "floor": ``codes32.view(np.uint32).sum()`` over the same 32-bit codes, the bound one query
-of a memory-bound scan cannot beat. faiss at 2048 bits runs on at most ``--faiss2048-work`` query x code
-pairs a call (a cell marked * timed a sub-batch: faiss's time per query then is that of the smaller
-batch). Every batch answer is checked against the one-query, one-thread answers. faiss runs with
-``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (see ``main``).
+per query). "CtF query by query": the same batch with the one-query kernel (the code before the batch
+scan: ``index.BATCH_MIN_QUERIES`` set above the batch size). "floor": ``codes32.view(np.uint32).sum()``
+over the same 32-bit codes, the bound one query of a memory-bound scan cannot beat. faiss at 2048 bits
+runs on at most ``--faiss2048-work`` query x code pairs a call (a cell marked * timed a sub-batch:
+faiss's time per query then is that of the smaller batch); faiss runs with ``OMP_WAIT_POLICY=PASSIVE``
+unless the variable is set (see ``main``). Every batch answer is checked against the one-query,
+one-thread answers.
 
-The breakdown (one thread, wall-clock medians, µs per query) times the kernel's parts on their own:
-"scan" = stage 1 with an impossible threshold (the 64-code masks alone); "survivors" = stage 1 with the
-real threshold minus "scan" (extracting the stage-1 candidates, their stage-2 distances and the
-compaction to those within the stage-2 threshold); "re-rank" = the distances of stages 3 .. S of the
-surviving candidates; "top-k" = the rest of the kernel (compactions between the later stages, ordering, the first k); "Python" =
-``search`` minus the kernel (validation, views, ids).
+On a loaded machine a call's wall time includes the time its threads waited for a core, the more often
+the longer the call; so the 1-thread rows are also printed in CPU time of the calling thread (faiss with
+one OpenMP thread runs in it too), and the breakdown (one thread, µs per query) is in CPU time: "scan" =
+stage 1 with an impossible threshold (the 64-code masks alone); "survivors" = stage 1 with the real
+threshold minus "scan" (extracting the stage-1 candidates and their stage-2 distances; in the batch scan
+also keeping those within the stage-2 threshold); "re-rank" = the distances of stages 3 .. S of the
+stage-2 candidates; "top-k" = the rest of the kernel (compactions between the later stages, ordering,
+the first k); "Python" = ``search`` minus the kernel (validation, views, ids).
 """
 
 from __future__ import annotations
@@ -38,15 +42,32 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def median_time(f, budget: float, min_calls: int = 1) -> float:
-    """Median wall time of ``f()`` over calls for ``budget`` seconds (at least ``min_calls``), after one warm-up."""
+def median_time(f, budget: float, min_calls: int = 1, cpu: list | None = None) -> float:
+    """Median wall time of ``f()`` over calls for ``budget`` seconds (at least ``min_calls``), after one
+    warm-up; appends the median CPU time of the calling thread to ``cpu`` if given."""
     f()
-    times, start = [], time.perf_counter()
+    times, cpus, start = [], [], time.perf_counter()
     while len(times) < min_calls or time.perf_counter() - start < budget:
-        t = time.perf_counter()
+        c, t = time.thread_time(), time.perf_counter()
         f()
         times.append(time.perf_counter() - t)
+        cpus.append(time.thread_time() - c)
+    if cpu is not None:
+        cpu.append(float(np.median(cpus)))
     return float(np.median(times))
+
+
+def one_by_one(index, qb: dict, threads: int) -> None:
+    """The batch with the one-query kernel (``ctf_topk``, query after query; threads as for the batch):
+    the code before the batch scan, the same-run baseline of "query by query / CtF"."""
+    from ctfreid.search import index as index_module
+
+    keep = index_module.BATCH_MIN_QUERIES
+    index_module.BATCH_MIN_QUERIES = 1 << 62
+    try:
+        index.search(qb, 100, threads=threads)
+    finally:
+        index_module.BATCH_MIN_QUERIES = keep
 
 
 def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
@@ -55,6 +76,11 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     from ctfreid.search import _kernels as K
     from ctfreid.search.index import BATCH_FILTER_MIN_N, BATCH_MIN_QUERIES
 
+    def median_cpu(f, budget: float) -> float:
+        cpu: list = []
+        median_time(f, budget, cpu=cpu)
+        return cpu[0]
+
     qs, _ = index._queries({L: v[:b] for L, v in q.items()})
     G1, Gr, Ls, qoff = index._stage_views()
     thr = index._thresholds(None)
@@ -62,8 +88,8 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     Q1, g1 = K.words32(qs[0]), K.words32(G1).reshape(n)
     Qr = K.later_queries(qs, qoff)
     hi2 = int(thr[1]) if S > 2 and n > BATCH_FILTER_MIN_N else int(Ls[1])
-    total = median_time(lambda: index.search({L: v[:b] for L, v in q.items()}, 100, threads=1), budget)
-    kernel = median_time(lambda: index._positions(qs, 100, thr), budget)
+    total = median_cpu(lambda: index.search({L: v[:b] for L, v in q.items()}, 100, threads=1), budget)
+    kernel = median_cpu(lambda: index._positions(qs, 100, thr), budget)
     if b >= BATCH_MIN_QUERIES:  # ctf_topk_batch: the tile scan (_scan_tiles) on its own
         bufI, bufD = index._batch_buffers(n, b)
         cnt, c1 = np.zeros(bufI.shape[0], np.int64), np.zeros(bufI.shape[0], np.int64)
@@ -74,8 +100,8 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
                 K._scan_tiles(Q1, g1, n, hi, h2, Qr, qoff, Gr[0], index._live, a0, min(bufI.shape[0], b - a0),
                               bufI, bufD, cnt, c1)
 
-        scan = median_time(lambda: stage1(-1, -1), budget)
-        survivors = median_time(lambda: stage1(int(thr[0]), hi2), budget)
+        scan = median_cpu(lambda: stage1(-1, -1), budget)
+        survivors = median_cpu(lambda: stage1(int(thr[0]), hi2), budget)
         stage1(int(thr[0]), int(thr[1]))  # the last group's stage-2 candidates, for the re-rank timing
         a0 = (b - 1) // bufI.shape[0] * bufI.shape[0]
         cands = [(a0 + a, bufI[a, : cnt[a]].copy()) for a in range(b - a0) if cnt[a] <= bufI.shape[1]]
@@ -91,8 +117,8 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
                 K._later_dist(Qr, qoff, Gr, 1, i, ids, c, d1)
             return c
 
-        scan = median_time(lambda: stage1(-1), budget)
-        survivors = median_time(lambda: stage1(int(thr[0])), budget)
+        scan = median_cpu(lambda: stage1(-1), budget)
+        survivors = median_cpu(lambda: stage1(int(thr[0])), budget)
         c = stage1(int(thr[0]))
         cands = [(b - 1, ids[:c][d1[:c] <= thr[1]].copy())]
     out = np.empty(n + 2 * K.BLOCK, np.int32)
@@ -105,7 +131,7 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
                     rows = rows[out[: rows.shape[0]] <= thr[s]]
 
     per = len(cands)
-    re = median_time(rerank, budget) / per
+    re = median_cpu(rerank, budget) / per
     scan, survivors, kernel, total = scan / b, survivors / b, kernel / b, total / b
     return {"scan": scan, "survivors": survivors - scan, "re-rank": re, "top-k": kernel - survivors - re,
             "Python": total - kernel, "total": total}
@@ -146,9 +172,12 @@ def main(argv=None) -> int:
         del g
         one = np.stack([index.search({L: v[i] for L, v in q.items()}, 100, threads=1)[1] for i in range(nq)])
         print(f"\nn = {n:,}, thresholds {thresholds} (stage 1 keeps {kept[0]:.1%}); µs per query, medians of 3 passes")
-        print("| threads | batch | CtF | faiss 32 | faiss 2048 | NumPy floor | faiss 32 / CtF | faiss 2048 / CtF | CtF / floor |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        floor = median_time(lambda: g32.view(np.uint32).sum(), args.budget / 3, 3)
+        print("| threads | batch | CtF | CtF query by query | faiss 32 | faiss 2048 | NumPy floor "
+              "| query by query / CtF | faiss 32 / CtF | faiss 2048 / CtF | CtF / floor |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        floor_cpu: list = []
+        floor = median_time(lambda: g32.view(np.uint32).sum(), args.budget / 3, 3, floor_cpu)
+        cpus: dict = {}
         for t in threads:
             faiss.omp_set_num_threads(t)
             for b in batches:
@@ -160,20 +189,35 @@ def main(argv=None) -> int:
                 cells = {}
                 for _ in range(3):
                     for name, f, m in (("ctf", lambda: index.search(qb, 100, threads=t), b),
+                                       ("seq", lambda: one_by_one(index, qb, t), b),
                                        ("f32", lambda: flat[32].search(qb[32], 100), b),
                                        ("f2048", lambda: flat[2048].search(q2048, 100), b2048)):
-                        cells.setdefault(name, []).append(median_time(f, args.budget / 3) / m)
-                ctf, f32, f2048 = (float(np.median(cells[k])) for k in ("ctf", "f32", "f2048"))
+                        cpu = cpus.setdefault((t, b, name), [])
+                        cells.setdefault(name, []).append(median_time(f, args.budget / 3, cpu=cpu) / m)
+                        cpu[-1] /= m
+                ctf, seq, f32, f2048 = (float(np.median(cells[k])) for k in ("ctf", "seq", "f32", "f2048"))
                 star = "*" if b2048 < b else ""
-                print(f"| {t} | {b} | {ctf * 1e6:.0f} | {f32 * 1e6:.0f} | {f2048 * 1e6:.0f}{star} | {floor * 1e6:.0f} | "
-                      f"{f32 / ctf:.2f} | {f2048 / ctf:.1f}{star} | {ctf / floor:.2f} |", flush=True)
-        print(f"\nwhere the time goes (n = {n:,}, 1 thread, µs per query)")
+                print(f"| {t} | {b} | {ctf * 1e6:.0f} | {seq * 1e6:.0f} | {f32 * 1e6:.0f} | {f2048 * 1e6:.0f}{star} | "
+                      f"{floor * 1e6:.0f} | {seq / ctf:.2f} | {f32 / ctf:.2f} | {f2048 / ctf:.1f}{star} | "
+                      f"{ctf / floor:.2f} |", flush=True)
+        if 1 in threads:  # on a loaded machine the CPU time of a thread excludes the time it waited
+            print(f"\nthe 1-thread rows in CPU time of the calling thread (n = {n:,}, µs per query, medians)")
+            print("| batch | CtF | CtF query by query | faiss 32 | faiss 2048 | floor | query by query / CtF "
+                  "| faiss 32 / CtF | faiss 2048 / CtF | CtF / floor |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
+            for b in batches:
+                ctf, seq, f32, f2048 = (float(np.median(cpus[1, b, k])) for k in ("ctf", "seq", "f32", "f2048"))
+                star = "*" if max(1, min(b, int(args.faiss2048_work // n))) < b else ""
+                print(f"| {b} | {ctf * 1e6:.0f} | {seq * 1e6:.0f} | {f32 * 1e6:.0f} | {f2048 * 1e6:.0f}{star} | "
+                      f"{floor_cpu[0] * 1e6:.0f} | {seq / ctf:.2f} | {f32 / ctf:.2f} | {f2048 / ctf:.1f}{star} | "
+                      f"{ctf / floor_cpu[0]:.2f} |", flush=True)
+        print(f"\nwhere the time goes (n = {n:,}, 1 thread, CPU time, µs per query)")
         print("| batch | scan | survivors | re-rank | top-k | Python | total |")
         print("|---|---|---|---|---|---|---|")
         for b in sorted({1, min(64, nq)} & set(batches) or {batches[0]}):
             parts = breakdown(index, q, b, args.budget / 3)
-            print(f"| {b} | " + " | ".join(f"{parts[k] * 1e6:.0f}" for k in ("scan", "survivors", "re-rank", "top-k", "Python", "total")) + " |",
-                  flush=True)
+            cols = ("scan", "survivors", "re-rank", "top-k", "Python", "total")
+            print(f"| {b} | " + " | ".join(f"{parts[k] * 1e6:.0f}" for k in cols) + " |", flush=True)
     return 0
 
 
