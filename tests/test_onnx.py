@@ -353,7 +353,9 @@ def test_int8_keeps_the_float_encoders_bits(tmp_path):
     proto = onnx.load(str(tmp_path / "q.onnx"))
     init = {t.name: t for t in proto.graph.initializer}
     assert [n.op_type for n in proto.graph.node].count("QuantizeLinear") > 10
-    assert sum(t.data_type == onnx.TensorProto.INT8 for t in init.values()) >= 50  # the 52 convolutions' weights
+    assert entry["float_first_convs"] == 4  # the stem stays float (FLOAT_FIRST_CONVS)
+    int8_weights = [t for t in init.values() if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) == 52 - 4  # the other convolutions
     for node in proto.graph.node:  # the code heads stay float32: their signs are the codes (Eq. 2)
         if node.op_type in ("Gemm", "BatchNormalization"):
             assert all(init[i].data_type == onnx.TensorProto.FLOAT for i in node.input[1:] if i in init)

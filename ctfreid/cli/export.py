@@ -17,8 +17,8 @@ the share of equal bits per code length (>= 99.9 % needed), the largest feature 
 batch 1 and batch 32 give the same outputs; the exit status is 1 when a check fails.
 --int8 writes an int8 encoder instead (static quantisation of the backbone in onnxruntime's QDQ format;
 activation ranges calibrated on --calibration images, by default 256 of the run's training images); it
-is faster on CPUs with int8 instructions and its bits differ from the float encoder's in about 1 %
-(--check reports it; 98 % agreement needed).
+is faster on CPUs with int8 instructions; its bits differ from the float encoder's in about 4-5 % (CUHK03:
+0.3 points of mAP); --check reports it and needs 93 % agreement.
 
 examples:
   ctfreid export --model runs/aio --out encoder.onnx
@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--int8: calibrate on up to --max-images images of DIR (default: the run's training images)")
 
 
-INT8_AGREEMENT = 0.98  # share of bits an int8 encoder must keep (measured: 98.5-99.7 %)
+# Share of bits an int8 encoder must keep: 95-96 % on the CUHK03 model (CtF mAP -0.3 points); quantising
+# the stem too gave 83-87 % and -5.9 points (docs/results-cuhk03.md).
+INT8_AGREEMENT = 0.93
 
 
 def export_int8(args: argparse.Namespace) -> dict:
