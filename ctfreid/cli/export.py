@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # Share of bits an int8 encoder must keep: 95-96 % on the CUHK03 model (CtF mAP -0.3 points); quantising
-# the stem too gave 83-87 % and -5.9 points (docs/results-cuhk03.md).
+# the stem too gave 83-87 % (and the code heads as well, -5.9 points; docs/results-cuhk03.md).
 INT8_AGREEMENT = 0.93
 
 

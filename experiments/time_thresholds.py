@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Top-100 and full-ranking ms per query for each thresholds file and for the longest code alone, timed in
+interleaved rounds in one process (one thread): a load change on a shared machine hits every setting alike.
+
+    python3 experiments/time_thresholds.py QUERY.npz GALLERY.npz TH1.json TH2.json ... [--rounds 15]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ctfreid.encoded import load_encoded
+from ctfreid.eval.evaluate import single_thread
+from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
+from ctfreid.search.hamming import hamming_rank, hamming_topk
+from ctfreid.search.thresholds import read_thresholds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("query")
+    ap.add_argument("gallery")
+    ap.add_argument("thresholds", nargs="+")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    q, g = load_encoded(args.query), load_encoded(args.gallery)
+    L = max(g.codes)
+    fns = {f"{L}-bit": (lambda: hamming_topk(q.codes[L], g.codes[L], 100), lambda: hamming_rank(q.codes[L], g.codes[L]))}
+    for path in args.thresholds:
+        th = read_thresholds(path)
+        fns[Path(path).stem] = (lambda th=th: ctf_search(q.codes, g.codes, th, 100), lambda th=th: ctf_rank(q.codes, g.codes, th))
+    times: dict = {name: ([], []) for name in fns}
+    with single_thread():
+        for top, full in fns.values():  # compile and warm
+            top(), full()
+        for _ in range(args.rounds):
+            for name, pair in fns.items():
+                for j, f in enumerate(pair):
+                    t = time.perf_counter()
+                    f()
+                    times[name][j].append((time.perf_counter() - t) * 1e3 / len(q.pids))
+    out = {n: {"top100_min": min(a), "top100_median": float(np.median(a)), "full_min": min(b),
+               "full_median": float(np.median(b))} for n, (a, b) in times.items()}
+    ref = out[f"{L}-bit"]
+    for n, r in out.items():
+        print(f"{n:>24}  top-100 {r['top100_min']:.4f} ms ({ref['top100_min'] / r['top100_min']:.1f}x)  "
+              f"full {r['full_min']:.4f} ms ({ref['full_min'] / r['full_min']:.1f}x)   fastest of {args.rounds} rounds")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
