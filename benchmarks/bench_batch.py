@@ -72,7 +72,8 @@ def one_by_one(index, qb: dict, threads: int) -> None:
 
 def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     """µs per query of the parts of one thread's top-100 of a batch of ``b`` queries (see the docstring),
-    with the kernel ``CtFIndex.search`` uses for that batch size (``ctf_topk_batch`` or ``ctf_topk``)."""
+    with the kernel ``CtFIndex.search`` uses for that batch size (``ctf_topk_batch`` or ``ctf_topk``; the
+    latter over 64 distinct queries, so that no query finds its candidates' codes cached by its last run)."""
     from ctfreid.search import _kernels as K
     from ctfreid.search.index import BATCH_FILTER_MIN_N, BATCH_MIN_QUERIES
 
@@ -81,6 +82,9 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
         median_time(f, budget, cpu=cpu)
         return cpu[0]
 
+    batched = b >= BATCH_MIN_QUERIES
+    if not batched:  # batches of b run query by query: time b at a time over up to 64 distinct queries
+        b = min(64, q[32].shape[0]) // b * b
     qs, _ = index._queries({L: v[:b] for L, v in q.items()})
     G1, Gr, Ls, qoff = index._stage_views()
     thr = index._thresholds(None)
@@ -88,9 +92,15 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     Q1, g1 = K.words32(qs[0]), K.words32(G1).reshape(n)
     Qr = K.later_queries(qs, qoff)
     hi2 = int(thr[1]) if S > 2 and n > BATCH_FILTER_MIN_N else int(Ls[1])
-    total = median_cpu(lambda: index.search({L: v[:b] for L, v in q.items()}, 100, threads=1), budget)
-    kernel = median_cpu(lambda: index._positions(qs, 100, thr), budget)
-    if b >= BATCH_MIN_QUERIES:  # ctf_topk_batch: the tile scan (_scan_tiles) on its own
+    singles = [{L: v[i : i + 1] for L, v in q.items()} for i in range(b)]
+    parts = [tuple(x[i : i + 1] for x in qs) for i in range(b)]
+    if batched:
+        total = median_cpu(lambda: index.search({L: v[:b] for L, v in q.items()}, 100, threads=1), budget)
+        kernel = median_cpu(lambda: index._positions(qs, 100, thr), budget)
+    else:
+        total = median_cpu(lambda: [index.search(x, 100, threads=1) for x in singles], budget)
+        kernel = median_cpu(lambda: [index._positions(x, 100, thr) for x in parts], budget)
+    if batched:  # ctf_topk_batch: the tile scan (_scan_tiles) on its own
         bufI, bufD = index._batch_buffers(n, b)
         cnt, c1 = np.zeros(bufI.shape[0], np.int64), np.zeros(bufI.shape[0], np.int64)
 
@@ -110,17 +120,17 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
         ids, d0, d1 = np.empty(big, np.int64), np.empty(big, np.int32), np.empty(big, np.int32)
         dd = np.zeros(K.BLOCK + 1, np.int32)
 
-        def stage1(hi: int) -> int:
-            c = 0
+        def stage1(hi: int, keep: list | None = None) -> None:
             for i in range(b):
                 c = K._within1(Q1[i], g1, n, hi, ids, d0, dd, index._live)
                 K._later_dist(Qr, qoff, Gr, 1, i, ids, c, d1)
-            return c
+                if keep is not None:
+                    keep.append((i, ids[:c][d1[:c] <= thr[1]].copy()))
 
         scan = median_cpu(lambda: stage1(-1), budget)
         survivors = median_cpu(lambda: stage1(int(thr[0])), budget)
-        c = stage1(int(thr[0]))
-        cands = [(b - 1, ids[:c][d1[:c] <= thr[1]].copy())]
+        cands: list = []
+        stage1(int(thr[0]), cands)
     out = np.empty(n + 2 * K.BLOCK, np.int32)
 
     def rerank() -> None:
@@ -137,6 +147,17 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
             "Python": total - kernel, "total": total}
 
 
+def print_breakdown(index, q: dict, n: int, batches: list[int], nq: int, budget: float) -> None:
+    """The breakdown table for batches of 1 and 64 (those of ``batches``)."""
+    print(f"\nwhere the time goes (n = {n:,}, 1 thread, CPU time, µs per query)")
+    print("| batch | scan | survivors | re-rank | top-k | Python | total |")
+    print("|---|---|---|---|---|---|---|")
+    for b in sorted({1, min(64, nq)} & set(batches) or {batches[0]}):
+        parts = breakdown(index, q, b, budget / 3)
+        cols = ("scan", "survivors", "re-rank", "top-k", "Python", "total")
+        print(f"| {b} | " + " | ".join(f"{parts[k] * 1e6:.0f}" for k in cols) + " |", flush=True)
+
+
 def main(argv=None) -> int:
     # faiss's OpenMP threads spin while they wait; on a shared machine one descheduled thread then stalls
     # the others for milliseconds (2 threads measured 10-100x slower than 1 under load), so they sleep
@@ -151,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8,64,512")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per cell and pass")
+    ap.add_argument("--breakdown-only", action="store_true", help="only the breakdown of where the time goes")
     ap.add_argument("--faiss2048-work", type=float, default=1e8,
                     help="at most this many query x code pairs a faiss 2048-bit call (larger batches: a sub-batch)")
     args = ap.parse_args(argv)
@@ -170,6 +192,9 @@ def main(argv=None) -> int:
             f.add(g[L])
         g32 = g[32]
         del g
+        if args.breakdown_only:
+            print_breakdown(index, q, n, batches, nq, args.budget)
+            continue
         one = np.stack([index.search({L: v[i] for L, v in q.items()}, 100, threads=1)[1] for i in range(nq)])
         print(f"\nn = {n:,}, thresholds {thresholds} (stage 1 keeps {kept[0]:.1%}); µs per query, medians of 3 passes")
         print("| threads | batch | CtF | CtF query by query | faiss 32 | faiss 2048 | NumPy floor "
@@ -211,13 +236,7 @@ def main(argv=None) -> int:
                 print(f"| {b} | {ctf * 1e6:.0f} | {seq * 1e6:.0f} | {f32 * 1e6:.0f} | {f2048 * 1e6:.0f}{star} | "
                       f"{floor_cpu[0] * 1e6:.0f} | {seq / ctf:.2f} | {f32 / ctf:.2f} | {f2048 / ctf:.1f}{star} | "
                       f"{ctf / floor_cpu[0]:.2f} |", flush=True)
-        print(f"\nwhere the time goes (n = {n:,}, 1 thread, CPU time, µs per query)")
-        print("| batch | scan | survivors | re-rank | top-k | Python | total |")
-        print("|---|---|---|---|---|---|---|")
-        for b in sorted({1, min(64, nq)} & set(batches) or {batches[0]}):
-            parts = breakdown(index, q, b, args.budget / 3)
-            cols = ("scan", "survivors", "re-rank", "top-k", "Python", "total")
-            print(f"| {b} | " + " | ".join(f"{parts[k] * 1e6:.0f}" for k in cols) + " |", flush=True)
+        print_breakdown(index, q, n, batches, nq, args.budget)
     return 0
 
 
