@@ -23,9 +23,12 @@ threshold that maximises F_beta. Larger beta favours recall (more candidates: sl
 --tolerance points of the longest code alone, on the validation identities split into query and gallery
 (one query per identity and camera; --folds splits pooled).
 --target time: the best validation mAP whose expected time is at most --budget-ms milliseconds per query.
-Expected times come from a cost model of top-k CtF search measured on this machine (5-40 s; --cost-model
-reads a saved one, --save-cost-model keeps it) and are planned for a gallery of --gallery-size items (the
-fractions kept at each stage transfer across sizes; default: the validation gallery).
+Expected times come from a cost model of top-k CtF search: by default the built-in one (measured once,
+so that fits are deterministic and cost no timing: the same thresholds as 'index build', the demo and
+the service); --measure-cost-model measures one on this machine instead (5-40 s, varies with its load;
+--save-cost-model keeps it), --cost-model reads a saved one. Times are planned for a gallery of
+--gallery-size items (the fractions kept at each stage transfer across sizes; default: the validation
+gallery).
 
 Without --target: dto when --beta or --beta-sweep is given, time when --budget-ms is, else accuracy.
 --beta-sweep prints thresholds for a range of betas; with --query and --gallery it also evaluates CtF at
@@ -34,7 +37,7 @@ each (the accuracy / speed trade-off of the paper's Fig. 4).
 example:
   ctfreid calibrate --val val.npz --beta 2 --out thresholds.json
   ctfreid calibrate --val val.npz --target accuracy --tolerance 0.5 --gallery-size 100000 --out thresholds.json
-  ctfreid calibrate --val val.npz --target time --budget-ms 0.2 --cost-model cost.json --out thresholds.json
+  ctfreid calibrate --val val.npz --target time --budget-ms 0.2 --measure-cost-model --out thresholds.json
   ctfreid calibrate --val val.npz --beta-sweep --query q.npz --gallery g.npz"""
 
 TARGETS = ("dto", "accuracy", "time")
@@ -87,9 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="targets: validation query / gallery splits pooled (default 4; each draws other "
                         "images of every identity and camera as queries)")
     parser.add_argument("--cost-model", metavar="COST.json",
-                        help="targets: read the cost model from this file instead of measuring it")
+                        help="targets: read the cost model from this file (default: the built-in one)")
+    parser.add_argument("--measure-cost-model", action="store_true",
+                        help="targets: measure the cost model on this machine (5-40 s) instead of using the "
+                        "built-in one")
     parser.add_argument("--save-cost-model", type=output_file, metavar="COST.json",
-                        help="targets: write the measured cost model here (for --cost-model next time)")
+                        help="targets: write the cost model used here (for --cost-model next time)")
     parser.add_argument("--out", type=output_file, metavar="thresholds.json",
                         help="write the thresholds and how they were fitted as JSON")
     parser.add_argument("--max-pairs", type=positive_int, default=1_000_000,
@@ -108,7 +114,8 @@ def resolve_target(args: argparse.Namespace) -> str:
     target = args.target or ("dto" if args.beta is not None or args.beta_sweep else
                              "time" if args.budget_ms is not None else DEFAULT_TARGET)
     targeted = {"--tolerance": args.tolerance, "--budget-ms": args.budget_ms, "--gallery-size": args.gallery_size,
-                "--k": args.k, "--folds": args.folds, "--cost-model": args.cost_model, "--save-cost-model": args.save_cost_model}
+                "--k": args.k, "--folds": args.folds, "--cost-model": args.cost_model, "--save-cost-model": args.save_cost_model,
+                "--measure-cost-model": args.measure_cost_model or None}
     if target == "dto":
         given = [name for name, v in targeted.items() if v is not None]
         if given:
@@ -123,39 +130,44 @@ def resolve_target(args: argparse.Namespace) -> str:
         raise CtfreidError("--target time needs --budget-ms MS (the most expected milliseconds per query)")
     if target == "time" and args.tolerance is not None:
         raise CtfreidError("--tolerance applies to --target accuracy, not time (use --budget-ms)")
-    if args.cost_model and args.save_cost_model:
-        raise CtfreidError("--save-cost-model writes a measured cost model; with --cost-model nothing is measured")
+    if args.cost_model and (args.save_cost_model or args.measure_cost_model):
+        which = "--measure-cost-model" if args.measure_cost_model else "--save-cost-model"
+        raise CtfreidError(f"{which} and --cost-model exclude each other (--cost-model reads a saved model)")
     return target
 
 
 def _fit_target(args: argparse.Namespace, target: str, val) -> tuple[dict, dict]:
     """The targeted fit: prints it, returns (thresholds, the rest of the JSON)."""
     from ctfreid.eval.calibration import DEFAULT_FOLDS, DEFAULT_TOLERANCE, fit_target, format_fit
-    from ctfreid.eval.cost_model import CostModel, default_sizes, format_cost_model, measure_cost_model
+    from ctfreid.eval.cost_model import (CostModel, default_cost_model, default_sizes, format_cost_model,
+                                         measure_cost_model)
 
     if args.cost_model:
         model = CostModel.load(args.cost_model)
         model.check_lengths(val.lengths, f"codes of {args.val}")
         print(f"cost model from {args.cost_model}")
-    else:
+    elif args.measure_cost_model:
         k = args.k or 100
         n = args.gallery_size or len(val)
         sizes = default_sizes(n, k)
         print(f"measuring the cost model of top-{k} search on generated codes ({sizes[0]} and {sizes[1]} items, "
               "one thread)...", flush=True)
         model = measure_cost_model(val.lengths, sizes, k=k)
-        if args.save_cost_model:
-            model.save(args.save_cost_model)
-            print(f"wrote {args.save_cost_model}")
+    else:
+        model = default_cost_model(val.lengths, args.k)
+        print("the built-in cost model (--measure-cost-model measures one on this machine)")
+    if args.save_cost_model:
+        model.save(args.save_cost_model)
+        print(f"wrote {args.save_cost_model}")
     print(format_cost_model(model))
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     fit = fit_target(val, target, tolerance, args.budget_ms, model, args.gallery_size, args.k, seed=args.seed,
                      folds=args.folds or DEFAULT_FOLDS, max_pairs=args.max_pairs)
     print(format_fit(fit))
     sizes = model.info.get("sizes")
-    if sizes and not min(sizes) / 4 <= fit.gallery_size <= 4 * max(sizes):
+    if args.cost_model and sizes and not min(sizes) / 4 <= fit.gallery_size <= 4 * max(sizes):
         print(f"note: the cost model was measured on galleries of {sizes} items, far from {fit.gallery_size}: "
-              f"measure one for this size (omit --cost-model, add --gallery-size {fit.gallery_size})")
+              f"measure one for this size (--measure-cost-model --gallery-size {fit.gallery_size})")
     return fit.thresholds, {"fit": fit.to_dict(), "cost_model": model.to_dict()}
 
 

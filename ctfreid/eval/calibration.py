@@ -43,7 +43,7 @@ import numpy as np
 
 from ctfreid.encoded import EncodedSet
 from ctfreid.errors import CtfreidError
-from ctfreid.eval.cost_model import CostModel, expected_ms, stage_work
+from ctfreid.eval.cost_model import CostModel, default_cost_model, expected_ms, stage_work
 from ctfreid.eval.evaluate import DEFAULT_BETAS
 from ctfreid.eval.metrics import merge_metrics, ranking_stats
 from ctfreid.search.coarse_to_fine import ctf_rank
@@ -51,6 +51,7 @@ from ctfreid.search.hamming import check_k, hamming_distances, hamming_rank
 from ctfreid.search.thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_from_distances, pair_distances
 
 TARGETS = ("accuracy", "time")
+DEFAULT_TARGET = "accuracy"  # the default wherever thresholds are fitted automatically (issue #16)
 DEFAULT_TOLERANCE = 0.5  # mAP and Rank-1 points
 # quantile levels of the grids: same-identity distances (recall kept) and different-identity ones (kept
 # fraction of non-matches)
@@ -263,8 +264,8 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
                max_pairs: int = DEFAULT_MAX_PAIRS) -> TargetFit:
     """Thresholds for ``target`` on the validation set ``val`` (see the module).
 
-    ``cost_model``: measured on this machine when None (``measure_cost_model`` at ``default_sizes``,
-    5-20 s); ``gallery_size``: the gallery the time is planned for (default: the validation gallery);
+    ``cost_model``: the built-in one when None (``default_cost_model``: measured once, so the fit is
+    deterministic; pass ``measure_cost_model(...)`` for this machine's); ``gallery_size``: the gallery the time is planned for (default: the validation gallery);
     ``k``: the top-k of the searches (default: the cost model's); ``seed``, ``folds``: the query / gallery
     splits (:func:`split_validation`); ``max_pairs``: the pair subsample of the DTO seeds. Raises :class:`~ctfreid.errors.CtfreidError` for a
     bad target, tolerance or budget, a budget below the cheapest thresholds, or a tolerance that nothing
@@ -280,10 +281,8 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise CtfreidError(f"gallery_size must be a positive integer, got {gallery_size!r}")
     n = int(n)
-    if cost_model is None:
-        from ctfreid.eval.cost_model import default_sizes, measure_cost_model
-
-        cost_model = measure_cost_model(lengths, default_sizes(n, check_k(k or 100)), k=check_k(k or 100))
+    if cost_model is None:  # the built-in model: deterministic, no timing
+        cost_model = default_cost_model(lengths, k)
     cost_model.check_lengths(lengths, "validation codes")
     k = cost_model.k if k is None else check_k(k)
 
@@ -435,3 +434,33 @@ def format_fit(fit: TargetFit) -> str:
         f"({fit.evaluations} rankings evaluated)",
     ]
     return "\n".join(lines)
+
+
+def default_fit(val: EncodedSet, gallery_size: int | None = None) -> TargetFit:
+    """The thresholds fitted wherever none are given (``ctfreid index build``, the demo, the service):
+    target accuracy within :data:`DEFAULT_TOLERANCE` points, the built-in cost model, planned for
+    ``gallery_size`` items (default: the validation gallery). On the CUHK03 dev set it kept DTO beta=2's
+    accuracy with 1.7-1.8x faster search."""
+    return fit_target(val, DEFAULT_TARGET, DEFAULT_TOLERANCE, gallery_size=gallery_size)
+
+
+def describe_fit(fit: TargetFit, num_images: int) -> str:
+    """One line for a thresholds source: ``target accuracy (tolerance 0.5) on N validation images, ...``."""
+    aim = f"tolerance {fit.tolerance:g}" if fit.target == "accuracy" else f"budget {fit.budget_ms:g} ms"
+    return (f"target {fit.target} ({aim}) on {num_images} validation images, planned for {fit.gallery_size} items")
+
+
+def save_fit(path, fit: TargetFit, cost_model: CostModel | None = None, extra: Mapping | None = None) -> None:
+    """Write thresholds as ``ctfreid calibrate`` does for a target: ``{"thresholds", "target", "fit",
+    "cost_model", ...}`` (read by ``read_thresholds``, ``--thresholds`` and the model directory)."""
+    import json
+
+    from ctfreid._atomic import atomic_write
+
+    doc = {"thresholds": {str(L): t for L, t in fit.thresholds.items()}, "target": fit.target, **dict(extra or {}),
+           "fit": fit.to_dict()}
+    if cost_model is not None:
+        doc["cost_model"] = cost_model.to_dict()
+    with atomic_write(path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")

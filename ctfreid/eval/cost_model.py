@@ -410,6 +410,50 @@ def measure_cost_model(lengths: Sequence[int], sizes: Sequence[int] = DEFAULT_SI
     return model_from_coefficients(lengths, c, k, info)
 
 
+# The built-in cost model: measured once, so that fits made without a cost model (index build, the demo,
+# the service, ``ctfreid calibrate`` without --measure-cost-model) are deterministic and cost no timing.
+# Measured on 2026-12-03 on the project's 2-core development machine (shared, loaded; fastest of 5
+# interleaved repeats) for the default pyramid 32/128/512/2048 at DEFAULT_SIZES, with:
+#   python3 -c "from ctfreid.eval.cost_model import *; measure_cost_model((32, 128, 512, 2048), DEFAULT_SIZES).save('ctfreid/eval/default_cost_model.json')"
+# Re-measure (same command) when the kernels change. Its absolute times are this machine's; the fits
+# depend on the ratios between the coefficients, which move less between machines.
+DEFAULT_COST_MODEL_FILE = Path(__file__).with_name("default_cost_model.json")
+
+
+def default_cost_model(lengths: Sequence[int] | None = None, k: int | None = None) -> CostModel:
+    """The built-in cost model (``default_cost_model.json``, see the comment above), for ``lengths``
+    (default: the measured 32/128/512/2048) and top-``k`` (default: the measured 100).
+
+    Other code lengths are derived from the measured ones, an approximation: the cost per candidate ranked
+    with ``L`` bits is interpolated linearly in ``L`` between the measured lengths (extrapolated along the
+    nearest segment, never below the cheapest measured length); the cost per item of the first-stage scan
+    and of the refill scan is scaled by ``L_1 / 32`` (the bytes read per item) when the shortest code is
+    not 32 bits. ``k`` only changes the model's default top-k (the coefficients are per item)."""
+    base = CostModel.load(DEFAULT_COST_MODEL_FILE)
+    lengths = base.lengths if lengths is None else tuple(sorted(check_length(L) for L in lengths))
+    k = base.k if k is None else check_k(k)
+    if lengths == base.lengths and k == base.k:
+        return base
+    if len(lengths) < 2:
+        raise CtfreidError(f"a cost model needs two or more code lengths, got {list(lengths)}")
+    xs = np.array(base.lengths[1:], dtype=np.float64)
+    ys = np.array(list(base.rerank_ms.values()))
+
+    def rerank(L: int) -> float:
+        if L <= xs[0] or L >= xs[-1]:  # extrapolate along the nearest measured segment
+            i = 0 if L <= xs[0] else len(xs) - 2
+            v = ys[i] + (ys[i + 1] - ys[i]) * (L - xs[i]) / (xs[i + 1] - xs[i])
+            return float(max(v, ys.min()))
+        return float(np.interp(L, xs, ys))
+
+    scale = lengths[0] / base.lengths[0]
+    info = dict(base.info, derived_from=list(base.lengths),
+                note="per-candidate costs interpolated in the code length; scans scaled by the shortest length")
+    return CostModel(lengths=lengths, fixed_ms=base.fixed_ms, scan_ms=base.scan_ms * scale,
+                     rerank_ms={L: rerank(L) for L in lengths[1:]}, refill_ms=base.refill_ms * scale,
+                     sort_ms=base.sort_ms, k=k, info=info)
+
+
 def format_cost_model(model: CostModel) -> str:
     """One line per coefficient, in microseconds (the scale of these costs)."""
 
