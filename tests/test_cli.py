@@ -115,6 +115,35 @@ def test_index_build_add_search_equals_python_api(run_dir, synth_root, tmp_path,
     assert show.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_index_build_thresholds_default_to_the_accuracy_target_and_beta_gives_dto(run_dir, synth_root, tmp_path,
+                                                                                     capsys):
+    """Without --thresholds or --beta (and none stored with the model): fit_target(accuracy, tolerance 0.5,
+    the built-in cost model, planned for the images indexed) on the run's validation codes; --beta 2: DTO."""
+    from ctfreid.data.datasets import split_records
+    from ctfreid.eval.calibration import fit_target
+    from ctfreid.eval.cost_model import default_cost_model
+    from ctfreid.infer.encoder import load_encoder
+    from ctfreid.search.index import CtFIndex
+    from ctfreid.search.thresholds import fit_thresholds
+
+    images = synth_root / "bounding_box_test"
+    n = len(list(images.iterdir()))
+    enc = load_encoder(run_dir)
+    assert not enc.thresholds
+    val = enc.encode_records(split_records("val", dict(enc.info)))
+    target = fit_target(val, "accuracy", 0.5, cost_model=default_cost_model(val.lengths), gallery_size=n)
+    dto = fit_thresholds(val.codes, val.pids, val.camids, beta=2.0)
+    for extra, want, source in (([], target.thresholds, "target accuracy (tolerance 0.5)"),
+                                (["--beta", 2], dto, "DTO beta=2")):
+        out_file = tmp_path / f"g{len(extra)}.ctf"
+        rc, out, err = cli(capsys, "index", "build", "--model", run_dir, "--images", images, "--out", out_file,
+                           "--quiet", *extra)
+        assert rc == 0, err
+        index = CtFIndex.load(out_file)
+        assert {int(k): int(v) for k, v in index.thresholds.items()} == want
+        assert source in index.metadata["thresholds_source"] and source in out
+
+
 def test_index_built_with_flip_encodes_added_images_and_queries_the_same_way(run_dir, synth_root, tmp_path, capsys):
     from ctfreid.infer import encode_records, load_model
     from ctfreid.infer.gallery import folder_records

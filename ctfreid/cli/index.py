@@ -10,7 +10,7 @@ from ctfreid.cli._args import not_the_model, output_file, positive_float, positi
 
 HELP = "build or extend a coarse-to-fine index from a folder of images"
 DESCRIPTION = """Encode a folder of person crops with a trained AiO model and save a coarse-to-fine (CtF)
-index: the multi-length binary codes, the DTO thresholds, the image paths, the person ids parsed from
+index: the multi-length binary codes, the coarse-to-fine thresholds, the image paths, the person ids parsed from
 Market-1501 style names (0002_c1s1_000451_03.jpg; -1 = unknown otherwise) and the model's fingerprint
 (a hash of its weights, configuration and code lengths). 'ctfreid search' refuses queries encoded by
 another model.
@@ -20,9 +20,11 @@ another model.
                 (old images are not re-encoded; the index must come from the same model)
 
 Thresholds of 'index build', first match wins: --thresholds (32=9,128=41,512=190 or a .json from
-'ctfreid calibrate'); --beta B (DTO with this beta on the run's validation split); the thresholds stored
-in the model file or in RUN_DIR/thresholds.json; else DTO with beta 2 on the run's validation split
-(Sec. 3.3 / 4.2: 'ctfreid train --val-fraction 0.4' keeps one).
+'ctfreid calibrate'); --beta B (the paper's DTO with this beta on the run's validation split, e.g.
+--beta 2); the thresholds stored in the model file or in RUN_DIR/thresholds.json; else the fastest
+thresholds whose validation mAP and Rank-1 stay within 0.5 points of the longest code ('ctfreid calibrate
+--target accuracy --tolerance 0.5'), fitted on the run's validation split (Sec. 4.2: 'ctfreid train
+--val-fraction 0.4' keeps one) with the built-in cost model, planned for the number of images indexed.
 
 examples:
   ctfreid index build --model runs/aio --images crops/ --out gallery.ctf
@@ -63,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = b.add_mutually_exclusive_group()
     group.add_argument("--thresholds", metavar="SPEC",
                        help="CtF thresholds: 32=9,128=41,512=190 or a .json from 'ctfreid calibrate'")
-    group.add_argument("--beta", type=positive_float, help="fit thresholds with DTO at this beta on the run's validation split")
+    group.add_argument("--beta", type=positive_float, help="fit thresholds with DTO at this beta on the run's validation split (default: the accuracy "
+                       "target, tolerance 0.5 points; see above)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b.add_argument("--flip", action="store_true",
                    help="flip test: encode each image with its mirror (2x slower; remembered by the index, so "
@@ -100,7 +103,8 @@ def _build(args: argparse.Namespace) -> int:
     records = folder_records(args.images, recursive=args.recursive)
     enc = load_encoder(args.model, device=args.device, flip=True if args.flip else None)
     not_the_model(args.out, "--out", enc.info["file"])
-    thresholds, source = resolve_thresholds(enc, args.thresholds, args.beta, args.batch_size, not args.quiet)
+    thresholds, source = resolve_thresholds(enc, args.thresholds, args.beta, args.batch_size, not args.quiet,
+                                            fit=lambda val: targeted_thresholds(val, len(records)))
     encoded = enc.encode_records(records, batch_size=args.batch_size, progress=not args.quiet)
     index = build_index(encoded, thresholds, enc.fingerprint, enc.info, {"thresholds_source": source}, flip=enc.flip)
     index.save(args.out)
@@ -110,6 +114,16 @@ def _build(args: argparse.Namespace) -> int:
           f"lengths {enc.lengths}" + (", flip test" if enc.flip else ""))
     print(f"  thresholds {th} ({source})")
     return 0
+
+
+def targeted_thresholds(val, gallery_size: int) -> tuple[dict[int, int], str]:
+    """The default thresholds of 'index build' (and the source line): the accuracy target (tolerance 0.5
+    points, ``ctfreid.eval.calibration.default_fit``) on the validation codes ``val``, planned for the
+    ``gallery_size`` images being indexed, with the built-in cost model."""
+    from ctfreid.eval.calibration import default_fit, describe_fit
+
+    fit = default_fit(val, gallery_size)
+    return fit.thresholds, describe_fit(fit, len(val))
 
 
 def _add(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from ctfreid.data.datasets import IMAGE_EXTENSIONS, parse_name
@@ -51,10 +51,13 @@ def folder_records(folder: str | os.PathLike, label: str = "--images",
 
 
 def resolve_thresholds(encoder, spec: str | None = None, beta: float | None = None, batch_size: int = 64,
-                       progress: bool = False) -> tuple[dict[int, int], str]:
+                       progress: bool = False, fit: Callable | None = None) -> tuple[dict[int, int], str]:
     """CtF thresholds for ``encoder`` (``ctfreid.infer.encoder.load_encoder``: a run or its ONNX export) and a
     sentence saying where they come from: ``spec`` (``32=9,...`` or a calibrate .json), else ``beta`` (DTO on
-    the run's validation split, Sec. 3.3), else the thresholds stored with the model, else DTO with beta 2."""
+    the run's validation split, Sec. 3.3), else the thresholds stored with the model, else ``fit(val)`` on the
+    run's validation split (an ``EncodedSet``; it returns ``(thresholds, source)``: ``ctfreid index build``
+    passes the targeted fit of ``ctfreid.eval.calibration``, which this layer may not import), else DTO with
+    beta 2."""
     from ctfreid.search.thresholds import check_thresholds, read_thresholds
 
     lengths = sorted(encoder.lengths)
@@ -62,14 +65,16 @@ def resolve_thresholds(encoder, spec: str | None = None, beta: float | None = No
         return {}, "one code length: no thresholds needed"
     if spec:
         return check_thresholds(read_thresholds(spec), lengths), f"--thresholds {spec}"
-    if beta is None:
-        if encoder.thresholds:
-            return check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.info['file']}"
-        beta = 2.0
+    if beta is None and encoder.thresholds:
+        return check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.info['file']}"
     from ctfreid.data.datasets import split_records
     from ctfreid.search.thresholds import fit_thresholds
 
     val = encoder.encode_records(split_records("val", dict(encoder.info)), batch_size=batch_size, progress=progress)
+    if beta is None and fit is not None:
+        th, source = fit(val)
+        return check_thresholds(th, lengths), source
+    beta = 2.0 if beta is None else beta
     th = fit_thresholds(val.codes, val.pids, val.camids, beta=beta)
     return th, f"DTO beta={beta:g} on the run's {len(val)} validation images"
 
