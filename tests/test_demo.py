@@ -160,9 +160,12 @@ def tiny_config(out, **kw) -> DemoConfig:
 def test_tiny_demo_end_to_end(tmp_path):
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from ctfreid.data.datasets import load_dataset
+    from ctfreid.data.datasets import load_dataset, split_records
+    from ctfreid.eval.calibration import fit_target
+    from ctfreid.eval.cost_model import default_cost_model
     from ctfreid.infer import encode_records, load_model
     from ctfreid.search.index import CtFIndex
+    from ctfreid.search.thresholds import fit_thresholds
 
     out = tmp_path / "demo"
     summary = run_demo_quiet(tiny_config(out))
@@ -186,16 +189,24 @@ def test_tiny_demo_end_to_end(tmp_path):
     kw = dict(height=info["height"], width=info["width"])
     q, g = encode_records(model, data.query, **kw), encode_records(model, data.gallery, **kw)
     assert doc["evaluation"]["methods"]["hash128"]["rank1"] == pytest.approx(_brute_rank1(q, g, 128))
-    # the saved index holds the gallery, its thresholds are the DTO ones, its metadata the paths
+    # the thresholds: the accuracy target (tolerance 0.5) on the validation codes with the built-in cost
+    # model, planned for the gallery (the library's fit on an independent encoding)
+    val = encode_records(model, split_records("val", info, out / "data"), **kw)
+    want = fit_target(val, "accuracy", 0.5, cost_model=default_cost_model(val.lengths), gallery_size=len(g))
+    assert summary["thresholds"] == want.thresholds
+    assert json.loads((out / "thresholds.json").read_text())["fit"]["thresholds"] == \
+        {str(L): t for L, t in want.thresholds.items()}
+    # the saved index holds the gallery, its thresholds are those, its metadata the paths
     index = CtFIndex.load(out / "gallery.ctf")
     assert index.ntotal == len(data.gallery)
     assert {int(k): int(v) for k, v in index.thresholds.items()} == {int(k): v for k, v in summary["thresholds"].items()}
     assert index.metadata["paths"] == [p for p, _, _ in data.gallery]
     assert index.metadata["pids"] == [pid for _, pid, _ in data.gallery]
 
-    # a second run reuses data and the finished training run, and gives the same accuracy
-    again = run_demo_quiet(tiny_config(out))
-    assert again["results"]["methods"]["ctf"]["mAP"] == summary["results"]["methods"]["ctf"]["mAP"]
+    # a second run reuses data and the finished training run, and gives the same accuracy; --beta 2: DTO's
+    again = run_demo_quiet(tiny_config(out, beta=2.0))
+    assert again["results"]["methods"]["hash128"]["mAP"] == summary["results"]["methods"]["hash128"]["mAP"]
+    assert again["thresholds"] == fit_thresholds(val.codes, val.pids, val.camids, beta=2.0)
 
 
 def run_demo_quiet(cfg: DemoConfig) -> dict:
