@@ -23,7 +23,10 @@ torch = pytest.importorskip("torch")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from ctfreid.eval.calibration import fit_target
+from ctfreid.eval.cost_model import default_cost_model
 from ctfreid.search.index import CtFIndex
+from ctfreid.search.thresholds import fit_thresholds
 
 LENGTHS = [32, 64, 128]
 
@@ -118,6 +121,14 @@ def oracle_hits(index: CtFIndex, q: dict, k: int, thresholds: dict) -> list[list
     return out
 
 
+def validation_codes(run_dir: Path):
+    from ctfreid.data.datasets import split_records
+    from ctfreid.infer.encoder import load_encoder
+
+    enc = load_encoder(run_dir)
+    return enc.encode_records(split_records("val", dict(enc.info)))
+
+
 def store_bytes(store: Path) -> bytes:
     data = (store / "gallery.sqlite").read_bytes()
     wal = store / "gallery.sqlite-wal"
@@ -202,7 +213,7 @@ def test_auth_limits_and_bad_input_are_json_errors_naming_the_field(run_dir, tmp
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token\n")
     with Server(tmp_path / "store", run_dir, "--token-file", token_file, "--max-images", 2, "--max-body-mb", 0.5,
-                token="s3cret-token") as srv:
+                "--beta", 2, token="s3cret-token") as srv:
         bare = httpx.Client(base_url=srv.url, timeout=30)
         assert bare.get("/healthz").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
@@ -261,6 +272,10 @@ def test_auth_limits_and_bad_input_are_json_errors_naming_the_field(run_dir, tmp
         assert r.status_code == 200, r.text  # fits from the val split
         stats = c.get("/v1/stats").json()
         assert stats["items"] == 0 and "POST /v1/search" in stats["latency_ms"]
+        # --beta 2: the default thresholds are DTO's on the run's validation codes (the library's fit)
+        val = validation_codes(run_dir)
+        dto = fit_thresholds(val.codes, val.pids, val.camids, beta=2.0)
+        assert {int(k): v for k, v in stats["thresholds"].items()} == dto and "DTO beta=2" in stats["thresholds_source"]
 
 
 def test_refused_starts_are_one_line_errors(run_dir, tmp_path):
@@ -310,6 +325,11 @@ def test_image_path_answers_equal_encode_records_and_ctfindex(run_dir, synth_roo
         assert r.status_code == 200, r.text
         q = r.json()["queries"][0]
         thr = {int(k): v for k, v in r.json()["thresholds"].items()}
+        # no thresholds with the model, no --beta: the accuracy target (tolerance 0.5) on the validation codes,
+        # planned for the default --gallery-size of 1e6 items with the built-in cost model
+        val = validation_codes(run_dir)
+        want = fit_target(val, "accuracy", 0.5, cost_model=default_cost_model(val.lengths), gallery_size=1_000_000)
+        assert thr == want.thresholds
         want = oracle_hits(oracle, {L: c[5:6] for L, c in enc.codes.items()}, 8, thr)[0]
         assert [(h["id"], h["distance"], h["stage_bits"]) for h in q["hits"]] == want
         assert q["hits"][0]["id"] == ids[5] and q["hits"][0]["distance"] == 0

@@ -29,7 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback; others need --token-file)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--token-file", type=Path, help="file holding the bearer token every request must carry")
-    p.add_argument("--beta", type=float, help="default DTO beta (needs the model's validation split)")
+    p.add_argument("--beta", type=float, help="default thresholds by DTO with this beta (needs the model's validation "
+                   "split); default: the thresholds stored with the model, else the fastest within 0.5 mAP and "
+                   "Rank-1 points of the longest code on the validation split ('ctfreid calibrate' --target accuracy)")
+    p.add_argument("--gallery-size", type=int, default=1_000_000, metavar="N",
+                   help="the gallery size the default thresholds' search time is planned for (default 1000000; "
+                   "the fit is kept in the store and redone when N changes)")
     p.add_argument("--retention-days", type=float, help="erase crops older than this many days, automatically")
     p.add_argument("--retention-seconds", type=float, help=argparse.SUPPRESS)  # tests: tiny retention
     p.add_argument("--no-thumbnails", action="store_true", help="do not keep a small JPEG of each added crop")
@@ -90,13 +95,15 @@ def run(args: argparse.Namespace) -> int:
         if args.retention_days <= 0:
             raise CtfreidError(f"--retention-days must be > 0, got {args.retention_days:g}")
         retention = args.retention_days * 86400.0
+    if args.gallery_size < 1:
+        raise CtfreidError(f"--gallery-size must be >= 1, got {args.gallery_size}")
     if args.shards < 1:
         raise CtfreidError(f"--shards must be >= 1, got {args.shards}")
     for name in ("max_concurrency", "max_images"):
         if getattr(args, name) < 1:
             raise CtfreidError(f"--{name.replace('_', '-')} must be >= 1")
     config = ServeConfig(store=str(args.store), model=str(args.model), host=args.host, port=args.port, token=token,
-                         beta=args.beta, retention_seconds=retention, thumbnails=not args.no_thumbnails,
+                         beta=args.beta, gallery_size=args.gallery_size, retention_seconds=retention, thumbnails=not args.no_thumbnails,
                          flip=args.flip, max_concurrency=args.max_concurrency, max_images=args.max_images,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)))
     app = create_app(config, index_factory=_sharded(args) if args.ray is not None else None)

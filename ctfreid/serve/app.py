@@ -6,8 +6,9 @@ input), 401 (no or wrong token), 404, 413 (body, image count or pixels over the 
 that does not validate) or 503 (overloaded). Thresholds of a search, in order of precedence: the request's
 ``thresholds``; its ``beta`` (DTO on the Gaussian fits of the model's validation split, Sec. 3.3, Eq. 8;
 400 when the model has no validation split); the server default (``--beta``, else the thresholds stored
-with the model, else DTO with beta = 2 when fits exist, else ``t_L = L``: no pruning, the ranking of the
-longest code).
+with the model, else the accuracy target (tolerance 0.5 points) fitted on the validation split and
+planned for ``--gallery-size`` items, else DTO with beta = 2 when fits exist, else ``t_L = L``: no
+pruning, the ranking of the longest code).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class ServeConfig:
     port: int = 8080
     token: str | None = None
     beta: float | None = None
+    gallery_size: int = 1_000_000  # the gallery the default thresholds' time is planned for
     retention_seconds: float | None = None
     thumbnails: bool = True
     flip: bool | None = None
@@ -79,12 +81,23 @@ class Service:
         self.lengths = sorted(self.encoder.lengths)
         self.store = Store(config.store, self.encoder.fingerprint, self.lengths)
         fits = self.store.get_meta("dto_fits")
+        target = self.store.get_meta("target_fit")
+        target_obj = json.loads(target) if target is not None else None
+        need_target = (config.beta is None and not self.encoder.thresholds and len(self.lengths) > 1 and
+                       (target_obj is None or target_obj.get("gallery_size") != config.gallery_size))
+        val = enc_mod.validation_set(self.encoder) if fits is None or need_target else None
         if fits is None:  # first start: Gaussian fits of the validation pairs, kept with the store
-            fits_obj = enc_mod.dto_fits(self.encoder)
+            fits_obj = enc_mod.dto_fits(self.encoder, val)
             self.store.set_meta("dto_fits", json.dumps(fits_obj))
         else:
             fits_obj = json.loads(fits)
+        if need_target:  # first start (or another --gallery-size): the default thresholds, kept with the store
+            target_obj = enc_mod.target_fit(val, config.gallery_size) or {"gallery_size": config.gallery_size,
+                                                                          "thresholds": None}
+            self.store.set_meta("target_fit", json.dumps(target_obj))
         self.fits: dict | None = fits_obj
+        self.target: dict | None = target_obj
+        self.thresholds_source = ""
         self.default_thresholds = self._default_thresholds()
         index = index_factory(self.encoder.fingerprint) if index_factory is not None else None
         self.gallery = Gallery(self.store, self.default_thresholds, index=index)
@@ -97,21 +110,30 @@ class Service:
         self._stop = threading.Event()
 
     def _default_thresholds(self) -> dict[int, int]:
+        """The server's default thresholds (see the module); sets ``thresholds_source``."""
         from ctfreid.search.thresholds import check_thresholds
         from ctfreid.serve.encoder import thresholds_for_beta
 
         need = self.lengths[:-1]
         if not need:
+            self.thresholds_source = "one code length"
             return {}
         if self.config.beta is not None:
             if not self.fits:
                 raise CtfreidError(f"--beta {self.config.beta:g} needs DTO statistics, but model {self.config.model} "
                                    "has no readable validation split: retrain with --val-fraction, or omit --beta")
+            self.thresholds_source = f"DTO beta={self.config.beta:g} (--beta)"
             return thresholds_for_beta(self.fits, self.config.beta)
         if self.encoder.thresholds:
+            self.thresholds_source = "stored with the model"
             return check_thresholds(self.encoder.thresholds, self.lengths)
+        if self.target and self.target.get("thresholds"):
+            self.thresholds_source = self.target["source"]
+            return check_thresholds({int(L): t for L, t in self.target["thresholds"].items()}, self.lengths)
         if self.fits:
+            self.thresholds_source = "DTO beta=2 (the accuracy target could not be fitted)"
             return thresholds_for_beta(self.fits, 2.0)
+        self.thresholds_source = "no pruning (no thresholds with the model and no validation split)"
         return {L: L for L in need}
 
     # ------------------------------------------------------------------------------------- helpers
@@ -248,6 +270,7 @@ class Service:
             "lengths": self.lengths,
             "thresholds": {str(k): v for k, v in self.default_thresholds.items()},
             "dto_fits": self.fits is not None,
+            "thresholds_source": self.thresholds_source,
             "model_fingerprint": self.encoder.fingerprint,
             "uptime_s": round(time.time() - self.started, 3),
             "start_s": round(self.start_seconds, 3),
