@@ -76,3 +76,19 @@ def test_default_fit_is_fit_target_with_the_built_in_model_and_times_nothing(mon
     assert fit.target == calibration.DEFAULT_TARGET == "accuracy" and fit.tolerance == 0.5
     assert default_fit(val, 5000).thresholds == fit.thresholds  # deterministic
     assert fit.gallery_size == 5000 and default_fit(val).gallery_size == fit.val_gallery
+
+
+def test_calibrate_without_a_cost_model_uses_the_built_in_one(tmp_path, monkeypatch, capsys):
+    from ctfreid.cli import main
+    from ctfreid.encoded import save_encoded
+
+    monkeypatch.setattr(cost_model, "measure_cost_model", lambda *a, **k: pytest.fail("measured a cost model"))
+    val = decoy_val(1)
+    save_encoded(tmp_path / "val.npz", val)
+    assert main(["calibrate", "--val", str(tmp_path / "val.npz"), "--out", str(tmp_path / "th.json")]) == 0
+    saved = json.loads((tmp_path / "th.json").read_text())
+    want = fit_target(val, "accuracy", 0.5, cost_model=default_cost_model(val.lengths))
+    assert saved["thresholds"] == {str(L): t for L, t in want.thresholds.items()} and saved["target"] == "accuracy"
+    assert "built-in cost model" in capsys.readouterr().out
+    rc = main(["calibrate", "--val", str(tmp_path / "val.npz"), "--measure-cost-model", "--cost-model", "c.json"])
+    assert rc == 2 and "exclude each other" in capsys.readouterr().err
