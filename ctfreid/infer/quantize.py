@@ -31,7 +31,8 @@ QUANTIZED_OPS = ("Conv", "Clip", "Relu", "Add", "MaxPool")  # the backbone, up t
 # keeping 4 float flipped 4-5 % (docs/results-cuhk03.md). They run at the highest resolution but are few.
 FLOAT_FIRST_CONVS = 4
 CALIBRATION_BATCH = 16
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# calibration name -> onnxruntime.quantization.CalibrationMethod member
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
 def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, images: Sequence[Any],
@@ -74,11 +75,9 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, images: Sequen
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=list(op_types),
                         nodes_to_exclude=convs[:float_first_convs],
-                        calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                                          "entropy": CalibrationMethod.Entropy}[calibration])
+                        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[calibration]))
         proto = onnx.load(str(quant))
-    props = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
-    props[PREFIX + "quantization"] = json.dumps(entry)
+    props = {**encoder.session.get_modelmeta().custom_metadata_map, PREFIX + "quantization": json.dumps(entry)}
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, props)
     proto.producer_name = "ctfreid export --int8"
