@@ -28,7 +28,7 @@ COMMANDS: dict[str, str] = {
 }
 
 _EPILOG = """examples:
-  ctfreid demo                                   # synthetic data -> train -> DTO -> CtF index -> report
+  ctfreid demo                                   # synthetic data -> train -> thresholds -> CtF index -> report
   ctfreid evaluate --query q.npz --gallery g.npz --calibrate val.npz --beta 2
   ctfreid search --index gallery.ctf --model runs/aio query.jpg --k 10
 
@@ -73,7 +73,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 # Short help lines for the top-level listing (kept here so `ctfreid --help` imports nothing heavy); each equals
 # its command module's HELP (tests/test_layout.py checks it).
 _HELP = {
-    "demo": "synthetic data -> train -> DTO -> CtF index -> evaluate -> tables and plots",
+    "demo": "synthetic data -> train -> thresholds -> CtF index -> evaluate -> tables and plots",
     "synth": "generate a synthetic ReID dataset in Market-1501 layout",
     "train": "train an All-in-One (AiO) model that writes multi-length binary codes",
     "encode": "encode a split of a dataset into an .npz of codes and features",

@@ -6,7 +6,7 @@ import argparse
 
 from ctfreid.cli._args import positive_float, positive_int
 
-HELP = "synthetic data -> train -> DTO -> CtF index -> evaluate -> tables and plots"
+HELP = "synthetic data -> train -> thresholds -> CtF index -> evaluate -> tables and plots"
 DESCRIPTION = """Run the paper's pipeline end to end on the CPU, with no data, GPU or pretrained weights needed:
 generate a synthetic person re-identification dataset (Market-1501 layout), train a small All-in-One
 model with codes of 32/128/512/2048 bits (Sec. 3.2), fit the coarse-to-fine thresholds on a validation
