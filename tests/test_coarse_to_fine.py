@@ -78,6 +78,22 @@ def test_matches_loop_reference_on_random_data(lengths, n):
             np.testing.assert_array_equal(sD, pD)
 
 
+def test_long_pyramid_whose_sort_keys_do_not_fit_one_word():
+    """Top-k orders each part by (distances at every stage reached, gallery order) packed into one 62-bit
+    key; nine long codes with thresholds that keep everything need ~100 bits, so the counting-sort path
+    runs: both must give the reference ranking."""
+    lengths = (32, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096)
+    rng = np.random.default_rng(9)
+    q, g = correlated_code_sets(rng, 70, 2, lengths)
+    for th in ({L: L for L in lengths[:-1]}, {L: L // 2 for L in lengths[:-1]}):
+        rD, rI = ref_ctf_rank(q, g, th)
+        for k in (1, 5, 69, 70, 75):
+            sD, sI = ctf_search(q, g, th, k)
+            pD, pI = pad_topk(rD, rI, k)
+            np.testing.assert_array_equal(sI, pI)
+            np.testing.assert_array_equal(sD, pD)
+
+
 def test_topk_around_the_number_of_stage1_candidates():
     """Top-k must continue with the stage-1 ranking when fewer than k codes pass t1."""
     rng = np.random.default_rng(11)
