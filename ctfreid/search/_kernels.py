@@ -367,7 +367,7 @@ def _sort_by_key(keys, order, c, L, out_order, out_keys):
     a long code does not cost O(L).
 
     Distances take few distinct values, so consecutive items often hit the same bin and a plain counting
-    sort waits on its own last store (one dependency chain). Large inputs are therefore cut into 4
+    sort waits on its own last store (one dependency chain). Inputs of 256 or more are therefore cut into 4
     contiguous chunks that are counted and scattered side by side, each with its own next-slot table
     (separate arrays, all loads before the stores: 4 independent chains, ~4x faster). Chunk p's slots
     for a value come after those of the chunks before it, so the sort stays stable.
@@ -380,7 +380,7 @@ def _sort_by_key(keys, order, c, L, out_order, out_keys):
         v = keys[_at(order, r)]
         lo = min(lo, v)
         hi = max(hi, v)
-    P = 4 if c >= 2048 else 1
+    P = 4 if c >= 256 else 1
     ch = c // 4 if P == 4 else 0  # items [P * ch, c) go to the last chunk
     nb = hi - lo + 1
     t0 = np.zeros(nb, np.int64)
@@ -688,13 +688,13 @@ def _part_first(D, Ls, thr, s, mem, w, m, bj, keys, skey, ids, oI, oD, pos):
     (stage-1 candidate numbers, ascending, each ``< 2 ** bj``), ordered by (D[s], D[s - 1], ..., D[0],
     number): the order the chain of stable re-rankings gives them (Sec. 3.1); returns the new ``pos``.
 
-    Only those that can be among the first ``m`` (``D[s]`` up to the m-th smallest) are sorted, by one
-    integer key per candidate: its number and distances packed in bit fields (``D[r] <= thr[r]`` for
-    ``r < s``, so short fields), one sort instead of one counting sort per stage. Up to 128 keys, each
-    one's place is the number of smaller keys (a vectorised count without branches: 2-3x faster than
-    an insertion sort or ``np.sort`` on the data-dependent orders of real queries). Long pyramids whose
-    fields exceed 62 bits fall back to stable counting sorts by D[0], D[1], ..., D[s]. ``mem`` is
-    overwritten; ``keys`` (int64) and ``skey`` (int32) are scratch of ``w`` entries."""
+    Only those that can be among the first ``m`` (``D[s]`` up to the m-th smallest) are sorted. Up to 128
+    of them, each gets one key, its number and distances packed in bit fields (``D[r] <= thr[r]`` for
+    ``r < s``, so the fields are short), and its place is the number of smaller keys: a vectorised count
+    without branches, 2-3x faster than the counting sorts, an insertion sort or ``np.sort`` on the orders
+    of real queries. More of them (or keys over 62 bits): stable counting sorts by D[0], D[1], ..., D[s],
+    least significant first (``np.sort`` of the keys was slower).
+    ``mem`` is overwritten; ``keys`` (int64) and ``skey`` (int32) are scratch of ``w`` entries."""
     if m <= 0 or w == 0:
         return pos
     ds = D[s]
@@ -724,7 +724,7 @@ def _part_first(D, Ls, thr, s, mem, w, m, bj, keys, skey, ids, oI, oD, pos):
     top = bj
     for r in range(s):
         top += _bits(thr[r])
-    if top + _bits(Ls[s]) <= 62:
+    if w <= 128 and top + _bits(Ls[s]) <= 62:
         sh = np.empty(s, np.int64)  # field offsets of D[0] .. D[s - 1]
         o = bj
         for r in range(s):
@@ -737,22 +737,15 @@ def _part_first(D, Ls, thr, s, mem, w, m, bj, keys, skey, ids, oI, oD, pos):
                 key |= np.int64(D[r, x]) << sh[r]
             keys[u] = key
         low = (np.int64(1) << bj) - 1
-        if w <= 128:  # rank = number of smaller keys (unique: they hold the number): vectorised, no branches
-            for u in range(w):
-                v = keys[u]
-                rk = 0
-                for j in range(w):
-                    rk += keys[j] < v
-                if rk < m:
-                    x = v & low
-                    oI[pos + rk] = ids[x]
-                    oD[pos + rk] = ds[x]
-            return pos + m
-        keys[:w].sort()
-        for r in range(m):
-            x = keys[r] & low
-            oI[pos + r] = ids[x]
-            oD[pos + r] = ds[x]
+        for u in range(w):  # rank = number of smaller keys (unique: they hold the number)
+            v = keys[u]
+            rk = 0
+            for j in range(w):
+                rk += keys[j] < v
+            if rk < m:
+                x = v & low
+                oI[pos + rk] = ids[x]
+                oD[pos + rk] = ds[x]
         return pos + m
     # least significant key first: stable counting sorts by D[0], D[1], ..., D[s]
     src = mem
