@@ -412,8 +412,9 @@ def measure_cost_model(lengths: Sequence[int], sizes: Sequence[int] = DEFAULT_SI
 
 # The built-in cost model: measured once, so that fits made without a cost model (index build, the demo,
 # the service, ``ctfreid calibrate`` without --measure-cost-model) are deterministic and cost no timing.
-# Measured on 2026-12-03 on the project's 2-core development machine (shared, loaded; fastest of 5
-# interleaved repeats) for the default pyramid 32/128/512/2048 at DEFAULT_SIZES, with:
+# Measured on 2026-12-03 (again after the top-k ordering rewrite: fixed cost 6.8 -> 2.2 us) on the project's
+# 2-core development machine (quiet; fastest of 5 interleaved repeats) for the default pyramid
+# 32/128/512/2048 at DEFAULT_SIZES, with:
 #   python3 -c "from ctfreid.eval.cost_model import *; measure_cost_model((32, 128, 512, 2048), DEFAULT_SIZES).save('ctfreid/eval/default_cost_model.json')"
 # Re-measure (same command) when the kernels change. Its absolute times are this machine's; the fits
 # depend on the ratios between the coefficients, which move less between machines.
