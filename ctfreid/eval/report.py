@@ -155,7 +155,7 @@ def write_tables(results: Mapping, out_dir: str | os.PathLike, stem: str = "resu
     auto = []
     if results.get("ctf_thresholds"):
         th = ", ".join(f"t{k}={v}" for k, v in results["ctf_thresholds"].items())
-        auto.append(f"CtF thresholds (DTO): {th}.")
+        auto.append(f"CtF thresholds: {th}.")
     if results.get("skipped_queries"):
         auto.append(f"{results['skipped_queries']} queries without a valid match were skipped (Market-1501 protocol).")
     lengths = _hash_lengths(results["methods"])
