@@ -8,7 +8,7 @@
 #          runs/short_codes 2 aio_cp_sd q1d10 v0q01d1 aio_sep32
 #
 # JOBS trainings run at once (default 1; each uses one thread). Without SETTINGs, all of them. Then
-#   python3 experiments/short_codes_table.py OUT_DIR aio_sep32 aio_none aio_cp aio_cp_sd q1d10 v0q01d1
+#   python3 experiments/short_codes_table.py OUT_DIR aio_sep32 aio_none aio_cp aio_cp_sd q1d10 v0q01d1 ts10 ts10nd
 # prints the table (per seed and mean).
 set -euo pipefail
 DATA=${1:?dataset folder in Market-1501 layout}; WEIGHTS=${2:?MobileNetV2 state dict}; OUT=${3:-runs/short_codes}
@@ -25,11 +25,15 @@ declare -A FLAGS=(
   # short-code options (ctfreid/learn/losses.py, self_distillation.py)
   [q1d10]="--quantization-weight 1 --decorrelation-weight 10"
   [v0q01d1]="--sim-teacher v0 --quantization-weight 0.1 --decorrelation-weight 1"
+  # saturation (ctfreid/learn/train.py): HashNet's continuation tanh(s * bn(v)), s from 1 to 10 over the epochs;
+  # with --no-decay-bn, no weight decay on BN weights / biases and biases
+  [ts10]="--tanh-scale-end 10"
+  [ts10nd]="--tanh-scale-end 10 --no-decay-bn"
   # not in the default list: with the inner-product student of the first version of --sim-teacher v0 (its
   # zero diagonal forced saturation) this setting made all bits equal and kept the cross-entropy at chance
   [v0q1d10]="--sim-teacher v0 --quantization-weight 1 --decorrelation-weight 10"
 )
-SETTINGS=("$@"); [ ${#SETTINGS[@]} -gt 0 ] || SETTINGS=(aio_cp_sd q1d10 v0q01d1 aio_sep32 aio_none aio_cp)
+SETTINGS=("$@"); [ ${#SETTINGS[@]} -gt 0 ] || SETTINGS=(aio_cp_sd q1d10 v0q01d1 aio_sep32 aio_none aio_cp ts10 ts10nd)
 
 one() {  # one SETTING SEED: train, encode, DTO (beta 2), evaluate
   local name=$1 seed=$2 dir="$OUT/f4_$1_s$2" split

@@ -212,3 +212,88 @@ def test_a_tiny_run_logs_the_regularisers(synth_root, tmp_path):
     epoch = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]
     assert epoch["type"] == "epoch" and all(math.isfinite(epoch[k]) for k in ("sim", "quantization", "balance",
                                                                                "decorrelation"))
+
+
+# ------------------------------------------------------------------------------------------ saturation
+def test_tanh_scale_grows_geometrically_from_1_to_the_end_value():
+    from ctfreid.learn.train import tanh_scale
+
+    c = TrainConfig(epochs=30, tanh_scale_end=10.0)
+    # hand-worked: 10 ** (e / 29); epoch 0 -> 1, epoch 29 (the last) -> 10, the middle of the log scale at 14.5
+    assert tanh_scale(c, 0) == 1.0
+    assert math.isclose(tanh_scale(c, 29), 10.0, rel_tol=1e-12)
+    assert math.isclose(tanh_scale(c, 1), 1.0826367338740541, rel_tol=1e-12)  # 10 ** (1 / 29)
+    assert math.isclose(tanh_scale(c, 15), 3.2903445623126686, rel_tol=1e-12)  # 10 ** (15 / 29)
+    scales = [tanh_scale(c, e) for e in range(30)]
+    assert all(b / a == pytest.approx(10 ** (1 / 29)) for a, b in zip(scales, scales[1:]))
+    assert {tanh_scale(TrainConfig(epochs=30), e) for e in range(30)} == {1.0}  # default: off
+    assert tanh_scale(TrainConfig(epochs=1, tanh_scale_end=10.0), 0) == 1.0
+    with pytest.raises(ValueError, match="tanh_scale_end"):
+        TrainConfig(tanh_scale_end=0.5)
+
+
+def test_the_tanh_scale_changes_the_training_codes_only():
+    from ctfreid.learn.model import AiOModel
+
+    torch.manual_seed(0)
+    model = AiOModel(5, backbone="mobilenet_v2", lengths=(64, 32), frozen_stages=6)
+    stem_out = torch.randn(4, 1280, 2, 1)
+    model.train()
+    plain = model.forward_from_stem(stem_out)
+    model.tanh_scale = 3.0
+    scaled = model.forward_from_stem(stem_out)
+    for length in (64, 32):
+        assert torch.allclose(scaled["codes"][length], torch.tanh(3.0 * scaled["bn"][length]))
+        assert torch.allclose(plain["codes"][length], torch.tanh(plain["bn"][length]))
+        assert torch.allclose(scaled["logits"][length], scaled["codes"][length] @ model.classifiers[0 if length == 64 else 1].weight.T)
+    model.eval()
+    signs = model.forward_from_stem(stem_out)["codes"]
+    model.tanh_scale = 1.0
+    assert all(torch.equal(signs[length], model.forward_from_stem(stem_out)["codes"][length]) for length in (64, 32))
+
+
+def test_no_decay_bn_puts_batchnorm_parameters_and_biases_in_a_group_without_decay():
+    from ctfreid.learn.train import parameter_groups
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2, bias=False))
+    net[4].bias.requires_grad_(False)  # frozen: in no group (as the codes' BN shift)
+    names = {id(p): n for n, p in net.named_parameters()}
+    decay, no_decay = parameter_groups(net, 5e-4, decay_bn=False)
+    assert [names[id(p)] for p in decay["params"]] == ["0.weight", "3.weight", "5.weight"]
+    assert [names[id(p)] for p in no_decay["params"]] == ["1.weight", "1.bias", "3.bias", "4.weight"]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)
+    (everything,) = parameter_groups(net, 5e-4)
+    assert [names[id(p)] for p in everything["params"]] == [n for n, p in net.named_parameters() if p.requires_grad]
+    assert everything["weight_decay"] == 5e-4
+
+
+def test_the_cli_flags_of_the_saturation_options():
+    import argparse
+
+    from ctfreid.cli import train as cli_train
+
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+    args = parser.parse_args(["--data", "d", "--out", "o", "--tanh-scale-end", "10", "--no-decay-bn"])
+    assert (args.tanh_scale_end, args.decay_bn) == (10.0, False)
+    args = parser.parse_args(["--data", "d", "--out", "o"])
+    assert (args.tanh_scale_end, args.decay_bn) == (1.0, True)
+
+
+def test_a_tiny_run_raises_the_tanh_scale_each_epoch_and_skips_decay_on_bn(synth_root, tmp_path):
+    config = TrainConfig(backbone="mobilenet_v2", lengths=(128, 32), height=64, width=32, p=4, k=2, epochs=3,
+                         warmup_epochs=0, num_workers=0, device="cpu", log_every=0, threads=1, frozen_stages=5,
+                         tanh_scale_end=4.0, decay_bn=False)
+    train(config, synth_root, tmp_path, progress=False)
+    epochs = [e for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if e["type"] == "epoch"]
+    assert [e["tanh_scale"] for e in epochs] == pytest.approx([1.0, 2.0, 4.0])
+    assert all(set(e["mean_abs_code"]) == {"128", "32"} and all(0 < v < 1 for v in e["mean_abs_code"].values())
+               for e in epochs)
+    groups = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [config.weight_decay, 0.0]
+    # old configs (without the fields) resume as the defaults; a changed setting is refused
+    old = {k: v for k, v in TrainConfig(device="cpu").to_dict().items() if k not in {"tanh_scale_end", "decay_bn"}}
+    _check_resumable(old, TrainConfig(device="cpu"), tmp_path)
+    with pytest.raises(ValueError, match="decay_bn"):
+        _check_resumable(old, TrainConfig(device="cpu", decay_bn=False), tmp_path)

@@ -163,7 +163,9 @@ class AiOModel(nn.Module):
 
     - ``"v0"``: ``[B, v0_dim]`` pooled backbone feature (the float feature of Table 4).
     - ``"bn"``: ``{L: bn(v_L)}`` real-valued ``[B, L]``.
-    - ``"codes"``: ``{L: tanh(bn(v_L))}`` in training (relaxation of Eq. 2), ``{L: sgn(bn(v_L))}`` as ±1
+    - ``"codes"``: ``{L: tanh(s * bn(v_L))}`` in training (relaxation of Eq. 2; ``s = model.tanh_scale``, 1 by
+      default, raised over the epochs by the training loop with ``--tanh-scale-end``, HashNet's continuation),
+      ``{L: sgn(bn(v_L))}`` as ±1
       floats in eval (Eq. 2; ``sgn(0) = +1``, matching ``ctfreid.codes.binarize`` which maps > 0 to bit 1
       only up to this measure-zero tie).
     - ``"logits"``: ``{L: classifier_L(codes[L])}`` ``[B, num_classes]``, in training mode only.
@@ -219,6 +221,9 @@ class AiOModel(nn.Module):
         for cls in self.classifiers:
             nn.init.normal_(cls.weight, std=0.001)
         self.stem.eval()
+        # s of the training relaxation tanh(s * bn(v)); not a parameter and not saved: sgn(s * x) = sgn(x) for
+        # every s > 0, so it changes training only, never the codes of Eq. 2.
+        self.tanh_scale: float = 1.0
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -249,7 +254,7 @@ class AiOModel(nn.Module):
             b = norm(v)
             bn[length] = b
             if self.training:
-                codes[length] = torch.tanh(b)
+                codes[length] = torch.tanh(b if self.tanh_scale == 1.0 else self.tanh_scale * b)
                 logits[length] = cls(codes[length])
             else:
                 codes[length] = sign_codes(b)

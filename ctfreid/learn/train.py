@@ -7,7 +7,9 @@ folder and writes to ``out_dir`` (the "run directory"):
 - ``split.json``: the training and (when ``val_fraction > 0``) validation records, by identity, with paths
   relative to the data root, so that ``ctfreid encode --split val`` and DTO use exactly the held-out ids;
 - ``log.jsonl``: JSON lines with a ``type``: ``"epoch"`` (mean loss terms of Eq. 5, lr, images/s, time,
-  and the part of it spent waiting for input batches: near ``time_s`` means input-bound, add workers),
+  and the part of it spent waiting for input batches: near ``time_s`` means input-bound, add workers; the
+  tanh scale s of the epoch and ``mean_abs_code``, the mean ``|tanh(s * bn(v))|`` per code length: 1 for
+  saturated codes),
   ``"iter"`` (every ``log_every`` iterations) and ``"cache"`` (building or loading the stem cache);
 - ``checkpoint.pt``: model, optimiser, epoch, RNG states, config, pid relabel map and split, rewritten
   atomically after every epoch; re-running the same command continues from it;
@@ -119,9 +121,14 @@ class TrainConfig:
     quantization_weight: float = _f(0.0, "weight of the quantisation loss mean (|tanh code| - 1)^2, summed over codes")
     balance_weight: float = _f(0.0, "weight of the bit-balance loss mean_bit (batch mean of the bit)^2, summed over codes")
     decorrelation_weight: float = _f(0.0, "weight of the bit-decorrelation loss (off-diagonal of t^T t / B), summed over codes")
+    tanh_scale_end: float = _f(1.0, "HashNet-style continuation: the training codes are tanh(s * bn(v)) with s growing "
+                               "geometrically from 1 at the first epoch to this value at the last (1 = off, the "
+                               "paper's tanh(bn(v))); pushes the relaxed codes towards their signs")
     # optimisation (Sec. 4.2)
     lr: float = _f(3.5e-4, "Adam learning rate after warm-up")
     weight_decay: float = _f(5e-4, "Adam weight decay (L2)")
+    decay_bn: bool = _f(True, "weight decay on every trained parameter (the paper); --no-decay-bn: none on "
+                        "BatchNorm weights and biases nor on any bias (the usual practice)")
     warmup_epochs: int = _f(10, "linear warm-up epochs, from lr * warmup_factor to lr")
     warmup_factor: float = _f(0.01, "lr multiplier of the first warm-up epoch")
     milestones: tuple[int, ...] = _f((40, 70), "epochs at which the lr is multiplied by gamma")
@@ -175,6 +182,7 @@ class TrainConfig:
              f"{c.lambda1}, {c.lambda2}"),
             (min(c.quantization_weight, c.balance_weight, c.decorrelation_weight) >= 0,
              "quantization_weight, balance_weight and decorrelation_weight must be >= 0"),
+            (c.tanh_scale_end >= 1.0, f"tanh_scale_end must be >= 1 (1 = off), got {c.tanh_scale_end}"),
             (c.prob_teacher in PROB_TEACHERS and c.sim_teacher in SIM_TEACHERS,
              (f"prob_teacher must be one of {list(PROB_TEACHERS)} and sim_teacher one of {list(SIM_TEACHERS)}, "
               f"got {c.prob_teacher!r} and {c.sim_teacher!r}")),
@@ -234,6 +242,35 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
         alpha = epoch / config.warmup_epochs
         factor *= config.warmup_factor * (1.0 - alpha) + alpha
     return config.lr * factor
+
+
+def tanh_scale(config: TrainConfig, epoch: int) -> float:
+    """s of the training codes ``tanh(s * bn(v))`` in 0-based ``epoch``: ``S ** (epoch / (epochs - 1))`` with
+    ``S = config.tanh_scale_end``, so 1 in the first epoch and S in the last (HashNet's continuation, Cao et al.
+    2017, on an epoch grid and geometric; 1 throughout with the default S = 1 or a 1-epoch run). The schedule
+    follows ``epochs``: resuming with another ``--epochs`` changes the scales of the epochs still to come."""
+    if config.tanh_scale_end == 1.0 or config.epochs <= 1:
+        return 1.0
+    fraction = min(max(epoch, 0), config.epochs - 1) / (config.epochs - 1)
+    return float(config.tanh_scale_end ** fraction)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_bn: bool = True) -> list[dict]:
+    """Adam parameter groups of the trained (``requires_grad``) parameters of ``model``, in model order.
+
+    ``decay_bn=True``: one group, every parameter with ``weight_decay`` (the paper; the optimiser state of runs
+    saved before this option). ``decay_bn=False``: ``weight_decay`` on the other parameters (conv and linear
+    weights), 0 on the parameters of BatchNorm layers and on every parameter named ``bias``.
+    """
+    if decay_bn:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for module in model.modules():
+        is_norm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if is_norm or name == "bias" else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -588,8 +625,8 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
     model = AiOModel(len(data.pid_map), backbone=config.backbone, lengths=config.lengths, pyramid=config.pyramid,
                      weights=None if ckpt else config.weights, frozen_stages=config.frozen_stages,
                      last_stride=config.last_stride).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(parameter_groups(model, config.weight_decay, config.decay_bn), lr=config.lr,
+                                 weight_decay=config.weight_decay)
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -621,8 +658,10 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
         lr = learning_rate(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        model.tanh_scale = tanh_scale(config, epoch)
         model.train()
         sums: dict[str, float] = {}
+        abs_sums: dict[int, float] = {}  # sum over batches of mean |t| per code: how saturated the codes are
         seen, start = 0, time.perf_counter()
         waited, ready = 0.0, start  # time spent waiting for batches (input-bound when close to time_s)
         bar = _progress(total=sampler.num_batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
@@ -637,6 +676,9 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
             if not math.isfinite(terms["total"]):
                 raise CtfreidError(f"training diverged at epoch {epoch + 1}, iteration {it + 1}: loss {terms} (try a lower --lr)")
             seen += len(pids)
+            with torch.no_grad():
+                for length, t in outputs["codes"].items():
+                    abs_sums[length] = abs_sums.get(length, 0.0) + float(t.abs().mean())
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value
             speed = seen / max(time.perf_counter() - start, 1e-9)
@@ -650,7 +692,8 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
         iterations = max(seen // batch_size, 1)
         last = {"type": "epoch", "epoch": epoch + 1, "lr": lr, **{n: v / iterations for n, v in sums.items()},
                 "iterations": iterations, "images": seen, "images_per_s": seen / max(seconds, 1e-9), "time_s": seconds,
-                "data_wait_s": waited}
+                "data_wait_s": waited, "tanh_scale": model.tanh_scale,
+                "mean_abs_code": {str(length): v / iterations for length, v in sorted(abs_sums.items())}}
         speeds.append(last["images_per_s"])
         log.write(last)
         if progress:
