@@ -297,3 +297,73 @@ def test_a_tiny_run_raises_the_tanh_scale_each_epoch_and_skips_decay_on_bn(synth
     _check_resumable(old, TrainConfig(device="cpu"), tmp_path)
     with pytest.raises(ValueError, match="decay_bn"):
         _check_resumable(old, TrainConfig(device="cpu", decay_bn=False), tmp_path)
+
+
+@pytest.mark.parametrize("pyramid", [True, False])
+def test_detached_heads_keep_the_shorter_codes_gradients_out_of_the_backbone_and_longer_heads(pyramid):
+    from ctfreid.learn.model import AiOModel
+
+    torch.manual_seed(0)
+    model = AiOModel(5, backbone="mobilenet_v2", lengths=(128, 64, 32), pyramid=pyramid, frozen_stages=5)
+    stem_out = torch.randn(4, 320, 2, 1)  # the output of features[:18]; the body (features[18]) is trained
+    model.train()
+
+    def grads(detach: bool, length: int) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.detach_heads = detach
+        out = model.forward_from_stem(stem_out)
+        out["logits"][length].square().sum().backward()  # a loss of one code only
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    with torch.no_grad():
+        model.detach_heads = False
+        attached = model.forward_from_stem(stem_out)
+        model.detach_heads = True
+        detached = model.forward_from_stem(stem_out)
+    for length in (128, 64, 32):  # the forward values do not change
+        assert torch.equal(attached["codes"][length], detached["codes"][length])
+    heads = {128: "0", 64: "1", 32: "2"}  # index of each code's fc / bn / classifier (longest first)
+    body = [n for n, _ in model.named_parameters() if n.startswith("body.")]
+    assert body
+    for length, own in heads.items():
+        with_detach, without = grads(True, length), grads(False, length)
+        for name, g in with_detach.items():
+            head = name.split(".")[1] if name.split(".")[0] in ("fcs", "bns", "classifiers") else None
+            reaches = head == own or (length == 128 and name in body)
+            assert (g is not None and bool(g.abs().sum() > 0)) == reaches, (length, name)
+        # without detaching, the 32-bit loss reaches the backbone (and, in the pyramid, the longer heads)
+        if length != 128:
+            assert without[body[-1]] is not None and without[body[-1]].abs().sum() > 0
+            assert (without["fcs.0.weight"] is not None) == pyramid
+
+
+def test_the_detach_heads_flag_reaches_the_model_in_a_tiny_run(synth_root, tmp_path, monkeypatch):
+    import argparse
+
+    from ctfreid.cli import train as cli_train
+    from ctfreid.learn.model import AiOModel
+
+    seen = []  # detach_heads of every training forward
+    forward = AiOModel.forward_from_stem
+
+    def spy(self, stem_out):
+        if self.training:
+            seen.append(self.detach_heads)
+        return forward(self, stem_out)
+
+    monkeypatch.setattr(AiOModel, "forward_from_stem", spy)
+
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+    assert parser.parse_args(["--data", "d", "--out", "o", "--detach-heads"]).detach_heads is True
+    assert parser.parse_args(["--data", "d", "--out", "o"]).detach_heads is False
+    config = TrainConfig(backbone="mobilenet_v2", lengths=(64, 32), height=64, width=32, p=4, k=2, epochs=1,
+                         warmup_epochs=0, num_workers=0, device="cpu", log_every=0, threads=1, frozen_stages=5,
+                         detach_heads=True)
+    train(config, synth_root, tmp_path, progress=False)
+    assert seen and all(seen)
+    assert json.loads((tmp_path / "config.json").read_text())["detach_heads"] is True
+    old = {k: v for k, v in TrainConfig(device="cpu").to_dict().items() if k != "detach_heads"}
+    _check_resumable(old, TrainConfig(device="cpu"), tmp_path)
+    with pytest.raises(ValueError, match="detach_heads"):
+        _check_resumable(old, TrainConfig(device="cpu", detach_heads=True), tmp_path)

@@ -169,6 +169,10 @@ class AiOModel(nn.Module):
       floats in eval (Eq. 2; ``sgn(0) = +1``, matching ``ctfreid.codes.binarize`` which maps > 0 to bit 1
       only up to this measure-zero tie).
     - ``"logits"``: ``{L: classifier_L(codes[L])}`` ``[B, num_classes]``, in training mode only.
+
+    ``model.detach_heads = True`` (``--detach-heads``) detaches the input of every head but the longest code's:
+    same values, but each shorter code's losses train only its own head (the authors' light-reid detaches its
+    code heads from the backbone the same way).
     """
 
     def __init__(
@@ -224,6 +228,10 @@ class AiOModel(nn.Module):
         # s of the training relaxation tanh(s * bn(v)); not a parameter and not saved: sgn(s * x) = sgn(x) for
         # every s > 0, so it changes training only, never the codes of Eq. 2.
         self.tanh_scale: float = 1.0
+        # True: every head but the longest code's takes its input detached (light-reid's fc(feats.detach())), so
+        # a code's losses train its own FC / BN / classifier only, and the backbone learns from the longest
+        # code's losses alone. Training only, not saved: the forward values are the same either way.
+        self.detach_heads: bool = False
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -248,8 +256,9 @@ class AiOModel(nn.Module):
         codes: dict[int, torch.Tensor] = {}
         logits: dict[int, torch.Tensor] = {}
         prev = v0
-        for length, fc, norm, cls in zip(self.lengths_longest_first, self.fcs, self.bns, self.classifiers):
-            v = fc(prev if self.pyramid else v0)
+        for i, (length, fc, norm, cls) in enumerate(zip(self.lengths_longest_first, self.fcs, self.bns, self.classifiers)):
+            x = prev if self.pyramid else v0
+            v = fc(x.detach() if self.detach_heads and i > 0 else x)
             prev = v
             b = norm(v)
             bn[length] = b

@@ -124,6 +124,9 @@ class TrainConfig:
     tanh_scale_end: float = _f(1.0, "HashNet-style continuation: the training codes are tanh(s * bn(v)) with s growing "
                                "geometrically from 1 at the first epoch to this value at the last (1 = off, the "
                                "paper's tanh(bn(v))); pushes the relaxed codes towards their signs")
+    detach_heads: bool = _f(False, "every code head but the longest takes its input detached (light-reid): the "
+                            "shorter codes' losses train their own heads only, the backbone learns from the "
+                            "longest code's losses alone")
     # optimisation (Sec. 4.2)
     lr: float = _f(3.5e-4, "Adam learning rate after warm-up")
     weight_decay: float = _f(5e-4, "Adam weight decay (L2)")
@@ -659,6 +662,7 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.tanh_scale = tanh_scale(config, epoch)
+        model.detach_heads = config.detach_heads
         model.train()
         sums: dict[str, float] = {}
         abs_sums: dict[int, float] = {}  # sum over batches of mean |t| per code: how saturated the codes are
