@@ -7,7 +7,8 @@ multi-code runs, ``val.npz`` (``ctfreid encode --split val``). For each setting 
 default: every name found) and each seed, the table gives Rank-1 / mAP of each code length and of CtF, the
 32-bit / 2048-bit Rank-1 ratio, the fraction of the gallery kept by the 32-bit stage of CtF, and the 32-bit
 Hamming distance of same- and different-identity validation pairs (mean ± std over all pairs); then the
-mean over seeds.
+mean over seeds. A second table gives, for runs whose ``log.jsonl`` records them, the tanh scale and the
+mean ``|tanh(s * bn(v))|`` of each code in the last epoch (1 = saturated codes).
 """
 
 from __future__ import annotations
@@ -64,6 +65,18 @@ def row(run: Path) -> dict | None:
     return out
 
 
+def saturation(run: Path) -> tuple[float, dict[str, float]] | None:
+    """(tanh scale, mean |t| per code length) of the last epoch in ``log.jsonl``; None for runs logged before
+    ``train`` recorded them."""
+    path = run / "log.jsonl"
+    if not path.is_file():
+        return None
+    epochs = [e for e in map(json.loads, path.read_text().splitlines()) if e.get("type") == "epoch"]
+    if not epochs or "mean_abs_code" not in epochs[-1]:
+        return None
+    return float(epochs[-1]["tanh_scale"]), epochs[-1]["mean_abs_code"]
+
+
 def fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -106,6 +119,14 @@ def main(root: str, names: list[str]) -> None:
             print(line(f"**{name}** (mean of {len(seeds)})", mean_row(list(seeds.values()))))
         for seed, r in sorted(seeds.items()):
             print(line(f"{name} (s{seed})", r))
+    logged = [(f"{name} (s{seed})", sat) for name in names or list(runs) for seed in sorted(runs.get(name, {}))
+              if (sat := saturation(Path(root) / f"f4_{name}_s{seed}"))]
+    if logged:
+        lengths = sorted({int(k) for _, (_, abs_t) in logged for k in abs_t})
+        print("\n| setting (seed) | tanh scale, last epoch | " + " | ".join(f"mean abs t, {n}-bit" for n in lengths) + " |")
+        print("|---|---|" + "---|" * len(lengths))
+        for label, (scale, abs_t) in logged:
+            print(f"| {label} | {scale:.2f} | " + " | ".join(fmt(abs_t.get(str(n)), ".2f") for n in lengths) + " |")
 
 
 if __name__ == "__main__":
