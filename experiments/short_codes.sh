@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The short-code study (issue #16 part 2): Table 5 rows and the short-code options of the training loss, on
-# CUHK03 with the frozen-4 CPU recipe (MobileNetV2 features[0:14] frozen and cached; about 20 min per run on a
-# free core, 30 epochs), seeds 0 and 1, each run with its own 20 % validation split and DTO thresholds.
+# CUHK03 with the frozen-4 CPU recipe (MobileNetV2 features[0:14] frozen and cached; about 15-20 min per run
+# on a free core, 30 epochs), seeds 0 and 1, each run with its own 20 % validation split and DTO thresholds.
 #
 #   bash experiments/short_codes.sh DATA_DIR WEIGHTS OUT_DIR [JOBS] [SETTING ...]
 #   e.g. bash experiments/short_codes.sh ../shared/data/cuhk03np-dev ../shared/weights/mobilenet_v2_imagenet.pth \
 #          runs/short_codes 2 aio_cp_sd q1d10 v0q01d1 aio_sep32
 #
 # JOBS trainings run at once (default 1; each uses one thread). Without SETTINGs, all of them. Then
-#   python3 experiments/short_codes_table.py OUT_DIR aio_sep32 aio_none aio_cp aio_cp_sd q1d10 v0q01d1 ts10 ts10nd det detv0
+#   python3 experiments/short_codes_table.py OUT_DIR aio_sep32 aio_none aio_cp aio_cp_sd q1d10 v0q01d1 ts10 ts10nd cpts10 det detv0
 # prints the table (per seed and mean).
 set -euo pipefail
 DATA=${1:?dataset folder in Market-1501 layout}; WEIGHTS=${2:?MobileNetV2 state dict}; OUT=${3:-runs/short_codes}
@@ -29,6 +29,7 @@ declare -A FLAGS=(
   # with --no-decay-bn, no weight decay on BN weights / biases and biases
   [ts10]="--tanh-scale-end 10"
   [ts10nd]="--tanh-scale-end 10 --no-decay-bn"
+  [cpts10]="--no-self-distillation --tanh-scale-end 10"  # pyramid only, saturated
   # light-reid's detached heads (ctfreid/learn/model.py): the shorter codes learn from a backbone that only the
   # 2048-bit code's losses train; with v0 as the similarity teacher of every code
   [det]="--detach-heads"
@@ -37,7 +38,7 @@ declare -A FLAGS=(
   # zero diagonal forced saturation) this setting made all bits equal and kept the cross-entropy at chance
   [v0q1d10]="--sim-teacher v0 --quantization-weight 1 --decorrelation-weight 10"
 )
-SETTINGS=("$@"); [ ${#SETTINGS[@]} -gt 0 ] || SETTINGS=(aio_cp_sd q1d10 v0q01d1 aio_sep32 aio_none aio_cp ts10 ts10nd det detv0)
+SETTINGS=("$@"); [ ${#SETTINGS[@]} -gt 0 ] || SETTINGS=(aio_cp_sd q1d10 v0q01d1 aio_sep32 aio_none aio_cp ts10 ts10nd cpts10 det detv0)
 
 one() {  # one SETTING SEED: train, encode, DTO (beta 2), evaluate
   local name=$1 seed=$2 dir="$OUT/f4_$1_s$2" split
