@@ -9,6 +9,13 @@ from ctfreid.search import parallel
 from ctfreid.search.index import CtFIndex
 
 
+@pytest.fixture(autouse=True)
+def every_batch_split(monkeypatch):
+    """Split even the small test batches over the threads asked for (production needs enough work per
+    thread first, ``parallel.MIN_WORK_PER_THREAD``), so that the threaded path is what these tests check."""
+    monkeypatch.setattr(parallel, "MIN_WORK_PER_THREAD", 0)
+
+
 @pytest.mark.parametrize("thresholds", [{32: 9, 64: 20}, {32: 32, 64: 0}])
 def test_threads_give_the_one_thread_answers(thresholds):
     rng = np.random.default_rng(11)
@@ -44,3 +51,34 @@ def test_default_number_of_threads():
             parallel.set_num_threads(0)
     finally:
         parallel.set_num_threads(before)
+
+
+def test_small_work_stays_on_one_thread(monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_WORK_PER_THREAD", 1000)
+    for work, expected in ((10, 1), (250, 2), (500, 4), (10_000, 4)):  # 8 queries x work / 1000, at most 4
+        seen = []
+        parallel.run_chunks(lambda a, b: seen.append((a, b)), 8, 4, work_per_query=work)
+        assert len(seen) == expected, (work, seen)
+        assert sorted(seen)[0][0] == 0 and sorted(seen)[-1][1] == 8
+    seen = []
+    parallel.run_chunks(lambda a, b: seen.append((a, b)), 8, 4)  # no work given: split by queries only
+    assert len(seen) == 4
+    # through the index: 8 queries on 100 items stay on the calling thread
+    import threading
+
+    names = set()
+    real = parallel.run_chunks
+
+    def spy(fn, nq, threads, work_per_query=0):
+        return real(lambda a, b: (names.add(threading.current_thread().name), fn(a, b))[1], nq, threads, work_per_query)
+
+    monkeypatch.setattr("ctfreid.search.index.run_chunks", spy)
+    rng = np.random.default_rng(0)
+    index = CtFIndex()
+    index.add({32: rng.integers(0, 256, (100, 4), dtype=np.uint8), 64: rng.integers(0, 256, (100, 8), dtype=np.uint8)})
+    q = {32: rng.integers(0, 256, (8, 4), dtype=np.uint8), 64: rng.integers(0, 256, (8, 8), dtype=np.uint8)}
+    index.search(q, 5, thresholds={32: 16}, threads=4)
+    assert names == {threading.current_thread().name}
+    monkeypatch.setattr(parallel, "MIN_WORK_PER_THREAD", 1)
+    index.search(q, 5, thresholds={32: 16}, threads=4)
+    assert len(names) > 1

@@ -474,7 +474,7 @@ class CtFIndex:
                 D, P, C = self._positions(part, k, thr)
                 return (D, P, C) + (self._hit_keys(part, P, thr) if keys and P.shape[1] else ())
 
-            parts = run_chunks(chunk, qs[0].shape[0], threads)
+            parts = run_chunks(chunk, qs[0].shape[0], threads, work_per_query=self._nslots)
             out = [np.concatenate(x, axis=0) if len(parts) > 1 else x[0] for x in zip(*parts)]
             out.insert(2, self._ids[out[1]])  # slots -> stored ids while the read lock is held: D, P, I, C, ...
         return tuple(out)
@@ -487,7 +487,8 @@ class CtFIndex:
 
         ``D`` is the Hamming distance at the finest stage each result reached (Sec. 3.1); ``I`` the stored
         ids. ``thresholds`` overrides the attribute for this call; ``threads`` the default number of
-        threads (``ctfreid.search.parallel.set_num_threads``) over which a batch of queries is split.
+        threads (``ctfreid.search.parallel.set_num_threads``) over which a batch of queries is split (fewer
+        when the batch times the gallery is too little work for them: ``parallel.MIN_WORK_PER_THREAD``).
         1-D query codes give 1-D results.
         """
         k = check_k(k)

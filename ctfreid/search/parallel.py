@@ -15,6 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from ctfreid.errors import CtfreidError
 
 MIN_QUERIES_PER_THREAD = 2  # below this a thread costs more than it saves
+# query x gallery-item pairs a thread needs before it pays for handing it a chunk: below it one thread is
+# faster (bench_batch.py, 2 threads against 1, batch of 8: 44 vs 34 us per query at 1e5 items, 23 vs 7 at
+# 1e4; from 5e6 pairs on, 2 threads win: 1e4 x 512, 1e5 x 64, 1e6 x 8)
+MIN_WORK_PER_THREAD = 2_000_000
 
 _default: int | None = None
 _pool: ThreadPoolExecutor | None = None
@@ -46,11 +50,14 @@ def get_num_threads() -> int:
     return _default if _default is not None else _cores()
 
 
-def run_chunks(fn: Callable[[int, int], object], nq: int, threads: int | None) -> list:
+def run_chunks(fn: Callable[[int, int], object], nq: int, threads: int | None, work_per_query: int = 0) -> list:
     """``[fn(start, stop) for each chunk]`` over ``nq`` queries in at most ``threads`` contiguous chunks,
-    in order; the first chunk runs in the calling thread, the others in a shared pool."""
+    in order; the first chunk runs in the calling thread, the others in a shared pool. With
+    ``work_per_query`` (e.g. the gallery size), each chunk gets at least ``MIN_WORK_PER_THREAD`` of it."""
     t = get_num_threads() if threads is None else check_threads(threads)
     t = max(1, min(t, nq // MIN_QUERIES_PER_THREAD))
+    if work_per_query > 0 and MIN_WORK_PER_THREAD > 0:
+        t = max(1, min(t, nq * work_per_query // MIN_WORK_PER_THREAD))
     if t == 1:
         return [fn(0, nq)]
     bounds = [nq * i // t for i in range(t + 1)]
