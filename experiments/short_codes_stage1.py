@@ -17,7 +17,6 @@ For each run folder ``RUNS_DIR/f4_<name>_s<seed>`` with ``query.npz``, ``gallery
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -27,8 +26,7 @@ from ctfreid.encoded import load_encoded
 from ctfreid.eval.calibration import fit_target
 from ctfreid.eval.evaluate import candidate_counts, evaluate_sets
 from ctfreid.search.thresholds import read_thresholds
-
-RUN = re.compile(r"^f4_(?P<name>.+)_s(?P<seed>\d+)$")
+from short_codes_table import RUN  # the run folders' names (this folder is on sys.path when run as a script)
 
 
 def ctf(query, gallery, thresholds: dict[int, int]) -> tuple[float, float, float]:

@@ -58,3 +58,12 @@ def run_dir(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     train(TrainConfig(**TINY_TRAIN), synth_root, out, resume=False, progress=False)
     return out
+
+
+@pytest.fixture
+def every_batch_split(monkeypatch):
+    """Split even small test batches over the threads asked for (production needs enough work per thread
+    first, ``parallel.MIN_WORK_PER_THREAD``), so that the threaded path is what a test checks."""
+    from ctfreid.search import parallel
+
+    monkeypatch.setattr(parallel, "MIN_WORK_PER_THREAD", 0)

@@ -4,16 +4,12 @@ brute-force oracle: ties, removed items, k beyond the candidates, per-call thres
 import numpy as np
 import pytest
 
-from ctfreid.search import _kernels, parallel
+from ctfreid.search import _kernels
 from ctfreid.search import index as index_module
 from ctfreid.search.index import CtFIndex
 
 
-@pytest.fixture(autouse=True)
-def every_batch_split(monkeypatch):
-    """Split even the small test batches over the threads asked for (production needs enough work per
-    thread first, ``parallel.MIN_WORK_PER_THREAD``), so that the threaded path is what these tests check."""
-    monkeypatch.setattr(parallel, "MIN_WORK_PER_THREAD", 0)
+pytestmark = pytest.mark.usefixtures("every_batch_split")
 
 NQ = 70  # queries: batches of 1 .. 70 are their prefixes
 

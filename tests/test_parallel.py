@@ -9,11 +9,7 @@ from ctfreid.search import parallel
 from ctfreid.search.index import CtFIndex
 
 
-@pytest.fixture(autouse=True)
-def every_batch_split(monkeypatch):
-    """Split even the small test batches over the threads asked for (production needs enough work per
-    thread first, ``parallel.MIN_WORK_PER_THREAD``), so that the threaded path is what these tests check."""
-    monkeypatch.setattr(parallel, "MIN_WORK_PER_THREAD", 0)
+pytestmark = pytest.mark.usefixtures("every_batch_split")
 
 
 @pytest.mark.parametrize("thresholds", [{32: 9, 64: 20}, {32: 32, 64: 0}])

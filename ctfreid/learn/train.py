@@ -628,6 +628,7 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
     model = AiOModel(len(data.pid_map), backbone=config.backbone, lengths=config.lengths, pyramid=config.pyramid,
                      weights=None if ckpt else config.weights, frozen_stages=config.frozen_stages,
                      last_stride=config.last_stride).to(device)
+    model.detach_heads = config.detach_heads  # a training setting, not part of the saved model
     optimizer = torch.optim.Adam(parameter_groups(model, config.weight_decay, config.decay_bn), lr=config.lr,
                                  weight_decay=config.weight_decay)
     start_epoch = 0
@@ -662,7 +663,6 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.tanh_scale = tanh_scale(config, epoch)
-        model.detach_heads = config.detach_heads
         model.train()
         sums: dict[str, float] = {}
         abs_sums: dict[int, float] = {}  # sum over batches of mean |t| per code: how saturated the codes are

@@ -82,6 +82,13 @@ def _prefetch(typingctx, arr, idx):
     return types.void(arr, idx), codegen
 
 
+def _splat(builder, value, vt):
+    """IR: ``value`` (of ``vt``'s element type) in every lane of the vector type ``vt``."""
+    undef = ir.Constant(vt, ir.Undefined)
+    v = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(ir.IntType(32), vt.count), [0] * vt.count))
+
+
 @intrinsic
 def _mask64(typingctx, arr, base, q, hi):
     """Mask of the 64 codes ``arr[base:base + 64]`` (a ``uint32`` word view, one word per code) whose
@@ -94,18 +101,15 @@ def _mask64(typingctx, arr, base, q, hi):
 
     def codegen(context, builder, signature, args):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i32 = ir.IntType(32)
-        vt = ir.VectorType(i32, BLOCK)
-        undef = ir.Constant(vt, ir.Undefined)
+        vt = ir.VectorType(ir.IntType(32), BLOCK)
 
-        def splat(v, ty):
-            v = builder.insert_element(undef, context.cast(builder, v, ty, types.int32), ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, undef, ir.Constant(vt, [0] * BLOCK))
+        def splat(i):
+            return _splat(builder, context.cast(builder, args[i], signature.args[i], types.int32), vt)
 
         x = builder.load(builder.bitcast(builder.gep(ary.data, [args[1]]), vt.as_pointer()), align=4)
         ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), f"llvm.ctpop.v{BLOCK}i32")
-        d = builder.call(ctpop, [builder.xor(x, splat(args[2], signature.args[2]))])
-        return builder.bitcast(builder.icmp_signed("<=", d, splat(args[3], signature.args[3])), ir.IntType(BLOCK))
+        d = builder.call(ctpop, [builder.xor(x, splat(2))])
+        return builder.bitcast(builder.icmp_signed("<=", d, splat(3)), ir.IntType(BLOCK))
 
     return types.uint64(arr, base, q, hi), codegen
 
@@ -135,8 +139,7 @@ def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c):
             return context.cast(builder, args[i], signature.args[i], ty)
 
         def splat(v, vt):
-            v = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(v32, [0] * 8))
+            return _splat(builder, v, vt)
 
         def fn(name, ret, *argtys):
             return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, list(argtys)), name)
@@ -150,8 +153,9 @@ def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c):
 
         p = builder.load(builder.bitcast(builder.gep(arrays[2].data, [arg(3, types.int64)]), v64.as_pointer()), align=8)
         g2 = arrays[1].data
-        lo = gather(g2, builder.shl(p, ir.Constant(v64, [4] * 8)), v64, 8)  # 16 bytes per code
-        hi = gather(g2, builder.add(builder.shl(p, ir.Constant(v64, [4] * 8)), ir.Constant(v64, [8] * 8)), v64, 8)
+        offsets = builder.shl(p, ir.Constant(v64, [4] * 8))  # 16 bytes per code
+        lo = gather(g2, offsets, v64, 8)
+        hi = gather(g2, builder.add(offsets, ir.Constant(v64, [8] * 8)), v64, 8)
         ctpop64 = fn("llvm.ctpop.v8i64", v64, v64)
         dist2 = builder.trunc(builder.add(builder.call(ctpop64, [builder.xor(lo, splat(arg(5, types.uint64), v64))]),
                                           builder.call(ctpop64, [builder.xor(hi, splat(arg(6, types.uint64), v64))])), v32)
@@ -971,25 +975,18 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c):
     """Append those of the tile hits ``pos[:m]`` of one query whose stage-2 distance is ``<= hi2`` to its
     candidates (``ids``, ``D[0]``, ``D[1]`` from ``c`` on; branch-free, in gallery order) with their
     stage-1 and stage-2 distances, computed while the tile's codes are in cache; returns the new count.
-    128-bit stage 2: eight hits at a time with vector gathers and compress-stores (``_keep8``). Otherwise
-    the stage-2 distances go to ``tmp`` first: a loop of independent gathers, each prefetching the code
-    16 hits ahead (for groups too small to prefetch the whole tile; ~5 % faster for 1 query)."""
+    128-bit stage 2: eight hits at a time with vector gathers and compress-stores (``_keep8``). The other
+    hits (other stage-2 lengths, the last < 8) get their stage-2 distances in ``tmp`` first: a loop of
+    independent gathers, each prefetching the code 16 hits ahead (for groups too small to prefetch the whole
+    tile; ~5 % faster for 1 query)."""
+    d0 = D[0]
+    d1 = D[1]
+    r0 = 0  # hits before r0 are done
     if W2 == 2:
-        r = 0
-        d0 = D[0]
-        d1 = D[1]
-        while r + 8 <= m:
-            c = _keep8(g1, g2, pos, r, q0, q2[0], q2[1], hi2, ids, d0, d1, c)
-            r += 8
-        for r in range(r, m):
-            p = pos[r]
-            d = _popcnt(q2[0] ^ g2[2 * p]) + _popcnt(q2[1] ^ g2[2 * p + 1])
-            ids[c] = p
-            d0[c] = _popcnt(q0 ^ g1[p])
-            d1[c] = d
-            c += d <= hi2
-        return c
-    for r in range(m):
+        while r0 + 8 <= m:
+            c = _keep8(g1, g2, pos, r0, q0, q2[0], q2[1], hi2, ids, d0, d1, c)
+            r0 += 8
+    for r in range(r0, m):
         p = pos[r]
         _prefetch(g2, W2 * pos[min(r + 16, m - 1)])
         if W2 == 2:
@@ -999,9 +996,7 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c):
             for w in range(W2):
                 d += _popcnt(q2[w] ^ g2[W2 * p + w])
             tmp[r] = d
-    d0 = D[0]
-    d1 = D[1]
-    for r in range(m):
+    for r in range(r0, m):
         p = pos[r]
         d = tmp[r]
         ids[c] = p
@@ -1132,8 +1127,8 @@ def ctf_workspace(n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:
 def batch_shape(n: int, nq: int, S: int, budget: int = 1 << 28) -> tuple[int, int]:
     """(queries at a time G, candidates a query cap) of ``ctf_topk_batch``'s buffers for ``nq`` queries on
     ``n`` codes and ``S`` stages: room for ``n / 64`` kept candidates a query (those within the first two
-    thresholds, typically < 1 %; a query with more is searched on its own) plus a tile's stage-1 hits and ``G <= min(nq, 64)``
-    queries within ``budget`` bytes (only the pages of actual candidates are touched). Groups of 64 were
+    thresholds, typically < 1 %; a query with more is searched on its own) plus a tile's stage-1 hits, and
+    ``G <= min(nq, 64)`` queries within ``budget`` bytes (only the pages of actual candidates are touched). Groups of 64 were
     fastest at 1e4 to 1e6 codes (larger ones spread the appends over more cache lines than L1 holds);
     at 1e7 each group streams the 128-bit codes through the cache once."""
     cap = min(n, n // 64 + TILE * BLOCK) + 2 * BLOCK
