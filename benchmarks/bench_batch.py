@@ -7,9 +7,11 @@ time goes.
     python3 benchmarks/bench_batch.py --sizes 1e4,1e5,1e6,1e7 --budget 0.5
 
 The codes and threshold fit are those of ``bench_search.py`` (stage 1 keeps about 2 %; 1e7 codes take ~12
-minutes to generate once, then are cached in $TMPDIR/ctfreid-bench, and ~10 GB of memory). Each cell is
-the median over 3 passes of interleaved timed calls of the whole batch, divided by the batch size (time
-per query). "CtF query by query": the same batch with the one-query kernel (the code before the batch
+minutes to generate once, then are cached in $TMPDIR/ctfreid-bench, and ~10 GB of memory). Every cell
+runs the same queries, the largest batch's: a call searches all of them in consecutive batches of the
+cell's size (CtF's time depends on the queries' candidate counts, which vary by 10 % between batches of
+64), and each cell is the median over 3 passes of interleaved timed calls, divided by the number of
+queries (time per query). "CtF query by query": the same batch with the one-query kernel (the code before the batch
 scan: ``index.BATCH_MIN_QUERIES`` set above the batch size). "floor": ``codes32.view(np.uint32).sum()``
 over the same 32-bit codes, the bound one query of a memory-bound scan cannot beat. faiss at 2048 bits
 runs on at most ``--faiss2048-work`` query x code pairs a call (a cell marked * timed a sub-batch:
@@ -206,16 +208,16 @@ def main(argv=None) -> int:
         for t in threads:
             faiss.omp_set_num_threads(t)
             for b in batches:
-                qb = {L: np.ascontiguousarray(v[:b]) for L, v in q.items()}
-                got = index.search(qb, 100, threads=t)
-                assert np.array_equal(got[1], one[:b]), "batch answers differ from one query at a time"
+                qbs = [{L: np.ascontiguousarray(v[a : a + b]) for L, v in q.items()} for a in range(0, nq - b + 1, b)]
+                got = np.concatenate([index.search(qb, 100, threads=t)[1] for qb in qbs])
+                assert np.array_equal(got, one[: len(qbs) * b]), "batch answers differ from one query at a time"
                 b2048 = max(1, min(b, int(args.faiss2048_work // n)))
-                q2048 = qb[2048][:b2048]
+                q2048 = qbs[0][2048][:b2048]  # faiss's brute force costs the same for every query
                 cells = {}
                 for _ in range(3):
-                    for name, f, m in (("ctf", lambda: index.search(qb, 100, threads=t), b),
-                                       ("seq", lambda: one_by_one(index, qb, t), b),
-                                       ("f32", lambda: flat[32].search(qb[32], 100), b),
+                    for name, f, m in (("ctf", lambda: [index.search(qb, 100, threads=t) for qb in qbs], len(qbs) * b),
+                                       ("seq", lambda: [one_by_one(index, qb, t) for qb in qbs], len(qbs) * b),
+                                       ("f32", lambda: [flat[32].search(qb[32], 100) for qb in qbs], len(qbs) * b),
                                        ("f2048", lambda: flat[2048].search(q2048, 100), b2048)):
                         cpu = cpus.setdefault((t, b, name), [])
                         cells.setdefault(name, []).append(median_time(f, args.budget / 3, cpu=cpu) / m)
