@@ -70,9 +70,12 @@ from ctfreid.search.thresholds import threshold_array
 MAGIC = b"CTFREID\x00"
 FORMAT_VERSION = 1
 COMPACT_FRACTION = 0.2  # dead slots beyond this share of the slots are compacted away
-# top-k of this many queries (per thread) or more: ctf_topk_batch. Measured at 1e6 codes, queries never seen
-# before, against ctf_topk query by query: 0.9x for 1 query, 1.0x for 2, 1.1x for 4 and 8, 1.35x for 64.
-BATCH_MIN_QUERIES = 4
+# top-k of this many queries (per thread) or more: ctf_topk_batch, else ctf_topk query by query. Since the
+# vector stage-2 keep (_kernels._keep8) the tile scan is faster for one query too: 128 queries never seen
+# before, one at a time, 443 -> 405 us a query at 1e6 codes, 66 -> 57 at 1e5, 5.4 -> 4.8 ms at 1e7, the
+# same at 1e4 (ctf_topk remains for a first stage other than 32 bits, and as the fallback of a query whose
+# candidates overflow the buffers).
+BATCH_MIN_QUERIES = 1
 BATCH_FILTER_MIN_N = 1 << 16  # larger galleries: a batch keeps only the stage-2 candidates (faster from 1e5)
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sII")  # magic, version, header size
