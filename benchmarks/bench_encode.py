@@ -13,6 +13,9 @@ demo's), batch 1 and 32, 1 and 2 threads (``torch.set_num_threads`` / onnxruntim
 - where the time goes per image: JPEG decoding (Pillow, 128x64 Market-1501 sized crops), preprocessing
   (``ctfreid.infer.preprocess``, NumPy, and the torchvision test transform), the network (above); with
   decoding, crops/s = 1 / (decode + preprocess + network), the three steps being sequential per batch;
+- the float32 ceiling: each encoder's floating-point operations per crop (torch's counter) and the FLOP/s
+  of a large float32 matrix product in torch on the same threads; "/ peak" is the share of that ceiling
+  each runtime sustains. A runtime cannot be 2x faster than another that already runs at over half of it;
 - ``--int8``: each encoder quantised as ``ctfreid export --int8`` does (``ctfreid.infer.quantize``: static
   QDQ, uint8 activations, int8 per-channel weights of the backbone, calibrated on 64 generated images):
   its speed in the same table and its bit agreement with float32 on 64 other generated images. Accuracy on
@@ -77,6 +80,27 @@ def make_encoder(backbone: str, height: int, width: int, folder: Path, int8: boo
         quant = folder / f"{backbone}_{height}x{width}.int8.onnx"
         quantize_onnx(path, quant, generated_images(64, height, width, seed=1))
     return model, path, quant, torch
+
+
+def flop_count(model, height: int, width: int) -> float:
+    """Floating-point operations of one crop through ``model`` (torch's counter: 2 per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros(1, 3, height, width))
+    return float(counter.get_total_flops())
+
+
+def gemm_peak(threads: int, min_time: float, n: int = 2048) -> float:
+    """FLOP/s of a float32 ``n x n`` matrix product in torch (oneDNN/MKL) on ``threads`` threads: what one
+    core's vector units sustain on the most regular work there is, the practical ceiling of any float32
+    convolution kernel (torch's or onnxruntime's) on this machine."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / timed_pair({"mm": lambda: a @ b}, min_time)["mm"]
 
 
 def ort_session(path: Path, threads: int):
@@ -148,6 +172,9 @@ def main() -> None:
 
     rows, stages, agreement = [], {}, {}
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; crops/s, medians; random weights")
+    peaks = {t: gemm_peak(t, args.min_time) for t in args.threads}
+    print("float32 matrix product (torch, 2048 x 2048): "
+          + ", ".join(f"{p / 1e9:.0f} GFLOP/s on {t} thread{'s' * (t > 1)}" for t, p in peaks.items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             height, width = (int(v) for v in size.split("x"))
@@ -158,6 +185,7 @@ def main() -> None:
                   flush=True)
             for backbone in args.backbones:
                 model, path, quant, _ = make_encoder(backbone, height, width, Path(tmp), args.int8)
+                flops = flop_count(model, height, width)
                 if quant is not None:
                     agreement[f"{backbone} {size}"] = int8_agreement(path, quant, height, width)
                 for threads in args.threads:
@@ -177,6 +205,7 @@ def main() -> None:
                         fns.update({k: (lambda s=s: s.run(None, {"images": x})) for k, s in sessions.items()})
                         t = timed_pair(fns, args.min_time)
                         row = {"backbone": backbone, "size": size, "batch": batch, "threads": threads,
+                               "gflop": flops / 1e9, "peak_gflops": peaks[threads] / 1e9,
                                **{f"{k}_net_s": v / batch for k, v in t.items()}}
                         st = stages[size]
                         for k in t:
@@ -200,13 +229,14 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     int8 = any("ort_int8_crops_s" in r for r in rows)
     head = ("| backbone | input | batch | threads | torch eager | onnxruntime | ratio |"
-            + (" ort int8 |" if int8 else "") + " torch + JPEG | ort + JPEG |")
+            + (" ort int8 |" if int8 else "") + " torch + JPEG | ort + JPEG | GFLOP a crop | torch / peak | ort / peak |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         q = (f" {r['ort_int8_crops_s']:.0f} |" if "ort_int8_crops_s" in r else " |") if int8 else ""
         lines.append(f"| {r['backbone']} | {r['size']} | {r['batch']} | {r['threads']} | {r['torch_crops_s']:.1f} | "
                      f"{r['ort_crops_s']:.1f} | {r['ort_crops_s'] / r['torch_crops_s']:.2f}x |{q} "
-                     f"{r['torch_crops_s_jpeg']:.1f} | {r['ort_crops_s_jpeg']:.1f} |")
+                     f"{r['torch_crops_s_jpeg']:.1f} | {r['ort_crops_s_jpeg']:.1f} | {r['gflop']:.2f} | "
+                     f"{r['torch_crops_s'] * r['gflop'] / r['peak_gflops']:.0%} | {r['ort_crops_s'] * r['gflop'] / r['peak_gflops']:.0%} |")
     return "\n".join(lines)
 
 
