@@ -8,9 +8,9 @@ time goes.
 
 The codes and threshold fit are those of ``bench_search.py`` (stage 1 keeps about 2 %; 1e7 codes take ~12
 minutes to generate once, then are cached in $TMPDIR/ctfreid-bench, and ~10 GB of memory). Every cell
-runs the same queries, the largest batch's: a call searches all of them in consecutive batches of the
-cell's size (CtF's time depends on the queries' candidate counts, which vary by 10 % between batches of
-64), and each cell is the median over 3 passes of interleaved timed calls, divided by the number of
+runs the same ``--queries`` distinct queries (512): a call searches all of them in consecutive batches of
+the cell's size (CtF's time depends on the queries' candidate counts, which vary by 10 % between batches
+of 64, and a batch searched again finds its candidates' codes in cache), and each cell is the median over 3 passes of interleaved timed calls, divided by the number of
 queries (time per query). "CtF query by query": the same batch with the one-query kernel (the code before the batch
 scan: ``index.BATCH_MIN_QUERIES`` set above the batch size). "floor": ``codes32.view(np.uint32).sum()``
 over the same 32-bit codes, the bound one query of a memory-bound scan cannot beat. faiss at 2048 bits
@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8,64,512")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per cell and pass")
+    ap.add_argument("--queries", type=int, default=512,
+                    help="distinct queries every cell runs (at least the largest batch; default 512)")
     ap.add_argument("--breakdown-only", action="store_true", help="only the breakdown of where the time goes")
     ap.add_argument("--faiss2048-work", type=float, default=1e8,
                     help="at most this many query x code pairs a faiss 2048-bit call (larger batches: a sub-batch)")
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
     lengths = [32, 128, 512, 2048]
     batches = [int(b) for b in args.batches.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
-    nq = max(batches)
+    nq = max(args.queries, max(batches))
     for n in (int(float(s)) for s in args.sizes.split(",")):
         g, q, c, _, _ = make_data(n, nq, lengths, 0, Path(tempfile.gettempdir()) / "ctfreid-bench")
         g = {L: np.ascontiguousarray(v[:n]) for L, v in g.items()}
