@@ -7,17 +7,17 @@ time goes.
     python3 benchmarks/bench_batch.py --sizes 1e4,1e5,1e6,1e7 --budget 0.5
 
 The codes and threshold fit are those of ``bench_search.py`` (stage 1 keeps about 2 %; 1e7 codes take ~12
-minutes to generate once, then are cached in $TMPDIR/ctfreid-bench, and ~10 GB of memory). Every cell
-runs the same ``--queries`` distinct queries (512): a call searches all of them in consecutive batches of
-the cell's size (CtF's time depends on the queries' candidate counts, which vary by 10 % between batches
-of 64, and a batch searched again finds its candidates' codes in cache), and each cell is the median over 3 passes of interleaved timed calls, divided by the number of
-queries (time per query). "CtF query by query": the same batch with the one-query kernel (the code before the batch
-scan: ``index.BATCH_MIN_QUERIES`` set above the batch size). "floor": ``codes32.view(np.uint32).sum()``
-over the same 32-bit codes, the bound one query of a memory-bound scan cannot beat. faiss at 2048 bits
-runs on at most ``--faiss2048-work`` query x code pairs a call (a cell marked * timed a sub-batch:
-faiss's time per query then is that of the smaller batch); faiss runs with ``OMP_WAIT_POLICY=PASSIVE``
-unless the variable is set (see ``main``). Every batch answer is checked against the one-query,
-one-thread answers.
+minutes to generate once, then are cached in $TMPDIR/ctfreid-bench, and ~10 GB of memory). Every cell runs
+the same ``--queries`` distinct queries (512): a call searches all of them in consecutive batches of the
+cell's size (CtF's time depends on the queries' candidate counts, which vary by 10 % between batches of 64,
+and a batch searched again finds its candidates' codes in cache), and each cell is the median over 3 passes
+of interleaved timed calls, divided by the number of queries (time per query). "CtF query by query": the
+same batch with the one-query kernel (the code before the batch scan: ``index.BATCH_MIN_QUERIES`` set above
+the batch size). "floor": ``codes32.view(np.uint32).sum()`` over the same 32-bit codes, the bound one query
+of a memory-bound scan cannot beat. faiss at 2048 bits runs on at most ``--faiss2048-work`` query x code
+pairs a call (a cell marked * timed a sub-batch: faiss's time per query then is that of the smaller batch);
+faiss runs with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (see ``main``). Every batch answer is
+checked against the one-query, one-thread answers.
 
 On a loaded machine a call's wall time includes the time its threads waited for a core, the more often
 the longer the call; so the 1-thread rows are also printed in CPU time of the calling thread (faiss with
