@@ -956,6 +956,7 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
 # of the batch is compared with it; the tile's 128-bit codes, 128 KB, stay in L2 for their stage 2).
 # 128 blocks measured 2-5 % faster than 64 and 256 at 1e6 codes (batch of 64, 1 and 2 threads), 32 slower.
 TILE = 128
+BATCH_FILTER_MIN_N = 1 << 16  # larger galleries: a batch keeps only the stage-2 candidates (faster from 1e5)
 TILE_PREFETCH_QUERIES = 16  # this many queries or more: prefetch each tile's stage-2 codes (~20 % faster)
 
 

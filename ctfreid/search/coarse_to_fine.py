@@ -114,8 +114,12 @@ def ctf_search(
     else:
         D = np.empty((qs[0].shape[0], k), dtype=np.int32)
         I = np.empty((qs[0].shape[0], k), dtype=np.int64)
-        n = gs[0].shape[0]
-        counts = np.zeros((qs[0].shape[0], len(gs)), np.int64)
-        _kernels.ctf_topk(*kernel_args(qs, gs, thr), k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, len(gs)), D,
-                          I, counts)
+        nq, n, S = qs[0].shape[0], gs[0].shape[0], len(gs)
+        counts = np.zeros((nq, S), np.int64)
+        args = (*kernel_args(qs, gs, thr), k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, S))
+        if lengths[0] == 32:  # the tile scan, as CtFIndex.search: faster from one query on
+            hi2 = int(thr[1]) if S > 2 and n > _kernels.BATCH_FILTER_MIN_N else lengths[1]
+            _kernels.ctf_topk_batch(*args, hi2, *_kernels.batch_buffers(*_kernels.batch_shape(n, nq, S), S), D, I, counts)
+        else:
+            _kernels.ctf_topk(*args, D, I, counts)
     return (D[0], I[0]) if single else (D, I)

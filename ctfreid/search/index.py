@@ -76,7 +76,7 @@ COMPACT_FRACTION = 0.2  # dead slots beyond this share of the slots are compacte
 # same at 1e4 (ctf_topk remains for a first stage other than 32 bits, and as the fallback of a query whose
 # candidates overflow the buffers).
 BATCH_MIN_QUERIES = 1
-BATCH_FILTER_MIN_N = 1 << 16  # larger galleries: a batch keeps only the stage-2 candidates (faster from 1e5)
+BATCH_FILTER_MIN_N = _kernels.BATCH_FILTER_MIN_N
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sII")  # magic, version, header size
 _CRC = struct.Struct("<I")
