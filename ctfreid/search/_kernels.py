@@ -723,27 +723,33 @@ def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI):
     the candidates within each threshold by the next longer code, stably, in place at the head.
 
     ``Ls[s]``: code length of stage s; ``thr[s]``: threshold (>= 0) of stage s, for s < S - 1.
+
+    The head (the c1 stage-1 candidates) is ordered as ``ctf_topk`` orders its candidates
+    (``_ctf_finish`` with k = c1, one packed key per part instead of a counting sort per stage): numbered in
+    stage-1 order, which breaks ties as the gallery position does after D[0], since D[0] is in the key.
     """
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
     d = np.empty(n, np.int32)
-    tmp_i = np.empty(n, np.int64)
-    tmp_p = np.empty(n, np.int64)
+    big, rcap = n + 2 * BLOCK, n + 4096 + 2 * BLOCK  # as ctf_workspace(n, n, S)
+    ws64 = np.empty(big + 4 * n + 2 * rcap, np.int64)
+    ws32 = np.empty(S * big + n + 2 * rcap, np.int32)
+    ids = np.empty(n, np.int64)
+    D = np.empty((S, n), np.int32)
+    counts = np.empty(S, np.int64)
+    live = np.empty(0, np.uint64)  # not read: every candidate is placed before any further scan
     for i in range(Q1.shape[0]):
         oD = outD[i]
         oI = outI[i]
         _rank_one(Q1[i], g1, W1, L1, d, oD, oI)  # stage 1: 32-bit words, cheap to scan per query
-        c = _count_within(oD, n, thr[0])
-        for s in range(1, S):
-            if c == 0:
-                break
-            _later_dist(Qr, qoff, Gr, s, i, oI, c, d)
-            _sort_identity(d, c, Ls[s], tmp_p, oD)
-            for r in range(c):
-                tmp_i[r] = oI[tmp_p[r]]
-            oI[:c] = tmp_i[:c]
-            if s < S - 1:
-                c = _count_within(oD, c, thr[s])
+        c1 = _count_within(oD, n, thr[0])
+        if c1 == 0:
+            continue
+        ids[:c1] = oI[:c1]
+        D[0, :c1] = oD[:c1]
+        _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
+        _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, c1, live, i, c1, ids, D, ws64, ws32,
+                    oD[:c1], oI[:c1], counts)
 
 
 @njit(**_JIT)
