@@ -8,7 +8,7 @@
 #          runs/short_codes 2 aio_cp_sd q1d10 v0q01d1 aio_sep32
 #
 # JOBS trainings run at once (default 1; each uses one thread). Without SETTINGs, all of them. Then
-#   python3 experiments/short_codes_table.py OUT_DIR aio_sep32 aio_none aio_cp aio_cp_sd q1d10 v0q01d1 ts10 ts10nd cpts10 det detv0 sdprob sdsim l1_01 l2_100 t4
+#   python3 experiments/short_codes_table.py OUT_DIR aio_sep32 aio_none aio_cp aio_cp_sd q1d10 v0q01d1 ts10 ts10nd cpts10 det detv0 sdprob sdsim l1_01 l2_100 l2_10 t4
 # prints the table (per seed and mean).
 set -euo pipefail
 DATA=${1:?dataset folder in Market-1501 layout}; WEIGHTS=${2:?MobileNetV2 state dict}; OUT=${3:-runs/short_codes}
@@ -40,12 +40,13 @@ declare -A FLAGS=(
   [sdsim]="--lambda1 0"                                   # similarity distillation (Eq. 4) only
   [l1_01]="--lambda1 0.1"
   [l2_100]="--lambda2 100"
+  [l2_10]="--lambda2 10"
   [t4]="--temperature 4"
   # not in the default list: with the inner-product student of the first version of --sim-teacher v0 (its
   # zero diagonal forced saturation) this setting made all bits equal and kept the cross-entropy at chance
   [v0q1d10]="--sim-teacher v0 --quantization-weight 1 --decorrelation-weight 10"
 )
-SETTINGS=("$@"); [ ${#SETTINGS[@]} -gt 0 ] || SETTINGS=(aio_cp_sd q1d10 v0q01d1 aio_sep32 aio_none aio_cp ts10 ts10nd cpts10 det detv0 sdprob sdsim l1_01 l2_100 t4)
+SETTINGS=("$@"); [ ${#SETTINGS[@]} -gt 0 ] || SETTINGS=(aio_cp_sd q1d10 v0q01d1 aio_sep32 aio_none aio_cp ts10 ts10nd cpts10 det detv0 sdprob sdsim l1_01 l2_100 l2_10 t4)
 
 one() {  # one SETTING SEED: train, encode, DTO (beta 2), evaluate
   local name=$1 seed=$2 dir="$OUT/f4_$1_s$2" split
