@@ -189,6 +189,9 @@ def test_a_dead_shard_gives_an_answer_flagged_partial_never_silently_short(local
     try:
         sharded.add(c)
         sharded.thresholds = dict(THR)
+        # both shards answer first, so the live one has its search kernels loaded before the short timeouts
+        # below (loading them from numba's cache took over a second on a busy 2-core machine)
+        assert sharded.search_hits(q, 50).partial == ()
         ray.kill(sharded.actors[1], no_restart=True)
         t = time.monotonic()
         h = sharded.search_hits(q, 50, timeout=1.0)
