@@ -731,9 +731,10 @@ def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI):
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
     d = np.empty(n, np.int32)
-    big, rcap = n + 2 * BLOCK, n + 4096 + 2 * BLOCK  # as ctf_workspace(n, n, S)
-    ws64 = np.empty(big + 4 * n + 2 * rcap, np.int64)
-    ws32 = np.empty(S * big + n + 2 * rcap, np.int32)
+    big = n + 2 * BLOCK
+    # _ctf_finish's scratch without the part for scanning beyond the candidates (k = c1: never needed)
+    ws64 = np.empty(big + 4 * n, np.int64)
+    ws32 = np.empty(S * big + n, np.int32)
     ids = np.empty(n, np.int64)
     D = np.empty((S, n), np.int32)
     counts = np.empty(S, np.int64)
