@@ -77,7 +77,7 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     with the kernel ``CtFIndex.search`` uses for that batch size (``ctf_topk_batch`` or ``ctf_topk``; the
     latter over 64 distinct queries, so that no query finds its candidates' codes cached by its last run)."""
     from ctfreid.search import _kernels as K
-    from ctfreid.search.index import BATCH_FILTER_MIN_N, BATCH_MIN_QUERIES
+    from ctfreid.search.index import BATCH_MIN_QUERIES
 
     def median_cpu(f, budget: float) -> float:
         cpu: list = []
@@ -93,7 +93,7 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     n, S = G1.shape[0], len(Ls)
     Q1, g1 = K.words32(qs[0]), K.words32(G1).reshape(n)
     Qr = K.later_queries(qs, qoff)
-    hi2 = int(thr[1]) if S > 2 and n > BATCH_FILTER_MIN_N else int(Ls[1])
+    hi2 = K.stage2_keep(n, thr, Ls)
     singles = [{L: v[i : i + 1] for L, v in q.items()} for i in range(b)]
     parts = [tuple(x[i : i + 1] for x in qs) for i in range(b)]
     if batched:

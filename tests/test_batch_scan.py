@@ -81,7 +81,7 @@ CASES = [  # n, lengths, thresholds, k
 @pytest.mark.parametrize("filter_min_n", [0, 1 << 40])  # stage 2 keeps only thr[1]'s candidates / all
 @pytest.mark.parametrize("n, lengths, thresholds, k", CASES)
 def test_batches_equal_one_query_and_oracle(monkeypatch, filter_min_n, n, lengths, thresholds, k):
-    monkeypatch.setattr(index_module, "BATCH_FILTER_MIN_N", filter_min_n)
+    monkeypatch.setattr(_kernels, "BATCH_FILTER_MIN_N", filter_min_n)
     monkeypatch.setattr(index_module, "BATCH_MIN_QUERIES", 1)  # the batch scan for every batch size
     rng = np.random.default_rng(n)
     g, q = codes(rng, n, lengths, 9), codes(rng, NQ, lengths, 9)

@@ -1154,6 +1154,13 @@ def batch_shape(n: int, nq: int, S: int, budget: int = 1 << 28) -> tuple[int, in
     return max(1, min(nq, 64, budget // (cap * (8 + 4 * S)))), cap
 
 
+def stage2_keep(n: int, thr: np.ndarray, Ls) -> int:
+    """``hi2`` of ``ctf_topk_batch`` on ``n`` codes of lengths ``Ls``: with a third stage and more than
+    ``BATCH_FILTER_MIN_N`` codes, only the candidates within the stage-2 threshold are kept (less memory
+    traffic), else all."""
+    return int(thr[1]) if len(Ls) > 2 and n > BATCH_FILTER_MIN_N else int(Ls[1])
+
+
 def batch_buffers(G: int, cap: int, S: int) -> tuple[np.ndarray, np.ndarray]:
     """Candidate buffers of ``ctf_topk_batch``: ids ``int64 [G, cap]``, distances ``int32 [G, S, cap]``."""
     return np.empty((G, cap), np.int64), np.empty((G, S, cap), np.int32)

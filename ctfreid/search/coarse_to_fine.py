@@ -118,7 +118,7 @@ def ctf_search(
         counts = np.zeros((nq, S), np.int64)
         args = (*kernel_args(qs, gs, thr), k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, S))
         if lengths[0] == 32:  # the tile scan, as CtFIndex.search: faster from one query on
-            hi2 = int(thr[1]) if S > 2 and n > _kernels.BATCH_FILTER_MIN_N else lengths[1]
+            hi2 = _kernels.stage2_keep(n, thr, lengths)
             _kernels.ctf_topk_batch(*args, hi2, *_kernels.batch_buffers(*_kernels.batch_shape(n, nq, S), S), D, I, counts)
         else:
             _kernels.ctf_topk(*args, D, I, counts)

@@ -76,7 +76,6 @@ COMPACT_FRACTION = 0.2  # dead slots beyond this share of the slots are compacte
 # same at 1e4 (ctf_topk remains for a first stage other than 32 bits, and as the fallback of a query whose
 # candidates overflow the buffers).
 BATCH_MIN_QUERIES = 1
-BATCH_FILTER_MIN_N = _kernels.BATCH_FILTER_MIN_N
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sII")  # magic, version, header size
 _CRC = struct.Struct("<I")
@@ -425,10 +424,8 @@ class CtFIndex:
             if full:
                 _kernels.ctf_rank(*args, D, P)
             elif nq >= BATCH_MIN_QUERIES and lengths[0] == 32:
-                # stage 2 keeps only the candidates within thr[1] on large galleries (see ctf_topk_batch)
-                hi2 = int(thr[1]) if len(lengths) > 2 and n > BATCH_FILTER_MIN_N else lengths[1]
-                _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), hi2, *self._batch_buffers(n, nq),
-                                        D, P, C)
+                _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), _kernels.stage2_keep(n, thr, Ls),
+                                        *self._batch_buffers(n, nq), D, P, C)
             else:
                 _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C)
         if full and self._ndead:  # the order is a per-item key: dropping removed items keeps it exact
