@@ -215,8 +215,8 @@ def stage_pad(n_later: int) -> tuple[np.ndarray, ...]:
 # costs a compare and select per load that stops LLVM from vectorising the loop (the 32-bit distances of a
 # gallery: 0.9 against 0.04 ns a code). Hot loops index slices with their own loop counters, which numba
 # knows to be non-negative, or use unsigned indices.
-# ``g`` is always the flat word view of a whole gallery (one view per call, not per block: creating array
-# views costs reference counting) and ``W`` its words per code; explicit loops for W = 1 and 2 let LLVM
+# ``g`` is always the flat word view of a whole gallery (callers make one view per call; the slices of _IDX
+# inside the inlined block helpers measured no slower than indexing ``g``) and ``W`` its words per code; explicit loops for W = 1 and 2 let LLVM
 # vectorise across codes, longer codes vectorise along the words. numba does not inline one jitted
 # function into another at the LLVM level, and a call per block of 64 codes costs 2-7x in the scans, so
 # the per-block helpers are inlined by numba (inline="always"); everything else stays a plain call.
