@@ -165,9 +165,13 @@ def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c):
         keep = builder.icmp_signed("<=", dist2, splat(arg(7, types.int32), v32))
         c = arg(11, types.int64)
         for values, out in ((p, arrays[8]), (dist1, arrays[9]), (dist2, arrays[10])):
+            # compress in a register, then one full-width store (the lanes past the kept ones are overwritten
+            # by the next call): the memory form of vpcompress that llvm.masked.compressstore becomes is
+            # microcoded on AMD Zen 4 (the stage-1 survivors at 1e6 took 2x as long as this)
             vt = values.type
-            store = fn(f"llvm.masked.compressstore.v8i{vt.element.width}", ir.VoidType(), vt, out.data.type, vmask)
-            builder.call(store, [values, builder.gep(out.data, [c]), keep])
+            packed = builder.call(fn(f"llvm.experimental.vector.compress.v8i{vt.element.width}", vt, vt, vmask, vt),
+                                  [values, keep, ir.Constant(vt, ir.Undefined)])
+            builder.store(packed, builder.bitcast(builder.gep(out.data, [c]), vt.as_pointer()), align=vt.element.width // 8)
         kept = builder.call(fn("llvm.ctpop.i64", i64, i64), [builder.zext(builder.bitcast(keep, i8), i64)])
         return builder.add(c, kept)
 
@@ -999,7 +1003,7 @@ def _extract_pos(mask, base, out, m):
 
 
 @njit(inline="always", **_JIT)
-def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c):
+def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec):
     """Append those of the tile hits ``pos[:m]`` of one query whose stage-2 distance is ``<= hi2`` to its
     candidates (``ids``, ``D[0]``, ``D[1]`` from ``c`` on; branch-free, in gallery order) with their
     stage-1 and stage-2 distances, computed while the tile's codes are in cache; returns the new count.
@@ -1010,7 +1014,7 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c):
     d0 = D[0]
     d1 = D[1]
     r0 = 0  # hits before r0 are done
-    if W2 == 2:
+    if W2 == 2 and vec:
         while r0 + 8 <= m:
             c = _keep8(g1, g2, pos, r0, q0, q2[0], q2[1], hi2, ids, d0, d1, c)
             r0 += 8
@@ -1071,7 +1075,8 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
             if c + m > cap:
                 cnt[a] = cap + 1
             else:
-                cnt[a] = _append_tile(q0, g1, Qr[a0 + a, qoff[0] : qoff[1]], g2, W2, hi2, pos, m, tmp, bufI[a], bufD[a], c)
+                cnt[a] = _append_tile(q0, g1, Qr[a0 + a, qoff[0] : qoff[1]], g2, W2, hi2, pos, m, tmp, bufI[a], bufD[a], c,
+                                      na >= TILE_PREFETCH_QUERIES)
 
 
 @njit(**_JIT)
