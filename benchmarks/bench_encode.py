@@ -14,7 +14,8 @@ demo's), batch 1 and 32, 1 and 2 threads (``torch.set_num_threads`` / onnxruntim
   (``ctfreid.infer.preprocess``, NumPy, and the torchvision test transform), the network (above); with
   decoding, crops/s = 1 / (decode + preprocess + network), the three steps being sequential per batch;
 - the float32 ceiling: each encoder's floating-point operations per crop (torch's counter) and the FLOP/s
-  of a large float32 matrix product in torch on the same threads; "/ peak" is the share of that ceiling
+  of a large float32 matrix product on the same threads, the faster of torch's and onnxruntime's; "/ peak"
+  is the share of that ceiling
   each runtime sustains. A runtime cannot be 2x faster than another that already runs at over half of it;
 - ``--int8``: each encoder quantised as ``ctfreid export --int8`` does (``ctfreid.infer.quantize``: static
   QDQ, uint8 activations, int8 per-channel weights of the backbone, calibrated on 64 generated images):
@@ -92,15 +93,31 @@ def flop_count(model, height: int, width: int) -> float:
     return float(counter.get_total_flops())
 
 
-def gemm_peak(threads: int, min_time: float, n: int = 2048) -> float:
-    """FLOP/s of a float32 ``n x n`` matrix product in torch (oneDNN/MKL) on ``threads`` threads: what one
-    core's vector units sustain on the most regular work there is, the practical ceiling of any float32
-    convolution kernel (torch's or onnxruntime's) on this machine."""
+def gemm_peak(threads: int, min_time: float, n: int = 2048) -> dict[str, float]:
+    """FLOP/s of a float32 ``n x n`` matrix product on ``threads`` threads, in torch (MKL/oneDNN) and in
+    onnxruntime (MLAS): what one core's vector units sustain on the most regular work there is, the
+    practical ceiling of any float32 convolution kernel. Both, because either library can be the slow
+    one on a given CPU (MKL on AMD Zen 4: 80 GFLOP/s where MLAS does more); the ceiling is the larger."""
+    import onnxruntime as ort
     import torch
+    from onnx import TensorProto, helper, numpy_helper
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / timed_pair({"mm": lambda: a @ b}, min_time)["mm"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+                              [numpy_helper.from_array(b.numpy(), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = a.numpy()
+    t = timed_pair({"torch": lambda: a @ b, "onnxruntime": lambda: session.run(None, {"a": x})}, min_time)
+    return {name: 2 * n**3 / seconds for name, seconds in t.items()}
 
 
 def ort_session(path: Path, threads: int):
@@ -172,9 +189,11 @@ def main() -> None:
 
     rows, stages, agreement = [], {}, {}
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; crops/s, medians; random weights")
-    peaks = {t: gemm_peak(t, args.min_time) for t in args.threads}
-    print("float32 matrix product (torch, 2048 x 2048): "
-          + ", ".join(f"{p / 1e9:.0f} GFLOP/s on {t} thread{'s' * (t > 1)}" for t, p in peaks.items()), flush=True)
+    gemms = {t: gemm_peak(t, args.min_time) for t in args.threads}
+    peaks = {t: max(g.values()) for t, g in gemms.items()}
+    print("float32 matrix product (2048 x 2048), torch / onnxruntime: "
+          + ", ".join(f"{g['torch'] / 1e9:.0f} / {g['onnxruntime'] / 1e9:.0f} GFLOP/s on {t} thread{'s' * (t > 1)}"
+                      for t, g in gemms.items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             height, width = (int(v) for v in size.split("x"))
