@@ -856,6 +856,43 @@ def _part_first(D, Ls, thr, s, mem, w, m, bj, keys, skey, ids, oI, oD, pos):
 
 
 @njit(**_JIT)
+def _beyond1(q, g1, n, L1, t1, live, k, oI, oD, pos):
+    """The stage-1 ranking beyond the candidates, for codes of one 32-bit word: the live codes with a
+    distance ``> t1``, by distance and then gallery position, written to ``oI``/``oD[pos:k]``; returns the
+    new ``pos``. Walks the distances t1 + 1, t1 + 2, ... with one vector mask of 64 codes per block and
+    distance (``_mask64``), which beats a top-k scan (``_select``) when few codes are missing: on a
+    gallery of 2,276 codes, ~0.1 us a distance against ~6 us for the scan (which extracts and compacts
+    its first 4 k + 512 codes before its bound tightens)."""
+    q0 = q[0]
+    nfull = n // BLOCK
+    mt = n - nfull * BLOCK
+    prev = np.empty(nfull + 1, np.uint64)  # the codes within the last distance walked, per block
+    dd = np.zeros(BLOCK + 1, np.int32)
+    for b in range(nfull):
+        prev[b] = _mask64(g1, b * BLOCK, q0, t1) & live[b]
+    if mt > 0:
+        prev[nfull] = _tail_mask(q, g1, 1, nfull * BLOCK, mt, dd, t1) & live[nfull]
+    u = t1 + 1
+    while pos < k and u <= L1:
+        for b in range(nfull + (mt > 0)):
+            if b < nfull:
+                m = _mask64(g1, b * BLOCK, q0, u) & live[b]
+            else:
+                m = _tail_mask(q, g1, 1, nfull * BLOCK, mt, dd, u) & live[nfull]
+            eq = m & ~prev[b]  # the codes at distance exactly u, in gallery order
+            prev[b] = m
+            while eq and pos < k:
+                oI[pos] = b * BLOCK + _ctz(eq)
+                oD[pos] = u
+                pos += 1
+                eq &= eq - np.uint64(1)
+            if pos >= k:
+                break
+        u += 1
+    return pos
+
+
+@njit(**_JIT)
 def _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids, D, ws64, ws32, oD, oI, oC):
     """Query ``i`` of ``ctf_topk`` from its stage-1 candidates on: gallery positions ``ids[:c1]`` in gallery
     order, their stage-1 and stage-2 distances in ``D[0, :c1]`` and ``D[1, :c1]`` (``D``: [S, >= c1]).
@@ -918,8 +955,10 @@ def _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids
             break
         part = rej[pe[s - 1] : pe[s]]
         pos = _part_first(D, Ls, thr, s, part, pe[s] - pe[s - 1], k - pos, bj, keys, tmp, ids, oI, oD, pos)
-    if pos < k and c1 < n:
+    if pos < k and c1 < n and W1 == 1:
         # fewer than k candidates after stage 1: continue with the stage-1 ranking beyond them
+        pos = _beyond1(Q1[i], g1, n, L1, thr[0], live, k, oI, oD, pos)
+    elif pos < k and c1 < n:
         rbufi = ws64[big + 4 * n : big + 4 * n + rcap]
         rpos = ws64[big + 4 * n + rcap : big + 4 * n + 2 * rcap]
         rbufd = ws32[S * big + n : S * big + n + rcap]
