@@ -172,7 +172,8 @@ def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c):
             vt = values.type
             packed = builder.call(fn(f"llvm.experimental.vector.compress.v8i{vt.element.width}", vt, vt, vmask, vt),
                                   [values, keep, ir.Constant(vt, ir.Undefined)])
-            builder.store(packed, builder.bitcast(builder.gep(out.data, [c]), vt.as_pointer()), align=vt.element.width // 8)
+            target = builder.bitcast(builder.gep(out.data, [c]), vt.as_pointer())
+            builder.store(packed, target, align=vt.element.width // 8)
         kept = builder.call(fn("llvm.ctpop.i64", i64, i64), [builder.zext(builder.bitcast(keep, i8), i64)])
         return builder.add(c, kept)
 
@@ -221,10 +222,11 @@ def stage_pad(n_later: int) -> tuple[np.ndarray, ...]:
 # gallery: 0.9 against 0.04 ns a code). Hot loops index slices with their own loop counters, which numba
 # knows to be non-negative, or use unsigned indices.
 # ``g`` is always the flat word view of a whole gallery (callers make one view per call; the slices of _IDX
-# inside the inlined block helpers measured no slower than indexing ``g``) and ``W`` its words per code; explicit loops for W = 1 and 2 let LLVM
-# vectorise across codes, longer codes vectorise along the words. numba does not inline one jitted
-# function into another at the LLVM level, and a call per block of 64 codes costs 2-7x in the scans, so
-# the per-block helpers are inlined by numba (inline="always"); everything else stays a plain call.
+# inside the inlined block helpers measured no slower than indexing ``g``) and ``W`` its words per code;
+# explicit loops for W = 1 and 2 let LLVM vectorise across codes, longer codes vectorise along the words.
+# numba does not inline one jitted function into another at the LLVM level, and a call per block of 64
+# codes costs 2-7x in the scans, so the per-block helpers are inlined by numba (inline="always");
+# everything else stays a plain call.
 @njit(**_JIT)
 def _dist_range(q, g, W, base, m, dd, off):
     """``dd[off + j] = popcount(q ^ code[base + j])`` for ``j < m`` (callers pass ints, not literals,
@@ -1116,8 +1118,9 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
             if c + m > cap:
                 cnt[a] = cap + 1
             else:
-                cnt[a] = _append_tile(q0, g1, Qr[a0 + a, qoff[0] : qoff[1]], g2, W2, hi2, pos, m, tmp, bufI[a], bufD[a], c,
-                                      na >= TILE_PREFETCH_QUERIES)
+                q2 = Qr[a0 + a, qoff[0] : qoff[1]]
+                vec = na >= TILE_PREFETCH_QUERIES
+                cnt[a] = _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, bufI[a], bufD[a], c, vec)
 
 
 @njit(**_JIT)
