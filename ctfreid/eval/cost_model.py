@@ -412,9 +412,10 @@ def measure_cost_model(lengths: Sequence[int], sizes: Sequence[int] = DEFAULT_SI
 
 # The built-in cost model: measured once, so that fits made without a cost model (index build, the demo,
 # the service, ``ctfreid calibrate`` without --measure-cost-model) are deterministic and cost no timing.
-# Measured on 2026-12-03 (again after the top-k ordering rewrite: fixed cost 6.8 -> 2.2 us) on the project's
-# 2-core development machine (quiet; fastest of 5 interleaved repeats) for the default pyramid
-# 32/128/512/2048 at DEFAULT_SIZES, with:
+# Measured on 2026-12-04 after three kernel changes (distance loops vectorised, the Zen 4 compress fix, the
+# stage-1 walk: per 2048-bit candidate 22 -> 16 ns, refill 0.42 -> 0.12 ns an item, fixed 2.2 -> 0.5 us; the
+# default thresholds of the CUHK03 dev runs did not change) on a 2-core AMD EPYC Zen 4 machine (quiet;
+# fastest of 5 interleaved repeats) for the default pyramid 32/128/512/2048 at DEFAULT_SIZES, with:
 #   python3 -c "from ctfreid.eval.cost_model import *; measure_cost_model((32, 128, 512, 2048), DEFAULT_SIZES).save('ctfreid/eval/default_cost_model.json')"
 # Re-measure (same command) when the kernels change. Its absolute times are this machine's; the fits
 # depend on the ratios between the coefficients, which move less between machines.
