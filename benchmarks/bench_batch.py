@@ -12,7 +12,7 @@ the same ``--queries`` distinct queries (512): a call searches all of them in co
 cell's size (CtF's time depends on the queries' candidate counts, which vary by 10 % between batches of 64,
 and a batch searched again finds its candidates' codes in cache), and each cell is the median over 3 passes
 of interleaved timed calls, divided by the number of queries (time per query). "CtF query by query": the
-same batch with the one-query kernel (the code before the batch scan: ``index.BATCH_MIN_QUERIES`` set above
+same batch with the one-query kernel (the code before the batch scan: ``_kernels.BATCH_MIN_QUERIES`` set above
 the batch size). "floor": ``codes32.view(np.uint32).sum()`` over the same 32-bit codes, the bound one query
 of a memory-bound scan cannot beat. faiss at 2048 bits runs on at most ``--faiss2048-work`` query x code
 pairs a call (a cell marked * timed a sub-batch: faiss's time per query then is that of the smaller batch);
@@ -62,14 +62,14 @@ def median_time(f, budget: float, min_calls: int = 1, cpu: list | None = None) -
 def one_by_one(index, qb: dict, threads: int) -> None:
     """The batch with the one-query kernel (``ctf_topk``, query after query; threads as for the batch):
     the code before the batch scan, the same-run baseline of "query by query / CtF"."""
-    from ctfreid.search import index as index_module
+    from ctfreid.search import _kernels
 
-    keep = index_module.BATCH_MIN_QUERIES
-    index_module.BATCH_MIN_QUERIES = 1 << 62
+    keep = _kernels.BATCH_MIN_QUERIES
+    _kernels.BATCH_MIN_QUERIES = 1 << 62
     try:
         index.search(qb, 100, threads=threads)
     finally:
-        index_module.BATCH_MIN_QUERIES = keep
+        _kernels.BATCH_MIN_QUERIES = keep
 
 
 def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
@@ -77,14 +77,13 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     with the kernel ``CtFIndex.search`` uses for that batch size (``ctf_topk_batch`` or ``ctf_topk``; the
     latter over 64 distinct queries, so that no query finds its candidates' codes cached by its last run)."""
     from ctfreid.search import _kernels as K
-    from ctfreid.search.index import BATCH_MIN_QUERIES
 
     def median_cpu(f, budget: float) -> float:
         cpu: list = []
         median_time(f, budget, cpu=cpu)
         return cpu[0]
 
-    batched = b >= BATCH_MIN_QUERIES
+    batched = K.tile_scan(b, 32)
     if not batched:  # batches of b run query by query: time b at a time over up to 64 distinct queries
         b = min(64, q[32].shape[0]) // b * b
     qs, _ = index._queries({L: v[:b] for L, v in q.items()})

@@ -98,7 +98,6 @@ def gemm_peak(threads: int, min_time: float, n: int = 2048) -> dict[str, float]:
     onnxruntime (MLAS): what one core's vector units sustain on the most regular work there is, the
     practical ceiling of any float32 convolution kernel. Both, because either library can be the slow
     one on a given CPU (MKL on AMD Zen 4: 80 GFLOP/s where MLAS does more); the ceiling is the larger."""
-    import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
@@ -110,24 +109,22 @@ def gemm_peak(threads: int, min_time: float, n: int = 2048) -> dict[str, float]:
                               [numpy_helper.from_array(b.numpy(), "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model.SerializeToString(), threads)
     x = a.numpy()
     t = timed_pair({"torch": lambda: a @ b, "onnxruntime": lambda: session.run(None, {"a": x})}, min_time)
     return {name: 2 * n**3 / seconds for name, seconds in t.items()}
 
 
-def ort_session(path: Path, threads: int):
+def ort_session(path: Path | bytes, threads: int):
+    """An onnxruntime CPU session of the model at ``path`` (or serialised in ``bytes``) on ``threads`` threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as OMP_WAIT_POLICY above
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def jpeg_crops(n: int, seed: int = 0) -> list[bytes]:

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from ctfreid.search import _kernels
-from ctfreid.search import index as index_module
 from ctfreid.search.index import CtFIndex
 
 
@@ -82,7 +81,7 @@ CASES = [  # n, lengths, thresholds, k
 @pytest.mark.parametrize("n, lengths, thresholds, k", CASES)
 def test_batches_equal_one_query_and_oracle(monkeypatch, filter_min_n, n, lengths, thresholds, k):
     monkeypatch.setattr(_kernels, "BATCH_FILTER_MIN_N", filter_min_n)
-    monkeypatch.setattr(index_module, "BATCH_MIN_QUERIES", 1)  # the batch scan for every batch size
+    monkeypatch.setattr(_kernels, "BATCH_MIN_QUERIES", 1)  # the batch scan for every batch size
     rng = np.random.default_rng(n)
     g, q = codes(rng, n, lengths, 9), codes(rng, NQ, lengths, 9)
     q = {L: np.concatenate([g[L][rng.integers(0, n, NQ // 2)], c[: NQ - NQ // 2]]) for L, c in q.items()}
@@ -95,7 +94,7 @@ def test_batches_equal_one_query_and_oracle(monkeypatch, filter_min_n, n, length
     live[removed] = False
     want = oracle(q, g, live, thresholds, k)
     with monkeypatch.context() as m:
-        m.setattr(index_module, "BATCH_MIN_QUERIES", 1 << 40)  # ctf_topk, one query at a time
+        m.setattr(_kernels, "BATCH_MIN_QUERIES", 1 << 40)  # ctf_topk, one query at a time
         one = one_query(index, q, k, thresholds)
     m = min(k, int(live.sum()))
     for got, ref in zip(one[:3], want[:3]):

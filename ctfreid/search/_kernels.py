@@ -31,7 +31,6 @@ from numba.extending import intrinsic, overload
 _JIT = dict(cache=True, nogil=True, boundscheck=False)
 BLOCK = 64  # codes per block: one bit each in a uint64 mask
 INT32_MAX = np.iinfo(np.int32).max
-_U1, _U2, _U3, _U4, _U5, _U6, _U7 = (np.uint64(v) for v in range(1, 8))  # unsigned offsets (see _IDX)
 
 
 @intrinsic
@@ -383,8 +382,9 @@ def _rows_dist(q, g, W, rows, c, out):
 
     Candidates are spread over the gallery, so each read is a cache miss (~220 ns here): the code some
     candidates ahead is prefetched to keep more misses in flight. Distances measured at 1e7 codes (random
-    rows): 64 codes ahead for 128-bit codes, 32 for 512-bit codes (unrolled: 11-12 against 14-16 ns a code
-    with the generic loop, same-run A/B at 1e7), 12 for longer ones (12 to 96 measured alike).
+    rows): 64 codes ahead for 128-bit codes, 32 for 512-bit codes, 12 for longer ones (12 to 96 measured
+    alike). The loop along the words vectorises (it once needed an unrolled 512-bit copy, see _IDX: random
+    rows of 2e6 codes, 17.1 ns a code unrolled against 15.5 for this loop, same-process A/B).
     """
     if W == 2:
         q0 = q[0]
@@ -392,19 +392,9 @@ def _rows_dist(q, g, W, rows, c, out):
         for j in range(c):
             _prefetch(g, 2 * rows[min(j + 64, c - 1)])
             o = np.uint64(2 * rows[j])  # unsigned: no wrap-around select per load (see _IDX)
-            out[j] = _popcnt(q0 ^ g[o]) + _popcnt(q1 ^ g[o + _U1])
-    elif W == 8:
-        q0, q1, q2, q3, q4, q5, q6, q7 = q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]
-        for j in range(c):
-            ahead = 8 * rows[min(j + 32, c - 1)]
-            _prefetch(g, ahead)
-            _prefetch(g, ahead + 7)  # the next line too when the codes are not 64-byte aligned
-            o = np.uint64(8 * rows[j])
-            out[j] = (_popcnt(q0 ^ g[o]) + _popcnt(q1 ^ g[o + _U1]) + _popcnt(q2 ^ g[o + _U2])
-                      + _popcnt(q3 ^ g[o + _U3]) + _popcnt(q4 ^ g[o + _U4]) + _popcnt(q5 ^ g[o + _U5])
-                      + _popcnt(q6 ^ g[o + _U6]) + _popcnt(q7 ^ g[o + _U7]))
+            out[j] = _popcnt(q0 ^ g[o]) + _popcnt(q1 ^ g[o + np.uint64(1)])
     else:
-        dist = 32 if W < 8 else 12
+        dist = 32 if W <= 8 else 12
         for j in range(c):
             ahead = W * rows[min(j + dist, c - 1)]
             for w in range(0, W, 8):  # every cache line of the code (also the last, if unaligned)
@@ -957,10 +947,9 @@ def _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids
             break
         part = rej[pe[s - 1] : pe[s]]
         pos = _part_first(D, Ls, thr, s, part, pe[s] - pe[s - 1], k - pos, bj, keys, tmp, ids, oI, oD, pos)
-    if pos < k and c1 < n and W1 == 1:
-        # fewer than k candidates after stage 1: continue with the stage-1 ranking beyond them
+    if pos < k and c1 < n and W1 == 1:  # fewer than k candidates: the stage-1 ranking beyond them
         pos = _beyond1(Q1[i], g1, n, L1, thr[0], live, k, oI, oD, pos)
-    elif pos < k and c1 < n:
+    elif pos < k and c1 < n:  # the same for longer first stages, with a top-k scan
         rbufi = ws64[big + 4 * n : big + 4 * n + rcap]
         rpos = ws64[big + 4 * n + rcap : big + 4 * n + 2 * rcap]
         rbufd = ws32[S * big + n : S * big + n + rcap]
@@ -1018,6 +1007,12 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
 # of the batch is compared with it; the tile's 128-bit codes, 128 KB, stay in L2 for their stage 2).
 # 128 blocks measured 2-5 % faster than 64 and 256 at 1e6 codes (batch of 64, 1 and 2 threads), 32 slower.
 TILE = 128
+# top-k of this many queries (per thread) or more: ctf_topk_batch, else ctf_topk query by query. Since the
+# vector stage-2 keep (_keep8) the tile scan is faster for one query too on the Intel machine (128 unseen
+# queries one at a time: 443 -> 405 us at 1e6 codes, 66 -> 57 at 1e5, 5.4 -> 4.8 ms at 1e7; on an AMD Zen 4,
+# ctf_topk was 11-20 % faster instead). ctf_topk remains for a first stage other than 32 bits, and as the
+# fallback of a query whose candidates overflow the buffers.
+BATCH_MIN_QUERIES = 1
 BATCH_FILTER_MIN_N = 1 << 16  # larger galleries: a batch keeps only the stage-2 candidates (faster from 1e5)
 TILE_PREFETCH_QUERIES = 16  # this many queries or more: prefetch each tile's stage-2 codes (~20 % faster)
 
@@ -1066,7 +1061,7 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec):
         _prefetch(g2, W2 * pos[min(r + 16, m - 1)])
         o = np.uint64(W2 * p)  # unsigned: see _IDX
         if W2 == 2:
-            tmp[r] = _popcnt(q2[0] ^ g2[o]) + _popcnt(q2[1] ^ g2[o + _U1])
+            tmp[r] = _popcnt(q2[0] ^ g2[o]) + _popcnt(q2[1] ^ g2[o + np.uint64(1)])
         else:
             d = 0
             for w in range(W2):
@@ -1211,6 +1206,12 @@ def batch_shape(n: int, nq: int, S: int, budget: int = 1 << 28) -> tuple[int, in
     at 1e7 each group streams the 128-bit codes through the cache once."""
     cap = min(n, n // 64 + TILE * BLOCK) + 2 * BLOCK
     return max(1, min(nq, 64, budget // (cap * (8 + 4 * S)))), cap
+
+
+def tile_scan(nq: int, L1: int) -> bool:
+    """Whether a top-k of ``nq`` queries (per thread) with an ``L1``-bit first stage runs ``ctf_topk_batch``
+    (else ``ctf_topk``): from ``BATCH_MIN_QUERIES`` queries on, for 32-bit first stages (one word a code)."""
+    return nq >= BATCH_MIN_QUERIES and L1 == 32
 
 
 def stage2_keep(n: int, thr: np.ndarray, Ls) -> int:

@@ -117,7 +117,7 @@ def ctf_search(
         nq, n, S = qs[0].shape[0], gs[0].shape[0], len(gs)
         counts = np.zeros((nq, S), np.int64)
         args = (*kernel_args(qs, gs, thr), k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, S))
-        if lengths[0] == 32:  # the tile scan, as CtFIndex.search: faster from one query on
+        if _kernels.tile_scan(nq, lengths[0]):  # as CtFIndex.search
             hi2 = _kernels.stage2_keep(n, thr, lengths)
             _kernels.ctf_topk_batch(*args, hi2, *_kernels.batch_buffers(*_kernels.batch_shape(n, nq, S), S), D, I, counts)
         else:

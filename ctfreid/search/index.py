@@ -70,12 +70,6 @@ from ctfreid.search.thresholds import threshold_array
 MAGIC = b"CTFREID\x00"
 FORMAT_VERSION = 1
 COMPACT_FRACTION = 0.2  # dead slots beyond this share of the slots are compacted away
-# top-k of this many queries (per thread) or more: ctf_topk_batch, else ctf_topk query by query. Since the
-# vector stage-2 keep (_kernels._keep8) the tile scan is faster for one query too: 128 queries never seen
-# before, one at a time, 443 -> 405 us a query at 1e6 codes, 66 -> 57 at 1e5, 5.4 -> 4.8 ms at 1e7, the
-# same at 1e4 (ctf_topk remains for a first stage other than 32 bits, and as the fallback of a query whose
-# candidates overflow the buffers).
-BATCH_MIN_QUERIES = 1
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sII")  # magic, version, header size
 _CRC = struct.Struct("<I")
@@ -423,7 +417,7 @@ class CtFIndex:
             args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Ls, len(lengths), thr)
             if full:
                 _kernels.ctf_rank(*args, D, P)
-            elif nq >= BATCH_MIN_QUERIES and lengths[0] == 32:
+            elif _kernels.tile_scan(nq, lengths[0]):
                 _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), _kernels.stage2_keep(n, thr, Ls),
                                         *self._batch_buffers(n, nq), D, P, C)
             else:
