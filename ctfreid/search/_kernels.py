@@ -648,21 +648,17 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd, live):
 
 @njit(**_JIT)
 def _within1(q, g, n, hi, bufi, bufd, dd, live):
-    """All codes within ``hi`` in gallery order, 1 word per code (the CtF stage 1 at 32 bits): the loop
-    of ``_select`` without its bound updates and compaction checks (~10 % faster); returns the count.
-    The buffers need ``n + 128`` slots."""
+    """All codes within ``hi`` in gallery order, 1 word per code (the CtF stage 1 at 32 bits): the vector
+    masks of the tile scan (``_mask64``; the shift-and-OR loop of ``_mask1`` took twice as long: 1e6 codes,
+    one query, 148 against 71 us), without ``_select``'s bound updates; returns the count. The buffers need
+    ``n + 128`` slots."""
     q0 = q[0]
     h = np.int32(hi)
     cnt = 0
     nfull = n // BLOCK
     for b in range(nfull):
         base = b * BLOCK
-        mask = np.uint64(0)
-        gg = g[base : base + BLOCK]  # see _IDX
-        for j in range(BLOCK):
-            d = np.int32(_popcnt(q0 ^ gg[j]))
-            mask |= np.uint64(d <= h) << np.uint64(j)
-        cnt = _extract1(mask & live[b], base, q0, g, bufi, bufd, cnt)
+        cnt = _extract1(_mask64(g, base, q0, h) & live[b], base, q0, g, bufi, bufd, cnt)
     m = n - nfull * BLOCK
     if m > 0:
         base = nfull * BLOCK
@@ -1007,12 +1003,16 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
 # of the batch is compared with it; the tile's 128-bit codes, 128 KB, stay in L2 for their stage 2).
 # 128 blocks measured 2-5 % faster than 64 and 256 at 1e6 codes (batch of 64, 1 and 2 threads), 32 slower.
 TILE = 128
-# top-k of this many queries (per thread) or more: ctf_topk_batch, else ctf_topk query by query. Since the
-# vector stage-2 keep (_keep8) the tile scan is faster for one query too on the Intel machine (128 unseen
-# queries one at a time: 443 -> 405 us at 1e6 codes, 66 -> 57 at 1e5, 5.4 -> 4.8 ms at 1e7; on an AMD Zen 4,
-# ctf_topk was 11-20 % faster instead). ctf_topk remains for a first stage other than 32 bits, and as the
-# fallback of a query whose candidates overflow the buffers.
-BATCH_MIN_QUERIES = 1
+# top-k of this many queries (per thread) or more: ctf_topk_batch, else ctf_topk query by query. Below it the
+# tile scan neither prefetches a tile's stage-2 codes nor keeps them with vector gathers, and ctf_topk's one
+# long gather of every stage-1 candidate's stage-2 code keeps more reads in flight than a tile's ~130. Since
+# its stage 1 uses the vector masks of the tile scan (_within1 with _mask64), ctf_topk is the faster of the two
+# up to 16 queries on an AMD Zen 4 (bench_batch.py, 1 thread: 1e4: 39 against 58 us for one query, 1e5: 75 /
+# 77, 1e6: 363 / 419; batches of 4 and 8 at 1e6: 314-326 / 366; 16: even; 32 and 64: the tile scan 4-15 %
+# faster). On the Intel machine of earlier sessions the tile scan was faster for one query than ctf_topk with
+# its former scalar stage 1 (1e6: 405 / 443 us); not measured there since. ctf_topk also serves a first stage
+# other than 32 bits, and a query whose candidates overflow the batch buffers.
+BATCH_MIN_QUERIES = 16
 BATCH_FILTER_MIN_N = 1 << 16  # larger galleries: a batch keeps only the stage-2 candidates (faster from 1e5)
 TILE_PREFETCH_QUERIES = 16  # this many queries or more: prefetch each tile's stage-2 codes (~20 % faster)
 
