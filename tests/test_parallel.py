@@ -78,3 +78,18 @@ def test_small_work_stays_on_one_thread(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_WORK_PER_THREAD", 1)
     index.search(q, 5, thresholds={32: 16}, threads=4)
     assert len(names) > 1
+
+
+@pytest.mark.parametrize("nq", [1, 5])
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True, "2"])
+def test_bad_threads_are_refused_for_one_query_too(nq, threads):
+    """One query skips the split over threads, not the check of ``threads``."""
+    rng = np.random.default_rng(1)
+    index = CtFIndex()
+    index.add({32: rng.integers(0, 256, (50, 4), dtype=np.uint8), 64: rng.integers(0, 256, (50, 8), dtype=np.uint8)})
+    q = {32: rng.integers(0, 256, (nq, 4), dtype=np.uint8), 64: rng.integers(0, 256, (nq, 8), dtype=np.uint8)}
+    for call in (lambda: index.search(q, 5, thresholds={32: 16}, threads=threads),
+                 lambda: index.search_hits(q, 5, thresholds={32: 16}, threads=threads),
+                 lambda: index.rank(q, thresholds={32: 16}, threads=threads)):
+        with pytest.raises(CtfreidError, match="threads must be a positive integer"):
+            call()

@@ -64,7 +64,7 @@ from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
 from ctfreid.search.hamming import check_k, prepare_queries
 from ctfreid.search.merge import Hits, empty_hits
-from ctfreid.search.parallel import run_chunks
+from ctfreid.search.parallel import check_threads, run_chunks
 from ctfreid.search.thresholds import threshold_array
 
 MAGIC = b"CTFREID\x00"
@@ -353,7 +353,11 @@ class CtFIndex:
         if arrays is None or len(query_codes) != len(self._lengths):
             keys = sorted(query_codes)
             raise CtfreidError(f"query_codes have code lengths {keys} but the index holds {self._lengths}")
-        single = all(isinstance(v, np.ndarray) and v.ndim == 1 for v in arrays)
+        single = True
+        for v in arrays:
+            if type(v) is not np.ndarray or v.ndim != 1:
+                single = False
+                break
         qs = []
         for L, v in zip(self._lengths, arrays):
             if single:
@@ -399,7 +403,9 @@ class CtFIndex:
         lengths = self._lengths
         G1, Gr, Ls, qoff = self._stage_views()
         m = live_n if k is None else min(k, live_n)
-        C = np.full((nq, len(lengths)), -1 if k is None else 0, np.int64)
+        C = np.zeros((nq, len(lengths)), np.int64)
+        if k is None:
+            C[:] = -1
         C[:, 0] = live_n  # stage 1 ranks every live item
         if m == 0:
             return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64), C
@@ -464,12 +470,18 @@ class CtFIndex:
             thr = self._thresholds(thresholds)
 
             def chunk(a: int, b: int) -> tuple:
-                part = tuple(q[a:b] for q in qs)
+                part = qs if a == 0 and b == nq else tuple(q[a:b] for q in qs)
                 D, P, C = self._positions(part, k, thr)
                 return (D, P, C) + (self._hit_keys(part, P, thr) if keys and P.shape[1] else ())
 
-            parts = run_chunks(chunk, qs[0].shape[0], threads, work_per_query=self._nslots)
-            out = [np.concatenate(x, axis=0) if len(parts) > 1 else x[0] for x in zip(*parts)]
+            nq = qs[0].shape[0]
+            if nq == 1:  # one query is never split (run_chunks would keep it on this thread too)
+                if threads is not None:
+                    check_threads(threads)
+                out = list(chunk(0, 1))
+            else:
+                parts = run_chunks(chunk, nq, threads, work_per_query=self._nslots)
+                out = [np.concatenate(x, axis=0) if len(parts) > 1 else x[0] for x in zip(*parts)]
             out.insert(2, self._ids[out[1]])  # slots -> stored ids while the read lock is held: D, P, I, C, ...
         return tuple(out)
 
