@@ -42,6 +42,8 @@ declare -A FLAGS=(
   [l2_100]="--lambda2 100"
   [l2_10]="--lambda2 10"
   [t4]="--temperature 4"
+  # the shortest code's CE and triplet weighted 4x (the code that carries CtF's first stage), pyramid without SD
+  [cpw4]="--no-self-distillation --shortest-weight 4"
   # not in the default list: with the inner-product student of the first version of --sim-teacher v0 (its
   # zero diagonal forced saturation) this setting made all bits equal and kept the cross-entropy at chance
   [v0q1d10]="--sim-teacher v0 --quantization-weight 1 --decorrelation-weight 10"

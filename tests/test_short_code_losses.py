@@ -181,6 +181,24 @@ def test_aio_loss_adds_each_weighted_regulariser_and_the_chosen_teachers():
         aio_loss(out, pids, LossConfig(sim_teacher="nobody"))
 
 
+def test_shortest_weight_scales_only_the_shortest_codes_ce_and_triplet():
+    out = _outputs(seed=3)
+    pids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    codes, logits = out["codes"], out["logits"]
+    ce = {k: cross_entropy(logits[k], pids).item() for k in (64, 32)}
+    tri = {k: triplet_loss(codes[k], pids).item() for k in (64, 32)}
+    for sd in (False, True):
+        base, _ = aio_loss(out, pids, LossConfig(self_distillation=sd))
+        total, terms = aio_loss(out, pids, LossConfig(self_distillation=sd, shortest_weight=4.0))
+        # by hand: 3 more copies of the 32-bit code's CE and triplet, nothing else changes
+        assert total.item() == pytest.approx(base.item() + 3.0 * (ce[32] + tri[32]), rel=1e-5)
+        assert terms["ce"] == pytest.approx(ce[64] + 4.0 * ce[32], rel=1e-5)
+    total.backward()
+    assert out["bn"][32].grad.abs().sum() > 0 and out["bn"][64].grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shortest_weight"):
+        TrainConfig(shortest_weight=0.0)
+
+
 # ------------------------------------------------------------------------------------------ config
 def test_new_fields_default_to_the_old_behaviour_and_are_checked():
     c = TrainConfig()
@@ -194,7 +212,8 @@ def test_new_fields_default_to_the_old_behaviour_and_are_checked():
 
 
 def test_a_config_saved_before_the_new_fields_loads_and_resumes(tmp_path):
-    new_fields = {"prob_teacher", "sim_teacher", "quantization_weight", "balance_weight", "decorrelation_weight"}
+    new_fields = {"prob_teacher", "sim_teacher", "quantization_weight", "balance_weight", "decorrelation_weight",
+                  "shortest_weight"}
     old = {k: v for k, v in TrainConfig(device="cpu").to_dict().items() if k not in new_fields}
     (tmp_path / "config.json").write_text(json.dumps(old))
     loaded = TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))

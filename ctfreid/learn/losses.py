@@ -58,6 +58,7 @@ class LossConfig:
     quantization_weight: float = 0.0  # weight of quantization_loss, summed over the codes
     balance_weight: float = 0.0  # weight of bit_balance_loss, summed over the codes
     decorrelation_weight: float = 0.0  # weight of decorrelation_loss, summed over the codes
+    shortest_weight: float = 1.0  # weight of the shortest code's cross-entropy and triplet terms (1 = Eq. 5)
 
 
 def cross_entropy(logits: torch.Tensor, pids: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -152,7 +153,8 @@ def aio_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 5 over all codes of a training-mode ``AiOModel`` output.
 
-    ``L = sum_L CE(logits_L) + sum_L Tri(codes_L) + lambda1 * L_prob (Eq. 3) + lambda2 * L_sim (Eq. 4)``.
+    ``L = sum_L w_L (CE(logits_L) + Tri(codes_L)) + lambda1 * L_prob (Eq. 3) + lambda2 * L_sim (Eq. 4)``,
+    with ``w_L = config.shortest_weight`` for the shortest code and 1 for the others (all 1: Eq. 5).
     Plus ``w * sum_L R(codes_L)`` for each code regulariser ``R`` of ``CODE_REGULARIZERS`` whose weight
     ``config.<name>_weight`` is not 0.
     Returns ``(total, terms)`` with ``terms`` = unweighted ``ce``, ``triplet``, (when
@@ -169,8 +171,9 @@ def aio_loss(
                            f"{list(SIM_TEACHERS)}, got {config.prob_teacher!r} and {config.sim_teacher!r}")
     codes, logits = outputs["codes"], outputs["logits"]
     lengths = sorted(codes, reverse=True)
-    ce = sum(cross_entropy(logits[length], pids, config.label_smoothing) for length in lengths)
-    tri = sum(triplet_loss(codes[length], pids, config.margin, config.triplet_distance) for length in lengths)
+    w = {length: config.shortest_weight if length == lengths[-1] else 1.0 for length in lengths}
+    ce = sum(w[length] * cross_entropy(logits[length], pids, config.label_smoothing) for length in lengths)
+    tri = sum(w[length] * triplet_loss(codes[length], pids, config.margin, config.triplet_distance) for length in lengths)
     total = ce + tri
     terms = {"ce": float(ce.detach()), "triplet": float(tri.detach())}
     if config.self_distillation:

@@ -121,6 +121,8 @@ class TrainConfig:
     quantization_weight: float = _f(0.0, "weight of the quantisation loss mean (|tanh code| - 1)^2, summed over codes")
     balance_weight: float = _f(0.0, "weight of the bit-balance loss mean_bit (batch mean of the bit)^2, summed over codes")
     decorrelation_weight: float = _f(0.0, "weight of the bit-decorrelation loss (off-diagonal of t^T t / B), summed over codes")
+    shortest_weight: float = _f(1.0, "weight of the shortest code's cross-entropy and triplet terms (1 = Eq. 5; more "
+                                 "gives the code that carries CtF's first stage a larger share of the gradient)")
     tanh_scale_end: float = _f(1.0, "HashNet-style continuation: the training codes are tanh(s * bn(v)) with s growing "
                                "geometrically from 1 at the first epoch to this value at the last (1 = off, the "
                                "paper's tanh(bn(v))); pushes the relaxed codes towards their signs")
@@ -185,6 +187,7 @@ class TrainConfig:
              f"{c.lambda1}, {c.lambda2}"),
             (min(c.quantization_weight, c.balance_weight, c.decorrelation_weight) >= 0,
              "quantization_weight, balance_weight and decorrelation_weight must be >= 0"),
+            (c.shortest_weight > 0, "shortest_weight must be > 0"),
             (c.tanh_scale_end >= 1.0, f"tanh_scale_end must be >= 1 (1 = off), got {c.tanh_scale_end}"),
             (c.prob_teacher in PROB_TEACHERS and c.sim_teacher in SIM_TEACHERS,
              (f"prob_teacher must be one of {list(PROB_TEACHERS)} and sim_teacher one of {list(SIM_TEACHERS)}, "
@@ -212,7 +215,7 @@ class TrainConfig:
             self_distillation=self.self_distillation, label_smoothing=self.label_smoothing,
             triplet_distance=self.triplet_distance, prob_teacher=self.prob_teacher, sim_teacher=self.sim_teacher,
             quantization_weight=self.quantization_weight, balance_weight=self.balance_weight,
-            decorrelation_weight=self.decorrelation_weight,
+            decorrelation_weight=self.decorrelation_weight, shortest_weight=self.shortest_weight,
         )
 
     def transform_config(self) -> TransformConfig:
