@@ -49,3 +49,14 @@ def test_topk_scan_loads_contiguous_words(W, dtype):
     ir = ir_of(_kernels._select, q, g, np.int64(W), np.int64(N), np.int64(L), np.int64(k), np.int64(L), bufi, bufd,
                np.zeros(L + 2, np.int64), np.zeros(65, np.int32), _kernels.all_live(N))
     assert "llvm.masked.gather" not in ir
+
+
+def test_ctf_stage1_uses_the_64_lane_block_masks():
+    """``_within1`` (stage 1 of ``ctf_topk``) computes a block's 64 distances as one ``<64 x i32>`` popcount
+    (``_mask64``), not as a shift-and-OR loop over the codes (twice as slow at 1e6 codes)."""
+    g, q = np.zeros(N, np.uint32), np.zeros(1, np.uint32)
+    bufi, bufd = np.zeros(N + 128, np.int64), np.zeros(N + 128, np.int32)
+    ir = ir_of(_kernels._within1, q, g, np.int64(N), np.int64(9), bufi, bufd, np.zeros(65, np.int32),
+               _kernels.all_live(N))
+    assert "llvm.ctpop.v64i32" in ir
+    assert "llvm.masked.gather" not in ir

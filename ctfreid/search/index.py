@@ -468,13 +468,13 @@ class CtFIndex:
         (each query is searched on its own, so the answers do not depend on the split)."""
         with self._lock.read():
             thr = self._thresholds(thresholds)
+            nq = qs[0].shape[0]
 
             def chunk(a: int, b: int) -> tuple:
                 part = qs if a == 0 and b == nq else tuple(q[a:b] for q in qs)
                 D, P, C = self._positions(part, k, thr)
                 return (D, P, C) + (self._hit_keys(part, P, thr) if keys and P.shape[1] else ())
 
-            nq = qs[0].shape[0]
             if nq == 1:  # one query is never split (run_chunks would keep it on this thread too)
                 if threads is not None:
                     check_threads(threads)
