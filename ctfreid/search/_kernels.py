@@ -1014,7 +1014,7 @@ TILE = 128
 # other than 32 bits, and a query whose candidates overflow the batch buffers.
 BATCH_MIN_QUERIES = 16
 BATCH_FILTER_MIN_N = 1 << 16  # larger galleries: a batch keeps only the stage-2 candidates (faster from 1e5)
-TILE_PREFETCH_QUERIES = 16  # this many queries or more: prefetch each tile's stage-2 codes (~20 % faster)
+TILE_PREFETCH_QUERIES = 16  # this many queries or more: load each tile's stage-2 codes first (~20 % faster)
 
 
 @njit(inline="always", **_JIT)
@@ -1096,8 +1096,14 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
         t0 = t * TILE
         t1 = min(nfull, t0 + TILE)
         if na >= TILE_PREFETCH_QUERIES:  # they read most cache lines of the tile's stage-2 codes
+            # bring them in with one sequential load a line (the hardware streams them) rather than a prefetch
+            # instruction a line: on an AMD Zen 4, batches of 64 at 1e6 codes, three sets of alternating runs,
+            # us a query: 1 thread 294 / 319 / 301 -> 256 / 307 / 259, 2 threads 169 / 189 / 172 -> 155 / 198 / 167;
+            # neither: 340-410 on 1 thread
+            touch = np.uint64(0)
             for w in range(W2 * t0 * BLOCK, W2 * t1 * BLOCK, 8):
-                _prefetch(g2, w)
+                touch ^= g2[np.uint64(w)]  # unsigned: see _IDX
+            tmp[0] = np.int32(touch & np.uint64(1))  # a use, so that the loads stay
         for a in range(na):
             c = cnt[a]
             if c > cap:
