@@ -91,23 +91,27 @@ def _splat(builder, value, vt):
 
 @intrinsic
 def _mask64(typingctx, arr, base, q, hi):
-    """Mask of the 64 codes ``arr[base:base + 64]`` (a ``uint32`` word view, one word per code) whose
-    distance to the word ``q`` is ``<= hi``: one vector load, XOR, popcount and compare on ``<64 x i32>``
-    and a bitcast of the ``<64 x i1>`` result (``vpopcntd`` + ``vpcmpd`` into mask registers on AVX-512),
-    where the shift-and-OR loop of ``_mask1`` compiles to narrow vectors and one masked OR per 4 codes.
-    Reads through the array's data pointer: ``base`` is trusted (full blocks only)."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.uint32 and isinstance(base, types.Integer)):
+    """Mask of the 64 codes ``arr[base:base + 64]`` (a ``uint32`` or ``uint64`` word view, one word per
+    code) whose distance to the word ``q`` is ``<= hi``: one vector load, XOR, popcount and compare on
+    ``<64 x iN>`` and a bitcast of the ``<64 x i1>`` result (``vpopcnt`` + ``vpcmp`` into mask registers on
+    AVX-512), where a shift-and-OR loop over the codes compiles to narrow vectors and one masked OR per 4
+    codes (twice as slow: 1e6 32-bit codes, one query, 148 against 71 us). Reads through the array's data
+    pointer: ``base`` is trusted (full blocks only)."""
+    if not (isinstance(arr, types.Array) and arr.dtype in (types.uint32, types.uint64)
+            and isinstance(base, types.Integer)):
         return None
+    word = types.int64 if arr.dtype == types.uint64 else types.int32
 
     def codegen(context, builder, signature, args):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
-        vt = ir.VectorType(ir.IntType(32), BLOCK)
+        width = word.bitwidth
+        vt = ir.VectorType(ir.IntType(width), BLOCK)
 
         def splat(i):
-            return _splat(builder, context.cast(builder, args[i], signature.args[i], types.int32), vt)
+            return _splat(builder, context.cast(builder, args[i], signature.args[i], word), vt)
 
-        x = builder.load(builder.bitcast(builder.gep(ary.data, [args[1]]), vt.as_pointer()), align=4)
-        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), f"llvm.ctpop.v{BLOCK}i32")
+        x = builder.load(builder.bitcast(builder.gep(ary.data, [args[1]]), vt.as_pointer()), align=width // 8)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), f"llvm.ctpop.v{BLOCK}i{width}")
         d = builder.call(ctpop, [builder.xor(x, splat(2))])
         return builder.bitcast(builder.icmp_signed("<=", d, splat(3)), ir.IntType(BLOCK))
 
@@ -255,15 +259,9 @@ def _dist_range(q, g, W, base, m, dd, off):
 # LLVM from vectorising it; ``_select`` picks the helper once per query.
 @njit(inline="always", **_JIT)
 def _mask1(q, g, W, base, dd, hi):
-    """Mask of the 64 codes at ``base`` whose distance is ``<= hi``: 1 word/code (``dd`` unused)."""
-    q0 = q[0]
-    h = np.int32(hi)
-    mask = np.uint64(0)
-    gg = g[base : base + BLOCK]  # see _IDX
-    for j in range(BLOCK):  # no store of the distances: _extract1 recomputes the few it needs
-        d = np.int32(_popcnt(q0 ^ gg[j]))
-        mask |= np.uint64(d <= h) << np.uint64(j)
-    return mask
+    """Mask of the 64 codes at ``base`` whose distance is ``<= hi``: 1 word/code (``_mask64``; ``dd`` unused:
+    no store of the distances, ``_extract1`` recomputes the few it needs)."""
+    return _mask64(g, base, q[0], hi)
 
 
 @njit(inline="always", **_JIT)
@@ -648,9 +646,8 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd, live):
 
 @njit(**_JIT)
 def _within1(q, g, n, hi, bufi, bufd, dd, live):
-    """All codes within ``hi`` in gallery order, 1 word per code (the CtF stage 1 at 32 bits): the vector
-    masks of the tile scan (``_mask64``; the shift-and-OR loop of ``_mask1`` took twice as long: 1e6 codes,
-    one query, 148 against 71 us), without ``_select``'s bound updates; returns the count. The buffers need
+    """All codes within ``hi`` in gallery order, 1 word per code (the CtF stage 1 at 32 bits): the loop of
+    ``_select`` without its bound updates and compaction checks; returns the count. The buffers need
     ``n + 128`` slots."""
     q0 = q[0]
     h = np.int32(hi)
@@ -658,7 +655,7 @@ def _within1(q, g, n, hi, bufi, bufd, dd, live):
     nfull = n // BLOCK
     for b in range(nfull):
         base = b * BLOCK
-        cnt = _extract1(_mask64(g, base, q0, h) & live[b], base, q0, g, bufi, bufd, cnt)
+        cnt = _extract1(_mask1(q, g, 1, base, dd, h) & live[b], base, q0, g, bufi, bufd, cnt)
     m = n - nfull * BLOCK
     if m > 0:
         base = nfull * BLOCK
@@ -1044,7 +1041,7 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec):
     """Append those of the tile hits ``pos[:m]`` of one query whose stage-2 distance is ``<= hi2`` to its
     candidates (``ids``, ``D[0]``, ``D[1]`` from ``c`` on; branch-free, in gallery order) with their
     stage-1 and stage-2 distances, computed while the tile's codes are in cache; returns the new count.
-    ``vec`` (the tile's stage-2 codes were prefetched) and 128-bit stage 2: eight hits at a time with vector
+    ``vec`` (the tile's stage-2 codes were loaded first) and 128-bit stage 2: eight hits at a time with vector
     gathers and compresses (``_keep8``; its gathers stall on codes still in memory: one query at 1e6 took
     838 against 596 us without it on a Zen 4). The other hits get their stage-2 distances in ``tmp`` first: a
     loop of independent gathers, each prefetching the code 16 hits ahead (for groups too small to prefetch
@@ -1092,10 +1089,11 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     pos = np.empty((TILE + 1) * BLOCK + 4, np.int64)  # a tile's hits (the last tile: + the partial block)
     tmp = np.empty((TILE + 1) * BLOCK, np.int32)
     dd = np.zeros(BLOCK + 1, np.int32)
+    vec = na >= TILE_PREFETCH_QUERIES  # so many queries read most cache lines of a tile's stage-2 codes
     for t in range(ntiles):
         t0 = t * TILE
         t1 = min(nfull, t0 + TILE)
-        if na >= TILE_PREFETCH_QUERIES:  # they read most cache lines of the tile's stage-2 codes
+        if vec:
             # bring them in with one sequential load a line (the hardware streams them) rather than a prefetch
             # instruction a line: on an AMD Zen 4, batches of 64 at 1e6 codes, three sets of alternating runs,
             # us a query: 1 thread 294 / 319 / 301 -> 256 / 307 / 259, 2 threads 169 / 189 / 172 -> 155 / 198 / 167;
@@ -1120,7 +1118,6 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
                 cnt[a] = cap + 1
             else:
                 q2 = Qr[a0 + a, qoff[0] : qoff[1]]
-                vec = na >= TILE_PREFETCH_QUERIES
                 cnt[a] = _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, bufI[a], bufD[a], c, vec)
 
 
