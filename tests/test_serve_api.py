@@ -490,3 +490,81 @@ def test_overload_is_503_and_healthz_stays_open(run_dir, tmp_path):
         assert c.get("/healthz").status_code == 200
         app.svc.inflight = 0
         assert c.get("/v1/stats").json()["requests"]["GET /v1/stats 503"] == 1
+
+
+def test_out_of_range_or_unencodable_values_are_4xx_naming_the_field_and_never_stored(run_dir, tmp_path):
+    good = {"32": ["AAAAAA=="], "64": ["AAAAAAAAAAA="], "128": ["AAAAAAAAAAAAAAAAAAAAAA=="]}
+    with Server(tmp_path / "store", run_dir) as srv:
+        c = srv.client
+        ids = c.post("/v1/items", json={"codes": good, "metadata": [{"pid": 7, "time": 1.7e9}]}).json()["ids"]
+
+        def err(r, status, field):
+            assert r.status_code == status, (r.status_code, r.text)
+            assert r.json()["error"]["field"] == field, r.text
+
+        def raw(path, body: bytes):  # JSON a client may send that json.dumps would not write
+            return c.post(path, content=body, headers={"Content-Type": "application/json"})
+
+        huge = 2**63  # past SQLite's INTEGER
+        for path in (f"/v1/items/{huge}", f"/v1/items/{huge}/thumbnail"):
+            err(c.get(path), 422, "item_id")
+        err(c.delete(f"/v1/items/{huge}"), 422, "item_id")
+        err(c.delete(f"/v1/persons/{huge}"), 422, "pid")
+        err(c.post("/v1/erase", json={"pid": huge}), 400, "pid")
+        err(c.post("/v1/erase", json={"camera": -huge - 1}), 400, "camera")
+        err(c.post("/v1/erase", json={"time_from": 10**400}), 400, "time_from")  # past float
+        err(c.post("/v1/erase", json={"track": {"a": 1}}), 400, "track")  # not str()-ed into a filter of nothing
+        err(raw("/v1/erase", b'{"track": "\\ud800"}'), 400, "track")  # a lone surrogate: not UTF-8
+        err(c.post("/v1/search", json={"codes": good, "time_to": 10**400}), 400, "time_to")
+        err(c.post("/v1/search", json={"codes": good, "camera": huge}), 400, "camera")
+        for beta in (10**400, 1e300):  # beta squared overflows
+            err(c.post("/v1/search", json={"codes": good, "beta": beta}), 400, "beta")
+        err(raw("/v1/search", b"[" * 100_000 + b"]" * 100_000), 400, "body")  # too deep for json
+        err(raw("/v1/search", b'{"k": ' + b"9" * 5000 + b"}"), 400, "body")  # too many digits for int()
+        err(c.post("/v1/search", json={"codes": good, "thresholds": '{"32":' * 100_000}), 400, "thresholds")
+        err(c.post("/v1/items", data={"metadata": "[" * 100_000}, files=[("images", ("a.png", b"x", "image/png"))]),
+            400, "metadata")
+        # metadata that would be stored, then fail every answer that holds it (JSON has no NaN / Infinity)
+        for meta, field in (('{"time": Infinity}', "metadata[0].time"), ('{"time": 1e400}', "metadata[0].time"),
+                            (f'{{"time": {10**400}}}', "metadata[0].time"),
+                            ('{"extra": {"score": NaN}}', "metadata[0].extra"),
+                            ('{"source": "\\udc00.jpg"}', "metadata[0].source"),
+                            ('{"track": "\\ud800"}', "metadata[0].track"),
+                            ('{"extra": {"note": "\\ud800"}}', "metadata[0].extra")):
+            err(raw("/v1/items", b'{"codes": %s, "metadata": [%s]}' % (json.dumps(good).encode(), meta.encode())),
+                400, field)
+        r = c.post("/v1/search", json={"codes": good, "k": 10})
+        assert r.status_code == 200, r.text
+        assert [h["id"] for h in r.json()["queries"][0]["hits"]] == ids
+        assert c.get("/v1/stats").json()["items"] == 1
+        assert not any(k.endswith(" 500") for k in c.get("/v1/stats").json()["requests"])
+
+
+def test_erasure_blocked_by_an_outside_reader_is_503_and_the_item_leaves_search_at_once(run_dir, tmp_path):
+    import sqlite3
+
+    store = tmp_path / "store"
+    code = {L: np.full((1, L // 8), 0x6B, np.uint8) for L in LENGTHS}
+    blob = b"".join(code[L][0].tobytes() for L in LENGTHS)
+    with Server(store, run_dir) as srv:
+        i = srv.client.post("/v1/items", json={"codes": b64(code)}).json()["ids"][0]
+        reader = sqlite3.connect(store / "gallery.sqlite", isolation_level=None)  # a backup, an operator's shell
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM items").fetchone()  # holds a read snapshot: no WAL checkpoint
+        try:
+            t0 = time.time()
+            r = srv.client.delete(f"/v1/items/{i}")
+            assert r.status_code == 503 and "checkpoint" in r.json()["error"]["message"], r.text
+            assert time.time() - t0 < 10  # bounded: the store is not held for minutes
+            # the row is deleted (committed): no longer served, by id or by search
+            assert srv.client.get(f"/v1/items/{i}").status_code == 404
+            assert served_hits(srv, code, 5) == [[]]
+            assert srv.client.delete(f"/v1/items/{i}").status_code == 503  # a retry tries the checkpoint again
+        finally:
+            reader.execute("COMMIT")
+            reader.close()
+        r = srv.client.delete(f"/v1/items/{i}")  # the retry once the reader is gone: checkpointed
+        assert r.status_code == 404, r.text
+        assert blob not in store_bytes(store)
+    with Server(store, run_dir) as srv:
+        assert served_hits(srv, code, 5) == [[]]

@@ -27,16 +27,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from fastapi import Path as PathParam
 from fastapi import Request
 
 from ctfreid.errors import CtfreidError
 from ctfreid.serve.gallery import Filter, Gallery
-from ctfreid.serve.store import FieldError, ItemMeta, Store
+from ctfreid.serve.store import FieldError, ItemMeta, Store, StoreBusy, check_text
 
 STATIC = Path(__file__).with_name("static")
+ItemId = Annotated[int, PathParam(ge=-2**63, le=2**63 - 1)]  # an id or pid in a path: an SQLite INTEGER
 
 
 @dataclass
@@ -153,15 +155,17 @@ class Service:
                         raise CtfreidError(f"threshold of {k} must be an integer, got {v!r:.30}")
                     thr[int(k)] = v
                 return check_thresholds(thr, self.lengths)
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, RecursionError) as e:
                 raise FieldError("thresholds", str(e)) from None
         if beta not in (None, ""):
             try:
                 b = float(beta)
+            except OverflowError:
+                b = math.inf
             except (TypeError, ValueError):
                 raise FieldError("beta", f"must be a number > 0, got {beta!r:.30}") from None
-            if not math.isfinite(b) or b <= 0:
-                raise FieldError("beta", f"must be a finite number > 0, got {beta!r:.30}")
+            if not math.isfinite(b * b) or b <= 0:  # F_beta uses beta squared
+                raise FieldError("beta", f"must be a finite number > 0 (below 1e154), got {beta!r:.30}")
             if not self.fits:
                 raise FieldError("beta", "this model has no validation statistics for DTO; pass thresholds instead")
             return thresholds_for_beta(self.fits, b)
@@ -407,6 +411,10 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
     async def _field_error(request, e: FieldError):
         return _error(e.status, e.field, e.message)
 
+    @app.exception_handler(StoreBusy)
+    async def _busy(request, e: StoreBusy):
+        return _error(503, None, str(e))
+
     @app.exception_handler(CtfreidError)
     async def _user_error(request, e: CtfreidError):
         return _error(400, None, str(e))
@@ -444,7 +452,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             if "metadata" in fields:
                 try:
                     fields["metadata"] = json.loads(fields["metadata"])
-                except json.JSONDecodeError as e:
+                except (ValueError, RecursionError) as e:
                     raise FieldError("metadata", f"not JSON: {e}") from None
             return fields, images
         if ctype.startswith("application/json") or not ctype:
@@ -454,7 +462,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
                 raise FieldError("body", f"more than {config.max_body_bytes} bytes", 413) from None
             try:
                 obj = json.loads(body or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep, too many digits
                 raise FieldError("body", f"not JSON: {e}") from None
             if not isinstance(obj, dict):
                 raise FieldError("body", "must be a JSON object")
@@ -479,7 +487,8 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             x = int(v)
         except (TypeError, ValueError):
             raise FieldError(name, f"must be an integer, got {v!r:.30}") from None
-        if lo is not None and x < lo or hi is not None and x > hi:
+        lo, hi = -2**63 if lo is None else lo, 2**63 - 1 if hi is None else hi  # SQLite's INTEGER
+        if not lo <= x <= hi:
             raise FieldError(name, f"must be between {lo} and {hi}, got {x}")
         return x
 
@@ -491,6 +500,8 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             if isinstance(v, bool):
                 raise ValueError
             x = float(v)
+        except OverflowError:
+            x = math.inf
         except (TypeError, ValueError):
             raise FieldError(name, f"must be a number, got {v!r:.30}") from None
         if not math.isfinite(x):
@@ -562,28 +573,28 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         return await run_in_threadpool(work)
 
     @app.get("/v1/items/{item_id}")
-    async def get_item(item_id: int):
+    async def get_item(item_id: ItemId):
         row = await run_in_threadpool(svc.store.get, item_id)
         if row is None:
             return _error(404, "id", f"no item {item_id}")
         return row
 
     @app.get("/v1/items/{item_id}/thumbnail")
-    async def get_thumb(item_id: int):
+    async def get_thumb(item_id: ItemId):
         data = await run_in_threadpool(svc.store.thumbnail, item_id)
         if data is None:
             return _error(404, "id", f"no thumbnail for item {item_id}")
         return Response(data, media_type="image/jpeg")
 
     @app.delete("/v1/items/{item_id}")
-    async def delete_item(item_id: int):
+    async def delete_item(item_id: ItemId):
         gone = await run_in_threadpool(svc.gallery.erase, [item_id])
         if not gone:
             return _error(404, "id", f"no item {item_id}")
         return svc.receipt(gone)
 
     @app.delete("/v1/persons/{pid}")
-    async def delete_person(pid: int):
+    async def delete_person(pid: ItemId):
         gone = await run_in_threadpool(svc.gallery.erase_where, lambda: svc.store.select_ids(pid=pid))
         return svc.receipt(gone)
 
@@ -594,8 +605,11 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         extra = set(fields) - allowed
         if extra:
             raise FieldError(sorted(extra)[0], f"unknown filter; expected some of {', '.join(sorted(allowed))}")
+        track = fields.get("track")
+        if track is not None and (isinstance(track, bool) or not isinstance(track, (str, int))):
+            raise FieldError("track", f"must be a string, got {type(track).__name__}")
         cond = dict(pid=int_field(fields, "pid"), camera=int_field(fields, "camera"),
-                    track=None if fields.get("track") is None else str(fields["track"]),
+                    track=None if track is None else check_text(track, "track"),
                     time_from=float_field(fields, "time_from"), time_to=float_field(fields, "time_to"))
         if all(v is None for v in cond.values()):
             raise FieldError("filter", f"give at least one of {', '.join(sorted(allowed))}")

@@ -94,18 +94,19 @@ class Gallery:
         return ids
 
     def erase(self, ids: Sequence[int]) -> list[int]:
-        """Erase from the store (rows deleted, WAL checkpointed) and then from memory; returns the ids erased."""
+        """Erase from the store (rows deleted), from memory, then checkpoint the WAL; returns the ids erased."""
         return self.erase_where(lambda: list(ids))
 
     def erase_where(self, select: Callable[[], list[int]]) -> list[int]:
         """``erase`` of the ids ``select()`` returns, chosen under the writer lock."""
         with self._write:  # select and delete under the write lock: no add slips in between
             ids = select()
-            gone = self.store.delete(ids)
-            with self.lock.write():
+            gone = self.store.delete(ids, checkpoint=False)
+            with self.lock.write():  # deleted (committed): out of every search, even if the checkpoint fails
                 self.index.remove_ids(np.asarray(gone, np.int64))
                 for i in gone:
                     self.fields.pop(i, None)
+            self.store.checkpoint()  # erased bytes out of the files before the receipt (StoreBusy: retry)
         return gone
 
     def search(self, query: Mapping[int, np.ndarray], k: int, thresholds: Mapping[int, int] | None = None,

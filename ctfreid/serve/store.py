@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -82,19 +83,37 @@ class ItemMeta:
                 raise FieldError(f"{where}.{name}", f"must be an integer, got {v!r:.40}")
             setattr(out, name, v)
         v = obj.get("time")
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v):
-            raise FieldError(f"{where}.time", f"must be seconds since the epoch (a number), got {v!r:.40}")
-        out.time = None if v is None else float(v)
+        if v is not None:
+            try:
+                out.time = None if isinstance(v, bool) or not isinstance(v, (int, float)) else float(v)
+            except OverflowError:
+                out.time = None
+            if out.time is None or not math.isfinite(out.time):  # NaN / Infinity: not JSON, not answerable
+                raise FieldError(f"{where}.time", f"must be seconds since the epoch (a finite number), got {v!r:.40}")
         for name in ("source", "track"):
             v = obj.get(name)
             if v is not None and not isinstance(v, (str, int)):
                 raise FieldError(f"{where}.{name}", f"must be a string, got {type(v).__name__}")
-            setattr(out, name, None if v is None else str(v))
+            setattr(out, name, None if v is None else check_text(v, f"{where}.{name}"))
         v = obj.get("extra")
         if v is not None and not isinstance(v, Mapping):
             raise FieldError(f"{where}.extra", f"must be a JSON object, got {type(v).__name__}")
         out.extra = dict(v or {})
+        try:  # stored as JSON and answered as JSON: no NaN / Infinity, no lone surrogates
+            json.dumps(out.extra, allow_nan=False, ensure_ascii=False).encode()
+        except (ValueError, TypeError) as e:
+            raise FieldError(f"{where}.extra", f"must be plain JSON: {e}") from None
         return out
+
+
+def check_text(v: str | int, where: str) -> str:
+    """``v`` as a string that SQLite and JSON can hold (UTF-8: no lone surrogates)."""
+    s = str(v)
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        raise FieldError(where, f"must be valid Unicode text, got {s!r:.40}") from None
+    return s
 
 
 class FieldError(CtfreidError):
@@ -105,6 +124,10 @@ class FieldError(CtfreidError):
         self.field = field_name
         self.message = message
         self.status = status
+
+
+class StoreBusy(CtfreidError):
+    """The store cannot finish a write now (another process holds its WAL); the client may retry."""
 
 
 class Store:
@@ -121,6 +144,7 @@ class Store:
         self._widths = [L // 8 for L in self.lengths]
         self._row_bytes = sum(self._widths)
         self._lock = threading.Lock()
+        self._unchecked = False  # rows deleted since the last checkpoint that succeeded
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db = self._db
         db.execute("PRAGMA journal_mode=WAL")
@@ -212,9 +236,10 @@ class Store:
                 ids.append(int(cur.lastrowid))
         return ids
 
-    def delete(self, ids: Iterable[int]) -> list[int]:
+    def delete(self, ids: Iterable[int], checkpoint: bool = True) -> list[int]:
         """Delete these rows (those that exist), then checkpoint the WAL with TRUNCATE: when this returns,
-        the rows' bytes are in neither the database file nor the ``-wal`` file. Returns the ids deleted."""
+        the rows' bytes are in neither the database file nor the ``-wal`` file. Returns the ids deleted.
+        ``checkpoint=False``: the caller calls :meth:`checkpoint` (the rows are deleted, committed, either way)."""
         ids = sorted({int(i) for i in ids})
         with self._lock:
             with self.transaction(locked=True) as db:
@@ -225,19 +250,33 @@ class Store:
                     db.execute(f"DELETE FROM items WHERE id IN ({q})", chunk)
                 if found:
                     db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'erased'", (len(found),))
-            if found:
+                    self._unchecked = True
+            if found and checkpoint:
                 self._checkpoint_locked()
         return sorted(found)
 
+    def checkpoint(self) -> None:
+        """Checkpoint the WAL with TRUNCATE if a delete has not been (``StoreBusy`` if it cannot be now)."""
+        with self._lock:
+            if self._unchecked:
+                self._checkpoint_locked()
+
     def _checkpoint_locked(self) -> None:
-        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:  # another connection (a reader outside the service) holds the WAL: retry briefly
-            for _ in range(50):
+        # each try returns at once (no busy wait of the connection's 5 s timeout while the store's lock is held)
+        self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            for _ in range(50):  # another connection (a reader outside the service) holds the WAL: retry briefly
+                if not busy:
+                    break
                 time.sleep(0.02)
                 busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                if not busy:
-                    return
-            raise CtfreidError(f"could not checkpoint {self.path}-wal: another process keeps it open")
+        finally:
+            self._db.execute("PRAGMA busy_timeout = 5000")
+        self._unchecked = bool(busy)
+        if busy:
+            raise StoreBusy(f"could not checkpoint {self.path}-wal: another process keeps it open; the rows are "
+                            "deleted, but their bytes may stay in the -wal file until a retry succeeds")
 
     # ---------------------------------------------------------------------------------------- reads
     def count(self) -> int:
