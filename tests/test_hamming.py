@@ -71,6 +71,9 @@ def test_counting_sort_stable_with_many_ties():
     assert out.dtype == np.int64 and out.shape == d2.shape
     np.testing.assert_array_equal(out, np.argsort(d2, axis=1, kind="stable"))
     np.testing.assert_array_equal(counting_sort(np.array([2, 0, 2, 1, 0]), 32), [1, 4, 3, 0, 2])
+    for shape in ((3, 0), (0, 0), (0,)):  # rows of an empty gallery, as hamming_rank gives
+        out = counting_sort(np.zeros(shape, np.int32), 32)
+        assert out.shape == shape and out.dtype == np.int64
 
 
 def test_counting_sort_errors():

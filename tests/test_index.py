@@ -1,13 +1,16 @@
 """CtFIndex: add/search/rank, ids, save/load (mmap or not), damaged files, atomic save, k clamping."""
 
+import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
 from reference import correlated_code_sets
 
 import ctfreid.search.index as index_module
+from ctfreid.errors import CtfreidError
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.index import CtFIndex
 
@@ -198,3 +201,43 @@ def test_stored_codes_and_ids_accessors(data):
     np.testing.assert_array_equal(index.ids, ids)
     with pytest.raises(ValueError, match="2048"):
         index.codes(2048)
+
+
+def _with_header(blob: bytes, edit) -> bytes:
+    """``blob`` with its JSON header changed by ``edit`` (padded to the same size) and a valid checksum."""
+    (hsize,) = struct.unpack("<I", blob[12:16])
+    header = json.loads(blob[16 : 16 + hsize])
+    edit(header)
+    text = json.dumps(header, sort_keys=True).encode()
+    assert len(text) <= hsize
+    body = blob[:16] + text.ljust(hsize) + blob[16 + hsize : -4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h.update(lengths=[128, 32, 512]),  # searched shortest-first: wrong rankings
+    lambda h: h.update(lengths=[]),
+    lambda h: h.update(next_id=5),  # the next add would give live ids 5, 6, ... again
+    lambda h: h.update(next_id=-3),
+    lambda h: h.update(next_id="x"),
+    lambda h: h.update(default_ids="no"),
+    lambda h: h.update(thresholds=[10, 45]),
+    lambda h: h["arrays"][1].update(offset=h["arrays"][0]["offset"]),  # two arrays on the same bytes
+], ids=["unsorted-lengths", "no-lengths", "next-id-below-ids", "negative-next-id", "next-id-text",
+        "default-ids-text", "thresholds-list", "overlapping-arrays"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_checksummed_file_with_an_inconsistent_header_is_refused(saved, edit, mmap):
+    saved.write_bytes(_with_header(saved.read_bytes(), edit))
+    with pytest.raises(CtfreidError, match=r"g\.ctf: file is damaged \(inconsistent header\)"):
+        CtFIndex.load(saved, mmap=mmap)
+
+
+def test_save_refuses_thresholds_the_file_cannot_hold(data, tmp_path):
+    index = _built(data[1])
+    for bad in ({32: 10.5, 128: 45}, {32: "x", 128: 45}, [10, 45]):
+        index.thresholds = bad  # 10.5 would come back as 10, the others raised raw errors
+        with pytest.raises(CtfreidError, match="thresholds"):
+            index.save(tmp_path / "t.ctf")
+        with pytest.raises(CtfreidError, match="thresholds"):
+            index.to_bytes()
+    assert not (tmp_path / "t.ctf").exists()

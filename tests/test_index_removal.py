@@ -169,3 +169,14 @@ def test_per_call_thresholds_are_checked_and_leave_the_attribute(data):
         with pytest.raises(CtfreidError, match="thresholds"):
             index.search(q, 5, thresholds=bad)
 
+
+
+def test_empty_id_lists_are_no_ids(data):
+    """``[]`` is float64 to numpy: an empty list of ids removes nothing, and goes with an empty add."""
+    q, g = data
+    index = _index(g, np.arange(50), ids=np.arange(50))
+    assert index.remove_ids([]) == 0 and index.remove_ids(()) == 0 and index.ntotal == 50
+    index.add({L: c[:0] for L, c in g.items()}, ids=[])
+    assert index.ntotal == 50
+    with pytest.raises(CtfreidError, match="1-D integer"):
+        index.remove_ids(np.zeros((1, 0)))

@@ -93,3 +93,22 @@ def test_bad_threads_are_refused_for_one_query_too(nq, threads):
                  lambda: index.rank(q, thresholds={32: 16}, threads=threads)):
         with pytest.raises(CtfreidError, match="threads must be a positive integer"):
             call()
+
+
+def test_numpy_integer_threads_are_integers():
+    rng = np.random.default_rng(2)
+    index = CtFIndex()
+    index.add({32: rng.integers(0, 256, (50, 4), dtype=np.uint8)})
+    q = {32: rng.integers(0, 256, (6, 4), dtype=np.uint8)}
+    one = index.search(q, 5, threads=1)
+    for t in (np.int64(2), np.int32(3), np.uint8(1)):
+        for a, b in zip(index.search(q, 5, threads=t), one):
+            np.testing.assert_array_equal(a, b)
+    before = parallel.get_num_threads()
+    try:
+        parallel.set_num_threads(np.int64(2))
+        assert parallel.get_num_threads() == 2 and type(parallel.get_num_threads()) is int
+    finally:
+        parallel.set_num_threads(before)
+    with pytest.raises(CtfreidError, match="positive integer"):
+        index.search(q, 5, threads=np.bool_(True))

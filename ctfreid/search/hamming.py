@@ -76,7 +76,7 @@ def counting_sort(distances: np.ndarray, length: int) -> np.ndarray:
         raise CtfreidError(f"distances must be a 1-D or 2-D integer array, got {d.dtype} {d.shape}")
     if d.size and (d.min() < 0 or d.max() > length):
         raise CtfreidError(f"distances must lie in [0, {length}], got values in [{d.min()}, {d.max()}]")
-    d2 = np.ascontiguousarray(d.reshape(-1, d.shape[-1]) if d.ndim == 2 else d[None, :], dtype=np.int32)
+    d2 = np.ascontiguousarray(d if d.ndim == 2 else d[None, :], dtype=np.int32)
     out = np.empty(d2.shape, dtype=np.int64)
     _kernels.counting_sort_rows(d2, length, out)
     return out if d.ndim == 2 else out[0]

@@ -59,13 +59,13 @@ import numpy as np
 
 from ctfreid._atomic import atomic_write
 from ctfreid._rwlock import RWLock
-from ctfreid.codes import check_code_set
+from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
 from ctfreid.search.hamming import check_k, prepare_queries
 from ctfreid.search.merge import Hits, empty_hits
 from ctfreid.search.parallel import run_chunks
-from ctfreid.search.thresholds import threshold_array
+from ctfreid.search.thresholds import check_thresholds, threshold_array
 
 MAGIC = b"CTFREID\x00"
 FORMAT_VERSION = 1
@@ -93,6 +93,8 @@ def _empty_aligned(shape: tuple, dtype) -> np.ndarray:
 def check_ids(ids: Any, n: int) -> np.ndarray:
     """``ids`` as unique non-negative int64 [n], else a CtfreidError naming the problem."""
     arr = np.asarray(ids)
+    if arr.ndim == 1 and arr.size == 0:
+        arr = np.empty(0, np.int64)  # numpy makes [] float64
     if arr.ndim != 1 or arr.shape[0] != n or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
         raise CtfreidError(f"ids must be a 1-D integer array of length {n}, got {arr.dtype} {arr.shape}")
     if arr.dtype == np.uint64 and n and int(arr.max()) > np.iinfo(np.int64).max:
@@ -156,7 +158,9 @@ class CtFIndex:
     def codes(self, length: int) -> np.ndarray:
         """The stored ``length``-bit codes of the live items, ``uint8[ntotal, length // 8]`` in insertion
         order (read-only). While no item is removed this is a view of the index's buffer, so an item
-        removed later reads as zeros in it too (erasure reaches every view); copy it to keep the codes."""
+        removed later reads as zeros in it too, as long as the index keeps that buffer (an ``add`` that grows
+        it, a compaction or the first write to a memory-mapped index moves the codes, and the view keeps the
+        old bytes); copy it to keep the codes."""
         if length not in (self._lengths or []):
             raise CtfreidError(f"this index holds code lengths {self.lengths}, not {length!r}")
         with self._lock.read():
@@ -292,6 +296,8 @@ class CtFIndex:
         arr = np.asarray(ids)
         if arr.ndim == 0:
             arr = arr[None]
+        if arr.ndim == 1 and arr.size == 0:
+            return 0  # also [], which numpy makes float64
         if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
             raise CtfreidError(f"ids must be a 1-D integer array, got {arr.dtype} {arr.shape}")
         if arr.size == 0:
@@ -540,6 +546,8 @@ class CtFIndex:
             json.dumps(self.metadata)
         except (TypeError, ValueError) as e:
             raise CtfreidError(f"index metadata must be JSON-serialisable: {e}") from None
+        if self.thresholds and self._lengths is not None:  # the file holds ints: 9.5 would come back as 9
+            check_thresholds(self.thresholds, self._lengths)
         while True:
             with self._lock.read():
                 # written under the same read lock that saw no removed slot: a removal that slips in after
@@ -692,23 +700,32 @@ class CtFIndex:
             raise bad("checksum mismatch: the file is damaged")
         index = cls()
         try:
+            # the kernels take the lengths shortest first, each once (a CtfreidError is a ValueError)
+            if [check_length(L) for L in lengths] != sorted(set(lengths)) or (n and not lengths):
+                raise ValueError("lengths")
             index.metadata = dict(header.get("metadata") or {})
             index.thresholds = {int(L): int(t) for L, t in
-                                sorted((header.get("thresholds") or {}).items(), key=lambda x: int(x[0]))}
+                                sorted(dict(header.get("thresholds") or {}).items(), key=lambda x: int(x[0]))}
             specs = [(f"codes_{L}", (n, L // 8), np.uint8) for L in lengths] + [("ids", (n,), np.int64)]
             loaded = {}
+            end = _PREFIX.size + hsize  # arrays follow the header and each other without overlapping
             for aname, shape, dtype in specs:
                 info = arrays[aname]
                 if tuple(info["shape"]) != shape or np.dtype(info["dtype"]) != np.dtype(dtype):
                     raise ValueError(aname)
                 off = int(info["offset"])
                 nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-                if off % _ALIGN or off + nbytes > size - _CRC.size:
+                if off % _ALIGN or off < end or off + nbytes > size - _CRC.size:
                     raise ValueError(aname)
+                end = off + nbytes
                 loaded[aname] = buf[off : off + nbytes].view(dtype).reshape(shape)
             ids = loaded["ids"]
             if n and (int(ids.min()) < 0 or (n > 1 and len(np.unique(ids)) != n)):
                 raise ValueError("ids")
+            default_ids = header.get("default_ids")
+            next_id = int(header.get("next_id", int(ids.max()) + 1 if n else 0))
+            if not isinstance(default_ids, (bool, type(None))) or next_id < (int(ids.max()) + 1 if n else 0):
+                raise ValueError("next_id")  # a default id below it would be given twice
         except (ValueError, KeyError, TypeError):
             raise bad("file is damaged (inconsistent header)") from None
         if lengths:
@@ -717,7 +734,7 @@ class CtFIndex:
         index._ids = loaded["ids"]
         index._nslots = n
         index._live = _kernels.all_live(n)
-        index._default_ids = header.get("default_ids")
-        index._next_id = int(header.get("next_id", int(ids.max()) + 1 if n else 0))
+        index._default_ids = default_ids
+        index._next_id = next_id
         index._increasing = bool(n <= 1 or (np.diff(ids) > 0).all())
         return index

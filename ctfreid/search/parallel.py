@@ -7,6 +7,7 @@ process may use); a call's ``threads=`` overrides it.
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 from collections.abc import Callable
@@ -34,9 +35,9 @@ def _cores() -> int:
 
 
 def check_threads(threads: object, name: str = "threads") -> int:
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:  # numpy ints too
         raise CtfreidError(f"{name} must be a positive integer, got {threads!r}")
-    return threads
+    return int(threads)
 
 
 def set_num_threads(n: int) -> None:
