@@ -378,6 +378,33 @@ def test_hostile_inputs_are_one_line_errors(run_dir, synth_root, tmp_path, capsy
         assert_one_line_error(rc, err, fragment)
 
 
+def test_index_build_refuses_empty_thresholds_and_search_show_draws_only_the_results(
+        run_dir, synth_root, tmp_path, capsys, monkeypatch):
+    """--k beyond the index is clamped for the results, and so for the picture: not one empty column per
+    missing result (--k 700 on a 31-image index took over 5 minutes drawing 700 empty panels)."""
+    import ctfreid.eval.report as report
+
+    index_path = tmp_path / "g.ctf"
+    # an empty --thresholds ("$TH" unset) is refused, not replaced by the run's or fitted thresholds
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", synth_root / "bounding_box_test",
+                     "--out", index_path, "--thresholds", "", "--quiet")
+    assert_one_line_error(rc, err, "LENGTH=DISTANCE")
+    assert not index_path.exists()
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", synth_root / "bounding_box_test",
+                     "--out", index_path, "--thresholds", "32=10,64=20", "--quiet")
+    assert rc == 0, err
+    drawn = {}
+    monkeypatch.setattr(report, "plot_ranked_lists", lambda path, *a, k, **kw: drawn.update(k=k, rankings=a[6]))
+    query = sorted((synth_root / "query").iterdir())[0]
+    rc, _, err = cli(capsys, "search", "--index", index_path, "--model", run_dir, query, "--k", 700,
+                     "--show", tmp_path / "ranked.png")
+    assert rc == 0, err
+    from ctfreid.search.index import CtFIndex
+
+    n = CtFIndex.load(index_path).ntotal
+    assert n < 700 and drawn["k"] == n and drawn["rankings"].shape == (1, n)
+
+
 def test_an_early_ctrl_c_is_one_line(monkeypatch, capsys):
     import ctfreid.cli as cli_module
 

@@ -68,6 +68,22 @@ def test_market_records_pids_camids_junk_and_distractors(tmp_path):
     assert "train" in text and "gallery" in text and "|     3 |" in text  # 3 gallery ids: 3, 0, -1
 
 
+def test_hidden_resource_forks_are_skipped_as_torchreid_does(tmp_path):
+    """macOS leaves '._NAME.jpg' files (AppleDouble, not images) beside copied crops; torchreid's and fast-reid's
+    glob('*.jpg') skips them, so the dataset loader and an image folder (index build, search) do too."""
+    from ctfreid.infer.gallery import folder_records
+
+    root = make_market(tmp_path / "m")
+    for folder in ("bounding_box_train", "query", "bounding_box_test"):
+        for p in list((root / folder).iterdir()):
+            (root / folder / f"._{p.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    data = load_market1501(root)
+    assert not any(Path(p).name.startswith(".") for p, _, _ in data.train + data.query + data.gallery)
+    assert (len(data.train), len(data.query), len(data.gallery)) == (3, 2, 4)
+    assert [Path(p).name for p, _, _ in folder_records(root / "query")] == ["0003_c1s1_000010_00.jpg",
+                                                                            "0003_c4s1_000011_00.jpg"]
+
+
 def test_relabel_train_only(tmp_path):
     root = make_market(tmp_path / "m", train=["0010_c1s1_000001_00.jpg", "0004_c2s1_000002_00.jpg",
                                               "0010_c3s1_000003_00.jpg", "0950_c1s1_000004_00.jpg"])

@@ -246,6 +246,31 @@ def test_cli_errors_are_one_line(files, capsys):
     assert "--rho" in capsys.readouterr().err
 
 
+def test_cli_outputs_that_are_inputs_and_an_empty_thresholds_spec_are_refused(files, capsys):
+    """--json / --out naming an input file would replace it by the results (a typo destroys encoded sets);
+    --thresholds "" (an unset shell variable) used to evaluate without CtF, saying nothing."""
+    tmp, p = files
+    before = {name: path.read_bytes() for name, path in p.items()}
+    q, g, val = str(p["q"]), str(p["g"]), str(p["val"])
+    link = tmp / "link.npz"
+    link.symlink_to(p["g"])
+    cases = [
+        (["evaluate", "--query", q, "--gallery", g, "--json", q], "--json", "is the --query file"),
+        (["evaluate", "--query", q, "--gallery", g, "--json", str(link)], "--json", "is the --gallery file"),
+        (["evaluate", "--query", q, "--gallery", g, "--calibrate", val, "--json", val], "is the --calibrate file"),
+        (["calibrate", "--val", val, "--beta", "1", "--out", val], "--out", "is the --val file"),
+        (["calibrate", "--val", val, "--beta-sweep", "--betas", "1", "--query", q, "--gallery", g, "--out", g],
+         "is the --gallery file"),
+        (["evaluate", "--query", q, "--gallery", g, "--thresholds", ""], "thresholds", "LENGTH=DISTANCE"),
+    ]
+    for argv, *fragments in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert all(f in err for f in fragments), (argv, err)
+    assert {name: path.read_bytes() for name, path in p.items()} == before
+
+
 def test_encoded_set_round_trip_with_meta(tmp_path, sets):
     from ctfreid.encoded import load_encoded
 

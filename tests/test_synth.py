@@ -108,6 +108,7 @@ def test_existing_output_needs_overwrite(tmp_path):
     (dict(ids=1), "ids"), (dict(cams=1), "cams"), (dict(cams=10), "cams"), (dict(images_per_id=3), "images_per_id"),
     (dict(height=8), "at least"), (dict(train_fraction=1.0), "train_fraction"),
     (dict(distractors=-2), "distractors"), (dict(junk=-3), "junk"),
+    (dict(height=100_000, width=100_000), "MAX_IMAGE_PIXELS"),  # was a MemoryError traceback (447 GiB)
 ])
 def test_bad_parameters(tmp_path, kwargs, message):
     args = dict(ids=4, cams=2, seed=0) | kwargs

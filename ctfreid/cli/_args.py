@@ -53,6 +53,17 @@ def not_the_model(out: str, option: str, model_file: str) -> None:
                            "model; choose another output file")
 
 
+def not_an_input(out: str | None, option: str, inputs: dict[str, str | None]) -> None:
+    """Refuse an output that is one of the command's input files (``--json q.npz`` with ``--query q.npz``):
+    the input would be replaced by the results."""
+    from ctfreid.errors import CtfreidError
+
+    for name, path in inputs.items():
+        if out and path and os.path.realpath(out) == os.path.realpath(path):
+            raise CtfreidError(f"{option} {out} is the {name} file: writing there would destroy that input; "
+                               "choose another output file")
+
+
 def seed(text: str) -> int:
     """argparse type: a random seed, an integer in [0, 2**32) (NumPy's seeds; a negative one is refused)."""
     try:

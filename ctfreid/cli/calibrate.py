@@ -7,7 +7,7 @@ import argparse
 import json
 import math
 
-from ctfreid.cli._args import output_file, positive_float, positive_int, seed
+from ctfreid.cli._args import not_an_input, output_file, positive_float, positive_int, seed
 from ctfreid.errors import CtfreidError
 
 HELP = "fit coarse-to-fine thresholds on a validation set: DTO, or aimed at accuracy or a time budget"
@@ -185,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
         raise CtfreidError("--query / --gallery only apply with --beta-sweep")
     if bool(args.query) != bool(args.gallery):
         raise CtfreidError("--beta-sweep needs both --query and --gallery, or neither")
+    inputs = {"--val": args.val, "--query": args.query, "--gallery": args.gallery, "--cost-model": args.cost_model}
+    not_an_input(args.out, "--out", inputs)
+    not_an_input(args.save_cost_model, "--save-cost-model", inputs)
     val = load_encoded(args.val, f"--val {args.val}")
     extra = {"target": target, "val": str(args.val), "num_images": len(val), "seed": args.seed}
     if target == "dto":

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from ctfreid.cli._args import output_file, positive_float, positive_int
+from ctfreid.cli._args import not_an_input, output_file, positive_float, positive_int
 from ctfreid.errors import CtfreidError
 
 HELP = "CMC/mAP and query time of float, each code length and CtF from .npz files"
@@ -64,12 +64,14 @@ def run(args: argparse.Namespace) -> int:
     if args.beta is not None and not args.calibrate:
         raise CtfreidError("--beta only applies with --calibrate VAL.npz")
     rho = parse_rho(args.rho)
+    not_an_input(args.json, "--json", {"--query": args.query, "--gallery": args.gallery,
+                                       "--calibrate": args.calibrate, "--thresholds": args.thresholds})
     query = load_encoded(args.query, f"--query {args.query}")
     gallery = load_encoded(args.gallery, f"--gallery {args.gallery}")
     if query.lengths != gallery.lengths:
         raise CtfreidError(f"--query has code lengths {query.lengths} but --gallery has {gallery.lengths}")
     thresholds = None
-    if args.thresholds:
+    if args.thresholds is not None:  # an empty --thresholds "$TH" is an error, not no thresholds
         thresholds = read_thresholds(args.thresholds)
     elif args.calibrate:
         val = load_encoded(args.calibrate, f"--calibrate {args.calibrate}")

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         from ctfreid.eval.report import plot_ranked_lists
 
         plot_ranked_lists(args.show, [r[0] for r in records], [r[1] for r in records], [r[2] for r in records],
-                          paths, np.asarray(pids), np.asarray(meta["camids"]), I, D, k=args.k,
+                          paths, np.asarray(pids), np.asarray(meta["camids"]), I, D, k=I.shape[1],
                           title=f"ctfreid search in {Path(args.index).name} (top-{args.k})",
                           distance_note="d = Hamming distance at the finest CtF stage reached",
                           protocol=False, stages=S)

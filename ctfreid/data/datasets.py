@@ -88,6 +88,12 @@ def parse_name(name: str) -> tuple[int, int] | None:
     return pid, cam - 1
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file name is an image to read: an image extension, and not hidden (``._0002_c1s1_...jpg``,
+    the resource forks macOS leaves beside copied files, are skipped as torchreid's ``glob('*.jpg')`` does)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def _not_a_folder(path: Path) -> str:
     """What a path that should be a folder is instead (for messages)."""
     if not path.exists():
@@ -101,7 +107,7 @@ def _list_images(folder: Path, example: str) -> list[str]:
             f"image folder {folder} {_not_a_folder(folder)}: expected a folder of person crops named like '{example}'"
         )
     names = sorted(
-        e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        e.name for e in os.scandir(folder) if e.is_file() and is_image_name(e.name)
     )
     if not names:
         raise CtfreidError(f"image folder {folder} has no images: expected files named like '{example}'")

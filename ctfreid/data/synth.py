@@ -27,6 +27,7 @@ import numpy as np
 from ctfreid._atomic import atomic_write
 from ctfreid.data.datasets import (
     GALLERY_DIR,
+    MAX_IMAGE_PIXELS,
     QUERY_DIR,
     TRAIN_DIR,
     ReIDDataset,
@@ -80,6 +81,10 @@ class SynthConfig:
             raise CtfreidError(f"images_per_id must be >= 4 (two cameras x query + gallery), got {self.images_per_id}")
         if self.height < 32 or self.width < 16:
             raise CtfreidError(f"images must be at least 32 x 16 (height x width), got {self.height} x {self.width}")
+        if self.height * self.width > MAX_IMAGE_PIXELS:  # the loaders would refuse them (and memory runs out first)
+            raise CtfreidError(f"images of {self.height} x {self.width} pixels are more than the limit of "
+                               f"{MAX_IMAGE_PIXELS:,} (ctfreid.data.datasets.MAX_IMAGE_PIXELS): expected person crops "
+                               "(e.g. 128 x 64)")
         if not 0.0 < self.train_fraction < 1.0:
             raise CtfreidError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
         if not 0.0 <= self.lookalike_fraction <= 1.0 or not 0.0 <= self.occlusion_p <= 1.0:

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from ctfreid.data.datasets import IMAGE_EXTENSIONS, parse_name
+from ctfreid.data.datasets import IMAGE_EXTENSIONS, is_image_name, parse_name
 from ctfreid.errors import CtfreidError
 
 META_FORMAT = "ctfreid-image-index/1"
@@ -39,7 +39,7 @@ def folder_records(folder: str | os.PathLike, label: str = "--images",
                 else "is not a folder (a device, FIFO or socket)")
         raise FileNotFoundError(f"{label} {folder} {what}: expected a folder of person crops (.jpg, .png...)")
     files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+                   if p.is_file() and is_image_name(p.name))
     if not files:
         raise CtfreidError(f"{label} {folder} holds no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
     records = []
@@ -63,7 +63,7 @@ def resolve_thresholds(encoder, spec: str | None = None, beta: float | None = No
     lengths = sorted(encoder.lengths)
     if len(lengths) == 1:
         return {}, "one code length: no thresholds needed"
-    if spec:
+    if spec is not None:  # an empty spec is refused by read_thresholds, not skipped
         return check_thresholds(read_thresholds(spec), lengths), f"--thresholds {spec}"
     if beta is None and encoder.thresholds:
         return check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.info['file']}"
