@@ -141,3 +141,15 @@ def test_errors():
         ctf_rank(q, {**g, 64: g[64][:, :4]}, {32: 3, 64: 7})
     with pytest.raises(ValueError, match="k must be a positive integer"):
         ctf_search(q, g, {32: 3, 64: 7}, 0)
+
+
+@pytest.mark.parametrize("key", [32.5, "32", None])
+def test_query_keys_are_checked_like_the_gallery_keys(key):
+    """A query key that is not a code length is refused, not read as one (32.5 used to search as 32)."""
+    rng = np.random.default_rng(3)
+    g = {32: rng.integers(0, 256, (20, 4), dtype=np.uint8), 64: rng.integers(0, 256, (20, 8), dtype=np.uint8)}
+    q = {key: g[32][:2], 64: g[64][:2]}
+    for call in (lambda: ctf_search(q, g, {32: 10}, 5), lambda: ctf_rank(q, g, {32: 10})):
+        with pytest.raises(CtfreidError, match="query_codes key"):
+            call()
+    assert ctf_search({np.int64(32): g[32][:2], 64: g[64][:2]}, g, {32: 10}, 5)[1].shape == (2, 5)

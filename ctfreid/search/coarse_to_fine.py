@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ctfreid.codes import check_code_set
+from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
 from ctfreid.search.hamming import (
@@ -45,12 +45,12 @@ def prepare_code_sets(
     lengths = list(g)
     if not isinstance(query_codes, Mapping) or not query_codes:
         raise CtfreidError(f"query_codes must be a non-empty dict {{length: uint8 codes}}, got {query_codes!r:.80}")
-    q_lengths = sorted(int(L) for L in query_codes)
+    by_len = {check_length(L, "query_codes key"): v for L, v in query_codes.items()}  # as the gallery's: 32.5, "32" refused
+    q_lengths = sorted(by_len)
     if q_lengths != lengths:
         raise CtfreidError(f"query_codes have code lengths {q_lengths} but gallery_codes have {lengths}")
     if next(iter(g.values())).shape[0] == 0:
         raise CtfreidError("gallery is empty: gallery_codes hold 0 codes")
-    by_len = {int(L): v for L, v in query_codes.items()}
     single = all(isinstance(v, np.ndarray) and v.ndim == 1 for v in by_len.values())
     qs, nq = [], None
     for L in lengths:
