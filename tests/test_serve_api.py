@@ -568,3 +568,163 @@ def test_erasure_blocked_by_an_outside_reader_is_503_and_the_item_leaves_search_
         assert blob not in store_bytes(store)
     with Server(store, run_dir) as srv:
         assert served_hits(srv, code, 5) == [[]]
+
+
+GOOD = {"32": ["AAAAAA=="], "64": ["AAAAAAAAAAA="], "128": ["AAAAAAAAAAAAAAAAAAAAAA=="]}
+
+
+def err_of(r, status: int, field: str) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()["error"]
+    assert body["field"] == field, body
+    return body["message"]
+
+
+def test_unknown_top_level_fields_of_items_and_search_are_400_naming_them(run_dir, tmp_path):
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (20, 40), (10, 200, 30)).save(png, "PNG")
+    image = [("images", ("a.png", png.getvalue(), "image/png"))]
+    with Server(tmp_path / "store", run_dir) as srv:
+        c = srv.client
+        msg = err_of(c.post("/v1/search", json={"codes": GOOD, "kk": 5}), 400, "kk")  # a typo of k: not dropped
+        assert "expected" in msg and all(f in msg for f in ("codes", "k", "thresholds", "beta", "camera"))
+        msg = err_of(c.post("/v1/items", json={"codes": GOOD, "metdata": [{"pid": 1}]}), 400, "metdata")
+        assert "codes" in msg and "metadata" in msg
+        err_of(c.post("/v1/items", json={"codes": GOOD, "k": 5}), 400, "k")  # a search field in an add
+        err_of(c.post("/v1/search", files=image, data={"k": "3", "camra": "2"}), 400, "camra")  # multipart too
+        err_of(c.post("/v1/items", files=image, data={"metadata": "[{}]", "pid": "3"}), 400, "pid")
+        err_of(c.post("/v1/search", files=image, data={"images": "a.png"}), 400, "images")  # a text part, not a file
+        # the form fields the page and the README send still work
+        r = c.post("/v1/items", files=image, data={"metadata": json.dumps([{"pid": 3, "camera": 1}])})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/search", files=image, data={"k": "3", "camera": "1", "candidates": "false"})
+        assert r.status_code == 200 and r.json()["queries"][0]["hits"][0]["id"] == 1, r.text
+        assert c.get("/v1/stats").json()["items"] == 1
+
+
+def test_bearer_scheme_is_case_insensitive_and_two_authorization_headers_are_refused(run_dir, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    with Server(tmp_path / "store", run_dir, "--token-file", token_file, token="s3cret-token") as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as bare:
+            for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):  # RFC 7235: the scheme is case-insensitive
+                r = bare.get("/v1/stats", headers={"Authorization": f"{scheme} s3cret-token"})
+                assert r.status_code == 200, (scheme, r.text)
+            for value in ("Basic s3cret-token", "bearer S3CRET-TOKEN", "bearer", "Bearers3cret-token"):
+                assert bare.get("/v1/stats", headers={"Authorization": value}).status_code == 401, value
+            for pair in (("Bearer wrong", "Bearer s3cret-token"), ("Bearer s3cret-token", "Bearer wrong"),
+                         ("Bearer s3cret-token", "Bearer s3cret-token")):
+                r = bare.get("/v1/stats", headers=[("Authorization", v) for v in pair])
+                assert r.status_code == 401 and r.json()["error"]["field"] == "Authorization", pair
+
+
+def test_numbers_ids_and_code_lengths_are_parsed_strictly(run_dir, tmp_path):
+    with Server(tmp_path / "store", run_dir) as srv:
+        c = srv.client
+        i = c.post("/v1/items", json={"codes": GOOD, "metadata": [{"camera": 2, "time": 1.7e9}]}).json()["ids"][0]
+        for k in (" 5 ", "5_0", "+5", "٥", 5.0, True):  # int() takes all but 5.0 / True too loosely
+            err_of(c.post("/v1/search", json={"codes": GOOD, "k": k}), 400, "k")
+        err_of(c.post("/v1/search", files=[("images", ("a.png", b"x", "image/png"))], data={"k": " 5"}), 400, "k")
+        for beta in (True, False, " 1.5", "1_5", "infinity"):
+            err_of(c.post("/v1/search", json={"codes": GOOD, "beta": beta}), 400, "beta")
+        err_of(c.post("/v1/search", json={"codes": GOOD, "camera": "2_0"}), 400, "camera")
+        err_of(c.post("/v1/search", json={"codes": GOOD, "camera": 2.0}), 400, "camera")
+        err_of(c.post("/v1/search", json={"codes": GOOD, "time_from": " 1e9"}), 400, "time_from")
+        err_of(c.post("/v1/erase", json={"pid": "1_0"}), 400, "pid")
+        # a code length has one spelling: "032" or " 32" is no second way to say 32 (one of them silently lost)
+        for key in ("032", " 32", "32.0", "+32"):
+            codes = {key if L == "32" else L: v for L, v in GOOD.items()}
+            err_of(c.post("/v1/search", json={"codes": codes}), 400, f"codes.{key}")
+            err_of(c.post("/v1/items", json={"codes": codes}), 400, f"codes.{key}")
+            err_of(c.post("/v1/search", json={"codes": GOOD, "thresholds": {key: 12, "64": 26}}), 400, "thresholds")
+        err_of(c.post("/v1/search", json={"codes": {**GOOD, "032": GOOD["32"]}}), 400, "codes.032")
+        err_of(c.post("/v1/search", json={"codes": GOOD, "thresholds": {"32": 12, "032": 0, "64": 26}}), 400,
+               "thresholds")
+        for path in (f"/v1/items/{i}.0", f"/v1/items/%20{i}", f"/v1/items/+{i}", f"/v1/items/{i}.0/thumbnail"):
+            err_of(c.get(path), 422, "item_id")
+        err_of(c.delete(f"/v1/items/{i}.0"), 422, "item_id")
+        err_of(c.delete("/v1/persons/1_0"), 422, "pid")
+        # what is legitimate still works: integers, decimal digit strings (form fields), numbers as text
+        assert c.get(f"/v1/items/{i}").json()["camera"] == 2
+        assert c.get("/v1/items/-1").status_code == 404
+        for fields in ({"k": 5}, {"k": "5"}, {"k": "05", "camera": "2"}, {"camera": -3}, {"beta": "1.5"},
+                       {"beta": 2}, {"time_from": "1.7e9", "time_to": 1.8e9}, {"time_from": "-5", "time_to": ".5e10"},
+                       {"thresholds": {"32": 12, "64": 26}}, {"thresholds": "32=12,64=26"}):
+            r = c.post("/v1/search", json={"codes": GOOD, **fields})
+            assert r.status_code == 200, (fields, r.text)
+        assert not any(k.endswith(" 500") for k in c.get("/v1/stats").json()["requests"])
+
+
+def test_head_works_where_get_does(run_dir, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    with Server(tmp_path / "store", run_dir, "--token-file", token_file, token="s3cret-token") as srv:
+        i = srv.client.post("/v1/items", json={"codes": GOOD}).json()["ids"][0]
+        with httpx.Client(base_url=srv.url, timeout=30) as bare:
+            r = bare.head("/healthz")  # load balancers' health checks: open, no token
+            assert r.status_code == 200 and r.content == b"" and r.headers["content-type"] == "application/json"
+            assert bare.head("/").status_code == 200 and bare.head("/static/app.js").status_code == 200
+            assert bare.head("/v1/stats").status_code == 401
+        for path, status in (("/v1/stats", 200), (f"/v1/items/{i}", 200), (f"/v1/items/{i + 1}", 404),
+                             (f"/v1/items/{i}/thumbnail", 404)):
+            r = srv.client.head(path)
+            assert r.status_code == status and r.content == b"", (path, r.status_code)
+        assert srv.client.get("/healthz").json() == {"ok": True, "items": 1}
+
+
+def test_rows_with_nan_or_infinity_from_older_versions_read_as_null(run_dir, tmp_path):
+    import sqlite3
+
+    store = tmp_path / "store"
+    code = {L: np.full((2, L // 8), 0x2D, np.uint8) for L in LENGTHS}
+    with Server(store, run_dir) as srv:
+        r = srv.client.post("/v1/items", json={"codes": b64(code), "metadata": [{"pid": 1}, {"pid": 2}]})
+        ids = r.json()["ids"]
+    db = sqlite3.connect(store / "gallery.sqlite", isolation_level=None)  # as an older version wrote them
+    db.execute("UPDATE items SET time = ?, extra = ? WHERE id = ?",
+               (float("inf"), '{"score": NaN, "big": 1e400, "low": -Infinity, "ok": [1.5, "NaN"]}', ids[0]))
+    db.execute("UPDATE items SET time = ? WHERE id = ?", (float("-inf"), ids[1]))
+    assert db.execute("SELECT time FROM items ORDER BY id").fetchall() == [(float("inf"),), (float("-inf"),)]
+    db.close()
+    with Server(store, run_dir) as srv:
+        r = srv.client.get(f"/v1/items/{ids[0]}")
+        assert r.status_code == 200, r.text
+        assert r.json()["time"] is None and r.json()["pid"] == 1
+        assert r.json()["extra"] == {"score": None, "big": None, "low": None, "ok": [1.5, "NaN"]}
+        assert srv.client.get(f"/v1/items/{ids[1]}").json()["time"] is None
+        r = srv.client.post("/v1/search", json={"codes": b64(code, [0]), "k": 5})
+        assert r.status_code == 200, r.text
+        hits = r.json()["queries"][0]["hits"]
+        assert [h["id"] for h in hits] == ids and [h["time"] for h in hits] == [None, None]
+        assert served_hits(srv, code, 5, time_from=0)[0] == []  # no capture time: no time filter passes
+        assert not any(k.endswith(" 500") for k in srv.client.get("/v1/stats").json()["requests"])
+
+
+def test_retention_counts_its_erasures_when_the_checkpoint_is_blocked(run_dir, tmp_path):
+    import sqlite3
+
+    store = tmp_path / "store"
+    code = {L: np.full((1, L // 8), 0x71, np.uint8) for L in LENGTHS}
+    with Server(store, run_dir, "--retention-seconds", 4) as srv:  # checks every second
+        reader = sqlite3.connect(store / "gallery.sqlite", isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM items").fetchone()  # a read snapshot: no WAL checkpoint
+        try:
+            i = srv.client.post("/v1/items", json={"codes": b64(code), "metadata": [{"time": time.time() - 3600}]}
+                                ).json()["ids"][0]
+            deadline = time.time() + 20
+            while srv.client.get("/v1/stats").json()["erased_by_retention"] < 1 and time.time() < deadline:
+                time.sleep(0.2)
+            stats = srv.client.get("/v1/stats").json()
+            # deleted (committed) and out of search, though its bytes wait for the checkpoint: counted
+            assert stats["erased_by_retention"] == 1 and stats["erased"] == 1 and stats["items"] == 0, stats
+            assert srv.client.get(f"/v1/items/{i}").status_code == 404
+            assert served_hits(srv, code, 5) == [[]]
+        finally:
+            reader.execute("COMMIT")
+            reader.close()
+        time.sleep(2.5)  # the next rounds checkpoint; the item is not counted twice
+        assert srv.client.get("/v1/stats").json()["erased_by_retention"] == 1
+        assert b"".join(code[L][0].tobytes() for L in LENGTHS) not in store_bytes(store)

@@ -21,6 +21,7 @@ import hmac
 import io
 import json
 import math
+import re
 import resource
 import threading
 import time
@@ -32,13 +33,25 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import Path as PathParam
 from fastapi import Request
+from pydantic import BeforeValidator
 
 from ctfreid.errors import CtfreidError
 from ctfreid.serve.gallery import Filter, Gallery
 from ctfreid.serve.store import FieldError, ItemMeta, Store, StoreBusy, check_text
 
 STATIC = Path(__file__).with_name("static")
-ItemId = Annotated[int, PathParam(ge=-2**63, le=2**63 - 1)]  # an id or pid in a path: an SQLite INTEGER
+INTEGER = re.compile(r"-?[0-9]+")  # an integer given as text: plain decimal digits (int() also takes " 5", "5_0")
+NUMBER = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a number as text (float() also takes "nan")
+
+
+def _digits(v: Any) -> Any:
+    if isinstance(v, str) and not INTEGER.fullmatch(v):
+        raise ValueError("must be an integer (decimal digits)")
+    return v
+
+
+# an id or pid in a path: an SQLite INTEGER, in decimal digits (not "1.0", " 1", "1_0")
+ItemId = Annotated[int, BeforeValidator(_digits), PathParam(ge=-2**63, le=2**63 - 1)]
 
 
 @dataclass
@@ -81,6 +94,7 @@ class Service:
         t0 = time.perf_counter()
         self.encoder = encoder if encoder is not None else enc_mod.load(config.model, flip=config.flip)
         self.lengths = sorted(self.encoder.lengths)
+        self.length_keys = {str(L) for L in self.lengths}  # a length as a JSON key: its canonical spelling
         self.store = Store(config.store, self.encoder.fingerprint, self.lengths)
         fits = self.store.get_meta("dto_fits")
         target = self.store.get_meta("target_fit")
@@ -145,12 +159,15 @@ class Service:
 
         if thresholds not in (None, ""):
             try:
-                if isinstance(thresholds, str):
-                    thresholds = json.loads(thresholds) if thresholds.strip().startswith("{") else parse_thresholds(thresholds)
+                if isinstance(thresholds, str):  # JSON, or the CLI's "32=9,64=20" (which refuses a length twice)
+                    thresholds = json.loads(thresholds) if thresholds.strip().startswith("{") else \
+                        {str(L): t for L, t in parse_thresholds(thresholds).items()}
                 if not isinstance(thresholds, Mapping):
                     raise CtfreidError("must be an object {length: distance}")
                 thr = {}
                 for k, v in thresholds.items():
+                    if k not in self.length_keys:  # "032", " 32": not two spellings of one length
+                        raise CtfreidError(f"key {k!r:.30} is not a code length; the gallery holds {self.lengths}")
                     if isinstance(v, bool) or not isinstance(v, int):
                         raise CtfreidError(f"threshold of {k} must be an integer, got {v!r:.30}")
                     thr[int(k)] = v
@@ -159,6 +176,8 @@ class Service:
                 raise FieldError("thresholds", str(e)) from None
         if beta not in (None, ""):
             try:
+                if isinstance(beta, bool) or (isinstance(beta, str) and not NUMBER.fullmatch(beta)):
+                    raise ValueError
                 b = float(beta)
             except OverflowError:
                 b = math.inf
@@ -176,10 +195,9 @@ class Service:
             raise FieldError(field, "must be an object {length: [base64 code, ...]} with every code length")
         keys = {}
         for k in obj:
-            try:
-                keys[int(k)] = k
-            except (TypeError, ValueError):
-                raise FieldError(f"{field}.{k}", f"not a code length; the gallery holds {self.lengths}") from None
+            if k not in self.length_keys:  # "032", " 32": not two spellings of one length
+                raise FieldError(f"{field}.{k}", f"not a code length; the gallery holds {self.lengths}")
+            keys[int(k)] = k
         if sorted(keys) != self.lengths:
             raise FieldError(field, f"lengths {sorted(keys)} given, the gallery holds {self.lengths}")
         out, n = {}, None
@@ -255,6 +273,8 @@ class Service:
             cutoff = time.time() - r
             try:
                 gone = self.gallery.erase_where(lambda c=cutoff: self.store.select_ids(added_before=c))
+            except StoreBusy as e:  # deleted and out of search; only the checkpoint waits for the next round
+                gone = e.erased
             except Exception:  # noqa: BLE001 - keep the loop alive; the next round retries
                 continue
             self.retention_erased += len(gone)
@@ -299,7 +319,7 @@ class Guard:
         self.app = app
         self.svc = service
         tok = service.config.token
-        self.expected = f"Bearer {tok}".encode() if tok else None
+        self.expected = tok.encode() if tok else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -320,9 +340,9 @@ class Guard:
         key = _route_name(scope["method"], path)
         try:
             if self.expected is not None and not (path in self.OPEN or path.startswith("/static/")):
-                headers = dict(scope["headers"])
-                got = headers.get(b"authorization", b"")
-                if not hmac.compare_digest(got, self.expected):
+                got = [v for k, v in scope["headers"] if k == b"authorization"]
+                scheme, _, token = got[0].partition(b" ") if len(got) == 1 else (b"", b"", b"")  # two: refused
+                if not (hmac.compare_digest(token.lstrip(b" "), self.expected) and scheme.lower() == b"bearer"):
                     return await respond(_error(401, "Authorization", "missing or wrong bearer token"))
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
@@ -447,6 +467,8 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
                     if name != "images":
                         raise FieldError(name, "unexpected file field (images go in 'images')")
                     images.append((value.filename or f"image {len(images)}", await value.read()))
+                elif name == "images":
+                    raise FieldError(name, "must be a file part (an image), not a text field")
                 else:
                     fields[name] = value
             if "metadata" in fields:
@@ -469,6 +491,12 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             return obj, []
         raise FieldError("Content-Type", f"expected multipart/form-data or application/json, got {ctype!r}", 415)
 
+    def only(fields: dict, allowed: set[str], what: str = "field") -> None:
+        """400 naming the first field of ``fields`` not in ``allowed`` (a typo such as ``kk`` is not dropped)."""
+        extra = set(fields) - allowed
+        if extra:
+            raise FieldError(sorted(extra)[0], f"unknown {what}; expected some of {', '.join(sorted(allowed))}")
+
     def metas_from(fields: dict, n: int) -> list[ItemMeta]:
         raw = fields.get("metadata")
         if raw is None:
@@ -482,8 +510,8 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         if v in (None, ""):
             return default
         try:
-            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-                raise ValueError
+            if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and INTEGER.fullmatch(v))):
+                raise ValueError  # a JSON integer, or decimal digits (a form field)
             x = int(v)
         except (TypeError, ValueError):
             raise FieldError(name, f"must be an integer, got {v!r:.30}") from None
@@ -497,8 +525,8 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         if v in (None, ""):
             return None
         try:
-            if isinstance(v, bool):
-                raise ValueError
+            if isinstance(v, bool) or (isinstance(v, str) and not NUMBER.fullmatch(v)):
+                raise ValueError  # a JSON number, or a decimal number (a form field)
             x = float(v)
         except OverflowError:
             x = math.inf
@@ -521,17 +549,18 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             raise FieldError("images", "no images (multipart field 'images') and no codes given")
         return svc.decode_codes(fields["codes"]), 0.0, []
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         return {"ok": True, "items": len(svc.gallery)}
 
-    @app.get("/v1/stats")
+    @app.api_route("/v1/stats", methods=["GET", "HEAD"])
     async def stats():
         return svc.stats()
 
     @app.post("/v1/items")
     async def add_items(request: Request):
         fields, images = await read_request(request)
+        only(fields, {"codes", "metadata"})
 
         def work():
             codes, _, decoded = query_codes(fields, images)
@@ -549,6 +578,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
     @app.post("/v1/search")
     async def search(request: Request):
         fields, images = await read_request(request)
+        only(fields, {"codes", "k", "thresholds", "beta", "camera", "time_from", "time_to", "candidates"})
 
         def work():
             k = int_field(fields, "k", 10, 1, config.max_k)
@@ -572,14 +602,14 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
 
         return await run_in_threadpool(work)
 
-    @app.get("/v1/items/{item_id}")
+    @app.api_route("/v1/items/{item_id}", methods=["GET", "HEAD"])
     async def get_item(item_id: ItemId):
         row = await run_in_threadpool(svc.store.get, item_id)
         if row is None:
             return _error(404, "id", f"no item {item_id}")
         return row
 
-    @app.get("/v1/items/{item_id}/thumbnail")
+    @app.api_route("/v1/items/{item_id}/thumbnail", methods=["GET", "HEAD"])
     async def get_thumb(item_id: ItemId):
         data = await run_in_threadpool(svc.store.thumbnail, item_id)
         if data is None:
@@ -602,9 +632,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
     async def erase(request: Request):
         fields, _ = await read_request(request)
         allowed = {"pid", "camera", "track", "time_from", "time_to"}
-        extra = set(fields) - allowed
-        if extra:
-            raise FieldError(sorted(extra)[0], f"unknown filter; expected some of {', '.join(sorted(allowed))}")
+        only(fields, allowed, "filter")
         track = fields.get("track")
         if track is not None and (isinstance(track, bool) or not isinstance(track, (str, int))):
             raise FieldError("track", f"must be a string, got {type(track).__name__}")
@@ -616,7 +644,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         gone = await run_in_threadpool(svc.gallery.erase_where, lambda: svc.store.select_ids(**cond))
         return svc.receipt(gone)
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 

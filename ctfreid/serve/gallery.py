@@ -23,7 +23,7 @@ import numpy as np
 
 from ctfreid._rwlock import RWLock
 from ctfreid.search.index import CtFIndex
-from ctfreid.serve.store import ItemMeta, Store
+from ctfreid.serve.store import ItemMeta, Store, StoreBusy
 
 
 @dataclass
@@ -106,7 +106,11 @@ class Gallery:
                 self.index.remove_ids(np.asarray(gone, np.int64))
                 for i in gone:
                     self.fields.pop(i, None)
-            self.store.checkpoint()  # erased bytes out of the files before the receipt (StoreBusy: retry)
+            try:
+                self.store.checkpoint()  # erased bytes out of the files before the receipt (StoreBusy: retry)
+            except StoreBusy as e:
+                e.erased = gone  # deleted all the same: the caller may count them
+                raise
         return gone
 
     def search(self, query: Mapping[int, np.ndarray], k: int, thresholds: Mapping[int, int] | None = None,

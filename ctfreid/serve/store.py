@@ -127,7 +127,10 @@ class FieldError(CtfreidError):
 
 
 class StoreBusy(CtfreidError):
-    """The store cannot finish a write now (another process holds its WAL); the client may retry."""
+    """The store cannot finish a write now (another process holds its WAL); the client may retry.
+    ``erased``: the ids an erasure deleted before its checkpoint failed (committed, out of search)."""
+
+    erased: list[int] = []
 
 
 class Store:
@@ -298,7 +301,7 @@ class Store:
                 return
             last = rows[-1][0]
             yield (np.array([r[0] for r in rows], np.int64), self.unpack([r[1] for r in rows]),
-                   [(r[0],) + tuple(r[2:]) for r in rows])
+                   [(r[0],) + tuple(map(_finite, r[2:])) for r in rows])
 
     def get(self, item_id: int) -> dict | None:
         with self._lock:
@@ -307,8 +310,11 @@ class Store:
                 (int(item_id),)).fetchone()
         if row is None:
             return None
+        row = tuple(map(_finite, row))
+        extra = json.loads(row[6], parse_constant=lambda _: None,  # NaN, Infinity, 1e400: null
+                           parse_float=lambda s: _finite(float(s))) if row[6] else {}
         return {"id": row[0], "pid": row[1], "camera": row[2], "time": row[3], "source": row[4], "track": row[5],
-                "extra": json.loads(row[6]) if row[6] else {}, "added": row[7], "thumbnail": bool(row[8])}
+                "extra": extra, "added": row[7], "thumbnail": bool(row[8])}
 
     def thumbnail(self, item_id: int) -> bytes | None:
         with self._lock:
@@ -338,6 +344,12 @@ class Store:
         with self._lock:
             return [r[0] for r in self._db.execute(f"SELECT id FROM items WHERE {' AND '.join(conds)} ORDER BY id",
                                                    args)]
+
+
+def _finite(v: Any) -> Any:
+    """``v``, or None for a float JSON cannot answer (NaN, Infinity), which rows written by older versions
+    may hold."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _chunks(seq: Sequence, n: int):
