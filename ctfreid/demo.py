@@ -115,7 +115,8 @@ class DemoConfig:
         n_fit = _fit_ids(n_train, self.val_fraction)
         if n_fit < self.p:
             raise CtfreidError(
-                f"ids={self.ids} leaves {n_fit} identities to train on ({n_train} training identities less the "
+                f"ids={self.ids} leaves {n_fit} identit{'y' if n_fit == 1 else 'ies'} to train on "
+                f"({n_train} training identities less the "
                 f"validation split, val_fraction {self.val_fraction:g}); PK batches need p={self.p}: "
                 f"use --ids {_min_ids(self.p, self.val_fraction, self.ids)} or more"
             )

@@ -7,8 +7,12 @@ An encoded set holds, for ``n`` images:
 - ``codes_<L>``: uint8[n, L // 8] packed binary codes, one key per code length ``L``;
 - ``features`` (optional): float32[n, d] real-valued features (for the ``float`` baseline);
 - ``paths`` (optional): str[n] image paths;
-- ``meta`` (optional): a 0-d string array holding a JSON object (e.g. the model fingerprint and the
-  split), :attr:`EncodedSet.meta`.
+- ``meta`` (optional): a 0-d string array holding a JSON object, :attr:`EncodedSet.meta`. ``ctfreid encode``
+  writes ``{"encoder": encoder_record(...), "split": ...}``: the model's fingerprint
+  (:func:`ctfreid.learn.run_dir.model_fingerprint`; an ONNX export carries its run's, so the torch run and
+  its export count as one model, as for indexes), the flip test, the input size and the int8 scheme.
+  :func:`check_same_encoder` refuses to rank sets encoded by different models or with and without the flip
+  test; sets without the record (older files) are not checked.
 
 Everything is a plain array, so the file loads with ``allow_pickle=False``.
 """
@@ -156,3 +160,50 @@ def _read_meta(array: np.ndarray, label: str) -> dict:
     if not isinstance(meta, dict):
         raise CtfreidError(f"{label}: array 'meta' must be a JSON object, got {type(meta).__name__}")
     return meta
+
+
+# What makes two encoded sets comparable: the fields of ``meta["encoder"]`` that must be equal, and their names.
+SAME_ENCODER_FIELDS = {"fingerprint": "model fingerprint", "flip": "flip test", "input_size": "input size"}
+
+
+def encoder_record(fingerprint: str, flip: bool, height: int, width: int, quantization: str | None = None,
+                   model: str | None = None, runtime: str | None = None) -> dict:
+    """``meta["encoder"]`` of an encoded set: who encoded it (see the module docstring)."""
+    return {"fingerprint": str(fingerprint), "flip": bool(flip), "input_size": [int(height), int(width)],
+            "quantization": quantization, "model": model, "runtime": runtime}
+
+
+def check_same_encoder(sets: dict[str, EncodedSet]) -> list[str]:
+    """Refuse (:class:`~ctfreid.errors.CtfreidError`, naming both sets and every differing field) sets, keyed by
+    their label (``"--query q.npz"``), whose ``meta["encoder"]`` records differ in model fingerprint, flip test
+    or input size: their distances would be meaningless. Returns notes: sets without a record (written
+    before ``ctfreid encode`` kept one: not checked) and int8 vs float encoders of one model (allowed, as for
+    indexes; their bits differ in a few percent)."""
+    notes, recorded = [], {}
+    for label, data in sets.items():
+        record = data.meta.get("encoder")
+        if isinstance(record, dict):
+            recorded[label] = record
+    lacking = [label for label in sets if label not in recorded]
+    if lacking and len(sets) > 1:
+        notes.append(f"note: {' and '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no record of its "
+                     "encoder (an older 'ctfreid encode'): not checked for the same model and flip test")
+    if len(recorded) < 2:
+        return notes
+    (first, ref), *others = recorded.items()
+
+    def show(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return "x".join(map(str, value)) if isinstance(value, list) else value
+
+    for label, record in others:
+        diffs = [f"{name} {show(ref.get(key))} vs {show(record.get(key))}"
+                 for key, name in SAME_ENCODER_FIELDS.items() if ref.get(key) != record.get(key)]
+        if diffs:
+            raise CtfreidError(f"{first} and {label} were encoded differently ({'; '.join(diffs)}): their codes are "
+                               "not comparable; encode both with the same model and options")
+        if ref.get("quantization") != record.get("quantization"):
+            notes.append(f"note: {first} was encoded by the {ref.get('quantization') or 'float'} encoder, {label} by "
+                         f"the {record.get('quantization') or 'float'} one of the same model (bits differ slightly)")
+    return notes

@@ -405,6 +405,33 @@ def test_index_build_refuses_empty_thresholds_and_search_show_draws_only_the_res
     assert n < 700 and drawn["k"] == n and drawn["rankings"].shape == (1, n)
 
 
+def test_a_malformed_thresholds_json_fails_only_the_commands_that_use_thresholds(run_dir, synth_root, tmp_path,
+                                                                                  capsys):
+    # before: search and index add (which use the index's thresholds) failed on RUN_DIR/thresholds.json too,
+    # and index build said the thresholds were "stored with model.pt" when they came from thresholds.json
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.pt", "config.json", "split.json"):
+        shutil.copy(run_dir / name, run / name)
+    a, b = _split_gallery(synth_root, tmp_path)
+    index_path = tmp_path / "g.ctf"
+    rc, _, err = cli(capsys, "index", "build", "--model", run, "--images", a, "--out", index_path,
+                     "--thresholds", "32=10,64=20", "--quiet")
+    assert rc == 0, err
+    (run / "thresholds.json").write_text("{not json")
+    rc, out, err = cli(capsys, "index", "add", "--index", index_path, "--model", run, "--images", b, "--quiet")
+    assert rc == 0 and "added" in out, err
+    query = sorted((synth_root / "query").iterdir())[0]
+    rc, out, err = cli(capsys, "search", "--index", index_path, "--model", run, query, "--k", 3)
+    assert rc == 0 and "rank" in out, err
+    rc, _, err = cli(capsys, "index", "build", "--model", run, "--images", a, "--out", tmp_path / "g2.ctf", "--quiet")
+    assert_one_line_error(rc, err, "thresholds.json", "not readable JSON")  # it needs them: refused
+    (run / "thresholds.json").write_text(json.dumps({"thresholds": {"32": 9, "64": 21}}))
+    rc, out, err = cli(capsys, "index", "build", "--model", run, "--images", a, "--out", tmp_path / "g3.ctf", "--quiet")
+    assert rc == 0, err
+    assert f"32-bit <= 9, 64-bit <= 21 (stored with {run / 'thresholds.json'})" in out
+
+
 def test_an_early_ctrl_c_is_one_line(monkeypatch, capsys):
     import ctfreid.cli as cli_module
 

@@ -140,6 +140,30 @@ def test_cli_flip_matches_the_library(run_dir, synth_root, synth_dataset, tmp_pa
     assert not np.array_equal(plain.features, expected.features)
 
 
+def test_encode_records_the_encoder_and_evaluate_refuses_a_flip_mismatch(run_dir, synth_root, tmp_path, capsys):
+    # before: the .npz had no record of the model or options, and a gallery encoded with --flip was ranked
+    # against queries encoded without it (meaningless metrics, no error)
+    from ctfreid.learn.run_dir import model_fingerprint
+
+    files = {}
+    for split, flip in (("query", False), ("gallery", False), ("gallery", True)):
+        files[split, flip] = out = tmp_path / f"{split}{'_flip' if flip else ''}.npz"
+        assert main(["encode", "--model", str(run_dir), "--data", str(synth_root), "--split", split, "--out", str(out),
+                     "--num-workers", "0", "--quiet"] + (["--flip"] if flip else [])) == 0
+    model, info = load_model(run_dir)
+    meta = load_encoded(files["gallery", True]).meta
+    assert meta["split"] == "gallery"
+    assert meta["encoder"] == {"fingerprint": model_fingerprint(model, info), "flip": True, "input_size": [64, 32],
+                               "quantization": None, "model": str(run_dir), "runtime": "torch"}
+    capsys.readouterr()
+    q, g, g_flip = (str(files[k]) for k in (("query", False), ("gallery", False), ("gallery", True)))
+    assert main(["evaluate", "--query", q, "--gallery", g]) == 0
+    assert "note" not in capsys.readouterr().out
+    assert main(["evaluate", "--query", q, "--gallery", g_flip]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--query {q} and --gallery {g_flip} were encoded differently (flip test off vs on)" in err
+
+
 def test_unreadable_image_is_named(run_dir, synth_root, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(synth_root, data)

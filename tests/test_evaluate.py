@@ -318,3 +318,64 @@ def test_evaluate_names_files_that_are_not_encoded_sets(files, capsys):
         err = capsys.readouterr().err
         assert f"{tmp / name} is not an .npz of encoded images (expected" in err, err
         assert "pickle" not in err and err.count("\n") == 1
+
+
+def _with_encoder(path, data, **record):
+    from ctfreid.encoded import encoder_record
+
+    fields = dict(fingerprint="aaaa", flip=False, height=64, width=32)
+    fields.update(record)
+    save_encoded(path, EncodedSet(data.codes, data.pids, data.camids, features=data.features,
+                                  meta={"encoder": encoder_record(**fields), "split": "x"}))
+    return str(path)
+
+
+def test_sets_encoded_by_different_models_or_flip_settings_are_refused(tmp_path, sets, capsys):
+    # before: evaluate / calibrate ranked a query set against a gallery of another model, or one encoded with
+    # the flip test against one without, and printed meaningless metrics
+    val, query, gallery = sets
+    q = _with_encoder(tmp_path / "q.npz", query)
+    g = _with_encoder(tmp_path / "g.npz", gallery)
+    v = _with_encoder(tmp_path / "v.npz", val)
+    g_flip = _with_encoder(tmp_path / "g_flip.npz", gallery, flip=True)
+    g_other = _with_encoder(tmp_path / "g_other.npz", gallery, fingerprint="bbbb", height=128, width=64)
+    v_flip = _with_encoder(tmp_path / "v_flip.npz", val, flip=True)
+    cases = [
+        (["evaluate", "--query", q, "--gallery", g_flip], ["--query " + q, "--gallery " + g_flip, "flip test off vs on"]),
+        (["evaluate", "--query", q, "--gallery", g_other],
+         ["--gallery " + g_other, "model fingerprint aaaa vs bbbb", "input size 64x32 vs 128x64"]),
+        (["evaluate", "--query", q, "--gallery", g, "--calibrate", v_flip], ["--calibrate " + v_flip, "flip test"]),
+        (["calibrate", "--val", v_flip, "--beta-sweep", "--query", q, "--gallery", g], ["--val " + v_flip, "flip test"]),
+    ]
+    for argv, fragments in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert all(f in err for f in fragments), (fragments, err)
+    # the same encoder: no error, no note
+    assert main(["evaluate", "--query", q, "--gallery", g, "--calibrate", v]) == 0
+    assert "note" not in capsys.readouterr().out
+    # int8 and float encoders of one model are accepted (as by indexes), with a note
+    g8 = _with_encoder(tmp_path / "g8.npz", gallery, quantization="int8")
+    assert main(["evaluate", "--query", q, "--gallery", g8]) == 0
+    assert "note: --query " + q + " was encoded by the float encoder, --gallery " + g8 in capsys.readouterr().out
+    # files of older versions (no record) are still read, with a note, not checked
+    old = tmp_path / "old.npz"
+    save_encoded(old, gallery)
+    assert main(["evaluate", "--query", q, "--gallery", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert f"note: --gallery {old} has no record of its encoder" in out and "mAP" in out
+
+
+def test_max_rank_beyond_the_gallery_is_a_one_line_note(files, capsys, recwarn):
+    # before: a two-line UserWarning of ctfreid/eval/evaluate.py on stderr (once per method)
+    tmp, p = files
+    n = len(np.load(p["g"])["pids"])
+    out = tmp / "r.json"
+    assert main(["evaluate", "--query", str(p["q"]), "--gallery", str(p["g"]), "--max-rank", str(n + 5),
+                 "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and not [w for w in recwarn if "gallery has only" in str(w.message)]
+    assert f"note: --max-rank {n + 5} is more than the {n} gallery items: CMC up to rank {n}\n" in captured.out
+    assert 0 <= json.loads(out.read_text())["methods"]["float"]["mAP"] <= 1

@@ -157,3 +157,41 @@ def test_an_output_that_is_the_model_file_is_refused(tiny_run, synth_root, tmp_p
         assert rc == 2, err
         one_line(err, "is the model file", "would destroy the model")
     assert model.read_bytes() == before  # before: replaced by an .npz of codes, or by an index
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--weights", "/nonexistent/weights.pth", "weights file /nonexistent/weights.pth does not exist"),
+    ("--frozen-stages", "9", "frozen_stages for resnet18 must be an integer in [0, 4]"),
+    ("--last-stride", "3", "last_stride must be 1 or 2"),
+])
+def test_settings_the_model_refuses_leave_no_run_files(synth_root, tmp_path, capsys, flag, value, fragment):
+    # before: config.json and split.json were written, then the model refused the setting
+    run = tmp_path / "run"
+    rc = main(["train", "--data", str(synth_root), "--out", str(run), *TINY, flag, value])
+    assert rc == 2
+    one_line(capsys.readouterr().err, fragment)
+    assert not run.exists()
+
+
+def test_settings_the_model_refuses_keep_the_old_run_as_it_was(tiny_run, synth_root, tmp_path, capsys):
+    # --no-resume with a bad --weights: the old model.pt is not moved aside, nothing is rewritten
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    rc = main(["train", "--data", str(synth_root), "--out", str(run), *TINY, "--no-resume", "--weights",
+               str(tmp_path / "nope.pth")])
+    assert rc == 2
+    one_line(capsys.readouterr().err, "nope.pth does not exist")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_one_training_identity_is_singular(tmp_path, capsys):
+    from ctfreid.data.synth import generate_synthetic
+
+    data = tmp_path / "data"
+    generate_synthetic(data, ids=2, cams=2, seed=0, images_per_id=4, height=32, width=16)
+    rc = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--val-fraction", "0"])
+    assert rc == 2
+    one_line(capsys.readouterr().err, "1 training identity, fewer than P = 4")  # before: "1 identities"

@@ -18,6 +18,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from ctfreid.cli import main  # noqa: E402
+from ctfreid.encoded import load_encoded  # noqa: E402
 from ctfreid.errors import CtfreidError  # noqa: E402
 from ctfreid.infer.encoder import TorchEncoder, load_encoder  # noqa: E402
 from ctfreid.infer.export import check_export, export_onnx, generated_images  # noqa: E402
@@ -398,3 +399,37 @@ def test_int8_bad_input(run_dir, int8_file, tmp_path, capsys):
     assert not (tmp_path / "b.onnx").exists()
     with pytest.raises(CtfreidError, match="already quantised"):
         quantize_onnx(int8_file, tmp_path / "c.onnx", generated_images(2, 64, 32))
+
+
+def test_sets_encoded_by_a_run_and_its_exports_count_as_one_model(run_dir, onnx_file, int8_file, synth_root,
+                                                                  tmp_path, capsys):
+    """encode records the run's fingerprint for the run and its exports alike (they give the same codes,
+    test_onnx_codes_equal_torch_codes_and_rank_alike), so evaluate ranks one against the other; an int8
+    export is the same model too (as for indexes), with a note."""
+    files = {}
+    for name, model, split in (("q", run_dir, "query"), ("g", onnx_file, "gallery"), ("g8", int8_file, "gallery")):
+        files[name] = tmp_path / f"{name}.npz"
+        assert main(["encode", "--model", str(model), "--data", str(synth_root), "--split", split,
+                     "--out", str(files[name]), "--num-workers", "0", "--quiet"]) == 0
+    records = {name: load_encoded(path).meta["encoder"] for name, path in files.items()}
+    assert records["q"]["fingerprint"] == records["g"]["fingerprint"] == records["g8"]["fingerprint"]
+    assert [r["runtime"] for r in records.values()] == ["torch", "onnxruntime", "onnxruntime"]
+    assert [r["quantization"] for r in records.values()] == [None, None, "int8"]
+    capsys.readouterr()
+    assert main(["evaluate", "--query", str(files["q"]), "--gallery", str(files["g"])]) == 0
+    assert "note" not in capsys.readouterr().out
+    assert main(["evaluate", "--query", str(files["q"]), "--gallery", str(files["g8"])]) == 0
+    assert f"--gallery {files['g8']} by the int8 one" in capsys.readouterr().out
+
+
+def test_export_check_on_an_empty_folder_writes_no_encoder(run_dir, tmp_path, capsys):
+    # before: the .onnx was written, then --images was found empty
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "e.onnx"
+    assert main(["export", "--model", str(run_dir), "--out", str(out), "--check", "--images", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no images" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert main(["export", "--model", str(run_dir), "--out", str(out), "--images", str(empty)]) == 2
+    assert "--images is for --check" in capsys.readouterr().err and not out.exists()

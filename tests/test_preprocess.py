@@ -59,3 +59,21 @@ def test_custom_normalisation_and_batches():
 def test_not_an_image_is_one_error():
     with pytest.raises(CtfreidError, match="expected a PIL image"):
         preprocess_image(np.zeros((3, 64, 32)), 64, 32)
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    # before: Pillow's convert("RGB") clipped every value above 255, so a 16-bit PNG crop was encoded all white
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (70, 30), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "16.png")  # the same picture in 16 bits
+    eight, sixteen = read_image(tmp_path / "8.png"), read_image(tmp_path / "16.png")
+    with Image.open(tmp_path / "16.png") as raw:
+        assert raw.mode == "I;16"
+        raw.load()
+        as_i = raw.convert("I")  # how older Pillows read 16-bit PNGs
+    assert sixteen.mode == "RGB" and np.array_equal(np.asarray(sixteen), np.asarray(eight))
+    want = preprocess_image(eight, 64, 32)
+    for image in (Image.open(tmp_path / "16.png"), as_i):  # decoded images given directly (serve, encode_images)
+        assert np.array_equal(preprocess_image(image, 64, 32), want)
+    assert np.abs(want - _reference(eight, 64, 32)).max() <= 1e-5

@@ -174,7 +174,7 @@ def _fit_target(args: argparse.Namespace, target: str, val) -> tuple[dict, dict]
 def run(args: argparse.Namespace) -> int:
     from ctfreid._atomic import atomic_write
     from ctfreid.cli.evaluate import parse_rho
-    from ctfreid.encoded import load_encoded
+    from ctfreid.encoded import check_same_encoder, load_encoded
     from ctfreid.eval.evaluate import DEFAULT_BETAS, beta_sweep, format_sweep
     from ctfreid.search.thresholds import fit_dto, save_thresholds
 
@@ -189,6 +189,12 @@ def run(args: argparse.Namespace) -> int:
     not_an_input(args.out, "--out", inputs)
     not_an_input(args.save_cost_model, "--save-cost-model", inputs)
     val = load_encoded(args.val, f"--val {args.val}")
+    query = load_encoded(args.query, f"--query {args.query}") if args.query else None
+    gallery = load_encoded(args.gallery, f"--gallery {args.gallery}") if args.gallery else None
+    if query is not None:  # refused before any fitting
+        for note in check_same_encoder({f"--val {args.val}": val, f"--query {args.query}": query,
+                                        f"--gallery {args.gallery}": gallery}):
+            print(note)
     extra = {"target": target, "val": str(args.val), "num_images": len(val), "seed": args.seed}
     if target == "dto":
         extra["rho_spec"] = rho
@@ -206,8 +212,6 @@ def run(args: argparse.Namespace) -> int:
         thresholds, more = _fit_target(args, target, val)
         extra.update(more)
     if args.beta_sweep:
-        query = load_encoded(args.query, f"--query {args.query}") if args.query else None
-        gallery = load_encoded(args.gallery, f"--gallery {args.gallery}") if args.gallery else None
         rows = beta_sweep(val, query, gallery, args.betas or DEFAULT_BETAS, rho, args.max_pairs, args.seed)
         print("\nbeta sweep" + (" (CtF on query/gallery)" if query is not None else " (Gaussian estimates)"))
         print(format_sweep(rows))

@@ -11,8 +11,10 @@ HELP = "encode a split of a dataset into an .npz of codes and features"
 DESCRIPTION = """Run a trained AiO model (eval mode, batched, no gradients) over the query, gallery or
 training images of a Market-1501-layout folder, or over the validation identities the run held back
 (--split val, needs 'ctfreid train --val-fraction'), and write an .npz with pids, camids, paths,
-codes_<L> (sgn(bn(v)) packed with numpy.packbits, one per code length) and features (bn(v) of the
-longest code, the float baseline). 'ctfreid evaluate' and 'ctfreid calibrate' read it directly.
+codes_<L> (sgn(bn(v)) packed with numpy.packbits, one per code length), features (bn(v) of the
+longest code, the float baseline) and meta (the model's fingerprint, flip test and input size).
+'ctfreid evaluate' and 'ctfreid calibrate' read it directly, and refuse to rank sets encoded by different
+models or with and without --flip (a run and its float or int8 ONNX export count as one model).
 
 examples:
   ctfreid encode --model runs/aio --data market1501/ --split query --out q.npz
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ctfreid.encoded import save_encoded
+    from ctfreid.encoded import encoder_record, save_encoded
 
     if args.num_workers < 0 or args.threads < 0:
         raise CtfreidError(f"--num-workers and --threads must be >= 0, got {args.num_workers} and {args.threads}")
@@ -57,8 +59,12 @@ def run(args: argparse.Namespace) -> int:
         not_the_model(args.out, "--out", enc.info["file"])
         records = split_records(args.split, enc.info, args.data, args.dataset)
         encoded = enc.encode_records(records, batch_size=args.batch_size or 32, progress=not args.quiet)
+        encoded.meta["encoder"] = encoder_record(enc.fingerprint, enc.flip, enc.height, enc.width,
+                                                 "int8" if enc.info.get("quantization") else None,
+                                                 str(args.model), "onnxruntime")
     else:
         encoded = _encode_with_torch(args)
+    encoded.meta["split"] = args.split
     save_encoded(args.out, encoded)
     lengths = ", ".join(str(length) for length in encoded.lengths)
     print(f"encoded {len(encoded)} {args.split} images ({lengths} bits, {encoded.features.shape[1]}-d features) -> {args.out}")
@@ -68,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
 def _encode_with_torch(args: argparse.Namespace):
     import torch
 
+    from ctfreid.encoded import encoder_record
     from ctfreid.infer import encode_records, load_model, split_records
+    from ctfreid.learn.run_dir import model_fingerprint
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +84,9 @@ def _encode_with_torch(args: argparse.Namespace):
     not_the_model(args.out, "--out", info["file"])
     records = split_records(args.split, info, args.data, args.dataset)
     device = next(model.parameters()).device
-    return encode_records(model, records, batch_size=args.batch_size, height=info["height"], width=info["width"],
-                          device=device, num_workers=args.num_workers, progress=not args.quiet,
-                          mean=info["mean"], std=info["std"], flip=args.flip)
+    encoded = encode_records(model, records, batch_size=args.batch_size, height=info["height"], width=info["width"],
+                             device=device, num_workers=args.num_workers, progress=not args.quiet,
+                             mean=info["mean"], std=info["std"], flip=args.flip)
+    encoded.meta["encoder"] = encoder_record(model_fingerprint(model, info), args.flip, info["height"], info["width"],
+                                             None, str(args.model), "torch")
+    return encoded

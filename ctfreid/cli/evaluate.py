@@ -57,7 +57,7 @@ def parse_rho(text: str) -> float | str:
 
 def run(args: argparse.Namespace) -> int:
     from ctfreid._atomic import atomic_write
-    from ctfreid.encoded import load_encoded
+    from ctfreid.encoded import check_same_encoder, load_encoded
     from ctfreid.eval.evaluate import evaluate_sets, format_table
     from ctfreid.search.thresholds import fit_dto, read_thresholds
 
@@ -70,18 +70,28 @@ def run(args: argparse.Namespace) -> int:
     gallery = load_encoded(args.gallery, f"--gallery {args.gallery}")
     if query.lengths != gallery.lengths:
         raise CtfreidError(f"--query has code lengths {query.lengths} but --gallery has {gallery.lengths}")
+    sets = {f"--query {args.query}": query, f"--gallery {args.gallery}": gallery}
     thresholds = None
+    if args.thresholds is None and args.calibrate:
+        sets[f"--calibrate {args.calibrate}"] = load_encoded(args.calibrate, f"--calibrate {args.calibrate}")
+    for note in check_same_encoder(sets):
+        print(note)
     if args.thresholds is not None:  # an empty --thresholds "$TH" is an error, not no thresholds
         thresholds = read_thresholds(args.thresholds)
     elif args.calibrate:
-        val = load_encoded(args.calibrate, f"--calibrate {args.calibrate}")
+        val = sets[f"--calibrate {args.calibrate}"]
         if val.lengths != gallery.lengths:
             raise CtfreidError(f"--calibrate has code lengths {val.lengths} but --gallery has {gallery.lengths}")
         beta = 2.0 if args.beta is None else args.beta
         fits = fit_dto(val.codes, val.pids, val.camids, beta=beta, rho=rho)
         thresholds = {L: f.threshold for L, f in fits.items()}
         print(f"DTO (beta={beta:g}) on {args.calibrate}: " + ", ".join(f"{L}={t}" for L, t in thresholds.items()))
-    result = evaluate_sets(query, gallery, thresholds, max_rank=args.max_rank, search_k=args.search_k,
+    max_rank = args.max_rank
+    if max_rank > len(gallery):  # as torchreid: a note, and CMC up to the gallery size
+        max_rank = len(gallery)
+        print(f"note: --max-rank {args.max_rank} is more than the {len(gallery)} gallery items: "
+              f"CMC up to rank {max_rank}")
+    result = evaluate_sets(query, gallery, thresholds, max_rank=max_rank, search_k=args.search_k,
                            repeats=args.repeats)
     print(f"{len(query)} queries x {len(gallery)} gallery items")
     print(format_table(result))

@@ -79,6 +79,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.calibration and not args.int8:
         raise CtfreidError("--calibration is for --int8 (the images that set its activation ranges)")
+    if args.images and not args.check:
+        raise CtfreidError("--images is for --check (the images the export is compared on)")
+    images = None
+    if args.images:  # read before exporting: an empty or missing folder writes no .onnx
+        from ctfreid.data.datasets import read_image
+        from ctfreid.infer.gallery import folder_records
+
+        images = [read_image(path) for path, _, _ in folder_records(args.images)[: args.max_images]]
     if args.int8:
         meta = export_int8(args)
     else:
@@ -89,12 +97,6 @@ def run(args: argparse.Namespace) -> int:
           + (f", int8 ({meta['quantization']['calibration_images']} calibration images)" if args.int8 else ""))
     if not args.check:
         return 0
-    images = None
-    if args.images:
-        from ctfreid.data.datasets import read_image
-        from ctfreid.infer.gallery import folder_records
-
-        images = [read_image(path) for path, _, _ in folder_records(args.images)[: args.max_images]]
     report = check_export(args.model, args.out, images=images, min_agreement=INT8_AGREEMENT if args.int8 else 0.999)
     for line in report.lines():
         print(line)

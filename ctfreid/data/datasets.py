@@ -272,9 +272,23 @@ def split_train_val(
 MAX_IMAGE_PIXELS = 40_000_000
 
 
+def to_rgb(image):
+    """A PIL image as 8-bit RGB. 16-bit grey images (modes ``I;16*``, and ``I``, as which older Pillows read
+    16-bit PNGs) are scaled from 0..65535 to 0..255 first: Pillow's ``convert("RGB")`` clips them, so that
+    every pixel above 255 (nearly all of them) would become white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        from PIL import Image
+
+        values = np.asarray(image).astype(np.float64) / 257  # 65535 -> 255, 257 * v -> v
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def read_image(path: str | os.PathLike):
-    """Open an image as an RGB ``PIL.Image``; ``CtfreidError`` naming the path if it is unreadable, corrupt
-    or larger than ``MAX_IMAGE_PIXELS`` pixels."""
+    """Open an image as an RGB ``PIL.Image`` (16-bit ones scaled to 8 bits, :func:`to_rgb`); ``CtfreidError``
+    naming the path if it is unreadable, corrupt or larger than ``MAX_IMAGE_PIXELS`` pixels."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.exists(path):
@@ -292,7 +306,7 @@ def read_image(path: str | os.PathLike):
                 raise CtfreidError(f"image {path} has {w} x {h} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} "
                                    "(ctfreid.data.datasets.MAX_IMAGE_PIXELS): expected a person crop")
             img.load()  # decode now so a truncated file fails here, not inside a DataLoader worker
-            return img.convert("RGB")
+            return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, CtfreidError):
             raise

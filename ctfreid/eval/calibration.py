@@ -136,8 +136,8 @@ def split_validation(val: EncodedSet, seed: int = 0, fold: int = 0) -> tuple[Enc
     is_gallery = (pids != -1) & ~is_query
     if not is_query.any() or not is_gallery.any():
         raise CtfreidError(
-            f"validation set: {len(cams_of)} identities, none seen by two cameras with images to spare: a "
-            "query / gallery split needs identities with images from two or more cameras"
+            f"validation set: {len(cams_of)} identit{'y' if len(cams_of) == 1 else 'ies'}, none seen by two cameras "
+            "with images to spare: a query / gallery split needs identities with images from two or more cameras"
         )
 
     def take(mask: np.ndarray) -> EncodedSet:

@@ -15,6 +15,7 @@ features become invariant to a horizontal flip. It doubles the encoding time.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ctfreid.data.datasets import Record
+from ctfreid.data.datasets import Record, to_rgb
 from ctfreid.encoded import EncodedSet
 from ctfreid.errors import CtfreidError
 
@@ -98,7 +99,8 @@ class Encoder(Protocol):
 
     ``fingerprint`` is the run's :func:`ctfreid.learn.run_dir.model_fingerprint` (an ONNX export carries its
     run's, so indexes built with the run accept the export); ``lengths`` shortest first; ``thresholds`` the
-    DTO thresholds (Sec. 3.3) stored with the model, or None; ``info`` everything else (file, backbone, mean,
+    DTO thresholds (Sec. 3.3) stored with the model, or None (a run's ``thresholds.json`` is read when first
+    used), and ``thresholds_source`` the file they come from; ``info`` everything else (file, backbone, mean,
     std, ...). Codes are packed ``sgn(bn(v_k))`` (Eq. 2); ``features`` is ``bn(v_1)`` of the longest code.
     """
 
@@ -108,6 +110,7 @@ class Encoder(Protocol):
     width: int
     flip: bool
     thresholds: dict[int, int] | None
+    thresholds_source: str
     info: dict
 
     def encode_images(self, images: Sequence[Any], batch_size: int = 32) -> EncodedSet: ...
@@ -135,14 +138,20 @@ def stored_thresholds(info: dict, path: str | os.PathLike | None = None) -> dict
     thr = info.get("thresholds")
     if thr:
         return {int(k): int(v) for k, v in thr.items()}
-    if path is not None:
-        run = Path(path) if Path(path).is_dir() else Path(path).parent
-        file = run / "thresholds.json"
-        if file.is_file():
-            from ctfreid.search.thresholds import read_thresholds
+    file = thresholds_file(info, path)
+    if file is not None:
+        from ctfreid.search.thresholds import read_thresholds
 
-            return read_thresholds(file)
+        return read_thresholds(file)
     return None
+
+
+def thresholds_file(info: dict, path: str | os.PathLike | None = None) -> Path | None:
+    """The ``thresholds.json`` that :func:`stored_thresholds` reads (the model file has none), or None."""
+    if info.get("thresholds") or path is None:
+        return None
+    file = (Path(path) if Path(path).is_dir() else Path(path).parent) / "thresholds.json"
+    return file if file.is_file() else None
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -164,8 +173,18 @@ class TorchEncoder:
         self.height: int = int(info["height"])
         self.width: int = int(info["width"])
         self.flip: bool = bool(flip)  # a run directory has no flip setting of its own
-        self.thresholds = stored_thresholds(info, path)
+        self._path = path
         self.info = {**info, "backbone": self.model.backbone_name, "runtime": "torch", "device": str(self.device)}
+
+    @functools.cached_property
+    def thresholds(self) -> dict[int, int] | None:
+        """Read when first used, so that a malformed ``thresholds.json`` fails only the commands that use it."""
+        return stored_thresholds(self.info, self._path)
+
+    @property
+    def thresholds_source(self) -> str:
+        """Where :attr:`thresholds` come from: the model file or the run's ``thresholds.json``."""
+        return str(thresholds_file(self.info, self._path) or self.info["file"])
 
     def _transform(self):
         from ctfreid.data.transforms import TransformConfig, build_test_transform
@@ -184,7 +203,7 @@ class TorchEncoder:
         parts: dict[int, list[np.ndarray]] = {length: [] for length in self.lengths}
         with torch.no_grad():
             for i in range(0, len(images), batch_size):
-                x = torch.stack([tf(im.convert("RGB")) for im in images[i:i + batch_size]]).to(self.device)
+                x = torch.stack([tf(to_rgb(im)) for im in images[i:i + batch_size]]).to(self.device)
                 bn = self.model(x)["bn"]
                 if self.flip:
                     mirrored = self.model(x.flip(3))["bn"]

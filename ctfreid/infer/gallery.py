@@ -66,7 +66,7 @@ def resolve_thresholds(encoder, spec: str | None = None, beta: float | None = No
     if spec is not None:  # an empty spec is refused by read_thresholds, not skipped
         return check_thresholds(read_thresholds(spec), lengths), f"--thresholds {spec}"
     if beta is None and encoder.thresholds:
-        return check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.info['file']}"
+        return check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.thresholds_source}"
     from ctfreid.data.datasets import split_records
     from ctfreid.search.thresholds import fit_thresholds
 

@@ -111,6 +111,7 @@ class OnnxEncoder:
         self._mirror = bool(flip) and not graph_flip
         self.flip: bool = graph_flip or self._mirror
         self.thresholds: dict[int, int] | None = {int(k): int(v) for k, v in thr.items()} if thr else None
+        self.thresholds_source: str = str(file)
         self._outputs = [output_name(length) for length in self.lengths]
         self.mean, self.std = mean, std
         # model_config / file / mean / std as in load_model's info, so the image-index helpers read both alike

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ctfreid.data.datasets import to_rgb
 from ctfreid.errors import CtfreidError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the same numbers as ctfreid.data.transforms (which imports torch)
@@ -25,7 +26,7 @@ def _normalised_hwc(image: Any, height: int, width: int, mean: np.ndarray, std: 
 
     if not isinstance(image, Image.Image):
         raise CtfreidError(f"expected a PIL image to encode, got {type(image).__name__}")
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    rgb = to_rgb(image)  # 16-bit images scaled to 8 bits, not clipped
     x = np.asarray(rgb.resize((int(width), int(height)), Image.BILINEAR), dtype=np.float32)  # a new array
     # in place, in torch's order: ToTensor's float(x) / 255, then Normalize's (x - mean) / std
     x /= np.float32(255)

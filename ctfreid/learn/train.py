@@ -459,7 +459,8 @@ def _prepare_data(config: TrainConfig, data_root: str | os.PathLike) -> _Data:
         records, val = split_train_val(records, config.val_fraction, config.seed)
     relabelled, pid_map = relabel_pids(records)
     if len(pid_map) < config.p:
-        raise CtfreidError(f"{data_root}: {len(pid_map)} training identities, fewer than P = {config.p} per batch")
+        raise CtfreidError(f"{data_root}: {len(pid_map)} training identit{'y' if len(pid_map) == 1 else 'ies'}, "
+                           f"fewer than P = {config.p} per batch")
     return _Data(relabelled, list(records), val, pid_map, data.root)
 
 
@@ -609,11 +610,19 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
         ckpt = _load_checkpoint(ckpt_path)
         _check_resumable(ckpt["config"], config, run_dir)
         data = _data_from_checkpoint(ckpt, data_root)
-        _rewrite_log(log_path, ckpt["epoch"])
     elif resume and model_path.is_file():  # a finished run whose checkpoint was cleaned up: leave it as it is
         return _finished_run(model_path, config, run_dir)
     else:
         data = _prepare_data(config, data_root)
+
+    # the model first: settings it refuses (--weights, --frozen-stages...) fail before anything is written
+    seed_everything(config.seed)
+    model = AiOModel(len(data.pid_map), backbone=config.backbone, lengths=config.lengths, pyramid=config.pyramid,
+                     weights=None if ckpt else config.weights, frozen_stages=config.frozen_stages,
+                     last_stride=config.last_stride).to(device)
+    if ckpt is not None:
+        _rewrite_log(log_path, ckpt["epoch"])
+    else:
         run_dir.mkdir(parents=True, exist_ok=True)  # after the data checks: a wrong --data leaves no empty run
         # Start again, keeping nothing stale: the log and checkpoint of an earlier run go; its model and
         # thresholds are kept aside (never deleted), so that they cannot be mistaken for the new run's.
@@ -626,11 +635,6 @@ def _train(config: TrainConfig, run_dir: Path, data_root: str | os.PathLike, res
     _save_json(run_dir / SPLIT, {"data_root": data.root, "val_fraction": config.val_fraction, "seed": config.seed,
                                  "train": relative_records(data.train_original, data.root),
                                  "val": relative_records(data.val, data.root)})
-
-    seed_everything(config.seed)
-    model = AiOModel(len(data.pid_map), backbone=config.backbone, lengths=config.lengths, pyramid=config.pyramid,
-                     weights=None if ckpt else config.weights, frozen_stages=config.frozen_stages,
-                     last_stride=config.last_stride).to(device)
     model.detach_heads = config.detach_heads  # a training setting, not part of the saved model
     optimizer = torch.optim.Adam(parameter_groups(model, config.weight_decay, config.decay_bn), lr=config.lr,
                                  weight_decay=config.weight_decay)

@@ -281,7 +281,8 @@ def pair_distances(codes: Mapping[int, np.ndarray], pids: np.ndarray, camids: np
         where = " from different cameras" if camids is not None else ""
         raise CtfreidError(
             f"validation set has no relevant pairs (two images of the same pid{where}) among {labelled.size} "
-            f"labelled items of {ids.size} identities: DTO needs same-identity pairs"
+            f"labelled item{'s' if labelled.size != 1 else ''} of {ids.size} identit{'y' if ids.size == 1 else 'ies'}: "
+            "DTO needs same-identity pairs"
         )
     if num_pos > max_pairs:
         pick = np.sort(rng.choice(num_pos, size=int(max_pairs), replace=False))

@@ -228,6 +228,8 @@ class Service:
     def decode_images(self, blobs: list[tuple[str, bytes]]) -> list:
         from PIL import Image, UnidentifiedImageError
 
+        from ctfreid.data.datasets import to_rgb
+
         Image.MAX_IMAGE_PIXELS = self.config.max_pixels
         out = []
         for i, (name, data) in enumerate(blobs):
@@ -238,7 +240,7 @@ class Service:
                 if w * h > self.config.max_pixels:
                     raise FieldError(field, f"{name}: {w} x {h} pixels, at most {self.config.max_pixels}", 413)
                 im.load()
-                out.append(im.convert("RGB"))
+                out.append(to_rgb(im))  # 16-bit images scaled to 8 bits, not clipped
             except Image.DecompressionBombError as e:
                 raise FieldError(field, f"{name}: {e}", 413) from None
             except UnidentifiedImageError:
