@@ -41,7 +41,8 @@ def itq(V: np.ndarray, iterations: int = 50, seed: int = 0) -> np.ndarray:
     return R
 
 
-def pca(X: np.ndarray, y: np.ndarray, bits: int) -> np.ndarray:
+def pca(X: np.ndarray, bits: int) -> np.ndarray:
+    """The ``bits`` leading principal directions of ``X``."""
     return np.linalg.svd(X - X.mean(0), full_matrices=False)[2][:bits].T
 
 
@@ -74,8 +75,8 @@ def main() -> None:
         print(f"{run}")
         for L in sorted({a.bits, 2048}):
             if f"codes_{L}" in q:
-                print(f"  trained {L}-bit code: Rank-1 {hamming_metrics(bits('query', L), bits('gallery', L), q, g)[0]:.1f}"
-                      f" / mAP {hamming_metrics(bits('query', L), bits('gallery', L), q, g)[1]:.1f}")
+                r1, mAP = hamming_metrics(bits("query", L), bits("gallery", L), q, g)
+                print(f"  trained {L}-bit code: Rank-1 {r1:.1f} / mAP {mAP:.1f}")
         m = evaluate_ranking(rank_by_distance(squared_euclidean_distances(q["features"], g["features"])),
                              q["pids"], q["camids"], g["pids"], g["camids"])
         print(f"  float features: Rank-1 {100 * m.rank1:.1f} / mAP {100 * m.mAP:.1f}")
@@ -84,7 +85,7 @@ def main() -> None:
             if norm:
                 f = {s: v / np.linalg.norm(v, axis=1, keepdims=True) for s, v in f.items()}
             X, y, mu = f["train"], z["train"]["pids"], f["train"].mean(0)
-            fits = {"PCA": pca(X, y, a.bits)} | {f"LDA (reg {r:g})": lda(X, y, a.bits, r) for r in (1e-3, 1e-1)}
+            fits = {"PCA": pca(X, a.bits)} | {f"LDA (reg {r:g})": lda(X, y, a.bits, r) for r in (1e-3, 1e-1)}
             for name, P in fits.items():
                 V = (X - mu) @ P
                 R = itq(V / V.std(0))
