@@ -1,12 +1,15 @@
 """ShardedIndex (ctfreid.distributed) against one CtFIndex over the same items (the oracle; CtFIndex itself is
 checked against brute force in test_index.py): exact hits, ties included, before and after removals, with
 1, 2 and 3 shards; a SIGKILLed shard restarted by Ray with its items; the partial flag while a shard is down;
-acknowledged writes surviving a reopen; save / load with resharding. One local Ray for the module."""
+acknowledged writes surviving a reopen; save / load with resharding; bad input refused as by one index;
+concurrent adds; reads, settings and saves waiting for a restarting shard; a save that failed midway; an
+unreadable shard store. One local Ray for the module."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -240,3 +243,134 @@ def test_save_and_load_with_resharding(local_ray, tmp_path):
         assert_same_hits(loaded.search_hits(q, 150), one.search_hits(q, 150))
     finally:
         loaded.close()
+
+
+def test_bad_input_is_refused_as_by_one_index(local_ray):
+    c = tied_codes(np.random.default_rng(5), 20)
+    q = {L: x[:2] for L, x in c.items()}
+    one, sharded = CtFIndex(), ShardedIndex(shards=2)
+    try:
+        one.add(c)
+        sharded.add(c)
+        one.thresholds = sharded.thresholds = dict(THR)
+        for bad in ({32: 9.7, 128: 60}, {32: True, 128: 60}):  # were truncated to 9 and 1
+            with pytest.raises(CtfreidError, match=r"thresholds\[32\] must be an integer"):
+                sharded.thresholds = bad
+        assert sharded.thresholds == THR
+        with pytest.raises(CtfreidError, match="thresholds must be a dict"):
+            sharded.thresholds = [13, 60]
+        with pytest.raises(CtfreidError, match="thresholds must be a dict"):
+            sharded.search_hits(q, 3, thresholds=[13, 60])
+        with pytest.raises(CtfreidError, match="query codes must be a non-empty dict"):
+            sharded.search([1, 2], 3)  # was an AttributeError
+        assert sharded.remove_ids([]) == one.remove_ids([]) == 0  # [] is float64 to numpy
+        mixed = {32: c[32][0], 128: c[128][:1], 512: c[512][:1]}  # one query, 1-D and 2-D: 2-D results
+        assert sharded.search(mixed, 3)[1].shape == one.search(mixed, 3)[1].shape == (1, 3)
+        for t in (0, -1.0, float("nan"), "5"):
+            with pytest.raises(CtfreidError, match="timeout must be a positive number"):
+                sharded.search_hits(q, 3, timeout=t)  # 0 or -1 flagged every shard missing, nan raised in Ray
+        with pytest.raises(CtfreidError, match="timeout must be a positive number"):
+            ShardedIndex(shards=1, timeout=None)
+    finally:
+        sharded.close()
+
+
+def test_concurrent_adds_get_distinct_default_ids(local_ray):
+    sharded, got, errors = ShardedIndex(shards=3), [], []
+
+    def adder(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(8):
+            c = tied_codes(rng, 5)
+            try:
+                got.append((sharded.add(c), c))
+            except Exception as e:  # noqa: BLE001 - two adds took the same default ids
+                errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=adder, args=(s,)) for s in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        ids = np.concatenate([i for i, _ in got])
+        np.testing.assert_array_equal(np.sort(ids), np.arange(80))
+        one = CtFIndex()  # the same items, in id order, in one index
+        order = np.argsort([i[0] for i, _ in got])
+        one.add({L: np.concatenate([got[j][1][L] for j in order]) for L in LENGTHS})
+        one.thresholds = sharded.thresholds = dict(THR)
+        q = tied_codes(np.random.default_rng(9), 4)
+        assert_same_hits(sharded.search_hits(q, 60), one.search_hits(q, 60))
+    finally:
+        sharded.close()
+
+
+def test_a_restarting_shard_delays_counts_settings_and_saves_instead_of_failing(local_ray, tmp_path):
+    rng = np.random.default_rng(8)
+    c, q = tied_codes(rng, 40), tied_codes(rng, 3)
+    one = CtFIndex()
+    one.add(c)
+    sharded = ShardedIndex(shards=2, store=tmp_path / "g", timeout=60)
+    try:
+        sharded.add(c)
+        sharded.thresholds = dict(THR)
+        # each call right after a SIGKILL raised Ray's ActorUnavailableError / ActorDiedError: the service
+        # asks ntotal on every search, so a restart failed its searches instead of delaying them
+        os.kill(sharded.shard_info()[1]["pid"], signal.SIGKILL)
+        assert sharded.ntotal == 40
+        os.kill(sharded.shard_info()[1]["pid"], signal.SIGKILL)
+        sharded.thresholds = one.thresholds = {32: 20, 128: 70}
+        os.kill(sharded.shard_info()[0]["pid"], signal.SIGKILL)
+        sharded.save(tmp_path / "snap")
+        assert_same_hits(sharded.search_hits(q, 50), one.search_hits(q, 50))
+    finally:
+        sharded.close()
+    loaded = ShardedIndex.load(tmp_path / "snap")
+    try:
+        assert loaded.thresholds == one.thresholds
+        assert_same_hits(loaded.search_hits(q, 50), one.search_hits(q, 50))
+    finally:
+        loaded.close()
+
+
+def test_a_save_that_failed_midway_is_refused_on_load(local_ray, tmp_path, monkeypatch):
+    import ctfreid.distributed.sharded as sharded_mod
+
+    rng = np.random.default_rng(12)
+    sharded = ShardedIndex(shards=2)
+    try:
+        sharded.add(tied_codes(rng, 20))
+        sharded.save(tmp_path / "snap")
+        sharded.add(tied_codes(rng, 10))
+        sharded.remove_ids(np.arange(20))
+        real, calls = sharded_mod.atomic_write, []
+
+        def full_disk(*args, **kwargs):
+            calls.append(args[0])
+            if len(calls) == 2:  # shard-0.ctf is replaced, shard-1.ctf and sharded.json are not
+                raise OSError(28, "No space left on device")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(sharded_mod, "atomic_write", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            sharded.save(tmp_path / "snap")
+    finally:
+        sharded.close()
+    # loaded before: shard 0 of the second save (ids 20, 22, ..) with shard 1 of the first (1, 3, .., 19)
+    with pytest.raises(CtfreidError, match="shard-0.ctf is not the file sharded.json was saved with"):
+        ShardedIndex.load(tmp_path / "snap")
+
+
+def test_an_unreadable_shard_store_is_an_error_not_an_empty_shard(local_ray, tmp_path):
+    sharded = ShardedIndex(shards=2, store=tmp_path / "g")
+    try:
+        sharded.add(tied_codes(np.random.default_rng(13), 20))
+    finally:
+        sharded.close()
+    for f in (tmp_path / "g" / "shard-1").iterdir():
+        f.unlink()
+    (tmp_path / "g" / "shard-1" / "gallery.sqlite").write_bytes(b"not a database" * 512)
+    # was: shard 1 came up empty and every answer missed its items, flagged complete (partial == ())
+    with pytest.raises(ray.exceptions.RayActorError, match="shard-1/gallery.sqlite cannot be read"):
+        ShardedIndex(shards=2, store=tmp_path / "g")

@@ -51,9 +51,11 @@ def stored_lengths(directory: Path) -> list[int] | None:
         return None
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            return None  # created, not yet initialised: holds nothing
         row = db.execute("SELECT value FROM meta WHERE key = 'lengths'").fetchone()
-    except sqlite3.DatabaseError:
-        return None
+    except sqlite3.DatabaseError as e:  # unreadable: never come back empty, as if it held no items
+        raise CtfreidError(f"shard store {path} cannot be read ({e})") from None
     finally:
         db.close()
     return None if row is None else [int(L) for L in json.loads(row[0])]

@@ -26,6 +26,8 @@ durable, so a dead shard is not restarted (it would come back empty): its items 
 from __future__ import annotations
 
 import json
+import math
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +47,11 @@ from ctfreid.search.thresholds import check_thresholds
 CONFIG = "sharded.json"
 INLINE_BYTES = 64 * 1024  # queries up to this size (times the shards) are sent inline, not via ray.put
 FORMAT = 1
+_HINTS = {  # what a caller of _call_all can do when a shard stays down
+    "add": "the write may be applied on the other shards: retry it with the same ids",
+    "remove_ids": "the write may be applied on the other shards: retry it with the same ids",
+    "set_thresholds": "the thresholds may be set on the other shards: set them again",
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,19 @@ def _ray():
     except ImportError as e:  # the optional extra
         raise CtfreidError('ctfreid.distributed needs Ray: pip install "ctfreid[ray]"') from e
     return ray
+
+
+def _timeout(value: Any) -> float:
+    """``timeout`` as a positive, finite number of seconds, else a CtfreidError naming it."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not 0 < value < math.inf):
+        raise CtfreidError(f"timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _crc(blob: bytes) -> int:
+    """The CRC-32 trailer of a CtFIndex file (``to_bytes`` output): which file a snapshot's shard must be."""
+    return int.from_bytes(blob[-4:], "little")
 
 
 def _code_set(codes: Mapping[int, np.ndarray], name: str) -> dict[int, np.ndarray]:
@@ -102,12 +122,13 @@ class ShardedIndex:
             raise CtfreidError(f"shards must be a positive integer, got {shards!r}")
         ray = _ray()
         self._ray = ray
-        self.timeout = float(timeout)
+        self.timeout = _timeout(timeout)
         self.store = Path(store) if store is not None else None
         self._lengths: list[int] | None = None
         self._thresholds: dict[int, int] = {}
         self._next_id = 0
         self._default_ids: bool | None = None
+        self._write = threading.Lock()  # one write at a time (as one index): default ids are assigned once each
         n = int(shards)
         if self.store is not None:
             cfg = self._read_config()
@@ -150,7 +171,7 @@ class ShardedIndex:
     @property
     def ntotal(self) -> int:
         """Live items over all shards (waits for every shard)."""
-        return sum(int(i["ntotal"]) for i in self._ray.get([a.info.remote() for a in self.actors]))
+        return sum(int(i["ntotal"]) for i in self.shard_info())
 
     @property
     def thresholds(self) -> dict[int, int]:
@@ -160,19 +181,21 @@ class ShardedIndex:
     def thresholds(self, value: Mapping[int, int]) -> None:
         """Validated against the lengths (once known), pushed to every shard (and their stores); searches
         also pass them per call, so a restarted shard answers with them too."""
-        thr = {int(L): int(t) for L, t in dict(value).items()}
-        if self._lengths:
-            check_thresholds(thr, self._lengths)
-        self._ray.get([a.set_thresholds.remote(thr) for a in self.actors])
-        self._thresholds = thr
-        self._write_config()
+        if self._lengths:  # the one index's check: 9.7 or True is an error, not 9 or 1
+            thr = check_thresholds(value, self._lengths)
+        else:
+            thr = {int(L): int(t) for L, t in dict(value).items()}
+        with self._write:
+            self._call_all("set_thresholds", [(thr,)] * self.shards)
+            self._thresholds = thr
+            self._write_config()
 
     def __repr__(self) -> str:
         return f"ShardedIndex(shards={self.shards}, lengths={self.lengths}, store={self.store})"
 
     def shard_info(self) -> list[dict]:
         """Per shard: pid, live items, next id, start time (changes when Ray restarted it), durability."""
-        return self._ray.get([a.info.remote() for a in self.actors])
+        return self._call_all("info", [()] * self.shards)
 
     # ---------------------------------------------------------------------------------------- config
     def _read_config(self) -> dict | None:
@@ -204,6 +227,10 @@ class ShardedIndex:
         ids. When this returns every shard has committed its part (with a store: durable). An id already
         held by another item is refused before any shard writes; a call that fails because a shard stayed
         down may have been applied on the others, and retrying it with the same ids is safe."""
+        with self._write:
+            return self._add(codes, ids)
+
+    def _add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None) -> np.ndarray:
         cs = check_code_set(codes, "codes")
         lengths = list(cs)
         n = next(iter(cs.values())).shape[0]
@@ -240,36 +267,40 @@ class ShardedIndex:
         arr = np.asarray(ids)
         if arr.ndim == 0:
             arr = arr[None]
+        if arr.ndim == 1 and arr.size == 0:
+            return 0  # also [], which numpy makes float64 (as one index)
         if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
             raise CtfreidError(f"ids must be a 1-D integer array, got {arr.dtype} {arr.shape}")
         arr = np.unique(arr[arr >= 0].astype(np.int64)) if arr.size else arr.astype(np.int64)
         if arr.size == 0:
             return 0
         shard_of = arr % self.shards
-        return int(sum(self._call_all("remove_ids", [(arr[shard_of == i],) for i in range(self.shards)])))
+        with self._write:
+            return int(sum(self._call_all("remove_ids", [(arr[shard_of == i],) for i in range(self.shards)])))
 
-    def _call_all(self, method: str, args: list[tuple]) -> list:
+    def _call_all(self, method: str, args: list[tuple], timeout: float | None = None) -> list:
         """``method(*args[i])`` on every shard ``i``, concurrently; the results once all have acknowledged.
         A shard that died mid-call is asked again once Ray has restarted it (the shards' writes are
-        idempotent), for at most ``timeout`` seconds (writes never return without every shard)."""
+        idempotent), for at most ``timeout`` seconds (default: the index's; writes never return without
+        every shard)."""
         ray = self._ray
-        deadline = time.monotonic() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        hint = _HINTS.get(method, "retry once it is back")
         out: list = [None] * self.shards
         pending = {getattr(a, method).remote(*args[i]): i for i, a in enumerate(self.actors)}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(deadline - time.monotonic(), 0))
             if not ready:
                 raise CtfreidError(
-                    f"{method}: shards {sorted(pending.values())} did not acknowledge within {self.timeout:g} s; "
-                    "the write may be applied on the other shards: retry it with the same ids")
+                    f"{method}: shards {sorted(pending.values())} did not acknowledge within {timeout:g} s; {hint}")
             for ref in ready:
                 i = pending.pop(ref)
                 try:
                     out[i] = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                     if deadline - time.monotonic() <= 0:
-                        raise CtfreidError(f"{method}: shard {i} is down; the write may be applied on the other "
-                                           "shards: retry it with the same ids") from None
+                        raise CtfreidError(f"{method}: shard {i} is down; {hint}") from None
                     time.sleep(0.05)
                     pending[getattr(self.actors[i], method).remote(*args[i])] = i
         return out
@@ -289,10 +320,9 @@ class ShardedIndex:
             return ShardedHits(*_fields(empty_hits(next(iter(qs.values())).shape[0], list(qs))), partial=())
         if list(qs) != self._lengths:
             raise CtfreidError(f"query codes have lengths {list(qs)} but the index holds lengths {self._lengths}")
-        thr = dict(thresholds) if thresholds is not None else dict(self._thresholds)
-        check_thresholds(thr, self._lengths)
+        thr = check_thresholds(self._thresholds if thresholds is None else thresholds, self._lengths)
         nq = next(iter(qs.values())).shape[0]
-        parts, missing = self._fan_out(qs, k, thr, self.timeout if timeout is None else float(timeout))
+        parts, missing = self._fan_out(qs, k, thr, self.timeout if timeout is None else _timeout(timeout))
         if not parts:
             merged = empty_hits(nq, self._lengths)
         else:
@@ -335,25 +365,26 @@ class ShardedIndex:
                ) -> tuple[np.ndarray, np.ndarray]:
         """``(D int32[nq, m], I int64[nq, m])`` as :meth:`CtFIndex.search` (1-D queries give 1-D results);
         raises :class:`ShardsUnavailable` (with the partial answer) rather than answer without a shard."""
-        single = any(np.asarray(c).ndim == 1 for c in query_codes.values())
-        h = self.search_hits(query_codes, k, thresholds, timeout)
+        h = self.search_hits(query_codes, k, thresholds, timeout)  # checks query_codes first
+        single = all(isinstance(c, np.ndarray) and c.ndim == 1 for c in query_codes.values())
         if h.partial:
-            raise ShardsUnavailable(h.partial, h, self.timeout if timeout is None else float(timeout))
+            raise ShardsUnavailable(h.partial, h, self.timeout if timeout is None else _timeout(timeout))
         D, I = h.finest_distances, h.ids
         return (D[0], I[0]) if single else (D, I)
 
     # ------------------------------------------------------------------------------------- save / load
     def save(self, directory: str | Path) -> None:
         """Write every shard's index (``shard-<i>.ctf``, CtFIndex format) and ``sharded.json`` into
-        ``directory`` (created), each file atomically."""
+        ``directory`` (created), each file atomically, ``sharded.json`` last with the checksum of every shard
+        file: ``load`` refuses a snapshot that a failed save left half-replaced."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        blobs = self._ray.get([a.to_bytes.remote() for a in self.actors], timeout=max(self.timeout, 600))
+        blobs = self._call_all("to_bytes", [()] * self.shards, timeout=max(self.timeout, 600))
         for i, b in enumerate(blobs):
             with atomic_write(d / f"shard-{i}.ctf") as f:
                 f.write(b)
         with atomic_write(d / CONFIG, "w") as f:
-            json.dump(self._config(), f)
+            json.dump({**self._config(), "crc32": [_crc(b) for b in blobs]}, f)
 
     @classmethod
     def load(cls, directory: str | Path, shards: int | None = None, address: str | None = None,
@@ -367,7 +398,16 @@ class ShardedIndex:
             nsaved = int(cfg["shards"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CtfreidError(f"{d} does not hold a saved sharded index ({e})") from None
-        parts = [CtFIndex.load(d / f"shard-{i}.ctf", mmap=False) for i in range(nsaved)]
+        parts = []
+        for i in range(nsaved):
+            path = d / f"shard-{i}.ctf"
+            parts.append(CtFIndex.load(path, mmap=False))
+            with open(path, "rb") as f:
+                f.seek(-4, 2)
+                crc = _crc(f.read())
+            if "crc32" in cfg and crc != cfg["crc32"][i]:  # saves before this check have no checksums
+                raise CtfreidError(f"{path} is not the file {CONFIG} was saved with (a save into {d} failed "
+                                   "midway?): save the index again")
         out = cls(shards=nsaved if shards is None else shards, address=address, store=store, **kwargs)
         if out._lengths and out.ntotal:
             raise CtfreidError(f"store {store} already holds items: load into an empty store")
