@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ctfreid.encoded import EncodedSet
-from ctfreid.errors import CtfreidError
+from ctfreid.errors import CtfreidError, count
 from ctfreid.eval.evaluate import DEFAULT_BETAS
 from ctfreid.eval.report import method_key
 
@@ -115,7 +115,7 @@ class DemoConfig:
         n_fit = _fit_ids(n_train, self.val_fraction)
         if n_fit < self.p:
             raise CtfreidError(
-                f"ids={self.ids} leaves {n_fit} identit{'y' if n_fit == 1 else 'ies'} to train on "
+                f"ids={self.ids} leaves {count(n_fit, 'identity', 'identities')} to train on "
                 f"({n_train} training identities less the "
                 f"validation split, val_fraction {self.val_fraction:g}); PK batches need p={self.p}: "
                 f"use --ids {_min_ids(self.p, self.val_fraction, self.ids)} or more"

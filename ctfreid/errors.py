@@ -11,3 +11,8 @@ from __future__ import annotations
 
 class CtfreidError(ValueError):
     """A user error: bad input, a damaged or foreign file, an impossible option."""
+
+
+def count(n: int, one: str, many: str) -> str:
+    """``n`` and the noun for it, for messages: ``count(1, "identity", "identities")`` is "1 identity"."""
+    return f"{n} {one if n == 1 else many}"

@@ -44,24 +44,15 @@ def output_file(text: str) -> str:
     return text
 
 
-def not_the_model(out: str, option: str, model_file: str) -> None:
-    """Refuse an output that is the model file being read (it would be replaced by codes or an index)."""
-    from ctfreid.errors import CtfreidError
-
-    if os.path.realpath(out) == os.path.realpath(model_file):
-        raise CtfreidError(f"{option} {out} is the model file {model_file}: writing there would destroy the "
-                           "model; choose another output file")
-
-
 def not_an_input(out: str | None, option: str, inputs: dict[str, str | None]) -> None:
-    """Refuse an output that is one of the command's input files (``--json q.npz`` with ``--query q.npz``):
-    the input would be replaced by the results."""
+    """Refuse an output that is one of the command's input files, the same path or a link to it (``--json
+    q.npz`` with ``--query q.npz``, ``--out`` onto the model being read): the input would be replaced."""
     from ctfreid.errors import CtfreidError
 
     for name, path in inputs.items():
         if out and path and os.path.realpath(out) == os.path.realpath(path):
-            raise CtfreidError(f"{option} {out} is the {name} file: writing there would destroy that input; "
-                               "choose another output file")
+            raise CtfreidError(f"{option} {out} is the {name} file {path}: writing there would destroy the {name} "
+                               "file; choose another output file")
 
 
 def seed(text: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ctfreid.cli._args import not_the_model, output_file, positive_int
+from ctfreid.cli._args import not_an_input, output_file, positive_int
 from ctfreid.errors import CtfreidError
 
 HELP = "encode a split of a dataset into an .npz of codes and features"
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
         enc = load_encoder(args.model, device=args.device, flip=True if args.flip else None,
                            threads=args.threads or None)
-        not_the_model(args.out, "--out", enc.info["file"])
+        not_an_input(args.out, "--out", {"model": enc.info["file"]})
         records = split_records(args.split, enc.info, args.data, args.dataset)
         encoded = enc.encode_records(records, batch_size=args.batch_size or 32, progress=not args.quiet)
         encoded.meta["encoder"] = encoder_record(enc.fingerprint, enc.flip, enc.height, enc.width,
@@ -81,7 +81,7 @@ def _encode_with_torch(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, info = load_model(args.model, args.device)
-    not_the_model(args.out, "--out", info["file"])
+    not_an_input(args.out, "--out", {"model": info["file"]})
     records = split_records(args.split, info, args.data, args.dataset)
     device = next(model.parameters()).device
     encoded = encode_records(model, records, batch_size=args.batch_size, height=info["height"], width=info["width"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ctfreid.cli._args import not_the_model, output_file, positive_float, positive_int
+from ctfreid.cli._args import not_an_input, output_file, positive_float, positive_int
 
 HELP = "build or extend a coarse-to-fine index from a folder of images"
 DESCRIPTION = """Encode a folder of person crops with a trained AiO model and save a coarse-to-fine (CtF)
@@ -102,7 +102,7 @@ def _build(args: argparse.Namespace) -> int:
 
     records = folder_records(args.images, recursive=args.recursive)
     enc = load_encoder(args.model, device=args.device, flip=True if args.flip else None)
-    not_the_model(args.out, "--out", enc.info["file"])
+    not_an_input(args.out, "--out", {"model": enc.info["file"]})
     thresholds, source = resolve_thresholds(enc, args.thresholds, args.beta, args.batch_size, not args.quiet,
                                             fit=lambda val: targeted_thresholds(val, len(records)))
     encoded = enc.encode_records(records, batch_size=args.batch_size, progress=not args.quiet)

@@ -40,7 +40,7 @@ from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
 from ctfreid.search.hamming import check_k
-from ctfreid.search.index import CtFIndex, check_ids
+from ctfreid.search.index import CtFIndex, check_ids, ids_to_remove
 from ctfreid.search.merge import Hits, empty_hits, merge_hits
 from ctfreid.search.thresholds import check_thresholds
 
@@ -264,14 +264,7 @@ class ShardedIndex:
     def remove_ids(self, ids: Any) -> int:
         """Remove the items with these ids from their shards (erased from the stores first); returns how
         many were removed."""
-        arr = np.asarray(ids)
-        if arr.ndim == 0:
-            arr = arr[None]
-        if arr.ndim == 1 and arr.size == 0:
-            return 0  # also [], which numpy makes float64 (as one index)
-        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
-            raise CtfreidError(f"ids must be a 1-D integer array, got {arr.dtype} {arr.shape}")
-        arr = np.unique(arr[arr >= 0].astype(np.int64)) if arr.size else arr.astype(np.int64)
+        arr = ids_to_remove(ids)  # read as one index reads them
         if arr.size == 0:
             return 0
         shard_of = arr % self.shards

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ctfreid.encoded import EncodedSet
-from ctfreid.errors import CtfreidError
+from ctfreid.errors import CtfreidError, count
 from ctfreid.eval.cost_model import CostModel, default_cost_model, expected_ms, stage_work
 from ctfreid.eval.evaluate import DEFAULT_BETAS
 from ctfreid.eval.metrics import merge_metrics, ranking_stats
@@ -136,7 +136,7 @@ def split_validation(val: EncodedSet, seed: int = 0, fold: int = 0) -> tuple[Enc
     is_gallery = (pids != -1) & ~is_query
     if not is_query.any() or not is_gallery.any():
         raise CtfreidError(
-            f"validation set: {len(cams_of)} identit{'y' if len(cams_of) == 1 else 'ies'}, none seen by two cameras "
+            f"validation set: {count(len(cams_of), 'identity', 'identities')}, none seen by two cameras "
             "with images to spare: a query / gallery split needs identities with images from two or more cameras"
         )
 

@@ -78,7 +78,7 @@ from ctfreid.data.transforms import (
     build_test_transform,
     build_train_transform,
 )
-from ctfreid.errors import CtfreidError
+from ctfreid.errors import CtfreidError, count
 from ctfreid.learn.losses import LossConfig, aio_loss
 from ctfreid.learn.model import AiOModel, resolve_device
 from ctfreid.learn.run_dir import CHECKPOINT, CONFIG, LOG, MODEL, SPLIT, THRESHOLDS
@@ -459,7 +459,7 @@ def _prepare_data(config: TrainConfig, data_root: str | os.PathLike) -> _Data:
         records, val = split_train_val(records, config.val_fraction, config.seed)
     relabelled, pid_map = relabel_pids(records)
     if len(pid_map) < config.p:
-        raise CtfreidError(f"{data_root}: {len(pid_map)} training identit{'y' if len(pid_map) == 1 else 'ies'}, "
+        raise CtfreidError(f"{data_root}: {count(len(pid_map), 'training identity', 'training identities')}, "
                            f"fewer than P = {config.p} per batch")
     return _Data(relabelled, list(records), val, pid_map, data.root)
 

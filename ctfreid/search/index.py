@@ -90,6 +90,23 @@ def _empty_aligned(shape: tuple, dtype) -> np.ndarray:
     return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
+def ids_to_remove(ids: Any) -> np.ndarray:
+    """The argument of ``remove_ids`` (one id or a 1-D integer array; ``[]`` too, which numpy makes float64)
+    as the sorted unique int64 ids that can be stored (negative ones and uint64 past int64 cannot), else a
+    CtfreidError naming the problem."""
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.ndim == 1 and arr.size == 0:
+        return np.empty(0, np.int64)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
+        raise CtfreidError(f"ids must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+    if arr.dtype == np.uint64:
+        arr = arr[arr <= np.iinfo(np.int64).max]
+    arr = arr.astype(np.int64)
+    return np.unique(arr[arr >= 0])
+
+
 def check_ids(ids: Any, n: int) -> np.ndarray:
     """``ids`` as unique non-negative int64 [n], else a CtfreidError naming the problem."""
     arr = np.asarray(ids)
@@ -293,18 +310,9 @@ class CtFIndex:
         ``save`` / ``to_bytes`` write none of their bytes; answers equal those of an index built without
         them. Costs O(removed log n); dead slots are compacted away past ``COMPACT_FRACTION`` of the slots.
         """
-        arr = np.asarray(ids)
-        if arr.ndim == 0:
-            arr = arr[None]
-        if arr.ndim == 1 and arr.size == 0:
-            return 0  # also [], which numpy makes float64
-        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
-            raise CtfreidError(f"ids must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        arr = ids_to_remove(ids)
         if arr.size == 0:
             return 0
-        if arr.dtype == np.uint64:
-            arr = arr[arr <= np.iinfo(np.int64).max]
-        arr = np.unique(arr.astype(np.int64))
         with self._lock.write():
             pos = self._lookup(arr)
             pos = pos[pos >= 0]
@@ -723,9 +731,10 @@ class CtFIndex:
             if n and (int(ids.min()) < 0 or (n > 1 and len(np.unique(ids)) != n)):
                 raise ValueError("ids")
             default_ids = header.get("default_ids")
-            next_id = int(header.get("next_id", int(ids.max()) + 1 if n else 0))
-            if not isinstance(default_ids, (bool, type(None))) or next_id < (int(ids.max()) + 1 if n else 0):
-                raise ValueError("next_id")  # a default id below it would be given twice
+            least = int(ids.max()) + 1 if n else 0  # a default id below it would be given twice
+            next_id = int(header.get("next_id", least))
+            if not isinstance(default_ids, (bool, type(None))) or next_id < least:
+                raise ValueError("next_id")
         except (ValueError, KeyError, TypeError):
             raise bad("file is damaged (inconsistent header)") from None
         if lengths:

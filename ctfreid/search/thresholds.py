@@ -55,7 +55,7 @@ import numpy as np
 
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set, check_length
-from ctfreid.errors import CtfreidError
+from ctfreid.errors import CtfreidError, count
 
 DEFAULT_MAX_PAIRS = 1_000_000
 
@@ -271,7 +271,7 @@ def pair_distances(codes: Mapping[int, np.ndarray], pids: np.ndarray, camids: np
     ids = np.unique(labelled)
     if ids.size < 2:
         raise CtfreidError(
-            f"validation set has {ids.size} identit{'y' if ids.size == 1 else 'ies'} among {labelled.size} "
+            f"validation set has {count(ids.size, 'identity', 'identities')} among {labelled.size} "
             "labelled items (pid -1 ignored): DTO needs at least two identities for non-relevant pairs"
         )
     rng = np.random.default_rng(seed)
@@ -280,8 +280,8 @@ def pair_distances(codes: Mapping[int, np.ndarray], pids: np.ndarray, camids: np
     if num_pos == 0:
         where = " from different cameras" if camids is not None else ""
         raise CtfreidError(
-            f"validation set has no relevant pairs (two images of the same pid{where}) among {labelled.size} "
-            f"labelled item{'s' if labelled.size != 1 else ''} of {ids.size} identit{'y' if ids.size == 1 else 'ies'}: "
+            f"validation set has no relevant pairs (two images of the same pid{where}) among "
+            f"{count(labelled.size, 'labelled item', 'labelled items')} of {count(ids.size, 'identity', 'identities')}: "
             "DTO needs same-identity pairs"
         )
     if num_pos > max_pairs:

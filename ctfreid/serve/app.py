@@ -37,7 +37,7 @@ from pydantic import BeforeValidator
 
 from ctfreid.errors import CtfreidError
 from ctfreid.serve.gallery import Filter, Gallery
-from ctfreid.serve.store import FieldError, ItemMeta, Store, StoreBusy, check_text
+from ctfreid.serve.store import INT_MAX, INT_MIN, FieldError, ItemMeta, Store, StoreBusy, check_text
 
 STATIC = Path(__file__).with_name("static")
 INTEGER = re.compile(r"-?[0-9]+")  # an integer given as text: plain decimal digits (int() also takes " 5", "5_0")
@@ -51,7 +51,7 @@ def _digits(v: Any) -> Any:
 
 
 # an id or pid in a path: an SQLite INTEGER, in decimal digits (not "1.0", " 1", "1_0")
-ItemId = Annotated[int, BeforeValidator(_digits), PathParam(ge=-2**63, le=2**63 - 1)]
+ItemId = Annotated[int, BeforeValidator(_digits), PathParam(ge=INT_MIN, le=INT_MAX)]
 
 
 @dataclass
@@ -517,7 +517,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             x = int(v)
         except (TypeError, ValueError):
             raise FieldError(name, f"must be an integer, got {v!r:.30}") from None
-        lo, hi = -2**63 if lo is None else lo, 2**63 - 1 if hi is None else hi  # SQLite's INTEGER
+        lo, hi = INT_MIN if lo is None else lo, INT_MAX if hi is None else hi  # SQLite's INTEGER
         if not lo <= x <= hi:
             raise FieldError(name, f"must be between {lo} and {hi}, got {x}")
         return x

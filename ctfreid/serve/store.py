@@ -34,6 +34,7 @@ from ctfreid.errors import CtfreidError
 
 DB_NAME = "gallery.sqlite"
 SCHEMA_VERSION = 1
+INT_MIN, INT_MAX = -2**63, 2**63 - 1  # SQLite's INTEGER
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -79,7 +80,7 @@ class ItemMeta:
         out = cls()
         for name in ("pid", "camera"):
             v = obj.get(name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not -2**63 <= v < 2**63):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not INT_MIN <= v <= INT_MAX):
                 raise FieldError(f"{where}.{name}", f"must be an integer, got {v!r:.40}")
             setattr(out, name, v)
         v = obj.get("time")
@@ -130,7 +131,7 @@ class StoreBusy(CtfreidError):
     """The store cannot finish a write now (another process holds its WAL); the client may retry.
     ``erased``: the ids an erasure deleted before its checkpoint failed (committed, out of search)."""
 
-    erased: list[int] = []
+    erased: Sequence[int] = ()
 
 
 class Store:
@@ -265,7 +266,8 @@ class Store:
                 self._checkpoint_locked()
 
     def _checkpoint_locked(self) -> None:
-        # each try returns at once (no busy wait of the connection's 5 s timeout while the store's lock is held)
+        # each try returns at once (no busy wait of the connection's timeout while the store's lock is held)
+        wait_ms = self._db.execute("PRAGMA busy_timeout").fetchone()[0]
         self._db.execute("PRAGMA busy_timeout = 0")
         try:
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -275,7 +277,7 @@ class Store:
                 time.sleep(0.02)
                 busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         finally:
-            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._db.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
         self._unchecked = bool(busy)
         if busy:
             raise StoreBusy(f"could not checkpoint {self.path}-wal: another process keeps it open; the rows are "
