@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import socket
 from pathlib import Path
 
@@ -16,7 +17,8 @@ The store (--store DIR, created on first start) is bound to the model's fingerpr
 as images (encoded by --model) or as packed codes; erasures (DELETE /v1/items/ID, DELETE /v1/persons/PID,
 POST /v1/erase) are final: rows deleted with secure_delete, the WAL checkpointed, the index updated,
 then the receipt. API: POST /v1/items, POST /v1/search, GET /v1/items/ID[/thumbnail], GET /v1/stats,
-GET /healthz; a page at /.
+GET /healthz; a page at /. --token-file puts /v1/ behind a bearer token (--read-token-file: a second one
+that may only search and read); --rate-limit bounds each client's requests a second (429 beyond).
 
 example:
   ctfreid serve --store gallery/ --model runs/aio --port 8080
@@ -29,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback; others need --token-file)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--token-file", type=Path, help="file holding the bearer token every request must carry")
+    p.add_argument("--read-token-file", type=Path, help="file holding a second token that may only search and "
+                   "read (GET, POST /v1/search), not add or erase (403); needs --token-file")
+    p.add_argument("--rate-limit", type=float, metavar="R",
+                   help="at most R requests a second on /v1/ per client address, on average; more get 429 with "
+                        "Retry-After (default: no limit)")
+    p.add_argument("--rate-burst", type=int, metavar="B",
+                   help="with --rate-limit: requests a client may send at once (default: R rounded up)")
     p.add_argument("--beta", type=float, help="default thresholds by DTO with this beta (needs the model's validation "
                    "split); default: the thresholds stored with the model, else the fastest within 0.5 mAP and "
                    "Rank-1 points of the longest code on the validation split ('ctfreid calibrate' --target accuracy)")
@@ -77,14 +86,36 @@ def _sharded(args: argparse.Namespace):
     return factory
 
 
+def _read_token(path: Path | None, option: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CtfreidError(f"{option} {path} cannot be read ({e})") from None
+    if not token:
+        raise CtfreidError(f"{option} {path} is empty")
+    return token
+
+
 def run(args: argparse.Namespace) -> int:
     from ctfreid.serve.app import ServeConfig, create_app
 
-    token = None
-    if args.token_file is not None:
-        token = args.token_file.read_text().strip()
-        if not token:
-            raise CtfreidError(f"--token-file {args.token_file} is empty")
+    token = _read_token(args.token_file, "--token-file")
+    read_token = _read_token(args.read_token_file, "--read-token-file")
+    if read_token is not None and token is None:
+        raise CtfreidError("--read-token-file needs --token-file: without it every request may add and erase")
+    if read_token is not None and read_token == token:
+        raise CtfreidError("--read-token-file holds the same token as --token-file: give the read-only token "
+                           "its own value")
+    rate, burst = args.rate_limit, args.rate_burst
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise CtfreidError(f"--rate-limit must be a number of requests a second > 0, got {rate:g}")
+    if burst is not None and (rate is None or burst < 1):
+        raise CtfreidError("--rate-burst must be >= 1, with --rate-limit" if rate is not None else
+                           "--rate-burst needs --rate-limit")
+    if rate is not None and burst is None:
+        burst = math.ceil(rate)
     if not _is_loopback(args.host) and token is None:
         raise CtfreidError(f"--host {args.host} is not a loopback address: give --token-file so that "
                            "only holders of the token can search and erase")
@@ -103,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise CtfreidError(f"--{name.replace('_', '-')} must be >= 1")
     config = ServeConfig(store=str(args.store), model=str(args.model), host=args.host, port=args.port, token=token,
+                         read_token=read_token, rate_limit=rate, rate_burst=burst or 1,
                          beta=args.beta, gallery_size=args.gallery_size, retention_seconds=retention, thumbnails=not args.no_thumbnails,
                          flip=args.flip, max_concurrency=args.max_concurrency, max_images=args.max_images,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)))

@@ -2,8 +2,9 @@
 :mod:`ctfreid.cli.serve`).
 
 Every answer is JSON; every error is ``{"error": {"field": NAME or null, "message": TEXT}}`` with 400 (bad
-input), 401 (no or wrong token), 404, 413 (body, image count or pixels over the limits), 422 (a request
-that does not validate) or 503 (overloaded). Thresholds of a search, in order of precedence: the request's
+input), 401 (no or wrong token), 403 (a read-only token on a write), 404, 413 (body, image count or pixels
+over the limits), 422 (a request that does not validate), 429 (over the client's request rate, with
+``Retry-After``) or 503 (overloaded). Thresholds of a search, in order of precedence: the request's
 ``thresholds``; its ``beta`` (DTO on the Gaussian fits of the model's validation split, Sec. 3.3, Eq. 8;
 400 when the model has no validation split); the server default (``--beta``, else the thresholds stored
 with the model, else the accuracy target (tolerance 0.5 points) fitted on the validation split and
@@ -63,6 +64,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     token: str | None = None
+    read_token: str | None = None  # may search and read, not add or erase (Qdrant's read-only API key)
+    rate_limit: float | None = None  # requests a second per client address on /v1/ (None: no limit)
+    rate_burst: int = 1  # requests a client may send at once before the rate applies
     beta: float | None = None
     gallery_size: int = 1_000_000  # the gallery the default thresholds' time is planned for
     retention_seconds: float | None = None
@@ -305,6 +309,12 @@ class Service:
             "requests": dict(self.requests),
             "latency_ms": lat,
             "retention_seconds": self.config.retention_seconds,
+            "limits": {"rate_limit": self.config.rate_limit,
+                       "rate_burst": self.config.rate_burst if self.config.rate_limit else None,
+                       "max_concurrency": self.config.max_concurrency, "max_k": self.config.max_k,
+                       "max_images": self.config.max_images, "max_codes": self.config.max_codes,
+                       "max_body_bytes": self.config.max_body_bytes, "max_pixels": self.config.max_pixels},
+            "auth": {"token": self.config.token is not None, "read_only_token": self.config.read_token is not None},
         }
 
 
@@ -312,16 +322,56 @@ class _TooLarge(Exception):
     pass
 
 
+class RateLimiter:
+    """A token bucket per client (as nginx's ``limit_req``): ``rate`` requests a second on average, up to
+    ``burst`` at once. Buckets that have refilled are forgotten (they equal a new client's), so memory stays
+    bounded by the clients active within ``burst / rate`` seconds, and by ``max_clients`` at worst."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 100_000) -> None:
+        self.rate, self.burst, self.max_clients = float(rate), float(burst), max_clients
+        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens left, when)
+        self.lock = threading.Lock()
+
+    def take(self, client: str, now: float) -> float:
+        """Spend one request of ``client`` at time ``now``: 0 if allowed, else the seconds until it would be."""
+        with self.lock:
+            tokens, then = self.buckets.get(client, (self.burst, now))
+            tokens = min(self.burst, tokens + max(0.0, now - then) * self.rate)
+            if tokens < 1:
+                self.buckets[client] = (tokens, now)
+                return (1 - tokens) / self.rate
+            self.buckets[client] = (tokens - 1, now)
+            if len(self.buckets) > self.max_clients:
+                self._forget(now)
+            return 0.0
+
+    def _forget(self, now: float) -> None:
+        full = [c for c, (tok, t) in self.buckets.items() if tok + (now - t) * self.rate >= self.burst]
+        for c in full:
+            del self.buckets[c]
+        if len(self.buckets) > self.max_clients:  # a flood of addresses: forget the least recent half
+            for c, _ in sorted(self.buckets.items(), key=lambda kv: kv[1][1])[: len(self.buckets) // 2]:
+                del self.buckets[c]
+
+
 class Guard:
-    """ASGI middleware: token check (constant time), body size limit, bounded concurrency, counters."""
+    """ASGI middleware: request rate per client, token check (constant time; a read-only token may only
+    read and search), body size limit, bounded concurrency, counters."""
 
     OPEN = ("/healthz", "/", "/favicon.ico")
 
     def __init__(self, app, service: Service) -> None:
         self.app = app
         self.svc = service
-        tok = service.config.token
-        self.expected = tok.encode() if tok else None
+        cfg = service.config
+        self.expected = cfg.token.encode() if cfg.token else None
+        self.read_only = cfg.read_token.encode() if cfg.read_token else None
+        self.limiter = RateLimiter(cfg.rate_limit, cfg.rate_burst) if cfg.rate_limit else None
+
+    @staticmethod
+    def reads(method: str, path: str) -> bool:
+        """What a read-only token may do: GET / HEAD anything, and search."""
+        return method in ("GET", "HEAD") or (method == "POST" and path == "/v1/search")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -341,11 +391,27 @@ class Guard:
 
         key = _route_name(scope["method"], path)
         try:
+            guarded = path.startswith("/v1/")
+            if guarded and self.limiter is not None:  # before the token: guessing tokens is rate-limited too
+                client = (scope.get("client") or ("?",))[0]
+                wait = self.limiter.take(client, time.monotonic())
+                if wait:
+                    cfg = svc.config
+                    resp = _error(429, None, f"rate limit: {cfg.rate_limit:g} requests a second per client "
+                                             f"(bursts of {cfg.rate_burst}); retry in {wait:.2f} s")
+                    resp.headers["Retry-After"] = str(math.ceil(wait))
+                    return await respond(resp)
             if self.expected is not None and not (path in self.OPEN or path.startswith("/static/")):
                 got = [v for k, v in scope["headers"] if k == b"authorization"]
                 scheme, _, token = got[0].partition(b" ") if len(got) == 1 else (b"", b"", b"")  # two: refused
-                if not (hmac.compare_digest(token.lstrip(b" "), self.expected) and scheme.lower() == b"bearer"):
+                token = token.lstrip(b" ")
+                full = hmac.compare_digest(token, self.expected)
+                read = self.read_only is not None and hmac.compare_digest(token, self.read_only)
+                if not ((full or read) and scheme.lower() == b"bearer"):
                     return await respond(_error(401, "Authorization", "missing or wrong bearer token"))
+                if not full and not self.reads(scope["method"], path):
+                    return await respond(_error(403, "Authorization", "this token may only search and read; adding "
+                                                                      "and erasing need the full token"))
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             limit = svc.config.max_body_bytes
@@ -365,7 +431,6 @@ class Guard:
                         raise _TooLarge()
                 return message
 
-            guarded = path.startswith("/v1/")
             if guarded:
                 with svc.inflight_lock:
                     if svc.inflight >= svc.config.max_concurrency:
