@@ -38,6 +38,7 @@ from pydantic import BeforeValidator
 
 from ctfreid.errors import CtfreidError
 from ctfreid.serve.gallery import Filter, Gallery
+from ctfreid.serve.metrics import CONTENT_TYPE, Metrics
 from ctfreid.serve.store import INT_MAX, INT_MIN, FieldError, ItemMeta, Store, StoreBusy, check_text
 
 STATIC = Path(__file__).with_name("static")
@@ -128,6 +129,7 @@ class Service:
         self.inflight_lock = threading.Lock()
         self.retention_erased = 0
         self._stop = threading.Event()
+        self.metrics = Metrics(self)
 
     def _default_thresholds(self) -> dict[int, int]:
         """The server's default thresholds (see the module); sets ``thresholds_source``."""
@@ -358,7 +360,7 @@ class Guard:
     """ASGI middleware: request rate per client, token check (constant time; a read-only token may only
     read and search), body size limit, bounded concurrency, counters."""
 
-    OPEN = ("/healthz", "/", "/favicon.ico")
+    OPEN = ("/healthz", "/", "/favicon.ico")  # and /static/: the page; /metrics needs the token, as /v1/
 
     def __init__(self, app, service: Service) -> None:
         self.app = app
@@ -389,7 +391,8 @@ class Guard:
         async def respond(resp):
             await resp(scope, receive, send_wrapped)
 
-        key = _route_name(scope["method"], path)
+        route = _route(path)
+        key = f"{scope['method']} {route}"
         try:
             guarded = path.startswith("/v1/")
             if guarded and self.limiter is not None:  # before the token: guessing tokens is rate-limited too
@@ -450,17 +453,23 @@ class Guard:
                     with svc.inflight_lock:
                         svc.inflight -= 1
         finally:
+            seconds = time.perf_counter() - t0
             svc.requests[f"{key} {status['code']}"] += 1
-            svc.latency[key].append((time.perf_counter() - t0) * 1e3)
+            svc.latency[key].append(seconds * 1e3)
+            svc.metrics.observe(scope["method"], route, status["code"], seconds)
 
 
-def _route_name(method: str, path: str) -> str:
-    parts = path.split("/")
-    parts = ["{x}" if p.isdigit() or (p.startswith("-") and p[1:].isdigit()) else p for p in parts]
-    name = "/".join(parts)
-    if name.endswith("/thumbnail"):
-        name = "/v1/items/{x}/thumbnail"
-    return f"{method} {name if len(name) < 64 else name[:64]}"
+ROUTES = frozenset({"/", "/healthz", "/metrics", "/favicon.ico", "/static/{file}", "/v1/stats", "/v1/items",
+                    "/v1/search", "/v1/erase", "/v1/items/{x}", "/v1/items/{x}/thumbnail", "/v1/persons/{x}"})
+
+
+def _route(path: str) -> str:
+    """The route template of ``path`` (ids as ``{x}``), or "other": counters keep one entry per route, not one
+    per path a scanner tries."""
+    if path.startswith("/static/"):
+        return "/static/{file}"
+    name = "/".join("{x}" if p.isdigit() or (p.startswith("-") and p[1:].isdigit()) else p for p in path.split("/"))
+    return name if name in ROUTES else "other"
 
 
 def create_app(config: ServeConfig, encoder=None, index_factory=None):
@@ -623,6 +632,10 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
     @app.api_route("/v1/stats", methods=["GET", "HEAD"])
     async def stats():
         return svc.stats()
+
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    async def metrics():  # Prometheus text format; gauges read the gallery (a sharded one asks its shards)
+        return Response(await run_in_threadpool(svc.metrics.exposition), media_type=CONTENT_TYPE)
 
     @app.post("/v1/items")
     async def add_items(request: Request):
