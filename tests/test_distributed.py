@@ -3,11 +3,13 @@ checked against brute force in test_index.py): exact hits, ties included, before
 1, 2 and 3 shards; a SIGKILLed shard restarted by Ray with its items; the partial flag while a shard is down;
 acknowledged writes surviving a reopen; save / load with resharding; bad input refused as by one index;
 concurrent adds; reads, settings and saves waiting for a restarting shard; a save that failed midway; an
-unreadable shard store. One local Ray for the module."""
+unreadable or missing shard store (on a reopen and on a Ray restart); a shard Ray does not restart flagged at
+once. One local Ray for the module."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -372,5 +374,119 @@ def test_an_unreadable_shard_store_is_an_error_not_an_empty_shard(local_ray, tmp
         f.unlink()
     (tmp_path / "g" / "shard-1" / "gallery.sqlite").write_bytes(b"not a database" * 512)
     # was: shard 1 came up empty and every answer missed its items, flagged complete (partial == ())
-    with pytest.raises(ray.exceptions.RayActorError, match="shard-1/gallery.sqlite cannot be read"):
+    with pytest.raises(CtfreidError, match="shard 1 cannot start: shard store .*shard-1/gallery.sqlite cannot be read"):
         ShardedIndex(shards=2, store=tmp_path / "g")
+
+
+def test_a_missing_shard_store_is_an_error_on_reopen_not_an_empty_shard(local_ray, tmp_path):
+    rng = np.random.default_rng(14)
+    c, q = tied_codes(rng, 30), tied_codes(rng, 4)
+    one = CtFIndex()
+    one.add(c)
+    one.thresholds = dict(THR)
+    sharded = ShardedIndex(shards=2, store=tmp_path / "g")
+    try:
+        sharded.add(c)
+        sharded.thresholds = dict(THR)
+    finally:
+        sharded.close()
+    shard1 = tmp_path / "g" / "shard-1"
+    shard1.rename(tmp_path / "elsewhere")  # deleted, or its disk not mounted
+    # was: shard 1 came up empty, answers missed its items flagged complete, and writes began a new store there
+    with pytest.raises(CtfreidError, match=r"shard 1 cannot start: shard store \S*shard-1/ is missing .*restore or"):
+        ShardedIndex(shards=2, store=tmp_path / "g")
+    assert not shard1.exists()
+    shard1.mkdir()  # the empty mount point of a disk that is not mounted
+    with pytest.raises(CtfreidError, match=r"shard-1/ is missing"):
+        ShardedIndex(shards=2, store=tmp_path / "g")
+    assert list(shard1.iterdir()) == []
+    shard1.rmdir()
+    (tmp_path / "elsewhere").rename(shard1)  # mounted again: every item is back
+    reopened = ShardedIndex(shards=2, store=tmp_path / "g")
+    try:
+        assert reopened.ntotal == one.ntotal == 30
+        assert_same_hits(reopened.search_hits(q, 30), one.search_hits(q, 30))
+    finally:
+        reopened.close()
+
+    few = ShardedIndex(shards=3, store=tmp_path / "f")  # fewer items than shards: shard 2 never stored any
+    try:
+        few.add({L: x[:2] for L, x in c.items()})
+    finally:
+        few.close()
+    assert not (tmp_path / "f" / "shard-2").exists()
+    again = ShardedIndex(shards=3, store=tmp_path / "f")  # starts normally, and shard 2 takes items later
+    try:
+        assert again.ntotal == 2
+        np.testing.assert_array_equal(again.add({L: x[2:6] for L, x in c.items()}), [2, 3, 4, 5])
+        assert again.ntotal == 6
+    finally:
+        again.close()
+
+
+def test_a_shard_restarted_after_its_store_vanished_raises_instead_of_answering_empty(local_ray, tmp_path):
+    rng = np.random.default_rng(15)
+    c, q = tied_codes(rng, 40), tied_codes(rng, 3)
+    sharded = ShardedIndex(shards=2, store=tmp_path / "g", timeout=120)
+    try:
+        sharded.add(c)
+        sharded.thresholds = dict(THR)
+        assert sharded.search_hits(q, 40).partial == ()
+        shutil.rmtree(tmp_path / "g" / "shard-1")
+        ray.kill(sharded.actors[1], no_restart=False)  # Ray restarts it with the same arguments: store gone
+        # was: it came back empty; searches answered without its items (partial == ()) and ntotal said 20
+        with pytest.raises(CtfreidError, match=r"shard 1 cannot start: shard store \S*shard-1/ is missing"):
+            sharded.search_hits(q, 40)
+        with pytest.raises(CtfreidError, match="shard-1/ is missing"):
+            sharded.search(q, 40)
+        with pytest.raises(CtfreidError, match="shard-1/ is missing"):
+            sharded.ntotal
+        with pytest.raises(CtfreidError, match="shard-1/ is missing"):
+            sharded.add(tied_codes(rng, 4))
+        assert not (tmp_path / "g" / "shard-1").exists()  # no new, empty store in its place
+    finally:
+        sharded.close()
+
+
+class CountingActor:
+    """An actor handle that counts the calls made through it (method lookups)."""
+
+    def __init__(self, actor) -> None:
+        self.actor, self.calls = actor, {}
+
+    def __getattr__(self, name: str):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return getattr(self.actor, name)
+
+
+def test_a_shard_that_is_not_restarted_is_missing_at_once_not_asked_until_the_timeout(local_ray):
+    rng = np.random.default_rng(16)
+    c, q = tied_codes(rng, 60), tied_codes(rng, 3)
+    sharded = ShardedIndex(shards=2, timeout=3)  # no store: Ray does not restart a dead shard
+    dead = sharded.actors[1]
+    try:
+        sharded.add(c)
+        sharded.thresholds = dict(THR)
+        assert sharded.search_hits(q, 30).partial == ()
+        ray.kill(dead, no_restart=True)
+        for _ in range(600):  # until Ray reports it dead
+            try:
+                ray.get(dead.info.remote())
+            except ray.exceptions.ActorDiedError:
+                break
+            time.sleep(0.05)
+        sharded.actors[1] = counting = CountingActor(dead)
+        h = sharded.search_hits(q, 30)
+        # was: asked again every 50 ms until the timeout (each search and ntotal waited it in full)
+        assert counting.calls == {"search_hits": 1}
+        assert h.partial == (1,)
+        survivors = CtFIndex()  # the answer is exactly shard 0's part: the even ids
+        even = np.arange(0, 60, 2)
+        survivors.add({L: x[even] for L, x in c.items()}, ids=even)
+        assert_same_hits(h, survivors.search_hits(q, 30, thresholds=THR))
+        with pytest.raises(CtfreidError, match="info: shard 1 is dead and Ray does not restart it"):
+            sharded.ntotal
+        assert counting.calls == {"search_hits": 1, "info": 1}
+    finally:
+        sharded.actors[1] = dead
+        sharded.close()

@@ -4,6 +4,8 @@ id is ``i (mod N)``, and (optionally) its durable store.
 The class is plain Python; :mod:`ctfreid.distributed.sharded` runs it as a Ray actor. Ray restarts a dead
 actor by calling ``__init__`` again with the same arguments, so the constructor is also the recovery path: it
 rebuilds the index from the shard's store (the items the store has committed, hence every acknowledged one).
+Once the store holds items, a marker ``shard-<i>.stored`` beside its directory records that, so a store
+directory that is gone (deleted, disk not mounted) stops the shard instead of bringing it back empty.
 
 The store is the service's SQLite store (:class:`ctfreid.serve.store.Store`: WAL, ``synchronous=FULL``,
 ``secure_delete``, erasure checkpoints), with one addition: items keep the global id the sharded index gave
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ctfreid._atomic import atomic_write, fsync_dir
 from ctfreid.errors import CtfreidError
 from ctfreid.search.index import CtFIndex
 from ctfreid.search.merge import Hits
@@ -74,15 +77,36 @@ class Shard:
         self.index = CtFIndex()
         self.next_id = 0
         self.started = time.time()
+        # beside the store directory, not in it: it must outlive that directory to say it held items
+        self.marker = self.dir.parent / f"{self.dir.name}.stored" if self.dir is not None else None
+        self._marked = False
         if self.dir is not None:
             lengths = stored_lengths(self.dir)
+            if lengths is None and self.marker.exists():  # never serve (or write into a new store) without them
+                raise CtfreidError(
+                    f"shard store {self.dir}/ is missing (or holds no store) but shard {self.shard} had stored "
+                    f"items there ({self.marker} records it): restore or mount it; to give its items up and "
+                    f"start this shard empty, delete {self.marker}")
             if lengths is not None:
                 self._open(lengths)
                 self._reload()
+                self._mark()  # also for a store written before markers existed
 
     # ------------------------------------------------------------------------------------ persistence
     def _open(self, lengths: list[int]) -> None:
         self.store = ShardStore(self.dir, self.fingerprint, lengths)
+
+    def _mark(self) -> None:
+        """Write the marker (durably: file and directory fsynced) once the store has committed items; before
+        the write is acknowledged, so every acknowledged item has it."""
+        if self._marked:
+            return
+        if not self.marker.exists():
+            fsync_dir(self.dir)  # the store's file names (SQLite syncs the files); atomic_write syncs the marker's
+            with atomic_write(self.marker, "w") as f:
+                f.write(f"shard {self.shard} of {self.count} keeps its items in {self.dir.name}/: "
+                        "if that directory is missing, restore or mount it\n")
+        self._marked = True
 
     def _reload(self) -> None:
         """Rebuild the index from the store, in id order (= insertion order for global ids)."""
@@ -114,6 +138,7 @@ class Shard:
             if self.store is None:
                 self._open(sorted(int(L) for L in codes))
             self.store.put(ids, codes, next_id)
+            self._mark()
         if ids.size or not self.index.lengths:
             self.index.add(codes, ids)
         self.next_id = max(self.next_id, int(next_id))

@@ -20,7 +20,9 @@ Faults: with ``store=DIR`` each shard commits its writes to its own SQLite store
 acknowledging them, and a dead shard actor is restarted by Ray (``max_restarts``) and reloads its items from
 there. A search waits at most ``timeout`` seconds for the shards; shards that have not answered by then are
 listed in ``Hits.partial`` (``search`` raises :class:`ShardsUnavailable` instead). Without a store nothing is
-durable, so a dead shard is not restarted (it would come back empty): its items stay missing, flagged.
+durable, so a dead shard is not restarted (it would come back empty): its items stay missing, flagged at once.
+A shard that cannot start (its store directory gone or unreadable) makes every call raise a CtfreidError
+naming the cause.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ class ShardsUnavailable(CtfreidError):
     over the other shards."""
 
     def __init__(self, missing: tuple[int, ...], hits: ShardedHits, timeout: float) -> None:
-        super().__init__(f"shards {list(missing)} did not answer within {timeout:g} s: the answer would miss "
-                         "their items (search_hits returns it, flagged partial)")
+        super().__init__(f"shards {list(missing)} are down or did not answer within {timeout:g} s: the answer "
+                         "would miss their items (search_hits returns it, flagged partial)")
         self.missing, self.hits = missing, hits
 
 
@@ -91,6 +93,15 @@ def _timeout(value: Any) -> float:
 def _crc(blob: bytes) -> int:
     """The CRC-32 trailer of a CtFIndex file (``to_bytes`` output): which file a snapshot's shard must be."""
     return int.from_bytes(blob[-4:], "little")
+
+
+def _cannot_start(i: int, e: Exception) -> CtfreidError | None:
+    """Shard ``i``'s own error when Ray reports (``e``) that its constructor raised: Ray does not restart it,
+    so asking again is useless until the cause (a missing or unreadable store) is fixed. None otherwise."""
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    line = str(e).rstrip().splitlines()[-1]  # Ray's message ends with the constructor's exception
+    return CtfreidError(f"shard {i} cannot start: {line.removeprefix('ctfreid.errors.CtfreidError: ')}")
 
 
 def _code_set(codes: Mapping[int, np.ndarray], name: str) -> dict[int, np.ndarray]:
@@ -150,11 +161,23 @@ class ShardedIndex:
         opts: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": "SPREAD",
                                 "max_restarts": int(max_restarts) if self.store is not None else 0}
         opts.update(actor_options or {})
+        self._max_restarts = int(opts["max_restarts"])
         remote = ray.remote(Shard)
         self.actors = [remote.options(**opts).remote(i, n, None if self.store is None else
                                                      str(self.store / f"shard-{i}"), fingerprint)
                        for i in range(n)]
-        infos = ray.get([a.info.remote() for a in self.actors])
+        infos = []
+        for i, ref in enumerate([a.info.remote() for a in self.actors]):
+            try:
+                infos.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                err = _cannot_start(i, e)
+                if err is None:
+                    raise
+                for a in self.actors:  # the others would serve an index without shard i's items
+                    ray.kill(a, no_restart=True)
+                self.actors = []
+                raise err from None
         self._next_id = max([self._next_id] + [int(i["next_id"]) for i in infos])
         if self._lengths is None:
             self._lengths = next((i["lengths"] for i in infos if i["lengths"]), None)
@@ -271,6 +294,11 @@ class ShardedIndex:
         with self._write:
             return int(sum(self._call_all("remove_ids", [(arr[shard_of == i],) for i in range(self.shards)])))
 
+    def _dead(self, e: Exception) -> bool:
+        """Whether Ray's error ``e`` means the shard is dead for good: ActorDiedError is also raised for calls in
+        flight when a restartable shard dies, so only without restarts (no store) is it final."""
+        return self._max_restarts == 0 and isinstance(e, self._ray.exceptions.ActorDiedError)
+
     def _call_all(self, method: str, args: list[tuple], timeout: float | None = None) -> list:
         """``method(*args[i])`` on every shard ``i``, concurrently; the results once all have acknowledged.
         A shard that died mid-call is asked again once Ray has restarted it (the shards' writes are
@@ -291,7 +319,13 @@ class ShardedIndex:
                 i = pending.pop(ref)
                 try:
                     out[i] = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    err = _cannot_start(i, e)
+                    if err is not None:
+                        raise CtfreidError(f"{method}: {err}; {hint}") from None
+                    if self._dead(e):
+                        raise CtfreidError(f"{method}: shard {i} is dead and Ray does not restart it "
+                                           f"(max_restarts=0); {hint}") from None
                     if deadline - time.monotonic() <= 0:
                         raise CtfreidError(f"{method}: shard {i} is down; {hint}") from None
                     time.sleep(0.05)
@@ -306,7 +340,9 @@ class ShardedIndex:
 
         Every shard searches the queries concurrently (a large batch is put in the object store once). Shards that
         have not answered within ``timeout`` (default: the index's) are retried while time is left (a
-        restarting shard), then listed in ``partial``: the answer then misses their items."""
+        restarting shard), then listed in ``partial``: the answer then misses their items. A shard that Ray
+        does not restart (``max_restarts=0``) is listed at once; one that cannot start (its store gone or
+        unreadable) raises a CtfreidError naming the cause."""
         k = check_k(k)
         qs = _code_set(query_codes, "query codes")
         if not self._lengths:
@@ -331,6 +367,7 @@ class ShardedIndex:
         deadline = time.monotonic() + timeout
         pending = {a.search_hits.remote(qref, k, thr): i for i, a in enumerate(self.actors)}
         parts: list[Hits] = []
+        dead: list[int] = []
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -342,8 +379,13 @@ class ShardedIndex:
                 i = pending.pop(ref)
                 try:
                     h = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    if deadline - time.monotonic() > 0.05:  # restarting: ask again once it is back
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    err = _cannot_start(i, e)
+                    if err is not None:  # never an answer without its items, flagged or not: the operator must act
+                        raise err from None
+                    if self._dead(e):  # not restarted: missing now, rather than after the timeout
+                        dead.append(i)
+                    elif deadline - time.monotonic() > 0.05:  # restarting: ask again once it is back
                         time.sleep(0.05)
                         pending[self.actors[i].search_hits.remote(qref, k, thr)] = i
                     else:
@@ -351,7 +393,7 @@ class ShardedIndex:
                     continue
                 if h is not None:
                     parts.append(h)
-        return parts, sorted(pending.values())
+        return parts, sorted([*pending.values(), *dead])
 
     def search(self, query_codes: Mapping[int, np.ndarray], k: int,
                thresholds: Mapping[int, int] | None = None, timeout: float | None = None
