@@ -1,6 +1,7 @@
-"""Atomic file writes: write to a temporary file beside the target, fsync, then rename over it.
+"""Atomic file writes: write to a temporary file beside the target, fsync, rename over it, fsync the folder.
 
 - a crash, a kill or a full disk never leaves a half-written target: either the old file or the new one;
+  once the write returns, the new one survives a power loss too (the folder's entry is synced as well);
 - the temporary file is ``.NAME.PID.RANDOM.tmp``; one left behind by a killed writer (its process is gone)
   is removed by the next write of the same target;
 - the new file keeps the old one's permissions (a private 0600 index stays private), else gets those of a
@@ -41,6 +42,21 @@ def _umask() -> int:
     umask = os.umask(0o077)  # no /proc: the briefest change, to the most private mask
     os.umask(umask)
     return umask
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of folder ``path`` durable (a file created or renamed there survives a power loss
+    only once its folder is synced). Skipped where folders cannot be synced (no O_DIRECTORY, EINVAL)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
@@ -86,6 +102,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(parent)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -195,3 +195,15 @@ def test_one_training_identity_is_singular(tmp_path, capsys):
     rc = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--val-fraction", "0"])
     assert rc == 2
     one_line(capsys.readouterr().err, "1 training identity, fewer than P = 4")  # before: "1 identities"
+
+
+@pytest.mark.parametrize("tail", ["/", "/.", "/.."])
+def test_an_output_path_ending_in_a_separator_is_refused_before_any_work(tmp_path, tail):
+    import argparse
+
+    from ctfreid.cli._args import output_file
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a file path"):
+        output_file(str(tmp_path / "g.npz") + tail)  # Path() would drop the tail and write tmp_path/g.npz
+    assert output_file(str(tmp_path / "g.npz")) == str(tmp_path / "g.npz")
+    assert list(tmp_path.iterdir()) == []

@@ -36,6 +36,8 @@ def output_file(text: str) -> str:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file path")
+    if os.path.basename(text) in ("", ".", ".."):  # "out/g.npz/": Path() would drop the "/" and write out/g.npz
+        raise argparse.ArgumentTypeError(f"{text} ends in a separator, '.' or '..', expected a file path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {text}: folder {parent} does not exist")

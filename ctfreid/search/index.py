@@ -90,6 +90,16 @@ def _empty_aligned(shape: tuple, dtype) -> np.ndarray:
     return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
+def _file_path(path: str | bytes | os.PathLike, what: str) -> Path:
+    """``path`` (str, bytes or path-like, decoded as ``open`` decodes bytes) as a Path. One that ends in a
+    separator, ``.`` or ``..`` is refused: Path() drops those, and would use the file before them."""
+    raw = os.fsdecode(path)
+    if os.path.basename(raw) in ("", ".", ".."):
+        raise CtfreidError(f"cannot {what} {raw!r}: a file path cannot be empty or end in a separator, "
+                           "'.' or '..'")
+    return Path(raw)
+
+
 def ids_to_remove(ids: Any) -> np.ndarray:
     """The argument of ``remove_ids`` (one id or a 1-D integer array; ``[]`` too, which numpy makes float64)
     as the sorted unique int64 ids that can be stored (negative ones and uint64 past int64 cannot), else a
@@ -601,9 +611,9 @@ class CtFIndex:
         put(b"\0" * (header["file_size"] - _CRC.size - pos))
         f.write(_CRC.pack(crc))
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | bytes | os.PathLike) -> None:
         """Write the index to ``path`` atomically (format in the module docstring)."""
-        with atomic_write(Path(path)) as f:
+        with atomic_write(_file_path(path, "save index to")) as f:
             self._write(f)
 
     def to_bytes(self) -> bytes:
@@ -628,14 +638,14 @@ class CtFIndex:
         self.__dict__.update(other.__dict__)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True) -> "CtFIndex":
+    def load(cls, path: str | bytes | os.PathLike, mmap: bool = True) -> "CtFIndex":
         """Read an index written by ``save``; ``mmap=True`` maps the arrays read-only.
 
         The file is opened once: the checksum is verified and every array is read or mapped from that one
         descriptor. Raises ``FileNotFoundError`` if ``path`` does not exist and ``CtfreidError`` naming the
         file if it is not a regular file, not a ctfreid index, newer than this version, truncated or damaged.
         """
-        path = Path(path)
+        path = _file_path(path, "load index")
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
