@@ -728,3 +728,69 @@ def test_retention_counts_its_erasures_when_the_checkpoint_is_blocked(run_dir, t
         time.sleep(2.5)  # the next rounds checkpoint; the item is not counted twice
         assert srv.client.get("/v1/stats").json()["erased_by_retention"] == 1
         assert b"".join(code[L][0].tobytes() for L in LENGTHS) not in store_bytes(store)
+
+
+def test_scroll_person_listing_and_search_by_stored_items_against_the_added_records(run_dir, tmp_path):
+    rng = np.random.default_rng(7)
+    n = 60
+    gallery = random_codes(rng, n)
+    pids, cams = rng.integers(1, 6, n), rng.integers(1, 4, n)
+    times = 1_700_000_000 + rng.permutation(n).astype(float)
+    meta = [{"pid": int(p), "camera": int(c), "time": float(t), "track": f"t{i % 4}"}
+            for i, (p, c, t) in enumerate(zip(pids, cams, times))]
+    thr = {"32": 12, "64": 26}
+    with Server(tmp_path / "store", run_dir) as srv:
+        c = srv.client
+        ids = np.array(c.post("/v1/items", json={"codes": b64(gallery), "metadata": meta}).json()["ids"])
+
+        def pages(path_or_body, page):
+            got, offset = [], None
+            while True:
+                if isinstance(path_or_body, str):
+                    r = c.get(path_or_body, params={"limit": page, **({"offset": offset} if offset else {})})
+                else:
+                    r = c.post("/v1/scroll", json={**path_or_body, "limit": page,
+                                                   **({"offset": offset} if offset else {})})
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert len(body["items"]) <= page
+                got += body["items"]
+                offset = body["next_offset"]
+                if offset is None:
+                    return got
+
+        # the records added are the oracle: ids in order, each as GET /v1/items/ID gives it
+        for flt, keep in (({}, np.ones(n, bool)), ({"pid": 3}, pids == 3), ({"camera": 2, "track": "t1"},
+                          (cams == 2) & (np.arange(n) % 4 == 1)),
+                          ({"time_from": times.min() + 10, "time_to": times.min() + 30},
+                           (times >= times.min() + 10) & (times <= times.min() + 30))):
+            got = pages(flt, 7)
+            assert [g["id"] for g in got] == ids[keep].tolist(), flt
+        assert got == [c.get(f"/v1/items/{i}").json() for i in ids[keep]]
+        person = pages("/v1/persons/3", 2)
+        assert person == pages({"pid": 3}, 100) and {g["pid"] for g in person} == {3}
+        assert c.get("/v1/persons/999").json() == {"items": [], "next_offset": None}
+        err_of(c.post("/v1/scroll", json={"limit": 0}), 400, "limit")
+        err_of(c.post("/v1/scroll", json={"limit": 1001}), 400, "limit")
+        err_of(c.post("/v1/scroll", json={"pid": 3, "kk": 1}), 400, "kk")
+        err_of(c.get("/v1/persons/3", params={"offset": "x"}), 400, "offset")
+
+        # search by stored items: the ranking of the item's own codes, without the item itself
+        oracle = CtFIndex()
+        oracle.add(gallery, ids)
+        picks = [5, 17, 42]
+        r = c.post("/v1/search", json={"items": [int(ids[p]) for p in picks], "k": 6, "thresholds": thr})
+        assert r.status_code == 200, r.text
+        got = [[(h["id"], h["distance"], h["stage_bits"]) for h in q["hits"]] for q in r.json()["queries"]]
+        own = oracle_hits(oracle, {L: v[picks] for L, v in gallery.items()}, 7, {32: 12, 64: 26})
+        assert got == [[h for h in row if h[0] != ids[p]][:6] for row, p in zip(own, picks)]
+        assert all(ids[p] not in {h[0] for h in row} for row, p in zip(got, picks))
+        err_of(c.post("/v1/search", json={"items": [int(ids[0]), 10_000]}), 404, "items[1]")
+        err_of(c.post("/v1/search", json={"items": [int(ids[0])], "codes": b64(gallery, [0])}), 400, "codes")
+        err_of(c.post("/v1/search", json={"items": []}), 400, "items")
+        err_of(c.post("/v1/search", json={"items": ["1_0"]}), 400, "items[0]")
+        # erased items leave the listing and cannot be queries
+        c.delete("/v1/persons/3")
+        assert pages({"pid": 3}, 5) == [] and len(pages({}, 50)) == n - int((pids == 3).sum())
+        erased = int(ids[pids == 3][0])
+        err_of(c.post("/v1/search", json={"items": [erased]}), 404, "items[0]")

@@ -42,6 +42,7 @@ from ctfreid.serve.metrics import CONTENT_TYPE, Metrics
 from ctfreid.serve.store import INT_MAX, INT_MIN, FieldError, ItemMeta, Store, StoreBusy, check_text
 
 STATIC = Path(__file__).with_name("static")
+MAX_PAGE = 1000  # items per page of /v1/scroll and GET /v1/persons/PID
 INTEGER = re.compile(r"-?[0-9]+")  # an integer given as text: plain decimal digits (int() also takes " 5", "5_0")
 NUMBER = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a number as text (float() also takes "nan")
 
@@ -372,8 +373,8 @@ class Guard:
 
     @staticmethod
     def reads(method: str, path: str) -> bool:
-        """What a read-only token may do: GET / HEAD anything, and search."""
-        return method in ("GET", "HEAD") or (method == "POST" and path == "/v1/search")
+        """What a read-only token may do: GET / HEAD anything, search and scroll."""
+        return method in ("GET", "HEAD") or (method == "POST" and path in ("/v1/search", "/v1/scroll"))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -460,7 +461,7 @@ class Guard:
 
 
 ROUTES = frozenset({"/", "/healthz", "/metrics", "/favicon.ico", "/static/{file}", "/v1/stats", "/v1/items",
-                    "/v1/search", "/v1/erase", "/v1/items/{x}", "/v1/items/{x}/thumbnail", "/v1/persons/{x}"})
+                    "/v1/search", "/v1/scroll", "/v1/erase", "/v1/items/{x}", "/v1/items/{x}/thumbnail", "/v1/persons/{x}"})
 
 
 def _route(path: str) -> str:
@@ -613,6 +614,19 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         return x
 
     def query_codes(fields, images) -> tuple[dict[int, np.ndarray], float, list]:
+        if sum(map(bool, (images, "codes" in fields, "items" in fields))) > 1:
+            raise FieldError("codes" if "codes" in fields else "items", "give one of images, codes or items")
+        if "items" in fields:  # stored items as queries: "find this person elsewhere"
+            ids = fields["items"]
+            if not isinstance(ids, list) or not ids:
+                raise FieldError("items", "must be a non-empty list of item ids")
+            if len(ids) > config.max_codes:
+                raise FieldError("items", f"{len(ids)} items, at most {config.max_codes} per request", 413)
+            ids = [int_field({f"items[{j}]": v}, f"items[{j}]") for j, v in enumerate(ids)]
+            codes, missing = svc.store.codes(ids)
+            if missing:
+                raise FieldError(f"items[{ids.index(missing[0])}]", f"no item {missing[0]}", 404)
+            return codes, 0.0, []
         if images and "codes" in fields:
             raise FieldError("codes", "give images or codes, not both")
         if images:
@@ -622,7 +636,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             codes, ms = svc.encode(decoded)
             return codes, ms, decoded
         if "codes" not in fields:
-            raise FieldError("images", "no images (multipart field 'images') and no codes given")
+            raise FieldError("images", "no images (multipart field 'images'), codes or items given")
         return svc.decode_codes(fields["codes"]), 0.0, []
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
@@ -658,7 +672,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
     @app.post("/v1/search")
     async def search(request: Request):
         fields, images = await read_request(request)
-        only(fields, {"codes", "k", "thresholds", "beta", "camera", "time_from", "time_to", "candidates"})
+        only(fields, {"codes", "items", "k", "thresholds", "beta", "camera", "time_from", "time_to", "candidates"})
 
         def work():
             k = int_field(fields, "k", 10, 1, config.max_k)
@@ -666,8 +680,11 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             flt = Filter(camera=int_field(fields, "camera"), time_from=float_field(fields, "time_from"),
                          time_to=float_field(fields, "time_to"))
             codes, encode_ms, _ = query_codes(fields, images)
+            own = fields["items"] if "items" in fields else None
             t0 = time.perf_counter()
-            hits, cands, partial = svc.gallery.search(codes, k, thr, flt)
+            hits, cands, partial = svc.gallery.search(codes, k + (own is not None), thr, flt)
+            if own is not None:  # an item as the query: the others, not itself
+                hits = [[h for h in row if h["id"] != int(i)][:k] for row, i in zip(hits, own)]
             search_ms = (time.perf_counter() - t0) * 1e3
             if str(fields.get("candidates", "true")).lower() in ("false", "0", "no"):
                 cands = [None] * len(hits)
@@ -708,21 +725,43 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         gone = await run_in_threadpool(svc.gallery.erase_where, lambda: svc.store.select_ids(pid=pid))
         return svc.receipt(gone)
 
-    @app.post("/v1/erase")
-    async def erase(request: Request):
-        fields, _ = await read_request(request)
-        allowed = {"pid", "camera", "track", "time_from", "time_to"}
-        only(fields, allowed, "filter")
+    FILTER = {"pid", "camera", "track", "time_from", "time_to"}
+
+    def item_filter(fields: dict) -> dict:
+        """The item conditions of an erasure or a scroll (None where not given)."""
         track = fields.get("track")
         if track is not None and (isinstance(track, bool) or not isinstance(track, (str, int))):
             raise FieldError("track", f"must be a string, got {type(track).__name__}")
-        cond = dict(pid=int_field(fields, "pid"), camera=int_field(fields, "camera"),
+        return dict(pid=int_field(fields, "pid"), camera=int_field(fields, "camera"),
                     track=None if track is None else check_text(track, "track"),
                     time_from=float_field(fields, "time_from"), time_to=float_field(fields, "time_to"))
+
+    @app.post("/v1/erase")
+    async def erase(request: Request):
+        fields, _ = await read_request(request)
+        only(fields, FILTER, "filter")
+        cond = item_filter(fields)
         if all(v is None for v in cond.values()):
-            raise FieldError("filter", f"give at least one of {', '.join(sorted(allowed))}")
+            raise FieldError("filter", f"give at least one of {', '.join(sorted(FILTER))}")
         gone = await run_in_threadpool(svc.gallery.erase_where, lambda: svc.store.select_ids(**cond))
         return svc.receipt(gone)
+
+    def page_of(fields: dict, cond: dict) -> dict:
+        limit = int_field(fields, "limit", 100, 1, MAX_PAGE)
+        rows, nxt = svc.store.scroll(offset=int_field(fields, "offset"), limit=limit, **cond)
+        return {"items": rows, "next_offset": nxt}
+
+    @app.post("/v1/scroll")
+    async def scroll(request: Request):  # Qdrant's scroll: the stored items matching a filter, a page at a time
+        fields, _ = await read_request(request)
+        only(fields, FILTER | {"limit", "offset"})
+        return await run_in_threadpool(page_of, fields, item_filter(fields))
+
+    @app.api_route("/v1/persons/{pid}", methods=["GET", "HEAD"])
+    async def get_person(pid: ItemId, offset: str | None = None, limit: str | None = None):
+        # what the gallery holds about a person (a data subject's access request), a page at a time
+        fields = {"offset": offset, "limit": limit}
+        return await run_in_threadpool(page_of, fields, dict(pid=pid))
 
     @app.api_route("/", methods=["GET", "HEAD"])
     async def page():

@@ -307,9 +307,12 @@ class Store:
 
     def get(self, item_id: int) -> dict | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, pid, camera, time, source, track, extra, added, thumb IS NOT NULL FROM items WHERE id = ?",
-                (int(item_id),)).fetchone()
+            return self._get_locked(item_id)
+
+    def _get_locked(self, item_id: int) -> dict | None:
+        row = self._db.execute(
+            "SELECT id, pid, camera, time, source, track, extra, added, thumb IS NOT NULL FROM items WHERE id = ?",
+            (int(item_id),)).fetchone()
         if row is None:
             return None
         row = tuple(map(_finite, row))
@@ -323,29 +326,58 @@ class Store:
             row = self._db.execute("SELECT thumb FROM items WHERE id = ?", (int(item_id),)).fetchone()
         return None if row is None else row[0]
 
+    def codes(self, ids: Sequence[int]) -> tuple[dict[int, np.ndarray], list[int]]:
+        """The codes of the stored items among ``ids``, in the order given, and the ids not stored."""
+        with self._lock:
+            found = dict(r for chunk in _chunks([int(i) for i in ids], 500) for r in self._db.execute(
+                f"SELECT id, codes FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        have = [int(i) for i in ids if int(i) in found]
+        return self.unpack([found[i] for i in have]), [int(i) for i in ids if int(i) not in found]
+
     def select_ids(self, pid: int | None = None, camera: int | None = None, track: str | None = None,
                    time_from: float | None = None, time_to: float | None = None,
                    added_before: float | None = None) -> list[int]:
         """Ids of the items matching every given condition (time: capture time, inclusive range)."""
-        conds, args = [], []
-        for col, v in (("pid", pid), ("camera", camera), ("track", track)):
-            if v is not None:
-                conds.append(f"{col} = ?")
-                args.append(v)
-        if time_from is not None:
-            conds.append("time >= ?")
-            args.append(time_from)
-        if time_to is not None:
-            conds.append("time <= ?")
-            args.append(time_to)
-        if added_before is not None:  # retention: by capture time, else by the time the item was added
-            conds.append("COALESCE(time, added) < ?")
-            args.append(added_before)
-        if not conds:
+        where, args = _where(pid, camera, track, time_from, time_to, added_before)
+        if not args:
             raise CtfreidError("an erasure filter needs at least one condition")
         with self._lock:
-            return [r[0] for r in self._db.execute(f"SELECT id FROM items WHERE {' AND '.join(conds)} ORDER BY id",
-                                                   args)]
+            return [r[0] for r in self._db.execute(f"SELECT id FROM items WHERE {where} ORDER BY id", args)]
+
+    def scroll(self, offset: int | None = None, limit: int = 100, pid: int | None = None,
+               camera: int | None = None, track: str | None = None, time_from: float | None = None,
+               time_to: float | None = None) -> tuple[list[dict], int | None]:
+        """One page of the items matching every given condition (none: all), in id order from id ``offset``
+        on, as :meth:`get` gives them; and the id the next page starts at (None after the last page)."""
+        where, args = _where(pid, camera, track, time_from, time_to, None)
+        if offset is not None:
+            where += " AND id >= ?"
+            args.append(int(offset))
+        with self._lock:
+            ids = [r[0] for r in self._db.execute(f"SELECT id FROM items WHERE {where} ORDER BY id LIMIT ?",
+                                                  [*args, int(limit) + 1])]
+            rows = [self._get_locked(i) for i in ids[:limit]]
+        return rows, (ids[limit] if len(ids) > limit else None)
+
+
+def _where(pid: int | None, camera: int | None, track: str | None, time_from: float | None,
+           time_to: float | None, added_before: float | None) -> tuple[str, list]:
+    """SQL condition (and its arguments) for items matching every given condition ("1" and [] for none)."""
+    conds, args = [], []
+    for col, v in (("pid", pid), ("camera", camera), ("track", track)):
+        if v is not None:
+            conds.append(f"{col} = ?")
+            args.append(v)
+    if time_from is not None:
+        conds.append("time >= ?")
+        args.append(time_from)
+    if time_to is not None:
+        conds.append("time <= ?")
+        args.append(time_to)
+    if added_before is not None:  # retention: by capture time, else by the time the item was added
+        conds.append("COALESCE(time, added) < ?")
+        args.append(added_before)
+    return " AND ".join(conds) or "1", args
 
 
 def _finite(v: Any) -> Any:
