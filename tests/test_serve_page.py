@@ -1,5 +1,6 @@
 """The page of ``ctfreid serve`` in real headless Chromium (Debian's chromium + chromium-driver via selenium):
-choose a gallery crop as the query, it comes first; erase it from the page, it is gone from the next search."""
+choose a gallery crop as the query, it comes first; a click on a hit searches with that item; erase the crop
+from the page, it is gone from the next search."""
 
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ def test_page_finds_a_gallery_crop_first_and_forgets_it_after_erasure(run_dir, s
         first = browser.find_elements(By.CSS_SELECTOR, "#hits .hit")[0].text
         assert f"#{qid} d=0" in first and "cam 2" in first
         assert "candidates per stage" in browser.find_element(By.ID, "candidates").text
+        # a click on a hit searches with that stored item: the API's answer for it, the item left out
+        other = hits[1]
+        browser.find_elements(By.CSS_SELECTOR, "#hits .hit")[1].click()
+        wait.until(lambda d: f"more like #{other}:" in d.find_element(By.ID, "status").text)
+        shown = [int(e.get_attribute("data-id")) for e in browser.find_elements(By.CSS_SELECTOR, "#hits .hit")]
+        want = srv.client.post("/v1/search", json={"items": [other], "k": 10}).json()["queries"][0]["hits"]
+        assert shown == [h["id"] for h in want] and other not in shown and len(shown) == min(10, len(ids) - 1)
         browser.find_element(By.ID, "erase-id").send_keys(str(qid))
         browser.find_element(By.ID, "erase-item").click()
         wait.until(lambda d: "erased 1" in d.find_element(By.ID, "receipt").text)

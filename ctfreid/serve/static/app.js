@@ -53,9 +53,19 @@ async function search() {
   const fd = new FormData();
   fd.append("images", chosen, chosen.name);
   fd.append("k", $("k").value || "10");
+  run(fd, "");
+}
+
+// a hit clicked: search with that stored item (its codes), the item itself left out
+function moreLike(id) {
+  const body = JSON.stringify({ items: [id], k: parseInt($("k").value || "10", 10) });
+  run(new Blob([body], { type: "application/json" }), "more like #" + id + ": ");
+}
+
+async function run(body, label) {
   status("searching…");
   try {
-    const res = await call("POST", "/v1/search", fd);
+    const res = await call("POST", "/v1/search", body);
     const q = res.queries[0];
     const box = $("hits");
     box.innerHTML = "";
@@ -63,6 +73,8 @@ async function search() {
       const div = document.createElement("div");
       div.className = "hit";
       div.dataset.id = h.id;
+      div.title = "click: more like this item";
+      div.addEventListener("click", () => moreLike(h.id));
       const img = document.createElement("img");
       img.alt = "item " + h.id;
       fetch("/v1/items/" + h.id + "/thumbnail", { headers: headers() })
@@ -76,7 +88,7 @@ async function search() {
     }
     $("candidates").textContent = "candidates per stage: " +
       Object.entries(q.candidates || {}).map(([L, n]) => L + " bits: " + n).join(", ");
-    status(q.hits.length + " hits in " + q.search_ms.toFixed(2) + " ms (encoding " + q.encode_ms.toFixed(1) + " ms)");
+    status(label + q.hits.length + " hits in " + q.search_ms.toFixed(2) + " ms (encoding " + q.encode_ms.toFixed(1) + " ms)");
   } catch (e) { status(e.message, true); }
 }
 
