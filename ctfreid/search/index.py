@@ -531,6 +531,39 @@ class CtFIndex:
         _, _, ids, counts, dist, stages = out
         return Hits(ids, stages, dist, tuple(self._lengths), counts)
 
+    def range_search(self, query_codes: Mapping[int, np.ndarray], radius: int,
+                     thresholds: Mapping[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """faiss's ``lims, D, I = index.range_search(q, radius)`` for coarse-to-fine search: per query, the
+        items that pass every stage's threshold (Sec. 3.1) and lie within ``radius`` at the longest length
+        (with one code length: the items within ``radius``), in ranking order (longest-length distance,
+        then the shorter ones, then insertion order).
+
+        Returns ``lims int64[nq + 1]``, ``D int32[lims[-1]]`` (longest-length distances) and ``I
+        int64[lims[-1]]`` (ids): query ``i``'s results are ``D[lims[i]:lims[i + 1]]``, ``I[...]``.
+        """
+        if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, np.integer)) or radius < 0:
+            raise CtfreidError(f"radius must be an integer >= 0 (a Hamming distance), got {radius!r}")
+        qs, _ = self._queries(query_codes)
+        nq = qs[0].shape[0]
+        with self._lock.read():  # one state for both kernel calls (the lock is not re-entrant: no _run here)
+            S = len(self._lengths or ())
+            if not self.ntotal:
+                return np.zeros(nq + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
+            thr = self._thresholds(thresholds)
+            if S == 1:
+                D, P, _ = self._positions(qs, None, thr)  # the full ranking, distances ascending
+                last = np.full(nq, D.shape[1], np.int64)
+            else:
+                # the items that pass every threshold lead each ranking, by their longest-length distance:
+                # the kernels count them (the same for any k), then a top-k of that many returns them
+                last = self._positions(qs, 1, thr)[2][:, S - 1]
+                D, P, _ = self._positions(qs, max(1, int(last.max())), thr)
+            cols = np.arange(D.shape[1])
+            keep = (cols < last[:, None]) & (D <= radius)
+            lims = np.zeros(nq + 1, np.int64)
+            np.cumsum(keep.sum(axis=1), out=lims[1:])
+            return lims, D[keep].astype(np.int32), self._ids[P[keep]]
+
     def rank(self, query_codes: Mapping[int, np.ndarray], thresholds: Mapping[int, int] | None = None,
              threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Full coarse-to-fine rankings ``(D int32[nq, ntotal], I int64[nq, ntotal])`` (for evaluation)."""
