@@ -794,3 +794,44 @@ def test_scroll_person_listing_and_search_by_stored_items_against_the_added_reco
         assert pages({"pid": 3}, 5) == [] and len(pages({}, 50)) == n - int((pids == 3).sum())
         erased = int(ids[pids == 3][0])
         err_of(c.post("/v1/search", json={"items": [erased]}), 404, "items[0]")
+
+
+def test_patch_sets_metadata_that_filters_listing_and_erasure_then_use(run_dir, tmp_path):
+    rng = np.random.default_rng(11)
+    n = 40
+    gallery = random_codes(rng, n)
+    cams = rng.integers(1, 4, n)
+    meta = [{"camera": int(c), "time": 1.7e9 + i, "extra": {"k": i}} for i, c in enumerate(cams)]
+    q = near(gallery, rng, 5)
+    thr = {"32": 12, "64": 26}
+    store = tmp_path / "store"
+    with Server(store, run_dir) as srv:
+        c = srv.client
+        ids = np.array(c.post("/v1/items", json={"codes": b64(gallery), "metadata": meta}).json()["ids"])
+        a, b = int(ids[3]), int(ids[9])
+        # a pid confirmed later, a camera corrected, a track set, extra cleared; the rest stays
+        r = c.patch(f"/v1/items/{a}", json={"pid": 7, "camera": 9, "track": "t-1", "extra": None})
+        assert r.status_code == 200, r.text
+        assert {k: r.json()[k] for k in ("id", "pid", "camera", "time", "track", "extra")} == \
+            {"id": a, "pid": 7, "camera": 9, "time": 1.7e9 + 3, "track": "t-1", "extra": {}}
+        assert c.get(f"/v1/items/{a}").json() == r.json()
+        assert c.patch(f"/v1/items/{b}", json={"pid": 7}).json()["camera"] == int(cams[9])
+        assert [i["id"] for i in c.get("/v1/persons/7").json()["items"]] == [a, b]
+        # the search filter sees the new camera at once: the ranking of an index of exactly those items
+        cams[3] = 9
+        keep = cams == 9
+        sub = CtFIndex()
+        sub.add({L: v[keep] for L, v in gallery.items()}, ids[keep])
+        assert served_hits(srv, q, 5, thresholds=thr, camera=9) == oracle_hits(sub, q, 5, {32: 12, 64: 26})
+        # refused: unknown item, unknown field, bad values, an empty body, images
+        err_of(c.patch("/v1/items/999999", json={"pid": 1}), 404, "id")
+        err_of(c.patch(f"/v1/items/{a}", json={"pidd": 1}), 400, "pidd")
+        err_of(c.patch(f"/v1/items/{a}", json={"pid": "7"}), 400, "pid")
+        err_of(c.patch(f"/v1/items/{a}", json={"time": "soon"}), 400, "time")
+        err_of(c.patch(f"/v1/items/{a}", json={}), 400, "body")
+        err_of(c.patch(f"/v1/items/{a}", files=[("images", ("x.png", b"x", "image/png"))]), 400, "images")
+        assert c.get(f"/v1/items/{a}").json() == r.json()  # the refused patches changed nothing
+    with Server(store, run_dir) as srv:  # durable, and erasing the person now finds both crops
+        assert srv.client.get(f"/v1/items/{a}").json()["pid"] == 7
+        assert served_hits(srv, q, 5, thresholds=thr, camera=9) == oracle_hits(sub, q, 5, {32: 12, 64: 26})
+        assert srv.client.delete("/v1/persons/7").json()["erased"] == [a, b]

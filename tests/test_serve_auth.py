@@ -41,6 +41,7 @@ def test_read_only_token_searches_and_reads_but_cannot_add_or_erase(run_dir, tmp
             assert ro.head(f"/v1/items/{ids[0]}").status_code == 200
             assert ro.get("/v1/stats").json()["auth"] == {"token": True, "read_only_token": True}
             for r in (ro.post("/v1/items", json={"codes": GOOD}), ro.delete(f"/v1/items/{ids[0]}"),
+                      ro.patch(f"/v1/items/{ids[0]}", json={"pid": 9}),
                       ro.delete("/v1/persons/8"), ro.post("/v1/erase", json={"pid": 7})):
                 assert "only search and read" in err_of(r, 403, "Authorization")
         with httpx.Client(base_url=srv.url, timeout=30) as bare:

@@ -17,7 +17,8 @@ The store (--store DIR, created on first start) is bound to the model's fingerpr
 as images (encoded by --model) or as packed codes; erasures (DELETE /v1/items/ID, DELETE /v1/persons/PID,
 POST /v1/erase) are final: rows deleted with secure_delete, the WAL checkpointed, the index updated,
 then the receipt. API: POST /v1/items, POST /v1/search (by images, codes or stored items), POST /v1/scroll
-and GET /v1/persons/PID (the stored items, a page at a time), GET /v1/items/ID[/thumbnail], GET /v1/stats,
+and GET /v1/persons/PID (the stored items, a page at a time), GET /v1/items/ID[/thumbnail], PATCH
+/v1/items/ID (set metadata, e.g. a pid confirmed later), GET /v1/stats,
 GET /healthz, GET /metrics (Prometheus); a page at /. --token-file puts /v1/ behind a bearer token
 (--read-token-file: a second one that may only search and read); --rate-limit bounds each client's
 requests a second (429 beyond).

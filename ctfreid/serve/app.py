@@ -39,7 +39,7 @@ from pydantic import BeforeValidator
 from ctfreid.errors import CtfreidError
 from ctfreid.serve.gallery import Filter, Gallery
 from ctfreid.serve.metrics import CONTENT_TYPE, Metrics
-from ctfreid.serve.store import INT_MAX, INT_MIN, FieldError, ItemMeta, Store, StoreBusy, check_text
+from ctfreid.serve.store import INT_MAX, INT_MIN, META_FIELDS, FieldError, ItemMeta, Store, StoreBusy, check_text
 
 STATIC = Path(__file__).with_name("static")
 MAX_PAGE = 1000  # items per page of /v1/scroll and GET /v1/persons/PID
@@ -712,6 +712,21 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         if data is None:
             return _error(404, "id", f"no thumbnail for item {item_id}")
         return Response(data, media_type="image/jpeg")
+
+    @app.patch("/v1/items/{item_id}")
+    async def update_item(item_id: ItemId, request: Request):
+        # Qdrant's set_payload: the fields given replace the stored ones (null clears), the others stay; e.g.
+        # a pid confirmed after the crop was added, so that erasing that person finds it
+        fields, images = await read_request(request)
+        if images:
+            raise FieldError("images", "an item's codes do not change: add the new crop as an item")
+        if not fields:
+            raise FieldError("body", f"give some of {', '.join(META_FIELDS)}")
+        meta = ItemMeta.from_json(fields, "")
+        row = await run_in_threadpool(svc.gallery.update, item_id, meta, list(fields))
+        if row is None:
+            return _error(404, "id", f"no item {item_id}")
+        return row
 
     @app.delete("/v1/items/{item_id}")
     async def delete_item(item_id: ItemId):

@@ -93,6 +93,17 @@ class Gallery:
                     self.fields[i] = (m.pid, m.camera, m.time, m.source)
         return ids
 
+    def update(self, item_id: int, meta: ItemMeta, names: Sequence[str]) -> dict | None:
+        """Set some metadata fields of one item (store first, then the fields searches filter on); the item
+        as stored afterwards, None if there is no such item."""
+        with self._write:
+            if not self.store.update(item_id, meta, names):
+                return None
+            row = self.store.get(item_id)
+            with self.lock.write():
+                self.fields[item_id] = (row["pid"], row["camera"], row["time"], row["source"])
+        return row
+
     def erase(self, ids: Sequence[int]) -> list[int]:
         """Erase from the store (rows deleted), from memory, then checkpoint the WAL; returns the ids erased."""
         return self.erase_where(lambda: list(ids))

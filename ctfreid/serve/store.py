@@ -69,19 +69,21 @@ class ItemMeta:
 
     @classmethod
     def from_json(cls, obj: Any, where: str = "metadata") -> ItemMeta:
-        """Validate one metadata object; errors name ``where`` and the field."""
+        """Validate one metadata object; errors name ``where`` and the field (the field alone for ``where=""``,
+        a request's top-level fields)."""
+        at = (lambda name: f"{where}.{name}") if where else (lambda name: name)
         if obj is None:
             return cls()
         if not isinstance(obj, Mapping):
             raise FieldError(where, f"must be a JSON object, got {type(obj).__name__}")
         unknown = set(obj) - set(META_FIELDS)
         if unknown:
-            raise FieldError(f"{where}.{sorted(unknown)[0]}", f"unknown field; expected some of {', '.join(META_FIELDS)}")
+            raise FieldError(at(sorted(unknown)[0]), f"unknown field; expected some of {', '.join(META_FIELDS)}")
         out = cls()
         for name in ("pid", "camera"):
             v = obj.get(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not INT_MIN <= v <= INT_MAX):
-                raise FieldError(f"{where}.{name}", f"must be an integer, got {v!r:.40}")
+                raise FieldError(at(name), f"must be an integer, got {v!r:.40}")
             setattr(out, name, v)
         v = obj.get("time")
         if v is not None:
@@ -90,20 +92,20 @@ class ItemMeta:
             except OverflowError:
                 out.time = None
             if out.time is None or not math.isfinite(out.time):  # NaN / Infinity: not JSON, not answerable
-                raise FieldError(f"{where}.time", f"must be seconds since the epoch (a finite number), got {v!r:.40}")
+                raise FieldError(at("time"), f"must be seconds since the epoch (a finite number), got {v!r:.40}")
         for name in ("source", "track"):
             v = obj.get(name)
             if v is not None and not isinstance(v, (str, int)):
-                raise FieldError(f"{where}.{name}", f"must be a string, got {type(v).__name__}")
-            setattr(out, name, None if v is None else check_text(v, f"{where}.{name}"))
+                raise FieldError(at(name), f"must be a string, got {type(v).__name__}")
+            setattr(out, name, None if v is None else check_text(v, at(name)))
         v = obj.get("extra")
         if v is not None and not isinstance(v, Mapping):
-            raise FieldError(f"{where}.extra", f"must be a JSON object, got {type(v).__name__}")
+            raise FieldError(at("extra"), f"must be a JSON object, got {type(v).__name__}")
         out.extra = dict(v or {})
         try:  # stored as JSON and answered as JSON: no NaN / Infinity, no lone surrogates
             json.dumps(out.extra, allow_nan=False, ensure_ascii=False).encode()
         except (ValueError, TypeError) as e:
-            raise FieldError(f"{where}.extra", f"must be plain JSON: {e}") from None
+            raise FieldError(at("extra"), f"must be plain JSON: {e}") from None
         return out
 
 
@@ -239,6 +241,18 @@ class Store:
                      json.dumps(m.extra) if m.extra else None, now, th))
                 ids.append(int(cur.lastrowid))
         return ids
+
+    def update(self, item_id: int, meta: ItemMeta, names: Iterable[str]) -> bool:
+        """Set the metadata fields ``names`` of item ``item_id`` to ``meta``'s values (None or ``{}`` clears
+        one), in one transaction (durable when this returns); False if there is no such item."""
+        names = [n for n in META_FIELDS if n in set(names)]
+        row = {n: getattr(meta, n) for n in names}
+        if "extra" in row:
+            row["extra"] = json.dumps(meta.extra) if meta.extra else None  # as add stores it
+        with self.transaction() as db:
+            cur = db.execute(f"UPDATE items SET {', '.join(f'{n} = ?' for n in row)} WHERE id = ?",
+                             [*row.values(), int(item_id)])
+            return cur.rowcount == 1
 
     def delete(self, ids: Iterable[int], checkpoint: bool = True) -> list[int]:
         """Delete these rows (those that exist), then checkpoint the WAL with TRUNCATE: when this returns,
