@@ -241,3 +241,21 @@ def test_save_refuses_thresholds_the_file_cannot_hold(data, tmp_path):
         with pytest.raises(CtfreidError, match="thresholds"):
             index.to_bytes()
     assert not (tmp_path / "t.ctf").exists()
+
+
+def test_scratch_made_for_a_larger_k_serves_smaller_ones_with_the_same_answers(data):
+    """The per-thread scratch is reused when k shrinks (no fresh memory a call when requests vary k); the
+    answers equal ``ctf_search``'s, whatever k the scratch was made for."""
+    q, g = data
+    index = _built(g)
+    ws = None
+    for k in (300, 5, 120, 1, 300, 64):
+        D, I = index.search({L: c[:1] for L, c in q.items()}, k, threads=1)  # one query: the per-query kernel
+        want_D, want_I = ctf_search({L: c[:1] for L, c in q.items()}, g, TH, k)
+        np.testing.assert_array_equal(D, want_D)
+        np.testing.assert_array_equal(I, want_I)
+        if ws is None:
+            ws = index._local.ws[1]
+        assert index._local.ws[1] is ws  # made once, for k = 300
+    index.search({L: c[:1] for L, c in q.items()}, 600, threads=1)
+    assert index._local.ws[1] is not ws  # a larger k needs more

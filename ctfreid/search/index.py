@@ -454,10 +454,12 @@ class CtFIndex:
         return D, P, C
 
     def _workspace(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """CtF scratch, one per thread, reused while (n, k, number of stages) stay the same."""
+        """CtF scratch, one per thread, reused while n and the number of stages stay the same and k is no
+        larger than the one it was made for (fresh scratch costs its page faults: alternating k = 10 and 100
+        would pay them on every call)."""
         ws = getattr(self._local, "ws", None)
-        key = (n, min(k, n), len(self._lengths))
-        if ws is None or ws[0] != key:
+        n_, k_, S_ = key = (n, min(k, n), len(self._lengths))
+        if ws is None or ws[0][0] != n_ or ws[0][2] != S_ or ws[0][1] < k_:
             ws = (key, _kernels.ctf_workspace(n, k, len(self._lengths)))
             self._local.ws = ws
         return ws[1]
