@@ -18,10 +18,10 @@ as images (encoded by --model) or as packed codes; erasures (DELETE /v1/items/ID
 POST /v1/erase) are final: rows deleted with secure_delete, the WAL checkpointed, the index updated,
 then the receipt. API: POST /v1/items, POST /v1/search (by images, codes or stored items), POST /v1/scroll
 and GET /v1/persons/PID (the stored items, a page at a time), GET /v1/items/ID[/thumbnail], PATCH
-/v1/items/ID (set metadata, e.g. a pid confirmed later), GET /v1/stats,
-GET /healthz, GET /metrics (Prometheus); a page at /. --token-file puts /v1/ behind a bearer token
-(--read-token-file: a second one that may only search and read); --rate-limit bounds each client's
-requests a second (429 beyond).
+/v1/items/ID (set metadata, e.g. a pid confirmed later), GET /v1/stats, GET /healthz, GET /metrics
+(Prometheus); a page at /. --token-file puts /v1/ behind a bearer token (--read-token-file: a second one
+that may only search and read); --rate-limit bounds each client's requests a second (429 beyond). The
+API: docs/serve-api.md.
 
 example:
   ctfreid serve --store gallery/ --model runs/aio --port 8080
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--token-file", type=Path, help="file holding the bearer token every request must carry")
     p.add_argument("--read-token-file", type=Path, help="file holding a second token that may only search and "
-                   "read (GET, POST /v1/search), not add or erase (403); needs --token-file")
+                   "read (GET, POST /v1/search and /v1/scroll), not add, patch or erase (403); needs --token-file")
     p.add_argument("--rate-limit", type=float, metavar="R",
                    help="at most R requests a second on /v1/ per client address, on average; more get 429 with "
                         "Retry-After (default: no limit)")

@@ -461,7 +461,8 @@ class Guard:
 
 
 ROUTES = frozenset({"/", "/healthz", "/metrics", "/favicon.ico", "/static/{file}", "/v1/stats", "/v1/items",
-                    "/v1/search", "/v1/scroll", "/v1/erase", "/v1/items/{x}", "/v1/items/{x}/thumbnail", "/v1/persons/{x}"})
+                    "/v1/search", "/v1/scroll", "/v1/erase", "/v1/items/{x}", "/v1/items/{x}/thumbnail",
+                    "/v1/persons/{x}"})
 
 
 def _route(path: str) -> str:
