@@ -633,6 +633,11 @@ def test_numbers_ids_and_code_lengths_are_parsed_strictly(run_dir, tmp_path):
         err_of(c.post("/v1/search", json={"codes": GOOD, "camera": 2.0}), 400, "camera")
         err_of(c.post("/v1/search", json={"codes": GOOD, "time_from": " 1e9"}), 400, "time_from")
         err_of(c.post("/v1/erase", json={"pid": "1_0"}), 400, "pid")
+        for flag in ("nope", 2, [], {"a": 1}):  # used to count as true
+            err_of(c.post("/v1/search", json={"codes": GOOD, "candidates": flag}), 400, "candidates")
+        for flag, shown in ((False, False), ("false", False), ("0", False), (True, True), ("yes", True)):
+            r = c.post("/v1/search", json={"codes": GOOD, "candidates": flag})
+            assert (r.json()["queries"][0]["candidates"] is not None) == shown, (flag, r.text)
         # a code length has one spelling: "032" or " 32" is no second way to say 32 (one of them silently lost)
         for key in ("032", " 32", "32.0", "+32"):
             codes = {key if L == "32" else L: v for L, v in GOOD.items()}

@@ -598,6 +598,19 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             raise FieldError(name, f"must be between {lo} and {hi}, got {x}")
         return x
 
+    def bool_field(fields: dict, name: str, default: bool) -> bool:
+        v = fields.get(name)
+        if v in (None, ""):
+            return default
+        if isinstance(v, bool):
+            return v
+        text = str(v).lower() if isinstance(v, str) else None  # a form field
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        raise FieldError(name, f"must be true or false, got {v!r:.30}")
+
     def float_field(fields: dict, name: str):
         v = fields.get(name)
         if v in (None, ""):
@@ -687,7 +700,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             if own is not None:  # an item as the query: the others, not itself
                 hits = [[h for h in row if h["id"] != int(i)][:k] for row, i in zip(hits, own)]
             search_ms = (time.perf_counter() - t0) * 1e3
-            if str(fields.get("candidates", "true")).lower() in ("false", "0", "no"):
+            if not bool_field(fields, "candidates", True):
                 cands = [None] * len(hits)
             nq = len(hits)
             answer = {"queries": [{"hits": h, "candidates": c, "encode_ms": round(encode_ms / nq, 3),
