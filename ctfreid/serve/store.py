@@ -306,18 +306,20 @@ class Store:
         return int(self.get_meta("erased") or 0)
 
     def iter_all(self, batch: int = 50_000):
-        """Yield ``(ids int64[m], codes {L: [m, L//8]}, metas list[tuple])`` in id order, in batches."""
+        """Yield ``(ids int64[m], codes {L: [m, L//8]}, fields)`` in id order, in batches; ``fields``: the
+        columns ``pid``, ``camera``, ``time``, ``source`` as tuples of the stored values (None for null)."""
         last = -1
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT id, codes, pid, camera, time, source, track FROM items WHERE id > ? ORDER BY id LIMIT ?",
+                    "SELECT id, codes, pid, camera, time, source FROM items WHERE id > ? ORDER BY id LIMIT ?",
                     (last, batch)).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
-            yield (np.array([r[0] for r in rows], np.int64), self.unpack([r[1] for r in rows]),
-                   [(r[0],) + tuple(map(_finite, r[2:])) for r in rows])
+            ids, blobs, pid, camera, t, source = zip(*rows)
+            yield (np.array(ids, np.int64), self.unpack(blobs),
+                   {"pid": pid, "camera": camera, "time": t, "source": source})
 
     def get(self, item_id: int) -> dict | None:
         with self._lock:
