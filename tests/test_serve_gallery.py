@@ -1,0 +1,65 @@
+"""The service's gallery in process: its filter fields (NumPy columns) against the stored rows, filters against
+a Python loop over the items, and erasure clearing the fields from memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctfreid.serve.gallery import Filter, Gallery
+from ctfreid.serve.store import ItemMeta, Store
+
+LENGTHS = [32, 64]
+
+
+@pytest.fixture
+def gallery(tmp_path):
+    rng = np.random.default_rng(5)
+    store = Store(tmp_path / "s", "test", LENGTHS)
+    n = 300
+    metas = [ItemMeta(pid=None if i % 7 == 0 else int(rng.integers(-5, 5)),
+                      camera=None if i % 5 == 0 else int(rng.integers(1, 4)),
+                      time=None if i % 3 == 0 else 1.7e9 + float(rng.integers(0, 100)),
+                      source=None if i % 2 else f"c/{i}.jpg") for i in range(n)]
+    base = rng.integers(0, 256, (n, 8), dtype=np.uint8)
+    store.add({32: base[:100, :4].copy(), 64: base[:100]}, metas[:100])
+    g = Gallery(store, {32: 32})  # reopened below: the fields come from the store as well as from adds
+    g.add({32: base[100:, :4].copy(), 64: base[100:]}, metas[100:])
+    yield g, store, base
+    store.close()
+
+
+def test_fields_filters_and_answers_equal_the_stored_rows(gallery):
+    g, store, base = gallery
+    q = {32: base[:3, :4].copy(), 64: base[:3]}
+    rows = {r["id"]: r for r in store.scroll(limit=1000)[0]}
+    for flt in (None, Filter(camera=2), Filter(time_from=1.7e9 + 20, time_to=1.7e9 + 60),
+                Filter(camera=1, time_to=1.7e9 + 50), Filter(camera=9)):
+        hits, _, _ = g.search(q, 40, flt=flt)
+        allh, _, _ = g.search(q, 300)
+        for got, every in zip(hits, allh):
+            def passes(r):
+                if flt is None:
+                    return True
+                if flt.camera is not None and r["camera"] != flt.camera:
+                    return False
+                t = r["time"]
+                if flt.time_from is not None and (t is None or t < flt.time_from):
+                    return False
+                return not (flt.time_to is not None and (t is None or t > flt.time_to))
+            want = [h["id"] for h in every if passes(rows[h["id"]])][:40]
+            assert [h["id"] for h in got] == want, flt
+            for h in got:  # the answered fields are the stored ones
+                assert {k: h[k] for k in ("pid", "camera", "time", "source")} == \
+                    {k: rows[h["id"]][k] for k in ("pid", "camera", "time", "source")}
+
+
+def test_update_and_erase_change_the_fields_in_memory(gallery):
+    g, store, base = gallery
+    i = 11  # ids start at 1: metas[10], with a source and a pid, camera null
+    assert g.fields.source[i] == "c/10.jpg" and not g.fields.has_camera[i] and g.fields.has_pid[i]
+    g.update(i, ItemMeta(camera=3), ["camera"])
+    assert g.fields.has_camera[i] and g.fields.camera[i] == 3 and g.fields.source[i] == "c/10.jpg"
+    g.erase([i, 7])
+    assert i not in g.fields.source and not g.fields.has_pid[[i, 7]].any() and not g.fields.has_camera[i]
+    assert np.isnan(g.fields.time[[i, 7]]).all()
