@@ -442,3 +442,47 @@ def test_an_early_ctrl_c_is_one_line(monkeypatch, capsys):
     assert main(["evaluate", "--help"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "ctfreid: interrupted" and "Traceback" not in err
+
+
+def test_index_remove_erases_a_persons_images_and_given_images_from_search_and_file(run_dir, synth_root, tmp_path,
+                                                                                   capsys):
+    from ctfreid.search.index import CtFIndex
+
+    images = synth_root / "bounding_box_test"
+    index_path = tmp_path / "g.ctf"
+    rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", images, "--out", index_path,
+                     "--beta", 2, "--quiet")
+    assert rc == 0, err
+    before = CtFIndex.load(index_path, mmap=False)
+    meta = before.metadata
+    person = next(p for p in meta["pids"] if p > 0)
+    one = next(path for path, p in zip(meta["paths"], meta["pids"]) if p != person)
+    want = sorted({i for i, p in enumerate(meta["pids"]) if p == person} | {meta["paths"].index(one)})
+    codes = {i: b"".join(before.codes(L)[i].tobytes() for L in before.lengths) for i in want}
+    rc, out, err = cli(capsys, "index", "remove", "--index", index_path, "--pid", person, "--image", one)
+    assert rc == 0, err
+    assert f"removed {len(want)} images" in out and f"ids {want}" in out
+    after = CtFIndex.load(index_path)
+    assert after.ntotal == before.ntotal - len(want) and not np.isin(want, after.ids).any()
+    m = after.metadata
+    assert all(m["paths"][i] is None and m["pids"][i] == -1 for i in want) and one not in m["paths"]
+    # no search answers them, and the file holds neither their codes nor their paths
+    rc, out, err = cli(capsys, "search", "--index", index_path, "--model", run_dir, *sorted(images.iterdir())[:3],
+                       "--k", 500, "--json")
+    assert rc == 0, err
+    hit_ids = {h["id"] for q in json.loads(out)["queries"] for h in q["results"]}
+    assert len(hit_ids) == after.ntotal and not hit_ids & set(want)
+    data = index_path.read_bytes()
+    assert one.encode() not in data
+    assert not any(blob in data for blob in codes.values() if blob not in
+                   {b"".join(after.codes(L)[j].tobytes() for L in after.lengths) for j in range(after.ntotal)})
+    # refused: nothing to select, an image the index does not hold (nothing removed then)
+    rc, _, err = cli(capsys, "index", "remove", "--index", index_path)
+    assert_one_line_error(rc, err, "--pid or --image")
+    rc, _, err = cli(capsys, "index", "remove", "--index", index_path, "--image", tmp_path / "nope.jpg")
+    assert_one_line_error(rc, err, "nope.jpg", "not in the index")
+    assert CtFIndex.load(index_path).ntotal == after.ntotal
+    # the removed image can be added again (a new id)
+    rc, out, err = cli(capsys, "index", "add", "--index", index_path, "--model", run_dir, "--images", images,
+                       "--quiet")
+    assert rc == 0 and f"added {len(want)} images" in out, (out, err)

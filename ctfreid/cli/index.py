@@ -18,6 +18,8 @@ another model.
   index build   encode every image in --images and write a new index to --out
   index add     encode the images of --images that the index does not hold yet and append them
                 (old images are not re-encoded; the index must come from the same model)
+  index remove  erase the images of a person (--pid) or given images (--image) from the index: gone from
+                every search and from the file's bytes (it is rewritten compacted), with a receipt
 
 Thresholds of 'index build', first match wins: --thresholds (32=9,128=41,512=190 or a .json from
 'ctfreid calibrate'); --beta B (the paper's DTO with this beta on the run's validation split, e.g.
@@ -29,7 +31,16 @@ thresholds whose validation mAP and Rank-1 stay within 0.5 points of the longest
 examples:
   ctfreid index build --model runs/aio --images crops/ --out gallery.ctf
   ctfreid index add --index gallery.ctf --model runs/aio --images new_crops/
+  ctfreid index remove --index gallery.ctf --pid 2 --image crops/0007_c2s1_000123_01.jpg
   ctfreid search --index gallery.ctf --model runs/aio query.jpg --k 10"""
+
+REMOVE_DESCRIPTION = """Erase images from an index: every image of the persons --pid (the ids parsed from Market-1501
+style names when the index was built) and the images --image. The index file is rewritten atomically and
+compacted: the removed codes and paths leave no bytes in it. Prints the ids removed and when.
+
+example:
+  ctfreid index remove --index gallery.ctf --pid 2 --pid 17
+  ctfreid index remove --index gallery.ctf --image crops/0007_c2s1_000123_01.jpg"""
 
 BUILD_DESCRIPTION = """Encode every image of --images with the model of --model and write a new CtF index.
 
@@ -74,20 +85,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = sub.add_parser("add", help="append new images to an index", description=ADD_DESCRIPTION, formatter_class=raw)
     a.add_argument("--index", required=True, metavar="INDEX", help="index file to extend (rewritten atomically)")
     _common(a)
+    r = sub.add_parser("remove", help="erase a person's images (or given images) from an index",
+                       description=REMOVE_DESCRIPTION, formatter_class=raw)
+    r.add_argument("--index", required=True, metavar="INDEX", help="index file (rewritten atomically, compacted)")
+    r.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
+                   help="remove every image of this person (repeatable)")
+    r.add_argument("--image", action="append", default=[], metavar="PATH", help="remove this image (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ctfreid.infer.gallery import check_index_file, index_lock
 
-    if args.action == "add":
+    if args.action in ("add", "remove"):
         check_index_file(args.index)  # before locking: no INDEX.lock litter beside a wrong --index
+    if args.action == "remove" and not (args.pid or args.image):
+        from ctfreid.errors import CtfreidError
+
+        raise CtfreidError("index remove needs --pid or --image: which images to erase")
     target = args.out if args.action == "build" else args.index
     _refuse_existing(args)
     with index_lock(target):  # two writers of one index wait for each other instead of losing images
         if args.action == "build":
             _refuse_existing(args)  # again under the lock: another build may have written it meanwhile
             return _build(args)
-        return _add(args)
+        return _add(args) if args.action == "add" else _remove(args)
 
 
 def _refuse_existing(args: argparse.Namespace) -> None:
@@ -141,4 +162,22 @@ def _add(args: argparse.Namespace) -> int:
         index.save(args.index)
     print(f"added {len(new)} images from {args.images} to {args.index} ({len(records) - len(new)} already in it); "
           f"{index.ntotal} images in all")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from ctfreid.infer.gallery import load_index, remove_from_index
+
+    index = load_index(args.index, mmap=False)
+    if (index.metadata or {}).get("paths") is None:
+        from ctfreid.errors import CtfreidError
+
+        raise CtfreidError(f"--index {args.index} is not an image index of 'ctfreid index build' (no image paths)")
+    gone = remove_from_index(index, pids=args.pid, paths=args.image)
+    if gone:
+        index.save(args.index)  # compacted: the removed codes and paths leave no bytes in the file
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    print(f"removed {len(gone)} images from {args.index} at {when}: ids {gone}; {index.ntotal} images left")
     return 0

@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from ctfreid.data.datasets import IMAGE_EXTENSIONS, is_image_name, parse_name
 from ctfreid.errors import CtfreidError
@@ -122,6 +124,34 @@ def add_to_index(index, encoded) -> None:
     meta["pids"] = list(meta["pids"]) + [int(p) for p in encoded.pids]
     meta["camids"] = list(meta["camids"]) + [int(c) for c in encoded.camids]
     index.metadata = meta
+
+
+def remove_from_index(index, pids: Sequence[int] = (), paths: Sequence[str | os.PathLike] = ()) -> list[int]:
+    """Remove the images of persons ``pids`` and the images at ``paths`` from ``index`` (erasure: gone from
+    every search, and from the file at its next save, which compacts); their entries in the metadata lists
+    become ``null`` / -1 (ids stay positions). Returns the ids removed, sorted; an empty selection removes
+    nothing. A path the index does not hold is an error naming it (nothing is removed then)."""
+    meta = dict(index.metadata)
+    known = {p: i for i, p in enumerate(meta["paths"]) if p is not None}
+    ids = set()
+    for p in paths:
+        key = str(Path(p).resolve())
+        if key not in known:
+            raise CtfreidError(f"image {p} is not in the index (it holds {len(known)} images; paths are "
+                               "compared resolved, as 'index build' stored them)")
+        ids.add(known[key])
+    wanted = {int(p) for p in pids}
+    ids.update(i for i, (p, path) in enumerate(zip(meta["pids"], meta["paths"])) if p in wanted and path is not None)
+    gone = sorted(ids)
+    if gone:
+        index.remove_ids(np.asarray(gone, np.int64))
+        for name, blank in (("paths", None), ("pids", -1), ("camids", -1)):
+            values = list(meta[name])
+            for i in gone:
+                values[i] = blank
+            meta[name] = values
+        index.metadata = meta
+    return gone
 
 
 def check_model(index, index_path: str | os.PathLike, fingerprint: str, info: Mapping) -> None:
