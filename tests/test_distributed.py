@@ -490,3 +490,33 @@ def test_a_shard_that_is_not_restarted_is_missing_at_once_not_asked_until_the_ti
     finally:
         sharded.actors[1] = dead
         sharded.close()
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_range_search_equals_one_index(local_ray, shards):
+    rng = np.random.default_rng(10 + shards)
+    one, sharded = CtFIndex(), ShardedIndex(shards=shards)
+    try:
+        q = tied_codes(rng, 6)
+        lims, D, I = sharded.range_search(q, 100)  # empty: nothing stored yet
+        assert lims.tolist() == [0] * 7 and D.size == I.size == 0
+        c = tied_codes(rng, 200)
+        one.add(c)
+        sharded.add(c)
+        q = {L: v[:6].copy() for L, v in c.items()}  # gallery rows: their twins pass the thresholds
+        for index in (one, sharded):
+            index.thresholds = dict(THR)
+        gone = rng.choice(200, 40, replace=False)
+        one.remove_ids(gone)
+        sharded.remove_ids(gone)
+        found = []
+        for radius, thr in ((512, None), (200, None), (240, {32: 20, 128: 70}), (0, None)):
+            got, want = sharded.range_search(q, radius, thr), one.range_search(q, radius, thr)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
+            found.append(int(want[0][-1]))
+        assert found[0] > found[1] > 0  # not vacuous: results, fewer with a smaller radius
+        with pytest.raises(CtfreidError, match="radius"):
+            sharded.range_search(q, -1)
+    finally:
+        sharded.close()

@@ -407,6 +407,32 @@ class ShardedIndex:
         D, I = h.finest_distances, h.ids
         return (D[0], I[0]) if single else (D, I)
 
+    def range_search(self, query_codes: Mapping[int, np.ndarray], radius: int,
+                     thresholds: Mapping[int, int] | None = None, timeout: float | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``lims, D, I`` as :meth:`CtFIndex.range_search` over every shard's items (the items that pass every
+        threshold and lie within ``radius`` at the longest length, in ranking order). The shards count the
+        items that pass, then a merged top-k of that many returns them. Raises :class:`ShardsUnavailable`
+        rather than answer without a shard. An add or removal during the call may be seen in part."""
+        if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, np.integer)) or radius < 0:
+            raise CtfreidError(f"radius must be an integer >= 0 (a Hamming distance), got {radius!r}")
+        t = self.timeout if timeout is None else _timeout(timeout)
+        counted = self.search_hits(query_codes, 1, thresholds, timeout)  # checks query_codes first
+        if counted.partial:
+            raise ShardsUnavailable(counted.partial, counted, t)
+        nq, S = counted.ids.shape[0], len(counted.lengths)
+        if counted.candidates is None or not counted.ids.size:  # nothing stored
+            return np.zeros(nq + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
+        passing = counted.candidates[:, S - 1] if S > 1 else counted.candidates[:, 0]
+        h = self.search_hits(query_codes, max(1, int(passing.max())), thresholds, timeout)
+        if h.partial:
+            raise ShardsUnavailable(h.partial, h, t)
+        D = h.finest_distances
+        keep = (h.stages == S) & (D <= radius)  # the items that passed every threshold lead each ranking
+        lims = np.zeros(nq + 1, np.int64)
+        np.cumsum(keep.sum(axis=1), out=lims[1:])
+        return lims, D[keep].astype(np.int32), h.ids[keep]
+
     # ------------------------------------------------------------------------------------- save / load
     def save(self, directory: str | Path) -> None:
         """Write every shard's index (``shard-<i>.ctf``, CtFIndex format) and ``sharded.json`` into
