@@ -41,7 +41,7 @@ import numpy as np
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
-from ctfreid.search.hamming import check_k
+from ctfreid.search.hamming import check_k, check_radius
 from ctfreid.search.index import CtFIndex, check_ids, ids_to_remove
 from ctfreid.search.merge import Hits, empty_hits, merge_hits
 from ctfreid.search.thresholds import check_thresholds
@@ -414,8 +414,7 @@ class ShardedIndex:
         threshold and lie within ``radius`` at the longest length, in ranking order). The shards count the
         items that pass, then a merged top-k of that many returns them. Raises :class:`ShardsUnavailable`
         rather than answer without a shard. An add or removal during the call may be seen in part."""
-        if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, np.integer)) or radius < 0:
-            raise CtfreidError(f"radius must be an integer >= 0 (a Hamming distance), got {radius!r}")
+        radius = check_radius(radius)
         t = self.timeout if timeout is None else _timeout(timeout)
         counted = self.search_hits(query_codes, 1, thresholds, timeout)  # checks query_codes first
         if counted.partial:

@@ -55,6 +55,13 @@ def check_k(k: int) -> int:
     return int(k)
 
 
+def check_radius(radius: int) -> int:
+    """``radius`` of a range search as an int >= 0 (a Hamming distance), else ``CtfreidError``."""
+    if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise CtfreidError(f"radius must be an integer >= 0 (a Hamming distance), got {radius!r}")
+    return int(radius)
+
+
 def hamming_distances(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """Hamming distances ``int32[nq, n]`` between packed codes (``int32[n]`` for one 1-D query)."""
     g = prepare_gallery(gallery)

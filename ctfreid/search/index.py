@@ -62,7 +62,7 @@ from ctfreid._rwlock import RWLock
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
-from ctfreid.search.hamming import check_k, prepare_queries
+from ctfreid.search.hamming import check_k, check_radius, prepare_queries
 from ctfreid.search.merge import Hits, empty_hits
 from ctfreid.search.parallel import run_chunks
 from ctfreid.search.thresholds import check_thresholds, threshold_array
@@ -543,8 +543,7 @@ class CtFIndex:
         Returns ``lims int64[nq + 1]``, ``D int32[lims[-1]]`` (longest-length distances) and ``I
         int64[lims[-1]]`` (ids): query ``i``'s results are ``D[lims[i]:lims[i + 1]]``, ``I[...]``.
         """
-        if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, np.integer)) or radius < 0:
-            raise CtfreidError(f"radius must be an integer >= 0 (a Hamming distance), got {radius!r}")
+        radius = check_radius(radius)
         qs, _ = self._queries(query_codes)
         nq = qs[0].shape[0]
         with self._lock.read():  # one state for both kernel calls (the lock is not re-entrant: no _run here)
