@@ -794,6 +794,8 @@ def test_scroll_person_listing_and_search_by_stored_items_against_the_added_reco
         err_of(c.post("/v1/search", json={"items": [int(ids[0])], "codes": b64(gallery, [0])}), 400, "codes")
         err_of(c.post("/v1/search", json={"items": []}), 400, "items")
         err_of(c.post("/v1/search", json={"items": ["1_0"]}), 400, "items[0]")
+        for bad in ("", None):  # used to be a 500
+            err_of(c.post("/v1/search", json={"items": [int(ids[0]), bad]}), 400, "items[1]")
         # erased items leave the listing and cannot be queries
         c.delete("/v1/persons/3")
         assert pages({"pid": 3}, 5) == [] and len(pages({}, 50)) == n - int((pids == 3).sum())

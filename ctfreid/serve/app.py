@@ -585,8 +585,10 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
 
     def int_field(fields: dict, name: str, default=None, lo=None, hi=None):
         v = fields.get(name)
-        if v in (None, ""):
-            return default
+        return default if v in (None, "") else to_int(v, name, lo, hi)
+
+    def to_int(v: Any, name: str, lo=None, hi=None) -> int:
+        """``v`` as an integer in [lo, hi] (default: SQLite's INTEGER), else a 400 naming ``name``."""
         try:
             if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and INTEGER.fullmatch(v))):
                 raise ValueError  # a JSON integer, or decimal digits (a form field)
@@ -636,7 +638,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
                 raise FieldError("items", "must be a non-empty list of item ids")
             if len(ids) > config.max_codes:
                 raise FieldError("items", f"{len(ids)} items, at most {config.max_codes} per request", 413)
-            ids = [int_field({f"items[{j}]": v}, f"items[{j}]") for j, v in enumerate(ids)]
+            ids = [to_int(v, f"items[{j}]") for j, v in enumerate(ids)]
             codes, missing = svc.store.codes(ids)
             if missing:
                 raise FieldError(f"items[{ids.index(missing[0])}]", f"no item {missing[0]}", 404)
