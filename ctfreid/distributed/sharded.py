@@ -41,7 +41,7 @@ import numpy as np
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
-from ctfreid.search.hamming import check_k, check_radius
+from ctfreid.search.hamming import check_k, check_radius, range_result
 from ctfreid.search.index import CtFIndex, check_ids, ids_to_remove
 from ctfreid.search.merge import Hits, empty_hits, merge_hits
 from ctfreid.search.thresholds import check_thresholds
@@ -419,18 +419,15 @@ class ShardedIndex:
         counted = self.search_hits(query_codes, 1, thresholds, timeout)  # checks query_codes first
         if counted.partial:
             raise ShardsUnavailable(counted.partial, counted, t)
-        nq, S = counted.ids.shape[0], len(counted.lengths)
+        S = len(counted.lengths)
         if counted.candidates is None or not counted.ids.size:  # nothing stored
-            return np.zeros(nq + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
-        passing = counted.candidates[:, S - 1] if S > 1 else counted.candidates[:, 0]
-        h = self.search_hits(query_codes, max(1, int(passing.max())), thresholds, timeout)
+            empty = np.zeros((counted.ids.shape[0], 0), np.int64)
+            return range_result(empty.astype(bool), empty, empty)
+        h = self.search_hits(query_codes, max(1, int(counted.candidates[:, S - 1].max())), thresholds, timeout)
         if h.partial:
             raise ShardsUnavailable(h.partial, h, t)
         D = h.finest_distances
-        keep = (h.stages == S) & (D <= radius)  # the items that passed every threshold lead each ranking
-        lims = np.zeros(nq + 1, np.int64)
-        np.cumsum(keep.sum(axis=1), out=lims[1:])
-        return lims, D[keep].astype(np.int32), h.ids[keep]
+        return range_result((h.stages == S) & (D <= radius), D, h.ids)  # those passing every threshold lead
 
     # ------------------------------------------------------------------------------------- save / load
     def save(self, directory: str | Path) -> None:

@@ -62,6 +62,14 @@ def check_radius(radius: int) -> int:
     return int(radius)
 
 
+def range_result(keep: np.ndarray, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """faiss's range-search layout ``lims int64[nq + 1], D int32[m], I int64[m]`` of the entries ``keep``
+    (bool [nq, cols]) of the per-query rows ``D`` and ``I``."""
+    lims = np.zeros(keep.shape[0] + 1, np.int64)
+    np.cumsum(keep.sum(axis=1), out=lims[1:])
+    return lims, D[keep].astype(np.int32), I[keep].astype(np.int64)
+
+
 def hamming_distances(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """Hamming distances ``int32[nq, n]`` between packed codes (``int32[n]`` for one 1-D query)."""
     g = prepare_gallery(gallery)

@@ -62,7 +62,7 @@ from ctfreid._rwlock import RWLock
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
-from ctfreid.search.hamming import check_k, check_radius, prepare_queries
+from ctfreid.search.hamming import check_k, check_radius, prepare_queries, range_result
 from ctfreid.search.merge import Hits, empty_hits
 from ctfreid.search.parallel import run_chunks
 from ctfreid.search.thresholds import check_thresholds, threshold_array
@@ -457,10 +457,10 @@ class CtFIndex:
         """CtF scratch, one per thread, reused while n and the number of stages stay the same and k is no
         larger than the one it was made for (fresh scratch costs its page faults: alternating k = 10 and 100
         would pay them on every call)."""
-        ws = getattr(self._local, "ws", None)
-        n_, k_, S_ = key = (n, min(k, n), len(self._lengths))
-        if ws is None or ws[0][0] != n_ or ws[0][2] != S_ or ws[0][1] < k_:
-            ws = (key, _kernels.ctf_workspace(n, k, len(self._lengths)))
+        ws = getattr(self._local, "ws", None)  # ((n, k, S) it was made for, scratch)
+        S = len(self._lengths)
+        if ws is None or ws[0][::2] != (n, S) or ws[0][1] < min(k, n):
+            ws = ((n, min(k, n), S), _kernels.ctf_workspace(n, k, S))
             self._local.ws = ws
         return ws[1]
 
@@ -547,9 +547,9 @@ class CtFIndex:
         qs, _ = self._queries(query_codes)
         nq = qs[0].shape[0]
         with self._lock.read():  # one state for both kernel calls (the lock is not re-entrant: no _run here)
-            S = len(self._lengths or ())
+            S = len(self._lengths)
             if not self.ntotal:
-                return np.zeros(nq + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
+                return range_result(np.zeros((nq, 0), bool), np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64))
             thr = self._thresholds(thresholds)
             if S == 1:
                 D, P, _ = self._positions(qs, None, thr)  # the full ranking, distances ascending
@@ -559,11 +559,8 @@ class CtFIndex:
                 # the kernels count them (the same for any k), then a top-k of that many returns them
                 last = self._positions(qs, 1, thr)[2][:, S - 1]
                 D, P, _ = self._positions(qs, max(1, int(last.max())), thr)
-            cols = np.arange(D.shape[1])
-            keep = (cols < last[:, None]) & (D <= radius)
-            lims = np.zeros(nq + 1, np.int64)
-            np.cumsum(keep.sum(axis=1), out=lims[1:])
-            return lims, D[keep].astype(np.int32), self._ids[P[keep]]
+            keep = (np.arange(D.shape[1]) < last[:, None]) & (D <= radius)
+            return range_result(keep, D, self._ids[P])
 
     def rank(self, query_codes: Mapping[int, np.ndarray], thresholds: Mapping[int, int] | None = None,
              threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -327,8 +327,8 @@ class _TooLarge(Exception):
 
 class RateLimiter:
     """A token bucket per client (as nginx's ``limit_req``): ``rate`` requests a second on average, up to
-    ``burst`` at once. Buckets that have refilled are forgotten (they equal a new client's), so memory stays
-    bounded by the clients active within ``burst / rate`` seconds, and by ``max_clients`` at worst."""
+    ``burst`` at once. Past ``max_clients`` buckets, those that have refilled are forgotten (they equal a new
+    client's), then the least recent half: memory stays bounded."""
 
     def __init__(self, rate: float, burst: int, max_clients: int = 100_000) -> None:
         self.rate, self.burst, self.max_clients = float(rate), float(burst), max_clients
@@ -643,8 +643,6 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             if missing:
                 raise FieldError(f"items[{ids.index(missing[0])}]", f"no item {missing[0]}", 404)
             return codes, 0.0, []
-        if images and "codes" in fields:
-            raise FieldError("codes", "give images or codes, not both")
         if images:
             if len(images) > config.max_images:
                 raise FieldError("images", f"{len(images)} images, at most {config.max_images}", 413)

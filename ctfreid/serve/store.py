@@ -344,11 +344,11 @@ class Store:
 
     def codes(self, ids: Sequence[int]) -> tuple[dict[int, np.ndarray], list[int]]:
         """The codes of the stored items among ``ids``, in the order given, and the ids not stored."""
+        ids = [int(i) for i in ids]
         with self._lock:
-            found = dict(r for chunk in _chunks([int(i) for i in ids], 500) for r in self._db.execute(
+            found = dict(r for chunk in _chunks(ids, 500) for r in self._db.execute(
                 f"SELECT id, codes FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk))
-        have = [int(i) for i in ids if int(i) in found]
-        return self.unpack([found[i] for i in have]), [int(i) for i in ids if int(i) not in found]
+        return self.unpack([found[i] for i in ids if i in found]), [i for i in ids if i not in found]
 
     def select_ids(self, pid: int | None = None, camera: int | None = None, track: str | None = None,
                    time_from: float | None = None, time_to: float | None = None,
