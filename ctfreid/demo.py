@@ -203,21 +203,13 @@ def gallery_size_points(n_gallery: int, n_pool: int, points: int) -> list[int]:
     return [int(s) for s in sizes]
 
 
-def _subset(data: EncodedSet, idx: np.ndarray) -> EncodedSet:
-    return EncodedSet(
-        codes={L: c[idx] for L, c in data.codes.items()}, pids=data.pids[idx], camids=data.camids[idx],
-        features=None if data.features is None else data.features[idx],
-        paths=None if data.paths is None else data.paths[idx],
-    )
-
-
 def concat_sets(a: EncodedSet, b: EncodedSet) -> EncodedSet:
-    """``a`` followed by ``b`` (same code lengths; features / paths kept when both have them)."""
+    """``a`` followed by ``b`` (same code lengths; features / paths / values kept when both have them)."""
     both = lambda x, y: None if x is None or y is None else np.concatenate([x, y])  # noqa: E731
     return EncodedSet(
         codes={L: np.concatenate([a.codes[L], b.codes[L]]) for L in a.codes},
         pids=np.concatenate([a.pids, b.pids]), camids=np.concatenate([a.camids, b.camids]),
-        features=both(a.features, b.features), paths=both(a.paths, b.paths),
+        features=both(a.features, b.features), paths=both(a.paths, b.paths), values=both(a.values, b.values),
     )
 
 
@@ -237,7 +229,7 @@ def gallery_size_sweep(query: EncodedSet, gallery: EncodedSet, distractors: Enco
     order = np.random.default_rng(seed).permutation(len(distractors))
     rows = []
     for size in gallery_size_points(len(gallery), len(distractors), points):
-        extra = _subset(distractors, np.sort(order[: size - len(gallery)]))
+        extra = distractors.take(np.sort(order[: size - len(gallery)]))
         g = concat_sets(gallery, extra) if len(extra) else gallery
         res = evaluate_sets(query, g, thresholds, repeats=repeats)  # ms/query: the median of the repeats
         rows.append({"gallery_size": len(g), "num_distractors": len(extra), **res})

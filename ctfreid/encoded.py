@@ -6,6 +6,8 @@ An encoded set holds, for ``n`` images:
 - ``camids``: int64[n] camera ids;
 - ``codes_<L>``: uint8[n, L // 8] packed binary codes, one key per code length ``L``;
 - ``features`` (optional): float32[n, d] real-valued features (for the ``float`` baseline);
+- ``values_<L>`` (optional, the shortest length only): float32[n, L] ``bn(v)`` of the shortest code (Eq. 2
+  before the sign), the query side of a weighted stage 1 (``ctfreid.search.asymmetric``);
 - ``paths`` (optional): str[n] image paths;
 - ``meta`` (optional): a 0-d string array holding a JSON object, :attr:`EncodedSet.meta`. ``ctfreid encode``
   writes ``{"encoder": encoder_record(...), "split": ...}``: the model's fingerprint
@@ -42,6 +44,7 @@ class EncodedSet:
     features: np.ndarray | None = None
     paths: np.ndarray | None = None
     meta: dict = field(default_factory=dict)  # JSON-serialisable, saved with the arrays
+    values: np.ndarray | None = None  # float32[n, L1]: bn(v) of the shortest code, for a weighted stage 1
 
     def __post_init__(self) -> None:
         self.codes = check_code_set(self.codes, "codes")
@@ -52,6 +55,14 @@ class EncodedSet:
             self.features = np.asarray(self.features, dtype=np.float32)
             if self.features.ndim != 2 or self.features.shape[0] != n:
                 raise CtfreidError(f"features must be float32[{n}, d], got shape {self.features.shape}")
+        if self.values is not None:
+            L1 = min(self.codes)
+            self.values = np.asarray(self.values, dtype=np.float32)
+            if self.values.shape != (n, L1):
+                raise CtfreidError(f"values must be float32[{n}, {L1}] (bn(v) of the {L1}-bit code), "
+                                   f"got shape {self.values.shape}")
+            if not np.isfinite(self.values).all():
+                raise CtfreidError("values must be finite (no NaN or infinity)")
         if self.paths is not None:
             self.paths = np.asarray(self.paths, dtype=str)
             if self.paths.shape != (n,):
@@ -61,6 +72,13 @@ class EncodedSet:
 
     def __len__(self) -> int:
         return int(self.pids.shape[0])
+
+    def take(self, idx: np.ndarray) -> EncodedSet:
+        """The images ``idx`` (indices or a boolean mask), every per-image array with them; ``meta`` kept."""
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return EncodedSet(codes={L: c[idx] for L, c in self.codes.items()}, pids=self.pids[idx],
+                          camids=self.camids[idx], features=pick(self.features), paths=pick(self.paths),
+                          meta=dict(self.meta), values=pick(self.values))
 
     @property
     def lengths(self) -> list[int]:
@@ -81,6 +99,8 @@ def save_encoded(path: str | os.PathLike, data: EncodedSet) -> None:
         arrays[f"codes_{length}"] = codes
     if data.features is not None:
         arrays["features"] = data.features
+    if data.values is not None:
+        arrays[f"values_{min(data.codes)}"] = data.values
     if data.paths is not None:
         arrays["paths"] = data.paths
     if data.meta:
@@ -134,6 +154,10 @@ def load_encoded(path: str | os.PathLike, name: str | None = None) -> EncodedSet
                         f"{len(features) if features.ndim else 1} rows; expected finite float features"
                     )
             meta = _read_meta(z["meta"], label) if "meta" in keys else {}
+            value_keys = [k for k in keys if k.startswith("values_")]
+            if value_keys and value_keys != [f"values_{min(codes)}"]:
+                raise CtfreidError(f"{label}: expected at most one values array, values_{min(codes)} (the shortest "
+                                   f"code's bn(v)), found {sorted(value_keys)}")
             return EncodedSet(
                 codes=codes,
                 pids=z["pids"],
@@ -141,6 +165,7 @@ def load_encoded(path: str | os.PathLike, name: str | None = None) -> EncodedSet
                 features=features,
                 paths=z["paths"] if "paths" in keys else None,
                 meta=meta,
+                values=z[value_keys[0]] if value_keys else None,
             )
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CtfreidError(f"{not_npz}: {e}") from e

@@ -2,6 +2,8 @@
 """Top-100 and full-ranking ms per query for each thresholds file and for the longest and the shortest code
 alone, timed in interleaved rounds in one process (one thread): a load change on a shared machine hits every
 setting alike. The shortest code alone bounds CtF's speed-up: CtF ranks the whole gallery with it first.
+A thresholds file fitted for a weighted stage 1 (``ctfreid calibrate --weighted``) is timed with the query
+set's ``values`` weighted as it says (``ctfreid.search.asymmetric``).
 
     python3 experiments/time_thresholds.py QUERY.npz GALLERY.npz TH1.json TH2.json ... [--rounds 15]
 """
@@ -18,7 +20,7 @@ from ctfreid.encoded import load_encoded
 from ctfreid.eval.evaluate import single_thread
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.hamming import hamming_rank, hamming_topk
-from ctfreid.search.thresholds import read_thresholds
+from ctfreid.search.thresholds import read_thresholds, read_weighting
 
 
 def main() -> None:
@@ -35,8 +37,11 @@ def main() -> None:
     fns = {f"{x}-bit": (lambda x=x: hamming_topk(q.codes[x], g.codes[x], 100),
                         lambda x=x: hamming_rank(q.codes[x], g.codes[x])) for x in (L, L1)}
     for path in args.thresholds:
-        th = read_thresholds(path)
-        fns[Path(path).stem] = (lambda th=th: ctf_search(q.codes, g.codes, th, 100), lambda th=th: ctf_rank(q.codes, g.codes, th))
+        th = read_thresholds(path, allow_weights=True)
+        wt = read_weighting(path)
+        w = None if wt is None else wt.weights(q.values)
+        fns[Path(path).stem] = (lambda th=th, w=w: ctf_search(q.codes, g.codes, th, 100, query_weights=w),
+                                lambda th=th, w=w: ctf_rank(q.codes, g.codes, th, query_weights=w))
     times: dict = {name: ([], []) for name in fns}
     with single_thread():
         for top, full in fns.values():  # compile and warm

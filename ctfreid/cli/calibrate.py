@@ -30,6 +30,10 @@ the service); --measure-cost-model measures one on this machine instead (5-40 s,
 --gallery-size items (the fractions kept at each stage transfer across sizes; default: the validation
 gallery).
 
+--weighted BITS fits for a weighted (asymmetric) first stage: the query's shortest code keeps a weight per
+bit, its confidence |bn(v)| quantised to BITS bits, and stage 1 ranks by the sum of the weights of the bits
+that differ (the gallery keeps its binary codes). 'ctfreid evaluate --thresholds' applies it.
+
 Without --target: dto when --beta or --beta-sweep is given, time when --budget-ms is, else accuracy.
 --beta-sweep prints thresholds for a range of betas; with --query and --gallery it also evaluates CtF at
 each (the accuracy / speed trade-off of the paper's Fig. 4).
@@ -38,6 +42,7 @@ example:
   ctfreid calibrate --val val.npz --beta 2 --out thresholds.json
   ctfreid calibrate --val val.npz --target accuracy --tolerance 0.5 --gallery-size 100000 --out thresholds.json
   ctfreid calibrate --val val.npz --target time --budget-ms 0.2 --measure-cost-model --out thresholds.json
+  ctfreid calibrate --val val.npz --weighted 3 --out thresholds.json   (a weighted stage 1)
   ctfreid calibrate --val val.npz --beta-sweep --query q.npz --gallery g.npz"""
 
 TARGETS = ("dto", "accuracy", "time")
@@ -96,6 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "built-in one")
     parser.add_argument("--save-cost-model", type=output_file, metavar="COST.json",
                         help="targets: write the cost model used here (for --cost-model next time)")
+    parser.add_argument("--weighted", type=positive_int, default=None, metavar="BITS", choices=range(1, 5),
+                        help="targets: fit for a weighted (asymmetric) stage 1: each bit of the query's shortest "
+                        "code weighted by its confidence |bn(v)|, quantised to BITS bits (1-4; 3 is a good "
+                        "choice); needs values_<L> in the validation set (written by 'ctfreid encode')")
     parser.add_argument("--out", type=output_file, metavar="thresholds.json",
                         help="write the thresholds and how they were fitted as JSON")
     parser.add_argument("--max-pairs", type=positive_int, default=1_000_000,
@@ -115,7 +124,7 @@ def resolve_target(args: argparse.Namespace) -> str:
                              "time" if args.budget_ms is not None else DEFAULT_TARGET)
     targeted = {"--tolerance": args.tolerance, "--budget-ms": args.budget_ms, "--gallery-size": args.gallery_size,
                 "--k": args.k, "--folds": args.folds, "--cost-model": args.cost_model, "--save-cost-model": args.save_cost_model,
-                "--measure-cost-model": args.measure_cost_model or None}
+                "--measure-cost-model": args.measure_cost_model or None, "--weighted": args.weighted}
     if target == "dto":
         given = [name for name, v in targeted.items() if v is not None]
         if given:
@@ -162,13 +171,16 @@ def _fit_target(args: argparse.Namespace, target: str, val) -> tuple[dict, dict]
     print(format_cost_model(model))
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     fit = fit_target(val, target, tolerance, args.budget_ms, model, args.gallery_size, args.k, seed=args.seed,
-                     folds=args.folds or DEFAULT_FOLDS, max_pairs=args.max_pairs)
+                     folds=args.folds or DEFAULT_FOLDS, max_pairs=args.max_pairs, weight_bits=args.weighted)
     print(format_fit(fit))
     sizes = model.info.get("sizes")
     if args.cost_model and sizes and not min(sizes) / 4 <= fit.gallery_size <= 4 * max(sizes):
         print(f"note: the cost model was measured on galleries of {sizes} items, far from {fit.gallery_size}: "
               f"measure one for this size (--measure-cost-model --gallery-size {fit.gallery_size})")
-    return fit.thresholds, {"fit": fit.to_dict(), "cost_model": model.to_dict()}
+    more = {"fit": fit.to_dict(), "cost_model": model.to_dict()}
+    if fit.weighting is not None:  # read back by evaluate (read_weighting): the stage-1 threshold is in its units
+        more["weights"] = fit.weighting.to_dict()
+    return fit.thresholds, more
 
 
 def run(args: argparse.Namespace) -> int:

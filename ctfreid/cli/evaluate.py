@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ctfreid._atomic import atomic_write
     from ctfreid.encoded import check_same_encoder, load_encoded
     from ctfreid.eval.evaluate import evaluate_sets, format_table
-    from ctfreid.search.thresholds import fit_dto, read_thresholds
+    from ctfreid.search.thresholds import fit_dto, read_thresholds, read_weighting
 
     if args.beta is not None and not args.calibrate:
         raise CtfreidError("--beta only applies with --calibrate VAL.npz")
@@ -71,13 +71,16 @@ def run(args: argparse.Namespace) -> int:
     if query.lengths != gallery.lengths:
         raise CtfreidError(f"--query has code lengths {query.lengths} but --gallery has {gallery.lengths}")
     sets = {f"--query {args.query}": query, f"--gallery {args.gallery}": gallery}
-    thresholds = None
+    thresholds = weighting = None
     if args.thresholds is None and args.calibrate:
         sets[f"--calibrate {args.calibrate}"] = load_encoded(args.calibrate, f"--calibrate {args.calibrate}")
     for note in check_same_encoder(sets):
         print(note)
     if args.thresholds is not None:  # an empty --thresholds "$TH" is an error, not no thresholds
-        thresholds = read_thresholds(args.thresholds)
+        thresholds = read_thresholds(args.thresholds, allow_weights=True)
+        weighting = read_weighting(args.thresholds)  # fitted with a weighted stage 1: apply it
+        if weighting is not None:
+            print(f"weighted stage 1 ({weighting.bits}-bit weights, scale {weighting.scale:.4g}) from {args.thresholds}")
     elif args.calibrate:
         val = sets[f"--calibrate {args.calibrate}"]
         if val.lengths != gallery.lengths:
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: --max-rank {args.max_rank} is more than the {len(gallery)} gallery items: "
               f"CMC up to rank {max_rank}")
     result = evaluate_sets(query, gallery, thresholds, max_rank=max_rank, search_k=args.search_k,
-                           repeats=args.repeats)
+                           repeats=args.repeats, weighting=weighting)
     print(f"{len(query)} queries x {len(gallery)} gallery items")
     print(format_table(result))
     if args.json:

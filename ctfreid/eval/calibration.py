@@ -46,6 +46,7 @@ from ctfreid.errors import CtfreidError, count
 from ctfreid.eval.cost_model import CostModel, default_cost_model, expected_ms, stage_work
 from ctfreid.eval.evaluate import DEFAULT_BETAS
 from ctfreid.eval.metrics import merge_metrics, ranking_stats
+from ctfreid.search.asymmetric import Weighting, max_distance, weight_scale, weighted_distances
 from ctfreid.search.coarse_to_fine import ctf_rank
 from ctfreid.search.hamming import check_k, hamming_distances, hamming_rank
 from ctfreid.search.thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_from_distances, pair_distances
@@ -58,6 +59,11 @@ DEFAULT_TOLERANCE = 0.5  # mAP and Rank-1 points
 POSITIVE_LEVELS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
 NEGATIVE_LEVELS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 GRID_BETAS = DEFAULT_BETAS + (30.0, 100.0)
+# A weighted stage 1 scans at a higher cost per item than the Hamming one the cost model measures (3 more AND +
+# popcount a code): one top-100 query on 1e6 codes took 554 against 416 us at equal stage-1 keep
+# (benchmarks/bench_asymmetric.py, AMD EPYC Zen 4). Added to a weighted fit's expected times; it does not
+# depend on the thresholds, so it never changes which thresholds a fit picks.
+WEIGHTED_SCAN_EXTRA_MS = 1.4e-7  # per gallery item
 DEFAULT_FOLDS = 4  # query / gallery splits pooled (each identity-camera's first four images serve as queries)
 
 
@@ -90,6 +96,7 @@ class TargetFit:
     evaluations: int = 0
     folds: int = 1
     grids: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    weighting: Weighting | None = None  # a weighted stage 1: thresholds[L1] is in its units
 
     def to_dict(self) -> dict:
         """JSON-ready (length keys as strings)."""
@@ -111,6 +118,7 @@ class TargetFit:
             "val_gallery": self.val_gallery,
             "evaluations": self.evaluations,
             "folds": self.folds,
+            **({"weights": self.weighting.to_dict()} if self.weighting is not None else {}),
         }
 
 
@@ -140,10 +148,7 @@ def split_validation(val: EncodedSet, seed: int = 0, fold: int = 0) -> tuple[Enc
             "with images to spare: a query / gallery split needs identities with images from two or more cameras"
         )
 
-    def take(mask: np.ndarray) -> EncodedSet:
-        return EncodedSet(codes={L: c[mask] for L, c in val.codes.items()}, pids=pids[mask], camids=cams[mask])
-
-    return take(is_query), take(is_gallery)
+    return val.take(is_query), val.take(is_gallery)
 
 
 def _splits(val: EncodedSet, seed: int, folds: int) -> list[tuple[EncodedSet, EncodedSet]]:
@@ -171,10 +176,16 @@ class _Evaluator:
     """Accuracy and expected time of threshold settings on validation splits (folds), memoised; metrics
     are pooled over the queries of all folds."""
 
-    def __init__(self, splits: list[tuple[EncodedSet, EncodedSet]], model: CostModel, gallery_size: int, k: int):
+    def __init__(self, splits: list[tuple[EncodedSet, EncodedSet]], model: CostModel, gallery_size: int, k: int,
+                 weighting: Weighting | None = None):
         self.splits, self.model, self.n, self.k = splits, model, gallery_size, k
         self.lengths = splits[0][1].lengths
-        self.dist = [[hamming_distances(q.codes[L], g.codes[L]) for L in self.lengths] for q, g in splits]
+        L1 = self.lengths[0]
+        # a weighted stage 1: each split's queries get their bit weights, and stage 1 their weighted distances
+        self.weights = [None if weighting is None else weighting.weights(q.values) for q, _ in splits]
+        self.dist = [[hamming_distances(q.codes[L], g.codes[L]) if w is None or L != L1
+                      else weighted_distances(q.codes[L], w, g.codes[L]) for L in self.lengths]
+                     for (q, g), w in zip(splits, self.weights)]
         self._points: dict[tuple[int, ...], tuple[float, float, float, np.ndarray]] = {}
         self._by_sets: dict[bytes, tuple[float, float]] = {}
         self.rankings = 0
@@ -204,10 +215,13 @@ class _Evaluator:
             keys.update(reached.tobytes())
         f = np.concatenate(fractions)
         ms = expected_ms(self.model, f, self.n, self.k, np.concatenate(bins))
+        if self.weights[0] is not None:
+            ms += self.n * WEIGHTED_SCAN_EXTRA_MS
         key = keys.digest()
         if key not in self._by_sets:
             thr = dict(zip(self.lengths[:-1], th))
-            self._by_sets[key] = self._metrics([ctf_rank(q.codes, g.codes, thr)[1] for q, g in self.splits])
+            self._by_sets[key] = self._metrics([ctf_rank(q.codes, g.codes, thr, query_weights=w)[1]
+                                                for (q, g), w in zip(self.splits, self.weights)])
             self.rankings += 1
         out = (ms, *self._by_sets[key], f.mean(axis=0))
         self._points[th] = out
@@ -227,10 +241,11 @@ class _Evaluator:
 
 
 def threshold_grids(splits: list[tuple[EncodedSet, EncodedSet]], dist: list[list[np.ndarray]],
-                    dto: list[dict[int, int]]) -> list[list[int]]:
+                    dto: list[dict[int, int]], first_top: int | None = None) -> list[list[int]]:
     """Candidate thresholds per length but the longest (ascending, ending with the length itself): quantiles
     of the same-identity cross-camera and of the different-identity query-gallery distances (all folds),
-    and the DTO thresholds ``dto``."""
+    and the DTO thresholds ``dto``. ``first_top``: a weighted stage 1's largest distance, which then ends
+    the first grid (DTO's Hamming thresholds are not in its units and are left out of it)."""
     lengths = splits[0][1].lengths
     pos = {L: [] for L in lengths[:-1]}
     neg = {L: [] for L in lengths[:-1]}
@@ -242,7 +257,7 @@ def threshold_grids(splits: list[tuple[EncodedSet, EncodedSet]], dist: list[list
             neg[L].append(d[s][~same])
     grids = []
     for L in lengths[:-1]:
-        values = {L} | {t[L] for t in dto}
+        values = {first_top} if first_top is not None and L == lengths[0] else {L} | {t[L] for t in dto}
         for dd, levels in ((np.concatenate(pos[L]), POSITIVE_LEVELS), (np.concatenate(neg[L]), NEGATIVE_LEVELS)):
             if dd.size:
                 values |= {int(v) for v in np.quantile(dd, levels, method="lower")}
@@ -261,8 +276,11 @@ def _step(grid: list[int], value: int, up: bool) -> int | None:
 def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEFAULT_TOLERANCE,
                budget_ms: float | None = None, cost_model: CostModel | None = None, gallery_size: int | None = None,
                k: int | None = None, seed: int = 0, folds: int = DEFAULT_FOLDS,
-               max_pairs: int = DEFAULT_MAX_PAIRS) -> TargetFit:
+               max_pairs: int = DEFAULT_MAX_PAIRS, weight_bits: int | None = None) -> TargetFit:
     """Thresholds for ``target`` on the validation set ``val`` (see the module).
+
+    ``weight_bits``: fit for a weighted stage 1 (``ctfreid.search.asymmetric``) with weights of that many
+    bits, their scale fitted on ``val.values``; the fit's ``weighting`` goes with its thresholds.
 
     ``cost_model``: the built-in one when None (``default_cost_model``: measured once, so the fit is
     deterministic; pass ``measure_cost_model(...)`` for this machine's); ``gallery_size``: the gallery the time is planned for (default: the validation gallery);
@@ -285,14 +303,21 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
         cost_model = default_cost_model(lengths, k)
     cost_model.check_lengths(lengths, "validation codes")
     k = cost_model.k if k is None else check_k(k)
+    weighting = None
+    if weight_bits is not None:
+        if val.values is None:
+            raise CtfreidError(f"a weighted stage 1 needs the validation images' values_{lengths[0]} (bn(v) of the "
+                               f"shortest code), which this validation set lacks: encode it with 'ctfreid encode'")
+        weighting = Weighting(scale=weight_scale(val.values), bits=weight_bits)
+    first_max = max_distance(lengths[0]) if weighting is not None else None
 
-    ev = _Evaluator(splits, cost_model, n, k)
+    ev = _Evaluator(splits, cost_model, n, k, weighting)
     distances = pair_distances(val.codes, val.pids, val.camids, max_pairs, seed)
     try:  # DTO's thresholds as seeds; none where its Gaussians cannot be fitted (constant distances)
         dto = [{L: f.threshold for L, f in fits_from_distances(distances, b).items()} for b in GRID_BETAS]
     except CtfreidError:
         dto = []
-    grids = threshold_grids(splits, ev.dist, dto)
+    grids = threshold_grids(splits, ev.dist, dto, first_max)
     S = len(grids)
 
     def loss(a: tuple, b: tuple) -> float:  # accuracy lost going from a to b, in points (mAP or Rank-1)
@@ -316,7 +341,7 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
         else:
             saving = [mv for mv in moves if mv[1] > 0]
             x = (max(saving, key=lambda mv: mv[1] / mv[2]) if saving else min(moves, key=lambda mv: mv[2]))[0]
-    for t in dto:
+    for t in dto if weighting is None else []:
         ev(tuple(t[L] for L in lengths[:-1]))
 
     if target == "accuracy":
@@ -366,7 +391,7 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
     ms, mAP, rank1, fractions = ev(pick)
     later = lengths[1:]
     return TargetFit(
-        target=target, thresholds=check_thresholds(dict(zip(lengths[:-1], pick)), lengths), expected_ms=ms,
+        target=target, thresholds=check_thresholds(dict(zip(lengths[:-1], pick)), lengths, first_max), expected_ms=ms,
         val_map=mAP / 100.0, val_rank1=rank1 / 100.0,
         reference={"mAP": ev.ref_map / 100.0, "rank1": ev.ref_rank1 / 100.0, "length": lengths[-1]},
         keep_fractions={L: float(f) for L, f in zip(later, fractions)},
@@ -375,7 +400,7 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
         tolerance=float(tolerance) if target == "accuracy" else None,
         budget_ms=float(budget_ms) if target == "time" else None,
         val_queries=ev.num_queries, val_gallery=ev.mean_gallery, evaluations=ev.rankings, folds=len(splits),
-        grids={L: g for L, g in zip(lengths[:-1], grids)},
+        grids={L: g for L, g in zip(lengths[:-1], grids)}, weighting=weighting,
     )
 
 
@@ -424,7 +449,9 @@ def format_fit(fit: TargetFit) -> str:
         aim = "thresholds as given"
     lines = [
         f"target {fit.target} ({aim}), top-{fit.k} search over a gallery of {fit.gallery_size} items",
-        "thresholds: " + ",".join(f"{L}={t}" for L, t in fit.thresholds.items()),
+        "thresholds: " + ",".join(f"{L}={t}" for L, t in fit.thresholds.items())
+        + (f" (weighted stage 1: {fit.weighting.bits}-bit weights, scale {fit.weighting.scale:.4g})"
+           if fit.weighting is not None else ""),
         f"expected {fit.expected_ms:.4g} ms per query (no pruning: {fit.no_pruning_ms:.4g} ms)",
         (f"validation ({fit.val_queries} queries in {fit.folds} folds, {fit.val_gallery} gallery): CtF mAP {100 * fit.val_map:.2f}, "
         f"Rank-1 {100 * fit.val_rank1:.2f}; {fit.reference['length']}-bit code mAP {100 * fit.reference['mAP']:.2f}, "
@@ -459,6 +486,8 @@ def save_fit(path, fit: TargetFit, cost_model: CostModel | None = None, extra: M
 
     doc = {"thresholds": {str(L): t for L, t in fit.thresholds.items()}, "target": fit.target, **dict(extra or {}),
            "fit": fit.to_dict()}
+    if fit.weighting is not None:  # read back by read_weighting: the stage-1 threshold is in its units
+        doc["weights"] = fit.weighting.to_dict()
     if cost_model is not None:
         doc["cost_model"] = cost_model.to_dict()
     with atomic_write(path, "w") as f:

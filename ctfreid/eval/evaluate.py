@@ -29,6 +29,7 @@ from ctfreid.eval.metrics import (
     squared_euclidean_distances,
 )
 from ctfreid.eval.report import method_key, parse_method
+from ctfreid.search.asymmetric import Weighting, max_distance, weighted_distances
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.hamming import (
     check_k,
@@ -76,7 +77,9 @@ def _run(rank_block: Callable[[slice], np.ndarray], query: EncodedSet, gallery: 
     nq = len(query)
     parts, times = [], []
     with single_thread():
-        rank_block(slice(0, 1))  # warm-up: JIT compilation and first-touch costs stay out of the timing
+        # warm-up with a whole block: JIT compilation, kernel loading and first-touch costs stay out of the
+        # timing (one query would warm only the one-query kernels, not the batch ones a block runs)
+        rank_block(slice(0, min(nq, block_size)))
         for rep in range(repeats):
             elapsed = 0.0
             for s in range(0, nq, block_size):
@@ -99,7 +102,7 @@ def _time_search(search_block: Callable[[slice], object], nq: int, block_size: i
     one warm-up call."""
     times = []
     with single_thread():
-        search_block(slice(0, 1))
+        search_block(slice(0, min(nq, block_size)))  # warm-up, as in _run
         for _ in range(repeats):
             elapsed = 0.0
             for s in range(0, nq, block_size):
@@ -111,10 +114,12 @@ def _time_search(search_block: Callable[[slice], object], nq: int, block_size: i
 
 
 def candidate_counts(query_codes: Mapping[int, np.ndarray], gallery_codes: Mapping[int, np.ndarray],
-                     thresholds: Mapping[int, int], block_size: int = 256) -> dict[int, float]:
+                     thresholds: Mapping[int, int], block_size: int = 256,
+                     query_weights: np.ndarray | None = None) -> dict[int, float]:
     """Mean number of CtF candidates kept after each thresholded stage: ``{length: mean count}``.
 
-    The candidates after the stage of length ``L_k`` are the items with ``d_{L_1} <= t_1, ..., d_{L_k} <= t_k``.
+    The candidates after the stage of length ``L_k`` are the items with ``d_{L_1} <= t_1, ..., d_{L_k} <= t_k``
+    (``d_{L_1}`` weighted with ``query_weights``, see ``ctfreid.search.asymmetric``).
     """
     lengths = sorted(thresholds)
     nq = next(iter(query_codes.values())).shape[0]
@@ -122,7 +127,10 @@ def candidate_counts(query_codes: Mapping[int, np.ndarray], gallery_codes: Mappi
     for s in range(0, nq, block_size):
         mask = None
         for k, L in enumerate(lengths):
-            ok = hamming_distances(query_codes[L][s:s + block_size], gallery_codes[L]) <= thresholds[L]
+            q = query_codes[L][s:s + block_size]
+            d = (weighted_distances(q, query_weights[s:s + block_size], gallery_codes[L])
+                 if k == 0 and query_weights is not None else hamming_distances(q, gallery_codes[L]))
+            ok = d <= thresholds[L]
             mask = ok if mask is None else mask & ok
             totals[k] += mask.sum()
     return {L: float(totals[k] / max(nq, 1)) for k, L in enumerate(lengths)}
@@ -130,7 +138,7 @@ def candidate_counts(query_codes: Mapping[int, np.ndarray], gallery_codes: Mappi
 
 def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[int, int] | None = None,
                   max_rank: int = 10, block_size: int = 256, methods: Sequence[str] | None = None,
-                  search_k: int | None = None, repeats: int = 1) -> dict:
+                  search_k: int | None = None, repeats: int = 1, weighting: Weighting | None = None) -> dict:
     """Table 4 rows for ``query`` against ``gallery``.
 
     Returns ``{"methods": {"float"?, "hash<L>"..., "ctf"?: {"rank1", "rank5", "rank10", "mAP", "query_ms",
@@ -139,15 +147,26 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
     row also has ``"candidates"``: the mean number of candidates per probe after each thresholded stage.
     ``methods`` restricts the rows computed (names as above). With ``search_k``, every binary row also has
     ``"search_ms"``: milliseconds per query of the top-``search_k`` search alone (the serving path).
-    Times are the median of ``repeats`` timed passes (the accuracy comes from the first).
+    Times are the median of ``repeats`` timed passes (the accuracy comes from the first). ``weighting``: the
+    ``ctf`` row uses a weighted stage 1 (``ctfreid.search.asymmetric``), the query set's ``values`` weighted
+    by it; ``thresholds`` must then be those fitted with it.
     """
     _check_pair(query, gallery)
+    qw = None
+    if weighting is not None:
+        if thresholds is None:
+            raise CtfreidError("a weighting applies to the ctf row: give the thresholds fitted with it")
+        if query.values is None:
+            raise CtfreidError(f"a weighted stage 1 needs the queries' values_{query.lengths[0]} (bn(v) of the "
+                               "shortest code): encode the queries with 'ctfreid encode'")
+        qw = weighting.weights(query.values)
     if search_k is not None:
         search_k = check_k(search_k)
     if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
         raise CtfreidError(f"repeats must be a positive integer, got {repeats!r}")
     lengths = gallery.lengths
-    th = check_thresholds(thresholds, lengths) if thresholds is not None else None
+    first_max = max_distance(lengths[0]) if qw is not None else None
+    th = check_thresholds(thresholds, lengths, first_max) if thresholds is not None else None
     rankers: dict[str, Callable[[slice], np.ndarray]] = {}
     if query.features is not None and gallery.features is not None:
         if query.features.shape[1] != gallery.features.shape[1]:
@@ -163,7 +182,8 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
         rankers[method_key(L)] = lambda sl, L=L: hamming_rank(query.codes[L][sl], gallery.codes[L])[1]
     if th is not None:
         q_sub = lambda sl: {L: c[sl] for L, c in query.codes.items()}  # noqa: E731
-        rankers["ctf"] = lambda sl: ctf_rank(q_sub(sl), gallery.codes, th)[1]
+        q_w = lambda sl: None if qw is None else qw[sl]  # noqa: E731
+        rankers["ctf"] = lambda sl: ctf_rank(q_sub(sl), gallery.codes, th, query_weights=q_w(sl))[1]
     if methods is not None:
         unknown = set(methods) - set(rankers)
         if unknown:
@@ -179,18 +199,20 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
             method_key(L): lambda sl, L=L: hamming_topk(query.codes[L][sl], gallery.codes[L], search_k) for L in lengths
         }
         if th is not None:
-            searchers["ctf"] = lambda sl: ctf_search(q_sub(sl), gallery.codes, th, search_k)
+            searchers["ctf"] = lambda sl: ctf_search(q_sub(sl), gallery.codes, th, search_k, query_weights=q_w(sl))
         for name, fn in searchers.items():
             if name in rows:
                 rows[name]["search_ms"] = _time_search(fn, len(query), block_size, repeats)
     if "ctf" in rows:
-        rows["ctf"]["candidates"] = {str(L): c for L, c in candidate_counts(query.codes, gallery.codes, th).items()}
+        counts = candidate_counts(query.codes, gallery.codes, th, query_weights=qw)
+        rows["ctf"]["candidates"] = {str(L): c for L, c in counts.items()}
     skipped = next(iter(rows.values()))["skipped"] if rows else 0
     for r in rows.values():
         del r["skipped"]
     return {
         "methods": rows,
         "ctf_thresholds": {str(L): t for L, t in (th or {}).items()},
+        **({"ctf_weights": weighting.to_dict()} if weighting is not None else {}),
         "skipped_queries": int(skipped),
         "num_queries": len(query),
         "num_gallery": len(gallery),

@@ -37,8 +37,9 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
                    width: int = 128, device: str | torch.device = "cpu", num_workers: int = 0,
                    progress: bool = False, mean: Sequence[float] | None = None,
                    std: Sequence[float] | None = None, flip: bool = False) -> EncodedSet:
-    """Encode ``(path, pid, camid)`` records: packed ``sgn(bn(v_k))`` codes (Eq. 2) for every length and
-    ``features = bn(v_1)`` of the longest code, with the records' pids, camids and paths.
+    """Encode ``(path, pid, camid)`` records: packed ``sgn(bn(v_k))`` codes (Eq. 2) for every length,
+    ``features = bn(v_1)`` of the longest code and ``values = bn(v)`` of the shortest (for a weighted stage 1),
+    with the records' pids, camids and paths.
 
     ``height`` / ``width`` (and ``mean`` / ``std``) must be those the model was trained with (``info`` of
     :func:`load_model`). ``flip`` averages ``bn(v_k)`` of each image and its mirror before the sign (see
@@ -67,6 +68,7 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
     lengths = model.lengths
     codes: dict[int, list[np.ndarray]] = {length: [] for length in lengths}
     features: list[np.ndarray] = []
+    values: list[np.ndarray] = []
     from tqdm import tqdm
 
     with torch.no_grad(), tqdm(total=len(records), desc="encoding", unit="img", disable=not progress,
@@ -80,6 +82,7 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
             for length in lengths:  # Eq. 2, as the model's eval codes
                 codes[length].append(np.packbits(sign_codes(bn[length]).cpu().numpy() > 0, axis=1))
             features.append(bn[max(lengths)].float().cpu().numpy())  # the longest code's bn(v)
+            values.append(bn[min(lengths)].float().cpu().numpy())  # the shortest's: a weighted stage 1
             bar.update(len(images))
     model.train(was_training)
     return EncodedSet(
@@ -88,6 +91,7 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
         camids=np.array([camid for _, _, camid in records], dtype=np.int64),
         features=np.concatenate(features).astype(np.float32),
         paths=np.array([path for path, _, _ in records], dtype=str),
+        values=np.concatenate(values).astype(np.float32),
     )
 
 
@@ -129,6 +133,7 @@ def encoded_from_bn(bn: dict[int, np.ndarray], records: Sequence[Record] | None 
         camids=np.array([c for _, _, c in records], dtype=np.int64) if records is not None else np.full(n, -1),
         features=np.ascontiguousarray(bn[max(bn)], dtype=np.float32),
         paths=np.array([path for path, _, _ in records], dtype=str) if records is not None else None,
+        values=np.ascontiguousarray(bn[min(bn)], dtype=np.float32),
     )
 
 

@@ -10,7 +10,11 @@ thresholds t1..t(S-1):
    previous order); the ranking becomes the re-ranked candidates followed by everything else in its
    previous order; the new candidates are those with distance <= ts. The longest code has no threshold.
 
-``D`` is the Hamming distance at the finest stage each item reached. ``ctf_search`` returns exactly the
+``D`` is the Hamming distance at the finest stage each item reached.
+
+With ``query_weights`` (``uint8[nq, L1]``, see ``ctfreid.search.asymmetric``) stage 1 ranks by the weighted
+distance ``sum_i w_i [q_i != g_i]`` instead, ``t1`` bounds it, and items ranked at stage 1 only carry it
+in ``D``; everything else is the same. ``ctf_search`` returns exactly the
 first ``k`` of ``ctf_rank`` without ranking the whole gallery: stage 1 only collects the codes within
 t1, and the rest of the stage-1 ranking is scanned for only when fewer than ``k`` survive.
 """
@@ -24,6 +28,7 @@ import numpy as np
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
+from ctfreid.search.asymmetric import check_weights, max_distance, weight_planes
 from ctfreid.search.hamming import (
     _aligned,
     check_k,
@@ -73,22 +78,45 @@ def kernel_args(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], thr: np.
     return _kernels.words32(qs[0]), _kernels.words32(gs[0]), int(Ls[0]), Qr, qoff, Gr, Ls, S, thr
 
 
+def _weighted(query_weights, qs: tuple[np.ndarray, ...], lengths: list[int]) -> tuple[np.ndarray, int] | None:
+    """(planes, largest weighted distance) of stage 1 with ``query_weights``, or None without them."""
+    if query_weights is None:
+        return None
+    if lengths[0] % 32:
+        raise CtfreidError(f"query_weights need a first code of a multiple of 32 bits, got {lengths[0]}")
+    w = check_weights(query_weights, qs[0].shape[0], lengths[0])
+    return weight_planes(w), max_distance(lengths[0])
+
+
 def ctf_rank(
     query_codes: Mapping[int, np.ndarray],
     gallery_codes: Mapping[int, np.ndarray],
     thresholds: Mapping[int, int],
+    query_weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Full coarse-to-fine rankings ``(D int32[nq, n], I int64[nq, n])`` (Sec. 3.1, Fig. 1).
 
     ``query_codes``/``gallery_codes``: ``{length: uint8[., length // 8]}`` with the same lengths;
     ``thresholds``: ``{length: int}`` for every length but the longest. 1-D query codes give 1-D results.
+    ``query_weights``: ``uint8[nq, L1]`` bit weights of the shortest code for a weighted stage 1 (see the
+    module docstring); ``thresholds[L1]`` then bounds the weighted distance.
     """
     qs, gs, lengths, single = prepare_code_sets(query_codes, gallery_codes)
-    thr = threshold_array(thresholds, lengths)
-    if len(lengths) == 1:
+    wt = _weighted(query_weights, qs, lengths)
+    thr = threshold_array(thresholds, lengths, wt[1] if wt else None)
+    nq, n = qs[0].shape[0], gs[0].shape[0]
+    if wt is not None:
+        D = np.empty((nq, n), dtype=np.int32)
+        I = np.empty((nq, n), dtype=np.int64)
+        Q1, G1 = _kernels.words32(qs[0]), _kernels.words32(gs[0])
+        if len(lengths) == 1:
+            _kernels.weighted_rank(Q1, wt[0], G1, wt[1], D, I)
+        else:
+            _, _, _, Qr, qoff, Gr, Ls, S, thr = kernel_args(qs, gs, thr)
+            _kernels.ctf_rank_weighted(Q1, wt[0], G1, wt[1], Qr, qoff, Gr, Ls, S, thr, D, I)
+    elif len(lengths) == 1:
         D, I = hamming_rank(qs[0], gs[0])
     else:
-        nq, n = qs[0].shape[0], gs[0].shape[0]
         D = np.empty((nq, n), dtype=np.int32)
         I = np.empty((nq, n), dtype=np.int64)
         _kernels.ctf_rank(*kernel_args(qs, gs, thr), D, I)
@@ -100,26 +128,38 @@ def ctf_search(
     gallery_codes: Mapping[int, np.ndarray],
     thresholds: Mapping[int, int],
     k: int,
+    query_weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first ``k`` of each coarse-to-fine ranking, ``(D int32[nq, k], I int64[nq, k])``.
 
     Identical to ``ctf_rank(...)[:, :k]`` but never ranks the whole gallery; padded with -1 / int32 max
-    when ``k > n``.
+    when ``k > n``. ``query_weights``: as for :func:`ctf_rank`.
     """
     k = check_k(k)
     qs, gs, lengths, single = prepare_code_sets(query_codes, gallery_codes)
-    thr = threshold_array(thresholds, lengths)
-    if len(lengths) == 1:
+    wt = _weighted(query_weights, qs, lengths)
+    thr = threshold_array(thresholds, lengths, wt[1] if wt else None)
+    nq, n, S = qs[0].shape[0], gs[0].shape[0], len(gs)
+    if wt is not None and len(lengths) == 1:
+        D, I = ctf_rank(query_codes, gallery_codes, thresholds, query_weights)
+        D, I = (D[None], I[None]) if single else (D, I)
+        pad = max(0, k - n)
+        D = np.pad(D[:, :k], ((0, 0), (0, pad)), constant_values=_kernels.INT32_MAX)
+        I = np.pad(I[:, :k], ((0, 0), (0, pad)), constant_values=-1)
+    elif len(lengths) == 1:
         D, I = hamming_topk(qs[0], gs[0], k)
     else:
-        D = np.empty((qs[0].shape[0], k), dtype=np.int32)
-        I = np.empty((qs[0].shape[0], k), dtype=np.int64)
-        nq, n, S = qs[0].shape[0], gs[0].shape[0], len(gs)
+        D = np.empty((nq, k), dtype=np.int32)
+        I = np.empty((nq, k), dtype=np.int64)
         counts = np.zeros((nq, S), np.int64)
-        args = (*kernel_args(qs, gs, thr), k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, S))
-        if _kernels.tile_scan(nq, lengths[0]):  # as CtFIndex.search
+        args = kernel_args(qs, gs, thr)
+        work = (k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, S))
+        if wt is not None:
+            _kernels.ctf_topk_weighted(args[0], wt[0], args[1], wt[1], *args[3:], *work, D, I, counts)
+        elif _kernels.tile_scan(nq, lengths[0]):  # as CtFIndex.search
             hi2 = _kernels.stage2_keep(n, thr, lengths)
-            _kernels.ctf_topk_batch(*args, hi2, *_kernels.batch_buffers(*_kernels.batch_shape(n, nq, S), S), D, I, counts)
+            _kernels.ctf_topk_batch(*args, *work, hi2, *_kernels.batch_buffers(*_kernels.batch_shape(n, nq, S), S),
+                                    D, I, counts)
         else:
-            _kernels.ctf_topk(*args, D, I, counts)
+            _kernels.ctf_topk(*args, *work, D, I, counts)
     return (D[0], I[0]) if single else (D, I)

@@ -62,6 +62,7 @@ from ctfreid._rwlock import RWLock
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
+from ctfreid.search.asymmetric import check_weights, max_distance, weight_planes
 from ctfreid.search.hamming import check_k, check_radius, prepare_queries, range_result
 from ctfreid.search.merge import Hits, empty_hits
 from ctfreid.search.parallel import run_chunks
@@ -401,24 +402,26 @@ class CtFIndex:
             self._views = (gs[0], Gr, Ls, _kernels.stage_offsets(self._lengths))
         return self._views
 
-    def _thresholds(self, thresholds: Mapping[int, int] | None) -> np.ndarray:
+    def _thresholds(self, thresholds: Mapping[int, int] | None, weighted: bool = False) -> np.ndarray:
         """Per-call ``thresholds``, else the attribute, validated (the attribute's check is cached until
-        the dict's contents change)."""
+        the dict's contents change); ``weighted``: the first is a weighted distance."""
+        first_max = max_distance(self._lengths[0]) if weighted else None
         if thresholds is not None:
-            return threshold_array(thresholds, self._lengths)
+            return threshold_array(thresholds, self._lengths, first_max)
         key = tuple(self.thresholds.items()) if isinstance(self.thresholds, dict) else None
         cached = self._thr_cache
-        if key is None or cached is None or cached[0] != (key, tuple(self._lengths)):
-            thr = threshold_array(self.thresholds, self._lengths)
+        if key is None or cached is None or cached[0] != (key, tuple(self._lengths), weighted):
+            thr = threshold_array(self.thresholds, self._lengths, first_max)
             if key is None:
                 return thr
-            self._thr_cache = cached = ((key, tuple(self._lengths)), thr)
+            self._thr_cache = cached = ((key, tuple(self._lengths), weighted), thr)
         return cached[1]
 
-    def _positions(self, qs: tuple[np.ndarray, ...], k: int | None, thr: np.ndarray) -> tuple:
+    def _positions(self, qs: tuple[np.ndarray, ...], k: int | None, thr: np.ndarray,
+                   wp: np.ndarray | None = None) -> tuple:
         """Kernel results over the slots: (D, slot positions), [nq, min(k, ntotal)] (all live for k None), and
         the per-stage candidate counts ``int64 [nq, S]`` (items ranked at each stage; -1 for full rankings).
-        Call with the read lock held."""
+        ``wp``: weight planes of a weighted stage 1 (``asymmetric.weight_planes``). Call with the read lock held."""
         n, nq, live_n = self._nslots, qs[0].shape[0], self.ntotal
         lengths = self._lengths
         G1, Gr, Ls, qoff = self._stage_views()
@@ -432,6 +435,21 @@ class CtFIndex:
         cols = n if full else m
         D = np.empty((nq, cols), np.int32)
         P = np.empty((nq, cols), np.int64)
+        if wp is not None and (full or len(lengths) == 1):
+            D = np.empty((nq, n), np.int32)
+            P = np.empty((nq, n), np.int64)
+            Lw = max_distance(lengths[0])
+            if len(lengths) == 1:
+                _kernels.weighted_rank(_kernels.words32(qs[0]), wp, _kernels.words32(G1), Lw, D, P)
+            else:
+                Qr = _kernels.later_queries(qs, qoff)
+                _kernels.ctf_rank_weighted(_kernels.words32(qs[0]), wp, _kernels.words32(G1), Lw, Qr, qoff, Gr, Ls,
+                                           len(lengths), thr, D, P)
+            if self._ndead:
+                keep = self._live_slots()[P]
+                P = P[keep].reshape(nq, live_n)
+                D = D[keep].reshape(nq, live_n)
+            return (D, P, C) if full else (D[:, :m], P[:, :m], C)
         if len(lengths) == 1:
             if full:
                 _kernels.rank(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], D, P)
@@ -442,6 +460,9 @@ class CtFIndex:
             args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Ls, len(lengths), thr)
             if full:
                 _kernels.ctf_rank(*args, D, P)
+            elif wp is not None:
+                _kernels.ctf_topk_weighted(args[0], wp, args[1], max_distance(lengths[0]), *args[3:], m, self._live,
+                                           *self._workspace(n, m), D, P, C)
             elif _kernels.tile_scan(nq, lengths[0]):
                 _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), _kernels.stage2_keep(n, thr, Ls),
                                         *self._batch_buffers(n, nq), D, P, C)
@@ -473,28 +494,41 @@ class CtFIndex:
             bufs = self._local.batch = _kernels.batch_buffers(G, cap, S)
         return bufs
 
-    def _hit_keys(self, qs: tuple[np.ndarray, ...], P: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _hit_keys(self, qs: tuple[np.ndarray, ...], P: np.ndarray, thr: np.ndarray,
+                  wp: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-length distances and stage counts of the hits at slots ``P`` (read lock held)."""
         G1, Gr, _, qoff = self._stage_views()
         S = len(self._lengths)
         dist = np.empty(P.shape + (S,), np.int32)
         stages = np.empty(P.shape, np.int8)
         Qr = _kernels.later_queries(qs, qoff) if S > 1 else _kernels._readonly(np.zeros((qs[0].shape[0], 1), np.uint64))
-        _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages)
+        planes = wp if wp is not None else np.zeros((1, _kernels.WEIGHT_PLANES, 1), np.uint32)
+        _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages,
+                          planes, wp is not None)
         return dist, stages
 
+    def _weight_planes(self, query_weights: np.ndarray | None, nq: int) -> np.ndarray | None:
+        """The kernels' planes of ``query_weights`` (``uint8 [nq, L1]``, a weighted stage 1), or None."""
+        if query_weights is None:
+            return None
+        if self._lengths[0] % 32:
+            raise CtfreidError(f"query_weights need a first code of a multiple of 32 bits, got {self._lengths[0]}")
+        return weight_planes(check_weights(query_weights, nq, self._lengths[0]))
+
     def _run(self, qs: tuple[np.ndarray, ...], k: int | None, thresholds: Mapping[int, int] | None,
-             threads: int | None, keys: bool = False) -> tuple:
+             threads: int | None, keys: bool = False, query_weights: np.ndarray | None = None) -> tuple:
         """(D, slots[, distances, stages]) of every query, the queries split over ``threads`` threads
         (each query is searched on its own, so the answers do not depend on the split)."""
+        nq = qs[0].shape[0]
+        wp = self._weight_planes(query_weights, nq)
         with self._lock.read():
-            thr = self._thresholds(thresholds)
-            nq = qs[0].shape[0]
+            thr = self._thresholds(thresholds, wp is not None)
 
             def chunk(a: int, b: int) -> tuple:
                 part = qs if a == 0 and b == nq else tuple(q[a:b] for q in qs)
-                D, P, C = self._positions(part, k, thr)
-                return (D, P, C) + (self._hit_keys(part, P, thr) if keys and P.shape[1] else ())
+                w = None if wp is None else wp[a:b]
+                D, P, C = self._positions(part, k, thr, w)
+                return (D, P, C) + (self._hit_keys(part, P, thr, w) if keys and P.shape[1] else ())
 
             parts = run_chunks(chunk, nq, threads, work_per_query=self._nslots)
             out = list(parts[0]) if len(parts) == 1 else [np.concatenate(x, axis=0) for x in zip(*parts)]
@@ -502,8 +536,8 @@ class CtFIndex:
         return tuple(out)
 
     def search(self, query_codes: Mapping[int, np.ndarray], k: int,
-               thresholds: Mapping[int, int] | None = None, threads: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+               thresholds: Mapping[int, int] | None = None, threads: int | None = None,
+               query_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """First ``k`` results of the coarse-to-fine ranking: ``(D int32[nq, m], I int64[nq, m])`` with
         ``m = min(k, ntotal)``.
 
@@ -511,23 +545,27 @@ class CtFIndex:
         ids. ``thresholds`` overrides the attribute for this call; ``threads`` the default number of
         threads (``ctfreid.search.parallel.set_num_threads``) over which a batch of queries is split (fewer
         when the batch times the gallery is too little work for them: ``parallel.MIN_WORK_PER_THREAD``).
-        1-D query codes give 1-D results.
+        ``query_weights``: ``uint8 [nq, L1]`` bit weights of the shortest code for a weighted stage 1
+        (``ctfreid.search.asymmetric``); the first threshold is then a weighted distance. 1-D query codes
+        give 1-D results.
         """
         k = check_k(k)
         qs, single = self._queries(query_codes)
-        D, _, I = self._run(qs, k, thresholds, threads)[:3]
+        D, _, I = self._run(qs, k, thresholds, threads, query_weights=query_weights)[:3]
         return (D[0], I[0]) if single else (D, I)
 
     def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
-                    thresholds: Mapping[int, int] | None = None, threads: int | None = None) -> Hits:
+                    thresholds: Mapping[int, int] | None = None, threads: int | None = None,
+                    query_weights: np.ndarray | None = None) -> Hits:
         """First ``k`` results with their coarse-to-fine sort key (``ctfreid.search.merge.Hits``): ids,
         the number of stages each hit was ranked with, and its distance at each length up to the finest
         it reached, and per query the number of items ranked at each stage (``candidates``). Same order as
         ``search``; ``merge_hits`` of several indexes' hits equals the hits of one index over their union.
-        1-D query codes are treated as one query (results stay 2-D)."""
+        ``query_weights``: as for ``search`` (the stage-1 distances of the key are then weighted). 1-D query
+        codes are treated as one query (results stay 2-D)."""
         k = check_k(k)
         qs, _ = self._queries(query_codes)
-        out = self._run(qs, k, thresholds, threads, keys=True)
+        out = self._run(qs, k, thresholds, threads, keys=True, query_weights=query_weights)
         if out[1].shape[1] == 0:
             return dataclasses.replace(empty_hits(qs[0].shape[0], self._lengths), candidates=out[3])
         _, _, ids, counts, dist, stages = out
@@ -563,10 +601,11 @@ class CtFIndex:
             return range_result(keep, D, self._ids[P])
 
     def rank(self, query_codes: Mapping[int, np.ndarray], thresholds: Mapping[int, int] | None = None,
-             threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Full coarse-to-fine rankings ``(D int32[nq, ntotal], I int64[nq, ntotal])`` (for evaluation)."""
+             threads: int | None = None, query_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Full coarse-to-fine rankings ``(D int32[nq, ntotal], I int64[nq, ntotal])`` (for evaluation);
+        ``query_weights`` as for ``search``."""
         qs, single = self._queries(query_codes)
-        D, _, I = self._run(qs, None, thresholds, threads)[:3]
+        D, _, I = self._run(qs, None, thresholds, threads, query_weights=query_weights)[:3]
         return (D[0], I[0]) if single else (D, I)
 
     # ------------------------------------------------------------------------------- save / load / bytes

@@ -56,6 +56,7 @@ import numpy as np
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError, count
+from ctfreid.search.asymmetric import Weighting, max_distance
 
 DEFAULT_MAX_PAIRS = 1_000_000
 
@@ -349,6 +350,7 @@ def parse_thresholds(text: str) -> dict[int, int]:
 
 
 def _from_mapping(obj, label: str) -> dict[int, int]:
+    weighted = isinstance(obj, Mapping) and "weights" in obj  # the first threshold is a weighted distance
     if isinstance(obj, Mapping) and "thresholds" in obj:
         obj = obj["thresholds"]
     try:
@@ -357,7 +359,8 @@ def _from_mapping(obj, label: str) -> dict[int, int]:
         out = {}
         for k, v in obj.items():
             out[int(k)] = v
-        check_thresholds(out, list(out) + [max(out) + 1])  # values: integers in [0, L]
+        first_max = max_distance(min(out)) if weighted and out else None
+        check_thresholds(out, list(out) + [max(out) + 1], first_max)  # values: integers in [0, L]
         return {L: int(v) for L, v in out.items()}
     except CtfreidError as e:
         raise CtfreidError(f"{label}: {e}") from None
@@ -373,9 +376,11 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
-def read_thresholds(spec: str | os.PathLike) -> dict[int, int]:
+def read_thresholds(spec: str | os.PathLike, allow_weights: bool = False) -> dict[int, int]:
     """Thresholds from ``"32=9,128=41"`` or from a JSON file (``{"thresholds": {"32": 9, ...}}`` or a plain
-    ``{"32": 9, ...}``). A spec ending in ``.json`` must be an existing file."""
+    ``{"32": 9, ...}``). A spec ending in ``.json`` must be an existing file. A file fitted for a weighted
+    stage 1 (a ``"weights"`` entry, :func:`read_weighting`) is refused unless ``allow_weights``: its first
+    threshold is not a Hamming distance, and only ``ctfreid evaluate`` applies the weights so far."""
     spec_s = str(spec)
     path = Path(spec_s)
     if spec_s.endswith(".json") or ("=" not in spec_s and path.is_file()):
@@ -385,13 +390,34 @@ def read_thresholds(spec: str | os.PathLike) -> dict[int, int]:
             obj = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, CtfreidError) as e:
             raise CtfreidError(f"thresholds file {spec_s}: not readable JSON ({e})") from None
+        if not allow_weights and isinstance(obj, dict) and "weights" in obj:
+            raise CtfreidError(f"thresholds file {spec_s} was fitted for a weighted stage 1 ('ctfreid calibrate "
+                               "--weighted'), which only 'ctfreid evaluate' applies so far: fit thresholds "
+                               "without --weighted for indexes, searches and the service")
         return _from_mapping(obj, f"thresholds file {spec_s}")
     return parse_thresholds(spec_s)
 
 
-def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int]) -> dict[int, int]:
+def read_weighting(spec: str | os.PathLike) -> Weighting | None:
+    """The ``"weights"`` entry (a weighted stage 1, ``ctfreid.search.asymmetric``) of a thresholds file, or
+    None for a file without one and for a ``"32=9,128=41"`` spec."""
+    spec_s = str(spec)
+    path = Path(spec_s)
+    if not (spec_s.endswith(".json") or ("=" not in spec_s and path.is_file())):
+        return None
+    read_thresholds(spec, allow_weights=True)  # the same checks and errors
+    obj = json.loads(path.read_text())
+    if not isinstance(obj, dict) or "weights" not in obj:
+        return None
+    return Weighting.from_dict(obj["weights"], f"thresholds file {spec_s}: 'weights'")
+
+
+def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int],
+                     first_max: int | None = None) -> dict[int, int]:
     """The one contract for CtF thresholds (Sec. 3.1): a mapping with exactly one threshold per code
     length but the longest, each an integer distance in ``[0, length]`` -> ``{length: t}`` sorted.
+    ``first_max``: the bound of the shortest length's threshold instead of its length (a weighted stage 1,
+    ``ctfreid.search.asymmetric``).
 
     Keys may be ints or their strings (JSON); values ints (or floats with an integral value, such as
     ``9.0``). Anything else (``9.7``, ``true``, ``inf``, a threshold above its length, a missing or extra
@@ -423,15 +449,18 @@ def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int]) -> d
         raise CtfreidError(f"thresholds must give one value for every code length but the longest {need}: "
                            + ", ".join(p for p in parts if p))
     for L, t in th.items():
-        if not 0 <= t <= L:
-            raise CtfreidError(f"thresholds[{L}] must be an integer Hamming distance in [0, {L}], got {t}")
+        hi = first_max if first_max is not None and L == lengths[0] else L
+        if not 0 <= t <= hi:
+            kind = "weighted" if hi != L else "Hamming"
+            raise CtfreidError(f"thresholds[{L}] must be an integer {kind} distance in [0, {hi}], got {t}")
     return dict(sorted(th.items()))
 
 
-def threshold_array(thresholds: Mapping[int, int], lengths: Sequence[int]) -> np.ndarray:
+def threshold_array(thresholds: Mapping[int, int], lengths: Sequence[int],
+                    first_max: int | None = None) -> np.ndarray:
     """:func:`check_thresholds` as the kernels' ``int64`` array, shortest length first (one dummy entry for
     a single length)."""
-    th = check_thresholds(thresholds, lengths)
+    th = check_thresholds(thresholds, lengths, first_max)
     out = np.zeros(max(len(th), 1), np.int64)
     out[: len(th)] = list(th.values())
     return out

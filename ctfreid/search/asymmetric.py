@@ -1,0 +1,172 @@
+"""Asymmetric first stage: the query's shortest code with a weight per bit (an extension of Sec. 3.1).
+
+The gallery stores binary codes only; a query is encoded on the spot, so its real values ``bn(v_1)``
+(Eq. 2 before the sign) are at hand. A bit whose value is near 0 is a coin flip, one far from 0 is
+reliable. Weighting each differing bit by the query's confidence, ``d_w(q, g) = sum_i w_i [q_i != g_i]``
+with ``w_i`` a quantised ``|bn(v_1)_i|``, is the asymmetric distance of hashing (Gordo et al., "Asymmetric
+distances for binary embeddings", TPAMI 2014), and it ranks by ``-<bn(v_1), sgn(g)>`` up to the
+quantisation. CtF uses it for stage 1 only: the shortest code is where the sign throws most away, and
+the later stages re-rank few candidates by the longer codes anyway.
+
+Weights are small integers (``bits`` bits each, at most 4), so a distance is a few AND + popcount
+instructions, and stage-1 thresholds stay integers (in units of one weight step: a code of L bits has
+weighted distances in ``[0, L * (2 ** bits - 1)]``). ``scale`` maps ``|bn(v_1)|`` to the top weight; it
+is fitted once on validation queries (:func:`weight_scale`) and stored with the thresholds, so that a
+distance means the same for every query.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ctfreid.errors import CtfreidError
+from ctfreid.search import _kernels
+from ctfreid.search.hamming import _aligned, prepare_gallery, prepare_queries
+
+MAX_WEIGHT_BITS = _kernels.WEIGHT_PLANES  # weights in [0, 15]
+DEFAULT_WEIGHT_BITS = 3
+DEFAULT_SCALE_QUANTILE = 0.99
+
+
+def _values(values: np.ndarray, name: str = "values") -> np.ndarray:
+    v = np.asarray(values)
+    if v.ndim not in (1, 2) or v.shape[-1] == 0 or not np.issubdtype(v.dtype, np.floating):
+        raise CtfreidError(f"{name} must be a float array [n, L] (or [L]) of the shortest code's bn(v), "
+                           f"got {v.dtype} {v.shape}")
+    if not np.isfinite(v).all():
+        raise CtfreidError(f"{name} must be finite (no NaN or inf)")
+    return v
+
+
+def weight_scale(values: np.ndarray, quantile: float = DEFAULT_SCALE_QUANTILE) -> float:
+    """The ``scale`` of :func:`bit_weights` fitted on validation queries' ``bn(v_1)`` (float [n, L]): the
+    ``quantile`` of ``|bn(v_1)|`` over all their bits, so that only the top 1 % of values saturate."""
+    v = _values(values)
+    if not 0 < quantile <= 1:
+        raise CtfreidError(f"quantile must be in (0, 1], got {quantile!r}")
+    s = float(np.quantile(np.abs(v), quantile))
+    if not s > 0:
+        raise CtfreidError("values are all zero: no weight scale can be fitted")
+    return s
+
+
+def bit_weights(values: np.ndarray, scale: float, bits: int = DEFAULT_WEIGHT_BITS) -> np.ndarray:
+    """Integer bit weights ``uint8[n, L]`` (or ``[L]``) of queries' ``bn(v_1)`` values:
+    ``w_i = min(floor(|v_i| / scale * (2 ** bits - 1) + 1/2), 2 ** bits - 1)`` (halves round up).
+
+    ``bits=1`` weighs the bits from ``scale / 2`` on 1 and ignores the others (a masked Hamming distance);
+    with every weight 1 the weighted distance is the Hamming distance.
+    """
+    v = _values(values)
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_WEIGHT_BITS:
+        raise CtfreidError(f"bits must be an integer in [1, {MAX_WEIGHT_BITS}], got {bits!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(scale) or scale <= 0:
+        raise CtfreidError(f"scale must be a positive number, got {scale!r}")
+    top = (1 << int(bits)) - 1
+    return np.minimum(np.floor(np.abs(v) / float(scale) * top + 0.5), top).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How queries' ``bn(v_1)`` values become bit weights: ``scale`` (fitted on validation queries,
+    :func:`weight_scale`) and ``bits`` per weight. Stored with the thresholds it was fitted with (the
+    ``"weights"`` entry of a thresholds file), since its stage-1 threshold is in its units."""
+
+    scale: float
+    bits: int = DEFAULT_WEIGHT_BITS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Integral) \
+                or not 1 <= self.bits <= MAX_WEIGHT_BITS:
+            raise CtfreidError(f"weights: bits must be an integer in [1, {MAX_WEIGHT_BITS}], got {self.bits!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale) \
+                or self.scale <= 0:
+            raise CtfreidError(f"weights: scale must be a positive number, got {self.scale!r}")
+
+    def weights(self, values: np.ndarray) -> np.ndarray:
+        """``uint8`` bit weights of queries' ``bn(v_1)`` (:func:`bit_weights`)."""
+        return bit_weights(values, float(self.scale), int(self.bits))
+
+    def to_dict(self) -> dict:
+        return {"bits": int(self.bits), "scale": float(self.scale)}
+
+    @classmethod
+    def from_dict(cls, obj: object, where: str = "weights") -> Weighting:
+        """From ``{"bits": b, "scale": s}``; anything else is a :class:`CtfreidError` naming ``where``."""
+        if not isinstance(obj, Mapping) or set(obj) - {"bits", "scale"} or "scale" not in obj:
+            raise CtfreidError(f"{where} must be an object {{\"bits\": int, \"scale\": number}}, got {obj!r:.80}")
+        try:
+            return cls(scale=obj["scale"], bits=obj.get("bits", DEFAULT_WEIGHT_BITS))
+        except CtfreidError as e:
+            raise CtfreidError(f"{where}: {e}") from None
+
+
+def check_weights(weights: np.ndarray, nq: int, length: int, name: str = "query_weights") -> np.ndarray:
+    """``weights`` as ``uint8[nq, length]`` in ``[0, 2 ** MAX_WEIGHT_BITS - 1]`` (a 1-D row for one query),
+    else a :class:`CtfreidError` naming the shape or value expected."""
+    w = np.asarray(weights)
+    if w.ndim == 1:
+        w = w[None, :]
+    if w.shape != (nq, length) or not np.issubdtype(w.dtype, np.integer) or w.dtype == np.bool_:
+        raise CtfreidError(f"{name} must be integers [{nq}, {length}] (one weight per bit of the {length}-bit "
+                           f"query codes), got {w.dtype} {w.shape}")
+    if w.dtype != np.uint8:
+        if w.size and (w.min() < 0 or w.max() > 255):
+            _out_of_range(name, w)
+        w = w.astype(np.uint8)
+    return w
+
+
+def _out_of_range(name: str, w: np.ndarray) -> None:
+    raise CtfreidError(f"{name} must be in [0, {(1 << MAX_WEIGHT_BITS) - 1}], got values in [{w.min()}, {w.max()}]")
+
+
+def weight_planes(weights: np.ndarray, name: str = "query_weights") -> np.ndarray:
+    """The kernels' form of ``uint8[nq, L]`` weights (:func:`check_weights`): ``uint32[nq, WEIGHT_PLANES,
+    L // 32]``, plane ``b`` holding bit ``b`` of every weight, packed like the codes (``numpy.packbits``
+    order); a weight above ``2 ** MAX_WEIGHT_BITS - 1`` is a :class:`CtfreidError` naming ``name``."""
+    nq, L = weights.shape
+    out = np.zeros((nq, MAX_WEIGHT_BITS, L // 32), np.uint32)
+    if _kernels.weight_planes(np.ascontiguousarray(weights), out) >= 1 << MAX_WEIGHT_BITS:
+        _out_of_range(name, weights)
+    return out
+
+
+def max_distance(length: int) -> int:
+    """The largest weighted distance of ``length``-bit codes (every weight at its top)."""
+    return length * ((1 << MAX_WEIGHT_BITS) - 1)
+
+
+def _prepare(queries: np.ndarray, weights: np.ndarray, gallery: np.ndarray):
+    g = prepare_gallery(gallery, "gallery")
+    if g.shape[1] % 4:
+        raise CtfreidError(f"weighted distances need codes of a multiple of 32 bits, got {g.shape[1] * 8}")
+    q, single = prepare_queries(queries, g.shape[1], "queries")
+    w = check_weights(weights, q.shape[0], g.shape[1] * 8)
+    return _kernels.words32(q), weight_planes(w), _kernels.words32(_aligned(g)), single
+
+
+def weighted_distances(queries: np.ndarray, weights: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """``int32[nq, n]`` weighted distances ``sum_i w_i [q_i != g_i]`` between packed query codes
+    ``uint8[nq, L // 8]`` with weights ``uint8[nq, L]`` and packed gallery codes ``uint8[n, L // 8]``
+    (L a multiple of 32); 1-D query and weights give a 1-D row."""
+    Q, P, G, single = _prepare(queries, weights, gallery)
+    out = np.empty((Q.shape[0], G.shape[0]), np.int32)
+    _kernels.weighted_distances(Q, P, G, out)
+    return out[0] if single else out
+
+
+def weighted_rank(queries: np.ndarray, weights: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Full rankings by the weighted distance, ``(D int32[nq, n], I int64[nq, n])``: stable counting sort,
+    ties keep gallery order (as :func:`ctfreid.search.hamming.hamming_rank`)."""
+    Q, P, G, single = _prepare(queries, weights, gallery)
+    D = np.empty((Q.shape[0], G.shape[0]), np.int32)
+    I = np.empty((Q.shape[0], G.shape[0]), np.int64)
+    _kernels.weighted_rank(Q, P, G, max_distance(G.shape[1] * 32), D, I)
+    return (D[0], I[0]) if single else (D, I)

@@ -1,0 +1,293 @@
+"""Weighted (asymmetric) stage 1: distances, rankings and CtF against NumPy brute force and the literal
+CtF reference of tests/reference.py fed with brute-force weighted distances."""
+
+import numpy as np
+import pytest
+
+from ctfreid.encoded import EncodedSet
+from ctfreid.errors import CtfreidError
+from ctfreid.search.asymmetric import bit_weights, max_distance, weight_scale, weighted_distances, weighted_rank
+from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
+from ctfreid.search.hamming import hamming_distances
+from tests.reference import correlated_code_sets, ref_ctf_rank_one, ref_distances
+
+
+def brute_weighted(q: np.ndarray, w: np.ndarray, g: np.ndarray) -> np.ndarray:
+    L = g.shape[1] * 8
+    qb = np.unpackbits(q, axis=1)[:, :L].astype(np.int64)
+    gb = np.unpackbits(g, axis=1)[:, :L].astype(np.int64)
+    return ((qb[:, None, :] != gb[None, :, :]) * w[:, None, :].astype(np.int64)).sum(-1)
+
+
+def test_hand_worked_distance():
+    # query bits 1100 0000 ..., gallery bits 1010 0000 ...: they differ in bits 1 and 2
+    q = np.zeros((1, 4), np.uint8)
+    q[0, 0] = 0b11000000
+    g = np.zeros((1, 4), np.uint8)
+    g[0, 0] = 0b10100000
+    w = np.zeros((1, 32), np.uint8)
+    w[0, :4] = [9, 5, 3, 15]
+    assert weighted_distances(q, w, g)[0, 0] == 5 + 3
+
+
+@pytest.mark.parametrize("L", [32, 64, 96])
+def test_distances_match_brute_force(L):
+    rng = np.random.default_rng(L)
+    q = rng.integers(0, 256, (7, L // 8), dtype=np.uint8)
+    g = rng.integers(0, 256, (301, L // 8), dtype=np.uint8)
+    w = rng.integers(0, 16, (7, L), dtype=np.uint8)
+    np.testing.assert_array_equal(weighted_distances(q, w, g), brute_weighted(q, w, g))
+    np.testing.assert_array_equal(weighted_distances(q[3], w[3], g), brute_weighted(q[3:4], w[3:4], g)[0])
+    # unit weights: the Hamming distance
+    np.testing.assert_array_equal(weighted_distances(q, np.ones_like(w), g), hamming_distances(q, g))
+
+
+def test_weighted_rank_is_a_stable_sort():
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 256, (5, 4), dtype=np.uint8)
+    g = rng.integers(0, 256, (500, 4), dtype=np.uint8)
+    w = rng.integers(0, 4, (5, 32), dtype=np.uint8)  # small weights: many ties
+    D, I = weighted_rank(q, w, g)
+    ref = brute_weighted(q, w, g)
+    order = np.argsort(ref, axis=1, kind="stable")
+    np.testing.assert_array_equal(I, order)
+    np.testing.assert_array_equal(D, np.take_along_axis(ref, order, axis=1))
+
+
+def ref_weighted_ctf(qc: dict, w: np.ndarray, gc: dict, th: dict) -> tuple[np.ndarray, np.ndarray]:
+    lengths = sorted(gc)
+    dists = {L: ref_distances(qc[L], gc[L]) for L in lengths[1:]}
+    dists[lengths[0]] = brute_weighted(qc[lengths[0]], w, gc[lengths[0]])
+    out = [ref_ctf_rank_one({L: d[i] for L, d in dists.items()}, th) for i in range(w.shape[0])]
+    return np.array([d for _, d in out], np.int32), np.array([o for o, _ in out], np.int64)
+
+
+@pytest.mark.parametrize("t1", [0, 20, 60, 140, max_distance(32)])
+def test_ctf_rank_and_search_match_reference(t1):
+    rng = np.random.default_rng(t1)
+    qc, gc = correlated_code_sets(rng, 400, 6)
+    w = rng.integers(0, 8, (6, 32), dtype=np.uint8)
+    th = {32: t1, 128: 50}
+    D_ref, I_ref = ref_weighted_ctf(qc, w, gc, th)
+    D, I = ctf_rank(qc, gc, th, query_weights=w)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_array_equal(D, D_ref)
+    for k in (1, 7, 100, 400, 405):  # k > candidates: the weighted stage-1 ranking continues
+        Dk, Ik = ctf_search(qc, gc, th, k, query_weights=w)
+        m = min(k, 400)
+        np.testing.assert_array_equal(Ik[:, :m], I_ref[:, :m])
+        np.testing.assert_array_equal(Dk[:, :m], D_ref[:, :m])
+        assert (Ik[:, m:] == -1).all() and (Dk[:, m:] == np.iinfo(np.int32).max).all()
+    D1, I1 = ctf_search({L: c[2] for L, c in qc.items()}, gc, th, 10, query_weights=w[2])
+    np.testing.assert_array_equal(I1, I_ref[2, :10])
+
+
+def test_unit_weights_give_the_symmetric_search():
+    rng = np.random.default_rng(5)
+    qc, gc = correlated_code_sets(rng, 700, 20)
+    th = {32: 9, 128: 45}
+    ones = np.ones((20, 32), np.uint8)
+    for k in (5, 100):
+        a, b = ctf_search(qc, gc, th, k), ctf_search(qc, gc, th, k, query_weights=ones)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(ctf_rank(qc, gc, th)[1], ctf_rank(qc, gc, th, query_weights=ones)[1])
+
+
+def test_single_length_weighted():
+    rng = np.random.default_rng(9)
+    q = rng.integers(0, 256, (3, 4), dtype=np.uint8)
+    g = rng.integers(0, 256, (50, 4), dtype=np.uint8)
+    w = rng.integers(0, 16, (3, 32), dtype=np.uint8)
+    D, I = ctf_search({32: q}, {32: g}, {}, 60, query_weights=w)
+    ref = brute_weighted(q, w, g)
+    order = np.argsort(ref, axis=1, kind="stable")
+    np.testing.assert_array_equal(I[:, :50], order)
+    assert (I[:, 50:] == -1).all()
+
+
+def test_bit_weights_hand_worked():
+    v = np.array([[0.0, 0.5, -1.0, -2.0, 0.1]], np.float32)
+    np.testing.assert_array_equal(bit_weights(v, 1.0, bits=2), [[0, 2, 3, 3, 0]])  # round(|v| * 3), at most 3
+    np.testing.assert_array_equal(bit_weights(v, 2.0, bits=1), [[0, 0, 1, 1, 0]])
+    assert weight_scale(np.arange(1, 101, dtype=np.float32)[None], 0.5) == pytest.approx(50.5)
+
+
+def test_bad_input_is_named():
+    rng = np.random.default_rng(0)
+    qc, gc = correlated_code_sets(rng, 100, 2)
+    w = np.ones((2, 32), np.uint8)
+    with pytest.raises(CtfreidError, match="query_weights must be integers \\[2, 32\\]"):
+        ctf_search(qc, gc, {32: 5, 128: 40}, 5, query_weights=w[:, :16])
+    with pytest.raises(CtfreidError, match="in \\[0, 15\\]"):
+        ctf_search(qc, gc, {32: 5, 128: 40}, 5, query_weights=w * 16)
+    with pytest.raises(CtfreidError, match="weighted distance in \\[0, 480\\]"):
+        ctf_rank(qc, gc, {32: 481, 128: 40}, query_weights=w)
+    with pytest.raises(CtfreidError, match="Hamming distance in \\[0, 32\\]"):
+        ctf_rank(qc, gc, {32: 33, 128: 40})
+    with pytest.raises(CtfreidError, match="bits"):
+        bit_weights(np.ones((1, 32), np.float32), 1.0, bits=5)
+    with pytest.raises(CtfreidError, match="scale"):
+        bit_weights(np.ones((1, 32), np.float32), 0.0)
+    with pytest.raises(CtfreidError, match="finite"):
+        bit_weights(np.full((1, 32), np.nan, np.float32), 1.0)
+    with pytest.raises(CtfreidError, match="all zero"):
+        weight_scale(np.zeros((4, 32), np.float32))
+
+
+# ------------------------------------------------------------------ calibration, files, command line
+def weighted_decoy_set(n_ids: int = 30, seed: int = 0):
+    """tests/test_calibration_targets.py's decoy set with values_32: the P[32] bits that differ between an
+    identity's cameras have |bn(v)| near 0 in every image (weight 0), all others 1 (top weight). The match
+    is then at weighted distance 0 and the decoy (D[32] other bits) at 7 with 3-bit weights, where the
+    Hamming distances are 4 and 1: a weighted stage 1 can drop every decoy, a Hamming one none."""
+    from tests.test_calibration_targets import D, LENGTHS, P, decoy_set
+
+    base = decoy_set(n_ids, seed)
+    rng = np.random.default_rng(seed)
+    bits = np.unpackbits(base.codes[32], axis=1).astype(np.float32)
+    mag = np.ones_like(bits)
+    for i in range(n_ids):  # the bits that differ between images 0 and 2 of identity i: its P[32] camera bits
+        rows = slice(5 * i, 5 * i + 5)
+        flipped = bits[5 * i] != bits[5 * i + 2]
+        assert flipped.sum() == P[32]
+        mag[rows][:, flipped] = 0.01
+    values = (2 * bits - 1) * mag * rng.uniform(0.9, 1.0, bits.shape).astype(np.float32)
+    return EncodedSet(codes=base.codes, pids=base.pids, camids=base.camids, values=values), LENGTHS, D
+
+
+def test_weighted_fit_drops_the_decoys_a_hamming_fit_keeps():
+    from ctfreid.eval.calibration import fit_target
+    from tests.test_calibration_targets import model_for
+
+    val, lengths, D = weighted_decoy_set()
+    model = model_for(lengths)
+    ham = fit_target(val, "accuracy", tolerance=0.5, cost_model=model)
+    wfit = fit_target(val, "accuracy", tolerance=0.5, cost_model=model, weight_bits=3)
+    assert wfit.weighting.bits == 3 and wfit.weighting.scale == pytest.approx(np.quantile(np.abs(val.values), 0.99))
+    assert wfit.val_map == 1.0 and wfit.val_rank1 == 1.0
+    assert wfit.thresholds[32] < 7 * D[32]  # below every decoy's weighted distance
+    assert ham.thresholds[32] >= 4  # the Hamming fit must keep the matches (4 bits away), and so the decoys
+    assert wfit.keep_fractions[64] < ham.keep_fractions[64]
+    assert wfit.to_dict()["weights"] == {"bits": 3, "scale": wfit.weighting.scale}
+    # expected time: the cost model on the weighted stage-1 work, plus the weighted scan's extra cost per item
+    from ctfreid.eval.calibration import WEIGHTED_SCAN_EXTRA_MS, split_validation
+    from ctfreid.eval.cost_model import expected_ms, stage_work
+
+    n = 10_000
+    fit_n = fit_target(val, "accuracy", tolerance=0.5, cost_model=model, weight_bits=3, gallery_size=n)
+    fractions, bins = [], []
+    for j in range(4):
+        q, g = split_validation(val, 0, j)
+        dist = [weighted_distances(q.codes[32], wfit.weighting.weights(q.values), g.codes[32])]
+        dist += [hamming_distances(q.codes[L], g.codes[L]) for L in lengths[1:]]
+        c, b = stage_work(dist, [fit_n.thresholds[L] for L in lengths[:-1]])
+        fractions.append(c / len(g))
+        bins.append(b)
+    base = expected_ms(model, np.concatenate(fractions), n, bins=np.concatenate(bins))
+    assert fit_n.expected_ms == pytest.approx(base + n * WEIGHTED_SCAN_EXTRA_MS, rel=1e-12)
+
+
+def test_values_round_trip_and_take(tmp_path):
+    from ctfreid.encoded import load_encoded, save_encoded
+
+    val, _, _ = weighted_decoy_set(4)
+    save_encoded(tmp_path / "v.npz", val)
+    back = load_encoded(tmp_path / "v.npz")
+    np.testing.assert_array_equal(back.values, val.values)
+    sub = back.take(np.array([1, 3]))
+    np.testing.assert_array_equal(sub.values, val.values[[1, 3]])
+    with pytest.raises(CtfreidError, match="values must be float32\\[20, 32\\]"):
+        EncodedSet(codes=val.codes, pids=val.pids, camids=val.camids, values=val.values[:, :16])
+
+
+def test_cli_weighted_calibrate_then_evaluate(tmp_path, capsys):
+    import json
+
+    from ctfreid.cli import main
+    from ctfreid.encoded import save_encoded
+    from ctfreid.search.thresholds import read_thresholds, read_weighting
+    from tests.test_calibration_targets import model_for
+
+    val, lengths, _ = weighted_decoy_set()
+    save_encoded(tmp_path / "val.npz", val)
+    model_for(lengths).save(tmp_path / "cost.json")
+    assert main(["calibrate", "--val", str(tmp_path / "val.npz"), "--weighted", "3", "--cost-model",
+                 str(tmp_path / "cost.json"), "--out", str(tmp_path / "th.json")]) == 0
+    assert "weighted stage 1: 3-bit weights" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "th.json").read_text())
+    w = read_weighting(tmp_path / "th.json")
+    assert saved["weights"] == w.to_dict() and w.bits == 3
+    # the index, search and service paths read thresholds as Hamming distances: refused, with the reason
+    with pytest.raises(CtfreidError, match="weighted stage 1"):
+        read_thresholds(tmp_path / "th.json")
+    assert main(["evaluate", "--query", str(tmp_path / "val.npz"), "--gallery", str(tmp_path / "val.npz"),
+                 "--thresholds", str(tmp_path / "th.json"), "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["ctf_weights"] == w.to_dict()
+    # the ctf row is the weighted CtF ranking (oracle: ctf_rank with the weights, evaluated independently)
+    from ctfreid.eval.metrics import evaluate_ranking
+
+    th = read_thresholds(tmp_path / "th.json", allow_weights=True)
+    I = ctf_rank(val.codes, val.codes, th, query_weights=w.weights(val.values))[1]
+    m = evaluate_ranking(I, val.pids, val.camids, val.pids, val.camids)
+    assert result["methods"]["ctf"]["mAP"] == pytest.approx(m.mAP)
+    without_values = EncodedSet(codes=val.codes, pids=val.pids, camids=val.camids)
+    save_encoded(tmp_path / "q.npz", without_values)
+    assert main(["evaluate", "--query", str(tmp_path / "q.npz"), "--gallery", str(tmp_path / "val.npz"),
+                 "--thresholds", str(tmp_path / "th.json")]) == 2
+    assert "values_32" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- the index
+def test_index_weighted_search_with_removals_matches_reference():
+    from ctfreid import CtFIndex
+
+    rng = np.random.default_rng(11)
+    qc, gc = correlated_code_sets(rng, 300, 40)
+    w = rng.integers(0, 8, (40, 32), dtype=np.uint8)
+    th = {32: 60, 128: 50}
+    index = CtFIndex()
+    index.add(gc, ids=np.arange(300) * 10)
+    index.thresholds = th
+    removed = np.arange(0, 300, 7)
+    index.remove_ids(removed * 10)
+    keep = np.setdiff1d(np.arange(300), removed)
+    sub = {L: c[keep] for L, c in gc.items()}
+    D_ref, I_ref = ref_weighted_ctf(qc, w, sub, th)
+    ids_ref = keep[I_ref] * 10
+    for k in (1, 10, 150, 400):  # 150, 400: more than the candidates: the weighted ranking continues
+        m = min(k, keep.size)
+        for threads in (1, 2):
+            D, I = index.search(qc, k, threads=threads, query_weights=w)
+            np.testing.assert_array_equal(I, ids_ref[:, :m])
+            np.testing.assert_array_equal(D, D_ref[:, :m])
+        hits = index.search_hits(qc, k, query_weights=w)
+        np.testing.assert_array_equal(hits.ids, ids_ref[:, :m])
+        np.testing.assert_array_equal(hits.finest_distances, D_ref[:, :m])
+    D, I = index.rank(qc, query_weights=w)
+    np.testing.assert_array_equal(I, ids_ref)
+    np.testing.assert_array_equal(D, D_ref)
+    with pytest.raises(CtfreidError, match="weighted distance"):
+        index.search(qc, 5, thresholds={32: 500, 128: 50}, query_weights=w)
+    with pytest.raises(CtfreidError, match="query_weights must be integers \\[40, 32\\]"):
+        index.search(qc, 5, query_weights=w[:3])
+
+
+def test_thresholds_file_with_weights(tmp_path):
+    import json
+
+    from ctfreid.search.thresholds import read_thresholds, read_weighting
+
+    path = tmp_path / "th.json"
+    path.write_text(json.dumps({"thresholds": {"32": 200, "128": 40}, "weights": {"bits": 4, "scale": 2.5}}))
+    assert read_thresholds(path, allow_weights=True) == {32: 200, 128: 40}  # weighted: up to 32 x 15
+    assert read_weighting(path).to_dict() == {"bits": 4, "scale": 2.5}
+    path.write_text(json.dumps({"thresholds": {"32": 481, "128": 40}, "weights": {"bits": 4, "scale": 2.5}}))
+    with pytest.raises(CtfreidError, match="weighted distance in \\[0, 480\\]"):
+        read_thresholds(path, allow_weights=True)
+    path.write_text(json.dumps({"thresholds": {"32": 20, "128": 40}, "weights": {"bits": 6, "scale": 2.5}}))
+    with pytest.raises(CtfreidError, match="'weights': weights: bits must be an integer in \\[1, 4\\]"):
+        read_weighting(path)
+    path.write_text(json.dumps({"thresholds": {"32": 20, "128": 40}}))
+    assert read_weighting(path) is None and read_weighting("32=9,128=40") is None
