@@ -6,7 +6,8 @@ import pytest
 
 from ctfreid.encoded import EncodedSet
 from ctfreid.errors import CtfreidError
-from ctfreid.search.asymmetric import bit_weights, max_distance, weight_scale, weighted_distances, weighted_rank
+from ctfreid.search.asymmetric import (Weighting, bit_weights, max_distance, weight_scale, weighted_distances,
+                                       weighted_rank)
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.hamming import hamming_distances
 from tests.reference import correlated_code_sets, ref_ctf_rank_one, ref_distances
@@ -250,6 +251,7 @@ def test_index_weighted_search_with_removals_matches_reference():
     index = CtFIndex()
     index.add(gc, ids=np.arange(300) * 10)
     index.thresholds = th
+    index.weighting = Weighting(scale=1.0, bits=3)  # the attribute thresholds are weighted
     removed = np.arange(0, 300, 7)
     index.remove_ids(removed * 10)
     keep = np.setdiff1d(np.arange(300), removed)
@@ -291,3 +293,33 @@ def test_thresholds_file_with_weights(tmp_path):
         read_weighting(path)
     path.write_text(json.dumps({"thresholds": {"32": 20, "128": 40}}))
     assert read_weighting(path) is None and read_weighting("32=9,128=40") is None
+
+
+def test_index_weighting_is_saved_and_guards_its_thresholds(tmp_path):
+    from ctfreid import CtFIndex
+
+    rng = np.random.default_rng(3)
+    qc, gc = correlated_code_sets(rng, 200, 5)
+    w = rng.integers(0, 8, (5, 32), dtype=np.uint8)
+    index = CtFIndex()
+    index.add(gc)
+    index.thresholds = {32: 9, 128: 45}  # Hamming
+    with pytest.raises(CtfreidError, match="index.weighting is None"):
+        index.search(qc, 5, query_weights=w)  # a Hamming threshold is not read as a weighted one
+    index.thresholds, index.weighting = {32: 70, 128: 45}, Weighting(scale=2.0, bits=3)
+    with pytest.raises(CtfreidError, match="pass query_weights=index.weighting.weights"):
+        index.search(qc, 5)
+    with pytest.raises(CtfreidError, match="pass query_weights"):
+        index.range_search(qc, 100)
+    want = index.search(qc, 20, query_weights=w)
+    ham = index.search(qc, 20, thresholds={32: 9, 128: 45})  # Hamming thresholds for one call: allowed
+    np.testing.assert_array_equal(ham[1], ctf_search(qc, gc, {32: 9, 128: 45}, 20)[1])
+    index.save(tmp_path / "w.ctf")
+    for back in (CtFIndex.load(tmp_path / "w.ctf"), CtFIndex.from_bytes(index.to_bytes())):
+        assert back.weighting == index.weighting and back.thresholds == {32: 70, 128: 45}
+        got = back.search(qc, 20, query_weights=w)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    index.thresholds = {32: 481, 128: 45}
+    with pytest.raises(CtfreidError, match="weighted distance in \\[0, 480\\]"):
+        index.save(tmp_path / "bad.ctf")

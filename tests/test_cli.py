@@ -211,6 +211,42 @@ def test_encode_calibrate_evaluate_and_index_with_those_thresholds(run_dir, synt
     assert {int(k): int(v) for k, v in CtFIndex.load(tmp_path / "g.ctf").thresholds.items()} == thresholds
 
 
+def test_weighted_thresholds_from_encode_to_index_build_and_search(run_dir, synth_root, tmp_path, capsys):
+    """A weighted stage 1 (ctfreid.search.asymmetric) through the command line: encode writes values_32, an
+    index built with a weighted thresholds file keeps the weighting, and 'ctfreid search' weights its
+    queries; oracle: the Python API with the same weights."""
+    from ctfreid.encoded import load_encoded
+    from ctfreid.search.asymmetric import Weighting, weight_scale
+    from ctfreid.search.index import CtFIndex
+
+    rc, _, err = cli(capsys, "encode", "--model", run_dir, "--split", "val", "--out", tmp_path / "val.npz",
+                     "--device", "cpu", "--num-workers", 0, "--quiet")
+    assert rc == 0, err
+    val = load_encoded(tmp_path / "val.npz")
+    assert val.values.shape == (len(val), 32) and ((val.values >= 0) == np.unpackbits(val.codes[32], axis=1)).all()
+    weighting = Weighting(scale=weight_scale(val.values), bits=3)
+    th_file = tmp_path / "weighted.json"
+    th_file.write_text(json.dumps({"thresholds": {"32": 40, "64": 22}, "weights": weighting.to_dict()}))
+    rc, out, err = cli(capsys, "index", "build", "--model", run_dir, "--images", synth_root / "bounding_box_test",
+                       "--out", tmp_path / "g.ctf", "--thresholds", th_file)
+    assert rc == 0, err
+    assert "weighted stage 1 (3-bit weights" in out
+    saved = CtFIndex.load(tmp_path / "g.ctf")
+    assert saved.weighting == weighting and saved.thresholds == {32: 40, 64: 22}
+    queries = sorted((synth_root / "query").iterdir())[:5]
+    rc, out, err = cli(capsys, "search", "--index", tmp_path / "g.ctf", "--model", run_dir, *queries, "--k", 9, "--json")
+    assert rc == 0, err
+    got = json.loads(out)["queries"]
+    from ctfreid.infer import encode_records, load_model
+
+    model, info = load_model(run_dir)
+    q = encode_records(model, [(str(p), 0, 0) for p in queries], height=info["height"], width=info["width"])
+    D, I = saved.search(q.codes, 9, query_weights=weighting.weights(q.values))
+    for i, item in enumerate(got):
+        assert [h["id"] for h in item["results"]] == I[i].tolist()
+        assert [h["distance"] for h in item["results"]] == D[i].tolist()
+
+
 def test_error_paths_are_one_line(run_dir, other_run, synth_root, tmp_path, capsys):
     missing = tmp_path / "nope"
     rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", missing, "--out", tmp_path / "x.ctf")

@@ -124,16 +124,19 @@ def _build(args: argparse.Namespace) -> int:
     records = folder_records(args.images, recursive=args.recursive)
     enc = load_encoder(args.model, device=args.device, flip=True if args.flip else None)
     not_an_input(args.out, "--out", {"model": enc.info["file"]})
-    thresholds, source = resolve_thresholds(enc, args.thresholds, args.beta, args.batch_size, not args.quiet,
-                                            fit=lambda val: targeted_thresholds(val, len(records)))
+    thresholds, source, weighting = resolve_thresholds(enc, args.thresholds, args.beta, args.batch_size,
+                                                       not args.quiet,
+                                                       fit=lambda val: targeted_thresholds(val, len(records)))
     encoded = enc.encode_records(records, batch_size=args.batch_size, progress=not args.quiet)
-    index = build_index(encoded, thresholds, enc.fingerprint, enc.info, {"thresholds_source": source}, flip=enc.flip)
+    index = build_index(encoded, thresholds, enc.fingerprint, enc.info, {"thresholds_source": source}, flip=enc.flip,
+                        weighting=weighting)
     index.save(args.out)
     th = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(thresholds.items())) or "none"
     print(f"indexed {index.ntotal} images from {args.images} -> {args.out}")
     print(f"  model {enc.info['file']} (fingerprint {enc.fingerprint}, {enc.info.get('runtime', 'torch')}), "
           f"lengths {enc.lengths}" + (", flip test" if enc.flip else ""))
-    print(f"  thresholds {th} ({source})")
+    print(f"  thresholds {th} ({source})" + (f"; weighted stage 1 ({index.weighting.bits}-bit weights, scale "
+                                              f"{index.weighting.scale:.4g})" if index.weighting is not None else ""))
     return 0
 
 

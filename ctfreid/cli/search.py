@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ctfreid.infer.encoder import load_encoder
-    from ctfreid.infer.gallery import check_model, index_flip, load_index, query_records
+    from ctfreid.infer.gallery import check_model, index_flip, load_index, query_records, search_images
 
     index = load_index(args.index)
     records = query_records(args.images)
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     encoder = load_encoder(args.model, device=args.device, flip=index_flip(index))
     check_model(index, args.index, encoder.fingerprint, encoder.info)
     enc = encoder.encode_records(records, batch_size=args.batch_size)
-    hits = index.search_hits(enc.codes, args.k)  # k is clamped to the number of images
+    hits = search_images(index, enc, args.k)  # k is clamped to the number of images
     I, D, S = hits.ids, hits.finest_distances, hits.stage_bits
     meta = index.metadata
     paths, pids = meta["paths"], meta["pids"]

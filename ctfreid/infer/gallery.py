@@ -8,6 +8,9 @@ An image index is a ``CtFIndex`` whose ``metadata`` holds::
      "paths": [...], "pids": [...], "camids": [...],      # one entry per indexed image, in id order
      "thresholds_source": "..."}
 
+An index built with weighted thresholds (``ctfreid calibrate --weighted``) keeps their ``Weighting``
+(``index.weighting``), and its searches weight each query's shortest code by it (:func:`search_images`).
+
 ``pids`` / ``camids`` come from Market-1501 style names (``0002_c1s1_000451_03.jpg``) when they parse,
 else -1 (unknown). Ids are positions 0..n-1 in these lists. ``flip`` records whether the images were
 encoded with the flip test; adding and searching encode the same way, since flipped and plain codes of
@@ -22,6 +25,7 @@ import fcntl
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,32 +57,36 @@ def folder_records(folder: str | os.PathLike, label: str = "--images",
 
 
 def resolve_thresholds(encoder, spec: str | None = None, beta: float | None = None, batch_size: int = 64,
-                       progress: bool = False, fit: Callable | None = None) -> tuple[dict[int, int], str]:
-    """CtF thresholds for ``encoder`` (``ctfreid.infer.encoder.load_encoder``: a run or its ONNX export) and a
-    sentence saying where they come from: ``spec`` (``32=9,...`` or a calibrate .json), else ``beta`` (DTO on
-    the run's validation split, Sec. 3.3), else the thresholds stored with the model, else ``fit(val)`` on the
-    run's validation split (an ``EncodedSet``; it returns ``(thresholds, source)``: ``ctfreid index build``
-    passes the targeted fit of ``ctfreid.eval.calibration``, which this layer may not import), else DTO with
-    beta 2."""
-    from ctfreid.search.thresholds import check_thresholds, read_thresholds
+                       progress: bool = False, fit: Callable | None = None) -> tuple[dict[int, int], str, Any]:
+    """CtF thresholds for ``encoder`` (``ctfreid.infer.encoder.load_encoder``: a run or its ONNX export), a
+    sentence saying where they come from, and their ``Weighting`` (a weighted stage 1, from a ``calibrate
+    --weighted`` file) or None: ``spec`` (``32=9,...`` or a calibrate .json), else ``beta`` (DTO on the run's
+    validation split, Sec. 3.3), else the thresholds stored with the model, else ``fit(val)`` on the run's
+    validation split (an ``EncodedSet``; it returns ``(thresholds, source)``: ``ctfreid index build`` passes
+    the targeted fit of ``ctfreid.eval.calibration``, which this layer may not import), else DTO with beta 2."""
+    from ctfreid.search.asymmetric import max_distance
+    from ctfreid.search.thresholds import check_thresholds, read_thresholds, read_weighting
 
     lengths = sorted(encoder.lengths)
     if len(lengths) == 1:
-        return {}, "one code length: no thresholds needed"
+        return {}, "one code length: no thresholds needed", None
     if spec is not None:  # an empty spec is refused by read_thresholds, not skipped
-        return check_thresholds(read_thresholds(spec), lengths), f"--thresholds {spec}"
+        weighting = read_weighting(spec)
+        th = check_thresholds(read_thresholds(spec, allow_weights=True), lengths,
+                              max_distance(lengths[0]) if weighting is not None else None)
+        return th, f"--thresholds {spec}", weighting
     if beta is None and encoder.thresholds:
-        return check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.thresholds_source}"
+        return check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.thresholds_source}", None
     from ctfreid.data.datasets import split_records
     from ctfreid.search.thresholds import fit_thresholds
 
     val = encoder.encode_records(split_records("val", dict(encoder.info)), batch_size=batch_size, progress=progress)
     if beta is None and fit is not None:
         th, source = fit(val)
-        return check_thresholds(th, lengths), source
+        return check_thresholds(th, lengths), source, None
     beta = 2.0 if beta is None else beta
     th = fit_thresholds(val.codes, val.pids, val.camids, beta=beta)
-    return th, f"DTO beta={beta:g} on the run's {len(val)} validation images"
+    return th, f"DTO beta={beta:g} on the run's {len(val)} validation images", None
 
 
 def index_flip(index) -> bool:
@@ -94,8 +102,9 @@ def _model_meta(fingerprint: str, info: Mapping, flip: bool = False) -> dict:
 
 
 def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: Mapping,
-                extra: Mapping | None = None, flip: bool = False):
-    """A :class:`ctfreid.search.index.CtFIndex` of ``encoded`` (an ``EncodedSet`` with paths) with the metadata above."""
+                extra: Mapping | None = None, flip: bool = False, weighting=None):
+    """A :class:`ctfreid.search.index.CtFIndex` of ``encoded`` (an ``EncodedSet`` with paths) with the metadata
+    above; ``weighting``: that of ``thresholds`` when they are for a weighted stage 1 (``index.weighting``)."""
     from ctfreid.search.index import CtFIndex
 
     if encoded.paths is None:
@@ -103,6 +112,7 @@ def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: 
     index = CtFIndex()
     index.add(encoded.codes)
     index.thresholds = {int(k): int(v) for k, v in thresholds.items()}
+    index.weighting = weighting
     index.metadata = {
         "format": META_FORMAT,
         "model": _model_meta(fingerprint, info, flip),
@@ -112,6 +122,18 @@ def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: 
         **dict(extra or {}),
     }
     return index
+
+
+def search_images(index, encoded, k: int):
+    """``index.search_hits`` of encoded query images (an ``EncodedSet``), their shortest codes weighted by
+    ``index.weighting`` when the index has one (it needs the queries' ``values``)."""
+    weights = None
+    if index.weighting is not None:
+        if encoded.values is None:
+            raise CtfreidError("the index's thresholds are for a weighted stage 1: its queries need their values "
+                               "(bn(v) of the shortest code), which this encoder did not give")
+        weights = index.weighting.weights(encoded.values)
+    return index.search_hits(encoded.codes, k, query_weights=weights)
 
 
 def add_to_index(index, encoded) -> None:

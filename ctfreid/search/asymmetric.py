@@ -62,21 +62,15 @@ def bit_weights(values: np.ndarray, scale: float, bits: int = DEFAULT_WEIGHT_BIT
     ``bits=1`` weighs the bits from ``scale / 2`` on 1 and ignores the others (a masked Hamming distance);
     with every weight 1 the weighted distance is the Hamming distance.
     """
-    v = _values(values)
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_WEIGHT_BITS:
-        raise CtfreidError(f"bits must be an integer in [1, {MAX_WEIGHT_BITS}], got {bits!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(scale) or scale <= 0:
-        raise CtfreidError(f"scale must be a positive number, got {scale!r}")
-    top = (1 << int(bits)) - 1
-    return np.minimum(np.floor(np.abs(v) / float(scale) * top + 0.5), top).astype(np.uint8)
+    return Weighting(scale=scale, bits=bits).weights(values)
 
 
 @dataclass(frozen=True)
 class Weighting:
-    """How queries' ``bn(v_1)`` values become bit weights: ``scale`` (fitted on validation queries,
-    :func:`weight_scale`) and ``bits`` per weight. Stored with the thresholds it was fitted with (the
-    ``"weights"`` entry of a thresholds file), since its stage-1 threshold is in its units."""
+    """How queries' ``bn(v_1)`` values become bit weights (:func:`bit_weights`): ``scale`` (fitted on
+    validation queries, :func:`weight_scale`) and ``bits`` per weight. Stored with the thresholds it was
+    fitted with (the ``"weights"`` entry of a thresholds file, ``CtFIndex.weighting``), since their stage-1
+    threshold is in its units."""
 
     scale: float
     bits: int = DEFAULT_WEIGHT_BITS
@@ -91,7 +85,9 @@ class Weighting:
 
     def weights(self, values: np.ndarray) -> np.ndarray:
         """``uint8`` bit weights of queries' ``bn(v_1)`` (:func:`bit_weights`)."""
-        return bit_weights(values, float(self.scale), int(self.bits))
+        v = _values(values)
+        top = (1 << int(self.bits)) - 1
+        return np.minimum(np.floor(np.abs(v) / float(self.scale) * top + 0.5), top).astype(np.uint8)
 
     def to_dict(self) -> dict:
         return {"bits": int(self.bits), "scale": float(self.scale)}
@@ -138,6 +134,14 @@ def weight_planes(weights: np.ndarray, name: str = "query_weights") -> np.ndarra
     return out
 
 
+def query_planes(weights: np.ndarray, nq: int, length: int, name: str = "query_weights") -> np.ndarray:
+    """Checked weights of ``nq`` queries' ``length``-bit first codes in the kernels' form (:func:`check_weights`,
+    :func:`weight_planes`); the codes' length must be a multiple of 32 bits (the kernels' words)."""
+    if length % 32:
+        raise CtfreidError(f"{name} need a first code of a multiple of 32 bits, got {length}")
+    return weight_planes(check_weights(weights, nq, length, name), name)
+
+
 def max_distance(length: int) -> int:
     """The largest weighted distance of ``length``-bit codes (every weight at its top)."""
     return length * ((1 << MAX_WEIGHT_BITS) - 1)
@@ -145,11 +149,9 @@ def max_distance(length: int) -> int:
 
 def _prepare(queries: np.ndarray, weights: np.ndarray, gallery: np.ndarray):
     g = prepare_gallery(gallery, "gallery")
-    if g.shape[1] % 4:
-        raise CtfreidError(f"weighted distances need codes of a multiple of 32 bits, got {g.shape[1] * 8}")
     q, single = prepare_queries(queries, g.shape[1], "queries")
-    w = check_weights(weights, q.shape[0], g.shape[1] * 8)
-    return _kernels.words32(q), weight_planes(w), _kernels.words32(_aligned(g)), single
+    planes = query_planes(weights, q.shape[0], g.shape[1] * 8, "weights")
+    return _kernels.words32(q), planes, _kernels.words32(_aligned(g)), single
 
 
 def weighted_distances(queries: np.ndarray, weights: np.ndarray, gallery: np.ndarray) -> np.ndarray:

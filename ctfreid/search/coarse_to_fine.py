@@ -28,7 +28,7 @@ import numpy as np
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
-from ctfreid.search.asymmetric import check_weights, max_distance, weight_planes
+from ctfreid.search.asymmetric import max_distance, query_planes
 from ctfreid.search.hamming import (
     _aligned,
     check_k,
@@ -82,10 +82,7 @@ def _weighted(query_weights, qs: tuple[np.ndarray, ...], lengths: list[int]) -> 
     """(planes, largest weighted distance) of stage 1 with ``query_weights``, or None without them."""
     if query_weights is None:
         return None
-    if lengths[0] % 32:
-        raise CtfreidError(f"query_weights need a first code of a multiple of 32 bits, got {lengths[0]}")
-    w = check_weights(query_weights, qs[0].shape[0], lengths[0])
-    return weight_planes(w), max_distance(lengths[0])
+    return query_planes(query_weights, qs[0].shape[0], lengths[0]), max_distance(lengths[0])
 
 
 def ctf_rank(

@@ -62,7 +62,7 @@ from ctfreid._rwlock import RWLock
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
-from ctfreid.search.asymmetric import check_weights, max_distance, weight_planes
+from ctfreid.search.asymmetric import Weighting, max_distance, query_planes
 from ctfreid.search.hamming import check_k, check_radius, prepare_queries, range_result
 from ctfreid.search.merge import Hits, empty_hits
 from ctfreid.search.parallel import run_chunks
@@ -142,12 +142,15 @@ class CtFIndex:
     """Coarse-to-fine index over ``{length: packed codes}`` code sets with int64 ids (faiss-style).
 
     Attributes: ``thresholds`` (dict length -> int for every length but the longest; checked when
-    searching; a call may pass its own), ``metadata`` (JSON-serialisable dict saved with the index),
-    ``ntotal`` (live items), ``lengths`` (shortest first).
+    searching; a call may pass its own), ``weighting`` (a :class:`~ctfreid.search.asymmetric.Weighting` when
+    ``thresholds`` were fitted for a weighted stage 1: searches with them then need ``query_weights``,
+    ``weighting.weights(values)``; None for Hamming thresholds), ``metadata`` (JSON-serialisable dict saved
+    with the index), ``ntotal`` (live items), ``lengths`` (shortest first).
     """
 
     def __init__(self) -> None:
         self.thresholds: dict[int, int] = {}
+        self.weighting: Weighting | None = None
         self.metadata: dict[str, Any] = {}
         self._lengths: list[int] | None = None
         self._codes: dict[int, np.ndarray] = {}  # capacity-sized buffers (or read-only maps after load)
@@ -408,6 +411,12 @@ class CtFIndex:
         first_max = max_distance(self._lengths[0]) if weighted else None
         if thresholds is not None:
             return threshold_array(thresholds, self._lengths, first_max)
+        if len(self._lengths) > 1 and (self.weighting is not None) != weighted:
+            raise CtfreidError(
+                "query_weights given, but the index's thresholds are Hamming distances (index.weighting is None): "
+                "pass thresholds fitted for a weighted stage 1 ('ctfreid calibrate --weighted')" if weighted else
+                "the index's thresholds are for a weighted stage 1 (index.weighting): pass "
+                "query_weights=index.weighting.weights(values), or Hamming thresholds for this call")
         key = tuple(self.thresholds.items()) if isinstance(self.thresholds, dict) else None
         cached = self._thr_cache
         if key is None or cached is None or cached[0] != (key, tuple(self._lengths), weighted):
@@ -509,11 +518,7 @@ class CtFIndex:
 
     def _weight_planes(self, query_weights: np.ndarray | None, nq: int) -> np.ndarray | None:
         """The kernels' planes of ``query_weights`` (``uint8 [nq, L1]``, a weighted stage 1), or None."""
-        if query_weights is None:
-            return None
-        if self._lengths[0] % 32:
-            raise CtfreidError(f"query_weights need a first code of a multiple of 32 bits, got {self._lengths[0]}")
-        return weight_planes(check_weights(query_weights, nq, self._lengths[0]))
+        return None if query_weights is None else query_planes(query_weights, nq, self._lengths[0])
 
     def _run(self, qs: tuple[np.ndarray, ...], k: int | None, thresholds: Mapping[int, int] | None,
              threads: int | None, keys: bool = False, query_weights: np.ndarray | None = None) -> tuple:
@@ -620,6 +625,7 @@ class CtFIndex:
             "default_ids": self._default_ids,
             "next_id": self._next_id,
             "thresholds": thresholds,
+            **({"weights": self.weighting.to_dict()} if self.weighting is not None else {}),
             "metadata": self.metadata,
             "arrays": [],
             "file_size": 0,
@@ -634,8 +640,11 @@ class CtFIndex:
             json.dumps(self.metadata)
         except (TypeError, ValueError) as e:
             raise CtfreidError(f"index metadata must be JSON-serialisable: {e}") from None
+        if self.weighting is not None and not isinstance(self.weighting, Weighting):
+            raise CtfreidError(f"index weighting must be a Weighting or None, got {type(self.weighting).__name__}")
         if self.thresholds and self._lengths is not None:  # the file holds ints: 9.5 would come back as 9
-            check_thresholds(self.thresholds, self._lengths)
+            check_thresholds(self.thresholds, self._lengths,
+                             max_distance(self._lengths[0]) if self.weighting is not None else None)
         while True:
             with self._lock.read():
                 # written under the same read lock that saw no removed slot: a removal that slips in after
@@ -794,6 +803,8 @@ class CtFIndex:
             index.metadata = dict(header.get("metadata") or {})
             index.thresholds = {int(L): int(t) for L, t in
                                 sorted(dict(header.get("thresholds") or {}).items(), key=lambda x: int(x[0]))}
+            if header.get("weights") is not None:
+                index.weighting = Weighting.from_dict(header["weights"], f"{name}: weights")
             specs = [(f"codes_{L}", (n, L // 8), np.uint8) for L in lengths] + [("ids", (n,), np.int64)]
             loaded = {}
             end = _PREFIX.size + hsize  # arrays follow the header and each other without overlapping

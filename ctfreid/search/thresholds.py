@@ -380,7 +380,7 @@ def read_thresholds(spec: str | os.PathLike, allow_weights: bool = False) -> dic
     """Thresholds from ``"32=9,128=41"`` or from a JSON file (``{"thresholds": {"32": 9, ...}}`` or a plain
     ``{"32": 9, ...}``). A spec ending in ``.json`` must be an existing file. A file fitted for a weighted
     stage 1 (a ``"weights"`` entry, :func:`read_weighting`) is refused unless ``allow_weights``: its first
-    threshold is not a Hamming distance, and only ``ctfreid evaluate`` applies the weights so far."""
+    threshold is not a Hamming distance, and not every reader applies the weights yet."""
     spec_s = str(spec)
     path = Path(spec_s)
     if spec_s.endswith(".json") or ("=" not in spec_s and path.is_file()):
@@ -392,8 +392,8 @@ def read_thresholds(spec: str | os.PathLike, allow_weights: bool = False) -> dic
             raise CtfreidError(f"thresholds file {spec_s}: not readable JSON ({e})") from None
         if not allow_weights and isinstance(obj, dict) and "weights" in obj:
             raise CtfreidError(f"thresholds file {spec_s} was fitted for a weighted stage 1 ('ctfreid calibrate "
-                               "--weighted'), which only 'ctfreid evaluate' applies so far: fit thresholds "
-                               "without --weighted for indexes, searches and the service")
+                               "--weighted'), which 'ctfreid evaluate', 'index build' and 'search' apply but the "
+                               "service and model folders do not yet: fit thresholds without --weighted here")
         return _from_mapping(obj, f"thresholds file {spec_s}")
     return parse_thresholds(spec_s)
 
