@@ -238,6 +238,34 @@ def gallery_size_sweep(query: EncodedSet, gallery: EncodedSet, distractors: Enco
     return rows
 
 
+WEIGHTED_DEMO_BITS = 4  # the best of 2-4 bits on the CUHK03 dev runs (docs/results-cuhk03.md)
+
+
+def weighted_stage1(val: EncodedSet, query: EncodedSet, gallery: EncodedSet, results: dict,
+                    repeats: int = 1) -> dict | None:
+    """The default calibration for a weighted stage 1 (``ctfreid.search.asymmetric``) on ``val``, evaluated
+    on ``query`` / ``gallery`` beside the Hamming row of ``results`` (``evaluate_sets`` with thresholds):
+    thresholds, weighting, CtF accuracy and what stage 1 keeps; None when the sets have no ``values`` or no
+    thresholds fit the tolerance."""
+    from ctfreid.eval.calibration import DEFAULT_TARGET, DEFAULT_TOLERANCE, fit_target
+    from ctfreid.eval.evaluate import evaluate_sets
+
+    if "ctf" not in results["methods"] or any(s.values is None for s in (val, query, gallery)) or val.lengths[0] % 32:
+        return None
+    try:
+        fit = fit_target(val, DEFAULT_TARGET, DEFAULT_TOLERANCE, gallery_size=len(gallery),
+                         weight_bits=WEIGHTED_DEMO_BITS)
+    except CtfreidError:
+        return None
+    row = evaluate_sets(query, gallery, fit.thresholds, methods=["ctf"], repeats=repeats,
+                        weighting=fit.weighting)["methods"]["ctf"]
+    L1 = str(min(gallery.lengths))
+    return {"thresholds": {str(L): t for L, t in fit.thresholds.items()}, "weights": fit.weighting.to_dict(),
+            **{k: row[k] for k in ("rank1", "rank5", "rank10", "mAP", "query_ms")},
+            "stage1_keep_percent": 100 * row["candidates"][L1] / len(gallery),
+            "hamming_stage1_keep_percent": 100 * results["methods"]["ctf"]["candidates"][L1] / len(gallery)}
+
+
 def pick_queries(query: EncodedSet, gallery: EncodedSet, n: int) -> np.ndarray:
     """``n`` queries of distinct identities, evenly spread over the query list, each with a valid match."""
     valid = []
@@ -393,6 +421,12 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
     t = step(5, "evaluate (Table 4) and the beta sweep (Fig. 4)")
     results = evaluate_sets(query, gallery, thresholds, repeats=cfg.timing_repeats)
     table = format_table(results)
+    weighted = weighted_stage1(val, query, gallery, results, cfg.timing_repeats)
+    if weighted is not None:
+        _say(cfg, f"  weighted stage 1 ({WEIGHTED_DEMO_BITS}-bit weights, 'ctfreid calibrate --weighted "
+                  f"{WEIGHTED_DEMO_BITS}'): stage 1 keeps {weighted['stage1_keep_percent']:.1f} % of the gallery "
+                  f"(Hamming: {weighted['hamming_stage1_keep_percent']:.1f} %), CtF mAP {100 * weighted['mAP']:.1f} "
+                  f"(Hamming: {100 * results['methods']['ctf']['mAP']:.1f})")
     sweep = beta_sweep(val, query, gallery, cfg.betas, repeats=cfg.timing_repeats)
     timings["evaluate_s"] = time.perf_counter() - t
 
@@ -433,6 +467,7 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
         **({"dto": {str(L): f.to_dict() for L, f in fits.items()}} if fits is not None else
            {"calibration": fit.to_dict()}),
         "beta_sweep": sweep,
+        **({"weighted_stage1": weighted} if weighted is not None else {}),
         "gallery_size_sweep": size_rows,
         "distractors": pool_what,
         "timings": timings,

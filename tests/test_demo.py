@@ -196,6 +196,18 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert summary["thresholds"] == want.thresholds
     assert json.loads((out / "thresholds.json").read_text())["fit"]["thresholds"] == \
         {str(L): t for L, t in want.thresholds.items()}
+    # the weighted stage 1 beside it: the library's weighted fit on the independent encoding, evaluated there
+    from ctfreid.eval.evaluate import evaluate_sets
+
+    wfit = fit_target(val, "accuracy", 0.5, cost_model=default_cost_model(val.lengths), gallery_size=len(g),
+                      weight_bits=4)
+    weighted = doc["weighted_stage1"]
+    assert weighted["thresholds"] == {str(L): t for L, t in wfit.thresholds.items()}
+    assert weighted["weights"]["bits"] == 4  # the scale up to float32 noise of the two encodings' batch sizes
+    assert weighted["weights"]["scale"] == pytest.approx(wfit.weighting.scale, rel=1e-5)
+    row = evaluate_sets(q, g, wfit.thresholds, methods=["ctf"], weighting=wfit.weighting)["methods"]["ctf"]
+    assert weighted["mAP"] == pytest.approx(row["mAP"])
+    assert weighted["stage1_keep_percent"] == pytest.approx(100 * row["candidates"]["32"] / len(g))
     # the saved index holds the gallery, its thresholds are those, its metadata the paths
     index = CtFIndex.load(out / "gallery.ctf")
     assert index.ntotal == len(data.gallery)
