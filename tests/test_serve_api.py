@@ -347,6 +347,58 @@ def test_image_path_answers_equal_encode_records_and_ctfindex(run_dir, synth_roo
         assert srv.client.get("/static/app.js").status_code == 200
 
 
+def test_weighted_stage1_serves_image_searches_and_survives_a_restart(run_dir, synth_root, tmp_path):
+    """--weighted 4: searches by image with the default thresholds use the weighted stage 1 fitted on the
+    validation split at the first start (ctfreid.search.asymmetric); the oracle: the library's fit and a
+    CtFIndex with the same weighting. Searches by codes, or with their own thresholds, stay Hamming."""
+    from ctfreid.infer.encoder import encode_records
+    from ctfreid.learn.run_dir import load_model
+    from ctfreid.search.asymmetric import Weighting
+
+    files = sorted((synth_root / "bounding_box_test").glob("*.jpg"))[:24]
+    val = validation_codes(run_dir)
+    want = fit_target(val, "accuracy", 0.5, cost_model=default_cost_model(val.lengths), gallery_size=1_000_000,
+                      weight_bits=4)
+    model, info = load_model(run_dir)
+    enc = encode_records(model, [(str(f), 0, 0) for f in files], height=info["height"], width=info["width"],
+                         mean=info["mean"], std=info["std"])
+    qf = files[5]
+    image = [("images", (qf.name, qf.read_bytes(), "image/jpeg"))]
+    for start in range(2):  # the second start reads the fit kept with the store
+        with Server(tmp_path / "store", run_dir, "--weighted", 4) as srv:
+            if start == 0:
+                ids = []
+                for a in range(0, len(files), 8):
+                    r = srv.client.post("/v1/items", files=[("images", (f.name, f.read_bytes(), "image/jpeg"))
+                                                            for f in files[a:a + 8]])
+                    assert r.status_code == 200, r.text
+                    ids += r.json()["ids"]
+            stats = srv.client.get("/v1/stats").json()
+            weighted = stats["weighted_stage1"]
+            assert weighted["thresholds"] == {str(L): t for L, t in want.thresholds.items()}
+            assert weighted["weights"]["bits"] == 4
+            assert weighted["weights"]["scale"] == pytest.approx(want.weighting.scale, rel=1e-5)
+            r = srv.client.post("/v1/search", files=image, data={"k": "8"})
+            assert r.status_code == 200, r.text
+            answer = r.json()
+            assert answer["weights"] == weighted["weights"] and answer["thresholds"] == weighted["thresholds"]
+            oracle = CtFIndex()
+            oracle.add(enc.codes, np.array(ids))
+            oracle.thresholds = {int(L): t for L, t in weighted["thresholds"].items()}
+            oracle.weighting = Weighting.from_dict(weighted["weights"])
+            h = oracle.search_hits({L: c[5:6] for L, c in enc.codes.items()}, 8,
+                                   query_weights=oracle.weighting.weights(enc.values[5:6]))
+            want_hits = [(int(h.ids[0, j]), int(h.distances[0, j, h.stages[0, j] - 1]), LENGTHS[h.stages[0, j] - 1])
+                         for j in range(h.ids.shape[1])]
+            assert [(x["id"], x["distance"], x["stage_bits"]) for x in answer["queries"][0]["hits"]] == want_hits
+            # codes (no real values to weight) and a request's own thresholds: the Hamming stage 1
+            by_codes = srv.client.post("/v1/search", json={"codes": b64({L: c[5:6] for L, c in enc.codes.items()}),
+                                                           "k": 8}).json()
+            assert "weights" not in by_codes and by_codes["thresholds"] == stats["thresholds"]
+            own = srv.client.post("/v1/search", files=image, data={"k": "8", "thresholds": "32=9,64=20"}).json()
+            assert "weights" not in own and own["thresholds"] == {"32": 9, "64": 20}
+
+
 def test_sigkill_during_acknowledged_writes_loses_nothing_and_resurrects_nothing(run_dir, tmp_path):
     store = tmp_path / "store"
     srv = Server(store, run_dir)

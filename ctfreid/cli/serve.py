@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "to join a cluster (the ray extra)")
     p.add_argument("--shards", type=int, default=2, help="with --ray: number of shards (default 2)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit in MiB (default 32)")
+    p.add_argument("--weighted", type=int, choices=range(1, 5), metavar="BITS",
+                   help="searches by image with the default thresholds use a weighted (asymmetric) stage 1: each "
+                   "bit of the query's shortest code weighted by its confidence, BITS bits a weight (1-4; 4 was "
+                   "best on CUHK03), thresholds fitted on the model's validation split at the first start; "
+                   "searches by codes or items, or with their own thresholds or beta, stay Hamming")
 
 
 def _is_loopback(host: str) -> bool:
@@ -133,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         raise CtfreidError(f"--gallery-size must be >= 1, got {args.gallery_size}")
     if args.shards < 1:
         raise CtfreidError(f"--shards must be >= 1, got {args.shards}")
+    if args.weighted is not None and args.ray is not None:
+        raise CtfreidError("--weighted applies to an in-process gallery, not a sharded one (--ray) yet")
     for name in ("max_concurrency", "max_images"):
         if getattr(args, name) < 1:
             raise CtfreidError(f"--{name.replace('_', '-')} must be >= 1")
@@ -140,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
                          read_token=read_token, rate_limit=rate, rate_burst=burst or 1,
                          beta=args.beta, gallery_size=args.gallery_size, retention_seconds=retention, thumbnails=not args.no_thumbnails,
                          flip=args.flip, max_concurrency=args.max_concurrency, max_images=args.max_images,
-                         max_body_bytes=int(args.max_body_mb * (1 << 20)))
+                         max_body_bytes=int(args.max_body_mb * (1 << 20)), weighted=args.weighted)
     app = create_app(config, index_factory=_sharded(args) if args.ray is not None else None)
     import uvicorn
 

@@ -81,6 +81,7 @@ class ServeConfig:
     max_k: int = 1000
     max_concurrency: int = 16
     thumb_size: tuple[int, int] = (64, 128)
+    weighted: int | None = None  # bits of a weighted stage 1 for image searches with the default thresholds
 
 
 def _error(status: int, field: str | None, message: str):
@@ -107,7 +108,13 @@ class Service:
         target_obj = json.loads(target) if target is not None else None
         need_target = (config.beta is None and not self.encoder.thresholds and len(self.lengths) > 1 and
                        (target_obj is None or target_obj.get("gallery_size") != config.gallery_size))
-        val = enc_mod.validation_set(self.encoder) if fits is None or need_target else None
+        weighted = self.store.get_meta("weighted_fit") if config.weighted else None
+        weighted_obj = json.loads(weighted) if weighted is not None else None
+        need_weighted = bool(config.weighted) and (weighted_obj is None or (weighted_obj.get("gallery_size"),
+                                                   weighted_obj.get("bits")) != (config.gallery_size, config.weighted))
+        if config.weighted and index_factory is not None:
+            raise CtfreidError("--weighted applies to an in-process gallery, not a sharded one (--ray) yet")
+        val = enc_mod.validation_set(self.encoder) if fits is None or need_target or need_weighted else None
         if fits is None:  # first start: Gaussian fits of the validation pairs, kept with the store
             fits_obj = enc_mod.dto_fits(self.encoder, val)
             self.store.set_meta("dto_fits", json.dumps(fits_obj))
@@ -117,6 +124,19 @@ class Service:
             target_obj = enc_mod.target_fit(val, config.gallery_size) or {"gallery_size": config.gallery_size,
                                                                           "thresholds": None}
             self.store.set_meta("target_fit", json.dumps(target_obj))
+        if need_weighted:  # first start with --weighted (or other bits or --gallery-size): kept with the store
+            weighted_obj = enc_mod.weighted_fit(val, config.gallery_size, config.weighted)
+            if weighted_obj is None:
+                raise CtfreidError(f"--weighted {config.weighted} needs thresholds fitted on the model's validation "
+                                   "split, which it has not (or whose images cannot be read)")
+            self.store.set_meta("weighted_fit", json.dumps(weighted_obj))
+        # image searches with the default thresholds: a weighted stage 1 (thresholds, Weighting), or None
+        self.weighted = None
+        if weighted_obj is not None:
+            from ctfreid.search.asymmetric import Weighting
+
+            self.weighted = ({int(L): int(t) for L, t in weighted_obj["thresholds"].items()},
+                             Weighting.from_dict(weighted_obj["weights"]), weighted_obj["source"])
         self.fits: dict | None = fits_obj
         self.target: dict | None = target_obj
         self.thresholds_source = ""
@@ -265,10 +285,12 @@ class Service:
         t.save(buf, "JPEG", quality=80)
         return buf.getvalue()
 
-    def encode(self, images: list) -> tuple[dict[int, np.ndarray], float]:
+    def encode(self, images: list) -> tuple[dict[int, np.ndarray], float, np.ndarray | None]:
+        """Codes of decoded images, milliseconds, and the shortest code's ``bn(v)`` (a weighted stage 1)."""
         t0 = time.perf_counter()
         enc = self.encoder.encode_images(images)
-        return {int(L): np.ascontiguousarray(c) for L, c in enc.codes.items()}, (time.perf_counter() - t0) * 1e3
+        codes = {int(L): np.ascontiguousarray(c) for L, c in enc.codes.items()}
+        return codes, (time.perf_counter() - t0) * 1e3, enc.values
 
     def receipt(self, ids: list[int]) -> dict:
         now = time.time()
@@ -304,6 +326,9 @@ class Service:
             "thresholds": {str(k): v for k, v in self.default_thresholds.items()},
             "dto_fits": self.fits is not None,
             "thresholds_source": self.thresholds_source,
+            "weighted_stage1": None if self.weighted is None else {
+                "thresholds": {str(L): t for L, t in self.weighted[0].items()}, "weights": self.weighted[1].to_dict(),
+                "source": self.weighted[2], "applies_to": "image searches with the default thresholds"},
             "model_fingerprint": self.encoder.fingerprint,
             "uptime_s": round(time.time() - self.started, 3),
             "start_s": round(self.start_seconds, 3),
@@ -629,7 +654,8 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             raise FieldError(name, f"must be finite, got {v!r:.30}")
         return x
 
-    def query_codes(fields, images) -> tuple[dict[int, np.ndarray], float, list]:
+    def query_codes(fields, images) -> tuple[dict[int, np.ndarray], float, list, np.ndarray | None]:
+        """(codes, encoding ms, decoded images, the shortest code's bn(v) of images or None)."""
         if sum(map(bool, (images, "codes" in fields, "items" in fields))) > 1:
             raise FieldError("codes" if "codes" in fields else "items", "give one of images, codes or items")
         if "items" in fields:  # stored items as queries: "find this person elsewhere"
@@ -642,16 +668,16 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             codes, missing = svc.store.codes(ids)
             if missing:
                 raise FieldError(f"items[{ids.index(missing[0])}]", f"no item {missing[0]}", 404)
-            return codes, 0.0, []
+            return codes, 0.0, [], None
         if images:
             if len(images) > config.max_images:
                 raise FieldError("images", f"{len(images)} images, at most {config.max_images}", 413)
             decoded = svc.decode_images(images)
-            codes, ms = svc.encode(decoded)
-            return codes, ms, decoded
+            codes, ms, values = svc.encode(decoded)
+            return codes, ms, decoded, values
         if "codes" not in fields:
             raise FieldError("images", "no images (multipart field 'images'), codes or items given")
-        return svc.decode_codes(fields["codes"]), 0.0, []
+        return svc.decode_codes(fields["codes"]), 0.0, [], None
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
@@ -671,7 +697,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         only(fields, {"codes", "metadata"})
 
         def work():
-            codes, _, decoded = query_codes(fields, images)
+            codes, _, decoded, _ = query_codes(fields, images)
             n = next(iter(codes.values())).shape[0]
             metas = metas_from(fields, n)
             for m, (name, _) in zip(metas, images):
@@ -693,10 +719,15 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             thr = svc.thresholds_for(fields.get("thresholds"), fields.get("beta"))
             flt = Filter(camera=int_field(fields, "camera"), time_from=float_field(fields, "time_from"),
                          time_to=float_field(fields, "time_to"))
-            codes, encode_ms, _ = query_codes(fields, images)
+            codes, encode_ms, _, values = query_codes(fields, images)
             own = fields["items"] if "items" in fields else None
+            weights = None
+            if (svc.weighted is not None and values is not None and fields.get("thresholds") in (None, "")
+                    and fields.get("beta") in (None, "")):  # images, server default: the weighted stage 1
+                thr, weighting, _ = svc.weighted
+                weights = weighting.weights(values)
             t0 = time.perf_counter()
-            hits, cands, partial = svc.gallery.search(codes, k + (own is not None), thr, flt)
+            hits, cands, partial = svc.gallery.search(codes, k + (own is not None), thr, flt, query_weights=weights)
             if own is not None:  # an item as the query: the others, not itself
                 hits = [[h for h in row if h["id"] != int(i)][:k] for row, i in zip(hits, own)]
             search_ms = (time.perf_counter() - t0) * 1e3
@@ -706,6 +737,8 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             answer = {"queries": [{"hits": h, "candidates": c, "encode_ms": round(encode_ms / nq, 3),
                                    "search_ms": round(search_ms / nq, 3)} for h, c in zip(hits, cands)],
                       "thresholds": {str(k_): v for k_, v in thr.items()}}
+            if weights is not None:  # the first threshold is a weighted distance (ctfreid.search.asymmetric)
+                answer["weights"] = svc.weighted[1].to_dict()
             if partial:  # a sharded gallery with shards that did not answer in time: said, never silent
                 answer["partial"] = {"missing_shards": list(partial),
                                      "message": "these shards did not answer in time: their items are missing"}

@@ -69,6 +69,23 @@ def thresholds_for_beta(fits: dict, beta: float, rho: float = 1.0) -> dict[int, 
     return {int(L): int(np.argmax(f_beta_curve(int(L), *f, beta=beta, rho=rho))) for L, f in fits.items()}
 
 
+def weighted_fit(val, gallery_size: int, bits: int) -> dict | None:
+    """``target_fit`` for a weighted stage 1 (``ctfreid.search.asymmetric``, ``bits``-bit weights), as stored
+    with the store: ``{"thresholds", "weights", "gallery_size", "bits", "source"}``; None when ``val`` is
+    None or the fit fails."""
+    if val is None:
+        return None
+    from ctfreid.eval.calibration import DEFAULT_TARGET, DEFAULT_TOLERANCE, describe_fit, fit_target
+
+    try:
+        fit = fit_target(val, DEFAULT_TARGET, DEFAULT_TOLERANCE, gallery_size=gallery_size, weight_bits=bits)
+    except ValueError:
+        return None
+    return {"thresholds": {str(L): int(t) for L, t in fit.thresholds.items()}, "weights": fit.weighting.to_dict(),
+            "gallery_size": int(gallery_size), "bits": int(bits),
+            "source": f"{describe_fit(fit, len(val))}, weighted stage 1 ({bits}-bit weights)"}
+
+
 def target_fit(val, gallery_size: int) -> dict | None:
     """The default thresholds of the service from the encoded validation split ``val``
     (``ctfreid.eval.calibration.default_fit``, planned for ``gallery_size`` items) as stored with the

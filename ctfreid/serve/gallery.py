@@ -172,12 +172,14 @@ class Gallery:
         return gone
 
     def search(self, query: Mapping[int, np.ndarray], k: int, thresholds: Mapping[int, int] | None = None,
-               flt: Filter | None = None) -> tuple[list[list[dict]], list[dict | None], tuple[int, ...]]:
+               flt: Filter | None = None, query_weights: np.ndarray | None = None
+               ) -> tuple[list[list[dict]], list[dict | None], tuple[int, ...]]:
         """Top-``k`` hits per query (coarse-to-fine order, exactly those of ``CtFIndex.search_hits`` on the
         items passing ``flt``); per query the number of items ranked at each stage (stage 1 = all; stage
         s + 1 = those within every threshold up to ``L_s``, Sec. 3.1; counted by the search kernels, summed
         over the shards of a sharded index; None where a shard did not answer); and the shards that did not
-        answer (a sharded index; empty otherwise)."""
+        answer (a sharded index; empty otherwise). ``query_weights``: a weighted stage 1 (``thresholds``
+        must then be weighted ones; an in-process index only)."""
         thr = dict(thresholds) if thresholds is not None else self.thresholds
         nq = next(iter(query.values())).shape[0]
         partial: set[int] = set()
@@ -190,7 +192,8 @@ class Gallery:
             first = True
             while pending:
                 sub = {L: q[pending] for L, q in query.items()}
-                hits = self.index.search_hits(sub, kk, thr if len(self.lengths) > 1 else None)
+                more = {} if query_weights is None else {"query_weights": query_weights[pending]}
+                hits = self.index.search_hits(sub, kk, thr if len(self.lengths) > 1 else None, **more)
                 partial.update(getattr(hits, "partial", ()))
                 if first:  # the counts do not depend on k: the first round (every query) has them
                     good = hits.candidates is not None and not getattr(hits, "partial", ())
