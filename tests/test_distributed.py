@@ -81,6 +81,14 @@ def test_exact_equality_with_one_index_before_and_after_removals(local_ray, shar
         np.testing.assert_array_equal(i, one.search({L: c[0] for L, c in q.items()}, 5)[1])
         per_call = {32: 20, 128: 70}
         assert_same_hits(sharded.search_hits(q, 30, thresholds=per_call), one.search_hits(q, 30, thresholds=per_call))
+        # a weighted stage 1 (ctfreid.search.asymmetric): the weights travel to every shard
+        w = rng.integers(0, 8, (9, 32), dtype=np.uint8)
+        weighted = {32: 60, 128: 70}
+        for k in (5, 300):
+            assert_same_hits(sharded.search_hits(q, k, thresholds=weighted, query_weights=w),
+                             one.search_hits(q, k, thresholds=weighted, query_weights=w))
+        with pytest.raises(CtfreidError, match="query_weights need this call's thresholds"):
+            sharded.search_hits(q, 5, query_weights=w)
 
         gone = rng.choice(240, 70, replace=False)
         assert sharded.remove_ids(np.concatenate([gone, [10_000]])) == one.remove_ids(gone) == 70

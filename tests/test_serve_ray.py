@@ -15,13 +15,13 @@ from test_serve_api import Server, b64, near, oracle_hits, random_codes, served_
 from ctfreid.search.index import CtFIndex  # noqa: E402
 
 
-def test_serve_ray_answers_like_one_index(run_dir, tmp_path):
+def test_serve_ray_answers_like_one_index(run_dir, synth_root, tmp_path):
     rng = np.random.default_rng(4)
     n = 300
     gallery = random_codes(rng, n)
     queries = near(gallery, rng, 8)
     thr = {32: 12, 64: 26}
-    with Server(tmp_path / "store", run_dir, "--ray", "--shards", 2) as srv:
+    with Server(tmp_path / "store", run_dir, "--ray", "--shards", 2, "--weighted", 4) as srv:
         r = srv.client.post("/v1/items", json={"codes": b64(gallery)})
         assert r.status_code == 200, r.text
         ids = np.array(r.json()["ids"])
@@ -40,3 +40,22 @@ def test_serve_ray_answers_like_one_index(run_dir, tmp_path):
         counts = oracle.search_hits(queries, 1, thr).candidates  # summed over the shards = one index's
         assert "partial" not in body
         assert [[q["candidates"][str(L)] for L in (32, 64, 128)] for q in body["queries"]] == counts.tolist()
+        # --weighted: a search by image weights the query's 32-bit code on every shard
+        from ctfreid.infer.encoder import encode_records
+        from ctfreid.learn.run_dir import load_model
+        from ctfreid.search.asymmetric import Weighting
+
+        qf = sorted((synth_root / "query").glob("*.jpg"))[0]
+        model, info = load_model(run_dir)
+        enc = encode_records(model, [(str(qf), 0, 0)], height=info["height"], width=info["width"], mean=info["mean"],
+                             std=info["std"])
+        r = srv.client.post("/v1/search", files=[("images", (qf.name, qf.read_bytes(), "image/jpeg"))],
+                            data={"k": "12"})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        wthr = {int(L): t for L, t in answer["thresholds"].items()}
+        w = Weighting.from_dict(answer["weights"]).weights(enc.values)
+        h = oracle.search_hits(enc.codes, 12, wthr, query_weights=w)
+        want = [(int(h.ids[0, j]), int(h.distances[0, j, h.stages[0, j] - 1]), (32, 64, 128)[h.stages[0, j] - 1])
+                for j in range(h.ids.shape[1])]
+        assert [(x["id"], x["distance"], x["stage_bits"]) for x in answer["queries"][0]["hits"]] == want

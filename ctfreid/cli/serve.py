@@ -138,8 +138,6 @@ def run(args: argparse.Namespace) -> int:
         raise CtfreidError(f"--gallery-size must be >= 1, got {args.gallery_size}")
     if args.shards < 1:
         raise CtfreidError(f"--shards must be >= 1, got {args.shards}")
-    if args.weighted is not None and args.ray is not None:
-        raise CtfreidError("--weighted applies to an in-process gallery, not a sharded one (--ray) yet")
     for name in ("max_concurrency", "max_images"):
         if getattr(args, name) < 1:
             raise CtfreidError(f"--{name.replace('_', '-')} must be >= 1")

@@ -44,6 +44,7 @@ from ctfreid.errors import CtfreidError
 from ctfreid.search.hamming import check_k, check_radius, range_result
 from ctfreid.search.index import CtFIndex, check_ids, ids_to_remove
 from ctfreid.search.merge import Hits, empty_hits, merge_hits
+from ctfreid.search.asymmetric import max_distance, query_planes
 from ctfreid.search.thresholds import check_thresholds
 
 CONFIG = "sharded.json"
@@ -334,7 +335,8 @@ class ShardedIndex:
 
     # ------------------------------------------------------------------------------------------ search
     def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
-                    thresholds: Mapping[int, int] | None = None, timeout: float | None = None) -> ShardedHits:
+                    thresholds: Mapping[int, int] | None = None, timeout: float | None = None,
+                    query_weights: np.ndarray | None = None) -> ShardedHits:
         """First ``k`` results over every shard with their coarse-to-fine keys, equal to one
         :class:`CtFIndex`'s ``search_hits`` over the same items (Sec. 3.1; exact merge, ties included).
 
@@ -342,30 +344,41 @@ class ShardedIndex:
         have not answered within ``timeout`` (default: the index's) are retried while time is left (a
         restarting shard), then listed in ``partial``: the answer then misses their items. A shard that Ray
         does not restart (``max_restarts=0``) is listed at once; one that cannot start (its store gone or
-        unreadable) raises a CtfreidError naming the cause."""
+        unreadable) raises a CtfreidError naming the cause. ``query_weights``: a weighted stage 1 (as
+        :meth:`CtFIndex.search_hits`), with this call's ``thresholds`` (weighted ones)."""
         k = check_k(k)
         qs = _code_set(query_codes, "query codes")
         if not self._lengths:
             return ShardedHits(*_fields(empty_hits(next(iter(qs.values())).shape[0], list(qs))), partial=())
         if list(qs) != self._lengths:
             raise CtfreidError(f"query codes have lengths {list(qs)} but the index holds lengths {self._lengths}")
-        thr = check_thresholds(self._thresholds if thresholds is None else thresholds, self._lengths)
         nq = next(iter(qs.values())).shape[0]
-        parts, missing = self._fan_out(qs, k, thr, self.timeout if timeout is None else _timeout(timeout))
+        first_max = None
+        if query_weights is not None:  # checked here: one clear error rather than one per shard
+            if thresholds is None and len(self._lengths) > 1:
+                raise CtfreidError("query_weights need this call's thresholds, fitted for a weighted stage 1: the "
+                                   "index's own are Hamming distances")
+            query_planes(query_weights, nq, self._lengths[0])
+            query_weights = np.asarray(query_weights).reshape(nq, -1).astype(np.uint8)
+            first_max = max_distance(self._lengths[0])
+        thr = check_thresholds(self._thresholds if thresholds is None else thresholds, self._lengths, first_max)
+        parts, missing = self._fan_out(qs, k, thr, self.timeout if timeout is None else _timeout(timeout),
+                                       query_weights)
         if not parts:
             merged = empty_hits(nq, self._lengths)
         else:
             merged = merge_hits(parts, k)
         return ShardedHits(*_fields(merged), partial=tuple(missing))
 
-    def _fan_out(self, qs: dict, k: int, thr: dict, timeout: float) -> tuple[list[Hits], list[int]]:
+    def _fan_out(self, qs: dict, k: int, thr: dict, timeout: float,
+                 weights: np.ndarray | None = None) -> tuple[list[Hits], list[int]]:
         ray = self._ray
         # Large batches go to the object store once for all shards; a few queries travel inside the task
         # (a put plus a fetch by every shard costs ~2 ms more per call than inlining 340 bytes).
         nbytes = sum(c.nbytes for c in qs.values())
         qref = ray.put(qs) if nbytes * len(self.actors) > INLINE_BYTES else qs
         deadline = time.monotonic() + timeout
-        pending = {a.search_hits.remote(qref, k, thr): i for i, a in enumerate(self.actors)}
+        pending = {a.search_hits.remote(qref, k, thr, weights): i for i, a in enumerate(self.actors)}
         parts: list[Hits] = []
         dead: list[int] = []
         while pending:
@@ -387,7 +400,7 @@ class ShardedIndex:
                         dead.append(i)
                     elif deadline - time.monotonic() > 0.05:  # restarting: ask again once it is back
                         time.sleep(0.05)
-                        pending[self.actors[i].search_hits.remote(qref, k, thr)] = i
+                        pending[self.actors[i].search_hits.remote(qref, k, thr, weights)] = i
                     else:
                         pending[ref] = i
                     continue
@@ -396,11 +409,11 @@ class ShardedIndex:
         return parts, sorted([*pending.values(), *dead])
 
     def search(self, query_codes: Mapping[int, np.ndarray], k: int,
-               thresholds: Mapping[int, int] | None = None, timeout: float | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+               thresholds: Mapping[int, int] | None = None, timeout: float | None = None,
+               query_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(D int32[nq, m], I int64[nq, m])`` as :meth:`CtFIndex.search` (1-D queries give 1-D results);
         raises :class:`ShardsUnavailable` (with the partial answer) rather than answer without a shard."""
-        h = self.search_hits(query_codes, k, thresholds, timeout)  # checks query_codes first
+        h = self.search_hits(query_codes, k, thresholds, timeout, query_weights)  # checks query_codes first
         single = all(isinstance(c, np.ndarray) and c.ndim == 1 for c in query_codes.values())
         if h.partial:
             raise ShardsUnavailable(h.partial, h, self.timeout if timeout is None else _timeout(timeout))

@@ -112,8 +112,6 @@ class Service:
         weighted_obj = json.loads(weighted) if weighted is not None else None
         need_weighted = bool(config.weighted) and (weighted_obj is None or (weighted_obj.get("gallery_size"),
                                                    weighted_obj.get("bits")) != (config.gallery_size, config.weighted))
-        if config.weighted and index_factory is not None:
-            raise CtfreidError("--weighted applies to an in-process gallery, not a sharded one (--ray) yet")
         val = enc_mod.validation_set(self.encoder) if fits is None or need_target or need_weighted else None
         if fits is None:  # first start: Gaussian fits of the validation pairs, kept with the store
             fits_obj = enc_mod.dto_fits(self.encoder, val)

@@ -179,7 +179,7 @@ class Gallery:
         s + 1 = those within every threshold up to ``L_s``, Sec. 3.1; counted by the search kernels, summed
         over the shards of a sharded index; None where a shard did not answer); and the shards that did not
         answer (a sharded index; empty otherwise). ``query_weights``: a weighted stage 1 (``thresholds``
-        must then be weighted ones; an in-process index only)."""
+        must then be weighted ones)."""
         thr = dict(thresholds) if thresholds is not None else self.thresholds
         nq = next(iter(query.values())).shape[0]
         partial: set[int] = set()
