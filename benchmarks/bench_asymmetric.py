@@ -8,8 +8,9 @@ The codes of ``bench_search.py`` (32/128/512/2048 bits, cached). The Hamming thr
 ``--keep`` of the gallery at stage 1 and 25 % of the previous candidates at each later stage; the weighted
 stage 1 gets random 3-bit weights per query and the weighted threshold that keeps the same fraction on the
 calibration queries, so that both searches re-rank about as many candidates and the difference is the
-stage-1 scan. One thread, top-``k``; one query at a time and a batch of 64 (the weighted stage 1 has no
-tile scan yet: it runs query by query). Interleaved rounds, medians, us a query.
+stage-1 scan. One thread, top-``k``; one query at a time and a batch of 64 (the weighted stage 1 takes
+the tile scan from ``_kernels.WEIGHTED_TILE_MIN_N`` codes on, else runs query by query). Interleaved
+rounds, medians, us a query.
 """
 
 from __future__ import annotations

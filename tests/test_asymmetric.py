@@ -323,3 +323,44 @@ def test_index_weighting_is_saved_and_guards_its_thresholds(tmp_path):
     index.thresholds = {32: 481, 128: 45}
     with pytest.raises(CtfreidError, match="weighted distance in \\[0, 480\\]"):
         index.save(tmp_path / "bad.ctf")
+
+
+def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_filter():
+    # 70,000 codes: several scan tiles and the batch's stage-2 filter (BATCH_FILTER_MIN_N); 24 queries take
+    # the tile scan (BATCH_MIN_QUERIES), one query at a time ctf_topk_weighted (checked against the reference
+    # above). Queries are noisy copies of gallery items, so that some keep many candidates and some few.
+    from ctfreid.search import _kernels
+
+    rng = np.random.default_rng(21)
+    n, nq = 70_000, 24
+    assert n > _kernels.BATCH_FILTER_MIN_N and nq >= _kernels.BATCH_MIN_QUERIES
+    g = {L: rng.integers(0, 256, (n, L // 8), dtype=np.uint8) for L in (32, 128, 512)}
+    src = rng.integers(0, n, nq)
+    q = {}
+    for L, c in g.items():
+        bits = np.unpackbits(c[src], axis=1)
+        bits ^= (rng.random(bits.shape) < 0.15).astype(np.uint8)
+        q[L] = np.packbits(bits, axis=1)
+    w = rng.integers(0, 16, (nq, 32), dtype=np.uint8)
+    d = weighted_distances(q[32], w, g[32])
+    t1 = int(np.quantile(d, 0.01))
+    # t2 = 64 keeps about half of the stage-1 candidates: the batch finishes most queries from its buffers;
+    # t2 = 50 keeps about one, and k = 2000 more than any keeps: those queries are searched on their own
+    for th, k in (({32: t1, 128: 64}, 10), ({32: t1, 128: 64}, 100), ({32: t1, 128: 50}, 10), ({32: t1, 128: 64}, 2000)):
+        D, I = ctf_search(q, g, th, k, query_weights=w)
+        for i in range(nq):
+            Di, Ii = ctf_search({L: c[i] for L, c in q.items()}, g, th, k, query_weights=w[i])
+            np.testing.assert_array_equal(I[i], Ii)
+            np.testing.assert_array_equal(D[i], Di)
+    # the same through an index with removed items (the live mask in the tile scan)
+    from ctfreid import CtFIndex
+
+    index = CtFIndex()
+    index.add(g)
+    index.remove_ids(np.concatenate([src[::2], rng.choice(n, 5_000, replace=False)]))
+    th = {32: t1, 128: 64}
+    D, I = index.search(q, 100, th, threads=1, query_weights=w)
+    for i in range(nq):
+        Di, Ii = index.search({L: c[i] for L, c in q.items()}, 100, th, threads=1, query_weights=w[i])
+        np.testing.assert_array_equal(I[i], Ii)
+        np.testing.assert_array_equal(D[i], Di)

@@ -1042,7 +1042,7 @@ def _extract_pos(mask, base, out, m):
 
 
 @njit(inline="always", **_JIT)
-def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec):
+def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec, wp):
     """Append those of the tile hits ``pos[:m]`` of one query whose stage-2 distance is ``<= hi2`` to its
     candidates (``ids``, ``D[0]``, ``D[1]`` from ``c`` on; branch-free, in gallery order) with their
     stage-1 and stage-2 distances, computed while the tile's codes are in cache; returns the new count.
@@ -1050,11 +1050,12 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec):
     gathers and compresses (``_keep8``; its gathers stall on codes still in memory: one query at 1e6 took
     838 against 596 us without it on a Zen 4). The other hits get their stage-2 distances in ``tmp`` first: a
     loop of independent gathers, each prefetching the code 16 hits ahead (for groups too small to prefetch
-    the whole tile; ~5 % faster for 1 query)."""
+    the whole tile; ~5 % faster for 1 query). ``wp``: the query's 4 weight planes of a weighted stage 1
+    (``ctf_topk_weighted``), or None."""
     d0 = D[0]
     d1 = D[1]
     r0 = 0  # hits before r0 are done
-    if W2 == 2 and vec:
+    if W2 == 2 and vec and wp is None:
         while r0 + 8 <= m:
             c = _keep8(g1, g2, pos, r0, q0, q2[0], q2[1], hi2, ids, d0, d1, c)
             r0 += 8
@@ -1073,19 +1074,85 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec):
         p = pos[r]
         d = tmp[r]
         ids[c] = p
-        d0[c] = _popcnt(q0 ^ g1[p])
+        d0[c] = _stage1_dist(q0 ^ g1[p], wp)
         d1[c] = d
         c += d <= hi2
     return c
 
 
+def _stage1_dist(x, wp):
+    """The stage-1 distance of ``x = q ^ g`` (one 32-bit word): Hamming, or weighted by the planes ``wp``."""
+
+
+@overload(_stage1_dist, inline="always")
+def _stage1_dist_impl(x, wp):
+    if isinstance(wp, types.NoneType):
+        return lambda x, wp: _popcnt(x)
+    return lambda x, wp: (_popcnt(x & wp[0]) + (_popcnt(x & wp[1]) << 1) + (_popcnt(x & wp[2]) << 2)
+                          + (_popcnt(x & wp[3]) << 3))
+
+
+def _planes_of(P1, i):
+    """Query ``i``'s 4 weight planes of its one-word first code (a tuple), or None without weights."""
+
+
+@overload(_planes_of, inline="always")
+def _planes_of_impl(P1, i):
+    if isinstance(P1, types.NoneType):
+        return lambda P1, i: None
+    return lambda P1, i: (P1[i, 0, 0], P1[i, 1, 0], P1[i, 2, 0], P1[i, 3, 0])
+
+
+def _tile_hits(q0, wp, g1, t0, t1, hi, live, pos, dd):
+    """The stage-1 hits of blocks ``t0 .. t1 - 1`` in ``pos[:m]`` (returns m): Hamming masks, or weighted
+    (``dd``: 65 slots of scratch)."""
+
+
+@overload(_tile_hits, inline="always")
+def _tile_hits_impl(q0, wp, g1, t0, t1, hi, live, pos, dd):
+    if isinstance(wp, types.NoneType):
+        def hamming(q0, wp, g1, t0, t1, hi, live, pos, dd):
+            m = 0
+            for b in range(t0, t1):
+                m = _extract_pos(_mask64(g1, b * BLOCK, q0, hi) & live[b], b * BLOCK, pos, m)
+            return m
+        return hamming
+
+    def weighted(q0, wp, g1, t0, t1, hi, live, pos, dd):
+        m = 0
+        for b in range(t0, t1):
+            m = _extract_pos(_wmask1(q0, wp[0], wp[1], wp[2], wp[3], g1, b * BLOCK, dd, hi) & live[b], b * BLOCK,
+                             pos, m)
+        return m
+    return weighted
+
+
+def _tail_hits(q, wp, g1, base, m, dd, hi):
+    """``_tail_mask`` of the last, partial block for the Hamming or the weighted stage 1."""
+
+
+@overload(_tail_hits, inline="always")
+def _tail_hits_impl(q, wp, g1, base, m, dd, hi):
+    if isinstance(wp, types.NoneType):
+        return lambda q, wp, g1, base, m, dd, hi: _tail_mask(q, g1, 1, base, m, dd, hi)
+
+    def weighted(q, wp, g1, base, m, dd, hi):
+        mask = np.uint64(0)
+        for j in range(m):
+            v = _stage1_dist(q[0] ^ g1[base + j], wp)
+            mask |= np.uint64(v <= hi) << np.uint64(j)
+        return mask
+    return weighted
+
+
 @njit(**_JIT)
-def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt, c1):
+def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt, c1, P1):
     """Stage 1 (and the stage-2 distances of its candidates) of queries ``a0 .. a0 + na - 1``: for each
     tile of the gallery, every query's 64-code masks (``_mask64``, ``live`` applied); query ``a``'s hits
     with a stage-2 distance ``<= hi2`` are appended to ``bufI[a]``/``bufD[a, 0:2]`` in gallery order.
     ``c1[a]``: its number of stage-1 candidates; ``cnt[a]``: how many were kept, or more than the
-    buffer's capacity once it overflowed (the caller then searches that query on its own)."""
+    buffer's capacity once it overflowed (the caller then searches that query on its own). ``P1``: weight
+    planes of a weighted stage 1 (``ctf_topk_weighted``; compiled apart), or None."""
     cap = bufI.shape[1]
     n2, W2 = G2.shape
     g2 = G2.reshape(n2 * W2)
@@ -1112,22 +1179,22 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
             if c > cap:
                 continue
             q0 = Q1[a0 + a, 0]
-            m = 0
-            for b in range(t0, t1):
-                m = _extract_pos(_mask64(g1, b * BLOCK, q0, hi) & live[b], b * BLOCK, pos, m)
+            wp = _planes_of(P1, a0 + a)
+            m = _tile_hits(q0, wp, g1, t0, t1, hi, live, pos, dd)
             if t == ntiles - 1 and n > nfull * BLOCK:  # the last, partial block
-                mask = _tail_mask(Q1[a0 + a], g1, 1, nfull * BLOCK, n - nfull * BLOCK, dd, hi) & live[nfull]
+                mask = _tail_hits(Q1[a0 + a], wp, g1, nfull * BLOCK, n - nfull * BLOCK, dd, hi) & live[nfull]
                 m = _extract_pos(mask, nfull * BLOCK, pos, m)
             c1[a] += m
             if c + m > cap:
                 cnt[a] = cap + 1
             else:
                 q2 = Qr[a0 + a, qoff[0] : qoff[1]]
-                cnt[a] = _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, bufI[a], bufD[a], c, vec)
+                cnt[a] = _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, bufI[a], bufD[a], c, vec, wp)
 
 
 @njit(**_JIT)
-def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi2, bufI, bufD, outD, outI, outC):
+def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi2, bufI, bufD, outD, outI, outC,
+                   P1=None, Lw=0):
     """``ctf_topk`` for a batch at once, same answers: stage 1 scans the gallery once per group of
     ``bufI.shape[0]`` queries, tile by tile (``_scan_tiles``), instead of once per query; the later stages
     run per query (``_ctf_finish``). Stage-1 codes of one 32-bit word (``G1``: [n, 1]). ``bufI``/``bufD``:
@@ -1136,20 +1203,28 @@ def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi
     Only the stage-1 candidates with a stage-2 distance ``<= hi2`` are kept (``hi2 >= thr[1]``; less
     memory traffic): they rank before all the others (Sec. 3.1), so the first ``k`` come from them alone
     when at least ``k`` are kept (or all were). Otherwise, and when a query has more candidates than the
-    buffers hold, that query is searched on its own (``_ctf_one``)."""
+    buffers hold, that query is searched on its own (``_ctf_one``). ``P1``/``Lw``: the weight planes and the
+    largest distance of a weighted stage 1 (``ctf_topk_weighted``, same answers), compiled apart from the
+    Hamming scan; a weighted query with fewer than ``k`` kept is searched on its own."""
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
     nq = Q1.shape[0]
     G, cap = bufI.shape
     cnt = np.zeros(G, np.int64)
     c1 = np.zeros(G, np.int64)
+    wscratch = _weighted_scratch(n if P1 is not None else 0)
     for a0 in range(0, nq, G):
         na = min(G, nq - a0)
         cnt[:] = 0
         c1[:] = 0
-        _scan_tiles(Q1, g1, n, thr[0], hi2, Qr, qoff, Gr[0], live, a0, na, bufI, bufD, cnt, c1)
+        _scan_tiles(Q1, g1, n, thr[0], hi2, Qr, qoff, Gr[0], live, a0, na, bufI, bufD, cnt, c1, P1)
         for a in range(na):
             i = a0 + a
+            if P1 is not None:  # (pruned at compile time for the Hamming scan)
+                if cnt[a] > cap or cnt[a] < k:
+                    _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32,
+                                      wscratch, outD[i], outI[i], outC[i])
+                    continue
             if cnt[a] > cap or (cnt[a] < k and cnt[a] < c1[a]):
                 _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i])
             else:
@@ -1376,43 +1451,52 @@ def _within_weighted(q, P, g, W, n, hi, bufi, bufd, dd, live, d):
 
 
 @njit(**_JIT)
-def ctf_topk_weighted(Q1, P1, G1, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC):
-    """``ctf_topk`` with a weighted stage 1 (``thr[0]`` bounds the weighted distance, in [0, ``Lw``]), same
-    semantics: the candidates within ``thr[0]`` are collected in gallery order (``_within_weighted``),
-    re-ranked by the later stages (``_ctf_finish``) and followed, when fewer than ``k``, by the rest of the
-    weighted stage-1 ranking (``_beyond_weighted``, from every distance computed again: keeping them from
-    the scan cost 70 us a query at 1e6 codes, where the beyond part is never needed)."""
-    n, W1 = G1.shape
-    g1 = G1.reshape(n * W1)
+def _weighted_scratch(n):
+    """Scratch of ``_ctf_one_weighted`` for ``n`` codes: every code's distance (with a spare slot for
+    ``_extract``), a block's distances, and ``_beyond_weighted``'s buffers. Untouched pages cost nothing: a
+    large gallery never needs the ranking beyond its candidates."""
+    return (np.empty(n + BLOCK + 1, np.int32), np.zeros(BLOCK + 1, np.int32), np.empty(n + 2 * BLOCK, np.int64),
+            np.empty(n + 2 * BLOCK, np.int32), np.empty(n + 2 * BLOCK, np.int64), np.empty(n + 2 * BLOCK, np.int32))
+
+
+@njit(**_JIT)
+def _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, scratch, oD, oI, oC):
+    """Query ``i`` of ``ctf_topk_weighted`` on its own (``scratch``: ``_weighted_scratch(n)``)."""
+    d, dd, bufi, bufd, order, keys = scratch
     big = n + 2 * BLOCK
-    # every code's distance (only when fewer than k pass: large galleries never touch it), with a spare slot
-    # for _extract; and _beyond_weighted's scratch
-    d = np.empty(n + BLOCK + 1, np.int32)
-    dd = np.zeros(BLOCK + 1, np.int32)
-    bufi = np.empty(n + 2 * BLOCK, np.int64)
-    bufd = np.empty(n + 2 * BLOCK, np.int32)
-    order = np.empty(n + 2 * BLOCK, np.int64)
-    keys = np.empty(n + 2 * BLOCK, np.int32)
     ids = ws64[:big]
     D = ws32[: S * big].reshape(S, big)
     t1 = thr[0]
+    c1 = _within_weighted(Q1[i], P1[i], g1, W1, n, t1, ids, D[0], dd, live, d)
+    _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
+    kk = min(k, c1)
+    if kk > 0:
+        _ctf_finish(Q1, g1, W1, n, int(Ls[0]), Qr, qoff, Gr, Ls, S, thr, kk, live, i, c1, ids, D, ws64, ws32,
+                    oD[:kk], oI[:kk], oC)
+    else:
+        oC[1:] = 0
+    pos = kk
+    if kk < k and c1 < n:
+        _wdist(Q1[i], P1[i], g1, W1, n, d)
+        pos = _beyond_weighted(d, n, t1, Lw, live, k, oI, oD, kk, bufi, bufd, order, keys)
+    oI[pos:] = -1
+    oD[pos:] = INT32_MAX
+
+
+@njit(**_JIT)
+def ctf_topk_weighted(Q1, P1, G1, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC):
+    """``ctf_topk`` with a weighted stage 1 (``thr[0]`` bounds the weighted distance, in [0, ``Lw``]), same
+    semantics, one query after the other (``ctf_topk_batch`` with ``P1``: a batch at once, same answers):
+    the candidates within ``thr[0]`` are collected in gallery order (``_within_weighted``), re-ranked by the
+    later stages (``_ctf_finish``) and followed, when fewer than ``k``, by the rest of the weighted stage-1
+    ranking (``_beyond_weighted``, from every distance computed again: keeping them from the scan cost 70
+    us a query at 1e6 codes, where the beyond part is never needed)."""
+    n, W1 = G1.shape
+    g1 = G1.reshape(n * W1)
+    scratch = _weighted_scratch(n)
     for i in range(Q1.shape[0]):
-        c1 = _within_weighted(Q1[i], P1[i], g1, W1, n, t1, ids, D[0], dd, live, d)
-        _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
-        kk = min(k, c1)
-        oD = outD[i]
-        oI = outI[i]
-        if kk > 0:
-            _ctf_finish(Q1, g1, W1, n, int(Ls[0]), Qr, qoff, Gr, Ls, S, thr, kk, live, i, c1, ids, D, ws64, ws32,
-                        oD[:kk], oI[:kk], outC[i])
-        else:
-            outC[i, 1:] = 0
-        pos = kk
-        if kk < k and c1 < n:
-            _wdist(Q1[i], P1[i], g1, W1, n, d)
-            pos = _beyond_weighted(d, n, t1, Lw, live, k, oI, oD, kk, bufi, bufd, order, keys)
-        oI[pos:] = -1
-        oD[pos:] = INT32_MAX
+        _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, scratch,
+                          outD[i], outI[i], outC[i])
 
 
 def all_live(n: int) -> np.ndarray:
@@ -1440,10 +1524,18 @@ def batch_shape(n: int, nq: int, S: int, budget: int = 1 << 28) -> tuple[int, in
     return max(1, min(nq, 64, budget // (cap * (8 + 4 * S)))), cap
 
 
-def tile_scan(nq: int, L1: int) -> bool:
-    """Whether a top-k of ``nq`` queries (per thread) with an ``L1``-bit first stage runs ``ctf_topk_batch``
-    (else ``ctf_topk``): from ``BATCH_MIN_QUERIES`` queries on, for 32-bit first stages (one word a code)."""
-    return nq >= BATCH_MIN_QUERIES and L1 == 32
+# A weighted stage 1 (4 AND + popcount a code) takes the tile scan from this many codes on: a batch of 64 on one
+# thread, us a query, query by query against the tile scan: 1e4 9.1 / 11.0, 1e5 68 / 53, 1e6 467 / 411
+# (benchmarks/bench_asymmetric.py, AMD Zen 4). Its masks cost ~4x the Hamming ones, so the shared reads of a
+# tile gain less than for the Hamming scan.
+WEIGHTED_TILE_MIN_N = 1 << 16
+
+
+def tile_scan(nq: int, L1: int, n: int = 0, weighted: bool = False) -> bool:
+    """Whether a top-k of ``nq`` queries (per thread) with an ``L1``-bit first stage on ``n`` codes runs
+    ``ctf_topk_batch`` (else ``ctf_topk`` / ``ctf_topk_weighted``): from ``BATCH_MIN_QUERIES`` queries on, for
+    32-bit first stages (one word a code); weighted, from ``WEIGHTED_TILE_MIN_N`` codes on."""
+    return nq >= BATCH_MIN_QUERIES and L1 == 32 and (not weighted or n >= WEIGHTED_TILE_MIN_N)
 
 
 def stage2_keep(n: int, thr: np.ndarray, Ls) -> int:

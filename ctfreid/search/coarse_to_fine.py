@@ -151,12 +151,12 @@ def ctf_search(
         counts = np.zeros((nq, S), np.int64)
         args = kernel_args(qs, gs, thr)
         work = (k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, S))
-        if wt is not None:
-            _kernels.ctf_topk_weighted(args[0], wt[0], args[1], wt[1], *args[3:], *work, D, I, counts)
-        elif _kernels.tile_scan(nq, lengths[0]):  # as CtFIndex.search
+        if _kernels.tile_scan(nq, lengths[0], n, wt is not None):  # as CtFIndex.search
             hi2 = _kernels.stage2_keep(n, thr, lengths)
             _kernels.ctf_topk_batch(*args, *work, hi2, *_kernels.batch_buffers(*_kernels.batch_shape(n, nq, S), S),
-                                    D, I, counts)
+                                    D, I, counts, *(wt if wt is not None else ()))
+        elif wt is not None:
+            _kernels.ctf_topk_weighted(args[0], wt[0], args[1], wt[1], *args[3:], *work, D, I, counts)
         else:
             _kernels.ctf_topk(*args, *work, D, I, counts)
     return (D[0], I[0]) if single else (D, I)

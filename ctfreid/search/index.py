@@ -469,12 +469,13 @@ class CtFIndex:
             args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Ls, len(lengths), thr)
             if full:
                 _kernels.ctf_rank(*args, D, P)
+            elif _kernels.tile_scan(nq, lengths[0], n, wp is not None):
+                weighted = (wp, max_distance(lengths[0])) if wp is not None else ()
+                _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), _kernels.stage2_keep(n, thr, Ls),
+                                        *self._batch_buffers(n, nq), D, P, C, *weighted)
             elif wp is not None:
                 _kernels.ctf_topk_weighted(args[0], wp, args[1], max_distance(lengths[0]), *args[3:], m, self._live,
                                            *self._workspace(n, m), D, P, C)
-            elif _kernels.tile_scan(nq, lengths[0]):
-                _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), _kernels.stage2_keep(n, thr, Ls),
-                                        *self._batch_buffers(n, nq), D, P, C)
             else:
                 _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C)
         if full and self._ndead:  # the order is a per-item key: dropping removed items keeps it exact
