@@ -717,11 +717,12 @@ def _later_dist(Qr, qoff, Gr, s, i, rows, c, out):
 
 
 @njit(**_JIT)
-def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI):
+def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI, P1=None, Lw=0):
     """Full CtF rankings of a batch (Sec. 3.1, Fig. 1): rank everything by the shortest code, then re-rank
     the candidates within each threshold by the next longer code, stably, in place at the head.
 
-    ``Ls[s]``: code length of stage s; ``thr[s]``: threshold (>= 0) of stage s, for s < S - 1.
+    ``Ls[s]``: code length of stage s; ``thr[s]``: threshold (>= 0) of stage s, for s < S - 1. ``P1`` /
+    ``Lw``: the weight planes and largest distance of a weighted stage 1 (``ctf_topk_weighted``).
 
     The head (the c1 stage-1 candidates) is ordered as ``ctf_topk`` orders its candidates
     (``_ctf_finish`` with k = c1, one packed key per part instead of a counting sort per stage): numbered in
@@ -739,7 +740,11 @@ def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI):
     counts = np.empty(S, np.int64)
     live = np.empty(0, np.uint64)  # not read: every candidate is placed before any further scan
     for i in range(Q1.shape[0]):
-        _rank_one(Q1[i], g1, W1, L1, d, outD[i], outI[i])  # stage 1: 32-bit words, cheap to scan per query
+        if P1 is None:  # stage 1: 32-bit words, cheap to scan per query
+            _rank_one(Q1[i], g1, W1, L1, d, outD[i], outI[i])
+        else:
+            _wdist(Q1[i], P1[i], g1, W1, n, d)
+            _sort_identity(d, n, Lw, outI[i], outD[i])
         _rank_head(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, i, ids, D, ws64, ws32, counts, live, outD[i], outI[i])
 
 
@@ -1100,7 +1105,13 @@ def _planes_of(P1, i):
 def _planes_of_impl(P1, i):
     if isinstance(P1, types.NoneType):
         return lambda P1, i: None
-    return lambda P1, i: (P1[i, 0, 0], P1[i, 1, 0], P1[i, 2, 0], P1[i, 3, 0])
+    return lambda P1, i: _word_planes(P1[i])
+
+
+@njit(inline="always", **_JIT)
+def _word_planes(P):
+    """The 4 weight planes ``P[:, 0]`` of a one-word first code, as a tuple (``_stage1_dist``)."""
+    return (P[0, 0], P[1, 0], P[2, 0], P[3, 0])
 
 
 def _tile_hits(q0, wp, g1, t0, t1, hi, live, pos, dd):
@@ -1121,8 +1132,7 @@ def _tile_hits_impl(q0, wp, g1, t0, t1, hi, live, pos, dd):
     def weighted(q0, wp, g1, t0, t1, hi, live, pos, dd):
         m = 0
         for b in range(t0, t1):
-            m = _extract_pos(_wmask1(q0, wp[0], wp[1], wp[2], wp[3], g1, b * BLOCK, dd, hi) & live[b], b * BLOCK,
-                             pos, m)
+            m = _extract_pos(_wmask1(q0, wp, g1, b * BLOCK, dd, hi) & live[b], b * BLOCK, pos, m)
         return m
     return weighted
 
@@ -1304,14 +1314,10 @@ def _wdist(q, P, g, W, n, d):
     o = d[:n]  # slices: indices that are loop counters vectorise (see _IDX)
     if W == 1:
         q0 = q[0]
-        p0 = P[0, 0]
-        p1 = P[1, 0]
-        p2 = P[2, 0]
-        p3 = P[3, 0]
+        wp = _word_planes(P)
         gg = g[:n]
         for j in range(n):
-            x = q0 ^ gg[j]
-            o[j] = _popcnt(x & p0) + (_popcnt(x & p1) << 1) + (_popcnt(x & p2) << 2) + (_popcnt(x & p3) << 3)
+            o[j] = _stage1_dist(q0 ^ gg[j], wp)
     else:
         gg = g[: n * W].reshape((n, W))
         for j in range(n):
@@ -1341,26 +1347,6 @@ def weighted_rank(Q1, P1, G1, Lw, outD, outI):
     for i in range(Q1.shape[0]):
         _wdist(Q1[i], P1[i], g1, W1, n, d)
         _sort_identity(d, n, Lw, outI[i], outD[i])
-
-
-@njit(**_JIT)
-def ctf_rank_weighted(Q1, P1, G1, Lw, Qr, qoff, Gr, Ls, S, thr, outD, outI):
-    """``ctf_rank`` with a weighted stage 1 (``thr[0]`` bounds the weighted distance, in [0, ``Lw``])."""
-    n, W1 = G1.shape
-    g1 = G1.reshape(n * W1)
-    d = np.empty(n, np.int32)
-    big = n + 2 * BLOCK
-    ws64 = np.empty(big + 4 * n, np.int64)
-    ws32 = np.empty(S * big + n, np.int32)
-    ids = np.empty(n, np.int64)
-    D = np.empty((S, n), np.int32)
-    counts = np.empty(S, np.int64)
-    live = np.empty(0, np.uint64)
-    for i in range(Q1.shape[0]):
-        _wdist(Q1[i], P1[i], g1, W1, n, d)
-        _sort_identity(d, n, Lw, outI[i], outD[i])
-        _rank_head(Q1, g1, W1, n, int(Ls[0]), Qr, qoff, Gr, Ls, S, thr, i, ids, D, ws64, ws32, counts, live,
-                   outD[i], outI[i])
 
 
 @njit(inline="always", **_JIT)
@@ -1408,15 +1394,14 @@ def _beyond_weighted(d, n, t1, Lw, live, k, oI, oD, pos, bufi, bufd, order, keys
 
 
 @njit(inline="always", **_JIT)
-def _wmask1(q0, p0, p1, p2, p3, g, base, dd, hi):
-    """Mask of the 64 codes at ``base`` (one 32-bit word each) whose weighted distance is ``<= hi``; their
-    distances go to ``dd[:64]`` (vectorised as ``_mask2``)."""
+def _wmask1(q0, wp, g, base, dd, hi):
+    """Mask of the 64 codes at ``base`` (one 32-bit word each) whose weighted distance (planes ``wp``) is
+    ``<= hi``; their distances go to ``dd[:64]`` (vectorised as ``_mask2``)."""
     h = np.int32(hi)
     mask = np.uint64(0)
     gg = g[base : base + BLOCK]  # see _IDX
     for j in range(BLOCK):
-        x = q0 ^ gg[j]
-        v = np.int32(_popcnt(x & p0) + (_popcnt(x & p1) << 1) + (_popcnt(x & p2) << 2) + (_popcnt(x & p3) << 3))
+        v = np.int32(_stage1_dist(q0 ^ gg[j], wp))
         dd[j] = v
         mask |= np.uint64(v <= h) << np.uint64(j)
     return mask
@@ -1431,13 +1416,10 @@ def _within_weighted(q, P, g, W, n, hi, bufi, bufd, dd, live, d):
     nfull = n // BLOCK
     if W == 1:
         q0 = q[0]
-        p0 = P[0, 0]
-        p1 = P[1, 0]
-        p2 = P[2, 0]
-        p3 = P[3, 0]
+        wp = _word_planes(P)
         for b in range(nfull):
             base = b * BLOCK
-            cnt = _extract(_wmask1(q0, p0, p1, p2, p3, g, base, dd, hi) & live[b], base, dd, bufi, bufd, cnt)
+            cnt = _extract(_wmask1(q0, wp, g, base, dd, hi) & live[b], base, dd, bufi, bufd, cnt)
         start = nfull * BLOCK
     else:
         start = 0

@@ -102,21 +102,15 @@ def ctf_rank(
     wt = _weighted(query_weights, qs, lengths)
     thr = threshold_array(thresholds, lengths, wt[1] if wt else None)
     nq, n = qs[0].shape[0], gs[0].shape[0]
-    if wt is not None:
-        D = np.empty((nq, n), dtype=np.int32)
-        I = np.empty((nq, n), dtype=np.int64)
-        Q1, G1 = _kernels.words32(qs[0]), _kernels.words32(gs[0])
-        if len(lengths) == 1:
-            _kernels.weighted_rank(Q1, wt[0], G1, wt[1], D, I)
-        else:
-            _, _, _, Qr, qoff, Gr, Ls, S, thr = kernel_args(qs, gs, thr)
-            _kernels.ctf_rank_weighted(Q1, wt[0], G1, wt[1], Qr, qoff, Gr, Ls, S, thr, D, I)
-    elif len(lengths) == 1:
+    if len(lengths) == 1 and wt is None:
         D, I = hamming_rank(qs[0], gs[0])
     else:
         D = np.empty((nq, n), dtype=np.int32)
         I = np.empty((nq, n), dtype=np.int64)
-        _kernels.ctf_rank(*kernel_args(qs, gs, thr), D, I)
+        if len(lengths) == 1:
+            _kernels.weighted_rank(_kernels.words32(qs[0]), wt[0], _kernels.words32(gs[0]), wt[1], D, I)
+        else:
+            _kernels.ctf_rank(*kernel_args(qs, gs, thr), D, I, *(wt or ()))
     return (D[0], I[0]) if single else (D, I)
 
 

@@ -452,8 +452,8 @@ class CtFIndex:
                 _kernels.weighted_rank(_kernels.words32(qs[0]), wp, _kernels.words32(G1), Lw, D, P)
             else:
                 Qr = _kernels.later_queries(qs, qoff)
-                _kernels.ctf_rank_weighted(_kernels.words32(qs[0]), wp, _kernels.words32(G1), Lw, Qr, qoff, Gr, Ls,
-                                           len(lengths), thr, D, P)
+                _kernels.ctf_rank(_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Ls,
+                                  len(lengths), thr, D, P, wp, Lw)
             if self._ndead:
                 keep = self._live_slots()[P]
                 P = P[keep].reshape(nq, live_n)
