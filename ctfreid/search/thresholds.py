@@ -392,8 +392,9 @@ def read_thresholds(spec: str | os.PathLike, allow_weights: bool = False) -> dic
             raise CtfreidError(f"thresholds file {spec_s}: not readable JSON ({e})") from None
         if not allow_weights and isinstance(obj, dict) and "weights" in obj:
             raise CtfreidError(f"thresholds file {spec_s} was fitted for a weighted stage 1 ('ctfreid calibrate "
-                               "--weighted'), which 'ctfreid evaluate', 'index build' and 'search' apply but the "
-                               "service and model folders do not yet: fit thresholds without --weighted here")
+                               "--weighted'): Hamming thresholds are needed here (a run folder, the service: "
+                               "'ctfreid serve --weighted B' fits its own); 'evaluate' and 'index build "
+                               "--thresholds' take this file")
         return _from_mapping(obj, f"thresholds file {spec_s}")
     return parse_thresholds(spec_s)
 
