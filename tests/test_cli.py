@@ -247,6 +247,27 @@ def test_weighted_thresholds_from_encode_to_index_build_and_search(run_dir, synt
         assert [h["distance"] for h in item["results"]] == D[i].tolist()
 
 
+def test_encode_needs_only_the_folder_of_its_split(run_dir, synth_root, tmp_path, capsys):
+    """A test-only copy of a dataset (query/ and bounding_box_test/, no bounding_box_train/) encodes its
+    query and gallery splits as the full dataset does; the missing split is a one-line error naming it."""
+    from ctfreid.encoded import load_encoded
+
+    part = tmp_path / "test_only"
+    for d in ("query", "bounding_box_test"):
+        shutil.copytree(synth_root / d, part / d)
+    for split in ("query", "gallery"):
+        for name, root in (("part", part), ("full", synth_root)):
+            rc, _, err = cli(capsys, "encode", "--model", run_dir, "--data", root, "--split", split,
+                             "--out", tmp_path / f"{name}_{split}.npz", "--device", "cpu", "--quiet")
+            assert rc == 0, err
+        a, b = load_encoded(tmp_path / f"part_{split}.npz"), load_encoded(tmp_path / f"full_{split}.npz")
+        assert [p.split("/")[-1] for p in a.paths] == [p.split("/")[-1] for p in b.paths]
+        assert (a.pids == b.pids).all() and all((a.codes[L] == b.codes[L]).all() for L in a.codes)
+    rc, _, err = cli(capsys, "encode", "--model", run_dir, "--data", part, "--split", "train",
+                     "--out", tmp_path / "t.npz", "--device", "cpu", "--quiet")
+    assert rc == 2 and "no bounding_box_train/ folder" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_error_paths_are_one_line(run_dir, other_run, synth_root, tmp_path, capsys):
     missing = tmp_path / "nope"
     rc, _, err = cli(capsys, "index", "build", "--model", run_dir, "--images", missing, "--out", tmp_path / "x.ctf")

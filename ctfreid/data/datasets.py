@@ -332,7 +332,7 @@ SPLITS = ("query", "gallery", "train", "val")
 def split_records(split: str, info: dict, data_root: str | os.PathLike | None = None,
                   dataset: str | None = None) -> list[Record]:
     """Records of ``split``: ``query`` / ``gallery`` / ``train`` (the whole ``bounding_box_train/``) of the
-    dataset in ``data_root``, or ``val``: the validation identities the run held back (``info`` of
+    dataset in ``data_root`` (in Market-1501 layout only that split's folder must exist), or ``val``: the validation identities the run held back (``info`` of
     ``ctfreid.learn.run_dir.load_model`` or of an encoder), read from ``data_root`` (default: the run's data folder)."""
     if split not in SPLITS:
         raise CtfreidError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -346,5 +346,12 @@ def split_records(split: str, info: dict, data_root: str | os.PathLike | None = 
                 "(Sec. 4.2) to get one"
             )
         return resolve_records(info["val"], load_dataset(root, dataset).root)
+    if dataset is None:  # Market-1501 layout: only the split's own folder is needed (a test-only copy works)
+        base = _find_root(Path(root))
+        folder = {"query": QUERY_DIR, "gallery": GALLERY_DIR, "train": TRAIN_DIR}[split]
+        if not (base / folder).is_dir():
+            raise FileNotFoundError(f"{base} has no {folder}/ folder, from which the {split} split is read "
+                                    f"(Market-1501 layout: {TRAIN_DIR}/, {QUERY_DIR}/, {GALLERY_DIR}/)")
+        return read_folder(base / folder, drop_junk=split == "train")  # as load_market_layout reads it
     data = load_dataset(root, dataset)
     return {"query": data.query, "gallery": data.gallery, "train": data.train}[split]
