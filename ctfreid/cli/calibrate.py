@@ -4,7 +4,6 @@ at an accuracy or a time target (``ctfreid.eval.calibration``)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 from ctfreid.cli._args import not_an_input, output_file, positive_float, positive_int, seed
@@ -32,7 +31,8 @@ gallery).
 
 --weighted BITS fits for a weighted (asymmetric) first stage: the query's shortest code keeps a weight per
 bit, its confidence |bn(v)| quantised to BITS bits, and stage 1 ranks by the sum of the weights of the bits
-that differ (the gallery keeps its binary codes). 'ctfreid evaluate --thresholds' applies it.
+that differ (the gallery keeps its binary codes). 'ctfreid evaluate --thresholds' and 'ctfreid index build
+--thresholds' apply it.
 
 Without --target: dto when --beta or --beta-sweep is given, time when --budget-ms is, else accuracy.
 --beta-sweep prints thresholds for a range of betas; with --query and --gallery it also evaluates CtF at
@@ -42,7 +42,7 @@ example:
   ctfreid calibrate --val val.npz --beta 2 --out thresholds.json
   ctfreid calibrate --val val.npz --target accuracy --tolerance 0.5 --gallery-size 100000 --out thresholds.json
   ctfreid calibrate --val val.npz --target time --budget-ms 0.2 --measure-cost-model --out thresholds.json
-  ctfreid calibrate --val val.npz --weighted 3 --out thresholds.json   (a weighted stage 1)
+  ctfreid calibrate --val val.npz --weighted 4 --out thresholds.json   (a weighted stage 1)
   ctfreid calibrate --val val.npz --beta-sweep --query q.npz --gallery g.npz"""
 
 TARGETS = ("dto", "accuracy", "time")
@@ -103,8 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="targets: write the cost model used here (for --cost-model next time)")
     parser.add_argument("--weighted", type=positive_int, default=None, metavar="BITS", choices=range(1, 5),
                         help="targets: fit for a weighted (asymmetric) stage 1: each bit of the query's shortest "
-                        "code weighted by its confidence |bn(v)|, quantised to BITS bits (1-4; 3 is a good "
-                        "choice); needs values_<L> in the validation set (written by 'ctfreid encode')")
+                        "code weighted by its confidence |bn(v)|, quantised to BITS bits (1-4; 4 was best on "
+                        "CUHK03); needs values_<L> in the validation set (written by 'ctfreid encode')")
     parser.add_argument("--out", type=output_file, metavar="thresholds.json",
                         help="write the thresholds and how they were fitted as JSON")
     parser.add_argument("--max-pairs", type=positive_int, default=1_000_000,
@@ -145,8 +145,8 @@ def resolve_target(args: argparse.Namespace) -> str:
     return target
 
 
-def _fit_target(args: argparse.Namespace, target: str, val) -> tuple[dict, dict]:
-    """The targeted fit: prints it, returns (thresholds, the rest of the JSON)."""
+def _fit_target(args: argparse.Namespace, target: str, val):
+    """The targeted fit: prints it, returns it and the cost model it used."""
     from ctfreid.eval.calibration import DEFAULT_FOLDS, DEFAULT_TOLERANCE, fit_target, format_fit
     from ctfreid.eval.cost_model import (CostModel, default_cost_model, default_sizes, format_cost_model,
                                          measure_cost_model)
@@ -177,16 +177,13 @@ def _fit_target(args: argparse.Namespace, target: str, val) -> tuple[dict, dict]
     if args.cost_model and sizes and not min(sizes) / 4 <= fit.gallery_size <= 4 * max(sizes):
         print(f"note: the cost model was measured on galleries of {sizes} items, far from {fit.gallery_size}: "
               f"measure one for this size (--measure-cost-model --gallery-size {fit.gallery_size})")
-    more = {"fit": fit.to_dict(), "cost_model": model.to_dict()}
-    if fit.weighting is not None:  # read back by evaluate (read_weighting): the stage-1 threshold is in its units
-        more["weights"] = fit.weighting.to_dict()
-    return fit.thresholds, more
+    return fit, model
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfreid._atomic import atomic_write
     from ctfreid.cli.evaluate import parse_rho
     from ctfreid.encoded import check_same_encoder, load_encoded
+    from ctfreid.eval.calibration import save_fit
     from ctfreid.eval.evaluate import DEFAULT_BETAS, beta_sweep, format_sweep
     from ctfreid.search.thresholds import fit_dto, save_thresholds
 
@@ -221,8 +218,7 @@ def run(args: argparse.Namespace) -> int:
         print("thresholds: " + ",".join(f"{L}={f.threshold}" for L, f in fits.items()))
     else:
         print(f"thresholds for target {target} on {args.val}: {len(val)} images")
-        thresholds, more = _fit_target(args, target, val)
-        extra.update(more)
+        fit, model = _fit_target(args, target, val)
     if args.beta_sweep:
         rows = beta_sweep(val, query, gallery, args.betas or DEFAULT_BETAS, rho, args.max_pairs, args.seed)
         print("\nbeta sweep" + (" (CtF on query/gallery)" if query is not None else " (Gaussian estimates)"))
@@ -231,9 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         if target == "dto":
             save_thresholds(args.out, fits, extra)
-        else:
-            with atomic_write(args.out, "w") as f:
-                json.dump({"thresholds": {str(L): t for L, t in thresholds.items()}, **extra}, f, indent=2)
-                f.write("\n")
+        else:  # thresholds, the fit, its cost model, and the weighting of a weighted stage 1
+            save_fit(args.out, fit, model, extra)
         print(f"wrote {args.out}")
     return 0

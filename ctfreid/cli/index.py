@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ctfreid.cli._args import not_an_input, output_file, positive_float, positive_int
+from ctfreid.errors import CtfreidError
 
 HELP = "build or extend a coarse-to-fine index from a folder of images"
 DESCRIPTION = """Encode a folder of person crops with a trained AiO model and save a coarse-to-fine (CtF)
@@ -99,8 +100,6 @@ def run(args: argparse.Namespace) -> int:
     if args.action in ("add", "remove"):
         check_index_file(args.index)  # before locking: no INDEX.lock litter beside a wrong --index
     if args.action == "remove" and not (args.pid or args.image):
-        from ctfreid.errors import CtfreidError
-
         raise CtfreidError("index remove needs --pid or --image: which images to erase")
     target = args.out if args.action == "build" else args.index
     _refuse_existing(args)
@@ -175,8 +174,6 @@ def _remove(args: argparse.Namespace) -> int:
 
     index = load_index(args.index, mmap=False)
     if (index.metadata or {}).get("paths") is None:
-        from ctfreid.errors import CtfreidError
-
         raise CtfreidError(f"--index {args.index} is not an image index of 'ctfreid index build' (no image paths)")
     gone = remove_from_index(index, pids=args.pid, paths=args.image)
     if gone:

@@ -41,10 +41,10 @@ import numpy as np
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
+from ctfreid.search.asymmetric import check_weights, max_distance, query_planes
 from ctfreid.search.hamming import check_k, check_radius, range_result
 from ctfreid.search.index import CtFIndex, check_ids, ids_to_remove
 from ctfreid.search.merge import Hits, empty_hits, merge_hits
-from ctfreid.search.asymmetric import max_distance, query_planes
 from ctfreid.search.thresholds import check_thresholds
 
 CONFIG = "sharded.json"
@@ -358,8 +358,8 @@ class ShardedIndex:
             if thresholds is None and len(self._lengths) > 1:
                 raise CtfreidError("query_weights need this call's thresholds, fitted for a weighted stage 1: the "
                                    "index's own are Hamming distances")
-            query_planes(query_weights, nq, self._lengths[0])
-            query_weights = np.asarray(query_weights).reshape(nq, -1).astype(np.uint8)
+            query_planes(query_weights, nq, self._lengths[0])  # every check the shards make
+            query_weights = check_weights(query_weights, nq, self._lengths[0])  # uint8 [nq, L1]
             first_max = max_distance(self._lengths[0])
         thr = check_thresholds(self._thresholds if thresholds is None else thresholds, self._lengths, first_max)
         parts, missing = self._fan_out(qs, k, thr, self.timeout if timeout is None else _timeout(timeout),

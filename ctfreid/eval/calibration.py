@@ -178,7 +178,7 @@ class _Evaluator:
 
     def __init__(self, splits: list[tuple[EncodedSet, EncodedSet]], model: CostModel, gallery_size: int, k: int,
                  weighting: Weighting | None = None):
-        self.splits, self.model, self.n, self.k = splits, model, gallery_size, k
+        self.splits, self.model, self.n, self.k, self.weighting = splits, model, gallery_size, k, weighting
         self.lengths = splits[0][1].lengths
         L1 = self.lengths[0]
         # a weighted stage 1: each split's queries get their bit weights, and stage 1 their weighted distances
@@ -215,7 +215,7 @@ class _Evaluator:
             keys.update(reached.tobytes())
         f = np.concatenate(fractions)
         ms = expected_ms(self.model, f, self.n, self.k, np.concatenate(bins))
-        if self.weights[0] is not None:
+        if self.weighting is not None:
             ms += self.n * WEIGHTED_SCAN_EXTRA_MS
         key = keys.digest()
         if key not in self._by_sets:

@@ -722,7 +722,7 @@ def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI, P1=None, Lw=0):
     the candidates within each threshold by the next longer code, stably, in place at the head.
 
     ``Ls[s]``: code length of stage s; ``thr[s]``: threshold (>= 0) of stage s, for s < S - 1. ``P1`` /
-    ``Lw``: the weight planes and largest distance of a weighted stage 1 (``ctf_topk_weighted``).
+    ``Lw``: the weight planes and largest distance of a weighted stage 1 (as ``ctf_topk``).
 
     The head (the c1 stage-1 candidates) is ordered as ``ctf_topk`` orders its candidates
     (``_ctf_finish`` with k = c1, one packed key per part instead of a counting sort per stage): numbered in
@@ -985,7 +985,7 @@ def _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32
 
 
 @njit(**_JIT)
-def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC):
+def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC, P1=None, Lw=0):
     """First ``k`` of the CtF rankings of a batch without ranking the whole gallery (arguments as for
     ``ctf_rank``; ``ws64``/``ws32``: scratch from ``ctf_workspace``, reusable across calls), one query
     after the other (``ctf_topk_batch``: a batch at once, same answers).
@@ -999,11 +999,20 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
     that reach the first ``k`` are built, and within a part only the entries that can be among them are
     sorted. The rest of the stage-1 ranking is found by a second, top-k scan. ``outC[i, s]`` (s >= 1)
     receives the number of codes ranked at stage s (the per-stage candidate counts, for free).
+
+    ``P1`` / ``Lw``: the weight planes and largest distance of a weighted stage 1 (``thr[0]`` bounds the
+    weighted distance), same semantics (``_ctf_one_weighted``); compiled apart from the Hamming path.
     """
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
-    for i in range(Q1.shape[0]):
-        _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i])
+    if P1 is None:  # (the other branch is pruned at compile time: the Hamming path allocates nothing more)
+        for i in range(Q1.shape[0]):
+            _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i])
+    else:
+        wscratch = _weighted_scratch(n)
+        for i in range(Q1.shape[0]):
+            _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, wscratch,
+                              outD[i], outI[i], outC[i])
 
 
 # A batch scans the gallery in tiles of TILE blocks (32 KB of 32-bit codes: stays in L1 while every query
@@ -1056,7 +1065,7 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec, wp):
     838 against 596 us without it on a Zen 4). The other hits get their stage-2 distances in ``tmp`` first: a
     loop of independent gathers, each prefetching the code 16 hits ahead (for groups too small to prefetch
     the whole tile; ~5 % faster for 1 query). ``wp``: the query's 4 weight planes of a weighted stage 1
-    (``ctf_topk_weighted``), or None."""
+    (``_ctf_one_weighted``), or None."""
     d0 = D[0]
     d1 = D[1]
     r0 = 0  # hits before r0 are done
@@ -1097,21 +1106,21 @@ def _stage1_dist_impl(x, wp):
                           + (_popcnt(x & wp[3]) << 3))
 
 
-def _planes_of(P1, i):
-    """Query ``i``'s 4 weight planes of its one-word first code (a tuple), or None without weights."""
+def _planes_of(P1, i, w=0):
+    """Query ``i``'s 4 weight planes of word ``w`` of its first code (a tuple), or None without weights."""
 
 
 @overload(_planes_of, inline="always")
-def _planes_of_impl(P1, i):
+def _planes_of_impl(P1, i, w=0):
     if isinstance(P1, types.NoneType):
-        return lambda P1, i: None
-    return lambda P1, i: _word_planes(P1[i])
+        return lambda P1, i, w=0: None
+    return lambda P1, i, w=0: _word_planes(P1[i], w)
 
 
 @njit(inline="always", **_JIT)
-def _word_planes(P):
-    """The 4 weight planes ``P[:, 0]`` of a one-word first code, as a tuple (``_stage1_dist``)."""
-    return (P[0, 0], P[1, 0], P[2, 0], P[3, 0])
+def _word_planes(P, w=0):
+    """The 4 weight planes ``P[:, w]`` of word ``w`` of a first code, as a tuple (``_stage1_dist``)."""
+    return (P[0, w], P[1, w], P[2, w], P[3, w])
 
 
 def _tile_hits(q0, wp, g1, t0, t1, hi, live, pos, dd):
@@ -1162,7 +1171,7 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     with a stage-2 distance ``<= hi2`` are appended to ``bufI[a]``/``bufD[a, 0:2]`` in gallery order.
     ``c1[a]``: its number of stage-1 candidates; ``cnt[a]``: how many were kept, or more than the
     buffer's capacity once it overflowed (the caller then searches that query on its own). ``P1``: weight
-    planes of a weighted stage 1 (``ctf_topk_weighted``; compiled apart), or None."""
+    planes of a weighted stage 1 (``ctf_topk``; compiled apart), or None."""
     cap = bufI.shape[1]
     n2, W2 = G2.shape
     g2 = G2.reshape(n2 * W2)
@@ -1214,7 +1223,7 @@ def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi
     memory traffic): they rank before all the others (Sec. 3.1), so the first ``k`` come from them alone
     when at least ``k`` are kept (or all were). Otherwise, and when a query has more candidates than the
     buffers hold, that query is searched on its own (``_ctf_one``). ``P1``/``Lw``: the weight planes and the
-    largest distance of a weighted stage 1 (``ctf_topk_weighted``, same answers), compiled apart from the
+    largest distance of a weighted stage 1 (as ``ctf_topk``, same answers), compiled apart from the
     Hamming scan; a weighted query with fewer than ``k`` kept is searched on its own."""
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
@@ -1222,7 +1231,10 @@ def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi
     G, cap = bufI.shape
     cnt = np.zeros(G, np.int64)
     c1 = np.zeros(G, np.int64)
-    wscratch = _weighted_scratch(n if P1 is not None else 0)
+    if P1 is not None:  # (pruned at compile time for the Hamming scan, which allocates nothing more)
+        wscratch = _weighted_scratch(n)
+    else:
+        wscratch = None
     for a0 in range(0, nq, G):
         na = min(G, nq - a0)
         cnt[:] = 0
@@ -1244,12 +1256,12 @@ def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi
 
 
 @njit(**_JIT)
-def hit_keys(Q1, G1, Qr, qoff, Gr, S, thr, P, outD, outS, P1, weighted):
+def hit_keys(Q1, G1, Qr, qoff, Gr, S, thr, P, outD, outS, P1=None):
     """The coarse-to-fine sort key of given hits (see ``ctfreid.search.merge``): for query ``i`` and gallery
     position ``P[i, r] >= 0``, the distance at every length up to the finest stage the item reaches
     (``outD[i, r, s]``, -1 beyond) and the number of stages (``outS[i, r]``): stage ``s + 1`` is reached
     iff the distance at stage ``s`` is ``<= thr[s]``. Padding (``P < 0``) gets stages 0 and distances -1.
-    ``weighted``: stage 1 is weighted by the planes ``P1[i]`` (see ``ctf_topk_weighted``).
+    ``P1``: stage 1 is weighted by the planes ``P1[i]`` (as in ``ctf_topk``).
     Costs ``k x S`` distance computations per query, nothing per gallery item."""
     W1 = G1.shape[1]
     for i in range(P.shape[0]):
@@ -1262,12 +1274,7 @@ def hit_keys(Q1, G1, Qr, qoff, Gr, S, thr, P, outD, outS, P1, weighted):
                 continue
             d = 0
             for w in range(W1):
-                x = Q1[i, w] ^ G1[p, w]
-                if weighted:
-                    d += (_popcnt(x & P1[i, 0, w]) + (_popcnt(x & P1[i, 1, w]) << 1)
-                          + (_popcnt(x & P1[i, 2, w]) << 2) + (_popcnt(x & P1[i, 3, w]) << 3))
-                else:
-                    d += _popcnt(x)
+                d += _stage1_dist(Q1[i, w] ^ G1[p, w], _planes_of(P1, i, w))
             outD[i, r, 0] = d
             st = 1
             for s in range(1, S):
@@ -1323,9 +1330,7 @@ def _wdist(q, P, g, W, n, d):
         for j in range(n):
             s = 0
             for w in range(W):
-                x = q[w] ^ gg[j, w]
-                s += (_popcnt(x & P[0, w]) + (_popcnt(x & P[1, w]) << 1) + (_popcnt(x & P[2, w]) << 2)
-                      + (_popcnt(x & P[3, w]) << 3))
+                s += _stage1_dist(q[w] ^ gg[j, w], _word_planes(P, w))
             o[j] = s
 
 
@@ -1443,7 +1448,11 @@ def _weighted_scratch(n):
 
 @njit(**_JIT)
 def _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, scratch, oD, oI, oC):
-    """Query ``i`` of ``ctf_topk_weighted`` on its own (``scratch``: ``_weighted_scratch(n)``)."""
+    """``_ctf_one`` for a weighted stage 1 (``scratch``: ``_weighted_scratch(n)``): the candidates within
+    ``thr[0]`` are collected in gallery order (``_within_weighted``), re-ranked by the later stages
+    (``_ctf_finish``) and followed, when fewer than ``k``, by the rest of the weighted stage-1 ranking
+    (``_beyond_weighted``, from every distance computed again: keeping them from the scan cost 70 us a
+    query at 1e6 codes, where the beyond part is never needed)."""
     d, dd, bufi, bufd, order, keys = scratch
     big = n + 2 * BLOCK
     ids = ws64[:big]
@@ -1463,22 +1472,6 @@ def _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, 
         pos = _beyond_weighted(d, n, t1, Lw, live, k, oI, oD, kk, bufi, bufd, order, keys)
     oI[pos:] = -1
     oD[pos:] = INT32_MAX
-
-
-@njit(**_JIT)
-def ctf_topk_weighted(Q1, P1, G1, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC):
-    """``ctf_topk`` with a weighted stage 1 (``thr[0]`` bounds the weighted distance, in [0, ``Lw``]), same
-    semantics, one query after the other (``ctf_topk_batch`` with ``P1``: a batch at once, same answers):
-    the candidates within ``thr[0]`` are collected in gallery order (``_within_weighted``), re-ranked by the
-    later stages (``_ctf_finish``) and followed, when fewer than ``k``, by the rest of the weighted stage-1
-    ranking (``_beyond_weighted``, from every distance computed again: keeping them from the scan cost 70
-    us a query at 1e6 codes, where the beyond part is never needed)."""
-    n, W1 = G1.shape
-    g1 = G1.reshape(n * W1)
-    scratch = _weighted_scratch(n)
-    for i in range(Q1.shape[0]):
-        _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, scratch,
-                          outD[i], outI[i], outC[i])
 
 
 def all_live(n: int) -> np.ndarray:
@@ -1515,7 +1508,7 @@ WEIGHTED_TILE_MIN_N = 1 << 16
 
 def tile_scan(nq: int, L1: int, n: int = 0, weighted: bool = False) -> bool:
     """Whether a top-k of ``nq`` queries (per thread) with an ``L1``-bit first stage on ``n`` codes runs
-    ``ctf_topk_batch`` (else ``ctf_topk`` / ``ctf_topk_weighted``): from ``BATCH_MIN_QUERIES`` queries on, for
+    ``ctf_topk_batch`` (else ``ctf_topk``): from ``BATCH_MIN_QUERIES`` queries on, for
     32-bit first stages (one word a code); weighted, from ``WEIGHTED_TILE_MIN_N`` codes on."""
     return nq >= BATCH_MIN_QUERIES and L1 == 32 and (not weighted or n >= WEIGHTED_TILE_MIN_N)
 

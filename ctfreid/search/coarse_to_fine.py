@@ -10,13 +10,13 @@ thresholds t1..t(S-1):
    previous order); the ranking becomes the re-ranked candidates followed by everything else in its
    previous order; the new candidates are those with distance <= ts. The longest code has no threshold.
 
-``D`` is the Hamming distance at the finest stage each item reached.
+``D`` is the Hamming distance at the finest stage each item reached. ``ctf_search`` returns exactly the
+first ``k`` of ``ctf_rank`` without ranking the whole gallery: stage 1 only collects the codes within
+t1, and the rest of the stage-1 ranking is scanned for only when fewer than ``k`` survive.
 
 With ``query_weights`` (``uint8[nq, L1]``, see ``ctfreid.search.asymmetric``) stage 1 ranks by the weighted
 distance ``sum_i w_i [q_i != g_i]`` instead, ``t1`` bounds it, and items ranked at stage 1 only carry it
-in ``D``; everything else is the same. ``ctf_search`` returns exactly the
-first ``k`` of ``ctf_rank`` without ranking the whole gallery: stage 1 only collects the codes within
-t1, and the rest of the stage-1 ranking is scanned for only when fewer than ``k`` survive.
+in ``D``; everything else is the same.
 """
 
 from __future__ import annotations
@@ -85,6 +85,21 @@ def _weighted(query_weights, qs: tuple[np.ndarray, ...], lengths: list[int]) -> 
     return query_planes(query_weights, qs[0].shape[0], lengths[0]), max_distance(lengths[0])
 
 
+def _rank_all(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], lengths: list[int], thr: np.ndarray,
+              wt: tuple[np.ndarray, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The full rankings ``(D, I)`` of validated code sets (``wt``: a weighted stage 1, see ``_weighted``)."""
+    if len(lengths) == 1 and wt is None:
+        return hamming_rank(qs[0], gs[0])
+    nq, n = qs[0].shape[0], gs[0].shape[0]
+    D = np.empty((nq, n), dtype=np.int32)
+    I = np.empty((nq, n), dtype=np.int64)
+    if len(lengths) == 1:
+        _kernels.weighted_rank(_kernels.words32(qs[0]), wt[0], _kernels.words32(gs[0]), wt[1], D, I)
+    else:
+        _kernels.ctf_rank(*kernel_args(qs, gs, thr), D, I, *(wt or ()))
+    return D, I
+
+
 def ctf_rank(
     query_codes: Mapping[int, np.ndarray],
     gallery_codes: Mapping[int, np.ndarray],
@@ -100,17 +115,7 @@ def ctf_rank(
     """
     qs, gs, lengths, single = prepare_code_sets(query_codes, gallery_codes)
     wt = _weighted(query_weights, qs, lengths)
-    thr = threshold_array(thresholds, lengths, wt[1] if wt else None)
-    nq, n = qs[0].shape[0], gs[0].shape[0]
-    if len(lengths) == 1 and wt is None:
-        D, I = hamming_rank(qs[0], gs[0])
-    else:
-        D = np.empty((nq, n), dtype=np.int32)
-        I = np.empty((nq, n), dtype=np.int64)
-        if len(lengths) == 1:
-            _kernels.weighted_rank(_kernels.words32(qs[0]), wt[0], _kernels.words32(gs[0]), wt[1], D, I)
-        else:
-            _kernels.ctf_rank(*kernel_args(qs, gs, thr), D, I, *(wt or ()))
+    D, I = _rank_all(qs, gs, lengths, threshold_array(thresholds, lengths, wt[1] if wt else None), wt)
     return (D[0], I[0]) if single else (D, I)
 
 
@@ -131,9 +136,8 @@ def ctf_search(
     wt = _weighted(query_weights, qs, lengths)
     thr = threshold_array(thresholds, lengths, wt[1] if wt else None)
     nq, n, S = qs[0].shape[0], gs[0].shape[0], len(gs)
-    if wt is not None and len(lengths) == 1:
-        D, I = ctf_rank(query_codes, gallery_codes, thresholds, query_weights)
-        D, I = (D[None], I[None]) if single else (D, I)
+    if wt is not None and len(lengths) == 1:  # no top-k kernel for one weighted length: the ranking's head
+        D, I = _rank_all(qs, gs, lengths, thr, wt)
         pad = max(0, k - n)
         D = np.pad(D[:, :k], ((0, 0), (0, pad)), constant_values=_kernels.INT32_MAX)
         I = np.pad(I[:, :k], ((0, 0), (0, pad)), constant_values=-1)
@@ -148,9 +152,7 @@ def ctf_search(
         if _kernels.tile_scan(nq, lengths[0], n, wt is not None):  # as CtFIndex.search
             hi2 = _kernels.stage2_keep(n, thr, lengths)
             _kernels.ctf_topk_batch(*args, *work, hi2, *_kernels.batch_buffers(*_kernels.batch_shape(n, nq, S), S),
-                                    D, I, counts, *(wt if wt is not None else ()))
-        elif wt is not None:
-            _kernels.ctf_topk_weighted(args[0], wt[0], args[1], wt[1], *args[3:], *work, D, I, counts)
+                                    D, I, counts, *(wt or ()))
         else:
-            _kernels.ctf_topk(*args, *work, D, I, counts)
+            _kernels.ctf_topk(*args, *work, D, I, counts, *(wt or ()))
     return (D[0], I[0]) if single else (D, I)

@@ -440,27 +440,16 @@ class CtFIndex:
         C[:, 1:] = -1 if k is None else 0
         if m == 0:
             return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64), C
-        full = k is None
+        weighted = (wp, max_distance(lengths[0])) if wp is not None else ()  # the kernels' trailing P1, Lw
+        # one weighted length has no top-k kernel: its full ranking, then the first m
+        full = k is None or (wp is not None and len(lengths) == 1)
         cols = n if full else m
         D = np.empty((nq, cols), np.int32)
         P = np.empty((nq, cols), np.int64)
-        if wp is not None and (full or len(lengths) == 1):
-            D = np.empty((nq, n), np.int32)
-            P = np.empty((nq, n), np.int64)
-            Lw = max_distance(lengths[0])
-            if len(lengths) == 1:
-                _kernels.weighted_rank(_kernels.words32(qs[0]), wp, _kernels.words32(G1), Lw, D, P)
-            else:
-                Qr = _kernels.later_queries(qs, qoff)
-                _kernels.ctf_rank(_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Ls,
-                                  len(lengths), thr, D, P, wp, Lw)
-            if self._ndead:
-                keep = self._live_slots()[P]
-                P = P[keep].reshape(nq, live_n)
-                D = D[keep].reshape(nq, live_n)
-            return (D, P, C) if full else (D[:, :m], P[:, :m], C)
         if len(lengths) == 1:
-            if full:
+            if wp is not None:
+                _kernels.weighted_rank(_kernels.words32(qs[0]), wp, _kernels.words32(G1), weighted[1], D, P)
+            elif full:
                 _kernels.rank(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], D, P)
             else:
                 _kernels.topk(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], m, self._live, D, P)
@@ -468,21 +457,17 @@ class CtFIndex:
             Qr = _kernels.later_queries(qs, qoff)
             args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Ls, len(lengths), thr)
             if full:
-                _kernels.ctf_rank(*args, D, P)
+                _kernels.ctf_rank(*args, D, P, *weighted)
             elif _kernels.tile_scan(nq, lengths[0], n, wp is not None):
-                weighted = (wp, max_distance(lengths[0])) if wp is not None else ()
                 _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), _kernels.stage2_keep(n, thr, Ls),
                                         *self._batch_buffers(n, nq), D, P, C, *weighted)
-            elif wp is not None:
-                _kernels.ctf_topk_weighted(args[0], wp, args[1], max_distance(lengths[0]), *args[3:], m, self._live,
-                                           *self._workspace(n, m), D, P, C)
             else:
-                _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C)
+                _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C, *weighted)
         if full and self._ndead:  # the order is a per-item key: dropping removed items keeps it exact
             keep = self._live_slots()[P]
             P = P[keep].reshape(nq, live_n)
             D = D[keep].reshape(nq, live_n)
-        return D, P, C
+        return (D, P, C) if k is None else (D[:, :m], P[:, :m], C)
 
     def _workspace(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """CtF scratch, one per thread, reused while n and the number of stages stay the same and k is no
@@ -512,9 +497,7 @@ class CtFIndex:
         dist = np.empty(P.shape + (S,), np.int32)
         stages = np.empty(P.shape, np.int8)
         Qr = _kernels.later_queries(qs, qoff) if S > 1 else _kernels._readonly(np.zeros((qs[0].shape[0], 1), np.uint64))
-        planes = wp if wp is not None else np.zeros((1, _kernels.WEIGHT_PLANES, 1), np.uint32)
-        _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages,
-                          planes, wp is not None)
+        _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages, wp)
         return dist, stages
 
     def _weight_planes(self, query_weights: np.ndarray | None, nq: int) -> np.ndarray | None:

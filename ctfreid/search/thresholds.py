@@ -376,41 +376,48 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
+def _thresholds_file(spec: str | os.PathLike) -> dict | list | None:
+    """The parsed JSON of a thresholds file ``spec``, or None when ``spec`` is a ``"32=9,128=41"`` list; a
+    spec ending in ``.json`` must be an existing file of JSON."""
+    spec_s = str(spec)
+    path = Path(spec_s)
+    if not (spec_s.endswith(".json") or ("=" not in spec_s and path.is_file())):
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"thresholds file {spec_s}: no such file")
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, CtfreidError) as e:
+        raise CtfreidError(f"thresholds file {spec_s}: not readable JSON ({e})") from None
+
+
 def read_thresholds(spec: str | os.PathLike, allow_weights: bool = False) -> dict[int, int]:
     """Thresholds from ``"32=9,128=41"`` or from a JSON file (``{"thresholds": {"32": 9, ...}}`` or a plain
     ``{"32": 9, ...}``). A spec ending in ``.json`` must be an existing file. A file fitted for a weighted
     stage 1 (a ``"weights"`` entry, :func:`read_weighting`) is refused unless ``allow_weights``: its first
     threshold is not a Hamming distance, and not every reader applies the weights yet."""
-    spec_s = str(spec)
-    path = Path(spec_s)
-    if spec_s.endswith(".json") or ("=" not in spec_s and path.is_file()):
-        if not path.is_file():
-            raise FileNotFoundError(f"thresholds file {spec_s}: no such file")
-        try:
-            obj = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, CtfreidError) as e:
-            raise CtfreidError(f"thresholds file {spec_s}: not readable JSON ({e})") from None
-        if not allow_weights and isinstance(obj, dict) and "weights" in obj:
-            raise CtfreidError(f"thresholds file {spec_s} was fitted for a weighted stage 1 ('ctfreid calibrate "
-                               "--weighted'): Hamming thresholds are needed here (a run folder, the service: "
-                               "'ctfreid serve --weighted B' fits its own); 'evaluate' and 'index build "
-                               "--thresholds' take this file")
-        return _from_mapping(obj, f"thresholds file {spec_s}")
-    return parse_thresholds(spec_s)
+    obj = _thresholds_file(spec)
+    if obj is None:
+        return parse_thresholds(str(spec))
+    if not allow_weights and isinstance(obj, dict) and "weights" in obj:
+        raise CtfreidError(f"thresholds file {spec} was fitted for a weighted stage 1 ('ctfreid calibrate "
+                           "--weighted'): Hamming thresholds are needed here (a run folder, the service: "
+                           "'ctfreid serve --weighted B' fits its own); 'evaluate' and 'index build "
+                           "--thresholds' take this file")
+    return _from_mapping(obj, f"thresholds file {spec}")
 
 
 def read_weighting(spec: str | os.PathLike) -> Weighting | None:
     """The ``"weights"`` entry (a weighted stage 1, ``ctfreid.search.asymmetric``) of a thresholds file, or
-    None for a file without one and for a ``"32=9,128=41"`` spec."""
-    spec_s = str(spec)
-    path = Path(spec_s)
-    if not (spec_s.endswith(".json") or ("=" not in spec_s and path.is_file())):
+    None for a file without one and for a ``"32=9,128=41"`` spec. The file's thresholds are checked as by
+    :func:`read_thresholds`."""
+    obj = _thresholds_file(spec)
+    if obj is None:
         return None
-    read_thresholds(spec, allow_weights=True)  # the same checks and errors
-    obj = json.loads(path.read_text())
+    _from_mapping(obj, f"thresholds file {spec}")  # the same checks and errors
     if not isinstance(obj, dict) or "weights" not in obj:
         return None
-    return Weighting.from_dict(obj["weights"], f"thresholds file {spec_s}: 'weights'")
+    return Weighting.from_dict(obj["weights"], f"thresholds file {spec}: 'weights'")
 
 
 def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int],

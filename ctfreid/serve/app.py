@@ -90,6 +90,16 @@ def _error(status: int, field: str | None, message: str):
     return JSONResponse({"error": {"field": field, "message": message}}, status_code=status)
 
 
+@dataclass(frozen=True)
+class WeightedDefault:
+    """The default thresholds of image searches under ``--weighted``: a weighted stage 1 (``weighting``:
+    ``ctfreid.search.asymmetric.Weighting``), fitted on the model's validation split (``source``)."""
+
+    thresholds: dict[int, int]
+    weighting: Any
+    source: str
+
+
 class Service:
     """Everything behind the routes: encoder, store, gallery, thresholds, counters."""
 
@@ -128,13 +138,13 @@ class Service:
                 raise CtfreidError(f"--weighted {config.weighted} needs thresholds fitted on the model's validation "
                                    "split, which it has not (or whose images cannot be read)")
             self.store.set_meta("weighted_fit", json.dumps(weighted_obj))
-        # image searches with the default thresholds: a weighted stage 1 (thresholds, Weighting), or None
-        self.weighted = None
+        # image searches with the default thresholds: a weighted stage 1, or None
+        self.weighted: WeightedDefault | None = None
         if weighted_obj is not None:
             from ctfreid.search.asymmetric import Weighting
 
-            self.weighted = ({int(L): int(t) for L, t in weighted_obj["thresholds"].items()},
-                             Weighting.from_dict(weighted_obj["weights"]), weighted_obj["source"])
+            self.weighted = WeightedDefault({int(L): int(t) for L, t in weighted_obj["thresholds"].items()},
+                                            Weighting.from_dict(weighted_obj["weights"]), weighted_obj["source"])
         self.fits: dict | None = fits_obj
         self.target: dict | None = target_obj
         self.thresholds_source = ""
@@ -178,7 +188,9 @@ class Service:
         return {L: L for L in need}
 
     # ------------------------------------------------------------------------------------- helpers
-    def thresholds_for(self, thresholds: Any, beta: Any) -> dict[int, int]:
+    def thresholds_for(self, thresholds: Any, beta: Any) -> dict[int, int] | None:
+        """A search's own thresholds: the request's ``thresholds``, else those of its ``beta``; None when it
+        gives neither (then :meth:`default_for`)."""
         from ctfreid.search.thresholds import check_thresholds, parse_thresholds
         from ctfreid.serve.encoder import thresholds_for_beta
 
@@ -213,7 +225,14 @@ class Service:
             if not self.fits:
                 raise FieldError("beta", "this model has no validation statistics for DTO; pass thresholds instead")
             return thresholds_for_beta(self.fits, b)
-        return self.default_thresholds
+        return None
+
+    def default_for(self, values: np.ndarray | None) -> tuple[dict[int, int], np.ndarray | None]:
+        """The default thresholds of a search and its query weights: the weighted default for queries with
+        real ``values`` (images, under ``--weighted``), else the default thresholds and no weights."""
+        if self.weighted is not None and values is not None:
+            return self.weighted.thresholds, self.weighted.weighting.weights(values)
+        return self.default_thresholds, None
 
     def decode_codes(self, obj: Any, field: str = "codes") -> dict[int, np.ndarray]:
         if not isinstance(obj, Mapping) or not obj:
@@ -325,8 +344,9 @@ class Service:
             "dto_fits": self.fits is not None,
             "thresholds_source": self.thresholds_source,
             "weighted_stage1": None if self.weighted is None else {
-                "thresholds": {str(L): t for L, t in self.weighted[0].items()}, "weights": self.weighted[1].to_dict(),
-                "source": self.weighted[2], "applies_to": "image searches with the default thresholds"},
+                "thresholds": {str(L): t for L, t in self.weighted.thresholds.items()},
+                "weights": self.weighted.weighting.to_dict(), "source": self.weighted.source,
+                "applies_to": "image searches with the default thresholds"},
             "model_fingerprint": self.encoder.fingerprint,
             "uptime_s": round(time.time() - self.started, 3),
             "start_s": round(self.start_seconds, 3),
@@ -714,16 +734,14 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
 
         def work():
             k = int_field(fields, "k", 10, 1, config.max_k)
-            thr = svc.thresholds_for(fields.get("thresholds"), fields.get("beta"))
+            thr = svc.thresholds_for(fields.get("thresholds"), fields.get("beta"))  # a bad one: 400 before any work
             flt = Filter(camera=int_field(fields, "camera"), time_from=float_field(fields, "time_from"),
                          time_to=float_field(fields, "time_to"))
             codes, encode_ms, _, values = query_codes(fields, images)
-            own = fields["items"] if "items" in fields else None
             weights = None
-            if (svc.weighted is not None and values is not None and fields.get("thresholds") in (None, "")
-                    and fields.get("beta") in (None, "")):  # images, server default: the weighted stage 1
-                thr, weighting, _ = svc.weighted
-                weights = weighting.weights(values)
+            if thr is None:
+                thr, weights = svc.default_for(values)
+            own = fields["items"] if "items" in fields else None
             t0 = time.perf_counter()
             hits, cands, partial = svc.gallery.search(codes, k + (own is not None), thr, flt, query_weights=weights)
             if own is not None:  # an item as the query: the others, not itself
@@ -736,7 +754,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
                                    "search_ms": round(search_ms / nq, 3)} for h, c in zip(hits, cands)],
                       "thresholds": {str(k_): v for k_, v in thr.items()}}
             if weights is not None:  # the first threshold is a weighted distance (ctfreid.search.asymmetric)
-                answer["weights"] = svc.weighted[1].to_dict()
+                answer["weights"] = svc.weighted.weighting.to_dict()
             if partial:  # a sharded gallery with shards that did not answer in time: said, never silent
                 answer["partial"] = {"missing_shards": list(partial),
                                      "message": "these shards did not answer in time: their items are missing"}
