@@ -327,7 +327,7 @@ def test_index_weighting_is_saved_and_guards_its_thresholds(tmp_path):
 
 def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_filter():
     # 70,000 codes: several scan tiles and the batch's stage-2 filter (BATCH_FILTER_MIN_N); 24 queries take
-    # the tile scan (BATCH_MIN_QUERIES), one query at a time ctf_topk_weighted (checked against the reference
+    # the tile scan (BATCH_MIN_QUERIES), one query at a time ctf_topk with weights (checked against the reference
     # above). Queries are noisy copies of gallery items, so that some keep many candidates and some few.
     from ctfreid.search import _kernels
 
