@@ -49,6 +49,18 @@ def tied_codes(rng: np.random.Generator, n: int, distinct: int = 40) -> dict[int
     return out
 
 
+def wait_gone(pid: int, timeout: float = 30.0) -> None:
+    """Wait (bounded) until process ``pid`` has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still runs after {timeout} s")
+
+
 def assert_same_hits(a, b) -> None:
     assert a.lengths == b.lengths
     np.testing.assert_array_equal(a.ids, b.ids)
@@ -440,8 +452,10 @@ def test_a_shard_restarted_after_its_store_vanished_raises_instead_of_answering_
         sharded.add(c)
         sharded.thresholds = dict(THR)
         assert sharded.search_hits(q, 40).partial == ()
+        pid = sharded.shard_info()[1]["pid"]
         shutil.rmtree(tmp_path / "g" / "shard-1")
         ray.kill(sharded.actors[1], no_restart=False)  # Ray restarts it with the same arguments: store gone
+        wait_gone(pid)  # ray.kill returns at once: the old process could still answer the next call
         # was: it came back empty; searches answered without its items (partial == ()) and ntotal said 20
         with pytest.raises(CtfreidError, match=r"shard 1 cannot start: shard store \S*shard-1/ is missing"):
             sharded.search_hits(q, 40)
