@@ -238,29 +238,19 @@ def gallery_size_sweep(query: EncodedSet, gallery: EncodedSet, distractors: Enco
     return rows
 
 
-WEIGHTED_DEMO_BITS = 4  # the best of 2-4 bits on the CUHK03 dev runs (docs/results-cuhk03.md)
-
-
-def weighted_stage1(val: EncodedSet, query: EncodedSet, gallery: EncodedSet, results: dict,
-                    repeats: int = 1) -> dict | None:
-    """The default calibration for a weighted stage 1 (``ctfreid.search.asymmetric``) on ``val``, evaluated
-    on ``query`` / ``gallery`` beside the Hamming row of ``results`` (``evaluate_sets`` with thresholds):
-    thresholds, weighting, CtF accuracy and what stage 1 keeps; None when the sets have no ``values`` or no
-    thresholds fit the tolerance."""
-    from ctfreid.eval.calibration import DEFAULT_TARGET, DEFAULT_TOLERANCE, fit_target
+def weighted_stage1(wfit, query: EncodedSet, gallery: EncodedSet, results: dict, repeats: int = 1) -> dict | None:
+    """The default weighted stage 1 (``wfit``: ``ctfreid.eval.calibration.default_weighted_fit``, the
+    default for image queries) evaluated on ``query`` / ``gallery`` beside the Hamming row of ``results``
+    (``evaluate_sets`` with thresholds): thresholds, weighting, CtF accuracy and what stage 1 keeps; None
+    without a fit or values."""
     from ctfreid.eval.evaluate import evaluate_sets
 
-    if "ctf" not in results["methods"] or any(s.values is None for s in (val, query, gallery)) or val.lengths[0] % 32:
+    if wfit is None or "ctf" not in results["methods"] or query.values is None:
         return None
-    try:
-        fit = fit_target(val, DEFAULT_TARGET, DEFAULT_TOLERANCE, gallery_size=len(gallery),
-                         weight_bits=WEIGHTED_DEMO_BITS)
-    except CtfreidError:
-        return None
-    row = evaluate_sets(query, gallery, fit.thresholds, methods=["ctf"], repeats=repeats,
-                        weighting=fit.weighting)["methods"]["ctf"]
+    row = evaluate_sets(query, gallery, wfit.thresholds, methods=["ctf"], repeats=repeats,
+                        weighting=wfit.weighting)["methods"]["ctf"]
     L1 = str(min(gallery.lengths))
-    return {"thresholds": {str(L): t for L, t in fit.thresholds.items()}, "weights": fit.weighting.to_dict(),
+    return {"thresholds": {str(L): t for L, t in wfit.thresholds.items()}, "weights": wfit.weighting.to_dict(),
             **{k: row[k] for k in ("rank1", "rank5", "rank10", "mAP", "query_ms")},
             "stage1_keep_percent": 100 * row["candidates"][L1] / len(gallery),
             "hamming_stage1_keep_percent": 100 * results["methods"]["ctf"]["candidates"][L1] / len(gallery)}
@@ -338,7 +328,7 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
     from ctfreid.infer.encoder import load_encoder
     from ctfreid.infer.gallery import build_index
     from ctfreid.learn.train import train
-    from ctfreid.eval.calibration import default_fit, describe_fit, save_fit
+    from ctfreid.eval.calibration import default_fit, default_weighted_fit, describe_fit, save_fit
     from ctfreid.search.thresholds import fit_dto, save_thresholds
 
     t_start = time.perf_counter()
@@ -389,7 +379,7 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
     query = encode(data.query)
     gallery = encode(data.gallery)
     val = encode(split_records("val", info, data_root))
-    fits, fit = None, None
+    fits, fit, wfit = None, None, None
     if cfg.beta is not None:  # the paper's DTO
         fits = fit_dto(val.codes, val.pids, val.camids, beta=cfg.beta)
         thresholds = {L: f.threshold for L, f in fits.items()}
@@ -398,20 +388,28 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
         fit = default_fit(val, len(gallery))
         thresholds = dict(fit.thresholds)
         source = describe_fit(fit, len(val))
+        if val.lengths[0] % 32 == 0:  # and its weighted stage 1, the default for image queries
+            try:
+                wfit = default_weighted_fit(val, len(gallery))
+            except CtfreidError:  # nothing within the tolerance: the Hamming fit alone
+                wfit = None
     th_extra = {"source": f"{source} of {run_dir}", "num_images": len(val)}
     # the demo's own run too: 'ctfreid index build --model OUT/run' finds them there
     for path in [out / "thresholds.json"] + ([run_dir / "thresholds.json"] if cfg.model is None else []):
         if fits is not None:
             save_thresholds(path, fits, th_extra)
         else:
-            save_fit(path, fit, extra=th_extra)
+            save_fit(path, fit, extra=th_extra, weighted=wfit)
     _say(cfg, f"  thresholds ({source}): " + ", ".join(f"{L}-bit <= {t}" for L, t in thresholds.items()))
+    if wfit is not None:
+        _say(cfg, f"  for image queries, a weighted stage 1 ({wfit.weighting.bits}-bit weights): "
+                  + ", ".join(f"{L}-bit <= {t}" for L, t in wfit.thresholds.items()))
     timings["encode_dto_s"] = time.perf_counter() - t
 
     # 4. index of the gallery
     t = step(4, "coarse-to-fine index of the gallery")
-    index = build_index(gallery, thresholds, fingerprint, info,
-                        {"thresholds_source": source})
+    index = build_index(gallery, thresholds, fingerprint, info, {"thresholds_source": source},
+                        weighted=None if wfit is None else (wfit.thresholds, wfit.weighting))
     index_path = out / "gallery.ctf"
     index.save(index_path)
     _say(cfg, f"  {index.ntotal} images, lengths {list(index.lengths)} -> {index_path}")
@@ -421,12 +419,12 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
     t = step(5, "evaluate (Table 4) and the beta sweep (Fig. 4)")
     results = evaluate_sets(query, gallery, thresholds, repeats=cfg.timing_repeats)
     table = format_table(results)
-    weighted = weighted_stage1(val, query, gallery, results, cfg.timing_repeats)
+    weighted = weighted_stage1(wfit, query, gallery, results, cfg.timing_repeats)
     if weighted is not None:
-        _say(cfg, f"  weighted stage 1 ({WEIGHTED_DEMO_BITS}-bit weights, 'ctfreid calibrate --weighted "
-                  f"{WEIGHTED_DEMO_BITS}'): stage 1 keeps {weighted['stage1_keep_percent']:.1f} % of the gallery "
-                  f"(Hamming: {weighted['hamming_stage1_keep_percent']:.1f} %), CtF mAP {100 * weighted['mAP']:.1f} "
-                  f"(Hamming: {100 * results['methods']['ctf']['mAP']:.1f})")
+        _say(cfg, f"  CtF with the weighted stage 1 (the default for image queries, {wfit.weighting.bits}-bit "
+                  f"weights): stage 1 keeps {weighted['stage1_keep_percent']:.1f} % of the gallery "
+                  f"(Hamming, the table's CtF: {weighted['hamming_stage1_keep_percent']:.1f} %), CtF mAP "
+                  f"{100 * weighted['mAP']:.1f} (Hamming: {100 * results['methods']['ctf']['mAP']:.1f})")
     sweep = beta_sweep(val, query, gallery, cfg.betas, repeats=cfg.timing_repeats)
     timings["evaluate_s"] = time.perf_counter() - t
 

@@ -20,7 +20,7 @@ from ctfreid.encoded import load_encoded
 from ctfreid.eval.evaluate import single_thread
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.hamming import hamming_rank, hamming_topk
-from ctfreid.search.thresholds import read_thresholds, read_weighting
+from ctfreid.search.thresholds import read_thresholds_file
 
 
 def main() -> None:
@@ -37,8 +37,8 @@ def main() -> None:
     fns = {f"{x}-bit": (lambda x=x: hamming_topk(q.codes[x], g.codes[x], 100),
                         lambda x=x: hamming_rank(q.codes[x], g.codes[x])) for x in (L, L1)}
     for path in args.thresholds:
-        th = read_thresholds(path, allow_weights=True)
-        wt = read_weighting(path)
+        fits = read_thresholds_file(path)  # the weighted stage 1 when the file has one, as image searches do
+        th, wt = (fits.weighted, fits.weighting) if fits.weighted is not None else (fits.hamming, None)
         w = None if wt is None else wt.weights(q.values)
         fns[Path(path).stem] = (lambda th=th, w=w: ctf_search(q.codes, g.codes, th, 100, query_weights=w),
                                 lambda th=th, w=w: ctf_rank(q.codes, g.codes, th, query_weights=w))

@@ -27,7 +27,7 @@ from ctfreid.encoded import load_encoded
 from ctfreid.eval.evaluate import candidate_counts, evaluate_sets
 from ctfreid.eval.metrics import evaluate_ranking
 from ctfreid.search.asymmetric import max_distance, weighted_rank
-from ctfreid.search.thresholds import read_thresholds, read_weighting
+from ctfreid.search.thresholds import read_thresholds, read_thresholds_file
 
 
 def ctf(query, gallery, th, weighting=None) -> tuple[float, float, float]:
@@ -54,7 +54,7 @@ def run(d: Path) -> None:
     query, gallery = load_encoded(d / "query.npz"), load_encoded(d / "gallery.npz")
     alone = evaluate_sets(query, gallery, methods=["hash2048", "hash32"])["methods"]
     r2048, m2048 = 100 * alone["hash2048"]["rank1"], 100 * alone["hash2048"]["mAP"]
-    w3 = read_weighting(d / "weighted3.json")
+    w3 = read_thresholds_file(d / "weighted3.json").weighting
     I = weighted_rank(query.codes[32], w3.weights(query.values), gallery.codes[32])[1]
     wm = evaluate_ranking(I, query.pids, query.camids, gallery.pids, gallery.camids)
     r32, m32 = 100 * alone["hash32"]["rank1"], 100 * alone["hash32"]["mAP"]
@@ -63,7 +63,7 @@ def run(d: Path) -> None:
           f"(ratio {r32 / r2048:.2f}); 32-bit weighted {100 * wm.rank1:.1f} / {100 * wm.mAP:.1f} "
           f"(ratio {100 * wm.rank1 / r2048:.2f})")
     default = read_thresholds(d / "default.json")
-    wth = read_thresholds(d / "weighted3.json", allow_weights=True)
+    wth = read_thresholds_file(d / "weighted3.json").weighted
     t5 = largest_within(query, gallery, 32)
     t5w = largest_within(query, gallery, max_distance(32), w3.weights(query.values))
     for name, th, wt in (("Hamming", {**default, 32: t5}, None), ("weighted (3 bits)", {**wth, 32: t5w}, w3)):
@@ -74,8 +74,8 @@ def run(d: Path) -> None:
     for f in sorted(d.glob("*.json")):
         if f.stem != "default" and not f.stem.startswith("weighted"):
             continue
-        wt = read_weighting(f)
-        th = read_thresholds(f, allow_weights=True)
+        fits = read_thresholds_file(f)  # weightedB.json: the weighted fit; default.json: Hamming only
+        th, wt = (fits.weighted, fits.weighting) if fits.weighted is not None else (fits.hamming, None)
         r1, ap, keep = ctf(query, gallery, th, wt)
         print(f"| {f.stem} | {'/'.join(str(th[L]) for L in sorted(th))} | {keep:.1f} | {r1:.1f} / {ap:.1f} "
               f"| {ap - m2048:+.2f} |")

@@ -23,7 +23,8 @@ d = sys.argv[1]
 sets = [load_encoded(f"{d}/{s}.npz") for s in ("query", "gallery", "train")]
 save_encoded(f"{d}/all_dev.npz", concat_sets(concat_sets(sets[0], sets[1]), sets[2]))  # timing only
 PY
-  ctfreid calibrate --val "$d/val.npz" --out "$d/default.json" > "$d/default.txt"
+  # default.json: the Hamming default alone; weightedB.json: the default with B-bit weights beside it
+  ctfreid calibrate --val "$d/val.npz" --weighted 0 --out "$d/default.json" > "$d/default.txt"
   for b in 2 3 4; do
     ctfreid calibrate --val "$d/val.npz" --weighted $b --out "$d/weighted$b.json" > "$d/weighted$b.txt"
   done

@@ -202,41 +202,65 @@ def test_values_round_trip_and_take(tmp_path):
         EncodedSet(codes=val.codes, pids=val.pids, camids=val.camids, values=val.values[:, :16])
 
 
-def test_cli_weighted_calibrate_then_evaluate(tmp_path, capsys):
+def test_cli_calibrate_writes_both_fits_and_evaluate_uses_the_weighted_one_for_queries_with_values(tmp_path, capsys):
     import json
 
     from ctfreid.cli import main
     from ctfreid.encoded import save_encoded
-    from ctfreid.search.thresholds import read_thresholds, read_weighting
+    from ctfreid.eval.calibration import fit_target
+    from ctfreid.search.thresholds import read_thresholds, read_thresholds_file
     from tests.test_calibration_targets import model_for
 
     val, lengths, _ = weighted_decoy_set()
     save_encoded(tmp_path / "val.npz", val)
-    model_for(lengths).save(tmp_path / "cost.json")
+    model = model_for(lengths)
+    model.save(tmp_path / "cost.json")
     assert main(["calibrate", "--val", str(tmp_path / "val.npz"), "--weighted", "3", "--cost-model",
                  str(tmp_path / "cost.json"), "--out", str(tmp_path / "th.json")]) == 0
     assert "weighted stage 1: 3-bit weights" in capsys.readouterr().out
     saved = json.loads((tmp_path / "th.json").read_text())
-    w = read_weighting(tmp_path / "th.json")
-    assert saved["weights"] == w.to_dict() and w.bits == 3
-    # the index, search and service paths read thresholds as Hamming distances: refused, with the reason
-    with pytest.raises(CtfreidError, match="weighted stage 1"):
-        read_thresholds(tmp_path / "th.json")
+    fits = read_thresholds_file(tmp_path / "th.json")
+    # the two fits of the library, one Hamming and one weighted, side by side in one file
+    ham = fit_target(val, "accuracy", tolerance=0.5, cost_model=model)
+    wfit = fit_target(val, "accuracy", tolerance=0.5, cost_model=model, weight_bits=3)
+    assert fits.hamming == ham.thresholds == read_thresholds(tmp_path / "th.json")
+    assert fits.weighted == wfit.thresholds and fits.weighting == wfit.weighting
+    assert saved["weighted_stage1"]["weights"] == {"bits": 3, "scale": wfit.weighting.scale}
+    assert fits.weighted[32] != fits.hamming[32]
+    # the default: 4-bit weights; --weighted 0: the Hamming fit alone
+    assert main(["calibrate", "--val", str(tmp_path / "val.npz"), "--cost-model", str(tmp_path / "cost.json"),
+                 "--out", str(tmp_path / "th4.json")]) == 0
+    assert read_thresholds_file(tmp_path / "th4.json").weighting.bits == 4
+    assert main(["calibrate", "--val", str(tmp_path / "val.npz"), "--weighted", "0", "--cost-model",
+                 str(tmp_path / "cost.json"), "--out", str(tmp_path / "th0.json")]) == 0
+    assert read_thresholds_file(tmp_path / "th0.json").weighted is None
+    capsys.readouterr()
     assert main(["evaluate", "--query", str(tmp_path / "val.npz"), "--gallery", str(tmp_path / "val.npz"),
                  "--thresholds", str(tmp_path / "th.json"), "--json", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["ctf_weights"] == w.to_dict()
+    assert result["ctf_weights"] == fits.weighting.to_dict()
     # the ctf row is the weighted CtF ranking (oracle: ctf_rank with the weights, evaluated independently)
     from ctfreid.eval.metrics import evaluate_ranking
 
-    th = read_thresholds(tmp_path / "th.json", allow_weights=True)
-    I = ctf_rank(val.codes, val.codes, th, query_weights=w.weights(val.values))[1]
+    I = ctf_rank(val.codes, val.codes, fits.weighted, query_weights=fits.weighting.weights(val.values))[1]
     m = evaluate_ranking(I, val.pids, val.camids, val.pids, val.camids)
     assert result["methods"]["ctf"]["mAP"] == pytest.approx(m.mAP)
+    # queries without values: the Hamming thresholds of the same file
     without_values = EncodedSet(codes=val.codes, pids=val.pids, camids=val.camids)
     save_encoded(tmp_path / "q.npz", without_values)
     assert main(["evaluate", "--query", str(tmp_path / "q.npz"), "--gallery", str(tmp_path / "val.npz"),
-                 "--thresholds", str(tmp_path / "th.json")]) == 2
+                 "--thresholds", str(tmp_path / "th.json"), "--json", str(tmp_path / "r2.json")]) == 0
+    result = json.loads((tmp_path / "r2.json").read_text())
+    I = ctf_rank(val.codes, val.codes, fits.hamming)[1]
+    m = evaluate_ranking(I, val.pids, val.camids, val.pids, val.camids)
+    assert "ctf_weights" not in result and result["methods"]["ctf"]["mAP"] == pytest.approx(m.mAP)
+    # an older weighted-only file: evaluate needs the values, the Hamming readers refuse it with the reason
+    legacy = {"thresholds": saved["weighted_stage1"]["thresholds"], "weights": saved["weighted_stage1"]["weights"]}
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    with pytest.raises(CtfreidError, match="only a fit for a weighted stage 1"):
+        read_thresholds(tmp_path / "old.json")
+    assert main(["evaluate", "--query", str(tmp_path / "q.npz"), "--gallery", str(tmp_path / "val.npz"),
+                 "--thresholds", str(tmp_path / "old.json")]) == 2
     assert "values_32" in capsys.readouterr().err
 
 
@@ -250,8 +274,8 @@ def test_index_weighted_search_with_removals_matches_reference():
     th = {32: 60, 128: 50}
     index = CtFIndex()
     index.add(gc, ids=np.arange(300) * 10)
-    index.thresholds = th
-    index.weighting = Weighting(scale=1.0, bits=3)  # the attribute thresholds are weighted
+    index.weighted_thresholds = th  # the default of searches with query_weights
+    index.weighting = Weighting(scale=1.0, bits=3)
     removed = np.arange(0, 300, 7)
     index.remove_ids(removed * 10)
     keep = np.setdiff1d(np.arange(300), removed)
@@ -279,23 +303,42 @@ def test_index_weighted_search_with_removals_matches_reference():
 def test_thresholds_file_with_weights(tmp_path):
     import json
 
-    from ctfreid.search.thresholds import read_thresholds, read_weighting
+    from ctfreid.search.thresholds import read_thresholds, read_thresholds_file
 
     path = tmp_path / "th.json"
-    path.write_text(json.dumps({"thresholds": {"32": 200, "128": 40}, "weights": {"bits": 4, "scale": 2.5}}))
-    assert read_thresholds(path, allow_weights=True) == {32: 200, 128: 40}  # weighted: up to 32 x 15
-    assert read_weighting(path).to_dict() == {"bits": 4, "scale": 2.5}
-    path.write_text(json.dumps({"thresholds": {"32": 481, "128": 40}, "weights": {"bits": 4, "scale": 2.5}}))
-    with pytest.raises(CtfreidError, match="weighted distance in \\[0, 480\\]"):
-        read_thresholds(path, allow_weights=True)
-    path.write_text(json.dumps({"thresholds": {"32": 20, "128": 40}, "weights": {"bits": 6, "scale": 2.5}}))
+    both = {"thresholds": {"32": 9, "128": 40},
+            "weighted_stage1": {"thresholds": {"32": 200, "128": 41}, "weights": {"bits": 4, "scale": 2.5}}}
+    path.write_text(json.dumps(both))
+    fits = read_thresholds_file(path)
+    assert fits.hamming == {32: 9, 128: 40} == read_thresholds(path)
+    assert fits.weighted == {32: 200, 128: 41}  # weighted: up to 32 x 15
+    assert fits.weighting.to_dict() == {"bits": 4, "scale": 2.5}
+    both["weighted_stage1"]["thresholds"]["32"] = 481
+    path.write_text(json.dumps(both))
+    with pytest.raises(CtfreidError, match="'weighted_stage1': thresholds\\[32\\] must be an integer weighted "
+                                           "distance in \\[0, 480\\]"):
+        read_thresholds_file(path)
+    both["weighted_stage1"] = {"thresholds": {"32": 20, "128": 40}, "weights": {"bits": 6, "scale": 2.5}}
+    path.write_text(json.dumps(both))
     with pytest.raises(CtfreidError, match="'weights': weights: bits must be an integer in \\[1, 4\\]"):
-        read_weighting(path)
+        read_thresholds_file(path)
+    both["weighted_stage1"] = {"thresholds": {"32": 20, "512": 40}, "weights": {"bits": 4, "scale": 2.5}}
+    path.write_text(json.dumps(both))
+    with pytest.raises(CtfreidError, match="lengths \\[32, 512\\], the Hamming ones for \\[32, 128\\]"):
+        read_thresholds_file(path)
+    both["weighted_stage1"] = [1, 2]
+    path.write_text(json.dumps(both))
+    with pytest.raises(CtfreidError, match="'weighted_stage1': expected an object"):
+        read_thresholds_file(path)
+    # a weighted fit alone (an older 'calibrate --weighted'): read as such, never as Hamming thresholds
+    path.write_text(json.dumps({"thresholds": {"32": 200, "128": 40}, "weights": {"bits": 4, "scale": 2.5}}))
+    fits = read_thresholds_file(path)
+    assert fits.hamming is None and fits.weighted == {32: 200, 128: 40} and fits.weighting.bits == 4
     path.write_text(json.dumps({"thresholds": {"32": 20, "128": 40}}))
-    assert read_weighting(path) is None and read_weighting("32=9,128=40") is None
+    assert read_thresholds_file(path).weighted is None and read_thresholds_file("32=9,128=40").weighted is None
 
 
-def test_index_weighting_is_saved_and_guards_its_thresholds(tmp_path):
+def test_index_keeps_hamming_and_weighted_defaults(tmp_path, monkeypatch):
     from ctfreid import CtFIndex
 
     rng = np.random.default_rng(3)
@@ -304,25 +347,47 @@ def test_index_weighting_is_saved_and_guards_its_thresholds(tmp_path):
     index = CtFIndex()
     index.add(gc)
     index.thresholds = {32: 9, 128: 45}  # Hamming
-    with pytest.raises(CtfreidError, match="index.weighting is None"):
+    with pytest.raises(CtfreidError, match="index.weighted_thresholds is None"):
         index.search(qc, 5, query_weights=w)  # a Hamming threshold is not read as a weighted one
-    index.thresholds, index.weighting = {32: 70, 128: 45}, Weighting(scale=2.0, bits=3)
-    with pytest.raises(CtfreidError, match="pass query_weights=index.weighting.weights"):
-        index.search(qc, 5)
-    with pytest.raises(CtfreidError, match="pass query_weights"):
-        index.range_search(qc, 100)
-    want = index.search(qc, 20, query_weights=w)
-    ham = index.search(qc, 20, thresholds={32: 9, 128: 45})  # Hamming thresholds for one call: allowed
+    index.weighted_thresholds, index.weighting = {32: 70, 128: 45}, Weighting(scale=2.0, bits=3)
+    want = index.search(qc, 20, query_weights=w)  # the weighted default
+    ref = ref_weighted_ctf(qc, w, gc, {32: 70, 128: 45})
+    np.testing.assert_array_equal(want[1], ref[1][:, :20])
+    ham = index.search(qc, 20)  # the Hamming default
     np.testing.assert_array_equal(ham[1], ctf_search(qc, gc, {32: 9, 128: 45}, 20)[1])
     index.save(tmp_path / "w.ctf")
     for back in (CtFIndex.load(tmp_path / "w.ctf"), CtFIndex.from_bytes(index.to_bytes())):
-        assert back.weighting == index.weighting and back.thresholds == {32: 70, 128: 45}
+        assert back.weighting == index.weighting and back.thresholds == {32: 9, 128: 45}
+        assert back.weighted_thresholds == {32: 70, 128: 45}
         got = back.search(qc, 20, query_weights=w)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
-    index.thresholds = {32: 481, 128: 45}
+        np.testing.assert_array_equal(back.search(qc, 20)[1], ham[1])
+    index.weighted_thresholds = {32: 481, 128: 45}
     with pytest.raises(CtfreidError, match="weighted distance in \\[0, 480\\]"):
         index.save(tmp_path / "bad.ctf")
+    index.weighted_thresholds, index.weighting = {32: 70, 128: 45}, None
+    with pytest.raises(CtfreidError, match="need index.weighting"):
+        index.save(tmp_path / "bad.ctf")
+    # a file of the format before both were kept: its only thresholds, with "weights", were the weighted ones
+    index.weighting = Weighting(scale=2.0, bits=3)
+    real = CtFIndex._header
+
+    def old_header(self):
+        header, arrays = real(self)
+        header["thresholds"] = header.pop("weighted_thresholds")
+        return header, arrays
+
+    monkeypatch.setattr(CtFIndex, "_header", old_header)
+    index.save(tmp_path / "old.ctf")
+    monkeypatch.undo()
+    old = CtFIndex.load(tmp_path / "old.ctf")
+    assert old.weighted_thresholds == {32: 70, 128: 45} and old.thresholds == {}
+    np.testing.assert_array_equal(old.search(qc, 20, query_weights=w)[1], want[1])
+    with pytest.raises(CtfreidError, match="thresholds for a weighted stage 1 only"):
+        old.search(qc, 5)
+    with pytest.raises(CtfreidError, match="thresholds for a weighted stage 1 only"):
+        old.range_search(qc, 100)
 
 
 def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_filter():

@@ -174,8 +174,11 @@ def test_index_built_with_flip_encodes_added_images_and_queries_the_same_way(run
     ref = CtFIndex()
     ref.add(gallery.codes)
     ref.thresholds = dict(saved.thresholds)
+    # the default index keeps a weighted stage 1 for image queries: their flip-test bn(v) weights the 32 bits
+    assert saved.weighting is not None and saved.weighted_thresholds is not None
+    ref.weighted_thresholds, ref.weighting = dict(saved.weighted_thresholds), saved.weighting
     q = encode_records(model, [(str(p), 0, 0) for p in queries], flip=True, **kw)
-    D, I = ref.search(q.codes, 5)
+    D, I = ref.search(q.codes, 5, query_weights=saved.weighting.weights(q.values))
     for i, item in enumerate(got):
         assert [h["path"] for h in item["results"]] == [records[j][0] for j in I[i]]
         assert [h["distance"] for h in item["results"]] == D[i].tolist()
@@ -226,13 +229,15 @@ def test_weighted_thresholds_from_encode_to_index_build_and_search(run_dir, synt
     assert val.values.shape == (len(val), 32) and ((val.values >= 0) == np.unpackbits(val.codes[32], axis=1)).all()
     weighting = Weighting(scale=weight_scale(val.values), bits=3)
     th_file = tmp_path / "weighted.json"
-    th_file.write_text(json.dumps({"thresholds": {"32": 40, "64": 22}, "weights": weighting.to_dict()}))
+    th_file.write_text(json.dumps({"thresholds": {"32": 9, "64": 21}, "weighted_stage1": {
+        "thresholds": {"32": 40, "64": 22}, "weights": weighting.to_dict()}}))
     rc, out, err = cli(capsys, "index", "build", "--model", run_dir, "--images", synth_root / "bounding_box_test",
                        "--out", tmp_path / "g.ctf", "--thresholds", th_file)
     assert rc == 0, err
     assert "weighted stage 1 (3-bit weights" in out
     saved = CtFIndex.load(tmp_path / "g.ctf")
-    assert saved.weighting == weighting and saved.thresholds == {32: 40, 64: 22}
+    assert saved.weighting == weighting and saved.weighted_thresholds == {32: 40, 64: 22}
+    assert saved.thresholds == {32: 9, 64: 21}  # for searches by codes alone
     queries = sorted((synth_root / "query").iterdir())[:5]
     rc, out, err = cli(capsys, "search", "--index", tmp_path / "g.ctf", "--model", run_dir, *queries, "--k", 9, "--json")
     assert rc == 0, err

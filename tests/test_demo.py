@@ -212,6 +212,13 @@ def test_tiny_demo_end_to_end(tmp_path):
     index = CtFIndex.load(out / "gallery.ctf")
     assert index.ntotal == len(data.gallery)
     assert {int(k): int(v) for k, v in index.thresholds.items()} == {int(k): v for k, v in summary["thresholds"].items()}
+    # ... and the weighted stage 1 for image queries, in the index and in the run's thresholds.json
+    assert index.weighted_thresholds == wfit.thresholds and index.weighting.bits == 4
+    from ctfreid.search.thresholds import read_thresholds_file
+
+    for path in (out / "thresholds.json", out / "run" / "thresholds.json"):
+        fits = read_thresholds_file(path)
+        assert fits.hamming == want.thresholds and fits.weighted == wfit.thresholds
     assert index.metadata["paths"] == [p for p, _, _ in data.gallery]
     assert index.metadata["pids"] == [pid for _, pid, _ in data.gallery]
 

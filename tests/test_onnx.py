@@ -30,6 +30,7 @@ TRAIN_FLAGS = ["--backbone", "mobilenet_v2", "--lengths", *map(str, LENGTHS), "-
                "--p", "2", "--k", "2", "--epochs", "1", "--warmup-epochs", "0", "--val-fraction", "0.5",
                "--num-workers", "0", "--device", "cpu", "--threads", "1", "--quiet"]
 THRESHOLDS = {32: 7, 64: 21}
+WEIGHTED = {"thresholds": {"32": 50, "64": 22}, "weights": {"bits": 4, "scale": 2.0}}  # 'ctfreid calibrate' writes both
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -63,7 +64,8 @@ def run_dir(synth_root, synth_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "aio"
     assert main(["train", "--data", str(synth_root), "--out", str(out), *TRAIN_FLAGS]) == 0
     _spread_codes(out, synth_dataset.train)
-    (out / "thresholds.json").write_text(json.dumps({"thresholds": {str(k): v for k, v in THRESHOLDS.items()}}))
+    (out / "thresholds.json").write_text(json.dumps({"thresholds": {str(k): v for k, v in THRESHOLDS.items()},
+                                                     "weighted_stage1": WEIGHTED}))
     return out
 
 
@@ -127,6 +129,10 @@ def test_metadata_round_trip(onnx_file, torch_encoder, run_dir):
     assert encoder.lengths == torch_encoder.lengths == sorted(LENGTHS)
     assert (encoder.height, encoder.width) == (torch_encoder.height, torch_encoder.width) == (64, 32)
     assert encoder.thresholds == torch_encoder.thresholds == THRESHOLDS
+    from ctfreid.search.asymmetric import Weighting
+
+    want = ({32: 50, 64: 22}, Weighting.from_dict(WEIGHTED["weights"]))  # the weighted stage 1 travels too
+    assert encoder.weighted == torch_encoder.weighted == want
     assert encoder.flip is False and torch_encoder.flip is False
     assert tuple(encoder.info["mean"]) == pytest.approx(tuple(torch_encoder.info["mean"]))
     assert tuple(encoder.info["std"]) == pytest.approx(tuple(torch_encoder.info["std"]))

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -307,7 +308,7 @@ def test_image_path_answers_equal_encode_records_and_ctfindex(run_dir, synth_roo
 
     files = sorted((synth_root / "bounding_box_test").glob("*.jpg"))[:24]
     meta = [{"camera": i % 3 + 1, "pid": 100 + i // 4, "time": 1.7e9 + i} for i in range(len(files))]
-    with Server(tmp_path / "store", run_dir) as srv:
+    with Server(tmp_path / "store", run_dir, "--weighted", 0) as srv:  # Hamming only (the weighted default: below)
         ids = []
         for a in range(0, len(files), 8):
             r = srv.client.post("/v1/items", files=[("images", (f.name, f.read_bytes(), "image/jpeg"))
@@ -348,8 +349,8 @@ def test_image_path_answers_equal_encode_records_and_ctfindex(run_dir, synth_roo
 
 
 def test_weighted_stage1_serves_image_searches_and_survives_a_restart(run_dir, synth_root, tmp_path):
-    """--weighted 4: searches by image with the default thresholds use the weighted stage 1 fitted on the
-    validation split at the first start (ctfreid.search.asymmetric); the oracle: the library's fit and a
+    """By default (--weighted 4) searches by image with the default thresholds use the weighted stage 1 fitted
+    on the validation split at the first start (ctfreid.search.asymmetric); the oracle: the library's fit and a
     CtFIndex with the same weighting. Searches by codes, or with their own thresholds, stay Hamming."""
     from ctfreid.infer.encoder import encode_records
     from ctfreid.learn.run_dir import load_model
@@ -365,7 +366,7 @@ def test_weighted_stage1_serves_image_searches_and_survives_a_restart(run_dir, s
     qf = files[5]
     image = [("images", (qf.name, qf.read_bytes(), "image/jpeg"))]
     for start in range(2):  # the second start reads the fit kept with the store
-        with Server(tmp_path / "store", run_dir, "--weighted", 4) as srv:
+        with Server(tmp_path / "store", run_dir) as srv:  # the default: 4-bit weights
             if start == 0:
                 ids = []
                 for a in range(0, len(files), 8):
@@ -384,7 +385,7 @@ def test_weighted_stage1_serves_image_searches_and_survives_a_restart(run_dir, s
             assert answer["weights"] == weighted["weights"] and answer["thresholds"] == weighted["thresholds"]
             oracle = CtFIndex()
             oracle.add(enc.codes, np.array(ids))
-            oracle.thresholds = {int(L): t for L, t in weighted["thresholds"].items()}
+            oracle.weighted_thresholds = {int(L): t for L, t in weighted["thresholds"].items()}
             oracle.weighting = Weighting.from_dict(weighted["weights"])
             h = oracle.search_hits({L: c[5:6] for L, c in enc.codes.items()}, 8,
                                    query_weights=oracle.weighting.weights(enc.values[5:6]))
@@ -397,6 +398,52 @@ def test_weighted_stage1_serves_image_searches_and_survives_a_restart(run_dir, s
             assert "weights" not in by_codes and by_codes["thresholds"] == stats["thresholds"]
             own = srv.client.post("/v1/search", files=image, data={"k": "8", "thresholds": "32=9,64=20"}).json()
             assert "weights" not in own and own["thresholds"] == {"32": 9, "64": 20}
+
+
+def test_thresholds_stored_with_the_model_bring_their_weighted_stage1(run_dir, synth_root, tmp_path):
+    """A run whose thresholds.json was written by 'ctfreid calibrate' (Hamming thresholds and a weighted
+    stage 1 beside them): the service uses both as they are, fitting nothing; --weighted 0 keeps only the
+    Hamming ones. Oracle: the file's values, and a CtFIndex with them."""
+    from ctfreid.infer.encoder import encode_records
+    from ctfreid.learn.run_dir import load_model
+    from ctfreid.search.asymmetric import Weighting
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    weights = {"bits": 3, "scale": 1.5}
+    (run / "thresholds.json").write_text(json.dumps({"thresholds": {"32": 10, "64": 22}, "weighted_stage1": {
+        "thresholds": {"32": 60, "64": 23}, "weights": weights}}))
+    files = sorted((synth_root / "bounding_box_test").glob("*.jpg"))[:16]
+    model, info = load_model(run)
+    enc = encode_records(model, [(str(f), 0, 0) for f in files], height=info["height"], width=info["width"],
+                         mean=info["mean"], std=info["std"])
+    image = [("images", (files[3].name, files[3].read_bytes(), "image/jpeg"))]
+    for flag, want in ((), True), (("--weighted", 0), False):
+        with Server(tmp_path / f"store{len(flag)}", run, *flag) as srv:
+            r = srv.client.post("/v1/items", files=[("images", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
+            assert r.status_code == 200, r.text
+            ids = r.json()["ids"]
+            stats = srv.client.get("/v1/stats").json()
+            assert stats["thresholds"] == {"32": 10, "64": 22} and stats["thresholds_source"] == "stored with the model"
+            answer = srv.client.post("/v1/search", files=image, data={"k": "5"}).json()
+            oracle = CtFIndex()
+            oracle.add(enc.codes, np.array(ids))
+            oracle.thresholds = {32: 10, 64: 22}
+            if want:
+                assert stats["weighted_stage1"]["thresholds"] == {"32": 60, "64": 23}
+                assert stats["weighted_stage1"]["weights"] == weights and "stored with the model" in \
+                    stats["weighted_stage1"]["source"]
+                assert answer["weights"] == weights and answer["thresholds"] == {"32": 60, "64": 23}
+                oracle.weighted_thresholds, oracle.weighting = {32: 60, 64: 23}, Weighting.from_dict(weights)
+                h = oracle.search_hits({L: c[3:4] for L, c in enc.codes.items()}, 5,
+                                       query_weights=oracle.weighting.weights(enc.values[3:4]))
+            else:
+                assert stats["weighted_stage1"] is None and "weights" not in answer
+                assert answer["thresholds"] == {"32": 10, "64": 22}
+                h = oracle.search_hits({L: c[3:4] for L, c in enc.codes.items()}, 5)
+            assert [x["id"] for x in answer["queries"][0]["hits"]] == h.ids[0].tolist()
+            dist = [int(h.distances[0, j, h.stages[0, j] - 1]) for j in range(h.ids.shape[1])]
+            assert [x["distance"] for x in answer["queries"][0]["hits"]] == dist
 
 
 def test_sigkill_during_acknowledged_writes_loses_nothing_and_resurrects_nothing(run_dir, tmp_path):

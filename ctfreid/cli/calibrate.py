@@ -29,10 +29,12 @@ the service); --measure-cost-model measures one on this machine instead (5-40 s,
 --gallery-size items (the fractions kept at each stage transfer across sizes; default: the validation
 gallery).
 
---weighted BITS fits for a weighted (asymmetric) first stage: the query's shortest code keeps a weight per
-bit, its confidence |bn(v)| quantised to BITS bits, and stage 1 ranks by the sum of the weights of the bits
-that differ (the gallery keeps its binary codes). 'ctfreid evaluate --thresholds' and 'ctfreid index build
---thresholds' apply it.
+The targets also fit a weighted (asymmetric) first stage, written beside the Hamming thresholds in the same
+file: the query's shortest code keeps a weight per bit, its confidence |bn(v)| quantised to --weighted BITS
+bits (default 4), and stage 1 ranks by the sum of the weights of the bits that differ (the gallery keeps its
+binary codes). Searches by images use it ('ctfreid evaluate', 'index build', 'search', the service);
+searches by codes alone use the Hamming thresholds. It needs values_<L> in the validation set (written by
+'ctfreid encode'); --weighted 0 leaves it out.
 
 Without --target: dto when --beta or --beta-sweep is given, time when --budget-ms is, else accuracy.
 --beta-sweep prints thresholds for a range of betas; with --query and --gallery it also evaluates CtF at
@@ -42,7 +44,7 @@ example:
   ctfreid calibrate --val val.npz --beta 2 --out thresholds.json
   ctfreid calibrate --val val.npz --target accuracy --tolerance 0.5 --gallery-size 100000 --out thresholds.json
   ctfreid calibrate --val val.npz --target time --budget-ms 0.2 --measure-cost-model --out thresholds.json
-  ctfreid calibrate --val val.npz --weighted 4 --out thresholds.json   (a weighted stage 1)
+  ctfreid calibrate --val val.npz --weighted 0 --out thresholds.json   (Hamming thresholds only)
   ctfreid calibrate --val val.npz --beta-sweep --query q.npz --gallery g.npz"""
 
 TARGETS = ("dto", "accuracy", "time")
@@ -101,10 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "built-in one")
     parser.add_argument("--save-cost-model", type=output_file, metavar="COST.json",
                         help="targets: write the cost model used here (for --cost-model next time)")
-    parser.add_argument("--weighted", type=positive_int, default=None, metavar="BITS", choices=range(1, 5),
-                        help="targets: fit for a weighted (asymmetric) stage 1: each bit of the query's shortest "
-                        "code weighted by its confidence |bn(v)|, quantised to BITS bits (1-4; 4 was best on "
-                        "CUHK03); needs values_<L> in the validation set (written by 'ctfreid encode')")
+    parser.add_argument("--weighted", type=int, default=None, metavar="BITS", choices=range(0, 5),
+                        help="targets: also fit a weighted (asymmetric) stage 1 for image queries: each bit of the "
+                        "query's shortest code weighted by its confidence |bn(v)|, quantised to BITS bits (1-4; "
+                        "default 4, the best on CUHK03, when the validation set has values_<L>); 0: Hamming only")
     parser.add_argument("--out", type=output_file, metavar="thresholds.json",
                         help="write the thresholds and how they were fitted as JSON")
     parser.add_argument("--max-pairs", type=positive_int, default=1_000_000,
@@ -146,8 +148,10 @@ def resolve_target(args: argparse.Namespace) -> str:
 
 
 def _fit_target(args: argparse.Namespace, target: str, val):
-    """The targeted fit: prints it, returns it and the cost model it used."""
-    from ctfreid.eval.calibration import DEFAULT_FOLDS, DEFAULT_TOLERANCE, fit_target, format_fit
+    """The targeted fits, Hamming and weighted (None when not fitted): prints them, returns them and the cost
+    model they used."""
+    from ctfreid.eval.calibration import (DEFAULT_FOLDS, DEFAULT_TOLERANCE, DEFAULT_WEIGHT_BITS, fit_target,
+                                         format_fit)
     from ctfreid.eval.cost_model import (CostModel, default_cost_model, default_sizes, format_cost_model,
                                          measure_cost_model)
 
@@ -171,13 +175,30 @@ def _fit_target(args: argparse.Namespace, target: str, val):
     print(format_cost_model(model))
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     fit = fit_target(val, target, tolerance, args.budget_ms, model, args.gallery_size, args.k, seed=args.seed,
-                     folds=args.folds or DEFAULT_FOLDS, max_pairs=args.max_pairs, weight_bits=args.weighted)
+                     folds=args.folds or DEFAULT_FOLDS, max_pairs=args.max_pairs)
     print(format_fit(fit))
     sizes = model.info.get("sizes")
     if args.cost_model and sizes and not min(sizes) / 4 <= fit.gallery_size <= 4 * max(sizes):
         print(f"note: the cost model was measured on galleries of {sizes} items, far from {fit.gallery_size}: "
               f"measure one for this size (--measure-cost-model --gallery-size {fit.gallery_size})")
-    return fit, model
+    bits = DEFAULT_WEIGHT_BITS if args.weighted is None else args.weighted
+    weighted = None
+    if bits and (val.values is not None or args.weighted is not None):  # asked for: no values is an error
+        print(f"\nweighted stage 1 ({bits}-bit weights), for queries with real values (encoded images):")
+        try:
+            weighted = fit_target(val, target, tolerance, args.budget_ms, model, args.gallery_size, args.k,
+                                  seed=args.seed, folds=args.folds or DEFAULT_FOLDS, max_pairs=args.max_pairs,
+                                  weight_bits=bits)
+        except CtfreidError as e:
+            if args.weighted is not None:
+                raise
+            print(f"note: no weighted stage 1 ({e})")  # the default: the Hamming fit stands alone
+        else:
+            print(format_fit(weighted))
+    elif bits:
+        print(f"note: no weighted stage 1: {args.val} has no values_{val.lengths[0]} (encode it again with "
+              "'ctfreid encode' for one)")
+    return fit, weighted, model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
         print("thresholds: " + ",".join(f"{L}={f.threshold}" for L, f in fits.items()))
     else:
         print(f"thresholds for target {target} on {args.val}: {len(val)} images")
-        fit, model = _fit_target(args, target, val)
+        fit, weighted, model = _fit_target(args, target, val)
     if args.beta_sweep:
         rows = beta_sweep(val, query, gallery, args.betas or DEFAULT_BETAS, rho, args.max_pairs, args.seed)
         print("\nbeta sweep" + (" (CtF on query/gallery)" if query is not None else " (Gaussian estimates)"))
@@ -227,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         if target == "dto":
             save_thresholds(args.out, fits, extra)
-        else:  # thresholds, the fit, its cost model, and the weighting of a weighted stage 1
-            save_fit(args.out, fit, model, extra)
+        else:  # thresholds, the fit, its cost model, and the fit of a weighted stage 1
+            save_fit(args.out, fit, model, extra, weighted=weighted)
         print(f"wrote {args.out}")
     return 0

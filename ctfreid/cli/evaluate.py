@@ -17,7 +17,9 @@ search, then print Rank-1/5/10, mAP (Market-1501 protocol) and milliseconds per 
 Each .npz holds pids, camids, codes_<L> for every code length, optionally features and paths
 ('ctfreid encode' writes them). CtF thresholds come from --thresholds (LENGTH=DISTANCE list or the .json
 written by 'ctfreid calibrate') or from DTO on a validation set (--calibrate); without either, only the
-float and hash rows are printed.
+float and hash rows are printed. A calibrate .json holds a weighted (asymmetric) stage 1 beside its Hamming
+thresholds: CtF uses it when the query set has values_<L> ('ctfreid encode' writes them), as searches by
+image do; pass the Hamming thresholds as a list (printed) to compare.
 
 example:
   ctfreid evaluate --query q.npz --gallery g.npz --calibrate val.npz --beta 2 --json results.json
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ctfreid._atomic import atomic_write
     from ctfreid.encoded import check_same_encoder, load_encoded
     from ctfreid.eval.evaluate import evaluate_sets, format_table
-    from ctfreid.search.thresholds import fit_dto, read_thresholds, read_weighting
+    from ctfreid.search.thresholds import fit_dto, read_thresholds_file
 
     if args.beta is not None and not args.calibrate:
         raise CtfreidError("--beta only applies with --calibrate VAL.npz")
@@ -77,10 +79,14 @@ def run(args: argparse.Namespace) -> int:
     for note in check_same_encoder(sets):
         print(note)
     if args.thresholds is not None:  # an empty --thresholds "$TH" is an error, not no thresholds
-        thresholds = read_thresholds(args.thresholds, allow_weights=True)
-        weighting = read_weighting(args.thresholds)  # fitted with a weighted stage 1: apply it
-        if weighting is not None:
-            print(f"weighted stage 1 ({weighting.bits}-bit weights, scale {weighting.scale:.4g}) from {args.thresholds}")
+        fits = read_thresholds_file(args.thresholds)
+        thresholds = fits.hamming
+        if fits.weighted is not None and (query.values is not None or fits.hamming is None):
+            # a weighted stage 1 fitted beside the Hamming thresholds: queries with values use it, as searches do
+            thresholds, weighting = fits.weighted, fits.weighting
+            print(f"weighted stage 1 ({weighting.bits}-bit weights, scale {weighting.scale:.4g}) from {args.thresholds}"
+                  + ("" if fits.hamming is None else "; its Hamming thresholds: " +
+                     ",".join(f"{L}={t}" for L, t in fits.hamming.items())))
     elif args.calibrate:
         val = sets[f"--calibrate {args.calibrate}"]
         if val.lengths != gallery.lengths:

@@ -28,6 +28,9 @@ Thresholds of 'index build', first match wins: --thresholds (32=9,128=41,512=190
 thresholds whose validation mAP and Rank-1 stay within 0.5 points of the longest code ('ctfreid calibrate
 --target accuracy --tolerance 0.5'), fitted on the run's validation split (Sec. 4.2: 'ctfreid train
 --val-fraction 0.4' keeps one) with the built-in cost model, planned for the number of images indexed.
+Beside them the index keeps a weighted (asymmetric) stage 1 for image queries when one was fitted (the
+'weighted_stage1' of a calibrate .json or of RUN_DIR/thresholds.json, or the default fit: 4-bit weights,
+the same target): 'ctfreid search' uses it; searches by codes alone use the Hamming thresholds.
 
 examples:
   ctfreid index build --model runs/aio --images crops/ --out gallery.ctf
@@ -123,30 +126,38 @@ def _build(args: argparse.Namespace) -> int:
     records = folder_records(args.images, recursive=args.recursive)
     enc = load_encoder(args.model, device=args.device, flip=True if args.flip else None)
     not_an_input(args.out, "--out", {"model": enc.info["file"]})
-    thresholds, source, weighting = resolve_thresholds(enc, args.thresholds, args.beta, args.batch_size,
+    thresholds, source, weighted = resolve_thresholds(enc, args.thresholds, args.beta, args.batch_size,
                                                        not args.quiet,
                                                        fit=lambda val: targeted_thresholds(val, len(records)))
     encoded = enc.encode_records(records, batch_size=args.batch_size, progress=not args.quiet)
     index = build_index(encoded, thresholds, enc.fingerprint, enc.info, {"thresholds_source": source}, flip=enc.flip,
-                        weighting=weighting)
+                        weighted=weighted)
     index.save(args.out)
     th = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(thresholds.items())) or "none"
     print(f"indexed {index.ntotal} images from {args.images} -> {args.out}")
     print(f"  model {enc.info['file']} (fingerprint {enc.fingerprint}, {enc.info.get('runtime', 'torch')}), "
           f"lengths {enc.lengths}" + (", flip test" if enc.flip else ""))
-    print(f"  thresholds {th} ({source})" + (f"; weighted stage 1 ({index.weighting.bits}-bit weights, scale "
-                                              f"{index.weighting.scale:.4g})" if index.weighting is not None else ""))
+    print(f"  thresholds {th} ({source})")
+    if weighted is not None:
+        wth = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(weighted[0].items()))
+        print(f"  for image queries: weighted stage 1 ({weighted[1].bits}-bit weights, scale {weighted[1].scale:.4g}), "
+              f"thresholds {wth}")
     return 0
 
 
-def targeted_thresholds(val, gallery_size: int) -> tuple[dict[int, int], str]:
-    """The default thresholds of 'index build' (and the source line): the accuracy target (tolerance 0.5
-    points, ``ctfreid.eval.calibration.default_fit``) on the validation codes ``val``, planned for the
-    ``gallery_size`` images being indexed, with the built-in cost model."""
-    from ctfreid.eval.calibration import default_fit, describe_fit
+def targeted_thresholds(val, gallery_size: int) -> tuple[dict[int, int], str, tuple | None]:
+    """The default thresholds of 'index build', the source line and the weighted stage 1 beside them: the
+    accuracy target (tolerance 0.5 points, ``ctfreid.eval.calibration.default_fit`` and
+    ``default_weighted_fit``) on the validation codes ``val``, planned for the ``gallery_size`` images
+    being indexed, with the built-in cost model."""
+    from ctfreid.eval.calibration import default_fit, default_weighted_fit, describe_fit
 
     fit = default_fit(val, gallery_size)
-    return fit.thresholds, describe_fit(fit, len(val))
+    try:
+        wfit = default_weighted_fit(val, gallery_size)
+    except CtfreidError:  # nothing meets the tolerance with weights: the Hamming fit alone
+        wfit = None
+    return fit.thresholds, describe_fit(fit, len(val)), None if wfit is None else (wfit.thresholds, wfit.weighting)
 
 
 def _add(args: argparse.Namespace) -> int:

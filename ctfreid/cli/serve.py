@@ -58,11 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "to join a cluster (the ray extra)")
     p.add_argument("--shards", type=int, default=2, help="with --ray: number of shards (default 2)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit in MiB (default 32)")
-    p.add_argument("--weighted", type=int, choices=range(1, 5), metavar="BITS",
+    p.add_argument("--weighted", type=int, choices=range(0, 5), metavar="BITS", default=4,
                    help="searches by image with the default thresholds use a weighted (asymmetric) stage 1: each "
-                   "bit of the query's shortest code weighted by its confidence, BITS bits a weight (1-4; 4 was "
-                   "best on CUHK03), thresholds fitted on the model's validation split at the first start; "
-                   "searches by codes or items, or with their own thresholds or beta, stay Hamming")
+                   "bit of the query's shortest code weighted by its confidence, BITS bits a weight (1-4; default "
+                   "4, the best on CUHK03): the one stored beside the model's thresholds ('ctfreid calibrate' "
+                   "writes it), else fitted on the model's validation split at the first start; 0: Hamming only. "
+                   "Searches by codes or items, or with their own thresholds or beta, stay Hamming")
 
 
 def _is_loopback(host: str) -> bool:

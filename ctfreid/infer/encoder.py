@@ -114,6 +114,7 @@ class Encoder(Protocol):
     width: int
     flip: bool
     thresholds: dict[int, int] | None
+    weighted: tuple[dict[int, int], Any] | None  # stored thresholds of a weighted stage 1 and their Weighting
     thresholds_source: str
     info: dict
 
@@ -151,6 +152,19 @@ def stored_thresholds(info: dict, path: str | os.PathLike | None = None) -> dict
     return None
 
 
+def stored_weighted(info: dict, path: str | os.PathLike | None = None) -> tuple[dict[int, int], Any] | None:
+    """The weighted stage 1 kept beside the stored thresholds (``ctfreid.search.asymmetric``): the
+    thresholds and ``Weighting`` of the ``"weighted_stage1"`` entry of the run's ``thresholds.json``
+    (written by ``ctfreid calibrate`` and the demo), or None."""
+    file = thresholds_file(info, path)
+    if file is None:
+        return None
+    from ctfreid.search.thresholds import read_thresholds_file
+
+    fits = read_thresholds_file(file)
+    return (fits.weighted, fits.weighting) if fits.weighted is not None and fits.hamming is not None else None
+
+
 def thresholds_file(info: dict, path: str | os.PathLike | None = None) -> Path | None:
     """The ``thresholds.json`` that :func:`stored_thresholds` reads (the model file has none), or None."""
     if info.get("thresholds") or path is None:
@@ -185,6 +199,11 @@ class TorchEncoder:
     def thresholds(self) -> dict[int, int] | None:
         """Read when first used, so that a malformed ``thresholds.json`` fails only the commands that use it."""
         return stored_thresholds(self.info, self._path)
+
+    @functools.cached_property
+    def weighted(self) -> tuple[dict[int, int], Any] | None:
+        """The stored weighted stage 1 beside :attr:`thresholds` (:func:`stored_weighted`), or None."""
+        return stored_weighted(self.info, self._path)
 
     @property
     def thresholds_source(self) -> str:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ctfreid._atomic import atomic_write
 from ctfreid.errors import CtfreidError
-from ctfreid.infer.encoder import stored_thresholds
+from ctfreid.infer.encoder import stored_thresholds, stored_weighted
 from ctfreid.infer.onnx_encoder import FORMAT_VERSION, INPUT_NAME, PREFIX, output_name
 from ctfreid.learn.model import AiOModel
 
@@ -53,8 +53,10 @@ class BNEncoder(nn.Module):
 
 
 def export_onnx(model: AiOModel, info: dict, out: str | os.PathLike, *, fingerprint: str, flip: bool = False,
-                opset: int = DEFAULT_OPSET, thresholds: dict[int, int] | None = None, source: str | None = None) -> dict:
-    """Write the ONNX encoder of ``model`` (eval mode asserted) to ``out`` atomically; returns its metadata."""
+                opset: int = DEFAULT_OPSET, thresholds: dict[int, int] | None = None, source: str | None = None,
+                weighted: tuple | None = None) -> dict:
+    """Write the ONNX encoder of ``model`` (eval mode asserted) to ``out`` atomically; returns its metadata.
+    ``weighted``: the stored weighted stage 1 beside ``thresholds`` (``(thresholds, Weighting)``), or None."""
     import onnx
 
     if model.training:
@@ -87,6 +89,8 @@ def export_onnx(model: AiOModel, info: dict, out: str | os.PathLike, *, fingerpr
         "std": [float(x) for x in info["std"]],
         "flip": bool(flip),
         "thresholds": {str(k): int(v) for k, v in sorted(thresholds.items())} if thresholds else None,
+        "weighted_stage1": {"thresholds": {str(k): int(v) for k, v in sorted(weighted[0].items())},
+                            "weights": weighted[1].to_dict()} if weighted else None,
         "backbone": model.backbone_name,
         "source": source,
         # the run's data folder and held-back validation records (relative paths), so that split_records
@@ -113,7 +117,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, flip: bool = Fals
     model, info = load_model(run, device="cpu")
     assert not model.training  # load_model returns eval mode; the export depends on it
     return export_onnx(model, info, out, fingerprint=model_fingerprint(model, info), flip=flip, opset=opset,
-                       thresholds=stored_thresholds(info, run), source=str(info["file"]))
+                       thresholds=stored_thresholds(info, run), source=str(info["file"]),
+                       weighted=stored_weighted(info, run))
 
 
 # --- the --check comparison ---------------------------------------------------------------------------

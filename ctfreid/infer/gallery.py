@@ -59,31 +59,38 @@ def folder_records(folder: str | os.PathLike, label: str = "--images",
 def resolve_thresholds(encoder, spec: str | None = None, beta: float | None = None, batch_size: int = 64,
                        progress: bool = False, fit: Callable | None = None) -> tuple[dict[int, int], str, Any]:
     """CtF thresholds for ``encoder`` (``ctfreid.infer.encoder.load_encoder``: a run or its ONNX export), a
-    sentence saying where they come from, and their ``Weighting`` (a weighted stage 1, from a ``calibrate
-    --weighted`` file) or None: ``spec`` (``32=9,...`` or a calibrate .json), else ``beta`` (DTO on the run's
-    validation split, Sec. 3.3), else the thresholds stored with the model, else ``fit(val)`` on the run's
-    validation split (an ``EncodedSet``; it returns ``(thresholds, source)``: ``ctfreid index build`` passes
-    the targeted fit of ``ctfreid.eval.calibration``, which this layer may not import), else DTO with beta 2."""
+    sentence saying where they come from, and the weighted stage 1 fitted beside them (``(thresholds,
+    Weighting)``, ``ctfreid.search.asymmetric``; the default for queries with real values) or None: ``spec``
+    (``32=9,...`` or a calibrate .json), else ``beta`` (DTO on the run's validation split, Sec. 3.3), else
+    the thresholds stored with the model, else ``fit(val)`` on the run's validation split (an
+    ``EncodedSet``; it returns ``(thresholds, source, weighted)``: ``ctfreid index build`` passes the
+    targeted fits of ``ctfreid.eval.calibration``, which this layer may not import), else DTO with beta 2.
+    A file with only a weighted fit (an older ``calibrate --weighted``) gives no Hamming thresholds (``{}``)."""
     from ctfreid.search.asymmetric import max_distance
-    from ctfreid.search.thresholds import check_thresholds, read_thresholds, read_weighting
+    from ctfreid.search.thresholds import check_thresholds, read_thresholds_file
 
     lengths = sorted(encoder.lengths)
     if len(lengths) == 1:
         return {}, "one code length: no thresholds needed", None
-    if spec is not None:  # an empty spec is refused by read_thresholds, not skipped
-        weighting = read_weighting(spec)
-        th = check_thresholds(read_thresholds(spec, allow_weights=True), lengths,
-                              max_distance(lengths[0]) if weighting is not None else None)
-        return th, f"--thresholds {spec}", weighting
+
+    def checked(weighted):
+        return None if weighted is None else (check_thresholds(weighted[0], lengths, max_distance(lengths[0])),
+                                              weighted[1])
+
+    if spec is not None:  # an empty spec is refused by read_thresholds_file, not skipped
+        fits = read_thresholds_file(spec)
+        th = check_thresholds(fits.hamming, lengths) if fits.hamming is not None else {}
+        return th, f"--thresholds {spec}", checked((fits.weighted, fits.weighting) if fits.weighted else None)
     if beta is None and encoder.thresholds:
-        return check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.thresholds_source}", None
+        return (check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.thresholds_source}",
+                checked(getattr(encoder, "weighted", None)))
     from ctfreid.data.datasets import split_records
     from ctfreid.search.thresholds import fit_thresholds
 
     val = encoder.encode_records(split_records("val", dict(encoder.info)), batch_size=batch_size, progress=progress)
     if beta is None and fit is not None:
-        th, source = fit(val)
-        return check_thresholds(th, lengths), source, None
+        th, source, weighted = fit(val)
+        return check_thresholds(th, lengths), source, checked(weighted)
     beta = 2.0 if beta is None else beta
     th = fit_thresholds(val.codes, val.pids, val.camids, beta=beta)
     return th, f"DTO beta={beta:g} on the run's {len(val)} validation images", None
@@ -102,9 +109,10 @@ def _model_meta(fingerprint: str, info: Mapping, flip: bool = False) -> dict:
 
 
 def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: Mapping,
-                extra: Mapping | None = None, flip: bool = False, weighting=None):
+                extra: Mapping | None = None, flip: bool = False, weighted=None):
     """A :class:`ctfreid.search.index.CtFIndex` of ``encoded`` (an ``EncodedSet`` with paths) with the metadata
-    above; ``weighting``: that of ``thresholds`` when they are for a weighted stage 1 (``index.weighting``)."""
+    above; ``weighted``: ``(thresholds, Weighting)`` of a weighted stage 1 for queries with real values
+    (``index.weighted_thresholds``, ``index.weighting``), or None."""
     from ctfreid.search.index import CtFIndex
 
     if encoded.paths is None:
@@ -112,7 +120,9 @@ def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: 
     index = CtFIndex()
     index.add(encoded.codes)
     index.thresholds = {int(k): int(v) for k, v in thresholds.items()}
-    index.weighting = weighting
+    if weighted is not None:
+        index.weighted_thresholds = {int(k): int(v) for k, v in weighted[0].items()}
+        index.weighting = weighted[1]
     index.metadata = {
         "format": META_FORMAT,
         "model": _model_meta(fingerprint, info, flip),
@@ -125,13 +135,14 @@ def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: 
 
 
 def search_images(index, encoded, k: int):
-    """``index.search_hits`` of encoded query images (an ``EncodedSet``), their shortest codes weighted by
-    ``index.weighting`` when the index has one (it needs the queries' ``values``)."""
+    """``index.search_hits`` of encoded query images (an ``EncodedSet``): their shortest codes weighted by
+    ``index.weighting`` with ``index.weighted_thresholds`` when the index has them and the queries have
+    ``values``, else Hamming with ``index.thresholds``."""
     weights = None
-    if index.weighting is not None:
+    if index.weighted_thresholds is not None and (encoded.values is not None or not index.thresholds):
         if encoded.values is None:
-            raise CtfreidError("the index's thresholds are for a weighted stage 1: its queries need their values "
-                               "(bn(v) of the shortest code), which this encoder did not give")
+            raise CtfreidError("the index has thresholds for a weighted stage 1 only: its queries need their "
+                               "values (bn(v) of the shortest code), which this encoder did not give")
         weights = index.weighting.weights(encoded.values)
     return index.search_hits(encoded.codes, k, query_weights=weights)
 

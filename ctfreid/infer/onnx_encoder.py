@@ -29,7 +29,7 @@ INPUT_NAME = "images"
 PREFIX = "ctfreid."
 # metadata_props written by ctfreid.infer.export (values are JSON)
 META_KEYS = ("format_version", "fingerprint", "lengths", "height", "width", "mean", "std", "flip", "thresholds",
-             "backbone", "source", "data_root", "val", "exporter", "opset", "quantization")
+             "weighted_stage1", "backbone", "source", "data_root", "val", "exporter", "opset", "quantization")
 NOT_ENCODER = "expected an .onnx file written by 'ctfreid export'"
 
 
@@ -97,6 +97,7 @@ class OnnxEncoder:
             mean, std = [float(x) for x in meta["mean"]], [float(x) for x in meta["std"]]
             graph_flip = bool(meta["flip"])
             thr = meta.get("thresholds")
+            weighted = meta.get("weighted_stage1")  # {"thresholds", "weights"} of a weighted stage 1, or None
         except (KeyError, TypeError, ValueError) as e:
             raise CtfreidError(f"{file} has incomplete ctfreid metadata ({e}): {NOT_ENCODER}") from None
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
@@ -111,6 +112,15 @@ class OnnxEncoder:
         self._mirror = bool(flip) and not graph_flip
         self.flip: bool = graph_flip or self._mirror
         self.thresholds: dict[int, int] | None = {int(k): int(v) for k, v in thr.items()} if thr else None
+        self.weighted = None
+        if weighted:
+            from ctfreid.search.asymmetric import Weighting
+
+            try:
+                self.weighted = ({int(k): int(v) for k, v in weighted["thresholds"].items()},
+                                 Weighting.from_dict(weighted["weights"], f"{file}: weighted_stage1 weights"))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CtfreidError(f"{file} has malformed ctfreid metadata 'weighted_stage1' ({e})") from None
         self.thresholds_source: str = str(file)
         self._outputs = [output_name(length) for length in self.lengths]
         self.mean, self.std = mean, std

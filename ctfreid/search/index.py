@@ -141,15 +141,18 @@ def check_ids(ids: Any, n: int) -> np.ndarray:
 class CtFIndex:
     """Coarse-to-fine index over ``{length: packed codes}`` code sets with int64 ids (faiss-style).
 
-    Attributes: ``thresholds`` (dict length -> int for every length but the longest; checked when
-    searching; a call may pass its own), ``weighting`` (a :class:`~ctfreid.search.asymmetric.Weighting` when
-    ``thresholds`` were fitted for a weighted stage 1: searches with them then need ``query_weights``,
-    ``weighting.weights(values)``; None for Hamming thresholds), ``metadata`` (JSON-serialisable dict saved
-    with the index), ``ntotal`` (live items), ``lengths`` (shortest first).
+    Attributes: ``thresholds`` (Hamming thresholds, dict length -> int for every length but the longest:
+    the default of searches without ``query_weights``; checked when searching; a call may pass its own),
+    ``weighted_thresholds`` and ``weighting`` (the default of searches with ``query_weights`` =
+    ``weighting.weights(values)``: thresholds fitted for a weighted stage 1, whose first one is a weighted
+    distance, and their :class:`~ctfreid.search.asymmetric.Weighting`; None when not fitted),
+    ``metadata`` (JSON-serialisable dict saved with the index), ``ntotal`` (live items), ``lengths``
+    (shortest first).
     """
 
     def __init__(self) -> None:
         self.thresholds: dict[int, int] = {}
+        self.weighted_thresholds: dict[int, int] | None = None
         self.weighting: Weighting | None = None
         self.metadata: dict[str, Any] = {}
         self._lengths: list[int] | None = None
@@ -406,21 +409,25 @@ class CtFIndex:
         return self._views
 
     def _thresholds(self, thresholds: Mapping[int, int] | None, weighted: bool = False) -> np.ndarray:
-        """Per-call ``thresholds``, else the attribute, validated (the attribute's check is cached until
-        the dict's contents change); ``weighted``: the first is a weighted distance."""
+        """Per-call ``thresholds``, else the default for the call (``weighted_thresholds`` for a weighted
+        stage 1, else ``thresholds``), validated (a default's check is cached until its contents change);
+        ``weighted``: the first is a weighted distance."""
         first_max = max_distance(self._lengths[0]) if weighted else None
         if thresholds is not None:
             return threshold_array(thresholds, self._lengths, first_max)
-        if len(self._lengths) > 1 and (self.weighting is not None) != weighted:
-            raise CtfreidError(
-                "query_weights given, but the index's thresholds are Hamming distances (index.weighting is None): "
-                "pass thresholds fitted for a weighted stage 1 ('ctfreid calibrate --weighted')" if weighted else
-                "the index's thresholds are for a weighted stage 1 (index.weighting): pass "
-                "query_weights=index.weighting.weights(values), or Hamming thresholds for this call")
-        key = tuple(self.thresholds.items()) if isinstance(self.thresholds, dict) else None
+        default = self.weighted_thresholds if weighted else self.thresholds
+        if len(self._lengths) > 1 and weighted and default is None:
+            raise CtfreidError("query_weights given, but the index has no thresholds for a weighted stage 1 "
+                               "(index.weighted_thresholds is None): pass thresholds fitted for one "
+                               "('ctfreid calibrate' writes them beside the Hamming ones)")
+        if len(self._lengths) > 1 and not weighted and not default and self.weighted_thresholds is not None:
+            raise CtfreidError("the index has thresholds for a weighted stage 1 only: pass query_weights="
+                               "index.weighting.weights(values), or Hamming thresholds for this call")
+        default = {} if default is None else default  # one code length: nothing to threshold
+        key = tuple(default.items()) if isinstance(default, dict) else None
         cached = self._thr_cache
         if key is None or cached is None or cached[0] != (key, tuple(self._lengths), weighted):
-            thr = threshold_array(self.thresholds, self._lengths, first_max)
+            thr = threshold_array(default, self._lengths, first_max)
             if key is None:
                 return thr
             self._thr_cache = cached = ((key, tuple(self._lengths), weighted), thr)
@@ -609,7 +616,9 @@ class CtFIndex:
             "default_ids": self._default_ids,
             "next_id": self._next_id,
             "thresholds": thresholds,
-            **({"weights": self.weighting.to_dict()} if self.weighting is not None else {}),
+            **({"weights": self.weighting.to_dict(), "weighted_thresholds": None if self.weighted_thresholds is None
+                else {str(int(L)): int(t) for L, t in self.weighted_thresholds.items()}}
+               if self.weighting is not None else {}),
             "metadata": self.metadata,
             "arrays": [],
             "file_size": 0,
@@ -626,9 +635,13 @@ class CtFIndex:
             raise CtfreidError(f"index metadata must be JSON-serialisable: {e}") from None
         if self.weighting is not None and not isinstance(self.weighting, Weighting):
             raise CtfreidError(f"index weighting must be a Weighting or None, got {type(self.weighting).__name__}")
-        if self.thresholds and self._lengths is not None:  # the file holds ints: 9.5 would come back as 9
-            check_thresholds(self.thresholds, self._lengths,
-                             max_distance(self._lengths[0]) if self.weighting is not None else None)
+        if self.weighted_thresholds is not None and self.weighting is None:
+            raise CtfreidError("index weighted_thresholds need index.weighting (their Weighting)")
+        if self._lengths is not None:  # the file holds ints: 9.5 would come back as 9
+            if self.thresholds:
+                check_thresholds(self.thresholds, self._lengths)
+            if self.weighted_thresholds is not None:
+                check_thresholds(self.weighted_thresholds, self._lengths, max_distance(self._lengths[0]))
         while True:
             with self._lock.read():
                 # written under the same read lock that saw no removed slot: a removal that slips in after
@@ -785,10 +798,17 @@ class CtFIndex:
             if [check_length(L) for L in lengths] != sorted(set(lengths)) or (n and not lengths):
                 raise ValueError("lengths")
             index.metadata = dict(header.get("metadata") or {})
-            index.thresholds = {int(L): int(t) for L, t in
-                                sorted(dict(header.get("thresholds") or {}).items(), key=lambda x: int(x[0]))}
+            def thresholds_of(key: str) -> dict[int, int]:
+                return {int(L): int(t) for L, t in sorted(dict(header.get(key) or {}).items(), key=lambda x: int(x[0]))}
+
+            index.thresholds = thresholds_of("thresholds")
             if header.get("weights") is not None:
                 index.weighting = Weighting.from_dict(header["weights"], f"{name}: weights")
+                if "weighted_thresholds" in header:
+                    if header["weighted_thresholds"] is not None:
+                        index.weighted_thresholds = thresholds_of("weighted_thresholds")
+                else:  # written before an index kept both: its only thresholds were the weighted ones
+                    index.weighted_thresholds, index.thresholds = index.thresholds, {}
             specs = [(f"codes_{L}", (n, L // 8), np.uint8) for L in lengths] + [("ids", (n,), np.int64)]
             loaded = {}
             end = _PREFIX.size + hsize  # arrays follow the header and each other without overlapping

@@ -391,33 +391,54 @@ def _thresholds_file(spec: str | os.PathLike) -> dict | list | None:
         raise CtfreidError(f"thresholds file {spec_s}: not readable JSON ({e})") from None
 
 
-def read_thresholds(spec: str | os.PathLike, allow_weights: bool = False) -> dict[int, int]:
-    """Thresholds from ``"32=9,128=41"`` or from a JSON file (``{"thresholds": {"32": 9, ...}}`` or a plain
-    ``{"32": 9, ...}``). A spec ending in ``.json`` must be an existing file. A file fitted for a weighted
-    stage 1 (a ``"weights"`` entry, :func:`read_weighting`) is refused unless ``allow_weights``: its first
-    threshold is not a Hamming distance, and not every reader applies the weights yet."""
-    obj = _thresholds_file(spec)
-    if obj is None:
-        return parse_thresholds(str(spec))
-    if not allow_weights and isinstance(obj, dict) and "weights" in obj:
-        raise CtfreidError(f"thresholds file {spec} was fitted for a weighted stage 1 ('ctfreid calibrate "
-                           "--weighted'): Hamming thresholds are needed here (a run folder, the service: "
-                           "'ctfreid serve --weighted B' fits its own); 'evaluate' and 'index build "
-                           "--thresholds' take this file")
-    return _from_mapping(obj, f"thresholds file {spec}")
+WEIGHTED_SECTION = "weighted_stage1"  # a thresholds file's fit for a weighted stage 1, beside its Hamming one
 
 
-def read_weighting(spec: str | os.PathLike) -> Weighting | None:
-    """The ``"weights"`` entry (a weighted stage 1, ``ctfreid.search.asymmetric``) of a thresholds file, or
-    None for a file without one and for a ``"32=9,128=41"`` spec. The file's thresholds are checked as by
-    :func:`read_thresholds`."""
+@dataclass(frozen=True)
+class ThresholdsFile:
+    """What a thresholds spec holds: Hamming thresholds (any query), and those of a weighted stage 1 with
+    their :class:`~ctfreid.search.asymmetric.Weighting` (queries with real values) when it was fitted.
+
+    ``ctfreid calibrate`` writes both (``weighted`` in the ``"weighted_stage1"`` entry). A file written by
+    ``calibrate --weighted`` before that holds only the weighted fit (``hamming`` None)."""
+
+    hamming: dict[int, int] | None
+    weighted: dict[int, int] | None = None
+    weighting: Weighting | None = None
+
+
+def read_thresholds_file(spec: str | os.PathLike) -> ThresholdsFile:
+    """Thresholds from ``"32=9,128=41"`` or a JSON file (``{"thresholds": {"32": 9, ...}}``, a plain ``{"32": 9,
+    ...}``, or ``ctfreid calibrate``'s file with its ``"weighted_stage1"`` entry). A spec ending in ``.json``
+    must be an existing file. Every fit in it is checked (:func:`check_thresholds` for its own lengths)."""
     obj = _thresholds_file(spec)
     if obj is None:
-        return None
-    _from_mapping(obj, f"thresholds file {spec}")  # the same checks and errors
-    if not isinstance(obj, dict) or "weights" not in obj:
-        return None
-    return Weighting.from_dict(obj["weights"], f"thresholds file {spec}: 'weights'")
+        return ThresholdsFile(parse_thresholds(str(spec)))
+    label = f"thresholds file {spec}"
+    if isinstance(obj, dict) and "weights" in obj:  # only a weighted fit: its first threshold is weighted
+        return ThresholdsFile(None, _from_mapping(obj, label), Weighting.from_dict(obj["weights"], f"{label}: 'weights'"))
+    hamming = _from_mapping(obj, label)
+    section = obj.get(WEIGHTED_SECTION) if isinstance(obj, dict) else None
+    if section is None:
+        return ThresholdsFile(hamming)
+    where = f"{label}: '{WEIGHTED_SECTION}'"
+    if not isinstance(section, dict) or "weights" not in section or "thresholds" not in section:
+        raise CtfreidError(f"{where}: expected an object {{\"thresholds\": {{...}}, \"weights\": {{...}}}}")
+    weighted = _from_mapping(section, where)
+    if sorted(weighted) != sorted(hamming):
+        raise CtfreidError(f"{where}: thresholds for lengths {sorted(weighted)}, the Hamming ones for {sorted(hamming)}")
+    return ThresholdsFile(hamming, weighted, Weighting.from_dict(section["weights"], f"{where}: 'weights'"))
+
+
+def read_thresholds(spec: str | os.PathLike) -> dict[int, int]:
+    """The Hamming thresholds of a spec (:func:`read_thresholds_file`). A file that holds only a weighted
+    fit (an older ``calibrate --weighted``) is refused: its first threshold is not a Hamming distance."""
+    fits = read_thresholds_file(spec)
+    if fits.hamming is None:
+        raise CtfreidError(f"thresholds file {spec} holds only a fit for a weighted stage 1 (an older 'ctfreid "
+                           "calibrate --weighted'): Hamming thresholds are needed here; calibrate again (its "
+                           "file holds both)")
+    return fits.hamming
 
 
 def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int],

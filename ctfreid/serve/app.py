@@ -9,7 +9,10 @@ over the limits), 422 (a request that does not validate), 429 (over the client's
 400 when the model has no validation split); the server default (``--beta``, else the thresholds stored
 with the model, else the accuracy target (tolerance 0.5 points) fitted on the validation split and
 planned for ``--gallery-size`` items, else DTO with beta = 2 when fits exist, else ``t_L = L``: no
-pruning, the ranking of the longest code).
+pruning, the ranking of the longest code). A search by images that gives neither uses the weighted
+(asymmetric) stage 1 instead when there is one (``ctfreid.search.asymmetric``; ``--weighted 0`` turns it
+off): the one stored beside the model's thresholds, else, when the server fits its own default, a
+weighted fit beside it (``--weighted`` bits). Searches by codes or items have no real values to weight.
 """
 
 from __future__ import annotations
@@ -81,7 +84,9 @@ class ServeConfig:
     max_k: int = 1000
     max_concurrency: int = 16
     thumb_size: tuple[int, int] = (64, 128)
-    weighted: int | None = None  # bits of a weighted stage 1 for image searches with the default thresholds
+    # bits of the weighted (asymmetric) stage 1 of image searches with the default thresholds, fitted at the
+    # first start when the model stores no thresholds (0 or None: Hamming only; see Service)
+    weighted: int | None = 4
 
 
 def _error(status: int, field: str | None, message: str):
@@ -92,8 +97,9 @@ def _error(status: int, field: str | None, message: str):
 
 @dataclass(frozen=True)
 class WeightedDefault:
-    """The default thresholds of image searches under ``--weighted``: a weighted stage 1 (``weighting``:
-    ``ctfreid.search.asymmetric.Weighting``), fitted on the model's validation split (``source``)."""
+    """The default thresholds of image searches: a weighted stage 1 (``weighting``:
+    ``ctfreid.search.asymmetric.Weighting``), stored beside the model's thresholds or fitted on its
+    validation split (``source``)."""
 
     thresholds: dict[int, int]
     weighting: Any
@@ -118,10 +124,13 @@ class Service:
         target_obj = json.loads(target) if target is not None else None
         need_target = (config.beta is None and not self.encoder.thresholds and len(self.lengths) > 1 and
                        (target_obj is None or target_obj.get("gallery_size") != config.gallery_size))
-        weighted = self.store.get_meta("weighted_fit") if config.weighted else None
+        # the weighted stage 1 of image searches: stored beside the model's thresholds, else fitted like them
+        fit_weighted = bool(config.weighted) and config.beta is None and not self.encoder.thresholds and \
+            len(self.lengths) > 1
+        weighted = self.store.get_meta("weighted_fit") if fit_weighted else None
         weighted_obj = json.loads(weighted) if weighted is not None else None
-        need_weighted = bool(config.weighted) and (weighted_obj is None or (weighted_obj.get("gallery_size"),
-                                                   weighted_obj.get("bits")) != (config.gallery_size, config.weighted))
+        need_weighted = fit_weighted and (weighted_obj is None or (weighted_obj.get("gallery_size"),
+                                          weighted_obj.get("bits")) != (config.gallery_size, config.weighted))
         val = enc_mod.validation_set(self.encoder) if fits is None or need_target or need_weighted else None
         if fits is None:  # first start: Gaussian fits of the validation pairs, kept with the store
             fits_obj = enc_mod.dto_fits(self.encoder, val)
@@ -132,19 +141,24 @@ class Service:
             target_obj = enc_mod.target_fit(val, config.gallery_size) or {"gallery_size": config.gallery_size,
                                                                           "thresholds": None}
             self.store.set_meta("target_fit", json.dumps(target_obj))
-        if need_weighted:  # first start with --weighted (or other bits or --gallery-size): kept with the store
-            weighted_obj = enc_mod.weighted_fit(val, config.gallery_size, config.weighted)
-            if weighted_obj is None:
-                raise CtfreidError(f"--weighted {config.weighted} needs thresholds fitted on the model's validation "
-                                   "split, which it has not (or whose images cannot be read)")
+        if need_weighted:  # first start (or other --weighted bits or --gallery-size): kept with the store
+            weighted_obj = enc_mod.weighted_fit(val, config.gallery_size, config.weighted) or {
+                "gallery_size": config.gallery_size, "bits": config.weighted, "thresholds": None}  # none fits
             self.store.set_meta("weighted_fit", json.dumps(weighted_obj))
         # image searches with the default thresholds: a weighted stage 1, or None
         self.weighted: WeightedDefault | None = None
-        if weighted_obj is not None:
+        if weighted_obj is not None and weighted_obj.get("thresholds"):
             from ctfreid.search.asymmetric import Weighting
 
             self.weighted = WeightedDefault({int(L): int(t) for L, t in weighted_obj["thresholds"].items()},
                                             Weighting.from_dict(weighted_obj["weights"]), weighted_obj["source"])
+        elif config.weighted and config.beta is None and self.encoder.thresholds and self.encoder.weighted:
+            from ctfreid.search.asymmetric import max_distance
+            from ctfreid.search.thresholds import check_thresholds
+
+            wth, weighting = self.encoder.weighted  # fitted beside the stored thresholds ('ctfreid calibrate')
+            self.weighted = WeightedDefault(check_thresholds(wth, self.lengths, max_distance(self.lengths[0])),
+                                            weighting, f"stored with the model ({self.encoder.thresholds_source})")
         self.fits: dict | None = fits_obj
         self.target: dict | None = target_obj
         self.thresholds_source = ""
