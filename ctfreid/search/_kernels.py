@@ -119,6 +119,38 @@ def _mask64(typingctx, arr, base, q, hi):
 
 
 @intrinsic
+def _wmask64(typingctx, arr, base, q, wp, hi):
+    """``_mask64`` for a weighted stage 1: the mask of the 64 codes ``arr[base:base + 64]`` (``uint32``, one
+    word per code) whose weighted distance ``sum_b 2^b popcount((q ^ g) & wp[b])`` (``wp``: the 4 weight
+    planes of the query's word, ``_word_planes``) is ``<= hi``, computed on ``<64 x i32>`` vectors (an AND,
+    popcount and shift per plane) and compared into a mask without storing the distances."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint32 and isinstance(base, types.Integer)
+            and isinstance(wp, types.UniTuple) and wp.count == WEIGHT_PLANES):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        vt = ir.VectorType(ir.IntType(32), BLOCK)
+
+        def splat(value, ty):
+            return _splat(builder, context.cast(builder, value, ty, types.int32), vt)
+
+        x = builder.load(builder.bitcast(builder.gep(ary.data, [args[1]]), vt.as_pointer()), align=4)
+        x = builder.xor(x, splat(args[2], signature.args[2]))
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), f"llvm.ctpop.v{BLOCK}i32")
+        d = None
+        for b in range(WEIGHT_PLANES):
+            plane = splat(builder.extract_value(args[3], b), signature.args[3].dtype)
+            c = builder.call(ctpop, [builder.and_(x, plane)])
+            if b:
+                c = builder.shl(c, _splat(builder, ir.Constant(ir.IntType(32), b), vt))
+            d = c if d is None else builder.add(d, c)
+        return builder.bitcast(builder.icmp_signed("<=", d, splat(args[4], signature.args[4])), ir.IntType(BLOCK))
+
+    return types.uint64(arr, base, q, wp, hi), codegen
+
+
+@intrinsic
 def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c):
     """The 8 stage-1 hits ``pos[r:r + 8]`` of one query against 128-bit stage-2 codes (``g2``: two uint64
     words per code): gathers their 32-bit (``g1``) and 128-bit codes, and appends the positions, stage-1
@@ -341,34 +373,35 @@ def _extract(mask, base, dd, bufi, bufd, cnt):
 
 
 @njit(inline="always", **_JIT)
-def _extract1(mask, base, q0, g, bufi, bufd, cnt):
+def _extract1(mask, base, q0, g, bufi, bufd, cnt, wp):
     """``_extract`` for 1 word per code: recomputes the distance of each hit from the code (an L1 hit)
     instead of reloading it from the block's distance buffer, whose scalar reloads of just-written
     vector stores stall on store forwarding (~6 % of the 32-bit scan). An exhausted mask reads code
-    ``base + (64 & 63)``, which exists, for the spare slots."""
+    ``base + (64 & 63)``, which exists, for the spare slots. ``wp``: the weight planes of a weighted stage
+    1 (``_stage1_dist``), or None."""
     c = _popcnt(mask)
     j = _ctz(mask) & 63
     bufi[cnt] = base + j
-    bufd[cnt] = _popcnt(q0 ^ g[base + j])
+    bufd[cnt] = _stage1_dist(q0 ^ g[base + j], wp)
     mask &= mask - np.uint64(1)
     j = _ctz(mask) & 63
     bufi[cnt + 1] = base + j
-    bufd[cnt + 1] = _popcnt(q0 ^ g[base + j])
+    bufd[cnt + 1] = _stage1_dist(q0 ^ g[base + j], wp)
     mask &= mask - np.uint64(1)
     j = _ctz(mask) & 63
     bufi[cnt + 2] = base + j
-    bufd[cnt + 2] = _popcnt(q0 ^ g[base + j])
+    bufd[cnt + 2] = _stage1_dist(q0 ^ g[base + j], wp)
     mask &= mask - np.uint64(1)
     j = _ctz(mask) & 63
     bufi[cnt + 3] = base + j
-    bufd[cnt + 3] = _popcnt(q0 ^ g[base + j])
+    bufd[cnt + 3] = _stage1_dist(q0 ^ g[base + j], wp)
     mask &= mask - np.uint64(1)
     if c > 4:
         r = cnt + 4
         while mask:
             j = _ctz(mask)
             bufi[r] = base + j
-            bufd[r] = _popcnt(q0 ^ g[base + j])
+            bufd[r] = _stage1_dist(q0 ^ g[base + j], wp)
             r += 1
             mask &= mask - np.uint64(1)
     return cnt + c
@@ -612,7 +645,7 @@ def _select(q, g, W, n, L, k, hi, bufi, bufd, hist, dd, live):
             if tau < 0:
                 break  # k codes at distance 0 already: nothing later can enter
             mask = _mask1(q, g, W, b * BLOCK, dd, tau) & live[b]
-            cnt = _extract1(mask, b * BLOCK, q0, g, bufi, bufd, cnt)
+            cnt = _extract1(mask, b * BLOCK, q0, g, bufi, bufd, cnt, None)
             if cnt > cap:
                 cnt, t = _compact(bufi, bufd, cnt, k, hist, L)
                 tau = t - 1
@@ -655,7 +688,7 @@ def _within1(q, g, n, hi, bufi, bufd, dd, live):
     nfull = n // BLOCK
     for b in range(nfull):
         base = b * BLOCK
-        cnt = _extract1(_mask1(q, g, 1, base, dd, h) & live[b], base, q0, g, bufi, bufd, cnt)
+        cnt = _extract1(_mask1(q, g, 1, base, dd, h) & live[b], base, q0, g, bufi, bufd, cnt, None)
     m = n - nfull * BLOCK
     if m > 0:
         base = nfull * BLOCK
@@ -1123,25 +1156,25 @@ def _word_planes(P, w=0):
     return (P[0, w], P[1, w], P[2, w], P[3, w])
 
 
-def _tile_hits(q0, wp, g1, t0, t1, hi, live, pos, dd):
-    """The stage-1 hits of blocks ``t0 .. t1 - 1`` in ``pos[:m]`` (returns m): Hamming masks, or weighted
-    (``dd``: 65 slots of scratch)."""
+def _tile_hits(q0, wp, g1, t0, t1, hi, live, pos):
+    """The stage-1 hits of blocks ``t0 .. t1 - 1`` in ``pos[:m]`` (returns m): Hamming masks (``_mask64``),
+    or weighted ones (``_wmask64``)."""
 
 
 @overload(_tile_hits, inline="always")
-def _tile_hits_impl(q0, wp, g1, t0, t1, hi, live, pos, dd):
+def _tile_hits_impl(q0, wp, g1, t0, t1, hi, live, pos):
     if isinstance(wp, types.NoneType):
-        def hamming(q0, wp, g1, t0, t1, hi, live, pos, dd):
+        def hamming(q0, wp, g1, t0, t1, hi, live, pos):
             m = 0
             for b in range(t0, t1):
                 m = _extract_pos(_mask64(g1, b * BLOCK, q0, hi) & live[b], b * BLOCK, pos, m)
             return m
         return hamming
 
-    def weighted(q0, wp, g1, t0, t1, hi, live, pos, dd):
+    def weighted(q0, wp, g1, t0, t1, hi, live, pos):
         m = 0
         for b in range(t0, t1):
-            m = _extract_pos(_wmask1(q0, wp, g1, b * BLOCK, dd, hi) & live[b], b * BLOCK, pos, m)
+            m = _extract_pos(_wmask64(g1, b * BLOCK, q0, wp, hi) & live[b], b * BLOCK, pos, m)
         return m
     return weighted
 
@@ -1199,7 +1232,7 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
                 continue
             q0 = Q1[a0 + a, 0]
             wp = _planes_of(P1, a0 + a)
-            m = _tile_hits(q0, wp, g1, t0, t1, hi, live, pos, dd)
+            m = _tile_hits(q0, wp, g1, t0, t1, hi, live, pos)
             if t == ntiles - 1 and n > nfull * BLOCK:  # the last, partial block
                 mask = _tail_hits(Q1[a0 + a], wp, g1, nfull * BLOCK, n - nfull * BLOCK, dd, hi) & live[nfull]
                 m = _extract_pos(mask, nfull * BLOCK, pos, m)
@@ -1398,25 +1431,12 @@ def _beyond_weighted(d, n, t1, Lw, live, k, oI, oD, pos, bufi, bufd, order, keys
     return pos
 
 
-@njit(inline="always", **_JIT)
-def _wmask1(q0, wp, g, base, dd, hi):
-    """Mask of the 64 codes at ``base`` (one 32-bit word each) whose weighted distance (planes ``wp``) is
-    ``<= hi``; their distances go to ``dd[:64]`` (vectorised as ``_mask2``)."""
-    h = np.int32(hi)
-    mask = np.uint64(0)
-    gg = g[base : base + BLOCK]  # see _IDX
-    for j in range(BLOCK):
-        v = np.int32(_stage1_dist(q0 ^ gg[j], wp))
-        dd[j] = v
-        mask |= np.uint64(v <= h) << np.uint64(j)
-    return mask
-
-
 @njit(**_JIT)
-def _within_weighted(q, P, g, W, n, hi, bufi, bufd, dd, live, d):
+def _within_weighted(q, P, g, W, n, hi, bufi, bufd, live, d):
     """All live codes within weighted distance ``hi`` in gallery order (``_within1`` for a weighted stage 1;
-    the buffers need ``n + 128`` slots); returns the count. Codes of one word: 64-code masks (``dd``: 65
-    slots); longer ones (rare: stage 1 is 32 bits in the paper): every distance into ``d`` first."""
+    the buffers need ``n + 128`` slots); returns the count. Codes of one word: 64-code masks (``_wmask64``),
+    the hits' distances computed again (``_extract1``); longer ones (rare: stage 1 is 32 bits in the paper):
+    every distance into ``d`` first."""
     cnt = 0
     nfull = n // BLOCK
     if W == 1:
@@ -1424,7 +1444,7 @@ def _within_weighted(q, P, g, W, n, hi, bufi, bufd, dd, live, d):
         wp = _word_planes(P)
         for b in range(nfull):
             base = b * BLOCK
-            cnt = _extract(_wmask1(q0, wp, g, base, dd, hi) & live[b], base, dd, bufi, bufd, cnt)
+            cnt = _extract1(_wmask64(g, base, q0, wp, hi) & live[b], base, q0, g, bufi, bufd, cnt, wp)
         start = nfull * BLOCK
     else:
         start = 0
@@ -1439,10 +1459,9 @@ def _within_weighted(q, P, g, W, n, hi, bufi, bufd, dd, live, d):
 
 @njit(**_JIT)
 def _weighted_scratch(n):
-    """Scratch of ``_ctf_one_weighted`` for ``n`` codes: every code's distance (with a spare slot for
-    ``_extract``), a block's distances, and ``_beyond_weighted``'s buffers. Untouched pages cost nothing: a
-    large gallery never needs the ranking beyond its candidates."""
-    return (np.empty(n + BLOCK + 1, np.int32), np.zeros(BLOCK + 1, np.int32), np.empty(n + 2 * BLOCK, np.int64),
+    """Scratch of ``_ctf_one_weighted`` for ``n`` codes: every code's distance and ``_beyond_weighted``'s
+    buffers. Untouched pages cost nothing: a large gallery never needs the ranking beyond its candidates."""
+    return (np.empty(n + BLOCK + 1, np.int32), np.empty(n + 2 * BLOCK, np.int64),
             np.empty(n + 2 * BLOCK, np.int32), np.empty(n + 2 * BLOCK, np.int64), np.empty(n + 2 * BLOCK, np.int32))
 
 
@@ -1453,12 +1472,12 @@ def _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, 
     (``_ctf_finish``) and followed, when fewer than ``k``, by the rest of the weighted stage-1 ranking
     (``_beyond_weighted``, from every distance computed again: keeping them from the scan cost 70 us a
     query at 1e6 codes, where the beyond part is never needed)."""
-    d, dd, bufi, bufd, order, keys = scratch
+    d, bufi, bufd, order, keys = scratch
     big = n + 2 * BLOCK
     ids = ws64[:big]
     D = ws32[: S * big].reshape(S, big)
     t1 = thr[0]
-    c1 = _within_weighted(Q1[i], P1[i], g1, W1, n, t1, ids, D[0], dd, live, d)
+    c1 = _within_weighted(Q1[i], P1[i], g1, W1, n, t1, ids, D[0], live, d)
     _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
     kk = min(k, c1)
     if kk > 0:

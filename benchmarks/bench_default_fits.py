@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""The default calibration's two operating points at scale: the Hamming fit (searches by codes) against the
+weighted stage 1 beside it (searches by image), each at the fractions it keeps on real validation codes.
+
+    python3 benchmarks/bench_default_fits.py RUN/thresholds.json [...] --n 1e6
+
+Each thresholds file is one written by ``ctfreid calibrate`` (default target, with its ``weighted_stage1``).
+Its two fits kept, on the run's validation identities, a fraction of the gallery after each stage
+(``fit.keep_fractions``). Real galleries of 10^6 crops are not at hand, so the codes are those of
+``bench_search.py`` (cached) and each fit becomes the thresholds that keep the same cumulative fractions on
+the generated calibration queries (the weighted one with random 4-bit weights per query): the later
+stages re-rank as many candidates per query as the real fit would at that size. What differs from real
+codes is which items pass, not how many. ``CtFIndex.search``, top-``k``: one query at a time on one
+thread, and batches of 64 on 1 and 2 threads; interleaved rounds, medians, us a query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def matched_thresholds(calib: dict, gallery: dict, fractions: list[float],
+                       weights: np.ndarray | None = None) -> tuple[dict, list[float]]:
+    """Thresholds whose cumulative kept fractions of the gallery on the calibration queries are closest to
+    ``fractions`` (one per stage but the last); stage 1 weighted by ``weights`` when given."""
+    from ctfreid.search.asymmetric import max_distance, weighted_distances
+    from ctfreid.search.hamming import hamming_distances
+
+    lengths = sorted(gallery)
+    n = next(iter(gallery.values())).shape[0]
+    sample = np.sort(np.random.default_rng(0).choice(n, min(n, 100_000), replace=False))
+    cands = [sample] * len(calib[lengths[0]])
+    thresholds, got = {}, []
+    for s, L in enumerate(lengths[:-1]):
+        if s == 0 and weights is not None:
+            d = [weighted_distances(calib[L][i], weights[i], gallery[L][c]) for i, c in enumerate(cands)]
+            top = max_distance(L)
+        else:
+            d = [hamming_distances(calib[L][i], gallery[L][c]) for i, c in enumerate(cands)]
+            top = L
+        frac = np.cumsum(np.bincount(np.concatenate(d), minlength=top + 1)) / (len(d) * sample.size)
+        t = int(np.argmin(np.abs(frac - fractions[s])))
+        thresholds[L] = t
+        got.append(float(frac[t]))
+        cands = [c[x <= t] for c, x in zip(cands, d)]
+    return thresholds, got
+
+
+def main() -> None:
+    from bench_search import make_data
+
+    from ctfreid import CtFIndex
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("fits", nargs="+", type=Path, help="thresholds .json files of 'ctfreid calibrate'")
+    ap.add_argument("--n", default="1e6")
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    lengths = [32, 128, 512, 2048]
+    n = int(float(args.n))
+    g, q, calib, _, _ = make_data(n, 512, lengths, 0, Path(tempfile.gettempdir()) / "ctfreid-bench")
+    rng = np.random.default_rng(1)
+    wc = rng.integers(0, 16, (calib[32].shape[0], 32), dtype=np.uint8)
+    points = []
+    for path in args.fits:
+        doc = json.loads(path.read_text())
+        ham = [doc["fit"]["keep_fractions"][str(L)] for L in lengths[1:]]
+        wei = [doc["weighted_stage1"]["fit"]["keep_fractions"][str(L)] for L in lengths[1:]]
+        th, got = matched_thresholds(calib, g, ham)
+        thw, gotw = matched_thresholds(calib, g, wei, wc)
+        points.append((path, ham, got, th, wei, gotw, thw))
+    index = CtFIndex()
+    index.add(g)
+    del g
+    nq = 64
+    queries = {L: np.ascontiguousarray(v[:nq]) for L, v in q.items()}
+    w = rng.integers(0, 16, (nq, 32), dtype=np.uint8)
+    one = [{L: v[i] for L, v in queries.items()} for i in range(nq)]
+    print(f"n = {n:,}, top-{args.k}, us a query, median of {args.rounds} interleaved rounds")
+    print("| fit | kept after 32 / 128 / 512 bits (validation; matched here) | thresholds | one query, 1 thread | "
+          "batch of 64, 1 thread | batch of 64, 2 threads |")
+    print("|---|---|---|---|---|---|")
+    for path, ham, got, th, wei, gotw, thw in points:
+        cases = {}
+        for name, t, qw in (("Hamming", th, None), ("weighted", thw, w)):
+            def single(t=t, qw=qw):
+                for i, x in enumerate(one):
+                    index.search(x, args.k, t, threads=1, query_weights=None if qw is None else qw[i])
+            cases[name] = (single,
+                           lambda t=t, qw=qw: index.search(queries, args.k, t, threads=1, query_weights=qw),
+                           lambda t=t, qw=qw: index.search(queries, args.k, t, threads=2, query_weights=qw))
+        times = {(name, j): [] for name in cases for j in range(3)}
+        for r in range(args.rounds + 1):  # round 0 compiles and warms
+            for name, fs in cases.items():
+                for j, f in enumerate(fs):
+                    t0 = time.perf_counter()
+                    f()
+                    if r:
+                        times[name, j].append((time.perf_counter() - t0) / nq * 1e6)
+        med = {key: float(np.median(v)) for key, v in times.items()}
+        for name, fr, gt, t in (("Hamming", ham, got, th), ("weighted", wei, gotw, thw)):
+            kept = " / ".join(f"{100 * a:.1f} ({100 * b:.1f})" for a, b in zip(fr, gt))
+            cells = []
+            for j in range(3):
+                ratio = med[name, j] / med["Hamming", j]
+                cells.append(f"{med[name, j]:.0f}" + (f" ({ratio:.2f}x)" if name == "weighted" else ""))
+            thr = "/".join(str(t[L]) for L in lengths[:-1])
+            print(f"| {path.stem} {name} | {kept} % | {thr} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
