@@ -151,7 +151,7 @@ def _wmask64(typingctx, arr, base, q, wp, hi):
 
 
 @intrinsic
-def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c):
+def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c, wp):
     """The 8 stage-1 hits ``pos[r:r + 8]`` of one query against 128-bit stage-2 codes (``g2``: two uint64
     words per code): gathers their 32-bit (``g1``) and 128-bit codes, and appends the positions, stage-1
     and stage-2 distances of those with a stage-2 distance ``<= hi2`` to ``ids`` / ``d0`` / ``d1`` from
@@ -159,10 +159,12 @@ def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c):
     ``<8 x i64>`` (LLVM's generic intrinsics; AVX-512 where present), each followed by a full 8-lane store,
     where the scalar loop costs about twice as much per hit on cached codes. Reads and writes through the
     arrays' data pointers: all must be C-contiguous, ``r + 8 <= len(pos)`` and ``c + 8 <= len(ids)``
-    (lanes past the kept ones are written too), positions valid (trusted)."""
+    (lanes past the kept ones are written too), positions valid (trusted). ``wp``: the 4 weight planes of a
+    weighted stage 1 (``_word_planes``; the stage-1 distances are then weighted), or None."""
     ok = (all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 for a in (g1, g2, pos, ids, d0, d1))
           and (g1.dtype, g2.dtype, pos.dtype, ids.dtype, d0.dtype, d1.dtype)
-          == (types.uint32, types.uint64, types.int64, types.int64, types.int32, types.int32))
+          == (types.uint32, types.uint64, types.int64, types.int64, types.int32, types.int32)
+          and (isinstance(wp, types.NoneType) or (isinstance(wp, types.UniTuple) and wp.count == WEIGHT_PLANES)))
     if not ok:
         return None
 
@@ -197,7 +199,19 @@ def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c):
         dist2 = builder.trunc(builder.add(builder.call(ctpop64, [builder.xor(lo, splat(arg(5, types.uint64), v64))]),
                                           builder.call(ctpop64, [builder.xor(hi, splat(arg(6, types.uint64), v64))])), v32)
         w1 = gather(arrays[0].data, builder.shl(p, ir.Constant(v64, [2] * 8)), v32, 4)
-        dist1 = builder.call(fn("llvm.ctpop.v8i32", v32, v32), [builder.xor(w1, splat(arg(4, types.uint32), v32))])
+        x1 = builder.xor(w1, splat(arg(4, types.uint32), v32))
+        ctpop32 = fn("llvm.ctpop.v8i32", v32, v32)
+        if isinstance(signature.args[12], types.NoneType):
+            dist1 = builder.call(ctpop32, [x1])
+        else:  # sum_b 2^b popcount(x & plane_b), as _stage1_dist
+            dist1 = None
+            for b in range(WEIGHT_PLANES):
+                plane = splat(context.cast(builder, builder.extract_value(args[12], b), signature.args[12].dtype,
+                                           types.uint32), v32)
+                cnt = builder.call(ctpop32, [builder.and_(x1, plane)])
+                if b:
+                    cnt = builder.shl(cnt, ir.Constant(v32, [b] * 8))
+                dist1 = cnt if dist1 is None else builder.add(dist1, cnt)
         keep = builder.icmp_signed("<=", dist2, splat(arg(7, types.int32), v32))
         c = arg(11, types.int64)
         for values, out in ((p, arrays[8]), (dist1, arrays[9]), (dist2, arrays[10])):
@@ -212,7 +226,7 @@ def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c):
         kept = builder.call(fn("llvm.ctpop.i64", i64, i64), [builder.zext(builder.bitcast(keep, i8), i64)])
         return builder.add(c, kept)
 
-    return types.int64(g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c), codegen
+    return types.int64(g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c, wp), codegen
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -1102,9 +1116,9 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec, wp):
     d0 = D[0]
     d1 = D[1]
     r0 = 0  # hits before r0 are done
-    if W2 == 2 and vec and wp is None:
+    if W2 == 2 and vec:
         while r0 + 8 <= m:
-            c = _keep8(g1, g2, pos, r0, q0, q2[0], q2[1], hi2, ids, d0, d1, c)
+            c = _keep8(g1, g2, pos, r0, q0, q2[0], q2[1], hi2, ids, d0, d1, c, wp)
             r0 += 8
     for r in range(r0, m):
         p = pos[r]
