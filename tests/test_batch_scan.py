@@ -135,3 +135,27 @@ def test_kernel_groups_and_hi2():
         _kernels.ctf_topk_batch(*args, int(hi2), *_kernels.batch_buffers(G, _kernels.batch_shape(n, 33, 4)[1], 4), *got)
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
+
+
+def test_batch_buffers_grow_to_what_the_queries_keep(monkeypatch):
+    """Queries that keep more candidates than a batch's buffers hold (first guess: n / 64 a query) are
+    searched on their own, with the same answers; the thread's next batches get buffers that hold them."""
+    monkeypatch.setattr(_kernels, "BATCH_FILTER_MIN_N", 0)  # stage 2 keeps only thr[1]'s candidates
+    monkeypatch.setattr(_kernels, "BATCH_MIN_QUERIES", 1)
+    rng = np.random.default_rng(8)
+    n, k, lengths = 5000, 20, (32, 128, 512)
+    thresholds = {32: 14, 128: 60}
+    g, q = codes(rng, n, lengths, 7), codes(rng, NQ, lengths, 7)
+    index = CtFIndex()
+    index.add(g)
+    live = np.ones(n, bool)
+    want = oracle(q, g, live, thresholds, k)
+    kept = int(want[3][:, 2].max())  # candidates ranked at stage 3: those within both thresholds
+    assert kept > n // 64
+    for _ in range(2):  # the first batch overflows its buffers, the second fits
+        h = index.search_hits(q, k, thresholds, threads=1)
+        np.testing.assert_array_equal(h.ids, want[0])
+        np.testing.assert_array_equal(h.distances, want[2])
+        np.testing.assert_array_equal(h.candidates, want[3])
+        assert index._local.batch_room == min(n, kept + kept // 4)
+    assert _kernels.batch_shape(n, NQ, 3, room=index._local.batch_room)[1] >= kept

@@ -1521,14 +1521,14 @@ def ctf_workspace(n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:
     return np.empty(big + 4 * n + 2 * rcap, np.int64), np.empty(S * big + n + 2 * rcap, np.int32)
 
 
-def batch_shape(n: int, nq: int, S: int, budget: int = 1 << 28) -> tuple[int, int]:
+def batch_shape(n: int, nq: int, S: int, budget: int = 1 << 28, room: int | None = None) -> tuple[int, int]:
     """(queries at a time G, candidates a query cap) of ``ctf_topk_batch``'s buffers for ``nq`` queries on
-    ``n`` codes and ``S`` stages: room for ``n / 64`` kept candidates a query (those within the first two
-    thresholds, typically < 1 %; a query with more is searched on its own) plus a tile's stage-1 hits, and
+    ``n`` codes and ``S`` stages: room for ``room`` (default ``n / 64``) kept candidates a query (those within
+    the first two thresholds; a query with more is searched on its own) plus a tile's stage-1 hits, and
     ``G <= min(nq, 64)`` queries within ``budget`` bytes (only the pages of actual candidates are touched). Groups of 64 were
     fastest at 1e4 to 1e6 codes (larger ones spread the appends over more cache lines than L1 holds);
     at 1e7 each group streams the 128-bit codes through the cache once."""
-    cap = min(n, n // 64 + TILE * BLOCK) + 2 * BLOCK
+    cap = min(n, (n // 64 if room is None else room) + TILE * BLOCK) + 2 * BLOCK
     return max(1, min(nq, 64, budget // (cap * (8 + 4 * S)))), cap
 
 
