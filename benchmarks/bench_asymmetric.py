@@ -39,9 +39,7 @@ def weighted_threshold(calib: dict, weights: np.ndarray, gallery32: np.ndarray, 
 
 
 def main() -> None:
-    from bench_search import fit_thresholds, make_data
-
-    from ctfreid import CtFIndex
+    from bench_search import fit_thresholds, index_and_queries, make_data
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1e4,1e5,1e6")
@@ -57,13 +55,10 @@ def main() -> None:
         wc = rng.integers(0, 8, (calib[32].shape[0], 32), dtype=np.uint8)
         t1w, kept_w = weighted_threshold(calib, wc, g[32], kept[0])
         thr_w = {**thr, 32: t1w}
-        index = CtFIndex()
-        index.add(g)
-        del g
         nq = 64
-        queries = {L: np.ascontiguousarray(v[:nq]) for L, v in q.items()}
+        index, queries, one = index_and_queries(g, q, nq)
+        del g
         w = rng.integers(0, 8, (nq, 32), dtype=np.uint8)
-        one = [{L: v[i] for L, v in queries.items()} for i in range(nq)]
         cases = {
             "hamming, one query": lambda: [index.search(x, args.k, thr, threads=1) for x in one],
             "weighted, one query": lambda: [index.search(x, args.k, thr_w, threads=1, query_weights=w[i])

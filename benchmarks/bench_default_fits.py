@@ -56,9 +56,7 @@ def matched_thresholds(calib: dict, gallery: dict, fractions: list[float],
 
 
 def main() -> None:
-    from bench_search import make_data
-
-    from ctfreid import CtFIndex
+    from bench_search import index_and_queries, make_data
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("fits", nargs="+", type=Path, help="thresholds .json files of 'ctfreid calibrate'")
@@ -79,13 +77,10 @@ def main() -> None:
         th, got = matched_thresholds(calib, g, ham)
         thw, gotw = matched_thresholds(calib, g, wei, wc)
         points.append((path, ham, got, th, wei, gotw, thw))
-    index = CtFIndex()
-    index.add(g)
-    del g
     nq = 64
-    queries = {L: np.ascontiguousarray(v[:nq]) for L, v in q.items()}
+    index, queries, one = index_and_queries(g, q, nq)
+    del g
     w = rng.integers(0, 16, (nq, 32), dtype=np.uint8)
-    one = [{L: v[i] for L, v in queries.items()} for i in range(nq)]
     print(f"n = {n:,}, top-{args.k}, us a query, median of {args.rounds} interleaved rounds")
     print("| fit | kept after 32 / 128 / 512 bits (validation; matched here) | thresholds | one query, 1 thread | "
           "batch of 64, 1 thread | batch of 64, 2 threads |")

@@ -89,6 +89,16 @@ def make_data(n: int, n_query: int, lengths: list[int], seed: int, cache: Path) 
     return g, q, c, gp, qp
 
 
+def index_and_queries(gallery: dict, queries: dict, nq: int) -> tuple:
+    """A ``CtFIndex`` of ``gallery``, the first ``nq`` of ``queries`` as one batch, and the same one by one."""
+    from ctfreid import CtFIndex
+
+    index = CtFIndex()
+    index.add(gallery)
+    batch = {L: np.ascontiguousarray(v[:nq]) for L, v in queries.items()}
+    return index, batch, [{L: v[i] for L, v in batch.items()} for i in range(nq)]
+
+
 def fit_thresholds(calib: dict, gallery: dict, keep: float, later_keep: float = 0.25) -> tuple[dict, list[float]]:
     """Thresholds whose kept fractions on the calibration queries are closest to ``keep`` (stage 1) and
     ``later_keep`` of the previous candidates (later stages); returns them and the fractions."""

@@ -580,11 +580,13 @@ class CtFIndex:
         return Hits(ids, stages, dist, tuple(self._lengths), counts)
 
     def range_search(self, query_codes: Mapping[int, np.ndarray], radius: int,
-                     thresholds: Mapping[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     thresholds: Mapping[int, int] | None = None,
+                     query_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """faiss's ``lims, D, I = index.range_search(q, radius)`` for coarse-to-fine search: per query, the
         items that pass every stage's threshold (Sec. 3.1) and lie within ``radius`` at the longest length
         (with one code length: the items within ``radius``), in ranking order (longest-length distance,
-        then the shorter ones, then insertion order).
+        then the shorter ones, then insertion order). ``query_weights``: a weighted stage 1, as for
+        ``search`` (with one code length ``radius`` then bounds the weighted distance).
 
         Returns ``lims int64[nq + 1]``, ``D int32[lims[-1]]`` (longest-length distances) and ``I
         int64[lims[-1]]`` (ids): query ``i``'s results are ``D[lims[i]:lims[i + 1]]``, ``I[...]``.
@@ -596,15 +598,16 @@ class CtFIndex:
             S = len(self._lengths)
             if not self.ntotal:
                 return range_result(np.zeros((nq, 0), bool), np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64))
-            thr = self._thresholds(thresholds)
+            wp = self._weight_planes(query_weights, nq)
+            thr = self._thresholds(thresholds, wp is not None)
             if S == 1:
-                D, P, _ = self._positions(qs, None, thr)  # the full ranking, distances ascending
+                D, P, _ = self._positions(qs, None, thr, wp)  # the full ranking, distances ascending
                 last = np.full(nq, D.shape[1], np.int64)
             else:
                 # the items that pass every threshold lead each ranking, by their longest-length distance:
                 # the kernels count them (the same for any k), then a top-k of that many returns them
-                last = self._positions(qs, 1, thr)[2][:, S - 1]
-                D, P, _ = self._positions(qs, max(1, int(last.max())), thr)
+                last = self._positions(qs, 1, thr, wp)[2][:, S - 1]
+                D, P, _ = self._positions(qs, max(1, int(last.max())), thr, wp)
             keep = (np.arange(D.shape[1]) < last[:, None]) & (D <= radius)
             return range_result(keep, D, self._ids[P])
 

@@ -152,7 +152,8 @@ class Service:
 
             self.weighted = WeightedDefault({int(L): int(t) for L, t in weighted_obj["thresholds"].items()},
                                             Weighting.from_dict(weighted_obj["weights"]), weighted_obj["source"])
-        elif config.weighted and config.beta is None and self.encoder.thresholds and self.encoder.weighted:
+        elif config.weighted and config.beta is None and self.encoder.thresholds and \
+                getattr(self.encoder, "weighted", None):  # (an encoder object of the caller's may not have it)
             from ctfreid.search.asymmetric import max_distance
             from ctfreid.search.thresholds import check_thresholds
 
