@@ -502,11 +502,12 @@ class CtFIndex:
         than they held (``C``: the batch's per-stage counts; the kept ones are those ranked at stage 3, or at
         stage 2 when all stage-1 hits are kept). Such a query was searched on its own, at the speed of one
         query: on real codes a default fit keeps 2-6 % of 1e6 items after two stages (docs/results-cuhk03.md),
-        more than the first guess of n / 64."""
+        more than the first guess of n / 64. At most n / 8 (the buffers' memory; a query that keeps more is
+        dominated by its later stages, which a batch does not share)."""
         col = 2 if C.shape[1] > 2 and n > _kernels.BATCH_FILTER_MIN_N else 1
         need = int(C[:, col].max())
         if need > max(n // 64, getattr(self._local, "batch_room", 0)):
-            self._local.batch_room = min(n, need + need // 4)
+            self._local.batch_room = min(n // 8, need + need // 4)
 
     def _hit_keys(self, qs: tuple[np.ndarray, ...], P: np.ndarray, thr: np.ndarray,
                   wp: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
