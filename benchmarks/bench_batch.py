@@ -109,7 +109,7 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
             for a0 in range(0, b, bufI.shape[0]):
                 cnt[:], c1[:] = 0, 0
                 K._scan_tiles(Q1, g1, n, hi, h2, Qr, qoff, Gr[0], index._live, a0, min(bufI.shape[0], b - a0),
-                              bufI, bufD, cnt, c1)
+                              bufI, bufD, cnt, c1, None)  # None: the Hamming stage 1 (no weight planes)
 
         scan = median_cpu(lambda: stage1(-1, -1), budget)
         survivors = median_cpu(lambda: stage1(int(thr[0]), hi2), budget)
