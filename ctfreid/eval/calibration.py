@@ -46,7 +46,7 @@ from ctfreid.errors import CtfreidError, count
 from ctfreid.eval.cost_model import CostModel, default_cost_model, expected_ms, stage_work
 from ctfreid.eval.evaluate import DEFAULT_BETAS
 from ctfreid.eval.metrics import merge_metrics, ranking_stats
-from ctfreid.search.asymmetric import Weighting, max_distance, weight_scale, weighted_distances
+from ctfreid.search.asymmetric import DEFAULT_WEIGHT_BITS, Weighting, max_distance, weight_scale, weighted_distances
 from ctfreid.search.coarse_to_fine import ctf_rank
 from ctfreid.search.hamming import check_k, hamming_distances, hamming_rank
 from ctfreid.search.thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_from_distances, pair_distances
@@ -54,9 +54,6 @@ from ctfreid.search.thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_
 TARGETS = ("accuracy", "time")
 DEFAULT_TARGET = "accuracy"  # the default wherever thresholds are fitted automatically (issue #16)
 DEFAULT_TOLERANCE = 0.5  # mAP and Rank-1 points
-# the default fit's weighted stage 1 (ctfreid.search.asymmetric), beside its Hamming one: 4-bit weights were
-# the best of 2-4 bits on seven CUHK03 dev runs (docs/results-cuhk03.md, "A weighted (asymmetric) stage 1")
-DEFAULT_WEIGHT_BITS = 4
 # quantile levels of the grids: same-identity distances (recall kept) and different-identity ones (kept
 # fraction of non-matches)
 POSITIVE_LEVELS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)

@@ -29,7 +29,9 @@ from ctfreid.search import _kernels
 from ctfreid.search.hamming import _aligned, prepare_gallery, prepare_queries
 
 MAX_WEIGHT_BITS = _kernels.WEIGHT_PLANES  # weights in [0, 15]
-DEFAULT_WEIGHT_BITS = 3
+# the best of 2-4 bits on seven CUHK03 dev runs (docs/results-cuhk03.md, "A weighted (asymmetric) stage 1"),
+# and the bits of the default calibration's weighted fit (ctfreid.eval.calibration.default_weighted_fit)
+DEFAULT_WEIGHT_BITS = 4
 DEFAULT_SCALE_QUANTILE = 0.99
 
 

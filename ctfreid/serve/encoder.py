@@ -7,7 +7,8 @@ validation split whose images are readable, the Gaussian fits of relevant / non-
 thresholds by maximising Eq. 8 over those fits (cheap: ``L + 1`` evaluations per length). The server's
 default thresholds, when the model stores none, are fitted on the same split for the accuracy target
 (:func:`target_fit`: within 0.5 mAP / Rank-1 points of the longest code, the built-in cost model, planned
-for ``--gallery-size`` items) and kept in the store too.
+for ``--gallery-size`` items) and kept in the store too, and so is the weighted stage 1 fitted beside them
+for searches by image (:func:`weighted_fit`, ``--weighted`` bits).
 """
 
 from __future__ import annotations
