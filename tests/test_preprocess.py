@@ -77,3 +77,17 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tmp_path):
     for image in (Image.open(tmp_path / "16.png"), as_i):  # decoded images given directly (serve, encode_images)
         assert np.array_equal(preprocess_image(image, 64, 32), want)
     assert np.abs(want - _reference(eight, 64, 32)).max() <= 1e-5
+
+
+def test_mode_i_images_with_8_bit_values_keep_their_grey_levels(tmp_path):
+    # an integer array saved as is (mode I, 32-bit) holding 0..255: its grey levels, not divided by 257 into black
+    rng = np.random.default_rng(4)
+    grey = rng.integers(0, 256, (70, 30), dtype=np.uint8)
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "i.tif")
+    with Image.open(tmp_path / "i.tif") as raw:
+        assert raw.mode == "I"
+        raw.load()
+        got = preprocess_image(raw, 64, 32)
+    eight = Image.fromarray(grey, "L")
+    assert np.array_equal(np.asarray(read_image(tmp_path / "i.tif")), np.asarray(eight.convert("RGB")))
+    assert np.array_equal(got, preprocess_image(eight, 64, 32))

@@ -275,13 +275,16 @@ MAX_IMAGE_PIXELS = 40_000_000
 def to_rgb(image):
     """A PIL image as 8-bit RGB. 16-bit grey images (modes ``I;16*``, and ``I``, as which older Pillows read
     16-bit PNGs) are scaled from 0..65535 to 0..255 first: Pillow's ``convert("RGB")`` clips them, so that
-    every pixel above 255 (nearly all of them) would become white."""
+    every pixel above 255 (nearly all of them) would become white. A mode ``I`` image whose values all lie
+    in 0..255 holds 8-bit grey levels (an integer array saved as is): kept, not divided by 257 into black."""
     if image.mode == "RGB":
         return image
     if image.mode == "I" or image.mode.startswith("I;16"):
         from PIL import Image
 
-        values = np.asarray(image).astype(np.float64) / 257  # 65535 -> 255, 257 * v -> v
+        values = np.asarray(image).astype(np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values /= 257  # 65535 -> 255, 257 * v -> v
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
 
