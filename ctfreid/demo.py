@@ -388,11 +388,7 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
         fit = default_fit(val, len(gallery))
         thresholds = dict(fit.thresholds)
         source = describe_fit(fit, len(val))
-        if val.lengths[0] % 32 == 0:  # and its weighted stage 1, the default for image queries
-            try:
-                wfit = default_weighted_fit(val, len(gallery))
-            except CtfreidError:  # nothing within the tolerance: the Hamming fit alone
-                wfit = None
+        wfit = default_weighted_fit(val, len(gallery))  # and its weighted stage 1, the default for image queries
     th_extra = {"source": f"{source} of {run_dir}", "num_images": len(val)}
     # the demo's own run too: 'ctfreid index build --model OUT/run' finds them there
     for path in [out / "thresholds.json"] + ([run_dir / "thresholds.json"] if cfg.model is None else []):

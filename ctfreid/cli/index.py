@@ -153,10 +153,7 @@ def targeted_thresholds(val, gallery_size: int) -> tuple[dict[int, int], str, tu
     from ctfreid.eval.calibration import default_fit, default_weighted_fit, describe_fit
 
     fit = default_fit(val, gallery_size)
-    try:
-        wfit = default_weighted_fit(val, gallery_size)
-    except CtfreidError:  # nothing meets the tolerance with weights: the Hamming fit alone
-        wfit = None
+    wfit = default_weighted_fit(val, gallery_size)
     return fit.thresholds, describe_fit(fit, len(val)), None if wfit is None else (wfit.thresholds, wfit.weighting)
 
 

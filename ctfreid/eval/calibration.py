@@ -474,9 +474,10 @@ def default_fit(val: EncodedSet, gallery_size: int | None = None) -> TargetFit:
 def default_weighted_fit(val: EncodedSet, gallery_size: int | None = None,
                          bits: int = DEFAULT_WEIGHT_BITS) -> TargetFit | None:
     """:func:`default_fit` for a weighted stage 1 with ``bits``-bit weights, the default for queries with real
-    values (encoded images); None when ``val`` has no ``values``. On seven CUHK03 dev runs it kept 2.3-9.5 %
-    of the gallery at stage 1 within 0.2 mAP of the longest code, where the Hamming fit kept 5.8-21.4 %."""
-    if val.values is None:
+    values (encoded images); None when ``val`` has no ``values`` or its shortest code is not a multiple of 32
+    bits (the kernels' words). On seven CUHK03 dev runs it kept 2.3-9.5 % of the gallery at stage 1 within
+    0.2 mAP of the longest code, where the Hamming fit kept 5.8-21.4 %."""
+    if val.values is None or val.lengths[0] % 32:
         return None
     return fit_target(val, DEFAULT_TARGET, DEFAULT_TOLERANCE, gallery_size=gallery_size, weight_bits=bits)
 

@@ -138,35 +138,26 @@ def encoded_from_bn(bn: dict[int, np.ndarray], records: Sequence[Record] | None 
     )
 
 
-def stored_thresholds(info: dict, path: str | os.PathLike | None = None) -> dict[int, int] | None:
-    """DTO thresholds kept with a model: the model file's ``thresholds``, else ``thresholds.json`` (written by
-    ``ctfreid calibrate`` / ``ctfreid demo``) in the run directory ``path``; None if neither exists."""
+def stored_fits(info: dict, path: str | os.PathLike | None = None
+                ) -> tuple[dict[int, int] | None, tuple[dict[int, int], Any] | None]:
+    """The thresholds kept with a model and the weighted stage 1 beside them (``(thresholds, Weighting)``,
+    ``ctfreid.search.asymmetric``, or None): the model file's ``thresholds`` (with none), else the
+    ``thresholds.json`` (written by ``ctfreid calibrate`` / ``ctfreid demo``) in the run directory ``path``,
+    read once: its Hamming thresholds and its ``"weighted_stage1"``; ``(None, None)`` if neither exists."""
     thr = info.get("thresholds")
     if thr:
-        return {int(k): int(v) for k, v in thr.items()}
-    file = thresholds_file(info, path)
-    if file is not None:
-        from ctfreid.search.thresholds import read_thresholds
-
-        return read_thresholds(file)
-    return None
-
-
-def stored_weighted(info: dict, path: str | os.PathLike | None = None) -> tuple[dict[int, int], Any] | None:
-    """The weighted stage 1 kept beside the stored thresholds (``ctfreid.search.asymmetric``): the
-    thresholds and ``Weighting`` of the ``"weighted_stage1"`` entry of the run's ``thresholds.json``
-    (written by ``ctfreid calibrate`` and the demo), or None."""
+        return {int(k): int(v) for k, v in thr.items()}, None
     file = thresholds_file(info, path)
     if file is None:
-        return None
+        return None, None
     from ctfreid.search.thresholds import read_thresholds_file
 
     fits = read_thresholds_file(file)
-    return (fits.weighted, fits.weighting) if fits.weighted is not None and fits.hamming is not None else None
+    return fits.hamming_thresholds(file), (fits.weighted, fits.weighting) if fits.weighted is not None else None
 
 
 def thresholds_file(info: dict, path: str | os.PathLike | None = None) -> Path | None:
-    """The ``thresholds.json`` that :func:`stored_thresholds` reads (the model file has none), or None."""
+    """The ``thresholds.json`` that :func:`stored_fits` reads (the model file has none), or None."""
     if info.get("thresholds") or path is None:
         return None
     file = (Path(path) if Path(path).is_dir() else Path(path).parent) / "thresholds.json"
@@ -196,14 +187,19 @@ class TorchEncoder:
         self.info = {**info, "backbone": self.model.backbone_name, "runtime": "torch", "device": str(self.device)}
 
     @functools.cached_property
-    def thresholds(self) -> dict[int, int] | None:
+    def _stored(self) -> tuple:
         """Read when first used, so that a malformed ``thresholds.json`` fails only the commands that use it."""
-        return stored_thresholds(self.info, self._path)
+        return stored_fits(self.info, self._path)
 
-    @functools.cached_property
+    @property
+    def thresholds(self) -> dict[int, int] | None:
+        """The thresholds stored with the run (:func:`stored_fits`), or None."""
+        return self._stored[0]
+
+    @property
     def weighted(self) -> tuple[dict[int, int], Any] | None:
-        """The stored weighted stage 1 beside :attr:`thresholds` (:func:`stored_weighted`), or None."""
-        return stored_weighted(self.info, self._path)
+        """The stored weighted stage 1 beside :attr:`thresholds` (:func:`stored_fits`), or None."""
+        return self._stored[1]
 
     @property
     def thresholds_source(self) -> str:

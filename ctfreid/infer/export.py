@@ -28,7 +28,7 @@ from torch import nn
 
 from ctfreid._atomic import atomic_write
 from ctfreid.errors import CtfreidError
-from ctfreid.infer.encoder import stored_thresholds, stored_weighted
+from ctfreid.infer.encoder import stored_fits
 from ctfreid.infer.onnx_encoder import FORMAT_VERSION, INPUT_NAME, PREFIX, output_name
 from ctfreid.learn.model import AiOModel
 
@@ -116,9 +116,9 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, flip: bool = Fals
         raise CtfreidError(f"--out {out}: expected a file name ending in .onnx")
     model, info = load_model(run, device="cpu")
     assert not model.training  # load_model returns eval mode; the export depends on it
+    thresholds, weighted = stored_fits(info, run)
     return export_onnx(model, info, out, fingerprint=model_fingerprint(model, info), flip=flip, opset=opset,
-                       thresholds=stored_thresholds(info, run), source=str(info["file"]),
-                       weighted=stored_weighted(info, run))
+                       thresholds=thresholds, source=str(info["file"]), weighted=weighted)
 
 
 # --- the --check comparison ---------------------------------------------------------------------------

@@ -89,6 +89,22 @@ def _splat(builder, value, vt):
     return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(ir.IntType(32), vt.count), [0] * vt.count))
 
 
+def _ir_stage1(builder, x, vt, planes):
+    """IR of ``_stage1_dist`` on the vector ``x = q ^ g`` of type ``vt``: its popcount, or with ``planes`` (the
+    4 weight planes, each splat to ``vt``) ``sum_b 2^b popcount(x & plane_b)``."""
+    ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]),
+                                           f"llvm.ctpop.v{vt.count}i{vt.element.width}")
+    if planes is None:
+        return builder.call(ctpop, [x])
+    d = None
+    for b, plane in enumerate(planes):
+        c = builder.call(ctpop, [builder.and_(x, plane)])
+        if b:
+            c = builder.shl(c, ir.Constant(vt, [b] * vt.count))
+        d = c if d is None else builder.add(d, c)
+    return d
+
+
 @intrinsic
 def _mask64(typingctx, arr, base, q, hi):
     """Mask of the 64 codes ``arr[base:base + 64]`` (a ``uint32`` or ``uint64`` word view, one word per
@@ -111,8 +127,7 @@ def _mask64(typingctx, arr, base, q, hi):
             return _splat(builder, context.cast(builder, args[i], signature.args[i], word), vt)
 
         x = builder.load(builder.bitcast(builder.gep(ary.data, [args[1]]), vt.as_pointer()), align=width // 8)
-        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), f"llvm.ctpop.v{BLOCK}i{width}")
-        d = builder.call(ctpop, [builder.xor(x, splat(2))])
+        d = _ir_stage1(builder, builder.xor(x, splat(2)), vt, None)
         return builder.bitcast(builder.icmp_signed("<=", d, splat(3)), ir.IntType(BLOCK))
 
     return types.uint64(arr, base, q, hi), codegen
@@ -137,14 +152,8 @@ def _wmask64(typingctx, arr, base, q, wp, hi):
 
         x = builder.load(builder.bitcast(builder.gep(ary.data, [args[1]]), vt.as_pointer()), align=4)
         x = builder.xor(x, splat(args[2], signature.args[2]))
-        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), f"llvm.ctpop.v{BLOCK}i32")
-        d = None
-        for b in range(WEIGHT_PLANES):
-            plane = splat(builder.extract_value(args[3], b), signature.args[3].dtype)
-            c = builder.call(ctpop, [builder.and_(x, plane)])
-            if b:
-                c = builder.shl(c, _splat(builder, ir.Constant(ir.IntType(32), b), vt))
-            d = c if d is None else builder.add(d, c)
+        planes = [splat(builder.extract_value(args[3], b), signature.args[3].dtype) for b in range(WEIGHT_PLANES)]
+        d = _ir_stage1(builder, x, vt, planes)
         return builder.bitcast(builder.icmp_signed("<=", d, splat(args[4], signature.args[4])), ir.IntType(BLOCK))
 
     return types.uint64(arr, base, q, wp, hi), codegen
@@ -199,19 +208,11 @@ def _keep8(typingctx, g1, g2, pos, r, q0, q2a, q2b, hi2, ids, d0, d1, c, wp):
         dist2 = builder.trunc(builder.add(builder.call(ctpop64, [builder.xor(lo, splat(arg(5, types.uint64), v64))]),
                                           builder.call(ctpop64, [builder.xor(hi, splat(arg(6, types.uint64), v64))])), v32)
         w1 = gather(arrays[0].data, builder.shl(p, ir.Constant(v64, [2] * 8)), v32, 4)
-        x1 = builder.xor(w1, splat(arg(4, types.uint32), v32))
-        ctpop32 = fn("llvm.ctpop.v8i32", v32, v32)
-        if isinstance(signature.args[12], types.NoneType):
-            dist1 = builder.call(ctpop32, [x1])
-        else:  # sum_b 2^b popcount(x & plane_b), as _stage1_dist
-            dist1 = None
-            for b in range(WEIGHT_PLANES):
-                plane = splat(context.cast(builder, builder.extract_value(args[12], b), signature.args[12].dtype,
-                                           types.uint32), v32)
-                cnt = builder.call(ctpop32, [builder.and_(x1, plane)])
-                if b:
-                    cnt = builder.shl(cnt, ir.Constant(v32, [b] * 8))
-                dist1 = cnt if dist1 is None else builder.add(dist1, cnt)
+        wt = signature.args[12]  # the weight planes' type: None for the Hamming stage 1
+        planes = None if isinstance(wt, types.NoneType) else [
+            splat(context.cast(builder, builder.extract_value(args[12], b), wt.dtype, types.uint32), v32)
+            for b in range(WEIGHT_PLANES)]
+        dist1 = _ir_stage1(builder, builder.xor(w1, splat(arg(4, types.uint32), v32)), v32, planes)
         keep = builder.icmp_signed("<=", dist2, splat(arg(7, types.int32), v32))
         c = arg(11, types.int64)
         for values, out in ((p, arrays[8]), (dist1, arrays[9]), (dist2, arrays[10])):
@@ -1546,11 +1547,18 @@ def tile_scan(nq: int, L1: int, n: int = 0, weighted: bool = False) -> bool:
     return nq >= BATCH_MIN_QUERIES and L1 == 32 and (not weighted or n >= WEIGHTED_TILE_MIN_N)
 
 
+def kept_stage(n: int, Ls) -> int:
+    """The stage whose candidates the buffers of ``ctf_topk_batch`` keep on ``n`` codes of lengths ``Ls``
+    (an index into the per-stage counts ``outC``): with a third stage and more than ``BATCH_FILTER_MIN_N``
+    codes only those within the stage-2 threshold (2: ranked at stage 3; less memory traffic), else every
+    stage-1 candidate (1)."""
+    return 2 if len(Ls) > 2 and n > BATCH_FILTER_MIN_N else 1
+
+
 def stage2_keep(n: int, thr: np.ndarray, Ls) -> int:
-    """``hi2`` of ``ctf_topk_batch`` on ``n`` codes of lengths ``Ls``: with a third stage and more than
-    ``BATCH_FILTER_MIN_N`` codes, only the candidates within the stage-2 threshold are kept (less memory
-    traffic), else all."""
-    return int(thr[1]) if len(Ls) > 2 and n > BATCH_FILTER_MIN_N else int(Ls[1])
+    """``hi2`` of ``ctf_topk_batch`` on ``n`` codes of lengths ``Ls`` (:func:`kept_stage`): the stage-2
+    threshold, or the stage-2 length (keep all)."""
+    return int(thr[1]) if kept_stage(n, Ls) == 2 else int(Ls[1])
 
 
 def batch_buffers(G: int, cap: int, S: int) -> tuple[np.ndarray, np.ndarray]:

@@ -468,7 +468,7 @@ class CtFIndex:
             elif _kernels.tile_scan(nq, lengths[0], n, wp is not None):
                 _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), _kernels.stage2_keep(n, thr, Ls),
                                         *self._batch_buffers(n, nq), D, P, C, *weighted)
-                self._note_batch_keep(n, C)
+                self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
             else:
                 _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C, *weighted)
         if full and self._ndead:  # the order is a per-item key: dropping removed items keeps it exact
@@ -491,22 +491,25 @@ class CtFIndex:
     def _batch_buffers(self, n: int, nq: int) -> tuple[np.ndarray, np.ndarray]:
         """Candidate buffers of ``ctf_topk_batch``, one pair per thread, reused while they fit."""
         S = len(self._lengths)
-        G, cap = _kernels.batch_shape(n, nq, S, room=max(n // 64, getattr(self._local, "batch_room", 0)))
+        G, cap = _kernels.batch_shape(n, nq, S, room=self._batch_room(n))
         bufs = getattr(self._local, "batch", None)
         if bufs is None or bufs[0].shape[0] < G or bufs[1].shape[1:] != (S, cap):
             bufs = self._local.batch = _kernels.batch_buffers(G, cap, S)
         return bufs
 
-    def _note_batch_keep(self, n: int, C: np.ndarray) -> None:
+    def _batch_room(self, n: int) -> int:
+        """Kept candidates a query this thread's batch buffers hold: n / 64 at first, then what
+        :meth:`_note_batch_keep` saw."""
+        return max(n // 64, getattr(self._local, "batch_room", 0))
+
+    def _note_batch_keep(self, n: int, kept: np.ndarray) -> None:
         """Grow this thread's batch buffers for its next batches when a query of this one kept more candidates
-        than they held (``C``: the batch's per-stage counts; the kept ones are those ranked at stage 3, or at
-        stage 2 when all stage-1 hits are kept). Such a query was searched on its own, at the speed of one
-        query: on real codes a default fit keeps 2-6 % of 1e6 items after two stages (docs/results-cuhk03.md),
-        more than the first guess of n / 64. At most n / 8 (the buffers' memory; a query that keeps more is
-        dominated by its later stages, which a batch does not share)."""
-        col = 2 if C.shape[1] > 2 and n > _kernels.BATCH_FILTER_MIN_N else 1
-        need = int(C[:, col].max())
-        if need > max(n // 64, getattr(self._local, "batch_room", 0)):
+        (``kept``: per query, its count at ``_kernels.kept_stage``) than they held. Such a query was searched
+        on its own, at the speed of one query: on real codes a default fit keeps 2-6 % of 1e6 items after two
+        stages (docs/results-cuhk03.md), more than the first guess of n / 64. At most n / 8 (the buffers'
+        memory; a query that keeps more is dominated by its later stages, which a batch does not share)."""
+        need = int(kept.max())
+        if need > self._batch_room(n):
             self._local.batch_room = min(n // 8, need + need // 4)
 
     def _hit_keys(self, qs: tuple[np.ndarray, ...], P: np.ndarray, thr: np.ndarray,

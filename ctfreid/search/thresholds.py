@@ -406,6 +406,15 @@ class ThresholdsFile:
     weighted: dict[int, int] | None = None
     weighting: Weighting | None = None
 
+    def hamming_thresholds(self, spec: str | os.PathLike) -> dict[int, int]:
+        """The Hamming thresholds; a file (``spec``) that holds only a weighted fit (an older ``calibrate
+        --weighted``) is refused: its first threshold is not a Hamming distance."""
+        if self.hamming is None:
+            raise CtfreidError(f"thresholds file {spec} holds only a fit for a weighted stage 1 (an older 'ctfreid "
+                               "calibrate --weighted'): Hamming thresholds are needed here; calibrate again (its "
+                               "file holds both)")
+        return self.hamming
+
 
 def read_thresholds_file(spec: str | os.PathLike) -> ThresholdsFile:
     """Thresholds from ``"32=9,128=41"`` or a JSON file (``{"thresholds": {"32": 9, ...}}``, a plain ``{"32": 9,
@@ -431,14 +440,8 @@ def read_thresholds_file(spec: str | os.PathLike) -> ThresholdsFile:
 
 
 def read_thresholds(spec: str | os.PathLike) -> dict[int, int]:
-    """The Hamming thresholds of a spec (:func:`read_thresholds_file`). A file that holds only a weighted
-    fit (an older ``calibrate --weighted``) is refused: its first threshold is not a Hamming distance."""
-    fits = read_thresholds_file(spec)
-    if fits.hamming is None:
-        raise CtfreidError(f"thresholds file {spec} holds only a fit for a weighted stage 1 (an older 'ctfreid "
-                           "calibrate --weighted'): Hamming thresholds are needed here; calibrate again (its "
-                           "file holds both)")
-    return fits.hamming
+    """The Hamming thresholds of a spec (:func:`read_thresholds_file`, :meth:`ThresholdsFile.hamming_thresholds`)."""
+    return read_thresholds_file(spec).hamming_thresholds(spec)
 
 
 def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int],

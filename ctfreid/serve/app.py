@@ -122,11 +122,10 @@ class Service:
         fits = self.store.get_meta("dto_fits")
         target = self.store.get_meta("target_fit")
         target_obj = json.loads(target) if target is not None else None
-        need_target = (config.beta is None and not self.encoder.thresholds and len(self.lengths) > 1 and
-                       (target_obj is None or target_obj.get("gallery_size") != config.gallery_size))
-        # the weighted stage 1 of image searches: stored beside the model's thresholds, else fitted like them
-        fit_weighted = bool(config.weighted) and config.beta is None and not self.encoder.thresholds and \
-            len(self.lengths) > 1
+        # the server fits its own defaults (kept with the store) unless --beta or the model gives thresholds
+        own_default = config.beta is None and not self.encoder.thresholds and len(self.lengths) > 1
+        need_target = own_default and (target_obj is None or target_obj.get("gallery_size") != config.gallery_size)
+        fit_weighted = own_default and bool(config.weighted)  # and the weighted stage 1 of image searches
         weighted = self.store.get_meta("weighted_fit") if fit_weighted else None
         weighted_obj = json.loads(weighted) if weighted is not None else None
         need_weighted = fit_weighted and (weighted_obj is None or (weighted_obj.get("gallery_size"),
@@ -145,21 +144,7 @@ class Service:
             weighted_obj = enc_mod.weighted_fit(val, config.gallery_size, config.weighted) or {
                 "gallery_size": config.gallery_size, "bits": config.weighted, "thresholds": None}  # none fits
             self.store.set_meta("weighted_fit", json.dumps(weighted_obj))
-        # image searches with the default thresholds: a weighted stage 1, or None
-        self.weighted: WeightedDefault | None = None
-        if weighted_obj is not None and weighted_obj.get("thresholds"):
-            from ctfreid.search.asymmetric import Weighting
-
-            self.weighted = WeightedDefault({int(L): int(t) for L, t in weighted_obj["thresholds"].items()},
-                                            Weighting.from_dict(weighted_obj["weights"]), weighted_obj["source"])
-        elif config.weighted and config.beta is None and self.encoder.thresholds and \
-                getattr(self.encoder, "weighted", None):  # (an encoder object of the caller's may not have it)
-            from ctfreid.search.asymmetric import max_distance
-            from ctfreid.search.thresholds import check_thresholds
-
-            wth, weighting = self.encoder.weighted  # fitted beside the stored thresholds ('ctfreid calibrate')
-            self.weighted = WeightedDefault(check_thresholds(wth, self.lengths, max_distance(self.lengths[0])),
-                                            weighting, f"stored with the model ({self.encoder.thresholds_source})")
+        self.weighted = self._weighted_default(weighted_obj)
         self.fits: dict | None = fits_obj
         self.target: dict | None = target_obj
         self.thresholds_source = ""
@@ -201,6 +186,25 @@ class Service:
             return thresholds_for_beta(self.fits, 2.0)
         self.thresholds_source = "no pruning (no thresholds with the model and no validation split)"
         return {L: L for L in need}
+
+    def _weighted_default(self, fitted: dict | None) -> WeightedDefault | None:
+        """The default of image searches (see the module): the weighted stage 1 stored beside the model's
+        thresholds ('ctfreid calibrate' writes it), else the server's own fit (``fitted``, kept with the
+        store); None under ``--weighted 0`` or ``--beta``, or when there is neither."""
+        from ctfreid.search.asymmetric import Weighting, max_distance
+        from ctfreid.search.thresholds import check_thresholds
+
+        if not self.config.weighted or self.config.beta is not None:
+            return None
+        # (an encoder object of the caller's may have no 'weighted')
+        stored = getattr(self.encoder, "weighted", None) if self.encoder.thresholds else None
+        if stored is not None:
+            return WeightedDefault(check_thresholds(stored[0], self.lengths, max_distance(self.lengths[0])),
+                                   stored[1], f"stored with the model ({self.encoder.thresholds_source})")
+        if fitted and fitted.get("thresholds"):
+            return WeightedDefault({int(L): int(t) for L, t in fitted["thresholds"].items()},
+                                   Weighting.from_dict(fitted["weights"]), fitted["source"])
+        return None
 
     # ------------------------------------------------------------------------------------- helpers
     def thresholds_for(self, thresholds: Any, beta: Any) -> dict[int, int] | None:

@@ -76,11 +76,13 @@ def weighted_fit(val, gallery_size: int, bits: int) -> dict | None:
     None or the fit fails."""
     if val is None:
         return None
-    from ctfreid.eval.calibration import DEFAULT_TARGET, DEFAULT_TOLERANCE, describe_fit, fit_target
+    from ctfreid.eval.calibration import default_weighted_fit, describe_fit
 
     try:
-        fit = fit_target(val, DEFAULT_TARGET, DEFAULT_TOLERANCE, gallery_size=gallery_size, weight_bits=bits)
+        fit = default_weighted_fit(val, gallery_size, bits)
     except ValueError:
+        return None
+    if fit is None:
         return None
     return {"thresholds": {str(L): int(t) for L, t in fit.thresholds.items()}, "weights": fit.weighting.to_dict(),
             "gallery_size": int(gallery_size), "bits": int(bits),

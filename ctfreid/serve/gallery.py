@@ -192,8 +192,8 @@ class Gallery:
             first = True
             while pending:
                 sub = {L: q[pending] for L, q in query.items()}
-                more = {} if query_weights is None else {"query_weights": query_weights[pending]}
-                hits = self.index.search_hits(sub, kk, thr if len(self.lengths) > 1 else None, **more)
+                hits = self.index.search_hits(sub, kk, thr if len(self.lengths) > 1 else None,
+                                              query_weights=None if query_weights is None else query_weights[pending])
                 partial.update(getattr(hits, "partial", ()))
                 if first:  # the counts do not depend on k: the first round (every query) has them
                     good = hits.candidates is not None and not getattr(hits, "partial", ())
