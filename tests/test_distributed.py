@@ -21,6 +21,7 @@ ray = pytest.importorskip("ray")
 
 from ctfreid.distributed import ShardedIndex, ShardsUnavailable  # noqa: E402
 from ctfreid.errors import CtfreidError  # noqa: E402
+from ctfreid.search.asymmetric import Weighting  # noqa: E402
 from ctfreid.search.index import CtFIndex  # noqa: E402
 
 LENGTHS = (32, 128, 512)
@@ -99,8 +100,17 @@ def test_exact_equality_with_one_index_before_and_after_removals(local_ray, shar
         for k in (5, 300):
             assert_same_hits(sharded.search_hits(q, k, thresholds=weighted, query_weights=w),
                              one.search_hits(q, k, thresholds=weighted, query_weights=w))
-        with pytest.raises(CtfreidError, match="query_weights need this call's thresholds"):
+        with pytest.raises(CtfreidError, match="no thresholds for a weighted stage 1"):
             sharded.search_hits(q, 5, query_weights=w)
+        # the weighted default, beside the Hamming one (as one index keeps both)
+        for index in (one, sharded):
+            index.weighted_thresholds, index.weighting = dict(weighted), Weighting(scale=1.5, bits=3)
+        assert sharded.weighted_thresholds == weighted and sharded.weighting == Weighting(scale=1.5, bits=3)
+        for k in (5, 300):
+            got = sharded.search_hits(q, k, query_weights=w)
+            assert_same_hits(got, one.search_hits(q, k, query_weights=w))
+            assert_same_hits(got, one.search_hits(q, k, thresholds=weighted, query_weights=w))
+            assert_same_hits(sharded.search_hits(q, k), one.search_hits(q, k, thresholds=THR))
 
         gone = rng.choice(240, 70, replace=False)
         assert sharded.remove_ids(np.concatenate([gone, [10_000]])) == one.remove_ids(gone) == 70
@@ -153,10 +163,21 @@ def test_errors_on_a_durable_index(local_ray, tmp_path):
             sharded.add({32: c[32]})
         with pytest.raises(CtfreidError, match="thresholds|threshold"):
             sharded.search_hits(c, 3)  # no thresholds for a 3-length index
+        with pytest.raises(CtfreidError, match=r"thresholds\[32\] must be an integer .* in \[0, 480\]"):
+            sharded.weighted_thresholds = {32: 481, 128: 60}  # a weighted distance: up to 15 x 32
+        with pytest.raises(CtfreidError, match="weighting must be a Weighting"):
+            sharded.weighting = {"scale": 1.0}
+        sharded.weighted_thresholds, sharded.weighting = {32: 200, 128: 60}, Weighting(scale=2.0)
     finally:
         sharded.close()
     with pytest.raises(CtfreidError, match="holds 2 shards, not 3"):
         ShardedIndex(shards=3, store=tmp_path / "g")
+    reopened = ShardedIndex(shards=2, store=tmp_path / "g")  # the weighted defaults are kept with the store
+    try:
+        assert reopened.weighted_thresholds == {32: 200, 128: 60} and reopened.weighting == Weighting(scale=2.0)
+        assert reopened.thresholds == {}
+    finally:
+        reopened.close()
 
 
 def test_killed_shard_is_restarted_with_its_items_and_writes_survive_a_reopen(local_ray, tmp_path):
@@ -250,6 +271,11 @@ def test_save_and_load_with_resharding(local_ray, tmp_path):
         sharded.add(c)
         sharded.thresholds = dict(THR)
         sharded.remove_ids(np.arange(0, 200, 3))
+        sharded.weighted_thresholds = {32: 150, 128: 60}
+        with pytest.raises(CtfreidError, match="weighted_thresholds need index.weighting"):
+            sharded.save(tmp_path / "saved")  # as one index: thresholds in units nobody could compute
+        assert not (tmp_path / "saved").exists()
+        sharded.weighting = Weighting(scale=3.0, bits=2)
         sharded.save(tmp_path / "saved")
     finally:
         sharded.close()
@@ -258,6 +284,7 @@ def test_save_and_load_with_resharding(local_ray, tmp_path):
     loaded = ShardedIndex.load(tmp_path / "saved", shards=2)
     try:
         assert loaded.shards == 2 and loaded.thresholds == THR and loaded.ntotal == one.ntotal
+        assert loaded.weighted_thresholds == {32: 150, 128: 60} and loaded.weighting == Weighting(scale=3.0, bits=2)
         assert_same_hits(loaded.search_hits(q, 150), one.search_hits(q, 150))
         c2 = tied_codes(rng, 10)
         one.add(c2)
@@ -538,6 +565,15 @@ def test_range_search_equals_one_index(local_ray, shards):
                 np.testing.assert_array_equal(a, b)
             found.append(int(want[0][-1]))
         assert found[0] > found[1] > 0  # not vacuous: results, fewer with a smaller radius
+        w = rng.integers(0, 16, (6, 32), dtype=np.uint8)  # a weighted stage 1: per call, then the default
+        for index in (one, sharded):
+            index.weighted_thresholds, index.weighting = {32: 90, 128: 70}, Weighting(scale=1.0)
+        for radius, thr in ((512, {32: 150, 128: 70}), (512, None), (200, None)):
+            got = sharded.range_search(q, radius, thr, query_weights=w)
+            want = one.range_search(q, radius, thr, query_weights=w)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
+            assert want[0][-1] > 0
         with pytest.raises(CtfreidError, match="radius"):
             sharded.range_search(q, -1)
     finally:

@@ -7,6 +7,8 @@
     index.thresholds = {32: 9, 128: 41, 512: 190}
     hits = index.search_hits(query_codes, k=100)         # hits.partial == () when every shard answered
     D, I = index.search(query_codes, k=100)              # raises ShardsUnavailable rather than answer short
+    index.weighted_thresholds, index.weighting = wthr, Weighting(scale=2.1)   # a weighted stage 1's defaults
+    D, I = index.search(query_codes, k=100, query_weights=index.weighting.weights(values))
 
 Why the answers are exact: coarse-to-fine search (Sec. 3.1) orders the gallery by a key each item has on its
 own (stages reached, then the distances from the finest length down, then insertion order; see
@@ -41,9 +43,9 @@ import numpy as np
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
-from ctfreid.search.asymmetric import check_weights, max_distance, query_planes
+from ctfreid.search.asymmetric import Weighting, check_weights, max_distance, query_planes
 from ctfreid.search.hamming import check_k, check_radius, range_result
-from ctfreid.search.index import CtFIndex, check_ids, ids_to_remove
+from ctfreid.search.index import CtFIndex, check_ids, default_thresholds, ids_to_remove
 from ctfreid.search.merge import Hits, empty_hits, merge_hits
 from ctfreid.search.thresholds import check_thresholds
 
@@ -113,9 +115,11 @@ def _code_set(codes: Mapping[int, np.ndarray], name: str) -> dict[int, np.ndarra
 
 
 class ShardedIndex:
-    """A :class:`CtFIndex` surface (``add``, ``search``, ``search_hits``, ``remove_ids``, ``ntotal``,
-    ``lengths``, ``thresholds``, ``save`` / ``load``) over ``shards`` Ray actors (Sec. 3.1 search, split by
-    item).
+    """A :class:`CtFIndex` surface (``add``, ``search``, ``search_hits``, ``range_search``, ``remove_ids``,
+    ``ntotal``, ``lengths``, ``thresholds``, ``weighted_thresholds`` and ``weighting``, ``save`` / ``load``) over
+    ``shards`` Ray actors (Sec. 3.1 search, split by item). The defaults of searches (``thresholds`` without
+    ``query_weights``, ``weighted_thresholds`` with them) are kept here, with the store's configuration and
+    in ``save``; every search passes them to the shards.
 
     - ``address``: None starts a local Ray (or uses the one this process already joined); ``"auto"`` or
       ``"ray://host:port"`` joins a cluster;
@@ -138,6 +142,8 @@ class ShardedIndex:
         self.store = Path(store) if store is not None else None
         self._lengths: list[int] | None = None
         self._thresholds: dict[int, int] = {}
+        self._weighted_thresholds: dict[int, int] | None = None
+        self._weighting: Weighting | None = None
         self._next_id = 0
         self._default_ids: bool | None = None
         self._write = threading.Lock()  # one write at a time (as one index): default ids are assigned once each
@@ -150,6 +156,7 @@ class ShardedIndex:
                                        f"shards={cfg['shards']} (or save and load to reshard)")
                 self._lengths = cfg["lengths"]
                 self._thresholds = {int(L): int(t) for L, t in cfg["thresholds"].items()}
+                self._weighted_thresholds, self._weighting = _weighted_of(cfg, self.store / CONFIG)
                 self._default_ids = cfg["default_ids"]
                 self._next_id = int(cfg["next_id"])
                 fingerprint = cfg["fingerprint"]
@@ -205,14 +212,48 @@ class ShardedIndex:
     def thresholds(self, value: Mapping[int, int]) -> None:
         """Validated against the lengths (once known), pushed to every shard (and their stores); searches
         also pass them per call, so a restarted shard answers with them too."""
-        if self._lengths:  # the one index's check: 9.7 or True is an error, not 9 or 1
-            thr = check_thresholds(value, self._lengths)
-        else:
-            thr = {int(L): int(t) for L, t in dict(value).items()}
+        thr = self._checked(value)
         with self._write:
             self._call_all("set_thresholds", [(thr,)] * self.shards)
             self._thresholds = thr
             self._write_config()
+
+    @property
+    def weighted_thresholds(self) -> dict[int, int] | None:
+        return None if self._weighted_thresholds is None else dict(self._weighted_thresholds)
+
+    @weighted_thresholds.setter
+    def weighted_thresholds(self, value: Mapping[int, int] | None) -> None:
+        """The default of searches with ``query_weights`` (as :attr:`CtFIndex.weighted_thresholds`: the first
+        a weighted distance), validated against the lengths once known and kept in the store's
+        configuration; searches pass them to the shards."""
+        thr = None if value is None else self._checked(value, weighted=True)
+        with self._write:
+            self._weighted_thresholds = thr
+            self._write_config()
+
+    @property
+    def weighting(self) -> Weighting | None:
+        """How queries' ``bn(v_1)`` values become the weights of ``weighted_thresholds`` (as
+        :attr:`CtFIndex.weighting`)."""
+        return self._weighting
+
+    @weighting.setter
+    def weighting(self, value: Weighting | None) -> None:
+        if value is not None and not isinstance(value, Weighting):
+            raise CtfreidError(f"index weighting must be a Weighting or None, got {type(value).__name__}")
+        with self._write:
+            self._weighting = value
+            self._write_config()
+
+    def _checked(self, value: Mapping[int, int], weighted: bool = False) -> dict[int, int]:
+        """Thresholds as the one index checks them (9.7 or True is an error, not 9 or 1) once the lengths
+        are known; before the first add only their keys and values as integers."""
+        if self._lengths:
+            return check_thresholds(value, self._lengths, max_distance(self._lengths[0]) if weighted else None)
+        if not isinstance(value, Mapping):
+            raise CtfreidError(f"thresholds must be a dict {{length: int}}, got {type(value).__name__}")
+        return {int(L): int(t) for L, t in value.items()}
 
     def __repr__(self) -> str:
         return f"ShardedIndex(shards={self.shards}, lengths={self.lengths}, store={self.store})"
@@ -237,6 +278,9 @@ class ShardedIndex:
     def _config(self) -> dict:
         return {"format": FORMAT, "shards": self.shards, "lengths": self._lengths,
                 "thresholds": {str(L): t for L, t in self._thresholds.items()},
+                "weighted_thresholds": None if self._weighted_thresholds is None
+                else {str(L): t for L, t in self._weighted_thresholds.items()},
+                "weights": None if self._weighting is None else self._weighting.to_dict(),
                 "default_ids": self._default_ids, "next_id": self._next_id, "fingerprint": self.fingerprint}
 
     def _write_config(self) -> None:
@@ -345,7 +389,7 @@ class ShardedIndex:
         restarting shard), then listed in ``partial``: the answer then misses their items. A shard that Ray
         does not restart (``max_restarts=0``) is listed at once; one that cannot start (its store gone or
         unreadable) raises a CtfreidError naming the cause. ``query_weights``: a weighted stage 1 (as
-        :meth:`CtFIndex.search_hits`), with this call's ``thresholds`` (weighted ones)."""
+        :meth:`CtFIndex.search_hits`), with this call's ``thresholds`` or else ``weighted_thresholds``."""
         k = check_k(k)
         qs = _code_set(query_codes, "query codes")
         if not self._lengths:
@@ -355,13 +399,13 @@ class ShardedIndex:
         nq = next(iter(qs.values())).shape[0]
         first_max = None
         if query_weights is not None:  # checked here: one clear error rather than one per shard
-            if thresholds is None and len(self._lengths) > 1:
-                raise CtfreidError("query_weights need this call's thresholds, fitted for a weighted stage 1: the "
-                                   "index's own are Hamming distances")
             query_planes(query_weights, nq, self._lengths[0])  # every check the shards make
             query_weights = check_weights(query_weights, nq, self._lengths[0])  # uint8 [nq, L1]
             first_max = max_distance(self._lengths[0])
-        thr = check_thresholds(self._thresholds if thresholds is None else thresholds, self._lengths, first_max)
+        if thresholds is None:
+            thresholds = default_thresholds(self._lengths, self._thresholds, self._weighted_thresholds,
+                                            query_weights is not None)
+        thr = check_thresholds(thresholds, self._lengths, first_max)
         parts, missing = self._fan_out(qs, k, thr, self.timeout if timeout is None else _timeout(timeout),
                                        query_weights)
         if not parts:
@@ -421,22 +465,24 @@ class ShardedIndex:
         return (D[0], I[0]) if single else (D, I)
 
     def range_search(self, query_codes: Mapping[int, np.ndarray], radius: int,
-                     thresholds: Mapping[int, int] | None = None, timeout: float | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     thresholds: Mapping[int, int] | None = None, timeout: float | None = None,
+                     query_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``lims, D, I`` as :meth:`CtFIndex.range_search` over every shard's items (the items that pass every
-        threshold and lie within ``radius`` at the longest length, in ranking order). The shards count the
-        items that pass, then a merged top-k of that many returns them. Raises :class:`ShardsUnavailable`
-        rather than answer without a shard. An add or removal during the call may be seen in part."""
+        threshold and lie within ``radius`` at the longest length, in ranking order; ``query_weights``: a
+        weighted stage 1). The shards count the items that pass, then a merged top-k of that many returns
+        them. Raises :class:`ShardsUnavailable` rather than answer without a shard. An add or removal during
+        the call may be seen in part."""
         radius = check_radius(radius)
         t = self.timeout if timeout is None else _timeout(timeout)
-        counted = self.search_hits(query_codes, 1, thresholds, timeout)  # checks query_codes first
+        counted = self.search_hits(query_codes, 1, thresholds, timeout, query_weights)  # checks the queries first
         if counted.partial:
             raise ShardsUnavailable(counted.partial, counted, t)
         S = len(counted.lengths)
         if counted.candidates is None or not counted.ids.size:  # nothing stored
             empty = np.zeros((counted.ids.shape[0], 0), np.int64)
             return range_result(empty.astype(bool), empty, empty)
-        h = self.search_hits(query_codes, max(1, int(counted.candidates[:, S - 1].max())), thresholds, timeout)
+        h = self.search_hits(query_codes, max(1, int(counted.candidates[:, S - 1].max())), thresholds, timeout,
+                             query_weights)
         if h.partial:
             raise ShardsUnavailable(h.partial, h, t)
         D = h.finest_distances
@@ -447,6 +493,8 @@ class ShardedIndex:
         """Write every shard's index (``shard-<i>.ctf``, CtFIndex format) and ``sharded.json`` into
         ``directory`` (created), each file atomically, ``sharded.json`` last with the checksum of every shard
         file: ``load`` refuses a snapshot that a failed save left half-replaced."""
+        if self._weighted_thresholds is not None and self._weighting is None:  # as CtFIndex.save
+            raise CtfreidError("index weighted_thresholds need index.weighting (their Weighting)")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         blobs = self._call_all("to_bytes", [()] * self.shards, timeout=max(self.timeout, 600))
@@ -468,6 +516,7 @@ class ShardedIndex:
             nsaved = int(cfg["shards"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CtfreidError(f"{d} does not hold a saved sharded index ({e})") from None
+        weighted = _weighted_of(cfg, path)  # a bad entry is refused before any shard starts
         parts = []
         for i in range(nsaved):
             path = d / f"shard-{i}.ctf"
@@ -492,6 +541,7 @@ class ShardedIndex:
         out._next_id = max(out._next_id, int(cfg["next_id"]))
         if cfg["thresholds"]:
             out.thresholds = {int(L): int(t) for L, t in cfg["thresholds"].items()}
+        out._weighted_thresholds, out._weighting = weighted
         out._write_config()
         return out
 
@@ -504,6 +554,16 @@ class ShardedIndex:
                 pass
             self._ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def _weighted_of(cfg: Mapping, path: Path) -> tuple[dict[int, int] | None, Weighting | None]:
+    """The weighted stage 1's defaults in a configuration (absent in those written before it had them)."""
+    thr, w = cfg.get("weighted_thresholds"), cfg.get("weights")
+    weighting = None if w is None else Weighting.from_dict(w, f"{path}: weights")
+    try:
+        return None if thr is None else {int(L): int(t) for L, t in dict(thr).items()}, weighting
+    except (ValueError, TypeError) as e:
+        raise CtfreidError(f"{path}: weighted_thresholds must map code lengths to integers ({e})") from None
 
 
 def _fields(h: Hits) -> tuple:

@@ -51,7 +51,7 @@ import stat
 import struct
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -136,6 +136,22 @@ def check_ids(ids: Any, n: int) -> np.ndarray:
         if dup.size:
             raise CtfreidError(f"ids must be unique: id {int(dup[0])} is given twice")
     return out
+
+
+def default_thresholds(lengths: Sequence[int], thresholds: Mapping[int, int],
+                       weighted_thresholds: Mapping[int, int] | None, weighted: bool) -> Mapping[int, int]:
+    """The thresholds of a search that passes none: an index's ``weighted_thresholds`` for a weighted stage 1
+    (``weighted``: the call has query weights), else its Hamming ``thresholds`` (unchecked; ``{}`` with one
+    code length). A CtfreidError when the index has none of the kind the call needs."""
+    default = weighted_thresholds if weighted else thresholds
+    if len(lengths) > 1 and weighted and default is None:
+        raise CtfreidError("query_weights given, but the index has no thresholds for a weighted stage 1 "
+                           "(index.weighted_thresholds is None): pass thresholds fitted for one "
+                           "('ctfreid calibrate' writes them beside the Hamming ones)")
+    if len(lengths) > 1 and not weighted and not default and weighted_thresholds is not None:
+        raise CtfreidError("the index has thresholds for a weighted stage 1 only: pass query_weights="
+                           "index.weighting.weights(values), or Hamming thresholds for this call")
+    return {} if default is None else default  # one code length: nothing to threshold
 
 
 class CtFIndex:
@@ -415,15 +431,7 @@ class CtFIndex:
         first_max = max_distance(self._lengths[0]) if weighted else None
         if thresholds is not None:
             return threshold_array(thresholds, self._lengths, first_max)
-        default = self.weighted_thresholds if weighted else self.thresholds
-        if len(self._lengths) > 1 and weighted and default is None:
-            raise CtfreidError("query_weights given, but the index has no thresholds for a weighted stage 1 "
-                               "(index.weighted_thresholds is None): pass thresholds fitted for one "
-                               "('ctfreid calibrate' writes them beside the Hamming ones)")
-        if len(self._lengths) > 1 and not weighted and not default and self.weighted_thresholds is not None:
-            raise CtfreidError("the index has thresholds for a weighted stage 1 only: pass query_weights="
-                               "index.weighting.weights(values), or Hamming thresholds for this call")
-        default = {} if default is None else default  # one code length: nothing to threshold
+        default = default_thresholds(self._lengths, self.thresholds, self.weighted_thresholds, weighted)
         key = tuple(default.items()) if isinstance(default, dict) else None
         cached = self._thr_cache
         if key is None or cached is None or cached[0] != (key, tuple(self._lengths), weighted):
