@@ -405,7 +405,7 @@ def _run_demo(cfg: DemoConfig, threads: int) -> dict:
     # 4. index of the gallery
     t = step(4, "coarse-to-fine index of the gallery")
     index = build_index(gallery, thresholds, fingerprint, info, {"thresholds_source": source},
-                        weighted=None if wfit is None else (wfit.thresholds, wfit.weighting))
+                        weighted=None if wfit is None else wfit.weighted_fit)
     index_path = out / "gallery.ctf"
     index.save(index_path)
     _say(cfg, f"  {index.ntotal} images, lengths {list(index.lengths)} -> {index_path}")

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctfreid.cli._args import not_an_input, output_file, positive_float, positive_int
 from ctfreid.errors import CtfreidError
+
+if TYPE_CHECKING:
+    from ctfreid.search.asymmetric import WeightedFit
 
 HELP = "build or extend a coarse-to-fine index from a folder of images"
 DESCRIPTION = """Encode a folder of person crops with a trained AiO model and save a coarse-to-fine (CtF)
@@ -139,13 +143,14 @@ def _build(args: argparse.Namespace) -> int:
           f"lengths {enc.lengths}" + (", flip test" if enc.flip else ""))
     print(f"  thresholds {th} ({source})")
     if weighted is not None:
-        wth = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(weighted[0].items()))
-        print(f"  for image queries: weighted stage 1 ({weighted[1].bits}-bit weights, scale {weighted[1].scale:.4g}), "
+        wth = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(weighted.thresholds.items()))
+        w = weighted.weighting
+        print(f"  for image queries: weighted stage 1 ({w.bits}-bit weights, scale {w.scale:.4g}), "
               f"thresholds {wth}")
     return 0
 
 
-def targeted_thresholds(val, gallery_size: int) -> tuple[dict[int, int], str, tuple | None]:
+def targeted_thresholds(val, gallery_size: int) -> tuple[dict[int, int], str, WeightedFit | None]:
     """The default thresholds of 'index build', the source line and the weighted stage 1 beside them: the
     accuracy target (tolerance 0.5 points, ``ctfreid.eval.calibration.default_fit`` and
     ``default_weighted_fit``) on the validation codes ``val``, planned for the ``gallery_size`` images
@@ -154,7 +159,7 @@ def targeted_thresholds(val, gallery_size: int) -> tuple[dict[int, int], str, tu
 
     fit = default_fit(val, gallery_size)
     wfit = default_weighted_fit(val, gallery_size)
-    return fit.thresholds, describe_fit(fit, len(val)), None if wfit is None else (wfit.thresholds, wfit.weighting)
+    return fit.thresholds, describe_fit(fit, len(val)), None if wfit is None else wfit.weighted_fit
 
 
 def _add(args: argparse.Namespace) -> int:

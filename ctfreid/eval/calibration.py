@@ -46,7 +46,8 @@ from ctfreid.errors import CtfreidError, count
 from ctfreid.eval.cost_model import CostModel, default_cost_model, expected_ms, stage_work
 from ctfreid.eval.evaluate import DEFAULT_BETAS
 from ctfreid.eval.metrics import merge_metrics, ranking_stats
-from ctfreid.search.asymmetric import DEFAULT_WEIGHT_BITS, Weighting, max_distance, weight_scale, weighted_distances
+from ctfreid.search.asymmetric import (DEFAULT_WEIGHT_BITS, WeightedFit, Weighting, max_distance, weight_scale,
+                                       weighted_distances)
 from ctfreid.search.coarse_to_fine import ctf_rank
 from ctfreid.search.hamming import check_k, hamming_distances, hamming_rank
 from ctfreid.search.thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_from_distances, pair_distances
@@ -97,6 +98,11 @@ class TargetFit:
     folds: int = 1
     grids: dict[int, list[int]] = field(default_factory=dict, repr=False)
     weighting: Weighting | None = None  # a weighted stage 1: thresholds[L1] is in its units
+
+    @property
+    def weighted_fit(self) -> WeightedFit | None:
+        """A weighted fit's thresholds and weighting as one ``WeightedFit``; None for a Hamming fit."""
+        return None if self.weighting is None else WeightedFit(self.thresholds, self.weighting)
 
     def to_dict(self) -> dict:
         """JSON-ready (length keys as strings)."""

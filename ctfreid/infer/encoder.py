@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # torch is imported lazily: the ONNX path of load_encoder mus
     import torch
 
     from ctfreid.learn.model import AiOModel
+    from ctfreid.search.asymmetric import WeightedFit
 
 
 def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int | None = None, height: int = 256,
@@ -114,7 +115,7 @@ class Encoder(Protocol):
     width: int
     flip: bool
     thresholds: dict[int, int] | None
-    weighted: tuple[dict[int, int], Any] | None  # stored thresholds of a weighted stage 1 and their Weighting
+    weighted: WeightedFit | None  # stored thresholds of a weighted stage 1 and their Weighting
     thresholds_source: str
     info: dict
 
@@ -139,9 +140,9 @@ def encoded_from_bn(bn: dict[int, np.ndarray], records: Sequence[Record] | None 
 
 
 def stored_fits(info: dict, path: str | os.PathLike | None = None
-                ) -> tuple[dict[int, int] | None, tuple[dict[int, int], Any] | None]:
-    """The thresholds kept with a model and the weighted stage 1 beside them (``(thresholds, Weighting)``,
-    ``ctfreid.search.asymmetric``, or None): the model file's ``thresholds`` (with none), else the
+                ) -> tuple[dict[int, int] | None, WeightedFit | None]:
+    """The thresholds kept with a model and the weighted stage 1 beside them (a
+    ``ctfreid.search.asymmetric.WeightedFit``, or None): the model file's ``thresholds`` (with none), else the
     ``thresholds.json`` (written by ``ctfreid calibrate`` / ``ctfreid demo``) in the run directory ``path``,
     read once: its Hamming thresholds and its ``"weighted_stage1"``; ``(None, None)`` if neither exists."""
     thr = info.get("thresholds")
@@ -153,7 +154,7 @@ def stored_fits(info: dict, path: str | os.PathLike | None = None
     from ctfreid.search.thresholds import read_thresholds_file
 
     fits = read_thresholds_file(file)
-    return fits.hamming_thresholds(file), (fits.weighted, fits.weighting) if fits.weighted is not None else None
+    return fits.hamming_thresholds(file), fits.weighted_fit
 
 
 def thresholds_file(info: dict, path: str | os.PathLike | None = None) -> Path | None:
@@ -197,7 +198,7 @@ class TorchEncoder:
         return self._stored[0]
 
     @property
-    def weighted(self) -> tuple[dict[int, int], Any] | None:
+    def weighted(self) -> WeightedFit | None:
         """The stored weighted stage 1 beside :attr:`thresholds` (:func:`stored_fits`), or None."""
         return self._stored[1]
 

@@ -89,8 +89,8 @@ def export_onnx(model: AiOModel, info: dict, out: str | os.PathLike, *, fingerpr
         "std": [float(x) for x in info["std"]],
         "flip": bool(flip),
         "thresholds": {str(k): int(v) for k, v in sorted(thresholds.items())} if thresholds else None,
-        "weighted_stage1": {"thresholds": {str(k): int(v) for k, v in sorted(weighted[0].items())},
-                            "weights": weighted[1].to_dict()} if weighted else None,
+        "weighted_stage1": {"thresholds": {str(k): int(v) for k, v in sorted(weighted.thresholds.items())},
+                            "weights": weighted.weighting.to_dict()} if weighted else None,
         "backbone": model.backbone_name,
         "source": source,
         # the run's data folder and held-back validation records (relative paths), so that split_records

@@ -25,12 +25,15 @@ import fcntl
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ctfreid.data.datasets import IMAGE_EXTENSIONS, is_image_name, parse_name
 from ctfreid.errors import CtfreidError
+
+if TYPE_CHECKING:
+    from ctfreid.search.asymmetric import WeightedFit
 
 META_FORMAT = "ctfreid-image-index/1"
 
@@ -57,30 +60,30 @@ def folder_records(folder: str | os.PathLike, label: str = "--images",
 
 
 def resolve_thresholds(encoder, spec: str | None = None, beta: float | None = None, batch_size: int = 64,
-                       progress: bool = False, fit: Callable | None = None) -> tuple[dict[int, int], str, Any]:
+                       progress: bool = False, fit: Callable | None = None) -> tuple[dict[int, int], str, WeightedFit | None]:
     """CtF thresholds for ``encoder`` (``ctfreid.infer.encoder.load_encoder``: a run or its ONNX export), a
-    sentence saying where they come from, and the weighted stage 1 fitted beside them (``(thresholds,
-    Weighting)``, ``ctfreid.search.asymmetric``; the default for queries with real values) or None: ``spec``
+    sentence saying where they come from, and the weighted stage 1 fitted beside them (a
+    ``ctfreid.search.asymmetric.WeightedFit``, the default for queries with real values) or None: ``spec``
     (``32=9,...`` or a calibrate .json), else ``beta`` (DTO on the run's validation split, Sec. 3.3), else
     the thresholds stored with the model, else ``fit(val)`` on the run's validation split (an
     ``EncodedSet``; it returns ``(thresholds, source, weighted)``: ``ctfreid index build`` passes the
     targeted fits of ``ctfreid.eval.calibration``, which this layer may not import), else DTO with beta 2.
     A file with only a weighted fit (an older ``calibrate --weighted``) gives no Hamming thresholds (``{}``)."""
-    from ctfreid.search.asymmetric import max_distance
+    from ctfreid.search.asymmetric import WeightedFit, max_distance
     from ctfreid.search.thresholds import check_thresholds, read_thresholds_file
 
     lengths = sorted(encoder.lengths)
     if len(lengths) == 1:
         return {}, "one code length: no thresholds needed", None
 
-    def checked(weighted):
-        return None if weighted is None else (check_thresholds(weighted[0], lengths, max_distance(lengths[0])),
-                                              weighted[1])
+    def checked(weighted: WeightedFit | None) -> WeightedFit | None:
+        return None if weighted is None else WeightedFit(
+            check_thresholds(weighted.thresholds, lengths, max_distance(lengths[0])), weighted.weighting)
 
     if spec is not None:  # an empty spec is refused by read_thresholds_file, not skipped
         fits = read_thresholds_file(spec)
         th = check_thresholds(fits.hamming, lengths) if fits.hamming is not None else {}
-        return th, f"--thresholds {spec}", checked((fits.weighted, fits.weighting) if fits.weighted else None)
+        return th, f"--thresholds {spec}", checked(fits.weighted_fit)
     if beta is None and encoder.thresholds:
         return (check_thresholds(encoder.thresholds, lengths), f"stored with {encoder.thresholds_source}",
                 checked(getattr(encoder, "weighted", None)))
@@ -111,7 +114,7 @@ def _model_meta(fingerprint: str, info: Mapping, flip: bool = False) -> dict:
 def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: Mapping,
                 extra: Mapping | None = None, flip: bool = False, weighted=None):
     """A :class:`ctfreid.search.index.CtFIndex` of ``encoded`` (an ``EncodedSet`` with paths) with the metadata
-    above; ``weighted``: ``(thresholds, Weighting)`` of a weighted stage 1 for queries with real values
+    above; ``weighted``: the ``WeightedFit`` of a weighted stage 1 for queries with real values
     (``index.weighted_thresholds``, ``index.weighting``), or None."""
     from ctfreid.search.index import CtFIndex
 
@@ -121,8 +124,8 @@ def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: 
     index.add(encoded.codes)
     index.thresholds = {int(k): int(v) for k, v in thresholds.items()}
     if weighted is not None:
-        index.weighted_thresholds = {int(k): int(v) for k, v in weighted[0].items()}
-        index.weighting = weighted[1]
+        index.weighted_thresholds = {int(k): int(v) for k, v in weighted.thresholds.items()}
+        index.weighting = weighted.weighting
     index.metadata = {
         "format": META_FORMAT,
         "model": _model_meta(fingerprint, info, flip),

@@ -114,11 +114,12 @@ class OnnxEncoder:
         self.thresholds: dict[int, int] | None = {int(k): int(v) for k, v in thr.items()} if thr else None
         self.weighted = None
         if weighted:
-            from ctfreid.search.asymmetric import Weighting
+            from ctfreid.search.asymmetric import WeightedFit, Weighting
 
             try:
-                self.weighted = ({int(k): int(v) for k, v in weighted["thresholds"].items()},
-                                 Weighting.from_dict(weighted["weights"], f"{file}: weighted_stage1 weights"))
+                thresholds = {int(k): int(v) for k, v in weighted["thresholds"].items()}
+                self.weighted = WeightedFit(thresholds, Weighting.from_dict(weighted["weights"],
+                                                                            f"{file}: weighted_stage1 weights"))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise CtfreidError(f"{file} has malformed ctfreid metadata 'weighted_stage1' ({e})") from None
         self.thresholds_source: str = str(file)

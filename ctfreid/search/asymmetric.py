@@ -21,6 +21,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -103,6 +104,14 @@ class Weighting:
             return cls(scale=obj["scale"], bits=obj.get("bits", DEFAULT_WEIGHT_BITS))
         except CtfreidError as e:
             raise CtfreidError(f"{where}: {e}") from None
+
+
+class WeightedFit(NamedTuple):
+    """A weighted stage 1's CtF thresholds (Sec. 3.1; the first one bounds the weighted distance) and the
+    :class:`Weighting` they were fitted with: the default of searches by queries with real values."""
+
+    thresholds: dict[int, int]
+    weighting: Weighting
 
 
 def check_weights(weights: np.ndarray, nq: int, length: int, name: str = "query_weights") -> np.ndarray:

@@ -56,7 +56,7 @@ import numpy as np
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError, count
-from ctfreid.search.asymmetric import Weighting, max_distance
+from ctfreid.search.asymmetric import WeightedFit, Weighting, max_distance
 
 DEFAULT_MAX_PAIRS = 1_000_000
 
@@ -405,6 +405,11 @@ class ThresholdsFile:
     hamming: dict[int, int] | None
     weighted: dict[int, int] | None = None
     weighting: Weighting | None = None
+
+    @property
+    def weighted_fit(self) -> WeightedFit | None:
+        """``weighted`` and ``weighting`` as one :class:`~ctfreid.search.asymmetric.WeightedFit`, or None."""
+        return None if self.weighted is None else WeightedFit(self.weighted, self.weighting)
 
     def hamming_thresholds(self, spec: str | os.PathLike) -> dict[int, int]:
         """The Hamming thresholds; a file (``spec``) that holds only a weighted fit (an older ``calibrate

@@ -199,8 +199,8 @@ class Service:
         # (an encoder object of the caller's may have no 'weighted')
         stored = getattr(self.encoder, "weighted", None) if self.encoder.thresholds else None
         if stored is not None:
-            return WeightedDefault(check_thresholds(stored[0], self.lengths, max_distance(self.lengths[0])),
-                                   stored[1], f"stored with the model ({self.encoder.thresholds_source})")
+            return WeightedDefault(check_thresholds(stored.thresholds, self.lengths, max_distance(self.lengths[0])),
+                                   stored.weighting, f"stored with the model ({self.encoder.thresholds_source})")
         if fitted and fitted.get("thresholds"):
             return WeightedDefault({int(L): int(t) for L, t in fitted["thresholds"].items()},
                                    Weighting.from_dict(fitted["weights"]), fitted["source"])
