@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ctfreid.encoded import load_encoded
+from ctfreid.eval.calibration import split_validation
 from ctfreid.eval.metrics import evaluate_ranking
 from ctfreid.learn.run_dir import load_model
 from ctfreid.search.asymmetric import Weighting, weight_scale, weighted_distances
@@ -59,46 +60,79 @@ def ctf(D: list[np.ndarray], t: list[int]) -> tuple[np.ndarray, list[float]]:
     return np.lexsort(keys, axis=-1), [float((reach > s).mean()) for s in range(1, len(D))]
 
 
-def study(model_dir: str, enc_dir: str, fit_file: str) -> dict:
+class Pair:
+    """A query / gallery pair's per-stage distances: the default's weighted stage 1, and Hamming and weighted
+    (4-bit, scale ``scales[L]``) distances at the later lengths; ``mAP(I)`` of a ranking."""
+
+    def __init__(self, model_dir: str, q, g, weighting: Weighting, scales: dict[int, float]) -> None:
+        x = pyramid_values(model_dir, q.features)
+        assert np.allclose(x[32], q.values, atol=1e-4), "pyramid values differ from the encoder's values_32"
+        self.q, self.g = q, g
+        self.w32 = weighted_distances(q.codes[32], weighting.weights(q.values), g.codes[32])
+        self.ham = {L: hamming_distances(q.codes[L], g.codes[L]) for L in (128, 512, 2048)}
+        self.wtd = {L: weighted_distances(q.codes[L], Weighting(scale=scales[L], bits=4).weights(x[L]), g.codes[L])
+                    for L in (128, 512)}
+
+    def stages(self, weighted_at: int | None = None) -> list[np.ndarray]:
+        return [self.w32] + [self.wtd[L] if L == weighted_at else self.ham[L] for L in (128, 512)] + [self.ham[2048]]
+
+    def mAP(self, I: np.ndarray) -> float:
+        return 100 * evaluate_ranking(I, self.q.pids, self.q.camids, self.g.pids, self.g.camids).mAP
+
+
+def _eval(pairs: list[Pair], weighted_at: int | None, th: list[int]) -> tuple[float, list[float]]:
+    """Mean CtF mAP and kept fractions over ``pairs``."""
+    runs = [ctf(p.stages(weighted_at), th) for p in pairs]
+    return (float(np.mean([p.mAP(I) for p, (I, _) in zip(pairs, runs)])),
+            list(np.mean([k for _, k in runs], axis=0)))
+
+
+def _least_kept(pairs: list[Pair], t0: list[int], s: int, L: int, weighted: bool) -> tuple[int, list[float], float]:
+    """The threshold of stage ``s`` (length ``L``) that keeps the fewest after it at a mean CtF mAP no lower than
+    the default's minus 0.05 on ``pairs``: (threshold, kept fractions, mAP)."""
+    base, kept0 = _eval(pairs, None, t0)
+    if weighted:  # weighted units: thresholds at quantiles of the distances of the candidates reaching stage s
+        d = np.concatenate([p.wtd[L][np.logical_and.reduce([x <= t for x, t in zip(p.stages()[:s], t0[:s])])]
+                            for p in pairs])
+        grid = sorted({int(np.quantile(d, min(1.0, f * kept0[s] / kept0[s - 1]))) for f in np.linspace(0.05, 1.2, 47)})
+    else:
+        grid = range(max(0, t0[s] - 40), t0[s] + 11)
+    best = None
+    for t in grid:
+        th = list(t0)
+        th[s] = t
+        m, kept = _eval(pairs, L if weighted else None, th)
+        if m >= base - 0.05 and (best is None or kept[s] < best[1][s]):
+            best = (t, kept, m)
+    return best
+
+
+def study(model_dir: str, enc_dir: str, fit_file: str, folds: int = 3) -> dict:
+    """The default on the test split, and for each later stage and method: the least-kept point of a sweep on
+    the test split (its frontier), and the threshold chosen by the same rule on ``folds`` validation splits
+    (``calibration.split_validation``), evaluated on the test split."""
     q, g, val = (load_encoded(f"{enc_dir}/{s}.npz") for s in ("query", "gallery", "val"))
     fits = read_thresholds_file(fit_file)
     tw, wt = fits.weighted, fits.weighting
-    xq, xv = pyramid_values(model_dir, q.features), pyramid_values(model_dir, val.features)
-    assert np.allclose(xq[32], q.values, atol=1e-4), "pyramid values differ from the encoder's values_32"
-    w32 = weighted_distances(q.codes[32], wt.weights(q.values), g.codes[32])
-    ham = {L: hamming_distances(q.codes[L], g.codes[L]) for L in (128, 512, 2048)}
-
-    def mAP(I: np.ndarray) -> float:
-        return 100 * evaluate_ranking(I, q.pids, q.camids, g.pids, g.camids).mAP
-
+    xv = pyramid_values(model_dir, val.features)
+    scales = {L: weight_scale(xv[L]) for L in (128, 512)}
+    test = Pair(model_dir, q, g, wt, scales)
+    vals = [Pair(model_dir, *split_validation(val, 0, j), wt, scales) for j in range(folds)]
     t0 = [tw[32], tw[128], tw[512]]
-    I0, kept0 = ctf([w32, ham[128], ham[512], ham[2048]], t0)
+    I0, kept0 = ctf(test.stages(), t0)
     _, Ilib = ctf_rank(q.codes, g.codes, tw, query_weights=wt.weights(q.values))
     assert (I0 == Ilib).all(), "numpy CtF != ctf_rank"
-    base = mAP(I0)
-    out = {"run": enc_dir.rstrip("/").split("/")[-1], "default_kept": kept0, "mAP": base,
-           "mAP_2048": mAP(np.argsort(ham[2048], axis=1, kind="stable"))}
+    out = {"run": enc_dir.rstrip("/").split("/")[-1], "default_kept": kept0, "mAP": test.mAP(I0),
+           "mAP_2048": test.mAP(np.argsort(test.ham[2048], axis=1, kind="stable"))}
     for s, L in ((1, 128), (2, 512)):
-        wL = Weighting(scale=weight_scale(xv[L]), bits=4)
-        wd = weighted_distances(q.codes[L], wL.weights(xq[L]), g.codes[L])
-        stages = [w32, ham[128], ham[512], ham[2048]]
-        before = np.ones(w32.shape, bool)
-        for j in range(s):
-            before &= stages[j] <= t0[j]
-        for name, d, grid in (("hamming", ham[L], range(max(0, t0[s] - 40), t0[s] + 11)),
-                              ("weighted", wd, sorted({int(np.quantile(wd[before], min(1.0, f * kept0[s] / kept0[s - 1])))
-                                                       for f in np.linspace(0.05, 1.2, 47)}))):
-            best = None
-            for t in grid:
-                D = list(stages)
-                D[s] = d
-                th = list(t0)
-                th[s] = t
-                I, kept = ctf(D, th)
-                m = mAP(I)
-                if m >= base - 0.05 and (best is None or kept[s] < best[1][s]):
-                    best = (t, kept, m)
-            out[f"{L} {name}"] = best
+        for weighted in (False, True):
+            name = f"{L} {'weighted' if weighted else 'hamming'}"
+            out[name] = _least_kept([test], t0, s, L, weighted)
+            t = _least_kept(vals, t0, s, L, weighted)[0]
+            th = list(t0)
+            th[s] = t
+            I, kept = ctf(test.stages(L if weighted else None), th)
+            out[f"{name} fitted"] = (t, kept, test.mAP(I))
     return out
 
 
@@ -131,13 +165,27 @@ def main() -> None:
     print("| run | default: kept after 32 / 128 / 512 bits, CtF mAP (2048-bit) | 128-bit stage: Hamming, weighted "
           "(kept after 128 / after 512) | 512-bit stage: Hamming, weighted (kept after 512) |")
     print("|---|---|---|---|")
+    results = []
     for i in range(0, len(args), 3):
         r = study(*args[i:i + 3])
+        results.append(r)
         k = r["default_kept"]
         h2, w2, h3, w3 = r["128 hamming"], r["128 weighted"], r["512 hamming"], r["512 weighted"]
         print(f"| {r['run']} | {100 * k[0]:.1f} / {100 * k[1]:.1f} / {100 * k[2]:.2f} %, {r['mAP']:.2f} "
               f"({r['mAP_2048']:.2f}) | {100 * h2[1][1]:.2f} / {100 * h2[1][2]:.2f} %, **{100 * w2[1][1]:.2f} / "
               f"{100 * w2[1][2]:.2f} %** | {100 * h3[1][2]:.2f} %, **{100 * w3[1][2]:.2f} %** |", flush=True)
+    print()
+    print("thresholds chosen by the same rule on 3 validation splits, evaluated on the test split (kept %, test mAP)")
+    print("| run | 128-bit stage: Hamming | weighted | 512-bit stage: Hamming | weighted |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        cells = []
+        for L, s in ((128, 1), (512, 2)):
+            for m in ("hamming", "weighted"):
+                t, kept, mAP = r[f"{L} {m} fitted"]
+                cell = f"{100 * kept[s]:.2f} %, {mAP:.2f}"
+                cells.append(f"**{cell}**" if m == "weighted" else cell)
+        print(f"| {r['run']} (default {r['mAP']:.2f}) | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
