@@ -1,6 +1,8 @@
 """The cache-blocked batch scan (``_kernels.ctf_topk_batch``) gives exactly the one-query answers and those of a
 brute-force oracle: ties, removed items, k beyond the candidates, per-call thresholds, every ``Hits`` field."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -139,7 +141,8 @@ def test_kernel_groups_and_hi2():
 
 def test_batch_buffers_grow_to_what_the_queries_keep(monkeypatch):
     """Queries that keep more candidates than a batch's buffers hold (first guess: n / 64 a query) are
-    searched on their own, with the same answers; the thread's next batches get buffers that hold them."""
+    searched on their own, with the same answers; the next batches get buffers that hold them, on this
+    thread and on a thread that has not searched yet."""
     monkeypatch.setattr(_kernels, "BATCH_FILTER_MIN_N", 0)  # stage 2 keeps only thr[1]'s candidates
     monkeypatch.setattr(_kernels, "BATCH_MIN_QUERIES", 1)
     rng = np.random.default_rng(8)
@@ -157,5 +160,12 @@ def test_batch_buffers_grow_to_what_the_queries_keep(monkeypatch):
         np.testing.assert_array_equal(h.ids, want[0])
         np.testing.assert_array_equal(h.distances, want[2])
         np.testing.assert_array_equal(h.candidates, want[3])
-        assert index._local.batch_room == kept + kept // 4
-    assert _kernels.batch_shape(n, NQ, 3, room=index._local.batch_room)[1] >= kept
+        assert index._batch_room(n) == kept + kept // 4
+    assert _kernels.batch_shape(n, NQ, 3, room=index._batch_room(n))[1] >= kept
+    other: list = []  # a new thread's first batch: buffers sized by the batches seen, and the same answers
+    t = threading.Thread(target=lambda: other.extend([index._batch_room(n),
+                                                      index.search_hits(q, k, thresholds, threads=1)]))
+    t.start()
+    t.join(60)
+    assert other[0] == kept + kept // 4  # a thread of its own had n / 64 and searched its queries one by one
+    np.testing.assert_array_equal(other[1].ids, want[0])

@@ -185,6 +185,7 @@ class CtFIndex:
         self._thr_cache: tuple | None = None
         self._lock = RWLock()
         self._local = threading.local()  # per-thread search scratch (no page faults on reuse)
+        self._batch_room_seen = 0  # kept candidates a query of any thread's batch needed (_note_batch_keep)
 
     # ---------------------------------------------------------------------------------------- state
     @property
@@ -506,19 +507,20 @@ class CtFIndex:
         return bufs
 
     def _batch_room(self, n: int) -> int:
-        """Kept candidates a query this thread's batch buffers hold: n / 64 at first, then what
-        :meth:`_note_batch_keep` saw."""
-        return max(n // 64, getattr(self._local, "batch_room", 0))
+        """Kept candidates a query the batch buffers hold: n / 64 at first, then what :meth:`_note_batch_keep`
+        saw on any thread (a thread's first batch is sized by the others' batches)."""
+        return max(n // 64, self._batch_room_seen)
 
     def _note_batch_keep(self, n: int, kept: np.ndarray) -> None:
-        """Grow this thread's batch buffers for its next batches when a query of this one kept more candidates
-        (``kept``: per query, its count at ``_kernels.kept_stage``) than they held. Such a query was searched
-        on its own, at the speed of one query: on real codes a default fit keeps 2-6 % of 1e6 items after two
-        stages (docs/results-cuhk03.md), more than the first guess of n / 64. At most n / 8 (the buffers'
-        memory; a query that keeps more is dominated by its later stages, which a batch does not share)."""
+        """Grow the batch buffers of the next batches (every thread's) when a query of this one kept more
+        candidates (``kept``: per query, its count at ``_kernels.kept_stage``) than they held. Such a query was
+        searched on its own, at the speed of one query: on real codes a default fit keeps 2-6 % of 1e6 items
+        after two stages (docs/results-cuhk03.md), more than the first guess of n / 64. At most n / 8 (the
+        buffers' memory; a query that keeps more is dominated by its later stages, which a batch does not
+        share). Threads race benignly here: each writes a room that fits its own batch."""
         need = int(kept.max())
         if need > self._batch_room(n):
-            self._local.batch_room = min(n // 8, need + need // 4)
+            self._batch_room_seen = min(n // 8, need + need // 4)
 
     def _hit_keys(self, qs: tuple[np.ndarray, ...], P: np.ndarray, thr: np.ndarray,
                   wp: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
