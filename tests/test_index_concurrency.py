@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from reference import correlated_code_sets
 
+from ctfreid.errors import CtfreidError
 from ctfreid.search.index import CtFIndex
 
 LENGTHS = (32, 128, 512)
@@ -82,6 +83,7 @@ def test_searches_see_whole_writes():
 
 SAVER = """
 import sys, time
+from ctfreid.errors import CtfreidError
 from ctfreid.search.index import CtFIndex
 a, b, path, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 blobs = [CtFIndex.from_bytes(open(p, "rb").read()) for p in (a, b)]
@@ -123,3 +125,54 @@ def test_loads_racing_a_saver_process_never_mix_two_files(tmp_path, mmap):
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == 0 and min(seen.values()) > 0, seen
+
+
+def _blocking_grow(monkeypatch):
+    """Make ``CtFIndex._grow`` stop inside its first copy into a larger buffer until released: (copying, release)."""
+    copying, release = threading.Event(), threading.Event()
+    grow = CtFIndex._grow
+
+    def blocked(self, buf, need, row, dtype):
+        if buf.shape[0] < need and not copying.is_set():
+            copying.set()
+            assert release.wait(30), "never released"
+        return grow(self, buf, need, row, dtype)
+
+    monkeypatch.setattr(CtFIndex, "_grow", blocked)
+    return copying, release
+
+
+def test_searches_go_on_while_an_add_copies_into_larger_buffers(monkeypatch):
+    """The doubling copy of a growing index holds only the read lock: a search during it answers at once, with
+    the items before the add (oracle: an index built from them alone); after the add it has them all."""
+    rng = np.random.default_rng(3)
+    q, g = correlated_code_sets(rng, 3000, 4, LENGTHS)
+    index, before, after = CtFIndex(), CtFIndex(), CtFIndex()
+    for x, n in ((index, 1024), (before, 1024), (after, 3000)):
+        x.add({L: c[:n] for L, c in g.items()})
+    copying, release = _blocking_grow(monkeypatch)
+    adder = threading.Thread(target=index.add, args=({L: c[1024:] for L, c in g.items()},))
+    adder.start()
+    try:
+        assert copying.wait(30)
+        answers: list = []
+        searcher = threading.Thread(target=lambda: answers.append(index.search(q, 20, TH)))
+        searcher.start()
+        searcher.join(10)
+        assert not searcher.is_alive(), "the search waited for the add's copy"
+        assert adder.is_alive()  # still copying: the search ran during the copy
+        for a, b in zip(answers[0], before.search(q, 20, TH)):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        release.set()
+        adder.join(30)
+    for a, b in zip(index.search(q, 20, TH), after.search(q, 20, TH)):
+        np.testing.assert_array_equal(a, b)
+    index.reserve(5000)  # room now: the next adds of up to 5000 items copy nothing
+    assert index._ids.shape[0] >= 3000 + 5000
+    buffers = [index._codes[L] for L in LENGTHS] + [index._ids]
+    index.add({L: c[:100] for L, c in g.items()})
+    assert all(a is b for a, b in zip(buffers, [index._codes[L] for L in LENGTHS] + [index._ids]))
+    assert index.ntotal == 3100
+    with pytest.raises(CtfreidError, match="reserve needs a number of items"):
+        index.reserve(-1)

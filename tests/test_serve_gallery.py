@@ -63,3 +63,49 @@ def test_update_and_erase_change_the_fields_in_memory(gallery):
     g.erase([i, 7])
     assert i not in g.fields.source and not g.fields.has_pid[[i, 7]].any() and not g.fields.has_camera[i]
     assert np.isnan(g.fields.time[[i, 7]]).all()
+
+
+def test_searches_go_on_while_an_add_grows_the_index(tmp_path, monkeypatch):
+    """The service's add reserves the index's larger buffers before it takes its write lock: a search during
+    the copy answers at once, with the items before the add (oracle: the same search on a gallery of those)."""
+    import threading
+
+    from ctfreid.search.index import CtFIndex
+
+    rng = np.random.default_rng(9)
+    base = rng.integers(0, 256, (1500, 8), dtype=np.uint8)
+    codes = lambda a, b: {32: base[a:b, :4].copy(), 64: base[a:b].copy()}  # noqa: E731
+    metas = [ItemMeta(camera=1 + i % 3) for i in range(1500)]
+    g, oracle = (Gallery(Store(tmp_path / name, "test", LENGTHS), {32: 14}) for name in ("a", "b"))
+    for x in (g, oracle):
+        x.add(codes(0, 1024), metas[:1024])
+    copying, release = threading.Event(), threading.Event()
+    grow = CtFIndex._grow
+
+    def blocked(self, buf, need, row, dtype):
+        if buf.shape[0] < need and not copying.is_set():
+            copying.set()
+            assert release.wait(30), "never released"
+        return grow(self, buf, need, row, dtype)
+
+    monkeypatch.setattr(CtFIndex, "_grow", blocked)
+    adder = threading.Thread(target=g.add, args=(codes(1024, 1500), metas[1024:]))
+    adder.start()
+    q = codes(0, 5)
+    try:
+        assert copying.wait(30)
+        answers: list = []
+        searcher = threading.Thread(target=lambda: answers.append(g.search(q, 10)))
+        searcher.start()
+        searcher.join(10)
+        assert not searcher.is_alive(), "the search waited for the add's copy"
+        assert adder.is_alive()
+        assert answers[0][0] == oracle.search(q, 10)[0] and len(answers[0][0][0]) == 10
+    finally:
+        release.set()
+        adder.join(30)
+    oracle.add(codes(1024, 1500), metas[1024:])
+    assert g.search(q, 10)[0] == oracle.search(q, 10)[0]
+    assert len(g) == 1500
+    for x in (g, oracle):
+        x.store.close()

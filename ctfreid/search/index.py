@@ -184,6 +184,9 @@ class CtFIndex:
         self._views: tuple | None = None
         self._thr_cache: tuple | None = None
         self._lock = RWLock()
+        # one write at a time (add, remove_ids, compact): an add can then copy its grown buffers under the read
+        # lock, with searches going on, and hold the write lock only to swap them in
+        self._writing = threading.Lock()
         self._local = threading.local()  # per-thread search scratch (no page faults on reuse)
         self._batch_room_seen = 0  # kept candidates a query of any thread's batch needed (_note_batch_keep)
 
@@ -243,43 +246,82 @@ class CtFIndex:
         n = next(iter(cs.values())).shape[0]
         given = ids is not None
         ids_arr = check_ids(ids, n) if given else None
-        with self._lock.write():
-            if self._lengths is not None and lengths != self._lengths:
-                raise CtfreidError(f"codes have lengths {lengths} but the index holds lengths {self._lengths}")
-            if self._default_ids is not None and self._default_ids == given:
-                raise CtfreidError(
-                    "ids must be given on every add or on none: the index was built "
-                    + ("with default ids (0, 1, 2, ...)" if self._default_ids else "with explicit ids")
-                )
-            if ids_arr is None:
-                ids_arr = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-            elif n:
-                self._check_new_ids(ids_arr)
-            if self._lengths is None:
-                self._lengths = lengths
-                self._codes = {L: np.empty((0, L // 8), np.uint8) for L in lengths}
-            self._default_ids = not given
-            if n == 0:
-                return
-            old, new_total = self._nslots, self._nslots + n
-            for L, arr in cs.items():
-                self._codes[L] = self._grow(self._codes[L], new_total, (L // 8,), np.uint8)
-                self._codes[L][old:new_total] = arr
-            self._ids = self._grow(self._ids, new_total, (), np.int64)
-            self._ids[old:new_total] = ids_arr
-            cap_words = self._ids.shape[0] // _kernels.BLOCK + 1
-            if self._live.shape[0] < cap_words:
-                live = np.zeros(cap_words, np.uint64)
-                live[: self._live.shape[0]] = self._live
-                self._live = live
-            self._set_live(np.arange(old, new_total), True)
-            if self._increasing:
-                self._increasing = bool((old == 0 or ids_arr[0] > self._ids[old - 1])
-                                        and (n == 1 or (np.diff(ids_arr) > 0).all()))
-            self._sorted = None
-            self._nslots = new_total
-            self._next_id = max(self._next_id, int(ids_arr.max()) + 1)
-            self._views = None
+        with self._writing:
+            self._swap_in(self._grown(n))
+            with self._lock.write():
+                self._add_locked(cs, lengths, n, given, ids_arr)
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` more items (as usearch's ``reserve``), so that adding them copies nothing. The copy
+        into larger buffers runs while searches go on; only the swap waits for them. ``add`` does the same
+        for its own items; a caller that holds a lock of its own around ``add`` (the service) reserves
+        first. Before the first add (no code lengths yet) there is nothing to reserve."""
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise CtfreidError(f"reserve needs a number of items >= 0, got {n!r}")
+        with self._writing:
+            self._swap_in(self._grown(int(n)))
+
+    def _swap_in(self, grown: dict | None) -> None:
+        """Swap in the buffers of :meth:`_grown` (the caller holds ``_writing``: no write ran since the copy)."""
+        if grown is not None:
+            with self._lock.write():
+                self._ids = grown.pop("ids")
+                self._codes.update(grown)
+                self._views = None
+
+    def _grown(self, n: int) -> dict | None:
+        """Buffers with room for ``n`` more rows holding the current ones (codes by length, and ``"ids"``), or
+        None when every buffer has room. The doubling copy (3.4 GB at 1e7 items of 4 lengths) runs under the
+        read lock, so searches go on meanwhile; the caller holds ``_writing``, so no write changes the rows
+        before it swaps the copies in."""
+        with self._lock.read():
+            if self._lengths is None or n == 0:
+                return None
+            need = self._nslots + n
+            if all(b.shape[0] >= need and b.flags.writeable for b in (*self._codes.values(), self._ids)):
+                return None
+            grown: dict = {L: self._grow(self._codes[L], need, (L // 8,), np.uint8) for L in self._lengths}
+            grown["ids"] = self._grow(self._ids, need, (), np.int64)
+            return grown
+
+    def _add_locked(self, cs: dict, lengths: list[int], n: int, given: bool, ids_arr: np.ndarray | None) -> None:
+        """The body of :meth:`add`, under the write lock."""
+        if self._lengths is not None and lengths != self._lengths:
+            raise CtfreidError(f"codes have lengths {lengths} but the index holds lengths {self._lengths}")
+        if self._default_ids is not None and self._default_ids == given:
+            raise CtfreidError(
+                "ids must be given on every add or on none: the index was built "
+                + ("with default ids (0, 1, 2, ...)" if self._default_ids else "with explicit ids")
+            )
+        if ids_arr is None:
+            ids_arr = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        elif n:
+            self._check_new_ids(ids_arr)
+        if self._lengths is None:
+            self._lengths = lengths
+            self._codes = {L: np.empty((0, L // 8), np.uint8) for L in lengths}
+        self._default_ids = not given
+        if n == 0:
+            return
+        old, new_total = self._nslots, self._nslots + n
+        for L, arr in cs.items():
+            self._codes[L] = self._grow(self._codes[L], new_total, (L // 8,), np.uint8)
+            self._codes[L][old:new_total] = arr
+        self._ids = self._grow(self._ids, new_total, (), np.int64)
+        self._ids[old:new_total] = ids_arr
+        cap_words = self._ids.shape[0] // _kernels.BLOCK + 1
+        if self._live.shape[0] < cap_words:
+            live = np.zeros(cap_words, np.uint64)
+            live[: self._live.shape[0]] = self._live
+            self._live = live
+        self._set_live(np.arange(old, new_total), True)
+        if self._increasing:
+            self._increasing = bool((old == 0 or ids_arr[0] > self._ids[old - 1])
+                                    and (n == 1 or (np.diff(ids_arr) > 0).all()))
+        self._sorted = None
+        self._nslots = new_total
+        self._next_id = max(self._next_id, int(ids_arr.max()) + 1)
+        self._views = None
 
     def _check_new_ids(self, ids_arr: np.ndarray) -> None:
         """Refuse ids that a live item holds; compact first when a removed item's slot still holds one."""
@@ -347,7 +389,7 @@ class CtFIndex:
         arr = ids_to_remove(ids)
         if arr.size == 0:
             return 0
-        with self._lock.write():
+        with self._writing, self._lock.write():
             pos = self._lookup(arr)
             pos = pos[pos >= 0]
             if pos.size == 0:
@@ -365,7 +407,7 @@ class CtFIndex:
 
     def compact(self) -> None:
         """Drop the slots of removed items now (O(n)); answers do not change."""
-        with self._lock.write():
+        with self._writing, self._lock.write():
             self._compact_locked()
 
     def _compact_locked(self) -> None:
@@ -678,7 +720,7 @@ class CtFIndex:
                 if not self._ndead:
                     self._write_locked(f)
                     return
-            with self._lock.write():
+            with self._writing, self._lock.write():
                 self._compact_locked()
 
     def _write_locked(self, f: BinaryIO) -> None:

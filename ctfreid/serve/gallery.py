@@ -70,15 +70,7 @@ class Fields:
         ids = np.asarray(ids, np.int64)
         if not ids.size:
             return
-        need = int(ids.max()) + 1
-        if need > self.pid.shape[0]:  # amortised doubling
-            cap = max(need, 2 * self.pid.shape[0], 1024)
-            for name, fill in (("pid", 0), ("camera", 0), ("has_pid", False), ("has_camera", False),
-                               ("time", np.nan)):
-                old = getattr(self, name)
-                new = np.full(cap, fill, old.dtype)
-                new[: old.shape[0]] = old
-                setattr(self, name, new)
+        vars(self).update(self.grown(int(ids.max()) + 1))
         for col, has, values in ((self.pid, self.has_pid, pids), (self.camera, self.has_camera, cameras)):
             v = np.array(values, object)
             has[ids] = given = v != None  # noqa: E711 - elementwise
@@ -92,6 +84,20 @@ class Fields:
                 self.source.pop(i, None)
             else:
                 self.source[i] = src
+
+    def grown(self, need: int) -> dict[str, np.ndarray]:
+        """Copies of the columns with room for ids below ``need`` (amortised doubling; empty when they have
+        room), to swap in with ``vars(fields).update``: the service copies them before it takes its write
+        lock, while searches read the current ones."""
+        if need <= self.pid.shape[0]:
+            return {}
+        cap = max(need, 2 * self.pid.shape[0], 1024)
+        out = {}
+        for name, fill in (("pid", 0), ("camera", 0), ("has_pid", False), ("has_camera", False), ("time", np.nan)):
+            old = getattr(self, name)
+            out[name] = np.full(cap, fill, old.dtype)
+            out[name][: old.shape[0]] = old
+        return out
 
     def clear(self, ids: Sequence[int]) -> None:
         """Forget erased items (their metadata is personal data too)."""
@@ -135,7 +141,13 @@ class Gallery:
             thumbs: Sequence[bytes | None] | None = None) -> list[int]:
         with self._write:
             ids = self.store.add(codes, metas, thumbs)  # committed: durable before the index sees it
+            # larger buffers, when due, are filled while searches go on (the only writer is this one)
+            reserve = getattr(self.index, "reserve", None)  # a ShardedIndex has none
+            if reserve is not None:
+                reserve(len(ids))
+            columns = self.fields.grown(max(ids) + 1) if ids else {}
             with self.lock.write():
+                vars(self.fields).update(columns)
                 self.index.add(codes, np.asarray(ids, np.int64))
                 self.fields.set(ids, [m.pid for m in metas], [m.camera for m in metas], [m.time for m in metas],
                                 [m.source for m in metas])

@@ -1,0 +1,73 @@
+"""Searches while an add grows the index: the longest one-query search during an add that doubles the
+buffers, against the median search before it (same run). ``CtFIndex.add`` copies into larger buffers under
+the read lock (searches go on) and holds the write lock only to swap them in; before that change the whole
+copy ran under the write lock and every search waited for it.
+
+    python3 benchmarks/bench_growth.py [--n 1048576] [--rounds 3]
+
+Random codes of 32/128/512/2048 bits, thresholds {32: 9, 128: 50, 512: 200} (about 1 % kept at stage 1),
+top-100, one search thread; each round builds an index of exactly ``n`` items (full buffers), searches for
+0.5 s, adds 1,000 items (the doubling copy: n x 344 bytes), and searches 0.5 s more.
+"""
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+
+from ctfreid import CtFIndex
+
+LENGTHS = (32, 128, 512, 2048)
+TH = {32: 9, 128: 50, 512: 200}
+
+
+def one_round(n: int, rng: np.random.Generator) -> tuple[float, float, float]:
+    """(median search ms before the add, longest search ms overlapping the add, add ms)."""
+    index = CtFIndex()
+    index.add({L: rng.integers(0, 256, (n, L // 8), dtype=np.uint8) for L in LENGTHS})
+    more = {L: rng.integers(0, 256, (1000, L // 8), dtype=np.uint8) for L in LENGTHS}
+    queries = [{L: rng.integers(0, 256, L // 8, dtype=np.uint8) for L in LENGTHS} for _ in range(64)]
+    index.search(queries[0], 100, TH)
+    log: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        i = 0
+        while not stop.is_set():
+            t = time.perf_counter()
+            index.search(queries[i % 64], 100, TH, threads=1)
+            log.append((t, time.perf_counter()))
+            i += 1
+
+    th = threading.Thread(target=searcher)
+    th.start()
+    time.sleep(0.5)
+    a0 = time.perf_counter()
+    index.add(more)
+    a1 = time.perf_counter()
+    time.sleep(0.5)
+    stop.set()
+    th.join()
+    before = [e - s for s, e in log if e < a0]
+    during = [e - s for s, e in log if s < a1 and e > a0]
+    return 1e3 * float(np.median(before)), 1e3 * max(during, default=0.0), 1e3 * (a1 - a0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1 << 20)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    rows = [one_round(a.n, rng) for _ in range(a.rounds)]
+    print(f"n = {a.n:,}: median search before the add / longest search during it / the add (ms)")
+    for r in rows:
+        print(f"  {r[0]:.2f} / {r[1]:.1f} / {r[2]:.1f}")
+    med = np.median(np.array(rows), axis=0)
+    print(f"medians: {med[0]:.2f} / {med[1]:.1f} / {med[2]:.1f}; longest during the add = {med[1] / med[0]:.1f}x the median before")
+
+
+if __name__ == "__main__":
+    main()
