@@ -67,3 +67,33 @@ def every_batch_split(monkeypatch):
     from ctfreid.search import parallel
 
     monkeypatch.setattr(parallel, "MIN_WORK_PER_THREAD", 0)
+
+
+@pytest.fixture
+def block_next_grow(monkeypatch):
+    """A function that stops ``CtFIndex._grow`` inside its next copy into a larger buffer until released;
+    it returns the events ``(copying, release)`` (set ``release`` to let the copy go on; it gives up after
+    30 s, and the fixture releases it at the end)."""
+    import threading
+
+    from ctfreid.search.index import CtFIndex
+
+    events: list = []
+
+    def arm() -> tuple:
+        copying, release = threading.Event(), threading.Event()
+        events.append(release)
+        grow = CtFIndex._grow
+
+        def blocked(self, buf, need, row, dtype):
+            if buf.shape[0] < need and not copying.is_set():
+                copying.set()
+                assert release.wait(30), "never released"
+            return grow(self, buf, need, row, dtype)
+
+        monkeypatch.setattr(CtFIndex, "_grow", blocked)
+        return copying, release
+
+    yield arm
+    for release in events:
+        release.set()

@@ -127,22 +127,7 @@ def test_loads_racing_a_saver_process_never_mix_two_files(tmp_path, mmap):
     assert proc.returncode == 0 and min(seen.values()) > 0, seen
 
 
-def _blocking_grow(monkeypatch):
-    """Make ``CtFIndex._grow`` stop inside its first copy into a larger buffer until released: (copying, release)."""
-    copying, release = threading.Event(), threading.Event()
-    grow = CtFIndex._grow
-
-    def blocked(self, buf, need, row, dtype):
-        if buf.shape[0] < need and not copying.is_set():
-            copying.set()
-            assert release.wait(30), "never released"
-        return grow(self, buf, need, row, dtype)
-
-    monkeypatch.setattr(CtFIndex, "_grow", blocked)
-    return copying, release
-
-
-def test_searches_go_on_while_an_add_copies_into_larger_buffers(monkeypatch):
+def test_searches_go_on_while_an_add_copies_into_larger_buffers(block_next_grow):
     """The doubling copy of a growing index holds only the read lock: a search during it answers at once, with
     the items before the add (oracle: an index built from them alone); after the add it has them all."""
     rng = np.random.default_rng(3)
@@ -150,7 +135,7 @@ def test_searches_go_on_while_an_add_copies_into_larger_buffers(monkeypatch):
     index, before, after = CtFIndex(), CtFIndex(), CtFIndex()
     for x, n in ((index, 1024), (before, 1024), (after, 3000)):
         x.add({L: c[:n] for L, c in g.items()})
-    copying, release = _blocking_grow(monkeypatch)
+    copying, release = block_next_grow()
     adder = threading.Thread(target=index.add, args=({L: c[1024:] for L, c in g.items()},))
     adder.start()
     try:

@@ -65,12 +65,10 @@ def test_update_and_erase_change_the_fields_in_memory(gallery):
     assert np.isnan(g.fields.time[[i, 7]]).all()
 
 
-def test_searches_go_on_while_an_add_grows_the_index(tmp_path, monkeypatch):
+def test_searches_go_on_while_an_add_grows_the_index(tmp_path, block_next_grow):
     """The service's add reserves the index's larger buffers before it takes its write lock: a search during
     the copy answers at once, with the items before the add (oracle: the same search on a gallery of those)."""
     import threading
-
-    from ctfreid.search.index import CtFIndex
 
     rng = np.random.default_rng(9)
     base = rng.integers(0, 256, (1500, 8), dtype=np.uint8)
@@ -79,16 +77,7 @@ def test_searches_go_on_while_an_add_grows_the_index(tmp_path, monkeypatch):
     g, oracle = (Gallery(Store(tmp_path / name, "test", LENGTHS), {32: 14}) for name in ("a", "b"))
     for x in (g, oracle):
         x.add(codes(0, 1024), metas[:1024])
-    copying, release = threading.Event(), threading.Event()
-    grow = CtFIndex._grow
-
-    def blocked(self, buf, need, row, dtype):
-        if buf.shape[0] < need and not copying.is_set():
-            copying.set()
-            assert release.wait(30), "never released"
-        return grow(self, buf, need, row, dtype)
-
-    monkeypatch.setattr(CtFIndex, "_grow", blocked)
+    copying, release = block_next_grow()
     adder = threading.Thread(target=g.add, args=(codes(1024, 1500), metas[1024:]))
     adder.start()
     q = codes(0, 5)
