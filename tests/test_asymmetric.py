@@ -442,3 +442,92 @@ def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_f
         Di, Ii = index.search({L: c[i] for L, c in q.items()}, 100, th, threads=1, query_weights=w[i])
         np.testing.assert_array_equal(I[i], Ii)
         np.testing.assert_array_equal(D[i], Di)
+
+
+def ref_weighted_stages(qc: dict, ws: dict, gc: dict, th: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The literal CtF reference fed with brute-force distances, weighted at the lengths of ``ws``; and the
+    per-length distances."""
+    dists = {L: brute_weighted(qc[L], ws[L], gc[L]) if L in ws else ref_distances(qc[L], gc[L]) for L in sorted(gc)}
+    nq = next(iter(qc.values())).shape[0]
+    out = [ref_ctf_rank_one({L: d[i] for L, d in dists.items()}, th) for i in range(nq)]
+    return np.array([d for _, d in out], np.int32), np.array([o for o, _ in out], np.int64), dists
+
+
+@pytest.mark.parametrize("weighted", [(128,), (32, 128), (512,), (32, 128, 512)])
+def test_weighted_later_stages_match_the_reference(weighted):
+    """Weights at any stages (``query_weights={length: weights}``): functional search and ranking, and the
+    index's search, hits, ranking and range search, against the literal reference with brute-force weighted
+    distances; 20 queries (batches keep to the one-query kernel, as documented), 1 and 2 threads."""
+    from ctfreid import CtFIndex
+
+    rng = np.random.default_rng(sum(weighted))
+    qc, gc = correlated_code_sets(rng, 400, 20)
+    ws = {L: rng.integers(0, 16, (20, L), dtype=np.uint8) for L in weighted}
+    # thresholds in weighted units where weighted (about 7.5 x the Hamming ones for uniform weights)
+    th = {32: 80 if 32 in ws else 10, 128: 400 if 128 in ws else 52}
+    D_ref, I_ref, dists = ref_weighted_stages(qc, ws, gc, th)
+    assert ((dists[32] <= th[32]) & (dists[128] <= th[128])).any(axis=1).mean() >= 0.8  # most reach stage 3
+    D, I = ctf_rank(qc, gc, th, query_weights=ws)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_array_equal(D, D_ref)
+    index = CtFIndex()
+    index.add(gc)
+    for k in (1, 7, 100, 400, 405):
+        m = min(k, 400)
+        Dk, Ik = ctf_search(qc, gc, th, k, query_weights=ws)
+        np.testing.assert_array_equal(Ik[:, :m], I_ref[:, :m])
+        np.testing.assert_array_equal(Dk[:, :m], D_ref[:, :m])
+        for threads in (1, 2):
+            Dk, Ik = index.search(qc, k, th, threads=threads, query_weights=ws)
+            np.testing.assert_array_equal(Ik, I_ref[:, :m])
+            np.testing.assert_array_equal(Dk, D_ref[:, :m])
+        hits = index.search_hits(qc, k, th, query_weights=ws)
+        np.testing.assert_array_equal(hits.ids, I_ref[:, :m])
+        for s, L in enumerate(hits.lengths):  # every length's distance of every hit that reached it
+            reached = hits.stages > s
+            np.testing.assert_array_equal(hits.distances[..., s][reached],
+                                          np.take_along_axis(dists[L], I_ref[:, :m], 1)[reached])
+    np.testing.assert_array_equal(index.rank(qc, th, query_weights=ws)[1], I_ref)
+    lims, D, I = index.range_search(qc, 3000, th, query_weights=ws)
+    for i in range(20):
+        ok = (dists[32][i] <= th[32]) & (dists[128][i] <= th[128]) & (dists[512][i] <= 3000)
+        want = [j for j in I_ref[i] if ok[j]]
+        np.testing.assert_array_equal(I[lims[i]:lims[i + 1]], want)
+        np.testing.assert_array_equal(D[lims[i]:lims[i + 1]], dists[512][i, want])
+    assert lims[-1] > 0
+
+
+def test_unit_weights_at_the_later_stages_give_the_hamming_search():
+    rng = np.random.default_rng(12)
+    qc, gc = correlated_code_sets(rng, 500, 8)
+    th = {32: 9, 128: 48}
+    ones = {L: np.ones((8, L), np.uint8) for L in (128, 512)}
+    for k in (5, 100):
+        a, b = ctf_search(qc, gc, th, k), ctf_search(qc, gc, th, k, query_weights=ones)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_bad_weights_for_the_later_stages_are_named():
+    from ctfreid import CtFIndex
+
+    rng = np.random.default_rng(13)
+    qc, gc = correlated_code_sets(rng, 100, 3)
+    index = CtFIndex()
+    index.add(gc)
+    index.thresholds = {32: 9, 128: 48}
+    w = rng.integers(0, 16, (3, 128), dtype=np.uint8)
+    with pytest.raises(CtfreidError, match=r"keys must be code lengths of the index \[32, 128, 512\], got 64"):
+        index.search(qc, 5, query_weights={64: w})
+    with pytest.raises(CtfreidError, match="at least one code length"):
+        index.search(qc, 5, query_weights={})
+    with pytest.raises(CtfreidError, match=r"query_weights\[128\] must be integers \[3, 128\]"):
+        index.search(qc, 5, {32: 9, 128: 48}, query_weights={128: w[:, :32]})
+    with pytest.raises(CtfreidError, match=r"thresholds\[128\] must be an integer weighted distance in \[0, 1920\]"):
+        index.search(qc, 5, {32: 9, 128: 1921}, query_weights={128: w})
+    with pytest.raises(CtfreidError, match="later stages need this call's thresholds"):
+        index.search(qc, 5, query_weights={128: w})  # the index's defaults are Hamming / a weighted stage 1
+    lengths96 = {32: gc[32], 96: np.zeros((100, 12), np.uint8)}
+    with pytest.raises(CtfreidError, match=r"query_weights\[96\]: a weighted later code must be a multiple of 64"):
+        ctf_search({32: qc[32], 96: np.zeros((3, 12), np.uint8)}, lengths96, {32: 9}, 5,
+                   query_weights={96: np.ones((3, 96), np.uint8)})

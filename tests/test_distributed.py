@@ -102,6 +102,13 @@ def test_exact_equality_with_one_index_before_and_after_removals(local_ray, shar
                              one.search_hits(q, k, thresholds=weighted, query_weights=w))
         with pytest.raises(CtfreidError, match="no thresholds for a weighted stage 1"):
             sharded.search_hits(q, 5, query_weights=w)
+        # weights at the later stages too (a mapping), with this call's thresholds
+        later = {32: w, 512: rng.integers(0, 16, (9, 512), dtype=np.uint8)}
+        for k in (5, 300):
+            assert_same_hits(sharded.search_hits(q, k, thresholds=weighted, query_weights=later),
+                             one.search_hits(q, k, thresholds=weighted, query_weights=later))
+        with pytest.raises(CtfreidError, match="later stages need this call's thresholds"):
+            sharded.search_hits(q, 5, query_weights=later)
         # the weighted default, beside the Hamming one (as one index keeps both)
         for index in (one, sharded):
             index.weighted_thresholds, index.weighting = dict(weighted), Weighting(scale=1.5, bits=3)

@@ -43,7 +43,7 @@ import numpy as np
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
-from ctfreid.search.asymmetric import Weighting, check_weights, max_distance, query_planes
+from ctfreid.search.asymmetric import Weighting, check_query_weights, max_distance
 from ctfreid.search.hamming import check_k, check_radius, range_result
 from ctfreid.search.index import CtFIndex, check_ids, default_thresholds, ids_to_remove
 from ctfreid.search.merge import Hits, empty_hits, merge_hits
@@ -397,15 +397,14 @@ class ShardedIndex:
         if list(qs) != self._lengths:
             raise CtfreidError(f"query codes have lengths {list(qs)} but the index holds lengths {self._lengths}")
         nq = next(iter(qs.values())).shape[0]
-        first_max = None
-        if query_weights is not None:  # checked here: one clear error rather than one per shard
-            query_planes(query_weights, nq, self._lengths[0])  # every check the shards make
-            query_weights = check_weights(query_weights, nq, self._lengths[0])  # uint8 [nq, L1]
-            first_max = max_distance(self._lengths[0])
+        weighted: list[int] = []  # the weighted lengths
+        if query_weights is not None:  # checked here (as the shards check them): one clear error, not one a shard
+            query_weights = check_query_weights(query_weights, nq, self._lengths)
+            weighted = list(query_weights) if isinstance(query_weights, dict) else [self._lengths[0]]
         if thresholds is None:
             thresholds = default_thresholds(self._lengths, self._thresholds, self._weighted_thresholds,
-                                            query_weights is not None)
-        thr = check_thresholds(thresholds, self._lengths, first_max)
+                                            self._lengths[0] in weighted, any(L in weighted for L in self._lengths[1:]))
+        thr = check_thresholds(thresholds, self._lengths, maxima={L: max_distance(L) for L in weighted})
         parts, missing = self._fan_out(qs, k, thr, self.timeout if timeout is None else _timeout(timeout),
                                        query_weights)
         if not parts:

@@ -757,20 +757,59 @@ def _count_within(sortedD, n, t):
 
 
 @njit(**_JIT)
-def _later_dist(Qr, qoff, Gr, s, i, rows, c, out):
-    """Distances at stage ``s >= 1`` of query ``i`` to the gallery codes ``rows[:c]``; the query's
-    stage-s words are ``Qr[i, qoff[s - 1]:qoff[s]]``."""
-    n, W = Gr[s - 1].shape
-    _rows_dist(Qr[i, qoff[s - 1] : qoff[s]], Gr[s - 1].reshape(n * W), W, rows, c, out)
+def _rows_wdist(q, P, g, W, rows, c, out):
+    """``_rows_dist`` weighted by the planes ``P`` (``[WEIGHT_PLANES, W]`` 64-bit words, as the codes):
+    ``out[j] = sum_b 2^b popcount((q ^ code[rows[j]]) & P[b])``, with the same prefetches."""
+    if W == 2:  # the query's words and planes in registers, as _rows_dist does
+        q0, q1 = q[0], q[1]
+        a0, a1, a2, a3 = P[0, 0], P[1, 0], P[2, 0], P[3, 0]
+        b0, b1, b2, b3 = P[0, 1], P[1, 1], P[2, 1], P[3, 1]
+        for j in range(c):
+            _prefetch(g, 2 * rows[min(j + 64, c - 1)])
+            o = np.uint64(2 * rows[j])
+            x = q0 ^ g[o]
+            y = q1 ^ g[o + np.uint64(1)]
+            out[j] = (_popcnt(x & a0) + _popcnt(y & b0) + ((_popcnt(x & a1) + _popcnt(y & b1)) << 1)
+                      + ((_popcnt(x & a2) + _popcnt(y & b2)) << 2) + ((_popcnt(x & a3) + _popcnt(y & b3)) << 3))
+        return
+    dist = 32 if W <= 8 else 12
+    for j in range(c):
+        ahead = W * rows[min(j + dist, c - 1)]
+        for w in range(0, W, 8):
+            _prefetch(g, ahead + w)
+        _prefetch(g, ahead + W - 1)
+        o = np.uint64(W * rows[j])
+        t = 0
+        for w in range(W):
+            x = q[w] ^ g[o + np.uint64(w)]
+            t += (_popcnt(x & P[0, w]) + (_popcnt(x & P[1, w]) << 1) + (_popcnt(x & P[2, w]) << 2)
+                  + (_popcnt(x & P[3, w]) << 3))
+        out[j] = t
 
 
 @njit(**_JIT)
-def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI, P1=None, Lw=0):
+def _later_dist(Qr, qoff, Gr, s, i, rows, c, out, Pr=None):
+    """Distances at stage ``s >= 1`` of query ``i`` to the gallery codes ``rows[:c]``; the query's
+    stage-s words are ``Qr[i, qoff[s - 1]:qoff[s]]``. ``Pr``: ``(planes, weighted)``, the weight planes of
+    the later stages (``[nq, WEIGHT_PLANES, words]``, columns as ``Qr``; a stage without weights has plane 0
+    all ones) and whether stage s is weighted (``weighted[s]``: else its Hamming distances, 4x less
+    arithmetic); or None for Hamming distances (compiled apart)."""
+    n, W = Gr[s - 1].shape
+    if Pr is None or not Pr[1][s]:
+        _rows_dist(Qr[i, qoff[s - 1] : qoff[s]], Gr[s - 1].reshape(n * W), W, rows, c, out)
+    else:
+        _rows_wdist(Qr[i, qoff[s - 1] : qoff[s]], Pr[0][i, :, qoff[s - 1] : qoff[s]], Gr[s - 1].reshape(n * W), W,
+                    rows, c, out)
+
+
+@njit(**_JIT)
+def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI, P1=None, Lw=0, Pr=None):
     """Full CtF rankings of a batch (Sec. 3.1, Fig. 1): rank everything by the shortest code, then re-rank
     the candidates within each threshold by the next longer code, stably, in place at the head.
 
     ``Ls[s]``: code length of stage s; ``thr[s]``: threshold (>= 0) of stage s, for s < S - 1. ``P1`` /
-    ``Lw``: the weight planes and largest distance of a weighted stage 1 (as ``ctf_topk``).
+    ``Lw``: the weight planes and largest distance of a weighted stage 1, ``Pr``: of the later stages (as
+    ``ctf_topk``).
 
     The head (the c1 stage-1 candidates) is ordered as ``ctf_topk`` orders its candidates
     (``_ctf_finish`` with k = c1, one packed key per part instead of a counting sort per stage): numbered in
@@ -793,11 +832,12 @@ def ctf_rank(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, outD, outI, P1=None, Lw=0):
         else:
             _wdist(Q1[i], P1[i], g1, W1, n, d)
             _sort_identity(d, n, Lw, outI[i], outD[i])
-        _rank_head(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, i, ids, D, ws64, ws32, counts, live, outD[i], outI[i])
+        _rank_head(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, i, ids, D, ws64, ws32, counts, live, outD[i], outI[i],
+                   Pr)
 
 
 @njit(**_JIT)
-def _rank_head(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, i, ids, D, ws64, ws32, counts, live, oD, oI):
+def _rank_head(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, i, ids, D, ws64, ws32, counts, live, oD, oI, Pr=None):
     """Query ``i`` of a full CtF ranking once ``oD``/``oI`` hold its stage-1 ranking: re-rank the head (the
     candidates within ``thr[0]``) through the later stages, in place."""
     c1 = _count_within(oD, n, thr[0])
@@ -805,9 +845,9 @@ def _rank_head(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, i, ids, D, ws64, ws3
         return
     ids[:c1] = oI[:c1]
     D[0, :c1] = oD[:c1]
-    _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
+    _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1], Pr)
     _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, c1, live, i, c1, ids, D, ws64, ws32,
-                oD[:c1], oI[:c1], counts)
+                oD[:c1], oI[:c1], counts, Pr)
 
 
 @njit(**_JIT)
@@ -936,7 +976,7 @@ def _beyond1(q, g1, n, L1, t1, live, k, oI, oD, pos):
 
 
 @njit(**_JIT)
-def _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids, D, ws64, ws32, oD, oI, oC):
+def _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids, D, ws64, ws32, oD, oI, oC, Pr=None):
     """Query ``i`` of ``ctf_topk`` from its stage-1 candidates on: gallery positions ``ids[:c1]`` in gallery
     order, their stage-1 and stage-2 distances in ``D[0, :c1]`` and ``D[1, :c1]`` (``D``: [S, >= c1]).
     Computes the later stages' distances into ``D[2:]``, writes the first ``k`` to ``oD``/``oI`` and the
@@ -970,7 +1010,7 @@ def _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids
         oC[2] = c
         pe[1] = nr
     for s in range(2, S - 1):
-        _later_dist(Qr, qoff, Gr, s, i, rows, c, tmp)
+        _later_dist(Qr, qoff, Gr, s, i, rows, c, tmp, Pr)
         ds = D[s]
         t = thr[s]
         w = 0
@@ -987,7 +1027,7 @@ def _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids
         oC[s + 1] = c
         pe[s] = nr
     if S > 2:
-        _later_dist(Qr, qoff, Gr, S - 1, i, rows, c, tmp)
+        _later_dist(Qr, qoff, Gr, S - 1, i, rows, c, tmp, Pr)
         ds = D[S - 1]
         for j in range(c):
             ds[lst[j]] = tmp[j]
@@ -1018,7 +1058,7 @@ def _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids
 
 
 @njit(**_JIT)
-def _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, oD, oI, oC):
+def _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, oD, oI, oC, Pr=None):
     """Query ``i`` of ``ctf_topk`` on its own: stage 1 and 2 into the workspace, then ``_ctf_finish``."""
     big = n + 2 * BLOCK
     ids = ws64[:big]
@@ -1028,12 +1068,12 @@ def _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32
         c1 = _within1(Q1[i], g1, n, thr[0], ids, D[0], dd, live)
     else:
         c1 = _select(Q1[i], g1, W1, n, L1, n, thr[0], ids, D[0], np.zeros(L1 + 2, np.int64), dd, live)
-    _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
-    _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids, D, ws64, ws32, oD, oI, oC)
+    _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1], Pr)
+    _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids, D, ws64, ws32, oD, oI, oC, Pr)
 
 
 @njit(**_JIT)
-def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC, P1=None, Lw=0):
+def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC, P1=None, Lw=0, Pr=None):
     """First ``k`` of the CtF rankings of a batch without ranking the whole gallery (arguments as for
     ``ctf_rank``; ``ws64``/``ws32``: scratch from ``ctf_workspace``, reusable across calls), one query
     after the other (``ctf_topk_batch``: a batch at once, same answers).
@@ -1050,17 +1090,20 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
 
     ``P1`` / ``Lw``: the weight planes and largest distance of a weighted stage 1 (``thr[0]`` bounds the
     weighted distance), same semantics (``_ctf_one_weighted``); compiled apart from the Hamming path.
+    ``Pr``: weight planes of the later stages (``_later_dist``); ``Ls[s]`` is then the largest distance of
+    stage s (``15 L`` for a weighted one), which sizes the sort keys.
     """
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
     if P1 is None:  # (the other branch is pruned at compile time: the Hamming path allocates nothing more)
         for i in range(Q1.shape[0]):
-            _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i])
+            _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i],
+                     Pr)
     else:
         wscratch = _weighted_scratch(n)
         for i in range(Q1.shape[0]):
             _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, wscratch,
-                              outD[i], outI[i], outC[i])
+                              outD[i], outI[i], outC[i], Pr)
 
 
 # A batch scans the gallery in tiles of TILE blocks (32 KB of 32-bit codes: stays in L1 while every query
@@ -1152,6 +1195,19 @@ def _stage1_dist_impl(x, wp):
         return lambda x, wp: _popcnt(x)
     return lambda x, wp: (_popcnt(x & wp[0]) + (_popcnt(x & wp[1]) << 1) + (_popcnt(x & wp[2]) << 2)
                           + (_popcnt(x & wp[3]) << 3))
+
+
+def _later_word(x, Pr, i, c):
+    """The distance of one 64-bit word ``x = q ^ g`` of a later stage (column ``c`` of ``Qr``): Hamming, or
+    weighted by query ``i``'s planes ``Pr[0][i, :, c]`` (``Pr`` as in ``_later_dist``)."""
+
+
+@overload(_later_word, inline="always")
+def _later_word_impl(x, Pr, i, c):
+    if isinstance(Pr, types.NoneType):
+        return lambda x, Pr, i, c: _popcnt(x)
+    return lambda x, Pr, i, c: (_popcnt(x & Pr[0][i, 0, c]) + (_popcnt(x & Pr[0][i, 1, c]) << 1)
+                                + (_popcnt(x & Pr[0][i, 2, c]) << 2) + (_popcnt(x & Pr[0][i, 3, c]) << 3))
 
 
 def _planes_of(P1, i, w=0):
@@ -1304,12 +1360,12 @@ def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi
 
 
 @njit(**_JIT)
-def hit_keys(Q1, G1, Qr, qoff, Gr, S, thr, P, outD, outS, P1=None):
+def hit_keys(Q1, G1, Qr, qoff, Gr, S, thr, P, outD, outS, P1=None, Pr=None):
     """The coarse-to-fine sort key of given hits (see ``ctfreid.search.merge``): for query ``i`` and gallery
     position ``P[i, r] >= 0``, the distance at every length up to the finest stage the item reaches
     (``outD[i, r, s]``, -1 beyond) and the number of stages (``outS[i, r]``): stage ``s + 1`` is reached
     iff the distance at stage ``s`` is ``<= thr[s]``. Padding (``P < 0``) gets stages 0 and distances -1.
-    ``P1``: stage 1 is weighted by the planes ``P1[i]`` (as in ``ctf_topk``).
+    ``P1``: stage 1 is weighted by the planes ``P1[i]``, ``Pr``: the later stages by ``Pr[i]`` (as in ``ctf_topk``).
     Costs ``k x S`` distance computations per query, nothing per gallery item."""
     W1 = G1.shape[1]
     for i in range(P.shape[0]):
@@ -1331,7 +1387,7 @@ def hit_keys(Q1, G1, Qr, qoff, Gr, S, thr, P, outD, outS, P1=None):
                 g = Gr[s - 1]
                 d = 0
                 for w in range(g.shape[1]):
-                    d += _popcnt(Qr[i, qoff[s - 1] + w] ^ g[p, w])
+                    d += _later_word(Qr[i, qoff[s - 1] + w] ^ g[p, w], Pr, i, qoff[s - 1] + w)
                 outD[i, r, s] = d
                 st += 1
             outS[i, r] = st
@@ -1481,7 +1537,8 @@ def _weighted_scratch(n):
 
 
 @njit(**_JIT)
-def _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, scratch, oD, oI, oC):
+def _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, scratch, oD, oI, oC,
+                      Pr=None):
     """``_ctf_one`` for a weighted stage 1 (``scratch``: ``_weighted_scratch(n)``): the candidates within
     ``thr[0]`` are collected in gallery order (``_within_weighted``), re-ranked by the later stages
     (``_ctf_finish``) and followed, when fewer than ``k``, by the rest of the weighted stage-1 ranking
@@ -1493,11 +1550,11 @@ def _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, 
     D = ws32[: S * big].reshape(S, big)
     t1 = thr[0]
     c1 = _within_weighted(Q1[i], P1[i], g1, W1, n, t1, ids, D[0], live, d)
-    _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1])
+    _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1], Pr)
     kk = min(k, c1)
     if kk > 0:
         _ctf_finish(Q1, g1, W1, n, int(Ls[0]), Qr, qoff, Gr, Ls, S, thr, kk, live, i, c1, ids, D, ws64, ws32,
-                    oD[:kk], oI[:kk], oC)
+                    oD[:kk], oI[:kk], oC, Pr)
     else:
         oC[1:] = 0
     pos = kk

@@ -158,6 +158,79 @@ def max_distance(length: int) -> int:
     return length * ((1 << MAX_WEIGHT_BITS) - 1)
 
 
+def check_query_weights(weights, nq: int, lengths: list[int], name: str = "query_weights"
+                        ) -> np.ndarray | dict[int, np.ndarray]:
+    """``query_weights`` of a CtF search over code ``lengths`` (shortest first), checked: an array weights the
+    shortest code (``uint8 [nq, L1]``, :func:`check_weights`); a mapping ``{length: weights}`` weights any of
+    the lengths (``uint8 [nq, L]`` each; the shortest a multiple of 32 bits, the later ones of 64: the
+    kernels' words). Returns the same form with ``uint8`` arrays; else a CtfreidError naming what is wrong."""
+    if not isinstance(weights, Mapping):
+        if lengths[0] % 32:
+            raise CtfreidError(f"{name} need a first code of a multiple of 32 bits, got {lengths[0]}")
+        return check_weights(weights, nq, lengths[0], name)
+    if not weights:
+        raise CtfreidError(f"{name} must weight at least one code length, got an empty mapping")
+    out: dict[int, np.ndarray] = {}
+    for key, w in weights.items():
+        L = int(key) if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)) else None
+        if L not in lengths:
+            raise CtfreidError(f"{name} keys must be code lengths of the index {lengths}, got {key!r}")
+        if L % (32 if L == lengths[0] else 64):
+            raise CtfreidError(f"{name}[{L}]: a weighted {'first' if L == lengths[0] else 'later'} code must be a "
+                               f"multiple of {32 if L == lengths[0] else 64} bits")
+        out[L] = check_weights(w, nq, L, f"{name}[{L}]")
+    return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class StageWeights:
+    """Checked query weights in the kernels' form: ``first``, the planes of the shortest code (``uint32 [nq,
+    WEIGHT_PLANES, L1 // 32]``) or None; ``later``, the planes of the later stages (``uint64 [nq,
+    WEIGHT_PLANES, words]``, in the columns of the later query words, a stage without weights at weight 1
+    on every bit) or None; ``maxima``, the largest distance of each weighted length."""
+
+    first: np.ndarray | None
+    later: np.ndarray | None
+    maxima: dict[int, int]
+
+    def rows(self, a: int, b: int) -> StageWeights:
+        """The weights of queries ``a .. b - 1``."""
+        return StageWeights(None if self.first is None else self.first[a:b],
+                            None if self.later is None else self.later[a:b], self.maxima)
+
+    def kernel_args(self, lengths: list[int]) -> tuple:
+        """The kernels' trailing ``P1, Lw, Pr``; ``Pr``: the later planes and which stages are weighted."""
+        L1 = lengths[0] if self.first is not None else None
+        later = None if self.later is None else (
+            self.later, np.array([0] + [L in self.maxima for L in lengths[1:]], np.int64))
+        return self.first, (self.maxima[L1] if L1 is not None else 0), later
+
+    def stage_maxima(self, lengths: list[int]) -> np.ndarray:
+        """The kernels' ``Ls`` for weighted later stages: each stage's largest distance (the first stays its
+        length: its largest distance travels as ``Lw``)."""
+        return np.array([L if s == 0 else self.maxima.get(L, L) for s, L in enumerate(lengths)], np.int64)
+
+
+def stage_weights(weights, nq: int, lengths: list[int], name: str = "query_weights") -> StageWeights | None:
+    """:func:`check_query_weights`, then the planes of :class:`StageWeights` (None without weights)."""
+    if weights is None:
+        return None
+    w = check_query_weights(weights, nq, lengths, name)
+    w = {lengths[0]: w} if not isinstance(w, dict) else w
+    first = weight_planes(w[lengths[0]], f"{name}") if lengths[0] in w else None
+    later = None
+    if any(L in w for L in lengths[1:]):
+        qoff = _kernels.stage_offsets(lengths)
+        later = np.zeros((nq, MAX_WEIGHT_BITS, int(qoff[-1])), np.uint64)
+        for s, L in enumerate(lengths[1:]):
+            cols = slice(int(qoff[s]), int(qoff[s + 1]))
+            if L in w:
+                later[:, :, cols] = weight_planes(w[L], f"{name}[{L}]").view(np.uint64)
+            else:  # weight 1 on every bit: the Hamming distance
+                later[:, 0, cols] = np.uint64(0xFFFFFFFFFFFFFFFF)
+    return StageWeights(first, later, {L: max_distance(L) for L in w})
+
+
 def _prepare(queries: np.ndarray, weights: np.ndarray, gallery: np.ndarray):
     g = prepare_gallery(gallery, "gallery")
     q, single = prepare_queries(queries, g.shape[1], "queries")

@@ -28,7 +28,7 @@ import numpy as np
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
-from ctfreid.search.asymmetric import max_distance, query_planes
+from ctfreid.search.asymmetric import StageWeights, stage_weights
 from ctfreid.search.hamming import (
     _aligned,
     check_k,
@@ -78,25 +78,42 @@ def kernel_args(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], thr: np.
     return _kernels.words32(qs[0]), _kernels.words32(gs[0]), int(Ls[0]), Qr, qoff, Gr, Ls, S, thr
 
 
-def _weighted(query_weights, qs: tuple[np.ndarray, ...], lengths: list[int]) -> tuple[np.ndarray, int] | None:
-    """(planes, largest weighted distance) of stage 1 with ``query_weights``, or None without them."""
-    if query_weights is None:
-        return None
-    return query_planes(query_weights, qs[0].shape[0], lengths[0]), max_distance(lengths[0])
+def weight_tail(sw: StageWeights | None, lengths: list[int]) -> tuple:
+    """The kernels' trailing weight arguments (``P1, Lw[, Pr]``; none for Hamming distances, whose kernels
+    are compiled apart)."""
+    if sw is None:
+        return ()
+    P1, Lw, Pr = sw.kernel_args(lengths)
+    return (P1, Lw) if Pr is None else (P1, Lw, Pr)
+
+
+def batched(nq: int, lengths: list[int], n: int, sw: StageWeights | None) -> bool:
+    """Whether a top-k of ``nq`` queries runs the tile scan (``_kernels.tile_scan``); weighted later stages
+    run query by query (the tile scan computes stage 2 inside the scan, with Hamming distances)."""
+    if sw is not None and sw.later is not None:
+        return False
+    return _kernels.tile_scan(nq, lengths[0], n, sw is not None)
+
+
+def weighted_args(args: tuple, sw: StageWeights | None, lengths: list[int]) -> tuple:
+    """``kernel_args`` with ``Ls`` holding each stage's largest distance when later stages are weighted."""
+    if sw is None or sw.later is None:
+        return args
+    return args[:6] + (sw.stage_maxima(lengths),) + args[7:]
 
 
 def _rank_all(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], lengths: list[int], thr: np.ndarray,
-              wt: tuple[np.ndarray, int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """The full rankings ``(D, I)`` of validated code sets (``wt``: a weighted stage 1, see ``_weighted``)."""
-    if len(lengths) == 1 and wt is None:
+              sw: StageWeights | None) -> tuple[np.ndarray, np.ndarray]:
+    """The full rankings ``(D, I)`` of validated code sets (``sw``: query weights, ``stage_weights``)."""
+    if len(lengths) == 1 and sw is None:
         return hamming_rank(qs[0], gs[0])
     nq, n = qs[0].shape[0], gs[0].shape[0]
     D = np.empty((nq, n), dtype=np.int32)
     I = np.empty((nq, n), dtype=np.int64)
     if len(lengths) == 1:
-        _kernels.weighted_rank(_kernels.words32(qs[0]), wt[0], _kernels.words32(gs[0]), wt[1], D, I)
+        _kernels.weighted_rank(_kernels.words32(qs[0]), sw.first, _kernels.words32(gs[0]), sw.maxima[lengths[0]], D, I)
     else:
-        _kernels.ctf_rank(*kernel_args(qs, gs, thr), D, I, *(wt or ()))
+        _kernels.ctf_rank(*weighted_args(kernel_args(qs, gs, thr), sw, lengths), D, I, *weight_tail(sw, lengths))
     return D, I
 
 
@@ -104,18 +121,19 @@ def ctf_rank(
     query_codes: Mapping[int, np.ndarray],
     gallery_codes: Mapping[int, np.ndarray],
     thresholds: Mapping[int, int],
-    query_weights: np.ndarray | None = None,
+    query_weights: np.ndarray | Mapping[int, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Full coarse-to-fine rankings ``(D int32[nq, n], I int64[nq, n])`` (Sec. 3.1, Fig. 1).
 
     ``query_codes``/``gallery_codes``: ``{length: uint8[., length // 8]}`` with the same lengths;
     ``thresholds``: ``{length: int}`` for every length but the longest. 1-D query codes give 1-D results.
     ``query_weights``: ``uint8[nq, L1]`` bit weights of the shortest code for a weighted stage 1 (see the
-    module docstring); ``thresholds[L1]`` then bounds the weighted distance.
+    module docstring), or ``{length: uint8[nq, length]}`` for any stages; the thresholds (and distances) of
+    a weighted length are weighted distances.
     """
     qs, gs, lengths, single = prepare_code_sets(query_codes, gallery_codes)
-    wt = _weighted(query_weights, qs, lengths)
-    D, I = _rank_all(qs, gs, lengths, threshold_array(thresholds, lengths, wt[1] if wt else None), wt)
+    sw = stage_weights(query_weights, qs[0].shape[0], lengths)
+    D, I = _rank_all(qs, gs, lengths, threshold_array(thresholds, lengths, maxima=sw and sw.maxima), sw)
     return (D[0], I[0]) if single else (D, I)
 
 
@@ -124,7 +142,7 @@ def ctf_search(
     gallery_codes: Mapping[int, np.ndarray],
     thresholds: Mapping[int, int],
     k: int,
-    query_weights: np.ndarray | None = None,
+    query_weights: np.ndarray | Mapping[int, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first ``k`` of each coarse-to-fine ranking, ``(D int32[nq, k], I int64[nq, k])``.
 
@@ -133,11 +151,11 @@ def ctf_search(
     """
     k = check_k(k)
     qs, gs, lengths, single = prepare_code_sets(query_codes, gallery_codes)
-    wt = _weighted(query_weights, qs, lengths)
-    thr = threshold_array(thresholds, lengths, wt[1] if wt else None)
+    sw = stage_weights(query_weights, qs[0].shape[0], lengths)
+    thr = threshold_array(thresholds, lengths, maxima=sw and sw.maxima)
     nq, n, S = qs[0].shape[0], gs[0].shape[0], len(gs)
-    if wt is not None and len(lengths) == 1:  # no top-k kernel for one weighted length: the ranking's head
-        D, I = _rank_all(qs, gs, lengths, thr, wt)
+    if sw is not None and len(lengths) == 1:  # no top-k kernel for one weighted length: the ranking's head
+        D, I = _rank_all(qs, gs, lengths, thr, sw)
         pad = max(0, k - n)
         D = np.pad(D[:, :k], ((0, 0), (0, pad)), constant_values=_kernels.INT32_MAX)
         I = np.pad(I[:, :k], ((0, 0), (0, pad)), constant_values=-1)
@@ -147,12 +165,12 @@ def ctf_search(
         D = np.empty((nq, k), dtype=np.int32)
         I = np.empty((nq, k), dtype=np.int64)
         counts = np.zeros((nq, S), np.int64)
-        args = kernel_args(qs, gs, thr)
+        args = weighted_args(kernel_args(qs, gs, thr), sw, lengths)
         work = (k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, S))
-        if _kernels.tile_scan(nq, lengths[0], n, wt is not None):  # as CtFIndex.search
+        if batched(nq, lengths, n, sw):  # as CtFIndex.search
             hi2 = _kernels.stage2_keep(n, thr, lengths)
             _kernels.ctf_topk_batch(*args, *work, hi2, *_kernels.batch_buffers(*_kernels.batch_shape(n, nq, S), S),
-                                    D, I, counts, *(wt or ()))
+                                    D, I, counts, *weight_tail(sw, lengths))
         else:
-            _kernels.ctf_topk(*args, *work, D, I, counts, *(wt or ()))
+            _kernels.ctf_topk(*args, *work, D, I, counts, *weight_tail(sw, lengths))
     return (D[0], I[0]) if single else (D, I)

@@ -62,7 +62,8 @@ from ctfreid._rwlock import RWLock
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
-from ctfreid.search.asymmetric import Weighting, max_distance, query_planes
+from ctfreid.search.asymmetric import StageWeights, Weighting, max_distance, stage_weights
+from ctfreid.search.coarse_to_fine import batched, weight_tail
 from ctfreid.search.hamming import check_k, check_radius, prepare_queries, range_result
 from ctfreid.search.merge import Hits, empty_hits
 from ctfreid.search.parallel import run_chunks
@@ -139,10 +140,15 @@ def check_ids(ids: Any, n: int) -> np.ndarray:
 
 
 def default_thresholds(lengths: Sequence[int], thresholds: Mapping[int, int],
-                       weighted_thresholds: Mapping[int, int] | None, weighted: bool) -> Mapping[int, int]:
+                       weighted_thresholds: Mapping[int, int] | None, weighted: bool,
+                       later_weighted: bool = False) -> Mapping[int, int]:
     """The thresholds of a search that passes none: an index's ``weighted_thresholds`` for a weighted stage 1
-    (``weighted``: the call has query weights), else its Hamming ``thresholds`` (unchecked; ``{}`` with one
-    code length). A CtfreidError when the index has none of the kind the call needs."""
+    (``weighted``: the call weights the shortest code), else its Hamming ``thresholds`` (unchecked; ``{}``
+    with one code length). A CtfreidError when the index has none of the kind the call needs; weighted
+    later stages (``later_weighted``) have no default."""
+    if later_weighted:
+        raise CtfreidError("query_weights for the later stages need this call's thresholds, fitted with those "
+                           "weights: an index keeps defaults for a weighted stage 1 only")
     default = weighted_thresholds if weighted else thresholds
     if len(lengths) > 1 and weighted and default is None:
         raise CtfreidError("query_weights given, but the index has no thresholds for a weighted stage 1 "
@@ -467,28 +473,30 @@ class CtFIndex:
             self._views = (gs[0], Gr, Ls, _kernels.stage_offsets(self._lengths))
         return self._views
 
-    def _thresholds(self, thresholds: Mapping[int, int] | None, weighted: bool = False) -> np.ndarray:
+    def _thresholds(self, thresholds: Mapping[int, int] | None, sw: StageWeights | None = None) -> np.ndarray:
         """Per-call ``thresholds``, else the default for the call (``weighted_thresholds`` for a weighted
         stage 1, else ``thresholds``), validated (a default's check is cached until its contents change);
-        ``weighted``: the first is a weighted distance."""
-        first_max = max_distance(self._lengths[0]) if weighted else None
+        ``sw``: the call's query weights (their lengths' thresholds are weighted distances)."""
+        maxima = sw.maxima if sw is not None else None
         if thresholds is not None:
-            return threshold_array(thresholds, self._lengths, first_max)
-        default = default_thresholds(self._lengths, self.thresholds, self.weighted_thresholds, weighted)
+            return threshold_array(thresholds, self._lengths, maxima=maxima)
+        weighted = sw is not None and sw.first is not None
+        default = default_thresholds(self._lengths, self.thresholds, self.weighted_thresholds, weighted,
+                                     sw is not None and sw.later is not None)
         key = tuple(default.items()) if isinstance(default, dict) else None
         cached = self._thr_cache
         if key is None or cached is None or cached[0] != (key, tuple(self._lengths), weighted):
-            thr = threshold_array(default, self._lengths, first_max)
+            thr = threshold_array(default, self._lengths, maxima=maxima)
             if key is None:
                 return thr
             self._thr_cache = cached = ((key, tuple(self._lengths), weighted), thr)
         return cached[1]
 
     def _positions(self, qs: tuple[np.ndarray, ...], k: int | None, thr: np.ndarray,
-                   wp: np.ndarray | None = None) -> tuple:
+                   sw: StageWeights | None = None) -> tuple:
         """Kernel results over the slots: (D, slot positions), [nq, min(k, ntotal)] (all live for k None), and
         the per-stage candidate counts ``int64 [nq, S]`` (items ranked at each stage; -1 for full rankings).
-        ``wp``: weight planes of a weighted stage 1 (``asymmetric.weight_planes``). Call with the read lock held."""
+        ``sw``: query weights (``asymmetric.stage_weights``). Call with the read lock held."""
         n, nq, live_n = self._nslots, qs[0].shape[0], self.ntotal
         lengths = self._lengths
         G1, Gr, Ls, qoff = self._stage_views()
@@ -498,25 +506,26 @@ class CtFIndex:
         C[:, 1:] = -1 if k is None else 0
         if m == 0:
             return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64), C
-        weighted = (wp, max_distance(lengths[0])) if wp is not None else ()  # the kernels' trailing P1, Lw
+        weighted = weight_tail(sw, lengths)  # the kernels' trailing P1, Lw[, Pr]
         # one weighted length has no top-k kernel: its full ranking, then the first m
-        full = k is None or (wp is not None and len(lengths) == 1)
+        full = k is None or (sw is not None and len(lengths) == 1)
         cols = n if full else m
         D = np.empty((nq, cols), np.int32)
         P = np.empty((nq, cols), np.int64)
         if len(lengths) == 1:
-            if wp is not None:
-                _kernels.weighted_rank(_kernels.words32(qs[0]), wp, _kernels.words32(G1), weighted[1], D, P)
+            if sw is not None:
+                _kernels.weighted_rank(_kernels.words32(qs[0]), sw.first, _kernels.words32(G1), weighted[1], D, P)
             elif full:
                 _kernels.rank(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], D, P)
             else:
                 _kernels.topk(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], m, self._live, D, P)
         else:
             Qr = _kernels.later_queries(qs, qoff)
-            args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Ls, len(lengths), thr)
+            Lmax = Ls if sw is None or sw.later is None else sw.stage_maxima(lengths)  # sizes the sort keys
+            args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Lmax, len(lengths), thr)
             if full:
                 _kernels.ctf_rank(*args, D, P, *weighted)
-            elif _kernels.tile_scan(nq, lengths[0], n, wp is not None):
+            elif batched(nq, lengths, n, sw):
                 _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), _kernels.stage2_keep(n, thr, Ls),
                                         *self._batch_buffers(n, nq), D, P, C, *weighted)
                 self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
@@ -565,32 +574,33 @@ class CtFIndex:
             self._batch_room_seen = min(n // 8, need + need // 4)
 
     def _hit_keys(self, qs: tuple[np.ndarray, ...], P: np.ndarray, thr: np.ndarray,
-                  wp: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  sw: StageWeights | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-length distances and stage counts of the hits at slots ``P`` (read lock held)."""
         G1, Gr, _, qoff = self._stage_views()
         S = len(self._lengths)
         dist = np.empty(P.shape + (S,), np.int32)
         stages = np.empty(P.shape, np.int8)
         Qr = _kernels.later_queries(qs, qoff) if S > 1 else _kernels._readonly(np.zeros((qs[0].shape[0], 1), np.uint64))
-        _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages, wp)
+        _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages,
+                          *(() if sw is None else (sw.first, sw.kernel_args(self._lengths)[2])))
         return dist, stages
 
-    def _weight_planes(self, query_weights: np.ndarray | None, nq: int) -> np.ndarray | None:
-        """The kernels' planes of ``query_weights`` (``uint8 [nq, L1]``, a weighted stage 1), or None."""
-        return None if query_weights is None else query_planes(query_weights, nq, self._lengths[0])
+    def _weight_planes(self, query_weights, nq: int) -> StageWeights | None:
+        """The kernels' form of ``query_weights`` (``asymmetric.stage_weights``), or None."""
+        return stage_weights(query_weights, nq, self._lengths)
 
     def _run(self, qs: tuple[np.ndarray, ...], k: int | None, thresholds: Mapping[int, int] | None,
              threads: int | None, keys: bool = False, query_weights: np.ndarray | None = None) -> tuple:
         """(D, slots[, distances, stages]) of every query, the queries split over ``threads`` threads
         (each query is searched on its own, so the answers do not depend on the split)."""
         nq = qs[0].shape[0]
-        wp = self._weight_planes(query_weights, nq)
+        sw = self._weight_planes(query_weights, nq)
         with self._lock.read():
-            thr = self._thresholds(thresholds, wp is not None)
+            thr = self._thresholds(thresholds, sw)
 
             def chunk(a: int, b: int) -> tuple:
                 part = qs if a == 0 and b == nq else tuple(q[a:b] for q in qs)
-                w = None if wp is None else wp[a:b]
+                w = None if sw is None else sw.rows(a, b)
                 D, P, C = self._positions(part, k, thr, w)
                 return (D, P, C) + (self._hit_keys(part, P, thr, w) if keys and P.shape[1] else ())
 
@@ -655,7 +665,7 @@ class CtFIndex:
             if not self.ntotal:
                 return range_result(np.zeros((nq, 0), bool), np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64))
             wp = self._weight_planes(query_weights, nq)
-            thr = self._thresholds(thresholds, wp is not None)
+            thr = self._thresholds(thresholds, wp)
             if S == 1:
                 D, P, _ = self._positions(qs, None, thr, wp)  # the full ranking, distances ascending
                 last = np.full(nq, D.shape[1], np.int64)

@@ -450,11 +450,11 @@ def read_thresholds(spec: str | os.PathLike) -> dict[int, int]:
 
 
 def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int],
-                     first_max: int | None = None) -> dict[int, int]:
+                     first_max: int | None = None, maxima: Mapping[int, int] | None = None) -> dict[int, int]:
     """The one contract for CtF thresholds (Sec. 3.1): a mapping with exactly one threshold per code
     length but the longest, each an integer distance in ``[0, length]`` -> ``{length: t}`` sorted.
     ``first_max``: the bound of the shortest length's threshold instead of its length (a weighted stage 1,
-    ``ctfreid.search.asymmetric``).
+    ``ctfreid.search.asymmetric``); ``maxima``: such bounds for any lengths (weighted later stages).
 
     Keys may be ints or their strings (JSON); values ints (or floats with an integral value, such as
     ``9.0``). Anything else (``9.7``, ``true``, ``inf``, a threshold above its length, a missing or extra
@@ -487,6 +487,7 @@ def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int],
                            + ", ".join(p for p in parts if p))
     for L, t in th.items():
         hi = first_max if first_max is not None and L == lengths[0] else L
+        hi = maxima.get(L, hi) if maxima else hi
         if not 0 <= t <= hi:
             kind = "weighted" if hi != L else "Hamming"
             raise CtfreidError(f"thresholds[{L}] must be an integer {kind} distance in [0, {hi}], got {t}")
@@ -494,10 +495,10 @@ def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int],
 
 
 def threshold_array(thresholds: Mapping[int, int], lengths: Sequence[int],
-                    first_max: int | None = None) -> np.ndarray:
+                    first_max: int | None = None, maxima: Mapping[int, int] | None = None) -> np.ndarray:
     """:func:`check_thresholds` as the kernels' ``int64`` array, shortest length first (one dummy entry for
     a single length)."""
-    th = check_thresholds(thresholds, lengths, first_max)
+    th = check_thresholds(thresholds, lengths, first_max, maxima)
     out = np.zeros(max(len(th), 1), np.int64)
     out[: len(th)] = list(th.values())
     return out
