@@ -388,8 +388,9 @@ class ShardedIndex:
         have not answered within ``timeout`` (default: the index's) are retried while time is left (a
         restarting shard), then listed in ``partial``: the answer then misses their items. A shard that Ray
         does not restart (``max_restarts=0``) is listed at once; one that cannot start (its store gone or
-        unreadable) raises a CtfreidError naming the cause. ``query_weights``: a weighted stage 1 (as
-        :meth:`CtFIndex.search_hits`), with this call's ``thresholds`` or else ``weighted_thresholds``."""
+        unreadable) raises a CtfreidError naming the cause. ``query_weights``: weighted stages (as
+        :meth:`CtFIndex.search_hits`), with this call's ``thresholds`` or else, for a weighted stage 1 alone,
+        ``weighted_thresholds``."""
         k = check_k(k)
         qs = _code_set(query_codes, "query codes")
         if not self._lengths:

@@ -217,7 +217,7 @@ def stage_weights(weights, nq: int, lengths: list[int], name: str = "query_weigh
         return None
     w = check_query_weights(weights, nq, lengths, name)
     w = {lengths[0]: w} if not isinstance(w, dict) else w
-    first = weight_planes(w[lengths[0]], f"{name}") if lengths[0] in w else None
+    first = weight_planes(w[lengths[0]], name) if lengths[0] in w else None
     later = None
     if any(L in w for L in lengths[1:]):
         qoff = _kernels.stage_offsets(lengths)

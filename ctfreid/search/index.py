@@ -620,8 +620,9 @@ class CtFIndex:
         threads (``ctfreid.search.parallel.set_num_threads``) over which a batch of queries is split (fewer
         when the batch times the gallery is too little work for them: ``parallel.MIN_WORK_PER_THREAD``).
         ``query_weights``: ``uint8 [nq, L1]`` bit weights of the shortest code for a weighted stage 1
-        (``ctfreid.search.asymmetric``); the first threshold is then a weighted distance. 1-D query codes
-        give 1-D results.
+        (``ctfreid.search.asymmetric``; the first threshold is then a weighted distance), or ``{length:
+        uint8 [nq, length]}`` weighting any stages (their thresholds and distances are weighted; later
+        stages need this call's ``thresholds``). 1-D query codes give 1-D results.
         """
         k = check_k(k)
         qs, single = self._queries(query_codes)
@@ -635,7 +636,7 @@ class CtFIndex:
         the number of stages each hit was ranked with, and its distance at each length up to the finest
         it reached, and per query the number of items ranked at each stage (``candidates``). Same order as
         ``search``; ``merge_hits`` of several indexes' hits equals the hits of one index over their union.
-        ``query_weights``: as for ``search`` (the stage-1 distances of the key are then weighted). 1-D query
+        ``query_weights``: as for ``search`` (the key's distances at weighted lengths are weighted). 1-D query
         codes are treated as one query (results stay 2-D)."""
         k = check_k(k)
         qs, _ = self._queries(query_codes)
