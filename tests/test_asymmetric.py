@@ -56,11 +56,8 @@ def test_weighted_rank_is_a_stable_sort():
 
 
 def ref_weighted_ctf(qc: dict, w: np.ndarray, gc: dict, th: dict) -> tuple[np.ndarray, np.ndarray]:
-    lengths = sorted(gc)
-    dists = {L: ref_distances(qc[L], gc[L]) for L in lengths[1:]}
-    dists[lengths[0]] = brute_weighted(qc[lengths[0]], w, gc[lengths[0]])
-    out = [ref_ctf_rank_one({L: d[i] for L, d in dists.items()}, th) for i in range(w.shape[0])]
-    return np.array([d for _, d in out], np.int32), np.array([o for o, _ in out], np.int64)
+    """The reference with a weighted stage 1 (``ref_weighted_stages``)."""
+    return ref_weighted_stages(qc, {min(gc): w}, gc, th)[:2]
 
 
 @pytest.mark.parametrize("t1", [0, 20, 60, 140, max_distance(32)])

@@ -90,7 +90,7 @@ def _splat(builder, value, vt):
 
 
 def _ir_stage1(builder, x, vt, planes):
-    """IR of ``_stage1_dist`` on the vector ``x = q ^ g`` of type ``vt``: its popcount, or with ``planes`` (the
+    """IR of ``_word_dist`` on the vector ``x = q ^ g`` of type ``vt``: its popcount, or with ``planes`` (the
     4 weight planes, each splat to ``vt``) ``sum_b 2^b popcount(x & plane_b)``."""
     ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]),
                                            f"llvm.ctpop.v{vt.count}i{vt.element.width}")
@@ -393,30 +393,30 @@ def _extract1(mask, base, q0, g, bufi, bufd, cnt, wp):
     instead of reloading it from the block's distance buffer, whose scalar reloads of just-written
     vector stores stall on store forwarding (~6 % of the 32-bit scan). An exhausted mask reads code
     ``base + (64 & 63)``, which exists, for the spare slots. ``wp``: the weight planes of a weighted stage
-    1 (``_stage1_dist``), or None."""
+    1 (``_word_dist``), or None."""
     c = _popcnt(mask)
     j = _ctz(mask) & 63
     bufi[cnt] = base + j
-    bufd[cnt] = _stage1_dist(q0 ^ g[base + j], wp)
+    bufd[cnt] = _word_dist(q0 ^ g[base + j], wp)
     mask &= mask - np.uint64(1)
     j = _ctz(mask) & 63
     bufi[cnt + 1] = base + j
-    bufd[cnt + 1] = _stage1_dist(q0 ^ g[base + j], wp)
+    bufd[cnt + 1] = _word_dist(q0 ^ g[base + j], wp)
     mask &= mask - np.uint64(1)
     j = _ctz(mask) & 63
     bufi[cnt + 2] = base + j
-    bufd[cnt + 2] = _stage1_dist(q0 ^ g[base + j], wp)
+    bufd[cnt + 2] = _word_dist(q0 ^ g[base + j], wp)
     mask &= mask - np.uint64(1)
     j = _ctz(mask) & 63
     bufi[cnt + 3] = base + j
-    bufd[cnt + 3] = _stage1_dist(q0 ^ g[base + j], wp)
+    bufd[cnt + 3] = _word_dist(q0 ^ g[base + j], wp)
     mask &= mask - np.uint64(1)
     if c > 4:
         r = cnt + 4
         while mask:
             j = _ctz(mask)
             bufi[r] = base + j
-            bufd[r] = _stage1_dist(q0 ^ g[base + j], wp)
+            bufd[r] = _word_dist(q0 ^ g[base + j], wp)
             r += 1
             mask &= mask - np.uint64(1)
     return cnt + c
@@ -762,15 +762,11 @@ def _rows_wdist(q, P, g, W, rows, c, out):
     ``out[j] = sum_b 2^b popcount((q ^ code[rows[j]]) & P[b])``, with the same prefetches."""
     if W == 2:  # the query's words and planes in registers, as _rows_dist does
         q0, q1 = q[0], q[1]
-        a0, a1, a2, a3 = P[0, 0], P[1, 0], P[2, 0], P[3, 0]
-        b0, b1, b2, b3 = P[0, 1], P[1, 1], P[2, 1], P[3, 1]
+        p0, p1 = _word_planes(P, 0), _word_planes(P, 1)
         for j in range(c):
             _prefetch(g, 2 * rows[min(j + 64, c - 1)])
             o = np.uint64(2 * rows[j])
-            x = q0 ^ g[o]
-            y = q1 ^ g[o + np.uint64(1)]
-            out[j] = (_popcnt(x & a0) + _popcnt(y & b0) + ((_popcnt(x & a1) + _popcnt(y & b1)) << 1)
-                      + ((_popcnt(x & a2) + _popcnt(y & b2)) << 2) + ((_popcnt(x & a3) + _popcnt(y & b3)) << 3))
+            out[j] = _word_dist(q0 ^ g[o], p0) + _word_dist(q1 ^ g[o + np.uint64(1)], p1)
         return
     dist = 32 if W <= 8 else 12
     for j in range(c):
@@ -781,9 +777,7 @@ def _rows_wdist(q, P, g, W, rows, c, out):
         o = np.uint64(W * rows[j])
         t = 0
         for w in range(W):
-            x = q[w] ^ g[o + np.uint64(w)]
-            t += (_popcnt(x & P[0, w]) + (_popcnt(x & P[1, w]) << 1) + (_popcnt(x & P[2, w]) << 2)
-                  + (_popcnt(x & P[3, w]) << 3))
+            t += _word_dist(q[w] ^ g[o + np.uint64(w)], _word_planes(P, w))
         out[j] = t
 
 
@@ -1179,18 +1173,19 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec, wp):
         p = pos[r]
         d = tmp[r]
         ids[c] = p
-        d0[c] = _stage1_dist(q0 ^ g1[p], wp)
+        d0[c] = _word_dist(q0 ^ g1[p], wp)
         d1[c] = d
         c += d <= hi2
     return c
 
 
-def _stage1_dist(x, wp):
-    """The stage-1 distance of ``x = q ^ g`` (one 32-bit word): Hamming, or weighted by the planes ``wp``."""
+def _word_dist(x, wp):
+    """The distance of one word ``x = q ^ g`` (32 or 64 bits): Hamming, or weighted by the planes ``wp`` (the
+    word's 4 weight planes as a tuple, ``_word_planes``): ``sum_b 2^b popcount(x & wp[b])``."""
 
 
-@overload(_stage1_dist, inline="always")
-def _stage1_dist_impl(x, wp):
+@overload(_word_dist, inline="always")
+def _word_dist_impl(x, wp):
     if isinstance(wp, types.NoneType):
         return lambda x, wp: _popcnt(x)
     return lambda x, wp: (_popcnt(x & wp[0]) + (_popcnt(x & wp[1]) << 1) + (_popcnt(x & wp[2]) << 2)
@@ -1206,8 +1201,7 @@ def _later_word(x, Pr, i, c):
 def _later_word_impl(x, Pr, i, c):
     if isinstance(Pr, types.NoneType):
         return lambda x, Pr, i, c: _popcnt(x)
-    return lambda x, Pr, i, c: (_popcnt(x & Pr[0][i, 0, c]) + (_popcnt(x & Pr[0][i, 1, c]) << 1)
-                                + (_popcnt(x & Pr[0][i, 2, c]) << 2) + (_popcnt(x & Pr[0][i, 3, c]) << 3))
+    return lambda x, Pr, i, c: _word_dist(x, _word_planes(Pr[0][i], c))
 
 
 def _planes_of(P1, i, w=0):
@@ -1223,7 +1217,7 @@ def _planes_of_impl(P1, i, w=0):
 
 @njit(inline="always", **_JIT)
 def _word_planes(P, w=0):
-    """The 4 weight planes ``P[:, w]`` of word ``w`` of a first code, as a tuple (``_stage1_dist``)."""
+    """The 4 weight planes ``P[:, w]`` of word ``w`` of a first code, as a tuple (``_word_dist``)."""
     return (P[0, w], P[1, w], P[2, w], P[3, w])
 
 
@@ -1262,7 +1256,7 @@ def _tail_hits_impl(q, wp, g1, base, m, dd, hi):
     def weighted(q, wp, g1, base, m, dd, hi):
         mask = np.uint64(0)
         for j in range(m):
-            v = _stage1_dist(q[0] ^ g1[base + j], wp)
+            v = _word_dist(q[0] ^ g1[base + j], wp)
             mask |= np.uint64(v <= hi) << np.uint64(j)
         return mask
     return weighted
@@ -1378,7 +1372,7 @@ def hit_keys(Q1, G1, Qr, qoff, Gr, S, thr, P, outD, outS, P1=None, Pr=None):
                 continue
             d = 0
             for w in range(W1):
-                d += _stage1_dist(Q1[i, w] ^ G1[p, w], _planes_of(P1, i, w))
+                d += _word_dist(Q1[i, w] ^ G1[p, w], _planes_of(P1, i, w))
             outD[i, r, 0] = d
             st = 1
             for s in range(1, S):
@@ -1428,13 +1422,13 @@ def _wdist(q, P, g, W, n, d):
         wp = _word_planes(P)
         gg = g[:n]
         for j in range(n):
-            o[j] = _stage1_dist(q0 ^ gg[j], wp)
+            o[j] = _word_dist(q0 ^ gg[j], wp)
     else:
         gg = g[: n * W].reshape((n, W))
         for j in range(n):
             s = 0
             for w in range(W):
-                s += _stage1_dist(q[w] ^ gg[j, w], _word_planes(P, w))
+                s += _word_dist(q[w] ^ gg[j, w], _word_planes(P, w))
             o[j] = s
 
 

@@ -185,25 +185,25 @@ def check_query_weights(weights, nq: int, lengths: list[int], name: str = "query
 @dataclass(frozen=True)
 class StageWeights:
     """Checked query weights in the kernels' form: ``first``, the planes of the shortest code (``uint32 [nq,
-    WEIGHT_PLANES, L1 // 32]``) or None; ``later``, the planes of the later stages (``uint64 [nq,
-    WEIGHT_PLANES, words]``, in the columns of the later query words, a stage without weights at weight 1
-    on every bit) or None; ``maxima``, the largest distance of each weighted length."""
+    WEIGHT_PLANES, L1 // 32]``) or None; ``later``, the kernels' ``Pr`` (``_kernels._later_dist``): the planes
+    of the later stages (``uint64 [nq, WEIGHT_PLANES, words]``, in the columns of the later query words, a
+    stage without weights at weight 1 on every bit) and which stages are weighted (``int64 [S]``), or None;
+    ``maxima``, the largest distance of each weighted length."""
 
     first: np.ndarray | None
-    later: np.ndarray | None
+    later: tuple[np.ndarray, np.ndarray] | None
     maxima: dict[int, int]
 
     def rows(self, a: int, b: int) -> StageWeights:
         """The weights of queries ``a .. b - 1``."""
         return StageWeights(None if self.first is None else self.first[a:b],
-                            None if self.later is None else self.later[a:b], self.maxima)
+                            None if self.later is None else (self.later[0][a:b], self.later[1]), self.maxima)
 
-    def kernel_args(self, lengths: list[int]) -> tuple:
-        """The kernels' trailing ``P1, Lw, Pr``; ``Pr``: the later planes and which stages are weighted."""
-        L1 = lengths[0] if self.first is not None else None
-        later = None if self.later is None else (
-            self.later, np.array([0] + [L in self.maxima for L in lengths[1:]], np.int64))
-        return self.first, (self.maxima[L1] if L1 is not None else 0), later
+    def kernel_tail(self) -> tuple:
+        """The kernels' trailing ``P1, Lw[, Pr]`` (no ``Pr`` without weighted later stages: the kernels compiled
+        for a weighted stage 1 alone)."""
+        lw = self.maxima[min(self.maxima)] if self.first is not None else 0
+        return (self.first, lw) if self.later is None else (self.first, lw, self.later)
 
     def stage_maxima(self, lengths: list[int]) -> np.ndarray:
         """The kernels' ``Ls`` for weighted later stages: each stage's largest distance (the first stays its
@@ -221,13 +221,14 @@ def stage_weights(weights, nq: int, lengths: list[int], name: str = "query_weigh
     later = None
     if any(L in w for L in lengths[1:]):
         qoff = _kernels.stage_offsets(lengths)
-        later = np.zeros((nq, MAX_WEIGHT_BITS, int(qoff[-1])), np.uint64)
+        planes = np.zeros((nq, MAX_WEIGHT_BITS, int(qoff[-1])), np.uint64)
         for s, L in enumerate(lengths[1:]):
             cols = slice(int(qoff[s]), int(qoff[s + 1]))
             if L in w:
-                later[:, :, cols] = weight_planes(w[L], f"{name}[{L}]").view(np.uint64)
+                planes[:, :, cols] = weight_planes(w[L], f"{name}[{L}]").view(np.uint64)
             else:  # weight 1 on every bit: the Hamming distance
-                later[:, 0, cols] = np.uint64(0xFFFFFFFFFFFFFFFF)
+                planes[:, 0, cols] = np.uint64(0xFFFFFFFFFFFFFFFF)
+        later = (planes, np.array([0] + [L in w for L in lengths[1:]], np.int64))
     return StageWeights(first, later, {L: max_distance(L) for L in w})
 
 

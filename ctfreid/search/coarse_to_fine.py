@@ -68,23 +68,23 @@ def prepare_code_sets(
     return tuple(qs), gs, lengths, single
 
 
-def kernel_args(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], thr: np.ndarray) -> tuple:
-    """Arguments of ``_kernels.ctf_rank``/``ctf_topk`` up to the thresholds (see ``_kernels``)."""
+def kernel_args(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], thr: np.ndarray,
+                sw: StageWeights | None = None) -> tuple:
+    """Arguments of ``_kernels.ctf_rank``/``ctf_topk`` up to the thresholds (see ``_kernels``); ``Ls`` holds
+    each stage's largest distance (``StageWeights.stage_maxima``)."""
     S = len(gs)
-    qoff = _kernels.stage_offsets([g.shape[1] * 8 for g in gs])
+    lengths = [g.shape[1] * 8 for g in gs]
+    qoff = _kernels.stage_offsets(lengths)
     Qr = _kernels.later_queries(qs, qoff)
     Gr = tuple(_kernels.words64(g) for g in gs[1:]) + _kernels.stage_pad(S - 1)
-    Ls = np.array([g.shape[1] * 8 for g in gs], dtype=np.int64)
-    return _kernels.words32(qs[0]), _kernels.words32(gs[0]), int(Ls[0]), Qr, qoff, Gr, Ls, S, thr
+    Ls = np.array(lengths, dtype=np.int64) if sw is None else sw.stage_maxima(lengths)
+    return _kernels.words32(qs[0]), _kernels.words32(gs[0]), lengths[0], Qr, qoff, Gr, Ls, S, thr
 
 
-def weight_tail(sw: StageWeights | None, lengths: list[int]) -> tuple:
-    """The kernels' trailing weight arguments (``P1, Lw[, Pr]``; none for Hamming distances, whose kernels
-    are compiled apart)."""
-    if sw is None:
-        return ()
-    P1, Lw, Pr = sw.kernel_args(lengths)
-    return (P1, Lw) if Pr is None else (P1, Lw, Pr)
+def weight_tail(sw: StageWeights | None) -> tuple:
+    """The kernels' trailing weight arguments (``StageWeights.kernel_tail``; none for Hamming distances, whose
+    kernels are compiled apart)."""
+    return () if sw is None else sw.kernel_tail()
 
 
 def batched(nq: int, lengths: list[int], n: int, sw: StageWeights | None) -> bool:
@@ -93,13 +93,6 @@ def batched(nq: int, lengths: list[int], n: int, sw: StageWeights | None) -> boo
     if sw is not None and sw.later is not None:
         return False
     return _kernels.tile_scan(nq, lengths[0], n, sw is not None)
-
-
-def weighted_args(args: tuple, sw: StageWeights | None, lengths: list[int]) -> tuple:
-    """``kernel_args`` with ``Ls`` holding each stage's largest distance when later stages are weighted."""
-    if sw is None or sw.later is None:
-        return args
-    return args[:6] + (sw.stage_maxima(lengths),) + args[7:]
 
 
 def _rank_all(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], lengths: list[int], thr: np.ndarray,
@@ -113,7 +106,7 @@ def _rank_all(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], lengths: l
     if len(lengths) == 1:
         _kernels.weighted_rank(_kernels.words32(qs[0]), sw.first, _kernels.words32(gs[0]), sw.maxima[lengths[0]], D, I)
     else:
-        _kernels.ctf_rank(*weighted_args(kernel_args(qs, gs, thr), sw, lengths), D, I, *weight_tail(sw, lengths))
+        _kernels.ctf_rank(*kernel_args(qs, gs, thr, sw), D, I, *weight_tail(sw))
     return D, I
 
 
@@ -165,12 +158,12 @@ def ctf_search(
         D = np.empty((nq, k), dtype=np.int32)
         I = np.empty((nq, k), dtype=np.int64)
         counts = np.zeros((nq, S), np.int64)
-        args = weighted_args(kernel_args(qs, gs, thr), sw, lengths)
+        args = kernel_args(qs, gs, thr, sw)
         work = (k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, S))
         if batched(nq, lengths, n, sw):  # as CtFIndex.search
             hi2 = _kernels.stage2_keep(n, thr, lengths)
             _kernels.ctf_topk_batch(*args, *work, hi2, *_kernels.batch_buffers(*_kernels.batch_shape(n, nq, S), S),
-                                    D, I, counts, *weight_tail(sw, lengths))
+                                    D, I, counts, *weight_tail(sw))
         else:
-            _kernels.ctf_topk(*args, *work, D, I, counts, *weight_tail(sw, lengths))
+            _kernels.ctf_topk(*args, *work, D, I, counts, *weight_tail(sw))
     return (D[0], I[0]) if single else (D, I)

@@ -506,7 +506,7 @@ class CtFIndex:
         C[:, 1:] = -1 if k is None else 0
         if m == 0:
             return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64), C
-        weighted = weight_tail(sw, lengths)  # the kernels' trailing P1, Lw[, Pr]
+        weighted = weight_tail(sw)  # the kernels' trailing P1, Lw[, Pr]
         # one weighted length has no top-k kernel: its full ranking, then the first m
         full = k is None or (sw is not None and len(lengths) == 1)
         cols = n if full else m
@@ -521,7 +521,8 @@ class CtFIndex:
                 _kernels.topk(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], m, self._live, D, P)
         else:
             Qr = _kernels.later_queries(qs, qoff)
-            Lmax = Ls if sw is None or sw.later is None else sw.stage_maxima(lengths)  # sizes the sort keys
+            # each stage's largest distance, which sizes the sort keys: other than Ls for weighted later stages
+            Lmax = Ls if sw is None or sw.later is None else sw.stage_maxima(lengths)
             args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Lmax, len(lengths), thr)
             if full:
                 _kernels.ctf_rank(*args, D, P, *weighted)
@@ -582,19 +583,15 @@ class CtFIndex:
         stages = np.empty(P.shape, np.int8)
         Qr = _kernels.later_queries(qs, qoff) if S > 1 else _kernels._readonly(np.zeros((qs[0].shape[0], 1), np.uint64))
         _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages,
-                          *(() if sw is None else (sw.first, sw.kernel_args(self._lengths)[2])))
+                          *(() if sw is None else (sw.first, sw.later)))
         return dist, stages
-
-    def _weight_planes(self, query_weights, nq: int) -> StageWeights | None:
-        """The kernels' form of ``query_weights`` (``asymmetric.stage_weights``), or None."""
-        return stage_weights(query_weights, nq, self._lengths)
 
     def _run(self, qs: tuple[np.ndarray, ...], k: int | None, thresholds: Mapping[int, int] | None,
              threads: int | None, keys: bool = False, query_weights: np.ndarray | None = None) -> tuple:
         """(D, slots[, distances, stages]) of every query, the queries split over ``threads`` threads
         (each query is searched on its own, so the answers do not depend on the split)."""
         nq = qs[0].shape[0]
-        sw = self._weight_planes(query_weights, nq)
+        sw = stage_weights(query_weights, nq, self._lengths)
         with self._lock.read():
             thr = self._thresholds(thresholds, sw)
 
@@ -652,8 +649,8 @@ class CtFIndex:
         """faiss's ``lims, D, I = index.range_search(q, radius)`` for coarse-to-fine search: per query, the
         items that pass every stage's threshold (Sec. 3.1) and lie within ``radius`` at the longest length
         (with one code length: the items within ``radius``), in ranking order (longest-length distance,
-        then the shorter ones, then insertion order). ``query_weights``: a weighted stage 1, as for
-        ``search`` (with one code length ``radius`` then bounds the weighted distance).
+        then the shorter ones, then insertion order). ``query_weights``: weighted stages, as for ``search``
+        (``radius`` then bounds the longest length's weighted distance when that length is weighted).
 
         Returns ``lims int64[nq + 1]``, ``D int32[lims[-1]]`` (longest-length distances) and ``I
         int64[lims[-1]]`` (ids): query ``i``'s results are ``D[lims[i]:lims[i + 1]]``, ``I[...]``.
@@ -665,16 +662,16 @@ class CtFIndex:
             S = len(self._lengths)
             if not self.ntotal:
                 return range_result(np.zeros((nq, 0), bool), np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64))
-            wp = self._weight_planes(query_weights, nq)
-            thr = self._thresholds(thresholds, wp)
+            sw = stage_weights(query_weights, nq, self._lengths)
+            thr = self._thresholds(thresholds, sw)
             if S == 1:
-                D, P, _ = self._positions(qs, None, thr, wp)  # the full ranking, distances ascending
+                D, P, _ = self._positions(qs, None, thr, sw)  # the full ranking, distances ascending
                 last = np.full(nq, D.shape[1], np.int64)
             else:
                 # the items that pass every threshold lead each ranking, by their longest-length distance:
                 # the kernels count them (the same for any k), then a top-k of that many returns them
-                last = self._positions(qs, 1, thr, wp)[2][:, S - 1]
-                D, P, _ = self._positions(qs, max(1, int(last.max())), thr, wp)
+                last = self._positions(qs, 1, thr, sw)[2][:, S - 1]
+                D, P, _ = self._positions(qs, max(1, int(last.max())), thr, sw)
             keep = (np.arange(D.shape[1]) < last[:, None]) & (D <= radius)
             return range_result(keep, D, self._ids[P])
 

@@ -95,17 +95,6 @@ def _error(status: int, field: str | None, message: str):
     return JSONResponse({"error": {"field": field, "message": message}}, status_code=status)
 
 
-@dataclass(frozen=True)
-class WeightedDefault:
-    """The default thresholds of image searches: a weighted stage 1 (``weighting``:
-    ``ctfreid.search.asymmetric.Weighting``), stored beside the model's thresholds or fitted on its
-    validation split (``source``)."""
-
-    thresholds: dict[int, int]
-    weighting: Any
-    source: str
-
-
 class Service:
     """Everything behind the routes: encoder, store, gallery, thresholds, counters."""
 
@@ -144,7 +133,8 @@ class Service:
             weighted_obj = enc_mod.weighted_fit(val, config.gallery_size, config.weighted) or {
                 "gallery_size": config.gallery_size, "bits": config.weighted, "thresholds": None}  # none fits
             self.store.set_meta("weighted_fit", json.dumps(weighted_obj))
-        self.weighted = self._weighted_default(weighted_obj)
+        # the default of image searches (a WeightedFit, or None) and where it comes from
+        self.weighted, self.weighted_source = self._weighted_default(weighted_obj)
         self.fits: dict | None = fits_obj
         self.target: dict | None = target_obj
         self.thresholds_source = ""
@@ -187,24 +177,25 @@ class Service:
         self.thresholds_source = "no pruning (no thresholds with the model and no validation split)"
         return {L: L for L in need}
 
-    def _weighted_default(self, fitted: dict | None) -> WeightedDefault | None:
-        """The default of image searches (see the module): the weighted stage 1 stored beside the model's
-        thresholds ('ctfreid calibrate' writes it), else the server's own fit (``fitted``, kept with the
-        store); None under ``--weighted 0`` or ``--beta``, or when there is neither."""
-        from ctfreid.search.asymmetric import Weighting, max_distance
+    def _weighted_default(self, fitted: dict | None) -> tuple:
+        """The default of image searches (see the module) as ``(WeightedFit, source)``: the weighted stage 1
+        stored beside the model's thresholds ('ctfreid calibrate' writes it), else the server's own fit
+        (``fitted``, kept with the store); ``(None, "")`` under ``--weighted 0`` or ``--beta``, or when there is
+        neither."""
+        from ctfreid.search.asymmetric import WeightedFit, Weighting, max_distance
         from ctfreid.search.thresholds import check_thresholds
 
         if not self.config.weighted or self.config.beta is not None:
-            return None
+            return None, ""
         # (an encoder object of the caller's may have no 'weighted')
         stored = getattr(self.encoder, "weighted", None) if self.encoder.thresholds else None
         if stored is not None:
-            return WeightedDefault(check_thresholds(stored.thresholds, self.lengths, max_distance(self.lengths[0])),
-                                   stored.weighting, f"stored with the model ({self.encoder.thresholds_source})")
+            th = check_thresholds(stored.thresholds, self.lengths, max_distance(self.lengths[0]))
+            return WeightedFit(th, stored.weighting), f"stored with the model ({self.encoder.thresholds_source})"
         if fitted and fitted.get("thresholds"):
-            return WeightedDefault({int(L): int(t) for L, t in fitted["thresholds"].items()},
-                                   Weighting.from_dict(fitted["weights"]), fitted["source"])
-        return None
+            th = {int(L): int(t) for L, t in fitted["thresholds"].items()}
+            return WeightedFit(th, Weighting.from_dict(fitted["weights"])), fitted["source"]
+        return None, ""
 
     # ------------------------------------------------------------------------------------- helpers
     def thresholds_for(self, thresholds: Any, beta: Any) -> dict[int, int] | None:
@@ -364,7 +355,7 @@ class Service:
             "thresholds_source": self.thresholds_source,
             "weighted_stage1": None if self.weighted is None else {
                 "thresholds": {str(L): t for L, t in self.weighted.thresholds.items()},
-                "weights": self.weighted.weighting.to_dict(), "source": self.weighted.source,
+                "weights": self.weighted.weighting.to_dict(), "source": self.weighted_source,
                 "applies_to": "image searches with the default thresholds"},
             "model_fingerprint": self.encoder.fingerprint,
             "uptime_s": round(time.time() - self.started, 3),
