@@ -8,8 +8,10 @@ Each thresholds file is one written by ``ctfreid calibrate`` (default target, wi
 Its two fits kept, on the run's validation identities, a fraction of the gallery after each stage
 (``fit.keep_fractions``). Real galleries of 10^6 crops are not at hand, so the codes are those of
 ``bench_search.py`` (cached) and each fit becomes the thresholds that keep the same cumulative fractions on
-the generated calibration queries (the weighted one with random 4-bit weights per query): the later
-stages re-rank as many candidates per query as the real fit would at that size. What differs from real
+the generated calibration queries (the weighted one with random 4-bit weights per query at each length its
+weighting weights: stage 1, and the later lengths of ``weights.later`` when it was fitted with
+``--weight-later``): the later stages re-rank as many candidates per query as the real fit would at that
+size. What differs from real
 codes is which items pass, not how many. ``CtFIndex.search``, top-``k``: one query at a time on one
 thread, and batches of 64 on 1 and 2 threads; interleaved rounds, medians, us a query.
 """
@@ -29,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def matched_thresholds(calib: dict, gallery: dict, fractions: list[float],
-                       weights: np.ndarray | None = None) -> tuple[dict, list[float]]:
+                       weights: dict | None = None) -> tuple[dict, list[float]]:
     """Thresholds whose cumulative kept fractions of the gallery on the calibration queries are closest to
-    ``fractions`` (one per stage but the last); stage 1 weighted by ``weights`` when given."""
+    ``fractions`` (one per stage but the last); the lengths of ``weights`` (``{length: uint8 [nq, length]}``)
+    weighted."""
+    weights = weights or {}
     from ctfreid.search.asymmetric import max_distance, weighted_distances
     from ctfreid.search.hamming import hamming_distances
 
@@ -41,8 +45,8 @@ def matched_thresholds(calib: dict, gallery: dict, fractions: list[float],
     cands = [sample] * len(calib[lengths[0]])
     thresholds, got = {}, []
     for s, L in enumerate(lengths[:-1]):
-        if s == 0 and weights is not None:
-            d = [weighted_distances(calib[L][i], weights[i], gallery[L][c]) for i, c in enumerate(cands)]
+        if L in weights:
+            d = [weighted_distances(calib[L][i], weights[L][i], gallery[L][c]) for i, c in enumerate(cands)]
             top = max_distance(L)
         else:
             d = [hamming_distances(calib[L][i], gallery[L][c]) for i, c in enumerate(cands)]
@@ -68,29 +72,32 @@ def main() -> None:
     n = int(float(args.n))
     g, q, calib, _, _ = make_data(n, 512, lengths, 0, Path(tempfile.gettempdir()) / "ctfreid-bench")
     rng = np.random.default_rng(1)
-    wc = rng.integers(0, 16, (calib[32].shape[0], 32), dtype=np.uint8)
+    wc = {L: rng.integers(0, 16, (calib[L].shape[0], L), dtype=np.uint8) for L in lengths}
+    nq = 64
+    wq = {L: rng.integers(0, 16, (nq, L), dtype=np.uint8) for L in lengths}
     points = []
     for path in args.fits:
         doc = json.loads(path.read_text())
         ham = [doc["fit"]["keep_fractions"][str(L)] for L in lengths[1:]]
-        wei = [doc["weighted_stage1"]["fit"]["keep_fractions"][str(L)] for L in lengths[1:]]
+        section = doc["weighted_stage1"]
+        wei = [section["fit"]["keep_fractions"][str(L)] for L in lengths[1:]]
+        weighted = [lengths[0], *sorted(int(L) for L in section["weights"].get("later", {}))]
         th, got = matched_thresholds(calib, g, ham)
-        thw, gotw = matched_thresholds(calib, g, wei, wc)
-        points.append((path, ham, got, th, wei, gotw, thw))
-    nq = 64
+        thw, gotw = matched_thresholds(calib, g, wei, {L: wc[L] for L in weighted})
+        w = wq[lengths[0]] if len(weighted) == 1 else {L: wq[L] for L in weighted}
+        points.append((path, ham, got, th, wei, gotw, thw, w, weighted))
     index, queries, one = index_and_queries(g, q, nq)
     del g
-    w = rng.integers(0, 16, (nq, 32), dtype=np.uint8)
     print(f"n = {n:,}, top-{args.k}, us a query, median of {args.rounds} interleaved rounds")
     print("| fit | kept after 32 / 128 / 512 bits (validation; matched here) | thresholds | one query, 1 thread | "
           "batch of 64, 1 thread | batch of 64, 2 threads |")
     print("|---|---|---|---|---|---|")
-    for path, ham, got, th, wei, gotw, thw in points:
+    for path, ham, got, th, wei, gotw, thw, w, weighted in points:
         cases = {}
         for name, t, qw in (("Hamming", th, None), ("weighted", thw, w)):
             def single(t=t, qw=qw):
                 for i, x in enumerate(one):
-                    index.search(x, args.k, t, threads=1, query_weights=None if qw is None else qw[i])
+                    index.search(x, args.k, t, threads=1, query_weights=_row(qw, i))
             cases[name] = (single,
                            lambda t=t, qw=qw: index.search(queries, args.k, t, threads=1, query_weights=qw),
                            lambda t=t, qw=qw: index.search(queries, args.k, t, threads=2, query_weights=qw))
@@ -110,7 +117,15 @@ def main() -> None:
                 ratio = med[name, j] / med["Hamming", j]
                 cells.append(f"{med[name, j]:.0f}" + (f" ({ratio:.2f}x)" if name == "weighted" else ""))
             thr = "/".join(str(t[L]) for L in lengths[:-1])
-            print(f"| {path.stem} {name} | {kept} % | {thr} | " + " | ".join(cells) + " |")
+            label = name if name == "Hamming" else f"weighted {'/'.join(map(str, weighted))}"
+            print(f"| {path.stem} {label} | {kept} % | {thr} | " + " | ".join(cells) + " |")
+
+
+def _row(weights, i: int):
+    """Query ``i``'s weights (an array or ``{length: array}``), or None."""
+    if weights is None:
+        return None
+    return {L: w[i] for L, w in weights.items()} if isinstance(weights, dict) else weights[i]
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ An encoded set holds, for ``n`` images:
 - ``camids``: int64[n] camera ids;
 - ``codes_<L>``: uint8[n, L // 8] packed binary codes, one key per code length ``L``;
 - ``features`` (optional): float32[n, d] real-valued features (for the ``float`` baseline);
-- ``values_<L>`` (optional, the shortest length only): float32[n, L] ``bn(v)`` of the shortest code (Eq. 2
-  before the sign), the query side of a weighted stage 1 (``ctfreid.search.asymmetric``);
+- ``values_<L>`` (optional): float32[n, L] ``bn(v)`` of the ``L``-bit code (Eq. 2 before the sign), the query
+  side of weighted stages (``ctfreid.search.asymmetric``): the shortest length's is :attr:`EncodedSet.values`,
+  the others' :attr:`EncodedSet.later_values` (``ctfreid encode`` writes every length's but the longest,
+  whose ``bn(v)`` is ``features``);
 - ``paths`` (optional): str[n] image paths;
 - ``meta`` (optional): a 0-d string array holding a JSON object, :attr:`EncodedSet.meta`. ``ctfreid encode``
   writes ``{"encoder": encoder_record(...), "split": ...}``: the model's fingerprint
@@ -45,6 +47,8 @@ class EncodedSet:
     paths: np.ndarray | None = None
     meta: dict = field(default_factory=dict)  # JSON-serialisable, saved with the arrays
     values: np.ndarray | None = None  # float32[n, L1]: bn(v) of the shortest code, for a weighted stage 1
+    # {L: float32[n, L]}: bn(v) of longer codes, for weighted later stages
+    later_values: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.codes = check_code_set(self.codes, "codes")
@@ -55,14 +59,18 @@ class EncodedSet:
             self.features = np.asarray(self.features, dtype=np.float32)
             if self.features.ndim != 2 or self.features.shape[0] != n:
                 raise CtfreidError(f"features must be float32[{n}, d], got shape {self.features.shape}")
+        L1 = min(self.codes)
         if self.values is not None:
-            L1 = min(self.codes)
-            self.values = np.asarray(self.values, dtype=np.float32)
-            if self.values.shape != (n, L1):
-                raise CtfreidError(f"values must be float32[{n}, {L1}] (bn(v) of the {L1}-bit code), "
-                                   f"got shape {self.values.shape}")
-            if not np.isfinite(self.values).all():
-                raise CtfreidError("values must be finite (no NaN or infinity)")
+            self.values = _checked_values(self.values, n, L1, "values")
+        if not isinstance(self.later_values, dict):
+            raise CtfreidError(f"later_values must be a dict {{length: float32[n, length]}}, "
+                               f"got {type(self.later_values).__name__}")
+        for L in self.later_values:
+            if L not in self.codes or L == L1:
+                raise CtfreidError(f"later_values keys must be code lengths after the shortest {self.lengths[1:]}, "
+                                   f"got {L!r}")
+        self.later_values = {int(L): _checked_values(v, n, int(L), f"later_values[{L}]")
+                             for L, v in sorted(self.later_values.items())}
         if self.paths is not None:
             self.paths = np.asarray(self.paths, dtype=str)
             if self.paths.shape != (n,):
@@ -78,11 +86,21 @@ class EncodedSet:
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
         return EncodedSet(codes={L: c[idx] for L, c in self.codes.items()}, pids=self.pids[idx],
                           camids=self.camids[idx], features=pick(self.features), paths=pick(self.paths),
-                          meta=dict(self.meta), values=pick(self.values))
+                          meta=dict(self.meta), values=pick(self.values),
+                          later_values={L: v[idx] for L, v in self.later_values.items()})
 
     @property
     def lengths(self) -> list[int]:
         return sorted(self.codes)
+
+
+def _checked_values(values, n: int, L: int, name: str) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float32)
+    if v.shape != (n, L):
+        raise CtfreidError(f"{name} must be float32[{n}, {L}] (bn(v) of the {L}-bit code), got shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise CtfreidError(f"{name} must be finite (no NaN or infinity)")
+    return v
 
 
 def _labels(values, name: str, n: int) -> np.ndarray:
@@ -101,6 +119,8 @@ def save_encoded(path: str | os.PathLike, data: EncodedSet) -> None:
         arrays["features"] = data.features
     if data.values is not None:
         arrays[f"values_{min(data.codes)}"] = data.values
+    for L, v in data.later_values.items():
+        arrays[f"values_{L}"] = v
     if data.paths is not None:
         arrays["paths"] = data.paths
     if data.meta:
@@ -154,10 +174,13 @@ def load_encoded(path: str | os.PathLike, name: str | None = None) -> EncodedSet
                         f"{len(features) if features.ndim else 1} rows; expected finite float features"
                     )
             meta = _read_meta(z["meta"], label) if "meta" in keys else {}
-            value_keys = [k for k in keys if k.startswith("values_")]
-            if value_keys and value_keys != [f"values_{min(codes)}"]:
-                raise CtfreidError(f"{label}: expected at most one values array, values_{min(codes)} (the shortest "
-                                   f"code's bn(v)), found {sorted(value_keys)}")
+            values = {}
+            for k in sorted(k for k in keys if k.startswith("values_")):
+                if not k[7:].isdigit() or int(k[7:]) not in codes:
+                    raise CtfreidError(f"{label}: array {k!r} should be named values_<L> for a code length L of "
+                                       f"the set {sorted(codes)} (bn(v) of that code)")
+                values[int(k[7:])] = z[k]
+            L1 = min(codes)
             return EncodedSet(
                 codes=codes,
                 pids=z["pids"],
@@ -165,7 +188,8 @@ def load_encoded(path: str | os.PathLike, name: str | None = None) -> EncodedSet
                 features=features,
                 paths=z["paths"] if "paths" in keys else None,
                 meta=meta,
-                values=z[value_keys[0]] if value_keys else None,
+                values=values.pop(L1, None),
+                later_values=values,
             )
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CtfreidError(f"{not_npz}: {e}") from e

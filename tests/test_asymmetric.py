@@ -394,9 +394,9 @@ def test_index_keeps_hamming_and_weighted_defaults(tmp_path, monkeypatch):
     old = CtFIndex.load(tmp_path / "old.ctf")
     assert old.weighted_thresholds == {32: 70, 128: 45} and old.thresholds == {}
     np.testing.assert_array_equal(old.search(qc, 20, query_weights=w)[1], want[1])
-    with pytest.raises(CtfreidError, match="thresholds for a weighted stage 1 only"):
+    with pytest.raises(CtfreidError, match="thresholds for weighted stages only"):
         old.search(qc, 5)
-    with pytest.raises(CtfreidError, match="thresholds for a weighted stage 1 only"):
+    with pytest.raises(CtfreidError, match="thresholds for weighted stages only"):
         old.range_search(qc, 100)
 
 
@@ -522,9 +522,220 @@ def test_bad_weights_for_the_later_stages_are_named():
         index.search(qc, 5, {32: 9, 128: 48}, query_weights={128: w[:, :32]})
     with pytest.raises(CtfreidError, match=r"thresholds\[128\] must be an integer weighted distance in \[0, 1920\]"):
         index.search(qc, 5, {32: 9, 128: 1921}, query_weights={128: w})
-    with pytest.raises(CtfreidError, match="later stages need this call's thresholds"):
-        index.search(qc, 5, query_weights={128: w})  # the index's defaults are Hamming / a weighted stage 1
+    with pytest.raises(CtfreidError, match="no thresholds for weighted stages"):
+        index.search(qc, 5, query_weights={128: w})  # the index has Hamming defaults only
     lengths96 = {32: gc[32], 96: np.zeros((100, 12), np.uint8)}
     with pytest.raises(CtfreidError, match=r"query_weights\[96\]: a weighted later code must be a multiple of 64"):
         ctf_search({32: qc[32], 96: np.zeros((3, 12), np.uint8)}, lengths96, {32: 9}, 5,
                    query_weights={96: np.ones((3, 96), np.uint8)})
+
+
+# ------------------------------------------------- weighted later stages: values, fits, files, defaults
+def test_weighting_of_later_stages_hand_worked_and_bad_input():
+    w = Weighting(scale=1.0, bits=2, later={"128": 2.0})
+    assert w.later == {128: 2.0} and w.lengths(32) == [32, 128] and w.maxima(32) == {32: 480, 128: 1920}
+    assert Weighting.from_dict(w.to_dict()) == w
+    assert w.to_dict() == {"bits": 2, "scale": 1.0, "later": {"128": 2.0}}
+    assert Weighting(scale=1.0).to_dict() == {"bits": 4, "scale": 1.0}  # files without later read as before
+    v32 = np.zeros((1, 32), np.float32)
+    v32[0, :3] = [0.5, -1.0, 0.1]
+    v128 = np.zeros((1, 128), np.float32)
+    v128[0, :3] = [1.0, -4.0, 0.2]  # scale 2: round(|v| / 2 * 3) -> 2 (1.5 rounds up), 3 (capped), 0
+    got = w.query_weights(v32, {128: v128})
+    assert sorted(got) == [32, 128]
+    np.testing.assert_array_equal(got[32][0, :3], [2, 3, 0])
+    np.testing.assert_array_equal(got[128][0, :3], [2, 3, 0])
+    assert isinstance(Weighting(scale=1.0).query_weights(v32), np.ndarray)  # stage 1 alone: an array
+    with pytest.raises(CtfreidError, match="weight the 128-bit code too: the queries need its values"):
+        w.query_weights(v32)
+    with pytest.raises(CtfreidError, match="values_128 must be float \\[1, 128\\]"):
+        w.query_weights(v32, {128: v128[:, :64]})
+    for bad in ({96: 1.0}, {"x": 1.0}, {True: 1.0}, {0: 1.0}):
+        with pytest.raises(CtfreidError, match="later keys must be code lengths, multiples of 64 bits"):
+            Weighting(scale=1.0, later=bad)
+    with pytest.raises(CtfreidError, match="later\\[128\\] must be a positive number"):
+        Weighting(scale=1.0, later={128: 0.0})
+    with pytest.raises(CtfreidError, match="weights must be an object"):
+        Weighting.from_dict({"scale": 1.0, "later": {"128": 1.0}, "other": 1})
+
+
+def test_later_values_round_trip_take_and_bad_input(tmp_path):
+    from ctfreid.encoded import load_encoded, save_encoded
+
+    rng = np.random.default_rng(2)
+    codes = {L: rng.integers(0, 256, (6, L // 8), dtype=np.uint8) for L in (32, 64, 256)}
+    later = {64: rng.normal(size=(6, 64)).astype(np.float32)}
+    e = EncodedSet(codes=codes, pids=np.arange(6), camids=np.zeros(6, int),
+                   values=rng.normal(size=(6, 32)).astype(np.float32), later_values=later)
+    save_encoded(tmp_path / "e.npz", e)
+    with np.load(tmp_path / "e.npz") as z:
+        assert {"values_32", "values_64"} <= set(z.files)
+    back = load_encoded(tmp_path / "e.npz")
+    np.testing.assert_array_equal(back.values, e.values)
+    np.testing.assert_array_equal(back.later_values[64], later[64])
+    np.testing.assert_array_equal(back.take(np.array([4, 1])).later_values[64], later[64][[4, 1]])
+    with pytest.raises(CtfreidError, match="later_values\\[64\\] must be float32\\[6, 64\\]"):
+        EncodedSet(codes=codes, pids=e.pids, camids=e.camids, later_values={64: later[64][:, :32]})
+    with pytest.raises(CtfreidError, match="later_values keys must be code lengths after the shortest \\[64, 256\\]"):
+        EncodedSet(codes=codes, pids=e.pids, camids=e.camids, later_values={32: e.values})
+    np.savez(tmp_path / "bad.npz", pids=e.pids, camids=e.camids, values_128=np.zeros((6, 128), np.float32),
+             **{f"codes_{L}": c for L, c in codes.items()})
+    with pytest.raises(CtfreidError, match="'values_128' should be named values_<L> for a code length L of the set"):
+        load_encoded(tmp_path / "bad.npz")
+
+
+def later_decoy_set(n_ids: int = 30, seed: int = 0):
+    """tests/test_calibration_targets.py's decoy set with values where only the 64-bit stage can tell: at 32
+    bits every |bn(v)| is about 1 (weights all at the top: weighted = 7 x Hamming, so the match at 4 bits is
+    behind the decoy at 1), at 64 bits the P[64] bits that differ between an identity's cameras have |bn(v)|
+    near 0 (weight 0). A weighted 64-bit stage then puts the match at 0 and the decoy (D[64] bits) at 21:
+    it can drop every decoy after stage 2, a Hamming 64-bit stage (match 9 bits away, decoy 3) none."""
+    from tests.test_calibration_targets import LENGTHS, P, decoy_set
+
+    base = decoy_set(n_ids, seed)
+    rng = np.random.default_rng(seed)
+    sign = {L: 2 * np.unpackbits(base.codes[L], axis=1).astype(np.float32) - 1 for L in (32, 64)}
+    mag = np.ones_like(sign[64])
+    for i in range(n_ids):
+        flipped = sign[64][5 * i] != sign[64][5 * i + 2]
+        assert flipped.sum() == P[64]
+        mag[5 * i: 5 * i + 5][:, flipped] = 0.01
+    noise = lambda x: rng.uniform(0.9, 1.0, x.shape).astype(np.float32)  # noqa: E731
+    return EncodedSet(codes=base.codes, pids=base.pids, camids=base.camids, values=sign[32] * noise(sign[32]),
+                      later_values={64: sign[64] * mag * noise(mag)}), LENGTHS
+
+
+def test_a_weighted_later_stage_drops_the_decoys_a_weighted_stage1_keeps():
+    from ctfreid.eval.calibration import (WEIGHTED_ROW_EXTRA_MS, WEIGHTED_SCAN_EXTRA_MS, fit_target,
+                                          split_validation)
+    from ctfreid.eval.cost_model import expected_ms, stage_work
+    from tests.test_calibration_targets import D, model_for
+
+    val, lengths = later_decoy_set()
+    model = model_for(lengths)
+    one = fit_target(val, "accuracy", tolerance=0.5, cost_model=model, weight_bits=3)
+    both = fit_target(val, "accuracy", tolerance=0.5, cost_model=model, weight_bits=3, weight_later=(64,))
+    assert one.weighting.later == {} and sorted(both.weighting.later) == [64]
+    assert both.weighting.later[64] == pytest.approx(np.quantile(np.abs(val.later_values[64]), 0.99))
+    assert both.val_map == 1.0 and both.val_rank1 == 1.0
+    assert both.thresholds[64] < 7 * D[64]  # below every decoy's weighted 64-bit distance
+    assert one.thresholds[64] >= 9  # a Hamming 64-bit stage must keep the matches (9 bits), so the decoys
+    assert both.keep_fractions[256] < one.keep_fractions[256]
+    assert both.to_dict()["weights"]["later"] == {"64": both.weighting.later[64]}
+    # expected time: the cost model on this work, plus the weighted scan and the weighted 64-bit rows
+    n = 10_000
+    fit_n = fit_target(val, "accuracy", tolerance=0.5, cost_model=model, weight_bits=3, weight_later=(64,),
+                       gallery_size=n)
+    fractions, bins = [], []
+    for j in range(4):
+        q, g = split_validation(val, 0, j)
+        w = fit_n.weighting.query_weights(q.values, q.later_values)
+        dist = [weighted_distances(q.codes[L], w[L], g.codes[L]) for L in (32, 64)]
+        dist.append(hamming_distances(q.codes[256], g.codes[256]))
+        c, b = stage_work(dist, [fit_n.thresholds[L] for L in lengths[:-1]])
+        fractions.append(c / len(g))
+        bins.append(b)
+    f = np.concatenate(fractions)
+    base = expected_ms(model, f, n, bins=np.concatenate(bins))
+    extra = n * (WEIGHTED_SCAN_EXTRA_MS + f[:, 0].mean() * WEIGHTED_ROW_EXTRA_MS)  # one 64-bit word a row
+    assert fit_n.expected_ms == pytest.approx(base + extra, rel=1e-12)
+    with pytest.raises(CtfreidError, match="weight_later must name lengths between the shortest and the longest"):
+        fit_target(val, cost_model=model, weight_bits=3, weight_later=(256,))
+    with pytest.raises(CtfreidError, match="weight_later needs weight_bits"):
+        fit_target(val, cost_model=model, weight_later=(64,))
+    no_later = EncodedSet(codes=val.codes, pids=val.pids, camids=val.camids, values=val.values)
+    with pytest.raises(CtfreidError, match="a weighted 64-bit stage needs the validation images' values_64"):
+        fit_target(no_later, cost_model=model, weight_bits=3, weight_later=(64,))
+
+
+def test_thresholds_file_with_later_weights(tmp_path):
+    import json
+
+    from ctfreid.search.thresholds import read_thresholds_file
+
+    path = tmp_path / "th.json"
+    doc = {"thresholds": {"32": 9, "128": 40},
+           "weighted_stage1": {"thresholds": {"32": 200, "128": 900},
+                               "weights": {"bits": 4, "scale": 2.5, "later": {"128": 1.5}}}}
+    path.write_text(json.dumps(doc))
+    fits = read_thresholds_file(path)
+    assert fits.weighted == {32: 200, 128: 900} and fits.weighting.later == {128: 1.5}
+    assert fits.weighted_fit.weighting.lengths(32) == [32, 128]
+    doc["weighted_stage1"]["thresholds"]["128"] = 1921
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CtfreidError, match="thresholds\\[128\\] must be an integer weighted distance in \\[0, 1920\\]"):
+        read_thresholds_file(path)
+    doc["weighted_stage1"]["thresholds"]["128"] = 900  # without later weights: a Hamming 128-bit threshold
+    del doc["weighted_stage1"]["weights"]["later"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CtfreidError, match="thresholds\\[128\\] must be an integer Hamming distance in \\[0, 128\\]"):
+        read_thresholds_file(path)
+    doc["weighted_stage1"]["weights"]["later"] = {"512": 1.0}  # a length without a threshold
+    doc["weighted_stage1"]["thresholds"]["128"] = 40
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CtfreidError, match="'weights' weight lengths \\[512\\] that have no threshold"):
+        read_thresholds_file(path)
+
+
+def test_index_default_for_weighted_later_stages(tmp_path):
+    from ctfreid import CtFIndex
+
+    rng = np.random.default_rng(17)
+    qc, gc = correlated_code_sets(rng, 500, 5)
+    values = rng.normal(size=(5, 32)).astype(np.float32)
+    later = {128: rng.normal(size=(5, 128)).astype(np.float32)}
+    weighting = Weighting(scale=1.5, bits=3, later={128: 1.2})
+    th = {32: 70, 128: 300}
+    index = CtFIndex()
+    index.add(gc)
+    index.thresholds = {32: 9, 128: 45}
+    index.weighted_thresholds, index.weighting = dict(th), weighting
+    w = weighting.query_weights(values, later)
+    ref = ref_weighted_stages(qc, w, gc, th)
+    D, I = index.search(qc, 30, query_weights=w)  # the default: thresholds fitted with these stages weighted
+    np.testing.assert_array_equal(I, ref[1][:, :30])
+    np.testing.assert_array_equal(D, ref[0][:, :30])
+    with pytest.raises(CtfreidError, match="query_weights weight the lengths \\[32\\], the index's weighted "
+                                           "thresholds were fitted weighting \\[32, 128\\]"):
+        index.search(qc, 5, query_weights=w[32])
+    np.testing.assert_array_equal(index.search(qc, 30, th, query_weights=w)[1], I)  # per call, the same
+    index.save(tmp_path / "w.ctf")
+    back = CtFIndex.load(tmp_path / "w.ctf")
+    assert back.weighting == weighting and back.weighted_thresholds == th
+    np.testing.assert_array_equal(back.search(qc, 30, query_weights=w)[1], I)
+    back.weighting = Weighting(scale=1.5, bits=3)  # stage 1 alone: 300 is no Hamming 128-bit threshold
+    with pytest.raises(CtfreidError, match="thresholds\\[128\\] must be an integer Hamming distance in \\[0, 128\\]"):
+        back.save(tmp_path / "bad.ctf")
+
+
+def test_cli_calibrate_weight_later_and_evaluate_use_the_weighted_later_stage(tmp_path, capsys):
+    from ctfreid.cli import main
+    from ctfreid.encoded import save_encoded
+    from ctfreid.eval.calibration import fit_target
+    from ctfreid.eval.evaluate import evaluate_sets
+    from ctfreid.search.thresholds import read_thresholds_file
+    from tests.test_calibration_targets import model_for
+
+    val, lengths = later_decoy_set()
+    save_encoded(tmp_path / "val.npz", val)
+    model = model_for(lengths)
+    model.save(tmp_path / "cost.json")
+    args = ["calibrate", "--val", str(tmp_path / "val.npz"), "--weighted", "3", "--cost-model", str(tmp_path / "cost.json")]
+    assert main(args + ["--weight-later", "64", "--out", str(tmp_path / "th.json")]) == 0
+    assert "weighted 32/64-bit stages: 3-bit weights" in capsys.readouterr().out
+    fits = read_thresholds_file(tmp_path / "th.json")
+    want = fit_target(val, "accuracy", tolerance=0.5, cost_model=model, weight_bits=3, weight_later=(64,))
+    assert fits.weighted == want.thresholds and fits.weighting == want.weighting
+    # evaluate: queries with values take the weighted stages; the oracle is evaluate_sets with the weighting
+    q, g = val.take(np.arange(0, len(val), 5)), val
+    save_encoded(tmp_path / "q.npz", q)
+    assert main(["evaluate", "--query", str(tmp_path / "q.npz"), "--gallery", str(tmp_path / "val.npz"),
+                 "--thresholds", str(tmp_path / "th.json"), "--json", str(tmp_path / "r.json")]) == 0
+    assert "weighted 32/64-bit stages (3-bit weights" in capsys.readouterr().out
+    import json
+
+    got = json.loads((tmp_path / "r.json").read_text())["methods"]["ctf"]
+    ref = evaluate_sets(q, g, fits.weighted, weighting=fits.weighting)["methods"]["ctf"]
+    assert got["mAP"] == ref["mAP"] and got["candidates"] == ref["candidates"]
+    assert main(args[:-4] + ["--weighted", "0", "--weight-later", "64"]) == 2
+    assert "--weight-later weights later stages beside a weighted stage 1" in capsys.readouterr().err

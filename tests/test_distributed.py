@@ -100,14 +100,14 @@ def test_exact_equality_with_one_index_before_and_after_removals(local_ray, shar
         for k in (5, 300):
             assert_same_hits(sharded.search_hits(q, k, thresholds=weighted, query_weights=w),
                              one.search_hits(q, k, thresholds=weighted, query_weights=w))
-        with pytest.raises(CtfreidError, match="no thresholds for a weighted stage 1"):
+        with pytest.raises(CtfreidError, match="no thresholds for weighted stages"):
             sharded.search_hits(q, 5, query_weights=w)
         # weights at the later stages too (a mapping), with this call's thresholds
         later = {32: w, 512: rng.integers(0, 16, (9, 512), dtype=np.uint8)}
         for k in (5, 300):
             assert_same_hits(sharded.search_hits(q, k, thresholds=weighted, query_weights=later),
                              one.search_hits(q, k, thresholds=weighted, query_weights=later))
-        with pytest.raises(CtfreidError, match="later stages need this call's thresholds"):
+        with pytest.raises(CtfreidError, match="no thresholds for weighted stages"):
             sharded.search_hits(q, 5, query_weights=later)
         # the weighted default, beside the Hamming one (as one index keeps both)
         for index in (one, sharded):
@@ -118,6 +118,19 @@ def test_exact_equality_with_one_index_before_and_after_removals(local_ray, shar
             assert_same_hits(got, one.search_hits(q, k, query_weights=w))
             assert_same_hits(got, one.search_hits(q, k, thresholds=weighted, query_weights=w))
             assert_same_hits(sharded.search_hits(q, k), one.search_hits(q, k, thresholds=THR))
+        # a default fitted with a weighted later stage too: weights of exactly those lengths use it
+        wlater = Weighting(scale=1.5, bits=3, later={512: 1.1})
+        for index in (one, sharded):
+            index.weighted_thresholds, index.weighting = {32: 60, 128: 70}, wlater
+        assert sharded.weighting == wlater
+        both = {32: w, 512: later[512]}
+        for k in (5, 300):
+            got = sharded.search_hits(q, k, query_weights=both)
+            assert_same_hits(got, one.search_hits(q, k, thresholds={32: 60, 128: 70}, query_weights=both))
+        with pytest.raises(CtfreidError, match="fitted weighting \\[32, 512\\]"):
+            sharded.search_hits(q, 5, query_weights=w)
+        for index in (one, sharded):
+            index.weighted_thresholds, index.weighting = dict(weighted), Weighting(scale=1.5, bits=3)
 
         gone = rng.choice(240, 70, replace=False)
         assert sharded.remove_ids(np.concatenate([gone, [10_000]])) == one.remove_ids(gone) == 70

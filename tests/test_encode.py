@@ -82,6 +82,11 @@ def test_encoded_codes_are_the_models_eval_signs(run_dir, synth_dataset):
                 assert set(np.unique(signs)) <= {-1.0, 1.0}
                 assert np.array_equal(encoded.codes[length][i], np.packbits(signs > 0))
             assert np.allclose(encoded.features[i], out["bn"][max(LENGTHS)][0].numpy(), atol=1e-4)
+            # the query side of weighted stages: bn(v) of the shortest (values) and the middle lengths
+            assert np.allclose(encoded.values[i], out["bn"][min(LENGTHS)][0].numpy(), atol=1e-4)
+            assert sorted(encoded.later_values) == sorted(LENGTHS)[1:-1]
+            for length, v in encoded.later_values.items():
+                assert np.allclose(v[i], out["bn"][length][0].numpy(), atol=1e-4)
     # Batch size does not change the result (BN uses running statistics in eval mode).
     again = encode_records(model, records, batch_size=64, height=64, width=32)
     for length in LENGTHS:

@@ -121,6 +121,12 @@ def test_batch_axis_is_dynamic_and_batches_agree(onnx_file):
     by_one, by_32 = encoder.encode_images(images, batch_size=1), encoder.encode_images(images, batch_size=32)
     for length in LENGTHS:
         assert _bit_agreement(by_one.codes[length], by_32.codes[length]) >= 0.999
+    # the values of weighted stages are the graph's bn(v): the shortest's and the middle lengths'
+    lengths = sorted(LENGTHS)
+    np.testing.assert_allclose(by_32.values[:32], many[lengths[0]], atol=1e-5, rtol=0)
+    assert sorted(by_32.later_values) == lengths[1:-1]
+    for length, v in by_32.later_values.items():
+        np.testing.assert_allclose(v[:32], many[length], atol=1e-5, rtol=0)
 
 
 def test_metadata_round_trip(onnx_file, torch_encoder, run_dir):

@@ -410,16 +410,18 @@ def test_thresholds_stored_with_the_model_bring_their_weighted_stage1(run_dir, s
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    weights = {"bits": 3, "scale": 1.5}
-    (run / "thresholds.json").write_text(json.dumps({"thresholds": {"32": 10, "64": 22}, "weighted_stage1": {
-        "thresholds": {"32": 60, "64": 23}, "weights": weights}}))
     files = sorted((synth_root / "bounding_box_test").glob("*.jpg"))[:16]
     model, info = load_model(run)
     enc = encode_records(model, [(str(f), 0, 0) for f in files], height=info["height"], width=info["width"],
                          mean=info["mean"], std=info["std"])
     image = [("images", (files[3].name, files[3].read_bytes(), "image/jpeg"))]
-    for flag, want in ((), True), (("--weighted", 0), False):
-        with Server(tmp_path / f"store{len(flag)}", run, *flag) as srv:
+    stage1 = ({"bits": 3, "scale": 1.5}, {"32": 60, "64": 23})
+    later = ({"bits": 3, "scale": 1.5, "later": {"64": 0.8}}, {"32": 60, "64": 300})  # a weighted 64-bit stage too
+    for i, (flag, (weights, wth), want) in enumerate([((), stage1, True), (("--weighted", 0), stage1, False),
+                                                      ((), later, True)]):
+        (run / "thresholds.json").write_text(json.dumps({"thresholds": {"32": 10, "64": 22}, "weighted_stage1": {
+            "thresholds": wth, "weights": weights}}))
+        with Server(tmp_path / f"store{i}", run, *flag) as srv:
             r = srv.client.post("/v1/items", files=[("images", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
             assert r.status_code == 200, r.text
             ids = r.json()["ids"]
@@ -430,13 +432,15 @@ def test_thresholds_stored_with_the_model_bring_their_weighted_stage1(run_dir, s
             oracle.add(enc.codes, np.array(ids))
             oracle.thresholds = {32: 10, 64: 22}
             if want:
-                assert stats["weighted_stage1"]["thresholds"] == {"32": 60, "64": 23}
+                assert stats["weighted_stage1"]["thresholds"] == wth
                 assert stats["weighted_stage1"]["weights"] == weights and "stored with the model" in \
                     stats["weighted_stage1"]["source"]
-                assert answer["weights"] == weights and answer["thresholds"] == {"32": 60, "64": 23}
-                oracle.weighted_thresholds, oracle.weighting = {32: 60, 64: 23}, Weighting.from_dict(weights)
-                h = oracle.search_hits({L: c[3:4] for L, c in enc.codes.items()}, 5,
-                                       query_weights=oracle.weighting.weights(enc.values[3:4]))
+                assert answer["weights"] == weights and answer["thresholds"] == wth
+                oracle.weighted_thresholds = {int(L): t for L, t in wth.items()}
+                oracle.weighting = Weighting.from_dict(weights)
+                one = enc.take(np.array([3]))
+                h = oracle.search_hits(one.codes, 5, query_weights=oracle.weighting.query_weights(
+                    one.values, one.later_values))
             else:
                 assert stats["weighted_stage1"] is None and "weights" not in answer
                 assert answer["thresholds"] == {"32": 10, "64": 22}

@@ -34,7 +34,10 @@ file: the query's shortest code keeps a weight per bit, its confidence |bn(v)| q
 bits (default 4), and stage 1 ranks by the sum of the weights of the bits that differ (the gallery keeps its
 binary codes). Searches by images use it ('ctfreid evaluate', 'index build', 'search', the service);
 searches by codes alone use the Hamming thresholds. It needs values_<L> in the validation set (written by
-'ctfreid encode'); --weighted 0 leaves it out.
+'ctfreid encode'); --weighted 0 leaves it out. --weight-later 128,512 weights those later stages too (their
+values_<L>, written by 'ctfreid encode'; their thresholds are then weighted distances). It can cut the
+candidates at those stages, but each row costs more: on CUHK03 it did not lower the expected time at 10^6
+items (docs/results-cuhk03.md), so it is off by default.
 
 Without --target: dto when --beta or --beta-sweep is given, time when --budget-ms is, else accuracy.
 --beta-sweep prints thresholds for a range of betas; with --query and --gallery it also evaluates CtF at
@@ -45,6 +48,7 @@ example:
   ctfreid calibrate --val val.npz --target accuracy --tolerance 0.5 --gallery-size 100000 --out thresholds.json
   ctfreid calibrate --val val.npz --target time --budget-ms 0.2 --measure-cost-model --out thresholds.json
   ctfreid calibrate --val val.npz --weighted 0 --out thresholds.json   (Hamming thresholds only)
+  ctfreid calibrate --val val.npz --weight-later 128,512 --out thresholds.json
   ctfreid calibrate --val val.npz --beta-sweep --query q.npz --gallery g.npz"""
 
 TARGETS = ("dto", "accuracy", "time")
@@ -61,6 +65,14 @@ def _betas(text: str) -> list[float]:
     for value in values:  # refused while parsing, not after the first fit is printed
         if not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"expected finite betas > 0, got {text!r}")
+    return values
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated code lengths, e.g. 128,512, got {text!r}") from None
     return values
 
 
@@ -107,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="targets: also fit a weighted (asymmetric) stage 1 for image queries: each bit of the "
                         "query's shortest code weighted by its confidence |bn(v)|, quantised to BITS bits (1-4; "
                         "default 4, the best on CUHK03, when the validation set has values_<L>); 0: Hamming only")
+    parser.add_argument("--weight-later", type=_lengths, default=None, metavar="L1,L2,...",
+                        help="targets: weight these later stages of image queries too (lengths between the shortest "
+                        "and the longest; their values_<L> needed); default: stage 1 only")
     parser.add_argument("--out", type=output_file, metavar="thresholds.json",
                         help="write the thresholds and how they were fitted as JSON")
     parser.add_argument("--max-pairs", type=positive_int, default=1_000_000,
@@ -126,7 +141,8 @@ def resolve_target(args: argparse.Namespace) -> str:
                              "time" if args.budget_ms is not None else DEFAULT_TARGET)
     targeted = {"--tolerance": args.tolerance, "--budget-ms": args.budget_ms, "--gallery-size": args.gallery_size,
                 "--k": args.k, "--folds": args.folds, "--cost-model": args.cost_model, "--save-cost-model": args.save_cost_model,
-                "--measure-cost-model": args.measure_cost_model or None, "--weighted": args.weighted}
+                "--measure-cost-model": args.measure_cost_model or None, "--weighted": args.weighted,
+                "--weight-later": args.weight_later}
     if target == "dto":
         given = [name for name, v in targeted.items() if v is not None]
         if given:
@@ -141,6 +157,8 @@ def resolve_target(args: argparse.Namespace) -> str:
         raise CtfreidError("--target time needs --budget-ms MS (the most expected milliseconds per query)")
     if target == "time" and args.tolerance is not None:
         raise CtfreidError("--tolerance applies to --target accuracy, not time (use --budget-ms)")
+    if args.weight_later and args.weighted == 0:
+        raise CtfreidError("--weight-later weights later stages beside a weighted stage 1: not with --weighted 0")
     if args.cost_model and (args.save_cost_model or args.measure_cost_model):
         which = "--measure-cost-model" if args.measure_cost_model else "--save-cost-model"
         raise CtfreidError(f"{which} and --cost-model exclude each other (--cost-model reads a saved model)")
@@ -183,14 +201,17 @@ def _fit_target(args: argparse.Namespace, target: str, val):
               f"measure one for this size (--measure-cost-model --gallery-size {fit.gallery_size})")
     bits = DEFAULT_WEIGHT_BITS if args.weighted is None else args.weighted
     weighted = None
-    if bits and (val.values is not None or args.weighted is not None):  # asked for: no values is an error
-        print(f"\nweighted stage 1 ({bits}-bit weights), for queries with real values (encoded images):")
+    asked = args.weighted is not None or args.weight_later is not None
+    if bits and (val.values is not None or asked):  # asked for: no values is an error
+        stages = "/".join(map(str, [val.lengths[0], *(args.weight_later or [])]))
+        print(f"\nweighted {'stage 1' if not args.weight_later else stages + '-bit stages'} ({bits}-bit weights), "
+              "for queries with real values (encoded images):")
         try:
             weighted = fit_target(val, target, tolerance, args.budget_ms, model, args.gallery_size, args.k,
                                   seed=args.seed, folds=args.folds or DEFAULT_FOLDS, max_pairs=args.max_pairs,
-                                  weight_bits=bits)
+                                  weight_bits=bits, weight_later=args.weight_later or ())
         except CtfreidError as e:
-            if args.weighted is not None:
+            if asked:
                 raise
             print(f"note: no weighted stage 1 ({e})")  # the default: the Hamming fit stands alone
         else:

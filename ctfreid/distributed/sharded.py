@@ -45,7 +45,7 @@ from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
 from ctfreid.search.asymmetric import Weighting, check_query_weights, max_distance
 from ctfreid.search.hamming import check_k, check_radius, range_result
-from ctfreid.search.index import CtFIndex, check_ids, default_thresholds, ids_to_remove
+from ctfreid.search.index import CtFIndex, check_ids, default_thresholds, ids_to_remove, weighted_maxima
 from ctfreid.search.merge import Hits, empty_hits, merge_hits
 from ctfreid.search.thresholds import check_thresholds
 
@@ -250,7 +250,9 @@ class ShardedIndex:
         """Thresholds as the one index checks them (9.7 or True is an error, not 9 or 1) once the lengths
         are known; before the first add only their keys and values as integers."""
         if self._lengths:
-            return check_thresholds(value, self._lengths, max_distance(self._lengths[0]) if weighted else None)
+            # any length may be weighted (its bound then checked against the weighting at search and save)
+            return check_thresholds(value, self._lengths,
+                                    maxima={L: max_distance(L) for L in self._lengths} if weighted else None)
         if not isinstance(value, Mapping):
             raise CtfreidError(f"thresholds must be a dict {{length: int}}, got {type(value).__name__}")
         return {int(L): int(t) for L, t in value.items()}
@@ -389,8 +391,8 @@ class ShardedIndex:
         restarting shard), then listed in ``partial``: the answer then misses their items. A shard that Ray
         does not restart (``max_restarts=0``) is listed at once; one that cannot start (its store gone or
         unreadable) raises a CtfreidError naming the cause. ``query_weights``: weighted stages (as
-        :meth:`CtFIndex.search_hits`), with this call's ``thresholds`` or else, for a weighted stage 1 alone,
-        ``weighted_thresholds``."""
+        :meth:`CtFIndex.search_hits`), with this call's ``thresholds`` or else ``weighted_thresholds`` (for
+        weights of exactly ``weighting``'s lengths)."""
         k = check_k(k)
         qs = _code_set(query_codes, "query codes")
         if not self._lengths:
@@ -404,7 +406,7 @@ class ShardedIndex:
             weighted = list(query_weights) if isinstance(query_weights, dict) else [self._lengths[0]]
         if thresholds is None:
             thresholds = default_thresholds(self._lengths, self._thresholds, self._weighted_thresholds,
-                                            self._lengths[0] in weighted, any(L in weighted for L in self._lengths[1:]))
+                                            self._weighting, weighted)
         thr = check_thresholds(thresholds, self._lengths, maxima={L: max_distance(L) for L in weighted})
         parts, missing = self._fan_out(qs, k, thr, self.timeout if timeout is None else _timeout(timeout),
                                        query_weights)
@@ -495,6 +497,9 @@ class ShardedIndex:
         file: ``load`` refuses a snapshot that a failed save left half-replaced."""
         if self._weighted_thresholds is not None and self._weighting is None:  # as CtFIndex.save
             raise CtfreidError("index weighted_thresholds need index.weighting (their Weighting)")
+        if self._weighted_thresholds is not None and self._lengths:
+            check_thresholds(self._weighted_thresholds, self._lengths,
+                             maxima=weighted_maxima(self._weighting, self._lengths))
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         blobs = self._call_all("to_bytes", [()] * self.shards, timeout=max(self.timeout, 600))

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +46,7 @@ from ctfreid.errors import CtfreidError, count
 from ctfreid.eval.cost_model import CostModel, default_cost_model, expected_ms, stage_work
 from ctfreid.eval.evaluate import DEFAULT_BETAS
 from ctfreid.eval.metrics import merge_metrics, ranking_stats
-from ctfreid.search.asymmetric import (DEFAULT_WEIGHT_BITS, WeightedFit, Weighting, max_distance, weight_scale,
-                                       weighted_distances)
+from ctfreid.search.asymmetric import DEFAULT_WEIGHT_BITS, WeightedFit, Weighting, weight_scale, weighted_distances
 from ctfreid.search.coarse_to_fine import ctf_rank
 from ctfreid.search.hamming import check_k, hamming_distances, hamming_rank
 from ctfreid.search.thresholds import DEFAULT_MAX_PAIRS, check_thresholds, fits_from_distances, pair_distances
@@ -65,6 +64,11 @@ GRID_BETAS = DEFAULT_BETAS + (30.0, 100.0)
 # (benchmarks/bench_asymmetric.py, AMD EPYC Zen 4). Added to a weighted fit's expected times; it does not
 # depend on the thresholds, so it never changes which thresholds a fit picks.
 WEIGHTED_SCAN_EXTRA_MS = 1.4e-7  # per gallery item
+# A weighted later stage reads the same rows and adds 3 AND + popcount per 64-bit word (the weight planes): one
+# top-100 query on 1e6 codes, unit weights, took 4.5 ns more per row ranked by a weighted 128-bit stage and
+# 18.9 ns per 512-bit row (benchmarks/bench_weighted_stages.py, AMD EPYC Zen 4): about 2.3 ns per
+# 64-bit word. Added to the expected time of a fit with weighted later stages, per candidate ranked there.
+WEIGHTED_ROW_EXTRA_MS = 2.3e-6  # per 64-bit word of a ranked row
 DEFAULT_FOLDS = 4  # query / gallery splits pooled (each identity-camera's first four images serve as queries)
 
 
@@ -97,7 +101,9 @@ class TargetFit:
     evaluations: int = 0
     folds: int = 1
     grids: dict[int, list[int]] = field(default_factory=dict, repr=False)
-    weighting: Weighting | None = None  # a weighted stage 1: thresholds[L1] is in its units
+    # weighted stages: the thresholds of the lengths it weights (thresholds[L1], and weighting.later's) are in
+    # its units
+    weighting: Weighting | None = None
 
     @property
     def weighted_fit(self) -> WeightedFit | None:
@@ -187,11 +193,17 @@ class _Evaluator:
         self.splits, self.model, self.n, self.k, self.weighting = splits, model, gallery_size, k, weighting
         self.lengths = splits[0][1].lengths
         L1 = self.lengths[0]
-        # a weighted stage 1: each split's queries get their bit weights, and stage 1 their weighted distances
-        self.weights = [None if weighting is None else weighting.weights(q.values) for q, _ in splits]
-        self.dist = [[hamming_distances(q.codes[L], g.codes[L]) if w is None or L != L1
-                      else weighted_distances(q.codes[L], w, g.codes[L]) for L in self.lengths]
-                     for (q, g), w in zip(splits, self.weights)]
+        # weighted stages: each split's queries get their bit weights, and those stages weighted distances
+        self.weights = [None if weighting is None else weighting.query_weights(q.values, q.later_values)
+                        for q, _ in splits]
+        by_length = [{} if w is None else w if isinstance(w, dict) else {L1: w} for w in self.weights]
+        self.dist = [[hamming_distances(q.codes[L], g.codes[L]) if L not in w
+                      else weighted_distances(q.codes[L], w[L], g.codes[L]) for L in self.lengths]
+                     for (q, g), w in zip(splits, by_length)]
+        # the extra cost of a candidate ranked at each later length (weighted later stages)
+        later = weighting.later if weighting is not None else {}
+        self.row_extra = np.array([WEIGHTED_ROW_EXTRA_MS * (L // 64) if L in later else 0.0
+                                   for L in self.lengths[1:]])
         self._points: dict[tuple[int, ...], tuple[float, float, float, np.ndarray]] = {}
         self._by_sets: dict[bytes, tuple[float, float]] = {}
         self.rankings = 0
@@ -222,7 +234,7 @@ class _Evaluator:
         f = np.concatenate(fractions)
         ms = expected_ms(self.model, f, self.n, self.k, np.concatenate(bins))
         if self.weighting is not None:
-            ms += self.n * WEIGHTED_SCAN_EXTRA_MS
+            ms += self.n * (WEIGHTED_SCAN_EXTRA_MS + float(f.mean(axis=0) @ self.row_extra))
         key = keys.digest()
         if key not in self._by_sets:
             thr = dict(zip(self.lengths[:-1], th))
@@ -247,11 +259,12 @@ class _Evaluator:
 
 
 def threshold_grids(splits: list[tuple[EncodedSet, EncodedSet]], dist: list[list[np.ndarray]],
-                    dto: list[dict[int, int]], first_top: int | None = None) -> list[list[int]]:
+                    dto: list[dict[int, int]], tops: Mapping[int, int] | None = None) -> list[list[int]]:
     """Candidate thresholds per length but the longest (ascending, ending with the length itself): quantiles
     of the same-identity cross-camera and of the different-identity query-gallery distances (all folds),
-    and the DTO thresholds ``dto``. ``first_top``: a weighted stage 1's largest distance, which then ends
-    the first grid (DTO's Hamming thresholds are not in its units and are left out of it)."""
+    and the DTO thresholds ``dto``. ``tops``: the largest distance of each weighted length, which then ends
+    its grid (DTO's Hamming thresholds are not in its units and are left out of it)."""
+    tops = dict(tops or {})
     lengths = splits[0][1].lengths
     pos = {L: [] for L in lengths[:-1]}
     neg = {L: [] for L in lengths[:-1]}
@@ -263,7 +276,7 @@ def threshold_grids(splits: list[tuple[EncodedSet, EncodedSet]], dist: list[list
             neg[L].append(d[s][~same])
     grids = []
     for L in lengths[:-1]:
-        values = {first_top} if first_top is not None and L == lengths[0] else {L} | {t[L] for t in dto}
+        values = {tops[L]} if L in tops else {L} | {t[L] for t in dto}
         for dd, levels in ((np.concatenate(pos[L]), POSITIVE_LEVELS), (np.concatenate(neg[L]), NEGATIVE_LEVELS)):
             if dd.size:
                 values |= {int(v) for v in np.quantile(dd, levels, method="lower")}
@@ -282,11 +295,14 @@ def _step(grid: list[int], value: int, up: bool) -> int | None:
 def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEFAULT_TOLERANCE,
                budget_ms: float | None = None, cost_model: CostModel | None = None, gallery_size: int | None = None,
                k: int | None = None, seed: int = 0, folds: int = DEFAULT_FOLDS,
-               max_pairs: int = DEFAULT_MAX_PAIRS, weight_bits: int | None = None) -> TargetFit:
+               max_pairs: int = DEFAULT_MAX_PAIRS, weight_bits: int | None = None,
+               weight_later: Sequence[int] = ()) -> TargetFit:
     """Thresholds for ``target`` on the validation set ``val`` (see the module).
 
     ``weight_bits``: fit for a weighted stage 1 (``ctfreid.search.asymmetric``) with weights of that many
     bits, their scale fitted on ``val.values``; the fit's ``weighting`` goes with its thresholds.
+    ``weight_later``: the later lengths (not the longest) weighted too, their scales fitted on
+    ``val.later_values``.
 
     ``cost_model``: the built-in one when None (``default_cost_model``: measured once, so the fit is
     deterministic; pass ``measure_cost_model(...)`` for this machine's); ``gallery_size``: the gallery the time is planned for (default: the validation gallery);
@@ -310,12 +326,20 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
     cost_model.check_lengths(lengths, "validation codes")
     k = cost_model.k if k is None else check_k(k)
     weighting = None
+    later = sorted({int(L) for L in weight_later})
+    if later and weight_bits is None:
+        raise CtfreidError("weight_later needs weight_bits (the later stages are weighted beside stage 1)")
+    if any(L not in lengths[1:-1] for L in later):
+        raise CtfreidError(f"weight_later must name lengths between the shortest and the longest {lengths[1:-1]}, "
+                           f"got {later}")
     if weight_bits is not None:
-        if val.values is None:
-            raise CtfreidError(f"a weighted stage 1 needs the validation images' values_{lengths[0]} (bn(v) of the "
-                               f"shortest code), which this validation set lacks: encode it with 'ctfreid encode'")
-        weighting = Weighting(scale=weight_scale(val.values), bits=weight_bits)
-    first_max = max_distance(lengths[0]) if weighting is not None else None
+        for L in [lengths[0], *later]:
+            if (val.values if L == lengths[0] else val.later_values.get(L)) is None:
+                raise CtfreidError(f"a weighted {L}-bit stage needs the validation images' values_{L} (bn(v) of the "
+                                   f"{L}-bit code), which this validation set lacks: encode it with 'ctfreid encode'")
+        weighting = Weighting(scale=weight_scale(val.values), bits=weight_bits,
+                              later={L: weight_scale(val.later_values[L]) for L in later})
+    maxima = weighting.maxima(lengths[0]) if weighting is not None else None
 
     ev = _Evaluator(splits, cost_model, n, k, weighting)
     distances = pair_distances(val.codes, val.pids, val.camids, max_pairs, seed)
@@ -323,7 +347,7 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
         dto = [{L: f.threshold for L, f in fits_from_distances(distances, b).items()} for b in GRID_BETAS]
     except CtfreidError:
         dto = []
-    grids = threshold_grids(splits, ev.dist, dto, first_max)
+    grids = threshold_grids(splits, ev.dist, dto, maxima)
     S = len(grids)
 
     def loss(a: tuple, b: tuple) -> float:  # accuracy lost going from a to b, in points (mAP or Rank-1)
@@ -397,7 +421,8 @@ def fit_target(val: EncodedSet, target: str = "accuracy", tolerance: float = DEF
     ms, mAP, rank1, fractions = ev(pick)
     later = lengths[1:]
     return TargetFit(
-        target=target, thresholds=check_thresholds(dict(zip(lengths[:-1], pick)), lengths, first_max), expected_ms=ms,
+        target=target, thresholds=check_thresholds(dict(zip(lengths[:-1], pick)), lengths, maxima=maxima),
+        expected_ms=ms,
         val_map=mAP / 100.0, val_rank1=rank1 / 100.0,
         reference={"mAP": ev.ref_map / 100.0, "rank1": ev.ref_rank1 / 100.0, "length": lengths[-1]},
         keep_fractions={L: float(f) for L, f in zip(later, fractions)},
@@ -456,7 +481,8 @@ def format_fit(fit: TargetFit) -> str:
     lines = [
         f"target {fit.target} ({aim}), top-{fit.k} search over a gallery of {fit.gallery_size} items",
         "thresholds: " + ",".join(f"{L}={t}" for L, t in fit.thresholds.items())
-        + (f" (weighted stage 1: {fit.weighting.bits}-bit weights, scale {fit.weighting.scale:.4g})"
+        + (f" ({_weighted_stages(fit)}: {fit.weighting.bits}-bit weights, scale {fit.weighting.scale:.4g}"
+           + "".join(f", {L} bits {sc:.4g}" for L, sc in fit.weighting.later.items()) + ")"
            if fit.weighting is not None else ""),
         f"expected {fit.expected_ms:.4g} ms per query (no pruning: {fit.no_pruning_ms:.4g} ms)",
         (f"validation ({fit.val_queries} queries in {fit.folds} folds, {fit.val_gallery} gallery): CtF mAP {100 * fit.val_map:.2f}, "
@@ -469,6 +495,12 @@ def format_fit(fit: TargetFit) -> str:
     return "\n".join(lines)
 
 
+def _weighted_stages(fit: TargetFit) -> str:
+    if not fit.weighting.later:
+        return "weighted stage 1"
+    return f"weighted {'/'.join(map(str, fit.weighting.lengths(min(fit.thresholds))))}-bit stages"
+
+
 def default_fit(val: EncodedSet, gallery_size: int | None = None) -> TargetFit:
     """The thresholds fitted wherever none are given (``ctfreid index build``, the demo, the service):
     target accuracy within :data:`DEFAULT_TOLERANCE` points, the built-in cost model, planned for
@@ -477,15 +509,19 @@ def default_fit(val: EncodedSet, gallery_size: int | None = None) -> TargetFit:
     return fit_target(val, DEFAULT_TARGET, DEFAULT_TOLERANCE, gallery_size=gallery_size)
 
 
-def default_weighted_fit(val: EncodedSet, gallery_size: int | None = None,
-                         bits: int = DEFAULT_WEIGHT_BITS) -> TargetFit | None:
+def default_weighted_fit(val: EncodedSet, gallery_size: int | None = None, bits: int = DEFAULT_WEIGHT_BITS,
+                         later: Sequence[int] = ()) -> TargetFit | None:
     """:func:`default_fit` for a weighted stage 1 with ``bits``-bit weights, the default for queries with real
-    values (encoded images); None when ``val`` has no ``values`` or its shortest code is not a multiple of 32
-    bits (the kernels' words). On seven CUHK03 dev runs it kept 2.3-9.5 % of the gallery at stage 1 within
-    0.2 mAP of the longest code, where the Hamming fit kept 5.8-21.4 %."""
+    values (encoded images); ``later``: later lengths weighted too (:func:`fit_target`'s ``weight_later``).
+    None when ``val`` has no ``values`` or its shortest code is not a multiple of 32 bits (the kernels'
+    words). On seven CUHK03 dev runs it kept 2.3-9.5 % of the gallery at stage 1 within 0.2 mAP of the
+    longest code, where the Hamming fit kept 5.8-21.4 %. Weighting the later stages too did not lower the
+    expected time at 10^6 items in most of them (``docs/results-cuhk03.md``, "Which stages to weight by
+    default"), so by default only stage 1 is weighted."""
     if val.values is None or val.lengths[0] % 32:
         return None
-    return fit_target(val, DEFAULT_TARGET, DEFAULT_TOLERANCE, gallery_size=gallery_size, weight_bits=bits)
+    return fit_target(val, DEFAULT_TARGET, DEFAULT_TOLERANCE, gallery_size=gallery_size, weight_bits=bits,
+                      weight_later=later)
 
 
 def describe_fit(fit: TargetFit, num_images: int) -> str:

@@ -29,7 +29,7 @@ from ctfreid.eval.metrics import (
     squared_euclidean_distances,
 )
 from ctfreid.eval.report import method_key, parse_method
-from ctfreid.search.asymmetric import Weighting, max_distance, weighted_distances
+from ctfreid.search.asymmetric import Weighting, weighted_distances
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.hamming import (
     check_k,
@@ -115,25 +115,34 @@ def _time_search(search_block: Callable[[slice], object], nq: int, block_size: i
 
 def candidate_counts(query_codes: Mapping[int, np.ndarray], gallery_codes: Mapping[int, np.ndarray],
                      thresholds: Mapping[int, int], block_size: int = 256,
-                     query_weights: np.ndarray | None = None) -> dict[int, float]:
+                     query_weights: np.ndarray | Mapping[int, np.ndarray] | None = None) -> dict[int, float]:
     """Mean number of CtF candidates kept after each thresholded stage: ``{length: mean count}``.
 
     The candidates after the stage of length ``L_k`` are the items with ``d_{L_1} <= t_1, ..., d_{L_k} <= t_k``
-    (``d_{L_1}`` weighted with ``query_weights``, see ``ctfreid.search.asymmetric``).
+    (weighted distances at the lengths ``query_weights`` weights: an array the shortest, a mapping
+    ``{length: weights}`` any; see ``ctfreid.search.asymmetric``).
     """
     lengths = sorted(thresholds)
+    weights = _by_length(query_weights, lengths[0])
     nq = next(iter(query_codes.values())).shape[0]
     totals = np.zeros(len(lengths))
     for s in range(0, nq, block_size):
         mask = None
         for k, L in enumerate(lengths):
             q = query_codes[L][s:s + block_size]
-            d = (weighted_distances(q, query_weights[s:s + block_size], gallery_codes[L])
-                 if k == 0 and query_weights is not None else hamming_distances(q, gallery_codes[L]))
+            d = (weighted_distances(q, weights[L][s:s + block_size], gallery_codes[L])
+                 if L in weights else hamming_distances(q, gallery_codes[L]))
             ok = d <= thresholds[L]
             mask = ok if mask is None else mask & ok
             totals[k] += mask.sum()
     return {L: float(totals[k] / max(nq, 1)) for k, L in enumerate(lengths)}
+
+
+def _by_length(query_weights, first: int) -> dict[int, np.ndarray]:
+    """``query_weights`` as ``{length: weights}`` (an array weights the shortest length, ``first``)."""
+    if query_weights is None:
+        return {}
+    return dict(query_weights) if isinstance(query_weights, Mapping) else {first: query_weights}
 
 
 def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[int, int] | None = None,
@@ -148,8 +157,9 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
     ``methods`` restricts the rows computed (names as above). With ``search_k``, every binary row also has
     ``"search_ms"``: milliseconds per query of the top-``search_k`` search alone (the serving path).
     Times are the median of ``repeats`` timed passes (the accuracy comes from the first). ``weighting``: the
-    ``ctf`` row uses a weighted stage 1 (``ctfreid.search.asymmetric``), the query set's ``values`` weighted
-    by it; ``thresholds`` must then be those fitted with it.
+    ``ctf`` row uses weighted stages (``ctfreid.search.asymmetric``: stage 1 and the later lengths it
+    weights), the query set's ``values`` (and ``later_values``) weighted by it; ``thresholds`` must then be
+    those fitted with it.
     """
     _check_pair(query, gallery)
     qw = None
@@ -159,14 +169,14 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
         if query.values is None:
             raise CtfreidError(f"a weighted stage 1 needs the queries' values_{query.lengths[0]} (bn(v) of the "
                                "shortest code): encode the queries with 'ctfreid encode'")
-        qw = weighting.weights(query.values)
+        qw = _by_length(weighting.query_weights(query.values, query.later_values), query.lengths[0])
     if search_k is not None:
         search_k = check_k(search_k)
     if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
         raise CtfreidError(f"repeats must be a positive integer, got {repeats!r}")
     lengths = gallery.lengths
-    first_max = max_distance(lengths[0]) if qw is not None else None
-    th = check_thresholds(thresholds, lengths, first_max) if thresholds is not None else None
+    maxima = weighting.maxima(lengths[0]) if qw is not None else None
+    th = check_thresholds(thresholds, lengths, maxima=maxima) if thresholds is not None else None
     rankers: dict[str, Callable[[slice], np.ndarray]] = {}
     if query.features is not None and gallery.features is not None:
         if query.features.shape[1] != gallery.features.shape[1]:
@@ -182,7 +192,7 @@ def evaluate_sets(query: EncodedSet, gallery: EncodedSet, thresholds: Mapping[in
         rankers[method_key(L)] = lambda sl, L=L: hamming_rank(query.codes[L][sl], gallery.codes[L])[1]
     if th is not None:
         q_sub = lambda sl: {L: c[sl] for L, c in query.codes.items()}  # noqa: E731
-        q_w = lambda sl: None if qw is None else qw[sl]  # noqa: E731
+        q_w = lambda sl: None if qw is None else {L: w[sl] for L, w in qw.items()}  # noqa: E731
         rankers["ctf"] = lambda sl: ctf_rank(q_sub(sl), gallery.codes, th, query_weights=q_w(sl))[1]
     if methods is not None:
         unknown = set(methods) - set(rankers)

@@ -39,8 +39,8 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
                    progress: bool = False, mean: Sequence[float] | None = None,
                    std: Sequence[float] | None = None, flip: bool = False) -> EncodedSet:
     """Encode ``(path, pid, camid)`` records: packed ``sgn(bn(v_k))`` codes (Eq. 2) for every length,
-    ``features = bn(v_1)`` of the longest code and ``values = bn(v)`` of the shortest (for a weighted stage 1),
-    with the records' pids, camids and paths.
+    ``features = bn(v_1)`` of the longest code, ``values = bn(v)`` of the shortest and ``later_values`` of the
+    lengths between (for weighted stages), with the records' pids, camids and paths.
 
     ``height`` / ``width`` (and ``mean`` / ``std``) must be those the model was trained with (``info`` of
     :func:`load_model`). ``flip`` averages ``bn(v_k)`` of each image and its mirror before the sign (see
@@ -69,7 +69,7 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
     lengths = model.lengths
     codes: dict[int, list[np.ndarray]] = {length: [] for length in lengths}
     features: list[np.ndarray] = []
-    values: list[np.ndarray] = []
+    values: dict[int, list[np.ndarray]] = {length: [] for length in _valued(lengths)}  # weighted stages' query side
     from tqdm import tqdm
 
     with torch.no_grad(), tqdm(total=len(records), desc="encoding", unit="img", disable=not progress,
@@ -83,7 +83,8 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
             for length in lengths:  # Eq. 2, as the model's eval codes
                 codes[length].append(np.packbits(sign_codes(bn[length]).cpu().numpy() > 0, axis=1))
             features.append(bn[max(lengths)].float().cpu().numpy())  # the longest code's bn(v)
-            values.append(bn[min(lengths)].float().cpu().numpy())  # the shortest's: a weighted stage 1
+            for length in values:
+                values[length].append(bn[length].float().cpu().numpy())
             bar.update(len(images))
     model.train(was_training)
     return EncodedSet(
@@ -92,7 +93,7 @@ def encode_records(model: AiOModel, records: Sequence[Record], batch_size: int |
         camids=np.array([camid for _, _, camid in records], dtype=np.int64),
         features=np.concatenate(features).astype(np.float32),
         paths=np.array([path for path, _, _ in records], dtype=str),
-        values=np.concatenate(values).astype(np.float32),
+        **_values_of({length: np.concatenate(parts) for length, parts in values.items()}),
     )
 
 
@@ -135,8 +136,21 @@ def encoded_from_bn(bn: dict[int, np.ndarray], records: Sequence[Record] | None 
         camids=np.array([c for _, _, c in records], dtype=np.int64) if records is not None else np.full(n, -1),
         features=np.ascontiguousarray(bn[max(bn)], dtype=np.float32),
         paths=np.array([path for path, _, _ in records], dtype=str) if records is not None else None,
-        values=np.ascontiguousarray(bn[min(bn)], dtype=np.float32),
+        **_values_of({length: bn[length] for length in _valued(sorted(bn))}),
     )
+
+
+def _valued(lengths: list[int]) -> list[int]:
+    """The lengths whose bn(v) an encoded set keeps as values: the shortest and the middle ones (weighted
+    stages; the longest's is ``features``)."""
+    return [lengths[0], *lengths[1:-1]]
+
+
+def _values_of(bn: dict[int, np.ndarray]) -> dict:
+    """``EncodedSet``'s ``values`` (the shortest length's bn(v)) and ``later_values`` (the others') from ``{L:
+    bn(v_L)}``."""
+    v = {L: np.ascontiguousarray(a, dtype=np.float32) for L, a in sorted(bn.items())}
+    return {"values": v.pop(min(v)), "later_values": v}
 
 
 def stored_fits(info: dict, path: str | os.PathLike | None = None

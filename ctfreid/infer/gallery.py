@@ -69,7 +69,7 @@ def resolve_thresholds(encoder, spec: str | None = None, beta: float | None = No
     ``EncodedSet``; it returns ``(thresholds, source, weighted)``: ``ctfreid index build`` passes the
     targeted fits of ``ctfreid.eval.calibration``, which this layer may not import), else DTO with beta 2.
     A file with only a weighted fit (an older ``calibrate --weighted``) gives no Hamming thresholds (``{}``)."""
-    from ctfreid.search.asymmetric import WeightedFit, max_distance
+    from ctfreid.search.asymmetric import WeightedFit
     from ctfreid.search.thresholds import check_thresholds, read_thresholds_file
 
     lengths = sorted(encoder.lengths)
@@ -78,7 +78,8 @@ def resolve_thresholds(encoder, spec: str | None = None, beta: float | None = No
 
     def checked(weighted: WeightedFit | None) -> WeightedFit | None:
         return None if weighted is None else WeightedFit(
-            check_thresholds(weighted.thresholds, lengths, max_distance(lengths[0])), weighted.weighting)
+            check_thresholds(weighted.thresholds, lengths, maxima=weighted.weighting.maxima(lengths[0])),
+            weighted.weighting)
 
     if spec is not None:  # an empty spec is refused by read_thresholds_file, not skipped
         fits = read_thresholds_file(spec)
@@ -138,15 +139,19 @@ def build_index(encoded, thresholds: Mapping[int, int], fingerprint: str, info: 
 
 
 def search_images(index, encoded, k: int):
-    """``index.search_hits`` of encoded query images (an ``EncodedSet``): their shortest codes weighted by
-    ``index.weighting`` with ``index.weighted_thresholds`` when the index has them and the queries have
-    ``values``, else Hamming with ``index.thresholds``."""
+    """``index.search_hits`` of encoded query images (an ``EncodedSet``): their codes weighted by
+    ``index.weighting`` (the shortest, and the later lengths it weights) with ``index.weighted_thresholds``
+    when the index has them and the queries have those lengths' values, else Hamming with
+    ``index.thresholds``."""
     weights = None
-    if index.weighted_thresholds is not None and (encoded.values is not None or not index.thresholds):
-        if encoded.values is None:
-            raise CtfreidError("the index has thresholds for a weighted stage 1 only: its queries need their "
-                               "values (bn(v) of the shortest code), which this encoder did not give")
-        weights = index.weighting.weights(encoded.values)
+    if index.weighted_thresholds is not None:
+        has_values = encoded.values is not None and all(L in encoded.later_values for L in index.weighting.later)
+        if has_values or not index.thresholds:
+            if not has_values:
+                raise CtfreidError("the index has thresholds for weighted stages only: its queries need their "
+                                   f"values (bn(v) of the {index.weighting.lengths(index.lengths[0])}-bit codes), "
+                                   "which this encoder did not give")
+            weights = index.weighting.query_weights(encoded.values, encoded.later_values)
     return index.search_hits(encoded.codes, k, query_weights=weights)
 
 

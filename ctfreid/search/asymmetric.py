@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -70,45 +70,99 @@ def bit_weights(values: np.ndarray, scale: float, bits: int = DEFAULT_WEIGHT_BIT
 
 @dataclass(frozen=True)
 class Weighting:
-    """How queries' ``bn(v_1)`` values become bit weights (:func:`bit_weights`): ``scale`` (fitted on
-    validation queries, :func:`weight_scale`) and ``bits`` per weight. Stored with the thresholds it was
-    fitted with (the ``"weights"`` entry of a thresholds file, ``CtFIndex.weighting``), since their stage-1
-    threshold is in its units."""
+    """How queries' ``bn(v)`` values become bit weights (:func:`bit_weights`): ``scale`` of the shortest code
+    (fitted on validation queries, :func:`weight_scale`), ``bits`` per weight, and ``later``: the scales of
+    any longer lengths weighted too (``{length: scale}``; empty: stage 1 alone). Stored with the thresholds it
+    was fitted with (the ``"weights"`` entry of a thresholds file, ``CtFIndex.weighting``), since their
+    thresholds at the weighted lengths are in its units."""
 
     scale: float
     bits: int = DEFAULT_WEIGHT_BITS
+    later: Mapping[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Integral) \
                 or not 1 <= self.bits <= MAX_WEIGHT_BITS:
             raise CtfreidError(f"weights: bits must be an integer in [1, {MAX_WEIGHT_BITS}], got {self.bits!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale) \
-                or self.scale <= 0:
-            raise CtfreidError(f"weights: scale must be a positive number, got {self.scale!r}")
+        _check_scale(self.scale, "scale")
+        if not isinstance(self.later, Mapping):
+            raise CtfreidError(f"weights: later must be a mapping {{length: scale}}, got {self.later!r:.80}")
+        later = {}
+        for key, scale in self.later.items():
+            try:
+                L = int(key)
+            except (TypeError, ValueError):
+                L = None
+            if isinstance(key, (bool, np.bool_)) or L is None or str(L) != str(key).strip() or L <= 0 or L % 64:
+                raise CtfreidError(f"weights: later keys must be code lengths, multiples of 64 bits, got {key!r}")
+            _check_scale(scale, f"later[{L}]")
+            later[L] = float(scale)
+        object.__setattr__(self, "later", dict(sorted(later.items())))
 
     def weights(self, values: np.ndarray) -> np.ndarray:
         """``uint8`` bit weights of queries' ``bn(v_1)`` (:func:`bit_weights`)."""
-        v = _values(values)
+        return self._quantise(_values(values), self.scale)
+
+    def _quantise(self, v: np.ndarray, scale: float) -> np.ndarray:
         top = (1 << int(self.bits)) - 1
-        return np.minimum(np.floor(np.abs(v) / float(self.scale) * top + 0.5), top).astype(np.uint8)
+        return np.minimum(np.floor(np.abs(v) / float(scale) * top + 0.5), top).astype(np.uint8)
+
+    def query_weights(self, values: np.ndarray, later_values: Mapping[int, np.ndarray] | None = None
+                      ) -> np.ndarray | dict[int, np.ndarray]:
+        """The ``query_weights`` of a search: :meth:`weights` of the shortest code's ``values`` (an array) when
+        only stage 1 is weighted, else ``{length: weights}`` for the shortest length and every length of
+        :attr:`later`, whose values come from ``later_values`` (``{length: float [n, length]}``,
+        ``EncodedSet.later_values``); a missing one is a CtfreidError naming it."""
+        first = self.weights(values)
+        if not self.later:
+            return first
+        v1 = np.asarray(values)
+        out = {v1.shape[-1]: first}
+        for L, scale in self.later.items():
+            v = None if later_values is None else later_values.get(L)
+            if v is None:
+                raise CtfreidError(f"these weights weight the {L}-bit code too: the queries need its values "
+                                   f"(values_{L}, bn(v) of the {L}-bit code; 'ctfreid encode' writes them)")
+            v = _values(v, f"values_{L}")
+            if v.shape[-1] != L or v.shape[:-1] != v1.shape[:-1]:
+                raise CtfreidError(f"values_{L} must be float [{', '.join(map(str, v1.shape[:-1] + (L,)))}], "
+                                   f"got {v.shape}")
+            out[L] = self._quantise(v, scale)
+        return out
+
+    def lengths(self, first: int) -> list[int]:
+        """The lengths it weights, for codes whose shortest length is ``first``."""
+        return [first, *self.later]
+
+    def maxima(self, first: int) -> dict[int, int]:
+        """The largest weighted distance of each length it weights (``check_thresholds``' ``maxima``)."""
+        return {L: max_distance(L) for L in self.lengths(first)}
 
     def to_dict(self) -> dict:
-        return {"bits": int(self.bits), "scale": float(self.scale)}
+        return {"bits": int(self.bits), "scale": float(self.scale),
+                **({"later": {str(L): s for L, s in self.later.items()}} if self.later else {})}
 
     @classmethod
     def from_dict(cls, obj: object, where: str = "weights") -> Weighting:
-        """From ``{"bits": b, "scale": s}``; anything else is a :class:`CtfreidError` naming ``where``."""
-        if not isinstance(obj, Mapping) or set(obj) - {"bits", "scale"} or "scale" not in obj:
-            raise CtfreidError(f"{where} must be an object {{\"bits\": int, \"scale\": number}}, got {obj!r:.80}")
+        """From ``{"bits": b, "scale": s[, "later": {"128": s128, ...}]}``; anything else is a
+        :class:`CtfreidError` naming ``where``."""
+        if not isinstance(obj, Mapping) or set(obj) - {"bits", "scale", "later"} or "scale" not in obj:
+            raise CtfreidError(f"{where} must be an object {{\"bits\": int, \"scale\": number[, \"later\": "
+                               f"{{length: number}}]}}, got {obj!r:.80}")
         try:
-            return cls(scale=obj["scale"], bits=obj.get("bits", DEFAULT_WEIGHT_BITS))
+            return cls(scale=obj["scale"], bits=obj.get("bits", DEFAULT_WEIGHT_BITS), later=obj.get("later", {}))
         except CtfreidError as e:
             raise CtfreidError(f"{where}: {e}") from None
 
 
+def _check_scale(scale, name: str) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise CtfreidError(f"weights: {name} must be a positive number, got {scale!r}")
+
+
 class WeightedFit(NamedTuple):
-    """A weighted stage 1's CtF thresholds (Sec. 3.1; the first one bounds the weighted distance) and the
-    :class:`Weighting` they were fitted with: the default of searches by queries with real values."""
+    """CtF thresholds fitted with weighted stages (Sec. 3.1; those of the lengths the :class:`Weighting` weights
+    bound weighted distances) and that Weighting: the default of searches by queries with real values."""
 
     thresholds: dict[int, int]
     weighting: Weighting

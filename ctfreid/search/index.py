@@ -140,24 +140,36 @@ def check_ids(ids: Any, n: int) -> np.ndarray:
 
 
 def default_thresholds(lengths: Sequence[int], thresholds: Mapping[int, int],
-                       weighted_thresholds: Mapping[int, int] | None, weighted: bool,
-                       later_weighted: bool = False) -> Mapping[int, int]:
-    """The thresholds of a search that passes none: an index's ``weighted_thresholds`` for a weighted stage 1
-    (``weighted``: the call weights the shortest code), else its Hamming ``thresholds`` (unchecked; ``{}``
-    with one code length). A CtfreidError when the index has none of the kind the call needs; weighted
-    later stages (``later_weighted``) have no default."""
-    if later_weighted:
-        raise CtfreidError("query_weights for the later stages need this call's thresholds, fitted with those "
-                           "weights: an index keeps defaults for a weighted stage 1 only")
-    default = weighted_thresholds if weighted else thresholds
-    if len(lengths) > 1 and weighted and default is None:
-        raise CtfreidError("query_weights given, but the index has no thresholds for a weighted stage 1 "
-                           "(index.weighted_thresholds is None): pass thresholds fitted for one "
+                       weighted_thresholds: Mapping[int, int] | None, weighting: Weighting | None,
+                       weighted: Sequence[int] = ()) -> Mapping[int, int]:
+    """The thresholds of a search that passes none: an index's ``weighted_thresholds`` for a search that
+    weights the lengths its ``weighting`` weights (``weighted``: the lengths the call weights), else its
+    Hamming ``thresholds`` (unchecked; ``{}`` with one code length). A CtfreidError when the index has none
+    of the kind the call needs."""
+    if len(lengths) < 2:
+        return {}  # one code length: nothing to threshold
+    if not weighted:
+        if not thresholds and weighted_thresholds is not None:
+            raise CtfreidError("the index has thresholds for weighted stages only: pass query_weights="
+                               "index.weighting.query_weights(values, later_values), or Hamming thresholds "
+                               "for this call")
+        return thresholds
+    if weighted_thresholds is None:
+        raise CtfreidError("query_weights given, but the index has no thresholds for weighted stages "
+                           "(index.weighted_thresholds is None): pass thresholds fitted for them "
                            "('ctfreid calibrate' writes them beside the Hamming ones)")
-    if len(lengths) > 1 and not weighted and not default and weighted_thresholds is not None:
-        raise CtfreidError("the index has thresholds for a weighted stage 1 only: pass query_weights="
-                           "index.weighting.weights(values), or Hamming thresholds for this call")
-    return {} if default is None else default  # one code length: nothing to threshold
+    fitted = weighting.lengths(lengths[0]) if weighting is not None else [lengths[0]]
+    if list(weighted) != fitted:
+        raise CtfreidError(f"query_weights weight the lengths {list(weighted)}, the index's weighted thresholds "
+                           f"were fitted weighting {fitted}: pass query_weights=index.weighting.query_weights("
+                           "values, later_values), or thresholds for this call")
+    return weighted_thresholds
+
+
+def weighted_maxima(weighting: Weighting | None, lengths: Sequence[int]) -> dict[int, int]:
+    """The bounds of weighted thresholds (``check_thresholds``' ``maxima``) for ``weighting``'s lengths (the
+    shortest alone without one)."""
+    return weighting.maxima(lengths[0]) if weighting is not None else {lengths[0]: max_distance(lengths[0])}
 
 
 class CtFIndex:
@@ -166,8 +178,8 @@ class CtFIndex:
     Attributes: ``thresholds`` (Hamming thresholds, dict length -> int for every length but the longest:
     the default of searches without ``query_weights``; checked when searching; a call may pass its own),
     ``weighted_thresholds`` and ``weighting`` (the default of searches with ``query_weights`` =
-    ``weighting.weights(values)``: thresholds fitted for a weighted stage 1, whose first one is a weighted
-    distance, and their :class:`~ctfreid.search.asymmetric.Weighting`; None when not fitted),
+    ``weighting.query_weights(values, later_values)``: thresholds fitted with weighted stages, a weighted
+    distance at each length the :class:`~ctfreid.search.asymmetric.Weighting` weights; None when not fitted),
     ``metadata`` (JSON-serialisable dict saved with the index), ``ntotal`` (live items), ``lengths``
     (shortest first).
     """
@@ -480,9 +492,9 @@ class CtFIndex:
         maxima = sw.maxima if sw is not None else None
         if thresholds is not None:
             return threshold_array(thresholds, self._lengths, maxima=maxima)
-        weighted = sw is not None and sw.first is not None
-        default = default_thresholds(self._lengths, self.thresholds, self.weighted_thresholds, weighted,
-                                     sw is not None and sw.later is not None)
+        weighted = () if sw is None else tuple(sw.maxima)
+        default = default_thresholds(self._lengths, self.thresholds, self.weighted_thresholds, self.weighting,
+                                     weighted)
         key = tuple(default.items()) if isinstance(default, dict) else None
         cached = self._thr_cache
         if key is None or cached is None or cached[0] != (key, tuple(self._lengths), weighted):
@@ -618,8 +630,9 @@ class CtFIndex:
         when the batch times the gallery is too little work for them: ``parallel.MIN_WORK_PER_THREAD``).
         ``query_weights``: ``uint8 [nq, L1]`` bit weights of the shortest code for a weighted stage 1
         (``ctfreid.search.asymmetric``; the first threshold is then a weighted distance), or ``{length:
-        uint8 [nq, length]}`` weighting any stages (their thresholds and distances are weighted; later
-        stages need this call's ``thresholds``). 1-D query codes give 1-D results.
+        uint8 [nq, length]}`` weighting any stages (their thresholds and distances are weighted; the default
+        ``weighted_thresholds`` serve weights of exactly ``weighting``'s lengths,
+        ``weighting.query_weights(values, later_values)``). 1-D query codes give 1-D results.
         """
         k = check_k(k)
         qs, single = self._queries(query_codes)
@@ -720,7 +733,8 @@ class CtFIndex:
             if self.thresholds:
                 check_thresholds(self.thresholds, self._lengths)
             if self.weighted_thresholds is not None:
-                check_thresholds(self.weighted_thresholds, self._lengths, max_distance(self._lengths[0]))
+                check_thresholds(self.weighted_thresholds, self._lengths,
+                                 maxima=weighted_maxima(self.weighting, self._lengths))
         while True:
             with self._lock.read():
                 # written under the same read lock that saw no removed slot: a removal that slips in after

@@ -56,7 +56,7 @@ import numpy as np
 from ctfreid._atomic import atomic_write
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError, count
-from ctfreid.search.asymmetric import WeightedFit, Weighting, max_distance
+from ctfreid.search.asymmetric import WeightedFit, Weighting
 
 DEFAULT_MAX_PAIRS = 1_000_000
 
@@ -349,8 +349,9 @@ def parse_thresholds(text: str) -> dict[int, int]:
     return out
 
 
-def _from_mapping(obj, label: str) -> dict[int, int]:
-    weighted = isinstance(obj, Mapping) and "weights" in obj  # the first threshold is a weighted distance
+def _from_mapping(obj, label: str, weighting: Weighting | None = None) -> dict[int, int]:
+    """The thresholds of ``obj``; ``weighting``: the Weighting they were fitted with (their weighted lengths'
+    thresholds are weighted distances)."""
     if isinstance(obj, Mapping) and "thresholds" in obj:
         obj = obj["thresholds"]
     try:
@@ -359,8 +360,8 @@ def _from_mapping(obj, label: str) -> dict[int, int]:
         out = {}
         for k, v in obj.items():
             out[int(k)] = v
-        first_max = max_distance(min(out)) if weighted and out else None
-        check_thresholds(out, list(out) + [max(out) + 1], first_max)  # values: integers in [0, L]
+        maxima = weighting.maxima(min(out)) if weighting is not None and out else None
+        check_thresholds(out, list(out) + [max(out) + 1], maxima=maxima)  # values: integers in [0, L]
         return {L: int(v) for L, v in out.items()}
     except CtfreidError as e:
         raise CtfreidError(f"{label}: {e}") from None
@@ -430,7 +431,8 @@ def read_thresholds_file(spec: str | os.PathLike) -> ThresholdsFile:
         return ThresholdsFile(parse_thresholds(str(spec)))
     label = f"thresholds file {spec}"
     if isinstance(obj, dict) and "weights" in obj:  # only a weighted fit: its first threshold is weighted
-        return ThresholdsFile(None, _from_mapping(obj, label), Weighting.from_dict(obj["weights"], f"{label}: 'weights'"))
+        weighting = Weighting.from_dict(obj["weights"], f"{label}: 'weights'")
+        return ThresholdsFile(None, _from_mapping(obj, label, weighting), weighting)
     hamming = _from_mapping(obj, label)
     section = obj.get(WEIGHTED_SECTION) if isinstance(obj, dict) else None
     if section is None:
@@ -438,10 +440,14 @@ def read_thresholds_file(spec: str | os.PathLike) -> ThresholdsFile:
     where = f"{label}: '{WEIGHTED_SECTION}'"
     if not isinstance(section, dict) or "weights" not in section or "thresholds" not in section:
         raise CtfreidError(f"{where}: expected an object {{\"thresholds\": {{...}}, \"weights\": {{...}}}}")
-    weighted = _from_mapping(section, where)
+    weighting = Weighting.from_dict(section["weights"], f"{where}: 'weights'")
+    weighted = _from_mapping(section, where, weighting)
     if sorted(weighted) != sorted(hamming):
         raise CtfreidError(f"{where}: thresholds for lengths {sorted(weighted)}, the Hamming ones for {sorted(hamming)}")
-    return ThresholdsFile(hamming, weighted, Weighting.from_dict(section["weights"], f"{where}: 'weights'"))
+    if sorted(weighting.later) != [L for L in sorted(weighting.later) if L in weighted]:
+        raise CtfreidError(f"{where}: 'weights' weight lengths {sorted(weighting.later)} that have no threshold "
+                           f"(the thresholds' lengths: {sorted(weighted)})")
+    return ThresholdsFile(hamming, weighted, weighting)
 
 
 def read_thresholds(spec: str | os.PathLike) -> dict[int, int]:

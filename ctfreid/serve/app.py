@@ -182,7 +182,7 @@ class Service:
         stored beside the model's thresholds ('ctfreid calibrate' writes it), else the server's own fit
         (``fitted``, kept with the store); ``(None, "")`` under ``--weighted 0`` or ``--beta``, or when there is
         neither."""
-        from ctfreid.search.asymmetric import WeightedFit, Weighting, max_distance
+        from ctfreid.search.asymmetric import WeightedFit, Weighting
         from ctfreid.search.thresholds import check_thresholds
 
         if not self.config.weighted or self.config.beta is not None:
@@ -190,7 +190,7 @@ class Service:
         # (an encoder object of the caller's may have no 'weighted')
         stored = getattr(self.encoder, "weighted", None) if self.encoder.thresholds else None
         if stored is not None:
-            th = check_thresholds(stored.thresholds, self.lengths, max_distance(self.lengths[0]))
+            th = check_thresholds(stored.thresholds, self.lengths, maxima=stored.weighting.maxima(self.lengths[0]))
             return WeightedFit(th, stored.weighting), f"stored with the model ({self.encoder.thresholds_source})"
         if fitted and fitted.get("thresholds"):
             th = {int(L): int(t) for L, t in fitted["thresholds"].items()}
@@ -237,11 +237,12 @@ class Service:
             return thresholds_for_beta(self.fits, b)
         return None
 
-    def default_for(self, values: np.ndarray | None) -> tuple[dict[int, int], np.ndarray | None]:
+    def default_for(self, values: tuple | None) -> tuple[dict[int, int], np.ndarray | dict | None]:
         """The default thresholds of a search and its query weights: the weighted default for queries with
-        real ``values`` (images, under ``--weighted``), else the default thresholds and no weights."""
+        real ``values`` (images, under ``--weighted``: ``(values, later_values)`` of :meth:`encode`), else the
+        default thresholds and no weights."""
         if self.weighted is not None and values is not None:
-            return self.weighted.thresholds, self.weighted.weighting.weights(values)
+            return self.weighted.thresholds, self.weighted.weighting.query_weights(*values)
         return self.default_thresholds, None
 
     def decode_codes(self, obj: Any, field: str = "codes") -> dict[int, np.ndarray]:
@@ -312,12 +313,14 @@ class Service:
         t.save(buf, "JPEG", quality=80)
         return buf.getvalue()
 
-    def encode(self, images: list) -> tuple[dict[int, np.ndarray], float, np.ndarray | None]:
-        """Codes of decoded images, milliseconds, and the shortest code's ``bn(v)`` (a weighted stage 1)."""
+    def encode(self, images: list) -> tuple[dict[int, np.ndarray], float, tuple | None]:
+        """Codes of decoded images, milliseconds, and their ``bn(v)`` for weighted stages: ``(values,
+        later_values)`` of the ``EncodedSet`` (None without values)."""
         t0 = time.perf_counter()
         enc = self.encoder.encode_images(images)
         codes = {int(L): np.ascontiguousarray(c) for L, c in enc.codes.items()}
-        return codes, (time.perf_counter() - t0) * 1e3, enc.values
+        values = None if enc.values is None else (enc.values, enc.later_values)
+        return codes, (time.perf_counter() - t0) * 1e3, values
 
     def receipt(self, ids: list[int]) -> dict:
         now = time.time()
@@ -763,7 +766,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             answer = {"queries": [{"hits": h, "candidates": c, "encode_ms": round(encode_ms / nq, 3),
                                    "search_ms": round(search_ms / nq, 3)} for h, c in zip(hits, cands)],
                       "thresholds": {str(k_): v for k_, v in thr.items()}}
-            if weights is not None:  # the first threshold is a weighted distance (ctfreid.search.asymmetric)
+            if weights is not None:  # the weighted lengths' thresholds are weighted distances (search.asymmetric)
                 answer["weights"] = svc.weighted.weighting.to_dict()
             if partial:  # a sharded gallery with shards that did not answer in time: said, never silent
                 answer["partial"] = {"missing_shards": list(partial),

@@ -184,14 +184,14 @@ class Gallery:
         return gone
 
     def search(self, query: Mapping[int, np.ndarray], k: int, thresholds: Mapping[int, int] | None = None,
-               flt: Filter | None = None, query_weights: np.ndarray | None = None
+               flt: Filter | None = None, query_weights: np.ndarray | Mapping[int, np.ndarray] | None = None
                ) -> tuple[list[list[dict]], list[dict | None], tuple[int, ...]]:
         """Top-``k`` hits per query (coarse-to-fine order, exactly those of ``CtFIndex.search_hits`` on the
         items passing ``flt``); per query the number of items ranked at each stage (stage 1 = all; stage
         s + 1 = those within every threshold up to ``L_s``, Sec. 3.1; counted by the search kernels, summed
         over the shards of a sharded index; None where a shard did not answer); and the shards that did not
-        answer (a sharded index; empty otherwise). ``query_weights``: a weighted stage 1 (``thresholds``
-        must then be weighted ones)."""
+        answer (a sharded index; empty otherwise). ``query_weights``: weighted stages (an array: stage 1; a
+        mapping ``{length: weights}``: those lengths; their ``thresholds`` must then be weighted ones)."""
         thr = dict(thresholds) if thresholds is not None else self.thresholds
         nq = next(iter(query.values())).shape[0]
         partial: set[int] = set()
@@ -205,7 +205,7 @@ class Gallery:
             while pending:
                 sub = {L: q[pending] for L, q in query.items()}
                 hits = self.index.search_hits(sub, kk, thr if len(self.lengths) > 1 else None,
-                                              query_weights=None if query_weights is None else query_weights[pending])
+                                              query_weights=_rows(query_weights, pending))
                 partial.update(getattr(hits, "partial", ()))
                 if first:  # the counts do not depend on k: the first round (every query) has them
                     good = hits.candidates is not None and not getattr(hits, "partial", ())
@@ -238,3 +238,12 @@ class Gallery:
                 for a, d, s, p, hp, c, hc, t in zip(i.tolist(), dist.tolist(), stages.tolist(), f.pid[i].tolist(),
                                                     f.has_pid[i].tolist(), f.camera[i].tolist(),
                                                     f.has_camera[i].tolist(), f.time[i].tolist())]
+
+
+def _rows(query_weights, rows: list[int]):
+    """The query weights (an array or ``{length: array}``) of the queries ``rows``."""
+    if query_weights is None:
+        return None
+    if isinstance(query_weights, Mapping):
+        return {L: w[rows] for L, w in query_weights.items()}
+    return query_weights[rows]
