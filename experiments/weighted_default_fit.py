@@ -6,8 +6,8 @@
 ``MODEL_DIR``: a run (its pyramid gives bn(v) of the 128- and 512-bit codes from the stored ``features``, as
 ``ctfreid encode`` now writes them: ``experiments/weighted_later_stages.py``, ``pyramid_values``);
 ``ENCODED_DIR``: ``val.npz``, ``query.npz`` and ``gallery.npz`` of that run. For each run, the default target
-(accuracy within 0.5 points, the built-in cost model, planned for ``--gallery-size`` items) is fitted on the
-validation split with the Hamming stages (``default_fit``), a weighted stage 1 alone, and stage 1 with the
+(accuracy within 0.5 points, the built-in cost model or ``--cost-model``, planned for ``--gallery-size`` items)
+is fitted on the validation split with the Hamming stages, a weighted stage 1 alone, and stage 1 with the
 128-bit, the 512-bit and both later stages weighted (``fit_target(weight_bits=4, weight_later=...)``); the
 weighted fit with the lowest expected validation time is in bold. Each fit is then evaluated on the dev
 query / gallery: CtF mAP and Rank-1 against the 2048-bit code, the fraction of the gallery ranked at each
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from weighted_later_stages import pyramid_values  # noqa: E402
 
 from ctfreid.encoded import load_encoded  # noqa: E402
-from ctfreid.eval.calibration import _Evaluator, default_cost_model, default_fit, fit_target, save_fit  # noqa: E402
+from ctfreid.eval.calibration import _Evaluator, default_cost_model, fit_target, save_fit  # noqa: E402
+from ctfreid.eval.cost_model import CostModel  # noqa: E402
 
 SUBSETS = {"stage 1": (), "1+128": (128,), "1+512": (512,), "1+128+512": (128, 512)}
 
@@ -40,6 +41,9 @@ def with_later_values(model_dir: str, e):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gallery-size", type=float, default=1e6)
+    ap.add_argument("--cost-model", type=Path, default=None, metavar="COST.json",
+                    help="a cost model saved by 'ctfreid calibrate --measure-cost-model --gallery-size N "
+                    "--save-cost-model' (default: the built-in one, measured at 2e4 and 2e5 items)")
     ap.add_argument("--save-fits", type=Path, default=None, metavar="DIR",
                     help="write each weighted fit beside the Hamming one as DIR/<run>_<fit>.json (calibrate's "
                     "format, for benchmarks/bench_default_fits.py)")
@@ -53,11 +57,11 @@ def main() -> None:
         sets = {s: with_later_values(model_dir, load_encoded(Path(enc_dir) / f"{s}.npz"))
                 for s in ("val", "query", "gallery")}
         val, q, g = sets["val"], sets["query"], sets["gallery"]
-        cm = default_cost_model(val.lengths, None)
+        cm = default_cost_model(val.lengths, None) if a.cost_model is None else CostModel.load(a.cost_model)
         t0 = time.perf_counter()
-        fits = {"Hamming": default_fit(val, n)}
+        fits = {"Hamming": fit_target(val, cost_model=cm, gallery_size=n)}
         for name, later in SUBSETS.items():
-            fits[name] = fit_target(val, gallery_size=n, weight_bits=4, weight_later=later)
+            fits[name] = fit_target(val, cost_model=cm, gallery_size=n, weight_bits=4, weight_later=later)
         fit_s = time.perf_counter() - t0
         auto = min(SUBSETS, key=lambda k: (fits[k].expected_ms, -fits[k].val_map))
         run = Path(model_dir).name

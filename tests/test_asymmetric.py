@@ -400,6 +400,19 @@ def test_index_keeps_hamming_and_weighted_defaults(tmp_path, monkeypatch):
         old.range_search(qc, 100)
 
 
+def noisy_copies(rng: np.random.Generator, n: int, nq: int, lengths: tuple) -> tuple[dict, dict, np.ndarray]:
+    """Random gallery codes ``{L: uint8 [n, L // 8]}``, and queries that are copies of gallery items ``src``
+    with 15 % of their bits flipped, so that some keep many candidates and some few."""
+    g = {L: rng.integers(0, 256, (n, L // 8), dtype=np.uint8) for L in lengths}
+    src = rng.integers(0, n, nq)
+    q = {}
+    for L, c in g.items():
+        bits = np.unpackbits(c[src], axis=1)
+        bits ^= (rng.random(bits.shape) < 0.15).astype(np.uint8)
+        q[L] = np.packbits(bits, axis=1)
+    return g, q, src
+
+
 def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_filter():
     # 70,000 codes: several scan tiles and the batch's stage-2 filter (BATCH_FILTER_MIN_N); 24 queries take
     # the tile scan (BATCH_MIN_QUERIES), one query at a time ctf_topk with weights (checked against the reference
@@ -409,13 +422,7 @@ def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_f
     rng = np.random.default_rng(21)
     n, nq = 70_000, 24
     assert n > _kernels.BATCH_FILTER_MIN_N and nq >= _kernels.BATCH_MIN_QUERIES
-    g = {L: rng.integers(0, 256, (n, L // 8), dtype=np.uint8) for L in (32, 128, 512)}
-    src = rng.integers(0, n, nq)
-    q = {}
-    for L, c in g.items():
-        bits = np.unpackbits(c[src], axis=1)
-        bits ^= (rng.random(bits.shape) < 0.15).astype(np.uint8)
-        q[L] = np.packbits(bits, axis=1)
+    g, q, src = noisy_copies(rng, n, nq, (32, 128, 512))
     w = rng.integers(0, 16, (nq, 32), dtype=np.uint8)
     d = weighted_distances(q[32], w, g[32])
     t1 = int(np.quantile(d, 0.01))
@@ -439,6 +446,46 @@ def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_f
         Di, Ii = index.search({L: c[i] for L, c in q.items()}, 100, th, threads=1, query_weights=w[i])
         np.testing.assert_array_equal(I[i], Ii)
         np.testing.assert_array_equal(D[i], Di)
+
+
+@pytest.mark.parametrize("weighted", [(512,), (32, 512), (512, 2048), (32, 128)])
+def test_batch_with_weighted_later_stages_equals_the_one_query_path(weighted):
+    # as above, with weights at later stages: weighted stages after stage 2 take the tile scan (stage 2 is
+    # computed inside it, Hamming), a weighted stage 2 runs query by query; one query at a time (ctf_topk) is
+    # checked against the literal reference in test_weighted_later_stages_match_the_reference
+    from ctfreid.search.asymmetric import stage_weights
+    from ctfreid.search.coarse_to_fine import batched
+
+    rng = np.random.default_rng(22)
+    n, nq = 70_000, 24
+    g, q, src = noisy_copies(rng, n, nq, (32, 128, 512, 2048))
+    w = {L: rng.integers(0, 16, (nq, L), dtype=np.uint8) for L in weighted}
+    assert batched(nq, sorted(g), n, stage_weights(w, nq, sorted(g))) == (128 not in w)
+    dist = {L: weighted_distances(q[L], w[L], g[L]) if L in w else hamming_distances(q[L], g[L]) for L in (32, 128, 512)}
+    t1 = int(np.quantile(dist[32], 0.01))
+    alive = dist[32] <= t1
+    t2 = [int(np.quantile(dist[128][alive], f)) for f in (0.5, 0.001)]  # about half kept; about one
+    t3 = int(np.quantile(dist[512][alive & (dist[128] <= t2[0])], 0.5))
+    for th, k in (({32: t1, 128: t2[0], 512: t3}, 10), ({32: t1, 128: t2[0], 512: t3}, 100),
+                  ({32: t1, 128: t2[1], 512: t3}, 10), ({32: t1, 128: t2[0], 512: t3}, 2000)):
+        D, I = ctf_search(q, g, th, k, query_weights=w)
+        for i in range(nq):
+            Di, Ii = ctf_search({L: c[i] for L, c in q.items()}, g, th, k, query_weights={L: x[i] for L, x in w.items()})
+            np.testing.assert_array_equal(I[i], Ii)
+            np.testing.assert_array_equal(D[i], Di)
+    from ctfreid import CtFIndex  # and through an index with removed items, on 1 and 2 threads
+
+    index = CtFIndex()
+    index.add(g)
+    index.remove_ids(np.concatenate([src[::2], rng.choice(n, 5_000, replace=False)]))
+    th = {32: t1, 128: t2[0], 512: t3}
+    for threads in (1, 2):
+        D, I = index.search(q, 100, th, threads=threads, query_weights=w)
+        for i in range(nq):
+            Di, Ii = index.search({L: c[i] for L, c in q.items()}, 100, th, threads=1,
+                                  query_weights={L: x[i] for L, x in w.items()})
+            np.testing.assert_array_equal(I[i], Ii)
+            np.testing.assert_array_equal(D[i], Di)
 
 
 def ref_weighted_stages(qc: dict, ws: dict, gc: dict, th: dict) -> tuple[np.ndarray, np.ndarray, dict]:

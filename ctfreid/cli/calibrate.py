@@ -35,9 +35,9 @@ bits (default 4), and stage 1 ranks by the sum of the weights of the bits that d
 binary codes). Searches by images use it ('ctfreid evaluate', 'index build', 'search', the service);
 searches by codes alone use the Hamming thresholds. It needs values_<L> in the validation set (written by
 'ctfreid encode'); --weighted 0 leaves it out. --weight-later 128,512 weights those later stages too (their
-values_<L>, written by 'ctfreid encode'; their thresholds are then weighted distances). It can cut the
-candidates at those stages, but each row costs more: on CUHK03 it did not lower the expected time at 10^6
-items (docs/results-cuhk03.md), so it is off by default.
+values_<L>, written by 'ctfreid encode'; their thresholds are then weighted distances). On CUHK03 it made
+one query at 10^6 items faster in most runs, but in two of seven CtF lost up to 0.9 mAP on the test split
+(docs/results-cuhk03.md), so it is off by default: check it on held-out data before using it.
 
 Without --target: dto when --beta or --beta-sweep is given, time when --budget-ms is, else accuracy.
 --beta-sweep prints thresholds for a range of betas; with --query and --gallery it also evaluates CtF at
@@ -203,9 +203,10 @@ def _fit_target(args: argparse.Namespace, target: str, val):
     weighted = None
     asked = args.weighted is not None or args.weight_later is not None
     if bits and (val.values is not None or asked):  # asked for: no values is an error
-        stages = "/".join(map(str, [val.lengths[0], *(args.weight_later or [])]))
-        print(f"\nweighted {'stage 1' if not args.weight_later else stages + '-bit stages'} ({bits}-bit weights), "
-              "for queries with real values (encoded images):")
+        from ctfreid.search.asymmetric import weighted_stages
+
+        stages = weighted_stages([val.lengths[0], *sorted(set(args.weight_later or []))])
+        print(f"\n{stages} ({bits}-bit weights), for queries with real values (encoded images):")
         try:
             weighted = fit_target(val, target, tolerance, args.budget_ms, model, args.gallery_size, args.k,
                                   seed=args.seed, folds=args.folds or DEFAULT_FOLDS, max_pairs=args.max_pairs,

@@ -84,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
         if fits.weighted is not None and (query.values is not None or fits.hamming is None):
             # a weighted stage 1 fitted beside the Hamming thresholds: queries with values use it, as searches do
             thresholds, weighting = fits.weighted, fits.weighting
-            stages = ("stage 1" if not weighting.later else
-                      "/".join(map(str, weighting.lengths(query.lengths[0]))) + "-bit stages")
-            print(f"weighted {stages} ({weighting.bits}-bit weights, scale {weighting.scale:.4g}) from {args.thresholds}"
+            print(f"{weighting.stages(query.lengths[0])} ({weighting.bits}-bit weights, scale {weighting.scale:.4g}) from {args.thresholds}"
                   + ("" if fits.hamming is None else "; its Hamming thresholds: " +
                      ",".join(f"{L}={t}" for L, t in fits.hamming.items())))
     elif args.calibrate:

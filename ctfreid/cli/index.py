@@ -145,8 +145,7 @@ def _build(args: argparse.Namespace) -> int:
     if weighted is not None:
         wth = ", ".join(f"{L}-bit <= {t}" for L, t in sorted(weighted.thresholds.items()))
         w = weighted.weighting
-        stages = "stage 1" if not w.later else "/".join(map(str, w.lengths(index.lengths[0]))) + "-bit stages"
-        print(f"  for image queries: weighted {stages} ({w.bits}-bit weights, scale {w.scale:.4g}"
+        print(f"  for image queries: {w.stages(index.lengths[0])} ({w.bits}-bit weights, scale {w.scale:.4g}"
               + "".join(f", {L} bits {s:.4g}" for L, s in w.later.items()) + f"), thresholds {wth}")
     return 0
 

@@ -481,7 +481,7 @@ def format_fit(fit: TargetFit) -> str:
     lines = [
         f"target {fit.target} ({aim}), top-{fit.k} search over a gallery of {fit.gallery_size} items",
         "thresholds: " + ",".join(f"{L}={t}" for L, t in fit.thresholds.items())
-        + (f" ({_weighted_stages(fit)}: {fit.weighting.bits}-bit weights, scale {fit.weighting.scale:.4g}"
+        + (f" ({fit.weighting.stages(min(fit.thresholds))}: {fit.weighting.bits}-bit weights, scale {fit.weighting.scale:.4g}"
            + "".join(f", {L} bits {sc:.4g}" for L, sc in fit.weighting.later.items()) + ")"
            if fit.weighting is not None else ""),
         f"expected {fit.expected_ms:.4g} ms per query (no pruning: {fit.no_pruning_ms:.4g} ms)",
@@ -493,12 +493,6 @@ def format_fit(fit: TargetFit) -> str:
         f"({fit.evaluations} rankings evaluated)",
     ]
     return "\n".join(lines)
-
-
-def _weighted_stages(fit: TargetFit) -> str:
-    if not fit.weighting.later:
-        return "weighted stage 1"
-    return f"weighted {'/'.join(map(str, fit.weighting.lengths(min(fit.thresholds))))}-bit stages"
 
 
 def default_fit(val: EncodedSet, gallery_size: int | None = None) -> TargetFit:
@@ -515,9 +509,10 @@ def default_weighted_fit(val: EncodedSet, gallery_size: int | None = None, bits:
     values (encoded images); ``later``: later lengths weighted too (:func:`fit_target`'s ``weight_later``).
     None when ``val`` has no ``values`` or its shortest code is not a multiple of 32 bits (the kernels'
     words). On seven CUHK03 dev runs it kept 2.3-9.5 % of the gallery at stage 1 within 0.2 mAP of the
-    longest code, where the Hamming fit kept 5.8-21.4 %. Weighting the later stages too did not lower the
-    expected time at 10^6 items in most of them (``docs/results-cuhk03.md``, "Which stages to weight by
-    default"), so by default only stage 1 is weighted."""
+    longest code, where the Hamming fit kept 5.8-21.4 %. Weighting the later stages too made one query at
+    10^6 items faster in most of them, but lost up to 0.9 mAP on the test split in two
+    (``docs/results-cuhk03.md``, "Which stages to weight by default"), so by default only stage 1 is
+    weighted."""
     if val.values is None or val.lengths[0] % 32:
         return None
     return fit_target(val, DEFAULT_TARGET, DEFAULT_TOLERANCE, gallery_size=gallery_size, weight_bits=bits,

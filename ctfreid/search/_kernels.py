@@ -1311,7 +1311,7 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
 
 @njit(**_JIT)
 def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi2, bufI, bufD, outD, outI, outC,
-                   P1=None, Lw=0):
+                   P1=None, Lw=0, Pr=None):
     """``ctf_topk`` for a batch at once, same answers: stage 1 scans the gallery once per group of
     ``bufI.shape[0]`` queries, tile by tile (``_scan_tiles``), instead of once per query; the later stages
     run per query (``_ctf_finish``). Stage-1 codes of one 32-bit word (``G1``: [n, 1]). ``bufI``/``bufD``:
@@ -1322,7 +1322,8 @@ def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi
     when at least ``k`` are kept (or all were). Otherwise, and when a query has more candidates than the
     buffers hold, that query is searched on its own (``_ctf_one``). ``P1``/``Lw``: the weight planes and the
     largest distance of a weighted stage 1 (as ``ctf_topk``, same answers), compiled apart from the
-    Hamming scan; a weighted query with fewer than ``k`` kept is searched on its own."""
+    Hamming scan; a weighted query with fewer than ``k`` kept is searched on its own. ``Pr``: weighted later
+    stages after stage 2 (as ``ctf_topk``; stage 2, computed in the scan, must be Hamming)."""
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
     nq = Q1.shape[0]
@@ -1343,13 +1344,14 @@ def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi
             if P1 is not None:  # (pruned at compile time for the Hamming scan)
                 if cnt[a] > cap or cnt[a] < k:
                     _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32,
-                                      wscratch, outD[i], outI[i], outC[i])
+                                      wscratch, outD[i], outI[i], outC[i], Pr)
                     continue
             if cnt[a] > cap or (cnt[a] < k and cnt[a] < c1[a]):
-                _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i])
+                _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i],
+                         Pr)
             else:
                 _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, cnt[a], bufI[a], bufD[a],
-                            ws64, ws32, outD[i], outI[i], outC[i])
+                            ws64, ws32, outD[i], outI[i], outC[i], Pr)
                 outC[i, 1] = c1[a]
 
 

@@ -444,8 +444,9 @@ def read_thresholds_file(spec: str | os.PathLike) -> ThresholdsFile:
     weighted = _from_mapping(section, where, weighting)
     if sorted(weighted) != sorted(hamming):
         raise CtfreidError(f"{where}: thresholds for lengths {sorted(weighted)}, the Hamming ones for {sorted(hamming)}")
-    if sorted(weighting.later) != [L for L in sorted(weighting.later) if L in weighted]:
-        raise CtfreidError(f"{where}: 'weights' weight lengths {sorted(weighting.later)} that have no threshold "
+    unthresholded = sorted(set(weighting.later) - set(weighted))
+    if unthresholded:
+        raise CtfreidError(f"{where}: 'weights' weight lengths {unthresholded} that have no threshold "
                            f"(the thresholds' lengths: {sorted(weighted)})")
     return ThresholdsFile(hamming, weighted, weighting)
 
