@@ -1,13 +1,15 @@
-"""Searches while an add grows the index: the longest one-query search during an add that doubles the
-buffers, against the median search before it (same run). ``CtFIndex.add`` copies into larger buffers under
-the read lock (searches go on) and holds the write lock only to swap them in; before that change the whole
-copy ran under the write lock and every search waited for it.
+"""Searches while a write copies the index: the longest one-query search during an add that doubles the
+buffers (or, with ``--remove``, a removal that compacts the index), against the median search before it
+(same run). ``CtFIndex.add`` copies into larger buffers, and a compaction copies the live items, under the
+read lock (searches go on), and both hold the write lock only to swap the copies in; before those changes
+the whole copy ran under the write lock and every search waited for it.
 
-    python3 benchmarks/bench_growth.py [--n 1048576] [--rounds 3]
+    python3 benchmarks/bench_growth.py [--n 1048576] [--rounds 3] [--remove]
 
 Random codes of 32/128/512/2048 bits, thresholds {32: 9, 128: 50, 512: 200} (about 1 % kept at stage 1),
 top-100, one search thread; each round builds an index of exactly ``n`` items (full buffers), searches for
-0.5 s, adds 1,000 items (the doubling copy: n x 344 bytes), and searches 0.5 s more.
+0.5 s, then adds 1,000 items (the doubling copy: n x 344 bytes) or removes a random quarter of the items
+(past ``COMPACT_FRACTION``: the compaction copies the other three quarters), and searches 0.5 s more.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ LENGTHS = (32, 128, 512, 2048)
 TH = {32: 9, 128: 50, 512: 200}
 
 
-def one_round(n: int, rng: np.random.Generator) -> tuple[float, float, float]:
-    """(median search ms before the add, longest search ms overlapping the add, add ms)."""
+def one_round(n: int, rng: np.random.Generator, remove: bool = False) -> tuple[float, float, float]:
+    """(median search ms before the write, longest search ms overlapping the write, write ms)."""
     index = CtFIndex()
     index.add({L: rng.integers(0, 256, (n, L // 8), dtype=np.uint8) for L in LENGTHS})
     more = {L: rng.integers(0, 256, (1000, L // 8), dtype=np.uint8) for L in LENGTHS}
+    gone = rng.choice(n, n // 4, replace=False)
     queries = [{L: rng.integers(0, 256, L // 8, dtype=np.uint8) for L in LENGTHS} for _ in range(64)]
     index.search(queries[0], 100, TH)
     log: list[tuple[float, float]] = []
@@ -45,7 +48,11 @@ def one_round(n: int, rng: np.random.Generator) -> tuple[float, float, float]:
     th.start()
     time.sleep(0.5)
     a0 = time.perf_counter()
-    index.add(more)
+    if remove:
+        index.remove_ids(gone)
+        assert index._ndead == 0  # compacted
+    else:
+        index.add(more)
     a1 = time.perf_counter()
     time.sleep(0.5)
     stop.set()
@@ -59,14 +66,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1 << 20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--remove", action="store_true", help="a removal of a quarter of the items instead of an add")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
-    rows = [one_round(a.n, rng) for _ in range(a.rounds)]
-    print(f"n = {a.n:,}: median search before the add / longest search during it / the add (ms)")
+    rows = [one_round(a.n, rng, a.remove) for _ in range(a.rounds)]
+    what = "the removal (and compaction)" if a.remove else "the add"
+    print(f"n = {a.n:,}: median search before {what} / longest search during it / {what} (ms)")
     for r in rows:
         print(f"  {r[0]:.2f} / {r[1]:.1f} / {r[2]:.1f}")
     med = np.median(np.array(rows), axis=0)
-    print(f"medians: {med[0]:.2f} / {med[1]:.1f} / {med[2]:.1f}; longest during the add = {med[1] / med[0]:.1f}x the median before")
+    print(f"medians: {med[0]:.2f} / {med[1]:.1f} / {med[2]:.1f}; longest during {what} = {med[1] / med[0]:.1f}x the "
+          "median before")
 
 
 if __name__ == "__main__":

@@ -97,3 +97,32 @@ def block_next_grow(monkeypatch):
     yield arm
     for release in events:
         release.set()
+
+
+@pytest.fixture
+def block_next_compaction(monkeypatch):
+    """A function that stops ``CtFIndex._compacted`` (the copy of the live items) at its next call until
+    released; it returns the events ``(copying, release)``, as ``block_next_grow``."""
+    import threading
+
+    from ctfreid.search.index import CtFIndex
+
+    events: list = []
+
+    def arm() -> tuple:
+        copying, release = threading.Event(), threading.Event()
+        events.append(release)
+        compacted = CtFIndex._compacted
+
+        def blocked(self):
+            if not copying.is_set():
+                copying.set()
+                assert release.wait(30), "never released"
+            return compacted(self)
+
+        monkeypatch.setattr(CtFIndex, "_compacted", blocked)
+        return copying, release
+
+    yield arm
+    for release in events:
+        release.set()

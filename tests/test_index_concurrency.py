@@ -161,3 +161,49 @@ def test_searches_go_on_while_an_add_copies_into_larger_buffers(block_next_grow)
     assert index.ntotal == 3100
     with pytest.raises(CtfreidError, match="reserve needs a number of items"):
         index.reserve(-1)
+
+
+def test_searches_go_on_while_a_removal_compacts(block_next_compaction):
+    """A removal past COMPACT_FRACTION compacts the index: the copy of the live items holds only the read
+    lock. A search during it answers at once and without the removed items (oracle: an index built from the
+    others alone); after it the index holds no dead slot and answers the same."""
+    from ctfreid.search import index as index_mod
+
+    rng = np.random.default_rng(4)
+    q, g = correlated_code_sets(rng, 3000, 4, LENGTHS)
+    gone = rng.choice(3000, 900, replace=False)  # 30 % > COMPACT_FRACTION
+    assert gone.size > index_mod.COMPACT_FRACTION * 3000
+    keep = np.setdiff1d(np.arange(3000), gone)
+    index, oracle = CtFIndex(), CtFIndex()
+    index.add(g)
+    oracle.add({L: c[keep] for L, c in g.items()}, keep)
+    copying, release = block_next_compaction()
+    remover = threading.Thread(target=index.remove_ids, args=(gone,))
+    remover.start()
+    try:
+        assert copying.wait(30)
+        answers: list = []
+        searcher = threading.Thread(target=lambda: answers.append(index.search(q, 20, TH)))
+        searcher.start()
+        searcher.join(10)
+        assert not searcher.is_alive(), "the search waited for the compaction's copy"
+        assert remover.is_alive() and index._ndead == 900  # still copying: the search ran during the copy
+        for a, b in zip(answers[0], oracle.search(q, 20, TH)):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        release.set()
+        remover.join(30)
+    assert index._ndead == 0 and index.ntotal == 2100
+    for a, b in zip(index.search(q, 20, TH), oracle.search(q, 20, TH)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(index.ids, keep)
+    index.add({L: c[:5] for L, c in g.items()})  # default ids go on after the removed ones, never reused
+    assert index.ntotal == 2105 and index.ids[-5:].tolist() == list(range(3000, 3005))
+    # compact=False leaves the dead slots to compact(due=True), which compacts only past COMPACT_FRACTION
+    index.remove_ids(np.arange(3000, 3005), compact=False)
+    index.compact(due=True)
+    assert index._ndead == 5
+    index.remove_ids(index.ids[:1000], compact=False)
+    assert index._ndead == 1005 and index.ntotal == 1100
+    index.compact(due=True)
+    assert index._ndead == 0 and index.ntotal == 1100

@@ -98,3 +98,41 @@ def test_searches_go_on_while_an_add_grows_the_index(tmp_path, block_next_grow):
     assert len(g) == 1500
     for x in (g, oracle):
         x.store.close()
+
+
+def test_searches_go_on_while_an_erasure_compacts_the_index(tmp_path, block_next_compaction):
+    """An erasure past the index's COMPACT_FRACTION compacts it after the gallery's write lock: a search
+    during the copy answers at once, without the erased items (oracle: a gallery of the others alone)."""
+    import threading
+
+    rng = np.random.default_rng(10)
+    base = rng.integers(0, 256, (1200, 8), dtype=np.uint8)
+    codes = lambda rows: {32: base[rows, :4].copy(), 64: base[rows].copy()}  # noqa: E731
+    metas = [ItemMeta(camera=1 + i % 3) for i in range(1200)]
+    g, oracle = (Gallery(Store(tmp_path / name, "test", LENGTHS), {32: 14}) for name in ("a", "b"))
+    ids = g.add(codes(np.arange(1200)), metas)
+    gone = ids[::3]  # 400 of 1200: past COMPACT_FRACTION
+    kept = [i for i in range(1200) if i % 3]
+    oracle.add(codes(np.array(kept)), [metas[i] for i in kept])
+    to_oracle = dict(zip(oracle.index.ids.tolist(), (ids[i] for i in kept)))
+    copying, release = block_next_compaction()
+    eraser = threading.Thread(target=g.erase, args=(gone,))
+    eraser.start()
+    q = codes(np.arange(6))
+    try:
+        assert copying.wait(30)
+        answers: list = []
+        searcher = threading.Thread(target=lambda: answers.append(g.search(q, 10)))
+        searcher.start()
+        searcher.join(10)
+        assert not searcher.is_alive(), "the search waited for the compaction's copy"
+        assert eraser.is_alive() and g.index._ndead == 400
+        want = [[to_oracle[h["id"]] for h in row] for row in oracle.search(q, 10)[0]]
+        assert [[h["id"] for h in row] for row in answers[0][0]] == want
+    finally:
+        release.set()
+        eraser.join(30)
+    assert g.index._ndead == 0 and len(g) == 800
+    assert [[h["id"] for h in row] for row in g.search(q, 10)[0]] == want
+    for x in (g, oracle):
+        x.store.close()

@@ -21,7 +21,9 @@ away when they pass ``COMPACT_FRACTION`` of the slots (as Qdrant's vacuum) or on
 
 Concurrency: any number of threads may search while one adds, removes or compacts; a readers-writer lock
 makes each search see the index before or after a whole write, never half of one (the kernels release the
-GIL, so searches run in parallel).
+GIL, so searches run in parallel). Writes run one at a time; the long copies of a write (an add's buffers
+doubling, a compaction) run under the read lock, searches going on, and only the swap of the copies takes
+the write lock.
 
 File format (version 1, little-endian)::
 
@@ -396,53 +398,89 @@ class CtFIndex:
             pos[np.flatnonzero(found)[alive == 0]] = -1
         return pos
 
-    def remove_ids(self, ids: Any) -> int:
+    def remove_ids(self, ids: Any, compact: bool = True) -> int:
         """Remove the items with these ids; returns how many were removed (unknown or already removed ids
         are not an error and are not counted).
 
         From the return on, no search returns them, their codes are overwritten with zeros in memory, and
         ``save`` / ``to_bytes`` write none of their bytes; answers equal those of an index built without
-        them. Costs O(removed log n); dead slots are compacted away past ``COMPACT_FRACTION`` of the slots.
+        them. Costs O(removed log n); dead slots are compacted away past ``COMPACT_FRACTION`` of the slots
+        (the copy runs while searches go on). ``compact=False`` leaves that to a later ``compact(due=True)``:
+        for a caller that holds a lock of its own around the removal (the service), as ``reserve`` for ``add``.
         """
         arr = ids_to_remove(ids)
         if arr.size == 0:
             return 0
-        with self._writing, self._lock.write():
-            pos = self._lookup(arr)
-            pos = pos[pos >= 0]
-            if pos.size == 0:
-                return 0
-            for L in self._lengths:
-                if not self._codes[L].flags.writeable:  # a read-only map from load: copy on write
-                    self._codes[L] = self._grow(self._codes[L], self._nslots, (L // 8,), np.uint8)
-                self._codes[L][pos] = 0
-            self._set_live(pos, False)
-            self._ndead += int(pos.size)
-            if self._ndead > COMPACT_FRACTION * self._nslots:
-                self._compact_locked()
-            self._views = None
+        with self._writing:
+            with self._lock.write():
+                pos = self._lookup(arr)
+                pos = pos[pos >= 0]
+                if pos.size == 0:
+                    return 0
+                for L in self._lengths:
+                    if not self._codes[L].flags.writeable:  # a read-only map from load: copy on write
+                        self._codes[L] = self._grow(self._codes[L], self._nslots, (L // 8,), np.uint8)
+                    self._codes[L][pos] = 0
+                self._set_live(pos, False)
+                self._ndead += int(pos.size)
+                self._views = None
+            if compact:  # the items are gone from every answer already; searches go on during the copy
+                self._compact(due=True)
             return int(pos.size)
 
-    def compact(self) -> None:
-        """Drop the slots of removed items now (O(n)); answers do not change."""
-        with self._writing, self._lock.write():
-            self._compact_locked()
+    def compact(self, due: bool = False) -> None:
+        """Drop the slots of removed items now (O(n)); answers do not change. The copy of the live items runs
+        while searches go on; the write lock is held only to swap the copies in. ``due``: only when the dead
+        slots pass ``COMPACT_FRACTION`` of the slots (as ``remove_ids`` does)."""
+        with self._writing:
+            self._compact(due)
+
+    def _compact(self, due: bool = False) -> None:
+        """Compact with ``_writing`` held: copy under the read lock (no write can change the rows, since
+        every write holds ``_writing``), then swap under the write lock; ``due``: as ``compact``."""
+        with self._lock.read():
+            if due and self._ndead <= COMPACT_FRACTION * self._nslots:
+                return
+            copies = self._compacted()
+        if copies is not None:
+            with self._lock.write():
+                self._install(copies)
 
     def _compact_locked(self) -> None:
+        """Compact with the write lock held (an add whose ids only removed items held)."""
+        copies = self._compacted()
+        if copies is not None:
+            self._install(copies)
+
+    def _compacted(self) -> dict | None:
+        """The live items' rows in fresh buffers (codes by length, ``"ids"``, ``"live"``), or None when no
+        slot is dead; changes nothing."""
         if not self._ndead:
-            return
+            return None
         keep = self._live_slots()
         m = int(keep.sum())
+        out: dict = {}
         for L in self._lengths:
-            new = _empty_aligned((max(m, 1024), L // 8), np.uint8)
-            new[:m] = self._codes[L][: self._nslots][keep]
-            self._codes[L] = new
+            out[L] = _empty_aligned((max(m, 1024), L // 8), np.uint8)
+            out[L][:m] = self._codes[L][: self._nslots][keep]
         ids = _empty_aligned((max(m, 1024),), np.int64)
         ids[:m] = self._ids[: self._nslots][keep]
+        live = np.zeros(ids.shape[0] // _kernels.BLOCK + 1, np.uint64)
+        full, rest = divmod(m, 64)
+        live[:full] = np.uint64(0xFFFFFFFFFFFFFFFF)
+        if rest:
+            live[full] = np.uint64((1 << rest) - 1)
+        out["ids"], out["live"] = ids, live
+        return out
+
+    def _install(self, copies: dict) -> None:
+        """Swap in the buffers of :meth:`_compacted` (write lock held)."""
+        ids = copies.pop("ids")
+        self._live = copies.pop("live")
+        self._codes = copies
         self._ids = ids
-        self._live = np.zeros(ids.shape[0] // _kernels.BLOCK + 1, np.uint64)
+        m = self._nslots - self._ndead
         self._nslots, self._ndead = m, 0
-        self._set_live(np.arange(m), True)
         self._increasing = bool(m <= 1 or (np.diff(ids[:m]) > 0).all())
         self._sorted = None
         self._views = None
@@ -742,8 +780,8 @@ class CtFIndex:
                 if not self._ndead:
                     self._write_locked(f)
                     return
-            with self._writing, self._lock.write():
-                self._compact_locked()
+            with self._writing:
+                self._compact()
 
     def _write_locked(self, f: BinaryIO) -> None:
         """The file format onto ``f``; read lock held and no removed slot."""
