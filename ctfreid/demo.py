@@ -210,7 +210,8 @@ def concat_sets(a: EncodedSet, b: EncodedSet) -> EncodedSet:
         codes={L: np.concatenate([a.codes[L], b.codes[L]]) for L in a.codes},
         pids=np.concatenate([a.pids, b.pids]), camids=np.concatenate([a.camids, b.camids]),
         features=both(a.features, b.features), paths=both(a.paths, b.paths), values=both(a.values, b.values),
-        later_values={L: v for L in a.later_values if (v := both(a.later_values[L], b.later_values.get(L))) is not None},
+        later_values={L: np.concatenate([v, b.later_values[L]]) for L, v in a.later_values.items()
+                      if L in b.later_values},
     )
 
 

@@ -786,3 +786,27 @@ def test_cli_calibrate_weight_later_and_evaluate_use_the_weighted_later_stage(tm
     assert got["mAP"] == ref["mAP"] and got["candidates"] == ref["candidates"]
     assert main(args[:-4] + ["--weighted", "0", "--weight-later", "64"]) == 2
     assert "--weight-later weights later stages beside a weighted stage 1" in capsys.readouterr().err
+
+
+def test_search_images_weights_every_stage_of_the_index_weighting_or_falls_back_to_hamming():
+    from ctfreid import CtFIndex
+    from ctfreid.infer.gallery import search_images
+
+    rng = np.random.default_rng(23)
+    qc, gc = correlated_code_sets(rng, 300, 4)
+    values = rng.normal(size=(4, 32)).astype(np.float32)
+    later = {128: rng.normal(size=(4, 128)).astype(np.float32)}
+    index = CtFIndex()
+    index.add(gc)
+    index.weighted_thresholds = {32: 70, 128: 300}
+    index.weighting = Weighting(scale=1.5, bits=3, later={128: 1.2})
+    full = EncodedSet(codes=qc, pids=np.zeros(4, int), camids=np.zeros(4, int), values=values, later_values=later)
+    want = index.search_hits(qc, 10, query_weights=index.weighting.query_weights(values, later))
+    got = search_images(index, full, 10)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.distances, want.distances)
+    stage1_only = EncodedSet(codes=qc, pids=np.zeros(4, int), camids=np.zeros(4, int), values=values)
+    with pytest.raises(CtfreidError, match="need the values \\(bn\\(v\\)\\) of its weighted 32/128-bit stages"):
+        search_images(index, stage1_only, 10)
+    index.thresholds = {32: 9, 128: 45}  # with Hamming thresholds beside them: queries without values use those
+    np.testing.assert_array_equal(search_images(index, stage1_only, 10).ids, index.search_hits(qc, 10).ids)

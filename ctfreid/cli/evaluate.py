@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         if fits.weighted is not None and (query.values is not None or fits.hamming is None):
             # a weighted stage 1 fitted beside the Hamming thresholds: queries with values use it, as searches do
             thresholds, weighting = fits.weighted, fits.weighting
-            print(f"{weighting.stages(query.lengths[0])} ({weighting.bits}-bit weights, scale {weighting.scale:.4g}) from {args.thresholds}"
+            print(f"{weighting.stages(query.lengths[0])} ({weighting.bits}-bit weights, scale {weighting.scale:.4g}) "
+                  f"from {args.thresholds}"
                   + ("" if fits.hamming is None else "; its Hamming thresholds: " +
                      ",".join(f"{L}={t}" for L, t in fits.hamming.items())))
     elif args.calibrate:

@@ -481,7 +481,8 @@ def format_fit(fit: TargetFit) -> str:
     lines = [
         f"target {fit.target} ({aim}), top-{fit.k} search over a gallery of {fit.gallery_size} items",
         "thresholds: " + ",".join(f"{L}={t}" for L, t in fit.thresholds.items())
-        + (f" ({fit.weighting.stages(min(fit.thresholds))}: {fit.weighting.bits}-bit weights, scale {fit.weighting.scale:.4g}"
+        + (f" ({fit.weighting.stages(min(fit.thresholds))}: {fit.weighting.bits}-bit weights, "
+           f"scale {fit.weighting.scale:.4g}"
            + "".join(f", {L} bits {sc:.4g}" for L, sc in fit.weighting.later.items()) + ")"
            if fit.weighting is not None else ""),
         f"expected {fit.expected_ms:.4g} ms per query (no pruning: {fit.no_pruning_ms:.4g} ms)",

@@ -148,9 +148,9 @@ def search_images(index, encoded, k: int):
         has_values = encoded.values is not None and all(L in encoded.later_values for L in index.weighting.later)
         if has_values or not index.thresholds:
             if not has_values:
-                raise CtfreidError("the index has thresholds for weighted stages only: its queries need their "
-                                   f"values (bn(v) of the {index.weighting.lengths(index.lengths[0])}-bit codes), "
-                                   "which this encoder did not give")
+                raise CtfreidError("the index has thresholds for weighted stages only: its queries need the "
+                                   f"values (bn(v)) of its {index.weighting.stages(index.lengths[0])}, which this "
+                                   "encoder did not give")
             weights = index.weighting.query_weights(encoded.values, encoded.later_values)
     return index.search_hits(encoded.codes, k, query_weights=weights)
 

@@ -457,11 +457,11 @@ def read_thresholds(spec: str | os.PathLike) -> dict[int, int]:
 
 
 def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int],
-                     first_max: int | None = None, maxima: Mapping[int, int] | None = None) -> dict[int, int]:
+                     maxima: Mapping[int, int] | None = None) -> dict[int, int]:
     """The one contract for CtF thresholds (Sec. 3.1): a mapping with exactly one threshold per code
     length but the longest, each an integer distance in ``[0, length]`` -> ``{length: t}`` sorted.
-    ``first_max``: the bound of the shortest length's threshold instead of its length (a weighted stage 1,
-    ``ctfreid.search.asymmetric``); ``maxima``: such bounds for any lengths (weighted later stages).
+    ``maxima``: the bounds of some lengths' thresholds instead of their lengths (weighted stages,
+    ``ctfreid.search.asymmetric``: ``Weighting.maxima``).
 
     Keys may be ints or their strings (JSON); values ints (or floats with an integral value, such as
     ``9.0``). Anything else (``9.7``, ``true``, ``inf``, a threshold above its length, a missing or extra
@@ -493,8 +493,7 @@ def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int],
         raise CtfreidError(f"thresholds must give one value for every code length but the longest {need}: "
                            + ", ".join(p for p in parts if p))
     for L, t in th.items():
-        hi = first_max if first_max is not None and L == lengths[0] else L
-        hi = maxima.get(L, hi) if maxima else hi
+        hi = maxima.get(L, L) if maxima else L
         if not 0 <= t <= hi:
             kind = "weighted" if hi != L else "Hamming"
             raise CtfreidError(f"thresholds[{L}] must be an integer {kind} distance in [0, {hi}], got {t}")
@@ -502,10 +501,10 @@ def check_thresholds(thresholds: Mapping[int, int], lengths: Sequence[int],
 
 
 def threshold_array(thresholds: Mapping[int, int], lengths: Sequence[int],
-                    first_max: int | None = None, maxima: Mapping[int, int] | None = None) -> np.ndarray:
+                    maxima: Mapping[int, int] | None = None) -> np.ndarray:
     """:func:`check_thresholds` as the kernels' ``int64`` array, shortest length first (one dummy entry for
     a single length)."""
-    th = check_thresholds(thresholds, lengths, first_max, maxima)
+    th = check_thresholds(thresholds, lengths, maxima)
     out = np.zeros(max(len(th), 1), np.int64)
     out[: len(th)] = list(th.values())
     return out

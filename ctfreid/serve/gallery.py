@@ -174,14 +174,14 @@ class Gallery:
             ids = select()
             gone = self.store.delete(ids, checkpoint=False)
             # a CtFIndex compacts after the lock, while searches go on (a ShardedIndex's shards compact alone)
-            later = isinstance(self.index, CtFIndex)
+            defer = isinstance(self.index, CtFIndex)
             with self.lock.write():  # deleted (committed): out of every search, even if the checkpoint fails
-                if later:
+                if defer:
                     self.index.remove_ids(np.asarray(gone, np.int64), compact=False)
                 else:
                     self.index.remove_ids(np.asarray(gone, np.int64))
                 self.fields.clear(gone)
-            if later:
+            if defer:
                 self.index.compact(due=True)
             try:
                 self.store.checkpoint()  # erased bytes out of the files before the receipt (StoreBusy: retry)
