@@ -470,8 +470,8 @@ class ShardedIndex:
                      thresholds: Mapping[int, int] | None = None, timeout: float | None = None,
                      query_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``lims, D, I`` as :meth:`CtFIndex.range_search` over every shard's items (the items that pass every
-        threshold and lie within ``radius`` at the longest length, in ranking order; ``query_weights``: a
-        weighted stage 1). The shards count the items that pass, then a merged top-k of that many returns
+        threshold and lie within ``radius`` at the longest length, in ranking order; ``query_weights``:
+        weighted stages, as :meth:`search_hits`). The shards count the items that pass, then a merged top-k of that many returns
         them. Raises :class:`ShardsUnavailable` rather than answer without a shard. An add or removal during
         the call may be seen in part."""
         radius = check_radius(radius)
@@ -562,7 +562,7 @@ class ShardedIndex:
 
 
 def _weighted_of(cfg: Mapping, path: Path) -> tuple[dict[int, int] | None, Weighting | None]:
-    """The weighted stage 1's defaults in a configuration (absent in those written before it had them)."""
+    """The weighted defaults in a configuration (absent in those written before it had them)."""
     thr, w = cfg.get("weighted_thresholds"), cfg.get("weights")
     weighting = None if w is None else Weighting.from_dict(w, f"{path}: weights")
     try:
