@@ -485,7 +485,8 @@ def format_fit(fit: TargetFit) -> str:
            f"scale {fit.weighting.scale:.4g}"
            + "".join(f", {L} bits {sc:.4g}" for L, sc in fit.weighting.later.items()) + ")"
            if fit.weighting is not None else ""),
-        f"expected {fit.expected_ms:.4g} ms per query (no pruning: {fit.no_pruning_ms:.4g} ms)",
+        f"expected {fit.expected_ms:.4g} ms per query, searched in batches on one thread (no pruning: "
+        f"{fit.no_pruning_ms:.4g} ms; one query at a time costs more)",
         (f"validation ({fit.val_queries} queries in {fit.folds} folds, {fit.val_gallery} gallery): CtF mAP {100 * fit.val_map:.2f}, "
         f"Rank-1 {100 * fit.val_rank1:.2f}; {fit.reference['length']}-bit code mAP {100 * fit.reference['mAP']:.2f}, "
         f"Rank-1 {100 * fit.reference['rank1']:.2f}"),
