@@ -4,18 +4,22 @@ buffers (or, with ``--remove``, a removal that compacts the index), against the 
 read lock (searches go on), and both hold the write lock only to swap the copies in; before those changes
 the whole copy ran under the write lock and every search waited for it.
 
-    python3 benchmarks/bench_growth.py [--n 1048576] [--rounds 3] [--remove]
+    python3 benchmarks/bench_growth.py [--n 1048576] [--rounds 3] [--write add | remove | first-removal]
 
 Random codes of 32/128/512/2048 bits, thresholds {32: 9, 128: 50, 512: 200} (about 1 % kept at stage 1),
 top-100, one search thread; each round builds an index of exactly ``n`` items (full buffers), searches for
-0.5 s, then adds 1,000 items (the doubling copy: n x 344 bytes) or removes a random quarter of the items
-(past ``COMPACT_FRACTION``: the compaction copies the other three quarters), and searches 0.5 s more.
+0.5 s, then adds 1,000 items (the doubling copy: n x 344 bytes), or removes a random quarter of the items
+(past ``COMPACT_FRACTION``: the compaction copies the other three quarters), or (``first-removal``) saves
+the index, loads it as a read-only map and removes 1,000 items from it (the copy of the map into memory),
+and searches 0.5 s more.
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,12 +29,19 @@ LENGTHS = (32, 128, 512, 2048)
 TH = {32: 9, 128: 50, 512: 200}
 
 
-def one_round(n: int, rng: np.random.Generator, remove: bool = False) -> tuple[float, float, float]:
+WRITES = ("add", "remove", "first-removal")
+
+
+def one_round(n: int, rng: np.random.Generator, write: str = "add") -> tuple[float, float, float]:
     """(median search ms before the write, longest search ms overlapping the write, write ms)."""
     index = CtFIndex()
     index.add({L: rng.integers(0, 256, (n, L // 8), dtype=np.uint8) for L in LENGTHS})
+    if write == "first-removal":
+        with tempfile.TemporaryDirectory() as d:  # the map outlives the file's name
+            index.save(Path(d) / "g.ctf")
+            index = CtFIndex.load(Path(d) / "g.ctf", mmap=True)
     more = {L: rng.integers(0, 256, (1000, L // 8), dtype=np.uint8) for L in LENGTHS}
-    gone = rng.choice(n, n // 4, replace=False)
+    gone = rng.choice(n, n // 4 if write == "remove" else 1000, replace=False)
     queries = [{L: rng.integers(0, 256, L // 8, dtype=np.uint8) for L in LENGTHS} for _ in range(64)]
     index.search(queries[0], 100, TH)
     log: list[tuple[float, float]] = []
@@ -48,11 +59,11 @@ def one_round(n: int, rng: np.random.Generator, remove: bool = False) -> tuple[f
     th.start()
     time.sleep(0.5)
     a0 = time.perf_counter()
-    if remove:
-        index.remove_ids(gone)
-        assert index._ndead == 0  # compacted
-    else:
+    if write == "add":
         index.add(more)
+    else:
+        index.remove_ids(gone)
+        assert index._ndead == (0 if write == "remove" else 1000)  # compacted, or not
     a1 = time.perf_counter()
     time.sleep(0.5)
     stop.set()
@@ -66,11 +77,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1 << 20)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--remove", action="store_true", help="a removal of a quarter of the items instead of an add")
+    ap.add_argument("--write", choices=WRITES, default="add",
+                    help="an add that doubles the buffers, a removal of a quarter of the items (compacted), or the "
+                    "first removal from a loaded map")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
-    rows = [one_round(a.n, rng, a.remove) for _ in range(a.rounds)]
-    what = "the removal (and compaction)" if a.remove else "the add"
+    rows = [one_round(a.n, rng, a.write) for _ in range(a.rounds)]
+    what = {"add": "the add", "remove": "the removal (and compaction)", "first-removal": "the first removal"}[a.write]
     print(f"n = {a.n:,}: median search before {what} / longest search during it / {what} (ms)")
     for r in rows:
         print(f"  {r[0]:.2f} / {r[1]:.1f} / {r[2]:.1f}")

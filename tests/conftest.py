@@ -71,9 +71,9 @@ def every_batch_split(monkeypatch):
 
 @pytest.fixture
 def block_next_grow(monkeypatch):
-    """A function that stops ``CtFIndex._grow`` inside its next copy into a larger buffer until released;
-    it returns the events ``(copying, release)`` (set ``release`` to let the copy go on; it gives up after
-    30 s, and the fixture releases it at the end)."""
+    """A function that stops ``CtFIndex._grow`` inside its next copy (into a larger buffer, or of a read-only
+    map into memory) until released; it returns the events ``(copying, release)`` (set ``release`` to let
+    the copy go on; it gives up after 30 s, and the fixture releases it at the end)."""
     import threading
 
     from ctfreid.search.index import CtFIndex
@@ -86,7 +86,7 @@ def block_next_grow(monkeypatch):
         grow = CtFIndex._grow
 
         def blocked(self, buf, need, row, dtype):
-            if buf.shape[0] < need and not copying.is_set():
+            if (buf.shape[0] < need or not buf.flags.writeable) and not copying.is_set():
                 copying.set()
                 assert release.wait(30), "never released"
             return grow(self, buf, need, row, dtype)

@@ -207,3 +207,39 @@ def test_searches_go_on_while_a_removal_compacts(block_next_compaction):
     assert index._ndead == 1005 and index.ntotal == 1100
     index.compact(due=True)
     assert index._ndead == 0 and index.ntotal == 1100
+
+
+def test_searches_go_on_while_a_first_removal_copies_a_loaded_map(tmp_path, block_next_grow):
+    """The first removal from an index loaded as a read-only map copies its buffers into memory under the read
+    lock: a search during the copy answers at once, with every item (the removal comes after the copy); after
+    the removal the items are gone (oracle: an index built without them) and the file is unchanged."""
+    rng = np.random.default_rng(5)
+    q, g = correlated_code_sets(rng, 2000, 4, LENGTHS)
+    full, oracle = CtFIndex(), CtFIndex()
+    full.add(g)
+    gone = np.arange(0, 2000, 50)  # 40 items: no compaction
+    keep = np.setdiff1d(np.arange(2000), gone)
+    oracle.add({L: c[keep] for L, c in g.items()}, keep)
+    full.save(tmp_path / "g.ctf")
+    index = CtFIndex.load(tmp_path / "g.ctf", mmap=True)
+    assert not index._codes[LENGTHS[0]].flags.writeable
+    copying, release = block_next_grow()
+    remover = threading.Thread(target=index.remove_ids, args=(gone,))
+    remover.start()
+    try:
+        assert copying.wait(30)
+        answers: list = []
+        searcher = threading.Thread(target=lambda: answers.append(index.search(q, 20, TH)))
+        searcher.start()
+        searcher.join(10)
+        assert not searcher.is_alive(), "the search waited for the copy of the map"
+        assert remover.is_alive()
+        for a, b in zip(answers[0], full.search(q, 20, TH)):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        release.set()
+        remover.join(30)
+    assert index.ntotal == 1960 and all(index._codes[L].flags.writeable for L in LENGTHS)
+    for a, b in zip(index.search(q, 20, TH), oracle.search(q, 20, TH)):
+        np.testing.assert_array_equal(a, b)
+    assert CtFIndex.load(tmp_path / "g.ctf").ntotal == 2000  # the map was copied, the file left alone
