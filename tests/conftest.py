@@ -69,60 +69,67 @@ def every_batch_split(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_WORK_PER_THREAD", 0)
 
 
-@pytest.fixture
-def block_next_grow(monkeypatch):
-    """A function that stops ``CtFIndex._grow`` inside its next copy (into a larger buffer, or of a read-only
-    map into memory) until released; it returns the events ``(copying, release)`` (set ``release`` to let
-    the copy go on; it gives up after 30 s, and the fixture releases it at the end)."""
+def _blocking(monkeypatch, method: str, copies) -> object:
+    """A fixture's function that stops ``CtFIndex.<method>`` at its next call for which ``copies(*args)`` is
+    true, until released; it returns the events ``(copying, release)`` (set ``release`` to let the copy go
+    on; it gives up after 30 s, and the fixture releases every one at the end: ``arm.events``)."""
     import threading
 
     from ctfreid.search.index import CtFIndex
 
-    events: list = []
-
     def arm() -> tuple:
         copying, release = threading.Event(), threading.Event()
-        events.append(release)
-        grow = CtFIndex._grow
+        arm.events.append(release)
+        original = getattr(CtFIndex, method)
 
-        def blocked(self, buf, need, row, dtype):
-            if (buf.shape[0] < need or not buf.flags.writeable) and not copying.is_set():
+        def blocked(self, *args):
+            if copies(*args) and not copying.is_set():
                 copying.set()
                 assert release.wait(30), "never released"
-            return grow(self, buf, need, row, dtype)
+            return original(self, *args)
 
-        monkeypatch.setattr(CtFIndex, "_grow", blocked)
+        monkeypatch.setattr(CtFIndex, method, blocked)
         return copying, release
 
+    arm.events = []
+    return arm
+
+
+@pytest.fixture
+def block_next_grow(monkeypatch):
+    """Stops ``CtFIndex._grow`` inside its next copy (into a larger buffer, or of a read-only map into memory)
+    until released (``_blocking``)."""
+    arm = _blocking(monkeypatch, "_grow", lambda buf, need, row, dtype: buf.shape[0] < need or not buf.flags.writeable)
     yield arm
-    for release in events:
+    for release in arm.events:
         release.set()
 
 
 @pytest.fixture
 def block_next_compaction(monkeypatch):
-    """A function that stops ``CtFIndex._compacted`` (the copy of the live items) at its next call until
-    released; it returns the events ``(copying, release)``, as ``block_next_grow``."""
+    """Stops ``CtFIndex._compacted`` (the copy of the live items) at its next call until released
+    (``_blocking``)."""
+    arm = _blocking(monkeypatch, "_compacted", lambda: True)
+    yield arm
+    for release in arm.events:
+        release.set()
+
+
+@pytest.fixture
+def search_during():
+    """A function ``(copying, writer, search) -> answer``: once ``copying`` is set (``block_next_grow`` /
+    ``block_next_compaction``), runs ``search()`` in a thread and asserts that it answered within 10 s while
+    ``writer`` (the started thread of the write) still waits in its copy; returns the answer."""
     import threading
 
-    from ctfreid.search.index import CtFIndex
+    def run(copying, writer, search):
+        assert copying.wait(30)
+        answers: list = []
+        searcher = threading.Thread(target=lambda: answers.append(search()))
+        searcher.start()
+        searcher.join(10)
+        assert not searcher.is_alive(), "the search waited for the write's copy"
+        assert writer.is_alive()  # still copying: the search ran during the copy
+        return answers[0]
 
-    events: list = []
-
-    def arm() -> tuple:
-        copying, release = threading.Event(), threading.Event()
-        events.append(release)
-        compacted = CtFIndex._compacted
-
-        def blocked(self):
-            if not copying.is_set():
-                copying.set()
-                assert release.wait(30), "never released"
-            return compacted(self)
-
-        monkeypatch.setattr(CtFIndex, "_compacted", blocked)
-        return copying, release
-
-    yield arm
-    for release in events:
-        release.set()
+    return run

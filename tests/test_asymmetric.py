@@ -461,7 +461,8 @@ def test_batch_with_weighted_later_stages_equals_the_one_query_path(weighted):
     g, q, src = noisy_copies(rng, n, nq, (32, 128, 512, 2048))
     w = {L: rng.integers(0, 16, (nq, L), dtype=np.uint8) for L in weighted}
     assert batched(nq, sorted(g), n, stage_weights(w, nq, sorted(g))) == (128 not in w)
-    dist = {L: weighted_distances(q[L], w[L], g[L]) if L in w else hamming_distances(q[L], g[L]) for L in (32, 128, 512)}
+    dist = {L: weighted_distances(q[L], w[L], g[L]) if L in w else hamming_distances(q[L], g[L])
+            for L in (32, 128, 512)}
     t1 = int(np.quantile(dist[32], 0.01))
     alive = dist[32] <= t1
     t2 = [int(np.quantile(dist[128][alive], f)) for f in (0.5, 0.001)]  # about half kept; about one
@@ -470,7 +471,8 @@ def test_batch_with_weighted_later_stages_equals_the_one_query_path(weighted):
                   ({32: t1, 128: t2[1], 512: t3}, 10), ({32: t1, 128: t2[0], 512: t3}, 2000)):
         D, I = ctf_search(q, g, th, k, query_weights=w)
         for i in range(nq):
-            Di, Ii = ctf_search({L: c[i] for L, c in q.items()}, g, th, k, query_weights={L: x[i] for L, x in w.items()})
+            Di, Ii = ctf_search({L: c[i] for L, c in q.items()}, g, th, k,
+                                query_weights={L: x[i] for L, x in w.items()})
             np.testing.assert_array_equal(I[i], Ii)
             np.testing.assert_array_equal(D[i], Di)
     from ctfreid import CtFIndex  # and through an index with removed items, on 1 and 2 threads
@@ -767,7 +769,8 @@ def test_cli_calibrate_weight_later_and_evaluate_use_the_weighted_later_stage(tm
     save_encoded(tmp_path / "val.npz", val)
     model = model_for(lengths)
     model.save(tmp_path / "cost.json")
-    args = ["calibrate", "--val", str(tmp_path / "val.npz"), "--weighted", "3", "--cost-model", str(tmp_path / "cost.json")]
+    args = ["calibrate", "--val", str(tmp_path / "val.npz"), "--weighted", "3", "--cost-model",
+            str(tmp_path / "cost.json")]
     assert main(args + ["--weight-later", "64", "--out", str(tmp_path / "th.json")]) == 0
     assert "weighted 32/64-bit stages: 3-bit weights" in capsys.readouterr().out
     fits = read_thresholds_file(tmp_path / "th.json")

@@ -127,7 +127,7 @@ def test_loads_racing_a_saver_process_never_mix_two_files(tmp_path, mmap):
     assert proc.returncode == 0 and min(seen.values()) > 0, seen
 
 
-def test_searches_go_on_while_an_add_copies_into_larger_buffers(block_next_grow):
+def test_searches_go_on_while_an_add_copies_into_larger_buffers(block_next_grow, search_during):
     """The doubling copy of a growing index holds only the read lock: a search during it answers at once, with
     the items before the add (oracle: an index built from them alone); after the add it has them all."""
     rng = np.random.default_rng(3)
@@ -139,14 +139,8 @@ def test_searches_go_on_while_an_add_copies_into_larger_buffers(block_next_grow)
     adder = threading.Thread(target=index.add, args=({L: c[1024:] for L, c in g.items()},))
     adder.start()
     try:
-        assert copying.wait(30)
-        answers: list = []
-        searcher = threading.Thread(target=lambda: answers.append(index.search(q, 20, TH)))
-        searcher.start()
-        searcher.join(10)
-        assert not searcher.is_alive(), "the search waited for the add's copy"
-        assert adder.is_alive()  # still copying: the search ran during the copy
-        for a, b in zip(answers[0], before.search(q, 20, TH)):
+        answer = search_during(copying, adder, lambda: index.search(q, 20, TH))
+        for a, b in zip(answer, before.search(q, 20, TH)):
             np.testing.assert_array_equal(a, b)
     finally:
         release.set()
@@ -163,7 +157,7 @@ def test_searches_go_on_while_an_add_copies_into_larger_buffers(block_next_grow)
         index.reserve(-1)
 
 
-def test_searches_go_on_while_a_removal_compacts(block_next_compaction):
+def test_searches_go_on_while_a_removal_compacts(block_next_compaction, search_during):
     """A removal past COMPACT_FRACTION compacts the index: the copy of the live items holds only the read
     lock. A search during it answers at once and without the removed items (oracle: an index built from the
     others alone); after it the index holds no dead slot and answers the same."""
@@ -181,14 +175,9 @@ def test_searches_go_on_while_a_removal_compacts(block_next_compaction):
     remover = threading.Thread(target=index.remove_ids, args=(gone,))
     remover.start()
     try:
-        assert copying.wait(30)
-        answers: list = []
-        searcher = threading.Thread(target=lambda: answers.append(index.search(q, 20, TH)))
-        searcher.start()
-        searcher.join(10)
-        assert not searcher.is_alive(), "the search waited for the compaction's copy"
-        assert remover.is_alive() and index._ndead == 900  # still copying: the search ran during the copy
-        for a, b in zip(answers[0], oracle.search(q, 20, TH)):
+        answer = search_during(copying, remover, lambda: index.search(q, 20, TH))
+        assert index._ndead == 900  # still copying: the search ran during the copy
+        for a, b in zip(answer, oracle.search(q, 20, TH)):
             np.testing.assert_array_equal(a, b)
     finally:
         release.set()
@@ -209,7 +198,7 @@ def test_searches_go_on_while_a_removal_compacts(block_next_compaction):
     assert index._ndead == 0 and index.ntotal == 1100
 
 
-def test_searches_go_on_while_a_first_removal_copies_a_loaded_map(tmp_path, block_next_grow):
+def test_searches_go_on_while_a_first_removal_copies_a_loaded_map(tmp_path, block_next_grow, search_during):
     """The first removal from an index loaded as a read-only map copies its buffers into memory under the read
     lock: a search during the copy answers at once, with every item (the removal comes after the copy); after
     the removal the items are gone (oracle: an index built without them) and the file is unchanged."""
@@ -227,14 +216,8 @@ def test_searches_go_on_while_a_first_removal_copies_a_loaded_map(tmp_path, bloc
     remover = threading.Thread(target=index.remove_ids, args=(gone,))
     remover.start()
     try:
-        assert copying.wait(30)
-        answers: list = []
-        searcher = threading.Thread(target=lambda: answers.append(index.search(q, 20, TH)))
-        searcher.start()
-        searcher.join(10)
-        assert not searcher.is_alive(), "the search waited for the copy of the map"
-        assert remover.is_alive()
-        for a, b in zip(answers[0], full.search(q, 20, TH)):
+        answer = search_during(copying, remover, lambda: index.search(q, 20, TH))
+        for a, b in zip(answer, full.search(q, 20, TH)):
             np.testing.assert_array_equal(a, b)
     finally:
         release.set()

@@ -65,7 +65,7 @@ def test_update_and_erase_change_the_fields_in_memory(gallery):
     assert np.isnan(g.fields.time[[i, 7]]).all()
 
 
-def test_searches_go_on_while_an_add_grows_the_index(tmp_path, block_next_grow):
+def test_searches_go_on_while_an_add_grows_the_index(tmp_path, block_next_grow, search_during):
     """The service's add reserves the index's larger buffers before it takes its write lock: a search during
     the copy answers at once, with the items before the add (oracle: the same search on a gallery of those)."""
     import threading
@@ -82,14 +82,8 @@ def test_searches_go_on_while_an_add_grows_the_index(tmp_path, block_next_grow):
     adder.start()
     q = codes(0, 5)
     try:
-        assert copying.wait(30)
-        answers: list = []
-        searcher = threading.Thread(target=lambda: answers.append(g.search(q, 10)))
-        searcher.start()
-        searcher.join(10)
-        assert not searcher.is_alive(), "the search waited for the add's copy"
-        assert adder.is_alive()
-        assert answers[0][0] == oracle.search(q, 10)[0] and len(answers[0][0][0]) == 10
+        answer = search_during(copying, adder, lambda: g.search(q, 10))
+        assert answer[0] == oracle.search(q, 10)[0] and len(answer[0][0]) == 10
     finally:
         release.set()
         adder.join(30)
@@ -100,7 +94,7 @@ def test_searches_go_on_while_an_add_grows_the_index(tmp_path, block_next_grow):
         x.store.close()
 
 
-def test_searches_go_on_while_an_erasure_compacts_the_index(tmp_path, block_next_compaction):
+def test_searches_go_on_while_an_erasure_compacts_the_index(tmp_path, block_next_compaction, search_during):
     """An erasure past the index's COMPACT_FRACTION compacts it after the gallery's write lock: a search
     during the copy answers at once, without the erased items (oracle: a gallery of the others alone)."""
     import threading
@@ -120,15 +114,10 @@ def test_searches_go_on_while_an_erasure_compacts_the_index(tmp_path, block_next
     eraser.start()
     q = codes(np.arange(6))
     try:
-        assert copying.wait(30)
-        answers: list = []
-        searcher = threading.Thread(target=lambda: answers.append(g.search(q, 10)))
-        searcher.start()
-        searcher.join(10)
-        assert not searcher.is_alive(), "the search waited for the compaction's copy"
-        assert eraser.is_alive() and g.index._ndead == 400
+        answer = search_during(copying, eraser, lambda: g.search(q, 10))
+        assert g.index._ndead == 400
         want = [[to_oracle[h["id"]] for h in row] for row in oracle.search(q, 10)[0]]
-        assert [[h["id"] for h in row] for row in answers[0][0]] == want
+        assert [[h["id"] for h in row] for row in answer[0]] == want
     finally:
         release.set()
         eraser.join(30)
