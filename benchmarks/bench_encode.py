@@ -18,7 +18,7 @@ demo's), batch 1 and 32, 1 and 2 threads (``torch.set_num_threads`` / onnxruntim
   is the share of that ceiling
   each runtime sustains. A runtime cannot be 2x faster than another that already runs at over half of it;
 - ``--int8``: each encoder quantised as ``ctfreid export --int8`` does (``ctfreid.infer.quantize``: static
-  QDQ, uint8 activations, int8 per-channel weights of the backbone, calibrated on 64 generated images):
+  QDQ, uint8 activations, 7-bit per-channel weights of the backbone, calibrated on 64 generated images):
   its speed in the same table and its bit agreement with float32 on 64 other generated images. Accuracy on
   CUHK03: ``docs/results-cuhk03.md``.
 """
