@@ -58,5 +58,72 @@ def test_ctf_stage1_uses_the_64_lane_block_masks():
     bufi, bufd = np.zeros(N + 128, np.int64), np.zeros(N + 128, np.int32)
     ir = ir_of(_kernels._within1, q, g, np.int64(N), np.int64(9), bufi, bufd, np.zeros(65, np.int32),
                _kernels.all_live(N))
-    assert "llvm.ctpop.v64i32" in ir
+    # AVX2 without AVX-512: the byte counts summed by vpmaddubsw / vpmaddwd (_ir_stage1_avx2)
+    assert ("llvm.x86.avx2.pmadd.ub.sw" if _kernels.AVX2_BYTE_COUNTS else "llvm.ctpop.v64i32") in ir
     assert "llvm.masked.gather" not in ir
+
+
+def _block_distances(avx2: bool):
+    """An njit function ``f(g, base, q, planes, out)``: ``out[:64]`` = the distances of the 64 codes
+    ``g[base:base + 64]`` to the word ``q`` as ``_ir_stage1`` computes them (``avx2``: its AVX2 path), weighted
+    by the 4 weight planes ``planes`` (uint32 [4]) unless they are all zero."""
+    from llvmlite import ir as llir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def dist64(typingctx, arr, base, q, planes, weighted, out):
+        def codegen(context, builder, signature, args):
+            g, p, o = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3, 5))
+            vt = llir.VectorType(llir.IntType(32), 64)
+
+            def splat(v):
+                return _kernels._splat(builder, v, vt)
+
+            x = builder.load(builder.bitcast(builder.gep(g.data, [args[1]]), vt.as_pointer()), align=4)
+            x = builder.xor(x, splat(context.cast(builder, args[2], signature.args[2], types.uint32)))
+            wp = [splat(builder.load(builder.gep(p.data, [llir.Constant(llir.IntType(64), b)]))) for b in range(4)]
+            target = builder.bitcast(o.data, vt.as_pointer())
+            with builder.if_else(args[4]) as (then, otherwise):
+                with then:
+                    builder.store(_kernels._ir_stage1(builder, x, vt, wp, avx2=avx2), target, align=4)
+                with otherwise:
+                    builder.store(_kernels._ir_stage1(builder, x, vt, None, avx2=avx2), target, align=4)
+            return context.get_dummy_value()
+
+        return types.void(arr, base, q, planes, weighted, out), codegen
+
+    @numba.njit
+    def f(g, base, q, planes, out):
+        dist64(g, base, q, planes, bool(planes.any()), out)
+
+    return f
+
+
+@pytest.mark.parametrize("avx2", [False, True])
+def test_stage1_block_distances_match_numpy(avx2):
+    """Both ways ``_ir_stage1`` can compile (LLVM's vector popcount; per-byte counts summed by vpmaddubsw /
+    vpmaddwd, chosen on AVX2 hosts without AVX-512) give the Hamming and 4-bit weighted distances of NumPy's
+    bit counts, on random codes and weights, all-zero and all-one words included."""
+    import llvmlite.binding as llvm_binding
+
+    if avx2 and not llvm_binding.get_host_cpu_features().get("avx2"):
+        pytest.skip("the AVX2 path needs an AVX2 host")
+    rng = np.random.default_rng(3)
+    g = rng.integers(0, 2**32, 64 * 8, dtype=np.uint64).astype(np.uint32)
+    g[:2] = (0, 2**32 - 1)
+    f = _block_distances(avx2)
+    bits = np.unpackbits(g.view(np.uint8).reshape(-1, 4)[:, ::-1], axis=1)[:, ::-1]  # bit j of each word
+    for q in (np.uint32(0), np.uint32(2**32 - 1), *rng.integers(0, 2**32, 6, dtype=np.uint64).astype(np.uint32)):
+        qbits = np.unpackbits(np.array([q]).view(np.uint8)[::-1])[::-1]
+        for weights in (None, rng.integers(0, 16, 32)):
+            planes = np.zeros(4, np.uint32)
+            if weights is not None:  # plane b: the bits whose weight has bit b set
+                for b in range(4):
+                    planes[b] = sum(1 << j for j in range(32) if weights[j] >> b & 1)
+            w = np.ones(32, np.int64) if weights is None else weights
+            for base in (0, 64 * 7):
+                out = np.zeros(64, np.int32)
+                f(g, np.int64(base), q, planes, out)
+                expected = ((bits[base:base + 64] != qbits) * w).sum(axis=1)
+                np.testing.assert_array_equal(out, expected)
