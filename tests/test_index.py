@@ -259,3 +259,35 @@ def test_scratch_made_for_a_larger_k_serves_smaller_ones_with_the_same_answers(d
         assert index._local.ws[1] is ws  # made once, for k = 300
     index.search({L: c[:1] for L, c in q.items()}, 600, threads=1)
     assert index._local.ws[1] is not ws  # a larger k needs more
+
+
+@pytest.mark.parametrize("lengths", [(32, 128, 512), (64, 128, 512), (64,)])
+def test_query_rows_at_any_offset_give_the_answers_of_aligned_copies(lengths):
+    """A 1-D query sliced from a batch of 32-bit codes is 4- but not always 8-byte aligned, and a code may sit
+    at any byte offset in a caller's buffer: ``search`` reads the first in place and copies the second, with
+    the answers of an aligned copy (``ctf_search`` on it: the oracle) either way."""
+    rng = np.random.default_rng(5)
+    q, g = correlated_code_sets(rng, 300, 5, lengths)
+    index = CtFIndex()
+    index.add(g)
+    th = {L: L // 4 for L in lengths[:-1]}
+    index.thresholds = th
+    for i in range(5):
+        raw = {}
+        for L, c in q.items():
+            buf = np.zeros(c.shape[1] + 1 + 8, np.uint8)
+            start = 1 if i % 2 else 8 - buf.ctypes.data % 8  # odd queries: 1 byte past an aligned address
+            raw[L] = buf[start:start + c.shape[1]]
+            raw[L][:] = c[i]
+        rows = {L: c[i] for L, c in q.items()}  # views into the batch: 4-byte offsets for 32-bit codes
+        if len(lengths) > 1:
+            eD, eI = (x[0] for x in ctf_search({L: c[i:i + 1].copy() for L, c in q.items()}, g, th, 20))
+        else:  # one length: NumPy's bit counts, ties by position
+            L = lengths[0]
+            d = np.unpackbits(g[L] ^ q[L][i], axis=1).sum(axis=1)
+            eI = np.argsort(d, kind="stable")[:20]
+            eD = d[eI]
+        for query in (raw, rows):
+            D, I = index.search(query, 20)
+            np.testing.assert_array_equal(D, eD)
+            np.testing.assert_array_equal(I, eI)

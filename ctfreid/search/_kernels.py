@@ -1689,9 +1689,12 @@ def stage_offsets(lengths: list[int]) -> np.ndarray:
     return np.array([0] + [-(-L // 64) for L in lengths[1:]], np.int64).cumsum()
 
 
-def later_queries(qs: tuple[np.ndarray, ...], qoff: np.ndarray) -> np.ndarray:
-    """``Qr`` for the later stages' packed query codes ``qs[1:]`` (see ``ctf_rank``)."""
-    if 8 * int(qoff[-1]) == sum(q.shape[1] for q in qs[1:]):  # no padding needed
+def later_queries(qs: tuple[np.ndarray, ...], qoff: np.ndarray, padded: bool | None = None) -> np.ndarray:
+    """``Qr`` for the later stages' packed query codes ``qs[1:]`` (see ``ctf_rank``); ``padded``: whether some
+    length needs zero padding to 64-bit words (computed when None)."""
+    if padded is None:
+        padded = 8 * int(qoff[-1]) != sum(q.shape[1] for q in qs[1:])
+    if not padded:
         return _readonly(np.concatenate(qs[1:], axis=1).view(np.uint64))
     Qr = np.zeros((qs[0].shape[0], int(qoff[-1])), np.uint64)
     b = Qr.view(np.uint8)

@@ -141,6 +141,14 @@ def check_ids(ids: Any, n: int) -> np.ndarray:
     return out
 
 
+def _word_aligned(codes: np.ndarray) -> bool:
+    """Whether the kernels can read the C-contiguous ``uint8 [n, w]`` codes in place as the words they use
+    (``_kernels.words`` / ``words32``: 64-bit when w % 8 == 0, else 32-bit). A query row sliced from a batch
+    of 32-bit codes is 4- but not always 8-byte aligned; ``ctypes.data`` would cost 2 us a search."""
+    w = codes.shape[1]
+    return w % 4 == 0 and codes.view(np.uint64 if w % 8 == 0 else np.uint32).flags.aligned
+
+
 def default_thresholds(lengths: Sequence[int], thresholds: Mapping[int, int],
                        weighted_thresholds: Mapping[int, int] | None, weighting: Weighting | None,
                        weighted: Sequence[int] = ()) -> Mapping[int, int]:
@@ -513,7 +521,7 @@ class CtFIndex:
                 v = v[None, :]
             if not (  # fast path for the common, valid case; prepare_queries explains any problem
                 type(v) is np.ndarray and v.dtype == np.uint8 and v.ndim == 2 and v.shape[1] == L // 8
-                and v.flags.c_contiguous and (qs or v.ctypes.data % 8 == 0)  # later stages are copied
+                and v.flags.c_contiguous and (qs or _word_aligned(v))  # later stages are copied
             ):
                 v, _ = prepare_queries(v, L // 8, f"query_codes[{L}]")
             if qs and v.shape[0] != qs[0].shape[0]:
@@ -522,12 +530,17 @@ class CtFIndex:
         return tuple(qs), single
 
     def _stage_views(self) -> tuple:
-        """Stage-1 codes, later-stage word views, lengths and query offsets (cached until the next write)."""
+        """Stage-1 codes, later-stage word views, lengths, query offsets, the stage-1 ``words32`` view (None when
+        the shortest code is not a multiple of 32 bits) and whether the later query codes need zero padding
+        (``_kernels.later_queries``); cached until the next write."""
         if self._views is None:
             gs = [self._codes[L][: self._nslots] for L in self._lengths]
             Gr = tuple(_kernels.words64(g) for g in gs[1:]) + _kernels.stage_pad(len(gs) - 1)
             Ls = np.array(self._lengths, dtype=np.int64)
-            self._views = (gs[0], Gr, Ls, _kernels.stage_offsets(self._lengths))
+            qoff = _kernels.stage_offsets(self._lengths)
+            g1 = _kernels.words32(gs[0]) if gs[0].shape[1] % 4 == 0 else None
+            padded = 8 * int(qoff[-1]) != sum(L // 8 for L in self._lengths[1:])
+            self._views = (gs[0], Gr, Ls, qoff, g1, padded)
         return self._views
 
     def _thresholds(self, thresholds: Mapping[int, int] | None, sw: StageWeights | None = None) -> np.ndarray:
@@ -556,7 +569,7 @@ class CtFIndex:
         ``sw``: query weights (``asymmetric.stage_weights``). Call with the read lock held."""
         n, nq, live_n = self._nslots, qs[0].shape[0], self.ntotal
         lengths = self._lengths
-        G1, Gr, Ls, qoff = self._stage_views()
+        G1, Gr, Ls, qoff, g1, padded = self._stage_views()
         m = live_n if k is None else min(k, live_n)
         C = np.empty((nq, len(lengths)), np.int64)  # (np.full costs 1 us more a call)
         C[:, 0] = live_n  # stage 1 ranks every live item
@@ -577,10 +590,10 @@ class CtFIndex:
             else:
                 _kernels.topk(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], m, self._live, D, P)
         else:
-            Qr = _kernels.later_queries(qs, qoff)
+            Qr = _kernels.later_queries(qs, qoff, padded)
             # each stage's largest distance, which sizes the sort keys: other than Ls for weighted later stages
             Lmax = Ls if sw is None or sw.later is None else sw.stage_maxima(lengths)
-            args = (_kernels.words32(qs[0]), _kernels.words32(G1), lengths[0], Qr, qoff, Gr, Lmax, len(lengths), thr)
+            args = (_kernels.words32(qs[0]), g1, lengths[0], Qr, qoff, Gr, Lmax, len(lengths), thr)
             if full:
                 _kernels.ctf_rank(*args, D, P, *weighted)
             elif batched(nq, lengths, n, sw):
@@ -634,12 +647,13 @@ class CtFIndex:
     def _hit_keys(self, qs: tuple[np.ndarray, ...], P: np.ndarray, thr: np.ndarray,
                   sw: StageWeights | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-length distances and stage counts of the hits at slots ``P`` (read lock held)."""
-        G1, Gr, _, qoff = self._stage_views()
+        _, Gr, _, qoff, g1, padded = self._stage_views()
         S = len(self._lengths)
         dist = np.empty(P.shape + (S,), np.int32)
         stages = np.empty(P.shape, np.int8)
-        Qr = _kernels.later_queries(qs, qoff) if S > 1 else _kernels._readonly(np.zeros((qs[0].shape[0], 1), np.uint64))
-        _kernels.hit_keys(_kernels.words32(qs[0]), _kernels.words32(G1), Qr, qoff, Gr, S, thr, P, dist, stages,
+        Qr = (_kernels.later_queries(qs, qoff, padded) if S > 1
+              else _kernels._readonly(np.zeros((qs[0].shape[0], 1), np.uint64)))
+        _kernels.hit_keys(_kernels.words32(qs[0]), g1, Qr, qoff, Gr, S, thr, P, dist, stages,
                           *(() if sw is None else (sw.first, sw.later)))
         return dist, stages
 
