@@ -90,18 +90,22 @@ def _splat(builder, value, vt):
     return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(ir.IntType(32), vt.count), [0] * vt.count))
 
 
-def _avx2_byte_counts() -> bool:
-    """Whether the kernels are compiled for a host with AVX2 and without AVX-512 (e.g. AMD Zen 2/3, Intel
-    client cores): there ``_ir_stage1`` sums per-byte popcounts with ``vpmaddubsw`` / ``vpmaddwd``."""
+def _host_features() -> dict | None:
+    """The CPU features the kernels are compiled for: the host's, or None when numba targets another CPU
+    (``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``, e.g. for portable caches)."""
     from numba.core import config
 
-    if config.CPU_NAME or config.CPU_FEATURES:  # a target other than the host (e.g. portable caches)
-        return False
-    features = llvm_binding.get_host_cpu_features()
-    return bool(features.get("avx2")) and not features.get("avx512f")
+    if config.CPU_NAME or config.CPU_FEATURES:
+        return None
+    return dict(llvm_binding.get_host_cpu_features())
 
 
-AVX2_BYTE_COUNTS = _avx2_byte_counts()
+_FEATURES = _host_features()
+# AVX2 without AVX-512 (e.g. AMD Zen 2/3, Intel client cores): _ir_stage1 sums per-byte popcounts with
+# vpmaddubsw / vpmaddwd, and the batch scan keeps its stage-2 candidates with the scalar loop, not _keep8
+# (without AVX-512 LLVM turns its gathers and compresses into lane-by-lane extracts and stores).
+AVX2_BYTE_COUNTS = _FEATURES is not None and bool(_FEATURES.get("avx2")) and not _FEATURES.get("avx512f")
+VECTOR_KEEP = _FEATURES is None or bool(_FEATURES.get("avx512f"))
 
 
 def _ir_byte_counts(builder, x):
@@ -1219,7 +1223,7 @@ def _append_tile(q0, g1, q2, g2, W2, hi2, pos, m, tmp, ids, D, c, vec, wp):
     d0 = D[0]
     d1 = D[1]
     r0 = 0  # hits before r0 are done
-    if W2 == 2 and vec:
+    if W2 == 2 and vec and VECTOR_KEEP:
         while r0 + 8 <= m:
             c = _keep8(g1, g2, pos, r0, q0, q2[0], q2[1], hi2, ids, d0, d1, c, wp)
             r0 += 8
