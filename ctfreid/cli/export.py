@@ -17,8 +17,9 @@ the share of equal bits per code length (>= 99.9 % needed), the largest feature 
 batch 1 and batch 32 give the same outputs; the exit status is 1 when a check fails.
 --int8 writes an int8 encoder instead (static quantisation of the backbone in onnxruntime's QDQ format;
 activation ranges calibrated on --calibration images, by default 256 of the run's training images); it
-is faster on CPUs with int8 dot products (VNNI: 1.4-2.4x float32 there), as fast as float32 without them; its bits differ from the float encoder's in about 4-5 % (CUHK03:
-0.3 points of mAP); --check reports it and needs 93 % agreement.
+is faster on CPUs with int8 dot products (VNNI: 1.4-2.4x float32 there), as fast as float32 without them;
+its bits differ from the float encoder's in about 4-5 % (CUHK03: 0.3 points of mAP); --check reports it
+and needs 93 % agreement.
 
 examples:
   ctfreid export --model runs/aio --out encoder.onnx
