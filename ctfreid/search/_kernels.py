@@ -106,6 +106,9 @@ _FEATURES = _host_features()
 # (without AVX-512 LLVM turns its gathers and compresses into lane-by-lane extracts and stores).
 AVX2_BYTE_COUNTS = _FEATURES is not None and bool(_FEATURES.get("avx2")) and not _FEATURES.get("avx512f")
 VECTOR_KEEP = _FEATURES is None or bool(_FEATURES.get("avx512f"))
+# AVX2 without AVX-512: a batch's weighted stage 1 reads each tile as byte planes through per-query nibble
+# tables (_bpmask64) when its threshold is below 255
+BYTE_PLANES = AVX2_BYTE_COUNTS
 
 
 def _ir_byte_counts(builder, x):
@@ -226,6 +229,62 @@ def _wmask64(typingctx, arr, base, q, wp, hi):
         return builder.bitcast(builder.icmp_signed("<=", d, splat(args[4], signature.args[4])), ir.IntType(BLOCK))
 
     return types.uint64(arr, base, q, wp, hi), codegen
+
+
+@intrinsic
+def _bpmask64(typingctx, planes, base, tables, hi):
+    """The weighted-stage-1 mask of one block of 64 codes from its byte planes ``planes[base:base + 256]``
+    (``uint8``: plane p holds byte p of the 64 codes, ``_byte_planes``) and a query's nibble tables
+    (``uint8 [128]``, ``_nibble_tables``: at ``32 p`` / ``32 p + 16`` the weighted distance of the low / high
+    nibble of byte p for each of its 16 values): the codes whose distance, summed with saturation at 255, is
+    ``<= hi`` (exact for ``hi <= 254``). 8 ``vpshufb`` and 8 saturating byte adds per 32 codes, where
+    ``_wmask64`` needs four byte counts a code. AVX2 hosts only (``BYTE_PLANES``); elsewhere it compiles to a
+    lane-by-lane shuffle that is never run. Reads through the arrays' data pointers: ``base`` is trusted."""
+    if not (isinstance(planes, types.Array) and planes.dtype == types.uint8 and isinstance(tables, types.Array)
+            and tables.dtype == types.uint8 and isinstance(base, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        g = context.make_array(signature.args[0])(context, builder, args[0])
+        t = context.make_array(signature.args[2])(context, builder, args[2])
+        i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+        b16, b32, w16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
+        low = ir.Constant(b32, [15] * 32)
+        both = ir.Constant(ir.VectorType(i32, 32), list(range(16)) * 2)
+        sat = cgutils.get_or_insert_function(builder.module, ir.FunctionType(b32, [b32, b32]), "llvm.uadd.sat.v32i8")
+
+        def load(ptr, offset, vt):
+            return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vt.as_pointer()), align=1)
+
+        def lookup(table, idx):  # vpshufb: table[idx] per byte (idx < 16, the table repeated in both halves)
+            if BYTE_PLANES:
+                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(b32, [b32, b32]),
+                                                    "llvm.x86.avx2.pshuf.b")
+                return builder.call(fn, [table, idx])
+            out = ir.Constant(b32, ir.Undefined)
+            for j in range(32):
+                e = builder.extract_element(table, builder.extract_element(idx, ir.Constant(i32, j)))
+                out = builder.insert_element(out, e, ir.Constant(i32, j))
+            return out
+
+        base = context.cast(builder, args[1], signature.args[1], types.int64)
+        hi = _splat(builder, builder.trunc(context.cast(builder, args[3], signature.args[3], types.int64), i8), b32)
+        halves = []
+        for half in range(2):
+            acc = ir.Constant(b32, [0] * 32)
+            for p in range(4):
+                x = load(g.data, builder.add(base, ir.Constant(i64, 64 * p + 32 * half)), b32)
+                nib_lo = builder.and_(x, low)
+                nib_hi = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(x, w16), ir.Constant(w16, [4] * 16)),
+                                                      b32), low)
+                for which, nib in ((0, nib_lo), (1, nib_hi)):
+                    tb = load(t.data, ir.Constant(i64, 32 * p + 16 * which), b16)
+                    acc = builder.call(sat, [acc, lookup(builder.shuffle_vector(tb, tb, both), nib)])
+            keep = builder.icmp_unsigned("<=", acc, hi)
+            halves.append(builder.zext(builder.bitcast(keep, i32), i64))
+        return builder.or_(halves[0], builder.shl(halves[1], ir.Constant(i64, 32)))
+
+    return types.uint64(planes, base, tables, hi), codegen
 
 
 @intrinsic
@@ -1332,6 +1391,54 @@ def _tail_hits_impl(q, wp, g1, base, m, dd, hi):
 
 
 @njit(**_JIT)
+def _nibble_tables(q0, wp, out):
+    """``out[:128]``: the nibble tables of ``_bpmask64`` for the query word ``q0`` and its 4 weight planes
+    ``wp``: entry ``32 p + 16 h + v`` is the weighted distance of nibble h of byte p of a code to the query's,
+    when the code's nibble is v (the weights of its set bits in ``v ^ q``; at most 4 * 15 = 60)."""
+    for p in range(4):
+        for h in range(2):
+            shift = 8 * p + 4 * h
+            qn = (np.uint32(q0) >> np.uint32(shift)) & np.uint32(15)
+            for v in range(16):
+                d = 0
+                x = np.uint32(v) ^ qn
+                for i in range(4):
+                    if (x >> np.uint32(i)) & np.uint32(1):
+                        j = np.uint32(shift + i)
+                        for b in range(WEIGHT_PLANES):
+                            d += np.int64((wp[b] >> j) & np.uint32(1)) << b
+                out[32 * p + 16 * h + v] = d
+
+
+def _query_tables(P1, i, q0, out):
+    """``_nibble_tables`` of query ``i`` (word ``q0``, weight planes ``P1[i]``; without weights, weight 1 on
+    every bit: the Hamming distance)."""
+
+
+@overload(_query_tables, inline="always")
+def _query_tables_impl(P1, i, q0, out):
+    if isinstance(P1, types.NoneType):
+        def hamming(P1, i, q0, out):
+            zero = np.uint32(0)
+            _nibble_tables(q0, (np.uint32(0xFFFFFFFF), zero, zero, zero), out)
+        return hamming
+    return lambda P1, i, q0, out: _nibble_tables(q0, _word_planes(P1[i], 0), out)
+
+
+@njit(inline="always", **_JIT)
+def _byte_planes(g1, t0, t1, buf):
+    """``buf[256 (b - t0) + 64 p + j]`` = byte p of code ``64 b + j``, for the blocks ``t0 .. t1 - 1``."""
+    for b in range(t0, t1):
+        o = 256 * (b - t0)
+        for j in range(BLOCK):
+            w = g1[b * BLOCK + j]
+            buf[o + j] = np.uint8(w & np.uint32(255))
+            buf[o + 64 + j] = np.uint8((w >> np.uint32(8)) & np.uint32(255))
+            buf[o + 128 + j] = np.uint8((w >> np.uint32(16)) & np.uint32(255))
+            buf[o + 192 + j] = np.uint8(w >> np.uint32(24))
+
+
+@njit(**_JIT)
 def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt, c1, P1):
     """Stage 1 (and the stage-2 distances of its candidates) of queries ``a0 .. a0 + na - 1``: for each
     tile of the gallery, every query's 64-code masks (``_mask64``, ``live`` applied); query ``a``'s hits
@@ -1348,9 +1455,17 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     tmp = np.empty((TILE + 1) * BLOCK, np.int32)
     dd = np.zeros(BLOCK + 1, np.int32)
     vec = na >= TILE_PREFETCH_QUERIES  # so many queries read most cache lines of a tile's stage-2 codes
+    bp = BYTE_PLANES and hi <= 254  # masks from byte planes (_bpmask64; Hamming: every weight 1)
+    tables = np.zeros((na if bp else 0, 128), np.uint8)
+    planes = np.empty(256 * TILE if bp else 0, np.uint8)
+    if bp:
+        for a in range(na):
+            _query_tables(P1, a0 + a, Q1[a0 + a, 0], tables[a])
     for t in range(ntiles):
         t0 = t * TILE
         t1 = min(nfull, t0 + TILE)
+        if bp:
+            _byte_planes(g1, t0, t1, planes)
         if vec:
             # bring them in with one sequential load a line (the hardware streams them) rather than a prefetch
             # instruction a line: on an AMD Zen 4, batches of 64 at 1e6 codes, three sets of alternating runs,
@@ -1366,7 +1481,12 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
                 continue
             q0 = Q1[a0 + a, 0]
             wp = _planes_of(P1, a0 + a)
-            m = _tile_hits(q0, wp, g1, t0, t1, hi, live, pos)
+            if bp:
+                m = 0
+                for b in range(t0, t1):
+                    m = _extract_pos(_bpmask64(planes, 256 * (b - t0), tables[a], hi) & live[b], b * BLOCK, pos, m)
+            else:
+                m = _tile_hits(q0, wp, g1, t0, t1, hi, live, pos)
             if t == ntiles - 1 and n > nfull * BLOCK:  # the last, partial block
                 mask = _tail_hits(Q1[a0 + a], wp, g1, nfull * BLOCK, n - nfull * BLOCK, dd, hi) & live[nfull]
                 m = _extract_pos(mask, nfull * BLOCK, pos, m)
