@@ -1445,7 +1445,11 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     with a stage-2 distance ``<= hi2`` are appended to ``bufI[a]``/``bufD[a, 0:2]`` in gallery order.
     ``c1[a]``: its number of stage-1 candidates; ``cnt[a]``: how many were kept, or more than the
     buffer's capacity once it overflowed (the caller then searches that query on its own). ``P1``: weight
-    planes of a weighted stage 1 (``ctf_topk``; compiled apart), or None."""
+    planes of a weighted stage 1 (``ctf_topk``; compiled apart), or None. On AVX2 hosts without AVX-512
+    (``BYTE_PLANES``) each tile's codes are first laid out as byte planes (``_byte_planes``, 32 KB) and every
+    query's masks read them through its nibble tables (``_bpmask64``): per code a byte lookup and a saturating
+    add per nibble, shared by the Hamming and the weighted stage 1 (AMD Zen 2, batch of 64 at 1e6, 1 thread:
+    Hamming 478 -> 417 us a query, weighted 874 -> 410)."""
     cap = bufI.shape[1]
     n2, W2 = G2.shape
     g2 = G2.reshape(n2 * W2)
@@ -1455,7 +1459,7 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     tmp = np.empty((TILE + 1) * BLOCK, np.int32)
     dd = np.zeros(BLOCK + 1, np.int32)
     vec = na >= TILE_PREFETCH_QUERIES  # so many queries read most cache lines of a tile's stage-2 codes
-    bp = BYTE_PLANES and hi <= 254  # masks from byte planes (_bpmask64; Hamming: every weight 1)
+    bp = BYTE_PLANES and 0 <= hi <= 254  # masks from byte planes (_bpmask64; Hamming: every weight 1)
     tables = np.zeros((na if bp else 0, 128), np.uint8)
     planes = np.empty(256 * TILE if bp else 0, np.uint8)
     if bp:
