@@ -111,7 +111,9 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
                 K._scan_tiles(Q1, g1, n, hi, h2, Qr, qoff, Gr[0], index._live, a0, min(bufI.shape[0], b - a0),
                               bufI, bufD, cnt, c1, None)  # None: the Hamming stage 1 (no weight planes)
 
-        scan = median_cpu(lambda: stage1(-1, -1), budget)
+        # byte-plane masks (AVX2 hosts) take thresholds 0..254: 0 lets only exact copies through, which the
+        # stage-2 threshold -1 then drops; the popcount masks take -1 (nothing passes)
+        scan = median_cpu(lambda: stage1(0 if K.BYTE_PLANES else -1, -1), budget)
         survivors = median_cpu(lambda: stage1(int(thr[0]), hi2), budget)
         stage1(int(thr[0]), int(thr[1]))  # the last group's stage-2 candidates, for the re-rank timing
         a0 = (b - 1) // bufI.shape[0] * bufI.shape[0]
