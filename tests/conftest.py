@@ -117,19 +117,26 @@ def block_next_compaction(monkeypatch):
 
 @pytest.fixture
 def search_during():
-    """A function ``(copying, writer, search) -> answer``: once ``copying`` is set (``block_next_grow`` /
-    ``block_next_compaction``), runs ``search()`` in a thread and asserts that it answered within 10 s while
-    ``writer`` (the started thread of the write) still waits in its copy; returns the answer."""
+    """A function ``(copying, release, write, search, during=None) -> (answer, seen)``: runs ``write()`` in a
+    thread; once ``copying`` is set (``block_next_grow`` / ``block_next_compaction``), runs ``search()`` in
+    another and asserts that it answered within 10 s while the write still waits in its copy; ``seen`` is
+    ``during()`` called then (None without it). Then sets ``release`` and joins the write."""
     import threading
 
-    def run(copying, writer, search):
-        assert copying.wait(30)
-        answers: list = []
-        searcher = threading.Thread(target=lambda: answers.append(search()))
-        searcher.start()
-        searcher.join(10)
-        assert not searcher.is_alive(), "the search waited for the write's copy"
-        assert writer.is_alive()  # still copying: the search ran during the copy
-        return answers[0]
+    def run(copying, release, write, search, during=None):
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            assert copying.wait(30)
+            answers: list = []
+            searcher = threading.Thread(target=lambda: answers.append(search()))
+            searcher.start()
+            searcher.join(10)
+            assert not searcher.is_alive(), "the search waited for the write's copy"
+            assert writer.is_alive()  # still copying: the search ran during the copy
+            return answers[0], (None if during is None else during())
+        finally:
+            release.set()
+            writer.join(30)
 
     return run

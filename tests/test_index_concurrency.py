@@ -136,15 +136,10 @@ def test_searches_go_on_while_an_add_copies_into_larger_buffers(block_next_grow,
     for x, n in ((index, 1024), (before, 1024), (after, 3000)):
         x.add({L: c[:n] for L, c in g.items()})
     copying, release = block_next_grow()
-    adder = threading.Thread(target=index.add, args=({L: c[1024:] for L, c in g.items()},))
-    adder.start()
-    try:
-        answer = search_during(copying, adder, lambda: index.search(q, 20, TH))
-        for a, b in zip(answer, before.search(q, 20, TH)):
-            np.testing.assert_array_equal(a, b)
-    finally:
-        release.set()
-        adder.join(30)
+    answer, _ = search_during(copying, release, lambda: index.add({L: c[1024:] for L, c in g.items()}),
+                              lambda: index.search(q, 20, TH))
+    for a, b in zip(answer, before.search(q, 20, TH)):
+        np.testing.assert_array_equal(a, b)
     for a, b in zip(index.search(q, 20, TH), after.search(q, 20, TH)):
         np.testing.assert_array_equal(a, b)
     index.reserve(5000)  # room now: the next adds of up to 5000 items copy nothing
@@ -172,16 +167,11 @@ def test_searches_go_on_while_a_removal_compacts(block_next_compaction, search_d
     index.add(g)
     oracle.add({L: c[keep] for L, c in g.items()}, keep)
     copying, release = block_next_compaction()
-    remover = threading.Thread(target=index.remove_ids, args=(gone,))
-    remover.start()
-    try:
-        answer = search_during(copying, remover, lambda: index.search(q, 20, TH))
-        assert index._ndead == 900  # still copying: the search ran during the copy
-        for a, b in zip(answer, oracle.search(q, 20, TH)):
-            np.testing.assert_array_equal(a, b)
-    finally:
-        release.set()
-        remover.join(30)
+    answer, ndead = search_during(copying, release, lambda: index.remove_ids(gone), lambda: index.search(q, 20, TH),
+                                  lambda: index._ndead)
+    assert ndead == 900  # still copying: the search ran during the copy
+    for a, b in zip(answer, oracle.search(q, 20, TH)):
+        np.testing.assert_array_equal(a, b)
     assert index._ndead == 0 and index.ntotal == 2100
     for a, b in zip(index.search(q, 20, TH), oracle.search(q, 20, TH)):
         np.testing.assert_array_equal(a, b)
@@ -213,15 +203,9 @@ def test_searches_go_on_while_a_first_removal_copies_a_loaded_map(tmp_path, bloc
     index = CtFIndex.load(tmp_path / "g.ctf", mmap=True)
     assert not index._codes[LENGTHS[0]].flags.writeable
     copying, release = block_next_grow()
-    remover = threading.Thread(target=index.remove_ids, args=(gone,))
-    remover.start()
-    try:
-        answer = search_during(copying, remover, lambda: index.search(q, 20, TH))
-        for a, b in zip(answer, full.search(q, 20, TH)):
-            np.testing.assert_array_equal(a, b)
-    finally:
-        release.set()
-        remover.join(30)
+    answer, _ = search_during(copying, release, lambda: index.remove_ids(gone), lambda: index.search(q, 20, TH))
+    for a, b in zip(answer, full.search(q, 20, TH)):
+        np.testing.assert_array_equal(a, b)
     assert index.ntotal == 1960 and all(index._codes[L].flags.writeable for L in LENGTHS)
     for a, b in zip(index.search(q, 20, TH), oracle.search(q, 20, TH)):
         np.testing.assert_array_equal(a, b)

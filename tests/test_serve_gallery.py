@@ -68,8 +68,6 @@ def test_update_and_erase_change_the_fields_in_memory(gallery):
 def test_searches_go_on_while_an_add_grows_the_index(tmp_path, block_next_grow, search_during):
     """The service's add reserves the index's larger buffers before it takes its write lock: a search during
     the copy answers at once, with the items before the add (oracle: the same search on a gallery of those)."""
-    import threading
-
     rng = np.random.default_rng(9)
     base = rng.integers(0, 256, (1500, 8), dtype=np.uint8)
     codes = lambda a, b: {32: base[a:b, :4].copy(), 64: base[a:b].copy()}  # noqa: E731
@@ -78,15 +76,9 @@ def test_searches_go_on_while_an_add_grows_the_index(tmp_path, block_next_grow, 
     for x in (g, oracle):
         x.add(codes(0, 1024), metas[:1024])
     copying, release = block_next_grow()
-    adder = threading.Thread(target=g.add, args=(codes(1024, 1500), metas[1024:]))
-    adder.start()
     q = codes(0, 5)
-    try:
-        answer = search_during(copying, adder, lambda: g.search(q, 10))
-        assert answer[0] == oracle.search(q, 10)[0] and len(answer[0][0]) == 10
-    finally:
-        release.set()
-        adder.join(30)
+    answer, _ = search_during(copying, release, lambda: g.add(codes(1024, 1500), metas[1024:]), lambda: g.search(q, 10))
+    assert answer[0] == oracle.search(q, 10)[0] and len(answer[0][0]) == 10
     oracle.add(codes(1024, 1500), metas[1024:])
     assert g.search(q, 10)[0] == oracle.search(q, 10)[0]
     assert len(g) == 1500
@@ -97,7 +89,6 @@ def test_searches_go_on_while_an_add_grows_the_index(tmp_path, block_next_grow, 
 def test_searches_go_on_while_an_erasure_compacts_the_index(tmp_path, block_next_compaction, search_during):
     """An erasure past the index's COMPACT_FRACTION compacts it after the gallery's write lock: a search
     during the copy answers at once, without the erased items (oracle: a gallery of the others alone)."""
-    import threading
 
     rng = np.random.default_rng(10)
     base = rng.integers(0, 256, (1200, 8), dtype=np.uint8)
@@ -110,17 +101,12 @@ def test_searches_go_on_while_an_erasure_compacts_the_index(tmp_path, block_next
     oracle.add(codes(np.array(kept)), [metas[i] for i in kept])
     to_oracle = dict(zip(oracle.index.ids.tolist(), (ids[i] for i in kept)))
     copying, release = block_next_compaction()
-    eraser = threading.Thread(target=g.erase, args=(gone,))
-    eraser.start()
     q = codes(np.arange(6))
-    try:
-        answer = search_during(copying, eraser, lambda: g.search(q, 10))
-        assert g.index._ndead == 400
-        want = [[to_oracle[h["id"]] for h in row] for row in oracle.search(q, 10)[0]]
-        assert [[h["id"] for h in row] for row in answer[0]] == want
-    finally:
-        release.set()
-        eraser.join(30)
+    answer, ndead = search_during(copying, release, lambda: g.erase(gone), lambda: g.search(q, 10),
+                                  lambda: g.index._ndead)
+    assert ndead == 400
+    want = [[to_oracle[h["id"]] for h in row] for row in oracle.search(q, 10)[0]]
+    assert [[h["id"] for h in row] for row in answer[0]] == want
     assert g.index._ndead == 0 and len(g) == 800
     assert [[h["id"] for h in row] for row in g.search(q, 10)[0]] == want
     for x in (g, oracle):

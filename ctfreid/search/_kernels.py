@@ -111,15 +111,21 @@ VECTOR_KEEP = _FEATURES is None or bool(_FEATURES.get("avx512f"))
 BYTE_PLANES = AVX2_BYTE_COUNTS
 
 
+def _ir_nibbles(builder, x):
+    """IR: the low and the high nibble of each byte of the ``<32 x i8>`` vector ``x``, as bytes."""
+    b32, w16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16)
+    low = ir.Constant(b32, [15] * 32)
+    high = builder.bitcast(builder.lshr(builder.bitcast(x, w16), ir.Constant(w16, [4] * 16)), b32)
+    return builder.and_(x, low), builder.and_(high, low)
+
+
 def _ir_byte_counts(builder, x):
     """IR: the popcount of each byte of the ``<32 x i8>`` vector ``x`` (``vpshufb`` of a nibble table, twice)."""
-    b32, w16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16)
+    b32 = ir.VectorType(ir.IntType(8), 32)
     table = ir.Constant(b32, [bin(i % 16).count("1") for i in range(32)])
-    low = ir.Constant(b32, [15] * 32)
     pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(b32, [b32, b32]), "llvm.x86.avx2.pshuf.b")
-    high = builder.bitcast(builder.lshr(builder.bitcast(x, w16), ir.Constant(w16, [4] * 16)), b32)
-    return builder.add(builder.call(pshufb, [table, builder.and_(x, low)]),
-                       builder.call(pshufb, [table, builder.and_(high, low)]))
+    lo, hi = _ir_nibbles(builder, x)
+    return builder.add(builder.call(pshufb, [table, lo]), builder.call(pshufb, [table, hi]))
 
 
 def _ir_stage1_avx2(builder, x, vt, planes):
@@ -247,9 +253,8 @@ def _bpmask64(typingctx, planes, base, tables, hi):
     def codegen(context, builder, signature, args):
         g = context.make_array(signature.args[0])(context, builder, args[0])
         t = context.make_array(signature.args[2])(context, builder, args[2])
-        i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-        b16, b32, w16 = ir.VectorType(i8, 16), ir.VectorType(i8, 32), ir.VectorType(i16, 16)
-        low = ir.Constant(b32, [15] * 32)
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        b16, b32 = ir.VectorType(i8, 16), ir.VectorType(i8, 32)
         both = ir.Constant(ir.VectorType(i32, 32), list(range(16)) * 2)
         sat = cgutils.get_or_insert_function(builder.module, ir.FunctionType(b32, [b32, b32]), "llvm.uadd.sat.v32i8")
 
@@ -274,10 +279,7 @@ def _bpmask64(typingctx, planes, base, tables, hi):
             acc = ir.Constant(b32, [0] * 32)
             for p in range(4):
                 x = load(g.data, builder.add(base, ir.Constant(i64, 64 * p + 32 * half)), b32)
-                nib_lo = builder.and_(x, low)
-                nib_hi = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(x, w16), ir.Constant(w16, [4] * 16)),
-                                                      b32), low)
-                for which, nib in ((0, nib_lo), (1, nib_hi)):
+                for which, nib in enumerate(_ir_nibbles(builder, x)):
                     tb = load(t.data, ir.Constant(i64, 32 * p + 16 * which), b16)
                     acc = builder.call(sat, [acc, lookup(builder.shuffle_vector(tb, tb, both), nib)])
             keep = builder.icmp_unsigned("<=", acc, hi)
