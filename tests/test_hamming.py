@@ -38,7 +38,7 @@ def test_distances_rank_topk_match_reference(length):
         np.testing.assert_array_equal(D, rD)
 
 
-@pytest.mark.parametrize("n", [5003, 2048, 2047])  # large rankings use the 4-chunk counting sort
+@pytest.mark.parametrize("n", [5003, 2048, 2047])  # four items at a time, and 1-3 left over
 def test_rank_with_heavy_ties_is_stable(n):
     rng = np.random.default_rng(n)
     gallery = _codes(rng, n, 32, distinct=40)
@@ -63,9 +63,12 @@ def test_single_query_1d():
 
 def test_counting_sort_stable_with_many_ties():
     rng = np.random.default_rng(3)
-    for n in (1, 10, 2048, 5003):
-        d = rng.integers(0, 4, n)
-        np.testing.assert_array_equal(counting_sort(d, 32), np.argsort(d, kind="stable"))
+    # sizes around _kernels.SORT_SCRATCH_MIN / MAX (scattered through a scratch row or straight into the output),
+    # 1-3 items beyond the groups of four; few values (ties within each group of four) and many
+    for n in (1, 10, 511, 512, 2047, 2048, 3072, 3073, 5003):
+        for hi in (4, 33):
+            d = rng.integers(0, hi, n)
+            np.testing.assert_array_equal(counting_sort(d, 32), np.argsort(d, kind="stable"))
     d2 = rng.integers(0, 129, (3, 4099))
     out = counting_sort(d2, 128)
     assert out.dtype == np.int64 and out.shape == d2.shape
