@@ -141,6 +141,9 @@ def check_ids(ids: Any, n: int) -> np.ndarray:
     return out
 
 
+_UINT8 = np.dtype(np.uint8)  # (an identity test is 0.1 us faster than ==; other uint8 dtypes take the slow path)
+
+
 def _word_aligned(codes: np.ndarray) -> bool:
     """Whether the kernels can read the C-contiguous ``uint8 [n, w]`` codes in place as the words they use
     (``_kernels.words`` / ``words32``: 64-bit when w % 8 == 0, else 32-bit). A query row sliced from a batch
@@ -514,13 +517,17 @@ class CtFIndex:
         if arrays is None or len(query_codes) != len(self._lengths):
             keys = sorted(query_codes)
             raise CtfreidError(f"query_codes have code lengths {keys} but the index holds {self._lengths}")
-        single = all(isinstance(v, np.ndarray) and v.ndim == 1 for v in arrays)
+        single = True
+        for v in arrays:
+            if not (isinstance(v, np.ndarray) and v.ndim == 1):
+                single = False
+                break
         qs = []
         for L, v in zip(self._lengths, arrays):
             if single:
                 v = v[None, :]
             if not (  # fast path for the common, valid case; prepare_queries explains any problem
-                type(v) is np.ndarray and v.dtype == np.uint8 and v.ndim == 2 and v.shape[1] == L // 8
+                type(v) is np.ndarray and v.dtype is _UINT8 and v.ndim == 2 and v.shape[1] == L // 8
                 and v.flags.c_contiguous and (qs or _word_aligned(v))  # later stages are copied
             ):
                 v, _ = prepare_queries(v, L // 8, f"query_codes[{L}]")
@@ -571,9 +578,9 @@ class CtFIndex:
         lengths = self._lengths
         G1, Gr, Ls, qoff, g1, padded = self._stage_views()
         m = live_n if k is None else min(k, live_n)
-        C = np.empty((nq, len(lengths)), np.int64)  # (np.full costs 1 us more a call)
+        # (np.zeros and one column set: 1.3 us less a call than np.empty and two, 2.7 less than np.full)
+        C = np.zeros((nq, len(lengths)), np.int64) if k is not None else np.full((nq, len(lengths)), -1, np.int64)
         C[:, 0] = live_n  # stage 1 ranks every live item
-        C[:, 1:] = -1 if k is None else 0
         if m == 0:
             return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64), C
         weighted = weight_tail(sw)  # the kernels' trailing P1, Lw[, Pr]

@@ -55,8 +55,10 @@ def run_chunks(fn: Callable[[int, int], object], nq: int, threads: int | None, w
     """``[fn(start, stop) for each chunk]`` over ``nq`` queries in at most ``threads`` contiguous chunks,
     in order; the first chunk runs in the calling thread, the others in a shared pool. With
     ``work_per_query`` (e.g. the gallery size), each chunk gets at least ``MIN_WORK_PER_THREAD`` of it."""
-    t = get_num_threads() if threads is None else check_threads(threads)
-    t = max(1, min(t, nq // MIN_QUERIES_PER_THREAD))
+    t = check_threads(threads) if threads is not None else None
+    if nq < 2 * MIN_QUERIES_PER_THREAD:  # one thread whatever the setting (and no affinity query: ~1 us)
+        return [fn(0, nq)]
+    t = max(1, min(get_num_threads() if t is None else t, nq // MIN_QUERIES_PER_THREAD))
     if work_per_query > 0 and MIN_WORK_PER_THREAD > 0:
         t = max(1, min(t, nq * work_per_query // MIN_WORK_PER_THREAD))
     if t == 1:
