@@ -706,7 +706,6 @@ def _sort_identity(keys, c, L, out_order, out_keys):
     _sort_by_key(keys, None, c, L, out_order, out_keys)
 
 
-
 @njit(**_JIT)
 def counting_sort_rows(D, L, out):
     """Row-wise stable ascending counting sort of int32 distances in [0, L]: ``out[i]`` = argsort of ``D[i]``."""
