@@ -614,6 +614,7 @@ def _at_impl(order, r):
     return lambda order, r: order[r]
 
 
+SORT_TABLES_MIN = 256  # _sort_by_key: four count tables for this many items
 SORT_SCRATCH_MIN = 512  # _sort_by_key: scatter into an L1 scratch for this many items
 SORT_SCRATCH_MAX = 3072  # ... up to this many (24 KB of int64)
 
@@ -630,7 +631,8 @@ def _sort_by_key(keys, order, c, L, out_order, out_keys):
     item before may just have stored (distances take few distinct values), and the CPU holds such loads
     back until the store before them is done. So items go four at a time: four slot loads, the slots of
     equal bins among the four raised by the equal bins before them (stable), then four stores: one round
-    trip per four items. The counts use four tables, one per item of the four. Between SORT_SCRATCH_MIN and
+    trip per four items. From SORT_TABLES_MIN items on, the counts use four tables (one allocation), one per
+    item of the four. Between SORT_SCRATCH_MIN and
     SORT_SCRATCH_MAX items, the positions are scattered into a scratch array that stays in the L1 cache and
     then copied out in order: scattered stores into a cold output row wait on its cache lines, one copy
     does not (more items: the scratch leaves L1 and the copy costs more than it saves). AMD Zen 2, one
@@ -647,23 +649,28 @@ def _sort_by_key(keys, order, c, L, out_order, out_keys):
         lo = min(lo, v)
         hi = max(hi, v)
     nb = hi - lo + 1
-    t0 = np.zeros(nb, np.int64)
-    t1 = np.zeros(nb, np.int64)
-    t2 = np.zeros(nb, np.int64)
-    t3 = np.zeros(nb, np.int64)
+    big = c >= SORT_TABLES_MIN  # (fewer items: one count table)
+    tables = np.zeros(4 * nb if big else nb, np.int64)  # one allocation: a sort of few candidates is short
+    t0 = tables[:nb]
+    t1 = tables[nb : 2 * nb]
+    t2 = tables[2 * nb : 3 * nb]
+    t3 = tables[3 * nb :]
     c4 = c - c % 4
     ulo = np.uint64(lo)
-    for r in range(0, c4, 4):
+    h4 = c4 if big else 0
+    for r in range(0, h4, 4):
         t0[np.uint64(keys[_at(order, r)]) - ulo] += 1
         t1[np.uint64(keys[_at(order, r + 1)]) - ulo] += 1
         t2[np.uint64(keys[_at(order, r + 2)]) - ulo] += 1
         t3[np.uint64(keys[_at(order, r + 3)]) - ulo] += 1
-    for r in range(c4, c):
+    for r in range(h4, c):
         t0[np.uint64(keys[_at(order, r)]) - ulo] += 1
     pos = 0
     for b in range(nb):  # t0: each bin's first slot
         start = pos
-        pos += t0[b] + t1[b] + t2[b] + t3[b]
+        pos += t0[b]
+        if big:
+            pos += t1[b] + t2[b] + t3[b]
         t0[b] = start
         for r in range(start, pos):  # sorted keys: a run of lo + b
             out_keys[r] = lo + b
