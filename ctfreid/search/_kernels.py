@@ -632,10 +632,10 @@ def _sort_by_key(keys, order, c, L, out_order, out_keys):
     back until the store before them is done. So items go four at a time: four slot loads, the slots of
     equal bins among the four raised by the equal bins before them (stable), then four stores: one round
     trip per four items. From SORT_TABLES_MIN items on, the counts use four tables (one allocation), one per
-    item of the four. Between SORT_SCRATCH_MIN and
-    SORT_SCRATCH_MAX items, the positions are scattered into a scratch array that stays in the L1 cache and
-    then copied out in order: scattered stores into a cold output row wait on its cache lines, one copy
-    does not (more items: the scratch leaves L1 and the copy costs more than it saves). AMD Zen 2, one
+    item of the four. Between SORT_SCRATCH_MIN and SORT_SCRATCH_MAX items, the positions are scattered into
+    a scratch array that stays in the L1 cache and then copied out in order: scattered stores into a cold
+    output row wait on its cache lines, one copy does not (more items: the scratch leaves L1 and the copy
+    costs more than it saves). AMD Zen 2, one
     thread, ``benchmarks/bench_rank.py`` medians, µs a query: ``hamming_rank`` at 32 bits 13.5 -> 9.8
     (2,276 items), 33 -> 29 (7,365), 80 -> 68 (15,913); ``weighted_rank`` 14.8 -> 12.6, 40 -> 36, 89 -> 78.
     The former version cut the items into four chunks with a table each, which was no faster there.
