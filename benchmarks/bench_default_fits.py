@@ -14,6 +14,11 @@ weighting weights: stage 1, and the later lengths of ``weights.later`` when it w
 size. What differs from real
 codes is which items pass, not how many. ``CtFIndex.search``, top-``k``: one query at a time on one
 thread, and batches of 64 on 1 and 2 threads; interleaved rounds, medians, us a query.
+
+``--baseline`` also times the longest code alone in the same rounds (``hamming_topk`` over the same gallery,
+as ``experiments/time_thresholds.py`` times it on real galleries; 2 threads: the batch split in two halves
+on a thread pool) and prints each fit's speed-up over it: the issue's bar of CtF against the 2048-bit code,
+at the size the fit was made for.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ def main() -> None:
     ap.add_argument("--n", default="1e6")
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--baseline", action="store_true", help="also time the longest code alone (see above)")
     args = ap.parse_args()
     lengths = [32, 128, 512, 2048]
     n = int(float(args.n))
@@ -87,6 +93,7 @@ def main() -> None:
         w = wq[lengths[0]] if len(weighted) == 1 else {L: wq[L] for L in weighted}
         points.append((path, ham, got, th, wei, gotw, thw, w, weighted))
     index, queries, one = index_and_queries(g, q, nq)
+    longest = baseline_cases(g[lengths[-1]], queries[lengths[-1]], args.k) if args.baseline else None
     del g
     print(f"n = {n:,}, top-{args.k}, us a query, median of {args.rounds} interleaved rounds")
     print("| fit | kept after 32 / 128 / 512 bits (validation; matched here) | thresholds | one query, 1 thread | "
@@ -101,6 +108,8 @@ def main() -> None:
             cases[name] = (single,
                            lambda t=t, qw=qw: index.search(queries, args.k, t, threads=1, query_weights=qw),
                            lambda t=t, qw=qw: index.search(queries, args.k, t, threads=2, query_weights=qw))
+        if longest is not None:
+            cases[f"{lengths[-1]}-bit"] = longest
         times = {(name, j): [] for name in cases for j in range(3)}
         for r in range(args.rounds + 1):  # round 0 compiles and warms
             for name, fs in cases.items():
@@ -118,7 +127,25 @@ def main() -> None:
                 cells.append(f"{med[name, j]:.0f}" + (f" ({ratio:.2f}x)" if name == "weighted" else ""))
             thr = "/".join(str(t[L]) for L in lengths[:-1])
             label = name if name == "Hamming" else f"weighted {'/'.join(map(str, weighted))}"
-            print(f"| {path.stem} {label} | {kept} % | {thr} | " + " | ".join(cells) + " |")
+            if longest is not None:
+                base = f"{lengths[-1]}-bit"
+                cells = [f"{c}, {med[base, j] / med[name, j]:.1f}x faster" for j, c in enumerate(cells)]
+            print(f"| {path.parent.name}/{path.stem} {label} | {kept} % | {thr} | " + " | ".join(cells) + " |")
+        if longest is not None:
+            print(f"| {lengths[-1]}-bit code alone | | | " + " | ".join(f"{med[base, j]:.0f}" for j in range(3)) + " |")
+
+
+def baseline_cases(gallery, queries, k: int) -> tuple:
+    """One query at a time, a batch on 1 thread and on 2 threads, of ``hamming_topk`` over ``gallery`` alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ctfreid.search.hamming import hamming_topk
+
+    pool = ThreadPoolExecutor(2)  # the kernels release the GIL (nogil)
+    half = queries.shape[0] // 2
+    return (lambda: [hamming_topk(x, gallery, k) for x in queries],
+            lambda: hamming_topk(queries, gallery, k),
+            lambda: list(pool.map(lambda part: hamming_topk(part, gallery, k), (queries[:half], queries[half:]))))
 
 
 def _row(weights, i: int):

@@ -413,10 +413,11 @@ def noisy_copies(rng: np.random.Generator, n: int, nq: int, lengths: tuple) -> t
     return g, q, src
 
 
-def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_filter():
+def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_filter(monkeypatch):
     # 70,000 codes: several scan tiles and the batch's stage-2 filter (BATCH_FILTER_MIN_N); 24 queries take
     # the tile scan (BATCH_MIN_QUERIES), one query at a time ctf_topk with weights (checked against the reference
-    # above). Queries are noisy copies of gallery items, so that some keep many candidates and some few.
+    # above; forced: on byte-plane hosts one weighted query takes the tile scan too). Queries are noisy copies
+    # of gallery items, so that some keep many candidates and some few.
     from ctfreid.search import _kernels
 
     rng = np.random.default_rng(21)
@@ -432,10 +433,12 @@ def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_f
     for th, k in (({32: t1, 128: 64}, 10), ({32: t1, 128: 64}, 100), ({32: t1, 128: 50}, 10), ({32: t1, 128: 64}, 2000),
                   ({32: 255, 128: 64}, 10)):
         D, I = ctf_search(q, g, th, k, query_weights=w)
-        for i in range(nq):
-            Di, Ii = ctf_search({L: c[i] for L, c in q.items()}, g, th, k, query_weights=w[i])
-            np.testing.assert_array_equal(I[i], Ii)
-            np.testing.assert_array_equal(D[i], Di)
+        with monkeypatch.context() as m:
+            m.setattr(_kernels, "BATCH_MIN_QUERIES", 1 << 40)  # ctf_topk
+            for i in range(nq):
+                Di, Ii = ctf_search({L: c[i] for L, c in q.items()}, g, th, k, query_weights=w[i])
+                np.testing.assert_array_equal(I[i], Ii)
+                np.testing.assert_array_equal(D[i], Di)
     # the same through an index with removed items (the live mask in the tile scan)
     from ctfreid import CtFIndex
 
@@ -444,6 +447,7 @@ def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_f
     index.remove_ids(np.concatenate([src[::2], rng.choice(n, 5_000, replace=False)]))
     th = {32: t1, 128: 64}
     D, I = index.search(q, 100, th, threads=1, query_weights=w)
+    monkeypatch.setattr(_kernels, "BATCH_MIN_QUERIES", 1 << 40)
     for i in range(nq):
         Di, Ii = index.search({L: c[i] for L, c in q.items()}, 100, th, threads=1, query_weights=w[i])
         np.testing.assert_array_equal(I[i], Ii)
@@ -462,7 +466,7 @@ def test_batch_with_weighted_later_stages_equals_the_one_query_path(weighted):
     n, nq = 70_000, 24
     g, q, src = noisy_copies(rng, n, nq, (32, 128, 512, 2048))
     w = {L: rng.integers(0, 16, (nq, L), dtype=np.uint8) for L in weighted}
-    assert batched(nq, sorted(g), n, stage_weights(w, nq, sorted(g))) == (128 not in w)
+    assert batched(nq, sorted(g), n, stage_weights(w, nq, sorted(g)), np.zeros(3, np.int64)) == (128 not in w)
     dist = {L: weighted_distances(q[L], w[L], g[L]) if L in w else hamming_distances(q[L], g[L])
             for L in (32, 128, 512)}
     t1 = int(np.quantile(dist[32], 0.01))

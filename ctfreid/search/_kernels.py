@@ -1253,6 +1253,15 @@ TILE = 128
 # its former scalar stage 1 (1e6: 405 / 443 us); not measured there since. ctf_topk also serves a first stage
 # other than 32 bits, and a query whose candidates overflow the batch buffers.
 BATCH_MIN_QUERIES = 16
+# Two cases take the tile scan with fewer queries (AMD Zen 2, 1 thread, us a query, ctf_topk query by query
+# against the tile scan, the same answers; benchmarks/README.md, thirteenth session):
+# - from BATCH_LARGE_N codes on (8 MB of 32-bit codes, more than the last-level cache keeps between queries),
+#   a quarter as many: the scan streams from memory, and sharing it pays sooner. Batches of 4 / 8: 1e6
+#   593 / 663 and 586 / 583; 2e6 1,475 / 1,434 and 1,450 / 1,206; 1e7 7,769 / 6,710 and 7,753 / 5,923.
+# - a weighted stage 1 on byte-plane hosts (BYTE_PLANES, threshold below 255), a sixteenth (one query): its
+#   byte-plane masks cost what Hamming ones do, the one-query weighted masks 3x as much. 1e6: one query
+#   1,281 / 1,078, batches of 2 / 8 1,235 / 884 and 1,157 / 652; 1e5: 185 / 179, 148 / 119, 117 / 72.
+BATCH_LARGE_N = 1 << 21
 BATCH_FILTER_MIN_N = 1 << 16  # larger galleries: a batch keeps only the stage-2 candidates (faster from 1e5)
 TILE_PREFETCH_QUERIES = 16  # this many queries or more: load each tile's stage-2 codes first (~20 % faster)
 
@@ -1797,11 +1806,20 @@ def batch_shape(n: int, nq: int, S: int, budget: int = 1 << 28, room: int | None
 WEIGHTED_TILE_MIN_N = 1 << 16
 
 
-def tile_scan(nq: int, L1: int, n: int = 0, weighted: bool = False) -> bool:
+def tile_scan(nq: int, L1: int, n: int = 0, weighted: bool = False, t1: int = -1) -> bool:
     """Whether a top-k of ``nq`` queries (per thread) with an ``L1``-bit first stage on ``n`` codes runs
-    ``ctf_topk_batch`` (else ``ctf_topk``): from ``BATCH_MIN_QUERIES`` queries on, for
-    32-bit first stages (one word a code); weighted, from ``WEIGHTED_TILE_MIN_N`` codes on."""
-    return nq >= BATCH_MIN_QUERIES and L1 == 32 and (not weighted or n >= WEIGHTED_TILE_MIN_N)
+    ``ctf_topk_batch`` (else ``ctf_topk``): for 32-bit first stages (one word a code), from
+    ``BATCH_MIN_QUERIES`` queries on, a quarter as many from ``BATCH_LARGE_N`` codes on, and a sixteenth for a
+    ``weighted`` stage 1 with threshold ``t1`` that the byte-plane masks take (see ``BATCH_LARGE_N``); weighted,
+    from ``WEIGHTED_TILE_MIN_N`` codes on. (Setting ``BATCH_MIN_QUERIES`` scales every case.)"""
+    if L1 != 32 or (weighted and n < WEIGHTED_TILE_MIN_N):
+        return False
+    div = 1
+    if n >= BATCH_LARGE_N:
+        div = 4
+    if weighted and BYTE_PLANES and 0 <= t1 < 255:
+        div = 16
+    return nq >= max(1, BATCH_MIN_QUERIES // div)
 
 
 def kept_stage(n: int, Ls) -> int:

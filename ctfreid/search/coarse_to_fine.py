@@ -87,14 +87,14 @@ def weight_tail(sw: StageWeights | None) -> tuple:
     return () if sw is None else sw.kernel_tail()
 
 
-def batched(nq: int, lengths: list[int], n: int, sw: StageWeights | None) -> bool:
-    """Whether a top-k of ``nq`` queries runs the tile scan (``_kernels.tile_scan``; the limits of a weighted
-    stage 1 apply when stage 1 is weighted). A weighted stage 2 runs query by query: the tile scan computes
+def batched(nq: int, lengths: list[int], n: int, sw: StageWeights | None, thr: np.ndarray) -> bool:
+    """Whether a top-k of ``nq`` queries with thresholds ``thr`` runs the tile scan (``_kernels.tile_scan``;
+    the limits of a weighted stage 1 apply when stage 1 is weighted). A weighted stage 2 runs query by query: the tile scan computes
     stage 2 inside the scan with Hamming distances (a weighted one there, in the scalar loop, was no faster
     than query by query: ``benchmarks/README.md``, tenth session); weighted stages after it run in either."""
     if sw is not None and sw.later is not None and sw.later[1][1]:
         return False
-    return _kernels.tile_scan(nq, lengths[0], n, sw is not None and sw.first is not None)
+    return _kernels.tile_scan(nq, lengths[0], n, sw is not None and sw.first is not None, int(thr[0]))
 
 
 def _rank_all(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], lengths: list[int], thr: np.ndarray,
@@ -162,7 +162,7 @@ def ctf_search(
         counts = np.zeros((nq, S), np.int64)
         args = kernel_args(qs, gs, thr, sw)
         work = (k, _kernels.all_live(n), *_kernels.ctf_workspace(n, k, S))
-        if batched(nq, lengths, n, sw):  # as CtFIndex.search
+        if batched(nq, lengths, n, sw, thr):  # as CtFIndex.search
             hi2 = _kernels.stage2_keep(n, thr, lengths)
             _kernels.ctf_topk_batch(*args, *work, hi2, *_kernels.batch_buffers(*_kernels.batch_shape(n, nq, S), S),
                                     D, I, counts, *weight_tail(sw))

@@ -603,7 +603,7 @@ class CtFIndex:
             args = (_kernels.words32(qs[0]), g1, lengths[0], Qr, qoff, Gr, Lmax, len(lengths), thr)
             if full:
                 _kernels.ctf_rank(*args, D, P, *weighted)
-            elif batched(nq, lengths, n, sw):
+            elif batched(nq, lengths, n, sw, thr):
                 _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), _kernels.stage2_keep(n, thr, Ls),
                                         *self._batch_buffers(n, nq), D, P, C, *weighted)
                 self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
