@@ -142,7 +142,9 @@ def ctf_search(
     """The first ``k`` of each coarse-to-fine ranking, ``(D int32[nq, k], I int64[nq, k])``.
 
     Identical to ``ctf_rank(...)[:, :k]`` but never ranks the whole gallery; padded with -1 / int32 max
-    when ``k > n``. ``query_weights``: as for :func:`ctf_rank`.
+    when ``k > n``. ``query_weights``: as for :func:`ctf_rank`. Each call validates the gallery and allocates
+    fresh scratch (about 60 bytes a code): for many searches of one gallery, ``CtFIndex`` keeps both (one
+    query at 1e6 codes: about 3x faster, ``benchmarks/README.md``, "Kernel choices").
     """
     k = check_k(k)
     qs, gs, lengths, single = prepare_code_sets(query_codes, gallery_codes)
