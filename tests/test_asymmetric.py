@@ -454,6 +454,39 @@ def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_f
         np.testing.assert_array_equal(D[i], Di)
 
 
+@pytest.mark.parametrize("n", [6_000, 20_000])
+def test_weighted_batches_on_small_galleries_equal_the_one_query_path(monkeypatch, n):
+    # galleries below WEIGHTED_TILE_MIN_N: on byte-plane hosts (AVX2 without AVX-512) a weighted batch of 32
+    # takes the tile scan from 2^17 queries x codes on (one partial tile at 6,000 codes, three at 20,000;
+    # _kernels.tile_scan), elsewhere ctf_topk query by query. Either way the answers are those of one query at
+    # a time through ctf_topk, removed items included.
+    from ctfreid import CtFIndex
+    from ctfreid.search import _kernels
+
+    rng = np.random.default_rng(n)
+    nq = 32
+    g, q, src = noisy_copies(rng, n, nq, (32, 128, 512))
+    w = rng.integers(0, 16, (nq, 32), dtype=np.uint8)
+    t1 = int(np.quantile(weighted_distances(q[32], w, g[32]), 0.02))
+    assert _kernels.tile_scan(nq, 32, n, True, t1) == _kernels.BYTE_PLANES
+    index = CtFIndex()
+    index.add(g)
+    index.remove_ids(np.concatenate([src[::3], rng.choice(n, n // 10, replace=False)]))
+    for th, k in (({32: t1, 128: 60}, 10), ({32: t1, 128: 40}, 100)):
+        D, I = index.search(q, k, th, threads=1, query_weights=w)
+        Df, If = ctf_search(q, g, th, k, query_weights=w)
+        with monkeypatch.context() as m:
+            m.setattr(_kernels, "BATCH_MIN_QUERIES", 1 << 40)  # ctf_topk
+            for i in range(nq):
+                one = {L: c[i] for L, c in q.items()}
+                Di, Ii = index.search(one, k, th, threads=1, query_weights=w[i])
+                np.testing.assert_array_equal(I[i], Ii)
+                np.testing.assert_array_equal(D[i], Di)
+                Di, Ii = ctf_search(one, g, th, k, query_weights=w[i])
+                np.testing.assert_array_equal(If[i], Ii)
+                np.testing.assert_array_equal(Df[i], Di)
+
+
 @pytest.mark.parametrize("weighted", [(512,), (32, 512), (512, 2048), (32, 128)])
 def test_batch_with_weighted_later_stages_equals_the_one_query_path(weighted):
     # as above, with weights at later stages: weighted stages after stage 2 take the tile scan (stage 2 is

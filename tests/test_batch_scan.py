@@ -174,24 +174,27 @@ def test_batch_buffers_grow_to_what_the_queries_keep(monkeypatch):
 @pytest.mark.parametrize("byte_planes", [False, True])
 def test_tile_scan_takes_fewer_queries_on_large_galleries_and_weighted_byte_planes(monkeypatch, byte_planes):
     # the rule of _kernels.tile_scan, worked by hand with the default 16 queries: a quarter from BATCH_LARGE_N
-    # codes on, one query for a weighted stage 1 that the byte-plane masks take (threshold < 255)
+    # codes on; a weighted stage 1 that the byte-plane masks take (threshold < 255): from 2^17 queries x codes
+    # and 5,000 codes on
     monkeypatch.setattr(_kernels, "BYTE_PLANES", byte_planes)
     monkeypatch.setattr(_kernels, "BATCH_MIN_QUERIES", 16)
     big, small = _kernels.BATCH_LARGE_N, _kernels.BATCH_LARGE_N - 1
-    wmin = _kernels.WEIGHTED_TILE_MIN_N
-    assert big == 1 << 21 and wmin < small
+    wmin, work, bmin = _kernels.WEIGHTED_TILE_MIN_N, _kernels.BYTE_PLANES_TILE_WORK, _kernels.BYTE_PLANES_TILE_MIN_N
+    assert (big, wmin, work, bmin) == (1 << 21, 1 << 16, 1 << 17, 5000)
+    bp = byte_planes
     cases = [  # (nq, L1, n, weighted, t1) -> whether the tile scan runs
         ((16, 32, 1000, False, 9), True), ((15, 32, 1000, False, 9), False), ((15, 32, small, False, 9), False),
         ((4, 32, big, False, 9), True), ((3, 32, big, False, 9), False), ((64, 64, big, False, 9), False),
-        ((64, 32, wmin - 1, True, 9), False), ((16, 32, wmin, True, 255), True), ((15, 32, wmin, True, 255), False),
+        ((64, 32, wmin - 1, True, 255), False), ((16, 32, wmin, True, 255), True), ((15, 32, wmin, True, 255), False),
         ((4, 32, big, True, 255), True), ((3, 32, big, True, 400), False),
-        ((1, 32, wmin, True, 254), byte_planes), ((1, 32, wmin, True, 0), byte_planes),
-        ((1, 32, wmin - 1, True, 9), False), ((1, 32, big, True, 9), byte_planes), ((1, 32, big, False, 9), False),
+        # byte planes: nq * n >= 2^17 (1 query from 131,072 codes; 14 at 10,000 codes), and n >= 5,000
+        ((1, 32, 1 << 17, True, 254), bp), ((1, 32, (1 << 17) - 1, True, 0), False), ((2, 32, 1 << 16, True, 9), bp),
+        ((14, 32, 10_000, True, 9), bp), ((13, 32, 10_000, True, 9), False), ((64, 32, 4999, True, 9), False),
+        ((27, 32, 5000, True, 9), bp), ((26, 32, 5000, True, 9), False), ((600, 32, 2276, True, 9), False),
+        ((1, 32, big, True, 9), bp), ((1, 32, big, False, 9), False), ((16, 32, 10_000, True, 255), False),
     ]
     for args, want in cases:
         assert _kernels.tile_scan(*args) == want, args
-    # BATCH_MIN_QUERIES scales every case: a large value forces ctf_topk everywhere, 1 the tile scan
+    # BATCH_MIN_QUERIES scales every case: a large value forces ctf_topk everywhere
     monkeypatch.setattr(_kernels, "BATCH_MIN_QUERIES", 1 << 40)
     assert not any(_kernels.tile_scan(*args) for args, _ in cases)
-    monkeypatch.setattr(_kernels, "BATCH_MIN_QUERIES", 1)
-    assert all(_kernels.tile_scan(*args) == (args[1] == 32 and (not args[3] or args[2] >= wmin)) for args, _ in cases)

@@ -1258,10 +1258,15 @@ BATCH_MIN_QUERIES = 16
 # - from BATCH_LARGE_N codes on (8 MB of 32-bit codes, more than the last-level cache keeps between queries),
 #   a quarter as many: the scan streams from memory, and sharing it pays sooner. Batches of 4 / 8: 1e6
 #   593 / 663 and 586 / 583; 2e6 1,475 / 1,434 and 1,450 / 1,206; 1e7 7,769 / 6,710 and 7,753 / 5,923.
-# - a weighted stage 1 on byte-plane hosts (BYTE_PLANES, threshold below 255), a sixteenth (one query): its
-#   byte-plane masks cost what Hamming ones do, the one-query weighted masks 3x as much. 1e6: one query
-#   1,281 / 1,078, batches of 2 / 8 1,235 / 884 and 1,157 / 652; 1e5: 185 / 179, 148 / 119, 117 / 72.
+# - a weighted stage 1 on byte-plane hosts (BYTE_PLANES, threshold below 255), from BYTE_PLANES_TILE_WORK
+#   queries x codes on and BYTE_PLANES_TILE_MIN_N codes (not WEIGHTED_TILE_MIN_N): its byte-plane masks cost
+#   what Hamming ones do, the one-query weighted masks 3x as much, so the tile pays from 2-4 queries at 3e4
+#   to one at 1e6. One query / batches of 2 / 8 / 64: 1e6 1,281 / 1,078, 1,235 / 884, 1,157 / 652; 1e5
+#   185 / 179, 148 / 119, 117 / 72; 3e4 117 / 129, 78 / 78, -, 37 / 23; 1.5e4 batches of 8 / 16 / 64: 33 / 31,
+#   28 / 25, 25 / 20; 1e4 16 / 64: 24 / 22, 19 / 17; 7,365 16 / 64: 21 / 21, 17 / 16; 4,096: 13 / 14 at 64.
 BATCH_LARGE_N = 1 << 21
+BYTE_PLANES_TILE_WORK = 1 << 17
+BYTE_PLANES_TILE_MIN_N = 5000
 BATCH_FILTER_MIN_N = 1 << 16  # larger galleries: a batch keeps only the stage-2 candidates (faster from 1e5)
 TILE_PREFETCH_QUERIES = 16  # this many queries or more: load each tile's stage-2 codes first (~20 % faster)
 
@@ -1809,17 +1814,19 @@ WEIGHTED_TILE_MIN_N = 1 << 16
 def tile_scan(nq: int, L1: int, n: int = 0, weighted: bool = False, t1: int = -1) -> bool:
     """Whether a top-k of ``nq`` queries (per thread) with an ``L1``-bit first stage on ``n`` codes runs
     ``ctf_topk_batch`` (else ``ctf_topk``): for 32-bit first stages (one word a code), from
-    ``BATCH_MIN_QUERIES`` queries on, a quarter as many from ``BATCH_LARGE_N`` codes on, and a sixteenth for a
-    ``weighted`` stage 1 with threshold ``t1`` that the byte-plane masks take (see ``BATCH_LARGE_N``); weighted,
-    from ``WEIGHTED_TILE_MIN_N`` codes on. (Setting ``BATCH_MIN_QUERIES`` scales every case.)"""
-    if L1 != 32 or (weighted and n < WEIGHTED_TILE_MIN_N):
+    ``BATCH_MIN_QUERIES`` queries on and a quarter as many from ``BATCH_LARGE_N`` codes on; weighted, from
+    ``WEIGHTED_TILE_MIN_N`` codes on, except for a threshold ``t1`` that the byte-plane masks take: then from
+    ``BYTE_PLANES_TILE_MIN_N`` codes and ``BYTE_PLANES_TILE_WORK`` queries x codes on (see ``BATCH_LARGE_N``).
+    (``BATCH_MIN_QUERIES`` scales every case: out of reach, it forces ``ctf_topk``.)"""
+    if L1 != 32:
         return False
-    div = 1
-    if n >= BATCH_LARGE_N:
-        div = 4
     if weighted and BYTE_PLANES and 0 <= t1 < 255:
-        div = 16
-    return nq >= max(1, BATCH_MIN_QUERIES // div)
+        if n < BYTE_PLANES_TILE_MIN_N:
+            return False
+        return nq * n * 16 >= BYTE_PLANES_TILE_WORK * BATCH_MIN_QUERIES
+    if weighted and n < WEIGHTED_TILE_MIN_N:
+        return False
+    return nq >= max(1, BATCH_MIN_QUERIES // (4 if n >= BATCH_LARGE_N else 1))
 
 
 def kept_stage(n: int, Ls) -> int:
