@@ -89,9 +89,10 @@ def weight_tail(sw: StageWeights | None) -> tuple:
 
 def batched(nq: int, lengths: list[int], n: int, sw: StageWeights | None, thr: np.ndarray) -> bool:
     """Whether a top-k of ``nq`` queries with thresholds ``thr`` runs the tile scan (``_kernels.tile_scan``;
-    the limits of a weighted stage 1 apply when stage 1 is weighted). A weighted stage 2 runs query by query: the tile scan computes
-    stage 2 inside the scan with Hamming distances (a weighted one there, in the scalar loop, was no faster
-    than query by query: ``benchmarks/README.md``, tenth session); weighted stages after it run in either."""
+    the limits of a weighted stage 1 apply when stage 1 is weighted). A weighted stage 2 runs query by query:
+    the tile scan computes stage 2 inside the scan with Hamming distances (a weighted one there, in the scalar
+    loop, was no faster than query by query: ``benchmarks/README.md``, tenth session); weighted stages after it
+    run in either."""
     if sw is not None and sw.later is not None and sw.later[1][1]:
         return False
     return _kernels.tile_scan(nq, lengths[0], n, sw is not None and sw.first is not None, int(thr[0]))
