@@ -6,7 +6,8 @@ the kernel the index picks (``_kernels.tile_scan``); both must give the answers 
 
     python3 benchmarks/bench_small_batches.py --sizes 1e6,2e6 --batches 1,2,4,8,16 --threads 1,2 [--weighted]
 
-``--source N``: take the galleries as the first n codes of the cached set of N codes (one generation of 1e7
+``--tile``: the tile scan for every batch instead of the index's pick (weighted: where the rule allows it at
+all). ``--source N``: take the galleries as the first n codes of the cached set of N codes (one generation of 1e7
 codes serves every size). ``--weighted``: a weighted stage 1 with random 4-bit weights, its threshold and the
 later ones matched to the same kept fractions. µs a query, medians of ``--rounds`` interleaved rounds over
 64 distinct queries.
@@ -39,6 +40,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--weighted", action="store_true")
+    ap.add_argument("--tile", action="store_true",
+                    help="the tile scan for every batch (BATCH_MIN_QUERIES = 1) instead of the index's pick: the "
+                         "measurements behind the rule")
     args = ap.parse_args()
     lengths, nq = [32, 128, 512, 2048], 64
     for n in (int(float(s)) for s in args.sizes.split(",")):
@@ -58,7 +62,7 @@ def main() -> None:
         del g
         q = {L: np.ascontiguousarray(v[:nq]) for L, v in q.items()}
         default = _kernels.BATCH_MIN_QUERIES
-        modes = {"query by query": 1 << 62, "as picked": default}
+        modes = {"query by query": 1 << 62, "as picked": 1 if args.tile else default}
 
         def search(b: int, t: int, a: int) -> np.ndarray:
             return index.search({L: v[a : a + b] for L, v in q.items()}, 100, th, threads=t,
