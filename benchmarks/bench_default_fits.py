@@ -16,8 +16,8 @@ codes is which items pass, not how many. ``CtFIndex.search``, top-``k``: one que
 thread, and batches of 64 on 1 and 2 threads; interleaved rounds, medians, us a query.
 
 ``--baseline`` also times the longest code alone in the same rounds (``hamming_topk`` over the same gallery,
-as ``experiments/time_thresholds.py`` times it on real galleries; 2 threads: the batch split in two halves
-on a thread pool) and prints each fit's speed-up over it: the issue's bar of CtF against the 2048-bit code,
+as ``experiments/time_thresholds.py`` times it on real galleries; 2 threads: the batch split as ``CtFIndex``
+splits it, ``parallel.run_chunks``) and prints each fit's speed-up over it: the issue's bar of CtF against the 2048-bit code,
 at the size the fit was made for.
 """
 
@@ -137,15 +137,16 @@ def main() -> None:
 
 def baseline_cases(gallery, queries, k: int) -> tuple:
     """One query at a time, a batch on 1 thread and on 2 threads, of ``hamming_topk`` over ``gallery`` alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from ctfreid.search.hamming import hamming_topk
+    from ctfreid.search.parallel import run_chunks
 
-    pool = ThreadPoolExecutor(2)  # the kernels release the GIL (nogil)
-    half = queries.shape[0] // 2
+    def chunk(a: int, b: int):
+        return hamming_topk(queries[a:b], gallery, k)
+
+    nq, n = queries.shape[0], gallery.shape[0]
     return (lambda: [hamming_topk(x, gallery, k) for x in queries],
             lambda: hamming_topk(queries, gallery, k),
-            lambda: list(pool.map(lambda part: hamming_topk(part, gallery, k), (queries[:half], queries[half:]))))
+            lambda: run_chunks(chunk, nq, 2, work_per_query=n))
 
 
 def _row(weights, i: int):

@@ -109,6 +109,7 @@ VECTOR_KEEP = _FEATURES is None or bool(_FEATURES.get("avx512f"))
 # AVX2 without AVX-512: a batch's weighted stage 1 reads each tile as byte planes through per-query nibble
 # tables (_bpmask64) when its threshold is below 255
 BYTE_PLANES = AVX2_BYTE_COUNTS
+BYTE_PLANES_MAX_T = 254  # largest threshold the byte-plane masks take (their byte counts saturate at 255)
 
 
 def _ir_nibbles(builder, x):
@@ -1267,6 +1268,7 @@ BATCH_MIN_QUERIES = 16
 BATCH_LARGE_N = 1 << 21
 BYTE_PLANES_TILE_WORK = 1 << 17
 BYTE_PLANES_TILE_MIN_N = 5000
+_MEASURED_MIN_QUERIES = BATCH_MIN_QUERIES  # the rules above were measured with it; setting it scales them
 BATCH_FILTER_MIN_N = 1 << 16  # larger galleries: a batch keeps only the stage-2 candidates (faster from 1e5)
 TILE_PREFETCH_QUERIES = 16  # this many queries or more: load each tile's stage-2 codes first (~20 % faster)
 
@@ -1484,7 +1486,7 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     tmp = np.empty((TILE + 1) * BLOCK, np.int32)
     dd = np.zeros(BLOCK + 1, np.int32)
     vec = na >= TILE_PREFETCH_QUERIES  # so many queries read most cache lines of a tile's stage-2 codes
-    bp = BYTE_PLANES and 0 <= hi <= 254  # masks from byte planes (_bpmask64; Hamming: every weight 1)
+    bp = BYTE_PLANES and 0 <= hi <= BYTE_PLANES_MAX_T  # masks from byte planes (_bpmask64; Hamming: weights 1)
     tables = np.zeros((na if bp else 0, 128), np.uint8)
     planes = np.empty(256 * TILE if bp else 0, np.uint8)
     if bp:
@@ -1820,10 +1822,10 @@ def tile_scan(nq: int, L1: int, n: int = 0, weighted: bool = False, t1: int = -1
     (``BATCH_MIN_QUERIES`` scales every case: out of reach, it forces ``ctf_topk``.)"""
     if L1 != 32:
         return False
-    if weighted and BYTE_PLANES and 0 <= t1 < 255:
+    if weighted and BYTE_PLANES and 0 <= t1 <= BYTE_PLANES_MAX_T:
         if n < BYTE_PLANES_TILE_MIN_N:
             return False
-        return nq * n * 16 >= BYTE_PLANES_TILE_WORK * BATCH_MIN_QUERIES
+        return nq * n * _MEASURED_MIN_QUERIES >= BYTE_PLANES_TILE_WORK * BATCH_MIN_QUERIES
     if weighted and n < WEIGHTED_TILE_MIN_N:
         return False
     return nq >= max(1, BATCH_MIN_QUERIES // (4 if n >= BATCH_LARGE_N else 1))
