@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""One query's 32-bit stage 1 as it runs (``_kernels._within1``: popcount masks, the hits' positions and
-distances) against byte-plane masks over planes laid out beforehand (``_bpmask64`` + ``_extract_pos``, the
-layout the batch scan builds per tile), on the codes and threshold fit of ``bench_search.py``. Measures what
-byte planes kept in the index would save a single query on AVX2 hosts; nothing in ctfreid keeps them yet.
+"""``CtFIndex.search`` with the byte planes the index keeps on AVX2 hosts without AVX-512 (``index.keeps_planes``)
+against the same index without them (its ``_planes`` set aside for the call: stage 1 as before, the popcount
+masks for one query and a layout per tile in the batch scan; the same arrays otherwise, so the same caches), on the codes and threshold fit of ``bench_search.py``; the weighted
+stage 1 (the default for searches by image) gets random 3-bit weights and the threshold that keeps the same
+fraction (``bench_asymmetric.py``).
 
     python3 benchmarks/bench_byte_planes.py --n 1e6
 
-Both must find the same hits; CPU time, median of ``--rounds`` rounds of 64 distinct queries, us a query.
+Both indexes must give the same answers (checked). One thread, top-100, wall time, median of ``--rounds``
+interleaved rounds of 64 distinct queries, us a query, and the NumPy floor of issue 15 (``codes32.sum()``).
 """
 
 from __future__ import annotations
@@ -18,69 +20,91 @@ import time
 from pathlib import Path
 
 import numpy as np
-from numba import njit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ctfreid.search import _kernels as K  # noqa: E402
-
-
-@njit
-def lay_out(g1, nfull, out):
-    """All full blocks' byte planes, 256 bytes a block (``_byte_planes``, tile by tile)."""
-    for t0 in range(0, nfull, K.TILE):
-        K._byte_planes(g1, t0, min(nfull, t0 + K.TILE), out[256 * t0 :])
-
-
-@njit
-def plane_hits(planes, q0, hi, live, nfull, pos):
-    """Positions of the codes within ``hi`` among the full blocks, from the planes; returns their count."""
-    tables = np.zeros(128, np.uint8)
-    K._query_tables(None, 0, q0, tables)
-    m = 0
-    for b in range(nfull):
-        m = K._extract_pos(K._bpmask64(planes, 256 * b, tables, hi) & live[b], b * K.BLOCK, pos, m)
-    return m
-
 
 def main() -> None:
+    from bench_asymmetric import weighted_threshold
     from bench_search import fit_thresholds, make_data
 
     from ctfreid import CtFIndex
+    from ctfreid.search import _kernels
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", default="1e6")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--batches", default="8,64", help="batch sizes besides one query")
     args = ap.parse_args()
-    n = int(float(args.n))
-    g, q, c, _, _ = make_data(n, 512, [32, 128, 512, 2048], 0, Path(tempfile.gettempdir()) / "ctfreid-bench")
+    if not _kernels.BYTE_PLANES:
+        sys.exit("this host has AVX-512 (or no AVX2): CtFIndex keeps no byte planes here, nothing to compare")
+    n, nq, k = int(float(args.n)), 64, args.k
+    g, q, calib, _, _ = make_data(n, 512, [32, 128, 512, 2048], 0, Path(tempfile.gettempdir()) / "ctfreid-bench")
     g = {L: np.ascontiguousarray(v[:n]) for L, v in g.items()}
-    th, _ = fit_thresholds(c, g, 0.02)
+    thr, kept = fit_thresholds(calib, g, 0.02)
+    rng = np.random.default_rng(1)
+    t1w, kept_w = weighted_threshold(calib, rng.integers(0, 8, (calib[32].shape[0], 32), dtype=np.uint8), g[32],
+                                     kept[0])
+    thr_w = {**thr, 32: t1w}
+    w = rng.integers(0, 8, (nq, 32), dtype=np.uint8)
     index = CtFIndex()
     index.add(g)
-    nfull = n // K.BLOCK
-    g1 = K.words32(index._stage_views()[0]).reshape(n)
-    live, hi = index._live, th[32]
-    planes = np.empty(256 * nfull, np.uint8)
-    lay_out(g1, nfull, planes)
-    Q1 = K.words32(np.ascontiguousarray(q[32][:64])).reshape(64)
-    ids, d0 = np.empty(n + 2 * K.BLOCK, np.int64), np.empty(n + 2 * K.BLOCK, np.int32)
-    dd, pos = np.zeros(K.BLOCK + 1, np.int32), np.empty(n + 8 * K.BLOCK, np.int64)
-    for i in range(64):  # compile, and the same hits
-        c1 = K._within1(Q1[i : i + 1], g1, nfull * K.BLOCK, hi, ids, d0, dd, live)
-        assert c1 == plane_hits(planes, Q1[i], hi, live, nfull, pos) and np.array_equal(ids[:c1], pos[:c1])
-    now, stored = [], []
+    planes = index._planes
+    floor_codes = np.ascontiguousarray(g[32]).view(np.uint32)
+    del g
+    queries = {L: np.ascontiguousarray(c[:nq]) for L, c in q.items()}
+    one = [{L: c[i] for L, c in queries.items()} for i in range(nq)]
+
+    sizes = [int(x) for x in args.batches.split(",") if x]
+
+    def batches(b: int, th: dict, weights: np.ndarray | None) -> list:
+        return [index.search({L: c[a : a + b] for L, c in queries.items()}, k, th, threads=1,
+                             query_weights=None if weights is None else weights[a : a + b]) for a in range(0, nq, b)]
+
+    def cases() -> dict:
+        out = {
+            "hamming, one query": lambda: [index.search(x, k, thr, threads=1) for x in one],
+            "weighted, one query": lambda: [index.search(x, k, thr_w, threads=1, query_weights=w[i])
+                                            for i, x in enumerate(one)],
+        }
+        for b in sizes:
+            out[f"hamming, batches of {b}"] = lambda b=b: batches(b, thr, None)
+            out[f"weighted, batches of {b}"] = lambda b=b: batches(b, thr_w, w)
+        return out
+
+    def run(f, arg: np.ndarray | None) -> list:
+        index._planes = arg  # (no writes run meanwhile)
+        try:
+            return f()
+        finally:
+            index._planes = planes
+
+    a = cases()
+    for name, f in a.items():  # compile, and the same answers
+        for x, y in zip(run(f, planes), run(f, None)):
+            assert np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]), name
+    times: dict = {(name, side): [] for name in a for side in ("planes", "none")}
+    floor: list = []
     for _ in range(args.rounds):
-        t = time.process_time()
-        for i in range(64):
-            K._within1(Q1[i : i + 1], g1, nfull * K.BLOCK, hi, ids, d0, dd, live)
-        now.append((time.process_time() - t) / 64 * 1e6)
-        t = time.process_time()
-        for i in range(64):
-            plane_hits(planes, Q1[i], hi, live, nfull, pos)
-        stored.append((time.process_time() - t) / 64 * 1e6)
-    print(f"n = {n:,}, threshold {hi}: _within1 {np.median(now):.0f} us a query, "
-          f"stored byte planes {np.median(stored):.0f} (masks and positions only)")
+        for name, f in a.items():
+            for side, arg in (("planes", planes), ("none", None)):
+                t0 = time.perf_counter()
+                run(f, arg)
+                times[name, side].append((time.perf_counter() - t0) / nq * 1e6)
+        for _ in range(3):  # cache-warm, as bench_batch.py's floor
+            t0 = time.perf_counter()
+            floor_codes.sum()
+            floor.append((time.perf_counter() - t0) * 1e6)
+    fl = float(np.median(floor))
+    print(f"n = {n:,}; thresholds {thr}, stage 1 keeps {100 * kept[0]:.2f} %; weighted t1 = {t1w} "
+          f"(keeps {100 * kept_w:.2f} %); top-{k}, one thread, us a query, median of {args.rounds}; "
+          f"NumPy floor {fl:.0f} us")
+    print("| search | without planes | with planes | speed-up | with planes / floor |")
+    print("|---|---|---|---|---|")
+    for name in a:
+        t_none, t_pl = (float(np.median(times[name, s])) for s in ("none", "planes"))
+        print(f"| {name} | {t_none:,.0f} | {t_pl:,.0f} | {t_none / t_pl:.2f}x | {t_pl / fl:.2f} |")
 
 
 if __name__ == "__main__":

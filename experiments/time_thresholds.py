@@ -3,9 +3,11 @@
 alone, timed in interleaved rounds in one process (one thread): a load change on a shared machine hits every
 setting alike. The shortest code alone bounds CtF's speed-up: CtF ranks the whole gallery with it first.
 A thresholds file fitted for a weighted stage 1 (``ctfreid calibrate --weighted``) is timed with the query
-set's ``values`` weighted as it says (``ctfreid.search.asymmetric``).
+set's ``values`` weighted as it says (``ctfreid.search.asymmetric``). ``--index`` also times each file's
+thresholds through ``CtFIndex`` (``search`` and ``rank``; it keeps the 32-bit codes as byte planes on AVX2 hosts
+without AVX-512, ``ctfreid.search.index.keeps_planes``), as a service or ``ctfreid search`` runs them.
 
-    python3 experiments/time_thresholds.py QUERY.npz GALLERY.npz TH1.json TH2.json ... [--rounds 15]
+    python3 experiments/time_thresholds.py QUERY.npz GALLERY.npz TH1.json TH2.json ... [--rounds 15] [--index]
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfreid import CtFIndex
 from ctfreid.encoded import load_encoded
 from ctfreid.eval.evaluate import single_thread
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("thresholds", nargs="+")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--index", action="store_true", help="also through CtFIndex")
     args = ap.parse_args()
     q, g = load_encoded(args.query), load_encoded(args.gallery)
     L, L1 = max(g.codes), min(g.codes)
@@ -42,6 +46,12 @@ def main() -> None:
         w = None if wt is None else wt.weights(q.values)
         fns[Path(path).stem] = (lambda th=th, w=w: ctf_search(q.codes, g.codes, th, 100, query_weights=w),
                                 lambda th=th, w=w: ctf_rank(q.codes, g.codes, th, query_weights=w))
+        if args.index:
+            index = CtFIndex()
+            index.add(g.codes)
+            fns[f"{Path(path).stem} (index)"] = (
+                lambda th=th, w=w, index=index: index.search(q.codes, 100, th, threads=1, query_weights=w),
+                lambda th=th, w=w, index=index: index.rank(q.codes, th, threads=1, query_weights=w))
     times: dict = {name: ([], []) for name in fns}
     with single_thread():
         for top, full in fns.values():  # compile and warm

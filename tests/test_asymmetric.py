@@ -458,8 +458,9 @@ def test_batch_tile_scan_equals_the_one_query_path_across_tiles_and_the_stage2_f
 def test_weighted_batches_on_small_galleries_equal_the_one_query_path(monkeypatch, n):
     # galleries below WEIGHTED_TILE_MIN_N: on byte-plane hosts (AVX2 without AVX-512) a weighted batch of 32
     # takes the tile scan from 2^17 queries x codes on (one partial tile at 6,000 codes, three at 20,000;
-    # _kernels.tile_scan), elsewhere ctf_topk query by query. Either way the answers are those of one query at
-    # a time through ctf_topk, removed items included.
+    # _kernels.tile_scan) in ctf_search, elsewhere ctf_topk query by query; CtFIndex keeps byte planes on such
+    # hosts and searches these batches query by query from them (below PLANES_WEIGHTED_TILE_MIN_N). Either way
+    # the answers are those of one query at a time through ctf_topk, removed items included.
     from ctfreid import CtFIndex
     from ctfreid.search import _kernels
 

@@ -238,19 +238,8 @@ def _wmask64(typingctx, arr, base, q, wp, hi):
     return types.uint64(arr, base, q, wp, hi), codegen
 
 
-@intrinsic
-def _bpmask64(typingctx, planes, base, tables, hi):
-    """The weighted-stage-1 mask of one block of 64 codes from its byte planes ``planes[base:base + 256]``
-    (``uint8``: plane p holds byte p of the 64 codes, ``_byte_planes``) and a query's nibble tables
-    (``uint8 [128]``, ``_nibble_tables``: at ``32 p`` / ``32 p + 16`` the weighted distance of the low / high
-    nibble of byte p for each of its 16 values): the codes whose distance, summed with saturation at 255, is
-    ``<= hi`` (exact for ``hi <= 254``). 8 ``vpshufb`` and 8 saturating byte adds per 32 codes, where
-    ``_wmask64`` needs four byte counts a code. AVX2 hosts only (``BYTE_PLANES``); elsewhere it compiles to a
-    lane-by-lane shuffle that is never run. Reads through the arrays' data pointers: ``base`` is trusted."""
-    if not (isinstance(planes, types.Array) and planes.dtype == types.uint8 and isinstance(tables, types.Array)
-            and tables.dtype == types.uint8 and isinstance(base, types.Integer)):
-        return None
-
+def _bp_codegen(store: bool):
+    """Code generation of ``_bpmask64`` (``store``: and of ``_bpmask64d``, which also stores the 64 distances)."""
     def codegen(context, builder, signature, args):
         g = context.make_array(signature.args[0])(context, builder, args[0])
         t = context.make_array(signature.args[2])(context, builder, args[2])
@@ -285,9 +274,39 @@ def _bpmask64(typingctx, planes, base, tables, hi):
                     acc = builder.call(sat, [acc, lookup(builder.shuffle_vector(tb, tb, both), nib)])
             keep = builder.icmp_unsigned("<=", acc, hi)
             halves.append(builder.zext(builder.bitcast(keep, i32), i64))
+            if store:  # the 32 codes' distances, saturated at 255, to out[32 half:]
+                o = context.make_array(signature.args[4])(context, builder, args[4])
+                ptr = builder.gep(o.data, [ir.Constant(i64, 32 * half)])
+                builder.store(acc, builder.bitcast(ptr, b32.as_pointer()), align=1)
         return builder.or_(halves[0], builder.shl(halves[1], ir.Constant(i64, 32)))
 
-    return types.uint64(planes, base, tables, hi), codegen
+    return codegen
+
+
+@intrinsic
+def _bpmask64(typingctx, planes, base, tables, hi):
+    """The weighted-stage-1 mask of one block of 64 codes from its byte planes ``planes[base:base + 256]``
+    (``uint8``: plane p holds byte p of the 64 codes, ``_byte_planes``) and a query's nibble tables
+    (``uint8 [128]``, ``_nibble_tables``: at ``32 p`` / ``32 p + 16`` the weighted distance of the low / high
+    nibble of byte p for each of its 16 values): the codes whose distance, summed with saturation at 255, is
+    ``<= hi`` (exact for ``hi <= 254``). 8 ``vpshufb`` and 8 saturating byte adds per 32 codes, where
+    ``_wmask64`` needs four byte counts a code. AVX2 hosts only (``BYTE_PLANES``); elsewhere it compiles to a
+    lane-by-lane shuffle that is never run. Reads through the arrays' data pointers: ``base`` is trusted."""
+    if not (isinstance(planes, types.Array) and planes.dtype == types.uint8 and isinstance(tables, types.Array)
+            and tables.dtype == types.uint8 and isinstance(base, types.Integer)):
+        return None
+    return types.uint64(planes, base, tables, hi), _bp_codegen(False)
+
+
+@intrinsic
+def _bpmask64d(typingctx, planes, base, tables, hi, out):
+    """``_bpmask64`` that also writes each code's distance, saturated at 255, to ``out[:64]`` (``uint8``, exact
+    for the codes within ``hi``): the hits' distances without reading their codes again."""
+    if not (isinstance(planes, types.Array) and planes.dtype == types.uint8 and isinstance(tables, types.Array)
+            and tables.dtype == types.uint8 and isinstance(base, types.Integer) and isinstance(out, types.Array)
+            and out.dtype == types.uint8):
+        return None
+    return types.uint64(planes, base, tables, hi, out), _bp_codegen(True)
 
 
 @intrinsic
@@ -853,6 +872,28 @@ def _within1(q, g, n, hi, bufi, bufd, dd, live):
 
 
 @njit(**_JIT)
+def _within_planes(q, wp, SP, tables, g, n, hi, bufi, bufd, dd, live):
+    """``_within1`` (or ``_within_weighted`` for one word a code) from the stage-1 codes' byte planes kept by
+    the index (``SP``: 256 bytes a full block, ``lay_planes``) and the query's nibble tables (``_query_tables``),
+    for ``0 <= hi <= BYTE_PLANES_MAX_T`` (fast on ``BYTE_PLANES`` hosts): a lookup per nibble in place of a byte
+    count per weight plane, so a weighted stage 1 costs what a Hamming one does. The hits' distances come from
+    the masks' own sums (``_bpmask64d``): read from the codes instead, they are a second stream from memory
+    (AMD Zen 2, stage 1 of one query at 1e6 codes: 220 us, 179 from the sums, 249 for ``_within1``; at 1e7:
+    4,990, 3,450 and 3,709). ``wp``: the query's weight planes (for the partial block), or None."""
+    q0 = q[0]
+    cnt = 0
+    nfull = n // BLOCK
+    d8 = np.zeros(BLOCK + 1, np.uint8)  # a block's distances (slot 64: read for an exhausted mask)
+    for b in range(nfull):
+        cnt = _extract(_bpmask64d(SP, 256 * b, tables, hi, d8) & live[b], b * BLOCK, d8, bufi, bufd, cnt)
+    m = n - nfull * BLOCK
+    if m > 0:
+        base = nfull * BLOCK
+        cnt = _extract1(_tail_hits(q, wp, g, base, m, dd, hi) & live[nfull], base, q0, g, bufi, bufd, cnt, wp)
+    return cnt
+
+
+@njit(**_JIT)
 def topk(Q, G, L, k, live, outD, outI):
     """First ``k`` of each query's Hamming ranking (ties: lower gallery index first), without sorting
     the gallery; pads with -1 / int32 max when ``k > n``."""
@@ -1192,13 +1233,17 @@ def _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, c1, ids
 
 
 @njit(**_JIT)
-def _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, oD, oI, oC, Pr=None):
+def _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, oD, oI, oC, Pr=None, SP=None):
     """Query ``i`` of ``ctf_topk`` on its own: stage 1 and 2 into the workspace, then ``_ctf_finish``."""
     big = n + 2 * BLOCK
     ids = ws64[:big]
     D = ws32[: S * big].reshape(S, big)  # D[s, j]: stage-s distance of stage-1 candidate j
     dd = np.zeros(BLOCK + 1, np.int32)
-    if W1 == 1:
+    if SP is not None and W1 == 1 and 0 <= thr[0] <= BYTE_PLANES_MAX_T:
+        tables = np.zeros(128, np.uint8)
+        _query_tables(None, i, Q1[i, 0], tables)
+        c1 = _within_planes(Q1[i], None, SP, tables, g1, n, thr[0], ids, D[0], dd, live)
+    elif W1 == 1:
         c1 = _within1(Q1[i], g1, n, thr[0], ids, D[0], dd, live)
     else:
         c1 = _select(Q1[i], g1, W1, n, L1, n, thr[0], ids, D[0], np.zeros(L1 + 2, np.int64), dd, live)
@@ -1207,7 +1252,8 @@ def _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32
 
 
 @njit(**_JIT)
-def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC, P1=None, Lw=0, Pr=None):
+def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, outI, outC, P1=None, Lw=0, Pr=None,
+             SP=None):
     """First ``k`` of the CtF rankings of a batch without ranking the whole gallery (arguments as for
     ``ctf_rank``; ``ws64``/``ws32``: scratch from ``ctf_workspace``, reusable across calls), one query
     after the other (``ctf_topk_batch``: a batch at once, same answers).
@@ -1225,19 +1271,21 @@ def ctf_topk(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, outD, ou
     ``P1`` / ``Lw``: the weight planes and largest distance of a weighted stage 1 (``thr[0]`` bounds the
     weighted distance), same semantics (``_ctf_one_weighted``); compiled apart from the Hamming path.
     ``Pr``: weight planes of the later stages (``_later_dist``); ``Ls[s]`` is then the largest distance of
-    stage s (``15 L`` for a weighted one), which sizes the sort keys.
+    stage s (``15 L`` for a weighted one), which sizes the sort keys. ``SP``: the byte planes of the stage-1
+    codes' full blocks (``lay_planes``; ``CtFIndex`` keeps them on ``BYTE_PLANES`` hosts), or None: stage 1 then
+    reads them (``_within_planes``) when its threshold allows, same answers.
     """
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
     if P1 is None:  # (the other branch is pruned at compile time: the Hamming path allocates nothing more)
         for i in range(Q1.shape[0]):
             _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i],
-                     Pr)
+                     Pr, SP)
     else:
         wscratch = _weighted_scratch(n)
         for i in range(Q1.shape[0]):
             _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, wscratch,
-                              outD[i], outI[i], outC[i], Pr)
+                              outD[i], outI[i], outC[i], Pr, SP)
 
 
 # A batch scans the gallery in tiles of TILE blocks (32 KB of 32-bit codes: stays in L1 while every query
@@ -1466,6 +1514,14 @@ def _byte_planes(g1, t0, t1, buf):
 
 
 @njit(**_JIT)
+def lay_planes(g1, b0, b1, out):
+    """The byte planes of blocks ``b0 .. b1 - 1`` of the 32-bit codes ``g1`` (flat ``words32`` view, full blocks
+    only) into ``out[256 b0 : 256 b1]`` (``_byte_planes``' layout): the ``SP`` that ``CtFIndex`` keeps for
+    ``ctf_topk`` and ``ctf_topk_batch``."""
+    _byte_planes(g1, b0, b1, out[256 * b0 :])
+
+
+@njit(**_JIT)
 def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt, c1, P1):
     """Stage 1 (and the stage-2 distances of its candidates) of queries ``a0 .. a0 + na - 1``: for each
     tile of the gallery, every query's 64-code masks (``_mask64``, ``live`` applied); query ``a``'s hits
@@ -1476,7 +1532,9 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     (``BYTE_PLANES``) each tile's codes are first laid out as byte planes (``_byte_planes``, 32 KB) and every
     query's masks read them through its nibble tables (``_bpmask64``): per code a byte lookup and a saturating
     add per nibble, shared by the Hamming and the weighted stage 1 (AMD Zen 2, batch of 64 at 1e6, 1 thread:
-    Hamming 478 -> 417 us a query, weighted 874 -> 410)."""
+    Hamming 478 -> 417 us a query, weighted 874 -> 410). Not from the planes that ``CtFIndex`` keeps
+    (``lay_planes``): the hits' stage-1 distances then come from codes no longer in cache (batches of 16 at 1e6,
+    1 thread: 526 -> 578 us a query; the layout costs a batch of 64 about 2 us a query)."""
     cap = bufI.shape[1]
     n2, W2 = G2.shape
     g2 = G2.reshape(n2 * W2)
@@ -1531,7 +1589,7 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
 
 @njit(**_JIT)
 def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi2, bufI, bufD, outD, outI, outC,
-                   P1=None, Lw=0, Pr=None):
+                   P1=None, Lw=0, Pr=None, SP=None):
     """``ctf_topk`` for a batch at once, same answers: stage 1 scans the gallery once per group of
     ``bufI.shape[0]`` queries, tile by tile (``_scan_tiles``), instead of once per query; the later stages
     run per query (``_ctf_finish``). Stage-1 codes of one 32-bit word (``G1``: [n, 1]). ``bufI``/``bufD``:
@@ -1543,7 +1601,8 @@ def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi
     buffers hold, that query is searched on its own (``_ctf_one``). ``P1``/``Lw``: the weight planes and the
     largest distance of a weighted stage 1 (as ``ctf_topk``, same answers), compiled apart from the
     Hamming scan; a weighted query with fewer than ``k`` kept is searched on its own. ``Pr``: weighted later
-    stages after stage 2 (as ``ctf_topk``; stage 2, computed in the scan, must be Hamming)."""
+    stages after stage 2 (as ``ctf_topk``; stage 2, computed in the scan, must be Hamming). ``SP``: the stored
+    byte planes (as ``ctf_topk``), for the queries searched on their own (the tile scan lays out its own)."""
     n, W1 = G1.shape
     g1 = G1.reshape(n * W1)
     nq = Q1.shape[0]
@@ -1568,7 +1627,7 @@ def ctf_topk_batch(Q1, G1, L1, Qr, qoff, Gr, Ls, S, thr, k, live, ws64, ws32, hi
                     continue
             if cnt[a] > cap or (cnt[a] < k and cnt[a] < c1[a]):
                 _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, outD[i], outI[i], outC[i],
-                         Pr)
+                         Pr, SP)
             else:
                 _ctf_finish(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, cnt[a], bufI[a], bufD[a],
                             ws64, ws32, outD[i], outI[i], outC[i], Pr)
@@ -1754,7 +1813,7 @@ def _weighted_scratch(n):
 
 @njit(**_JIT)
 def _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32, scratch, oD, oI, oC,
-                      Pr=None):
+                      Pr=None, SP=None):
     """``_ctf_one`` for a weighted stage 1 (``scratch``: ``_weighted_scratch(n)``): the candidates within
     ``thr[0]`` are collected in gallery order (``_within_weighted``), re-ranked by the later stages
     (``_ctf_finish``) and followed, when fewer than ``k``, by the rest of the weighted stage-1 ranking
@@ -1765,7 +1824,13 @@ def _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, 
     ids = ws64[:big]
     D = ws32[: S * big].reshape(S, big)
     t1 = thr[0]
-    c1 = _within_weighted(Q1[i], P1[i], g1, W1, n, t1, ids, D[0], live, d)
+    if SP is not None and W1 == 1 and 0 <= t1 <= BYTE_PLANES_MAX_T:
+        tables = np.zeros(128, np.uint8)
+        _query_tables(P1, i, Q1[i, 0], tables)
+        c1 = _within_planes(Q1[i], _word_planes(P1[i]), SP, tables, g1, n, t1, ids, D[0], np.zeros(BLOCK + 1, np.int32),
+                            live)
+    else:
+        c1 = _within_weighted(Q1[i], P1[i], g1, W1, n, t1, ids, D[0], live, d)
     _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1], Pr)
     kk = min(k, c1)
     if kk > 0:
@@ -1811,17 +1876,28 @@ def batch_shape(n: int, nq: int, S: int, budget: int = 1 << 28, room: int | None
 # (benchmarks/bench_asymmetric.py, AMD Zen 4). Its masks cost ~4x the Hamming ones, so the shared reads of a
 # tile gain less than for the Hamming scan.
 WEIGHTED_TILE_MIN_N = 1 << 16
+# With the index's byte planes a weighted query costs what a Hamming one does in ctf_topk, while the tile scan
+# still pays the weights in each hit's stage-1 distance: batches of 16 / 64 on one thread, us a query, query by
+# query / tile scan (bench_small_batches.py --weighted, 4-bit weights, AMD Zen 2): 1e4 23 / 28, 19 / 23; 1e5
+# 52 / 62, 48 / 53; 3e5 171 / 183, 154 / 143; 1e6 593 / 547, 541 / 456.
+PLANES_WEIGHTED_TILE_MIN_N = 1 << 18
 
 
-def tile_scan(nq: int, L1: int, n: int = 0, weighted: bool = False, t1: int = -1) -> bool:
+def tile_scan(nq: int, L1: int, n: int = 0, weighted: bool = False, t1: int = -1, planes: bool = False) -> bool:
     """Whether a top-k of ``nq`` queries (per thread) with an ``L1``-bit first stage on ``n`` codes runs
     ``ctf_topk_batch`` (else ``ctf_topk``): for 32-bit first stages (one word a code), from
     ``BATCH_MIN_QUERIES`` queries on and a quarter as many from ``BATCH_LARGE_N`` codes on; weighted, from
     ``WEIGHTED_TILE_MIN_N`` codes on, except for a threshold ``t1`` that the byte-plane masks take: then from
     ``BYTE_PLANES_TILE_MIN_N`` codes and ``BYTE_PLANES_TILE_WORK`` queries x codes on (see ``BATCH_LARGE_N``).
-    (``BATCH_MIN_QUERIES`` scales every case: out of reach, it forces ``ctf_topk``.)"""
+    With the byte planes kept by the index (``planes``, ``lay_planes``) the one-query kernel reads them, and such
+    a weighted stage 1 takes the Hamming rule from ``PLANES_WEIGHTED_TILE_MIN_N`` codes on, the one-query kernel
+    below. (``BATCH_MIN_QUERIES`` scales every case: out of reach, it forces ``ctf_topk``.)"""
     if L1 != 32:
         return False
+    if weighted and BYTE_PLANES and 0 <= t1 <= BYTE_PLANES_MAX_T and planes:
+        if n < PLANES_WEIGHTED_TILE_MIN_N:
+            return False
+        weighted = False
     if weighted and BYTE_PLANES and 0 <= t1 <= BYTE_PLANES_MAX_T:
         if n < BYTE_PLANES_TILE_MIN_N:
             return False

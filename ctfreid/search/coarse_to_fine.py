@@ -87,15 +87,16 @@ def weight_tail(sw: StageWeights | None) -> tuple:
     return () if sw is None else sw.kernel_tail()
 
 
-def batched(nq: int, lengths: list[int], n: int, sw: StageWeights | None, thr: np.ndarray) -> bool:
+def batched(nq: int, lengths: list[int], n: int, sw: StageWeights | None, thr: np.ndarray,
+            planes: bool = False) -> bool:
     """Whether a top-k of ``nq`` queries with thresholds ``thr`` runs the tile scan (``_kernels.tile_scan``;
     the limits of a weighted stage 1 apply when stage 1 is weighted). A weighted stage 2 runs query by query:
     the tile scan computes stage 2 inside the scan with Hamming distances (a weighted one there, in the scalar
     loop, was no faster than query by query: ``benchmarks/README.md``, tenth session); weighted stages after it
-    run in either."""
+    run in either. ``planes``: the stage-1 codes' byte planes are kept (``CtFIndex``)."""
     if sw is not None and sw.later is not None and sw.later[1][1]:
         return False
-    return _kernels.tile_scan(nq, lengths[0], n, sw is not None and sw.first is not None, int(thr[0]))
+    return _kernels.tile_scan(nq, lengths[0], n, sw is not None and sw.first is not None, int(thr[0]), planes)
 
 
 def _rank_all(qs: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], lengths: list[int], thr: np.ndarray,

@@ -15,7 +15,9 @@ clamped: results have ``min(k, ntotal)`` columns (no padding; a faiss index woul
 a single length is a plain Hamming index (no thresholds).
 
 Removal (``remove_ids``) clears the items' bits in a live mask that the scans AND into their block masks
-(one word per 64 codes) and overwrites their codes with zeros at once: O(removed). Dead slots are compacted
+(one word per 64 codes) and overwrites their codes with zeros at once: O(removed). On AVX2 hosts without
+AVX-512 an index whose first length is 32 bits also keeps those codes as byte planes (``keeps_planes``; 4 bytes
+a code, rebuilt on load, never saved), and zeroes that copy too. Dead slots are compacted
 away when they pass ``COMPACT_FRACTION`` of the slots (as Qdrant's vacuum) or on ``compact()``; ``save`` and
 ``to_bytes`` compact first, so a file never holds a removed item.
 
@@ -152,6 +154,14 @@ def _word_aligned(codes: np.ndarray) -> bool:
     return w % 4 == 0 and codes.view(np.uint64 if w % 8 == 0 else np.uint32).flags.aligned
 
 
+def keeps_planes(lengths: Sequence[int] | None) -> bool:
+    """Whether an index of these code lengths keeps its 32-bit codes also as byte planes (``_kernels.lay_planes``):
+    on hosts whose stage-1 masks read them (``_kernels.BYTE_PLANES``: AVX2 without AVX-512), for a pyramid whose
+    first length is 32 bits. 4 bytes more a code; one query's stage 1 then reads them in place of the codes (weighted: 1.5x faster
+    a query at 1e6, ``benchmarks/bench_byte_planes.py``)."""
+    return bool(_kernels.BYTE_PLANES) and lengths is not None and len(lengths) > 1 and lengths[0] == 32
+
+
 def default_thresholds(lengths: Sequence[int], thresholds: Mapping[int, int],
                        weighted_thresholds: Mapping[int, int] | None, weighting: Weighting | None,
                        weighted: Sequence[int] = ()) -> Mapping[int, int]:
@@ -206,6 +216,8 @@ class CtFIndex:
         self._codes: dict[int, np.ndarray] = {}  # capacity-sized buffers (or read-only maps after load)
         self._ids: np.ndarray = np.empty(0, np.int64)  # id of every slot (dead slots keep theirs)
         self._live: np.ndarray = _kernels.all_live(0)  # bit j of word b: slot 64 b + j is live
+        # the 32-bit codes' full blocks as byte planes (keeps_planes), room for every block of their buffer; or None
+        self._planes: np.ndarray | None = None
         self._nslots = 0  # slots in use, live or dead
         self._ndead = 0
         self._next_id = 0  # next default id (default ids are never reused)
@@ -296,8 +308,9 @@ class CtFIndex:
         """Swap in the buffers of :meth:`_grown` (the caller holds ``_writing``: no write ran since the copy)."""
         if grown is not None:
             with self._lock.write():
-                old = (self._ids, dict(self._codes), self._views)
+                old = (self._ids, dict(self._codes), self._views, self._planes)
                 self._ids = grown.pop("ids")
+                self._planes = grown.pop("planes", self._planes)
                 self._codes.update(grown)
                 self._views = None
             # the old buffers are freed here, after the lock: unmapping a loaded file whose name is gone frees
@@ -318,6 +331,9 @@ class CtFIndex:
                 return None
             grown: dict = {L: self._grow(self._codes[L], need, (L // 8,), np.uint8) for L in self._lengths}
             grown["ids"] = self._grow(self._ids, need, (), np.int64)
+            planes = self._planes_for(grown[self._lengths[0]])
+            if planes is not self._planes:
+                grown["planes"] = planes
             return grown
 
     def _add_locked(self, cs: dict, lengths: list[int], n: int, given: bool, ids_arr: np.ndarray | None) -> None:
@@ -343,6 +359,10 @@ class CtFIndex:
         for L, arr in cs.items():
             self._codes[L] = self._grow(self._codes[L], new_total, (L // 8,), np.uint8)
             self._codes[L][old:new_total] = arr
+        self._planes = self._planes_for(self._codes[lengths[0]])
+        if self._planes is not None:  # the blocks this add filled (a partial block waits until it is full)
+            _kernels.lay_planes(_kernels.words32(self._codes[lengths[0]]).reshape(-1), old // _kernels.BLOCK,
+                                new_total // _kernels.BLOCK, self._planes)
         self._ids = self._grow(self._ids, new_total, (), np.int64)
         self._ids[old:new_total] = ids_arr
         cap_words = self._ids.shape[0] // _kernels.BLOCK + 1
@@ -381,6 +401,23 @@ class CtFIndex:
         new = _empty_aligned((cap,) + row, dtype)
         if self._nslots:
             new[: self._nslots] = buf[: self._nslots]
+        return new
+
+    def _planes_for(self, codes: np.ndarray) -> np.ndarray | None:
+        """Byte planes with room for every block of the first length's buffer ``codes``, holding the current
+        full blocks (the current planes when they have room); None when the index keeps none (``keeps_planes``)."""
+        if not keeps_planes(self._lengths):
+            return None
+        cur = self._planes
+        need = 256 * -(-codes.shape[0] // _kernels.BLOCK)
+        if cur is not None and cur.shape[0] >= need:
+            return cur
+        new = _empty_aligned((need,), np.uint8)
+        full = self._nslots // _kernels.BLOCK
+        if cur is not None:
+            new[: 256 * full] = cur[: 256 * full]
+        else:
+            _kernels.lay_planes(_kernels.words32(codes[: self._nslots]).reshape(-1), 0, full, new)
         return new
 
     def _set_live(self, pos: np.ndarray, alive: bool) -> None:
@@ -437,6 +474,10 @@ class CtFIndex:
                     return 0
                 for L in self._lengths:
                     self._codes[L][pos] = 0
+                if self._planes is not None:  # the copy of the 32-bit codes too (erasure)
+                    at = 256 * (pos >> 6) + (pos & 63)
+                    for p in range(4):
+                        self._planes[at + 64 * p] = 0
                 self._set_live(pos, False)
                 self._ndead += int(pos.size)
                 self._views = None
@@ -460,7 +501,7 @@ class CtFIndex:
             copies = self._compacted()
         if copies is not None:
             with self._lock.write():
-                old = (self._ids, self._codes, self._live, self._views)
+                old = (self._ids, self._codes, self._live, self._views, self._planes)
                 self._install(copies)
             del old  # freed after the lock (see _swap_in)
 
@@ -471,8 +512,8 @@ class CtFIndex:
             self._install(copies)
 
     def _compacted(self) -> dict | None:
-        """The live items' rows in fresh buffers (codes by length, ``"ids"``, ``"live"``), or None when no
-        slot is dead; changes nothing."""
+        """The live items' rows in fresh buffers (codes by length, ``"ids"``, ``"live"``, ``"planes"`` when kept),
+        or None when no slot is dead; changes nothing."""
         if not self._ndead:
             return None
         keep = self._live_slots()
@@ -483,6 +524,10 @@ class CtFIndex:
             out[L][:m] = self._codes[L][: self._nslots][keep]
         ids = _empty_aligned((max(m, 1024),), np.int64)
         ids[:m] = self._ids[: self._nslots][keep]
+        if keeps_planes(self._lengths):
+            first = out[self._lengths[0]]
+            out["planes"] = _empty_aligned((256 * -(-first.shape[0] // _kernels.BLOCK),), np.uint8)
+            _kernels.lay_planes(_kernels.words32(first).reshape(-1), 0, m // _kernels.BLOCK, out["planes"])
         live = np.zeros(ids.shape[0] // _kernels.BLOCK + 1, np.uint64)
         full, rest = divmod(m, 64)
         live[:full] = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -495,6 +540,7 @@ class CtFIndex:
         """Swap in the buffers of :meth:`_compacted` (write lock held)."""
         ids = copies.pop("ids")
         self._live = copies.pop("live")
+        self._planes = copies.pop("planes", None)
         self._codes = copies
         self._ids = ids
         m = self._nslots - self._ndead
@@ -584,6 +630,7 @@ class CtFIndex:
         if m == 0:
             return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64), C
         weighted = weight_tail(sw)  # the kernels' trailing P1, Lw[, Pr]
+        planes = self._planes
         # one weighted length has no top-k kernel: its full ranking, then the first m
         full = k is None or (sw is not None and len(lengths) == 1)
         cols = n if full else m
@@ -603,12 +650,15 @@ class CtFIndex:
             args = (_kernels.words32(qs[0]), g1, lengths[0], Qr, qoff, Gr, Lmax, len(lengths), thr)
             if full:
                 _kernels.ctf_rank(*args, D, P, *weighted)
-            elif batched(nq, lengths, n, sw, thr):
-                _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), _kernels.stage2_keep(n, thr, Ls),
-                                        *self._batch_buffers(n, nq), D, P, C, *weighted)
-                self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
             else:
-                _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C, *weighted)
+                # the stored planes (the last argument) after P1, Lw, Pr
+                tail = weighted if planes is None else (*weighted, None, 0, None)[:3] + (planes,)
+                if batched(nq, lengths, n, sw, thr, planes is not None):
+                    _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m),
+                                            _kernels.stage2_keep(n, thr, Ls), *self._batch_buffers(n, nq), D, P, C, *tail)
+                    self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
+                else:
+                    _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C, *tail)
         if full and self._ndead:  # the order is a per-item key: dropping removed items keeps it exact
             keep = self._live_slots()[P]
             P = P[keep].reshape(nq, live_n)
@@ -997,6 +1047,8 @@ class CtFIndex:
         index._ids = loaded["ids"]
         index._nslots = n
         index._live = _kernels.all_live(n)
+        if lengths:
+            index._planes = index._planes_for(index._codes[lengths[0]])
         index._default_ids = default_ids
         index._next_id = next_id
         index._increasing = bool(n <= 1 or (np.diff(ids) > 0).all())
