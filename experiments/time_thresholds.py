@@ -5,7 +5,8 @@ setting alike. The shortest code alone bounds CtF's speed-up: CtF ranks the whol
 A thresholds file fitted for a weighted stage 1 (``ctfreid calibrate --weighted``) is timed with the query
 set's ``values`` weighted as it says (``ctfreid.search.asymmetric``). ``--index`` also times each file's
 thresholds through ``CtFIndex`` (``search`` and ``rank``; it keeps the 32-bit codes as byte planes on AVX2 hosts
-without AVX-512, ``ctfreid.search.index.keeps_planes``), as a service or ``ctfreid search`` runs them.
+without AVX-512, ``ctfreid.search.index.keeps_planes``), as a service or ``ctfreid search`` runs them, and where
+it keeps them also without (``benchmarks/bench_byte_planes.py``).
 
     python3 experiments/time_thresholds.py QUERY.npz GALLERY.npz TH1.json TH2.json ... [--rounds 15] [--index]
 """
@@ -24,6 +25,15 @@ from ctfreid.eval.evaluate import single_thread
 from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.hamming import hamming_rank, hamming_topk
 from ctfreid.search.thresholds import read_thresholds_file
+
+
+def without_planes(index: CtFIndex, method, *args, **kwargs):
+    """``method(*args, **kwargs)`` with the index's byte planes set aside (no writes run meanwhile)."""
+    planes, index._planes = index._planes, None
+    try:
+        return method(*args, **kwargs)
+    finally:
+        index._planes = planes
 
 
 def main() -> None:
@@ -52,6 +62,12 @@ def main() -> None:
             fns[f"{Path(path).stem} (index)"] = (
                 lambda th=th, w=w, index=index: index.search(q.codes, 100, th, threads=1, query_weights=w),
                 lambda th=th, w=w, index=index: index.rank(q.codes, th, threads=1, query_weights=w))
+            if index._planes is not None:
+                fns[f"{Path(path).stem} (index, no planes)"] = (
+                    lambda th=th, w=w, index=index: without_planes(index, index.search, q.codes, 100, th, threads=1,
+                                                                   query_weights=w),
+                    lambda th=th, w=w, index=index: without_planes(index, index.rank, q.codes, th, threads=1,
+                                                                   query_weights=w))
     times: dict = {name: ([], []) for name in fns}
     with single_thread():
         for top, full in fns.values():  # compile and warm
