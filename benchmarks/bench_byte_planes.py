@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """``CtFIndex.search`` with the byte planes the index keeps on AVX2 hosts without AVX-512 (``index.keeps_planes``)
-against the same index without them (its ``_planes`` set aside for the call: stage 1 as before, the popcount
-masks for one query and a layout per tile in the batch scan; the same arrays otherwise, so the same caches), on the codes and threshold fit of ``bench_search.py``; the weighted
-stage 1 (the default for searches by image) gets random 3-bit weights and the threshold that keeps the same
-fraction (``bench_asymmetric.py``).
+against the same index with them set aside for the call (its ``_planes``: stage 1 as before, the popcount masks
+for one query; the same arrays otherwise, so the same caches), on the codes and threshold fit of
+``bench_search.py``; the weighted stage 1 (the default for searches by image) gets random 3-bit weights and the
+threshold that keeps the same fraction (``bench_asymmetric.py``).
 
-    python3 benchmarks/bench_byte_planes.py --n 1e6
+    python3 benchmarks/bench_byte_planes.py --n 1e6 --batches 4,16,64
 
-Both indexes must give the same answers (checked). One thread, top-100, wall time, median of ``--rounds``
-interleaved rounds of 64 distinct queries, us a query, and the NumPy floor of issue 15 (``codes32.sum()``,
-cache-warm: the median of 15 sums back to back).
+Both must give the same answers (checked). One thread, top-100, wall time, median of ``--rounds`` interleaved
+rounds of 64 distinct queries (in batches of each ``--batches`` size too), us a query, and the NumPy floor of
+issue 15 (``codes32.sum()``, cache-warm: the median of 15 sums back to back).
 """
 
 from __future__ import annotations

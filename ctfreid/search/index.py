@@ -157,8 +157,8 @@ def _word_aligned(codes: np.ndarray) -> bool:
 def keeps_planes(lengths: Sequence[int] | None) -> bool:
     """Whether an index of these code lengths keeps its 32-bit codes also as byte planes (``_kernels.lay_planes``):
     on hosts whose stage-1 masks read them (``_kernels.BYTE_PLANES``: AVX2 without AVX-512), for a pyramid whose
-    first length is 32 bits. 4 bytes more a code; one query's stage 1 then reads them in place of the codes (weighted: 1.5x faster
-    a query at 1e6, ``benchmarks/bench_byte_planes.py``)."""
+    first length is 32 bits. 4 bytes more a code; one query's stage 1 then reads them in place of the codes
+    (weighted: 1.6x faster a query at 1e6, ``benchmarks/bench_byte_planes.py``)."""
     return bool(_kernels.BYTE_PLANES) and lengths is not None and len(lengths) > 1 and lengths[0] == 32
 
 
@@ -654,8 +654,9 @@ class CtFIndex:
                 # the stored planes (the last argument) after P1, Lw, Pr
                 tail = weighted if planes is None else (*weighted, None, 0, None)[:3] + (planes,)
                 if batched(nq, lengths, n, sw, thr, planes is not None):
-                    _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m),
-                                            _kernels.stage2_keep(n, thr, Ls), *self._batch_buffers(n, nq), D, P, C, *tail)
+                    hi2 = _kernels.stage2_keep(n, thr, Ls)
+                    _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), hi2,
+                                            *self._batch_buffers(n, nq), D, P, C, *tail)
                     self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
                 else:
                     _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C, *tail)
