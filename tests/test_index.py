@@ -62,6 +62,31 @@ def test_explicit_ids(data):
     np.testing.assert_array_equal(D, rD)
 
 
+@pytest.mark.parametrize("case", ["default", "arange", "from 1", "reversed", "removed", "compacted", "loaded"])
+def test_results_map_slots_to_ids_unless_they_are_the_same(data, case, tmp_path):
+    # the index skips mapping slots to ids when every slot's id is the slot (_slots_are_ids): checked against the
+    # stored ids themselves, and every ranking against the functions over the live items mapped by hand
+    q, g = data
+    ids = {"arange": np.arange(700), "from 1": np.arange(1, 701), "reversed": np.arange(700)[::-1].copy()}.get(case)
+    index = _built(g, ids)
+    live = np.ones(700, bool)
+    if case in ("removed", "compacted", "loaded"):
+        gone = np.arange(0, 700, 7) if case == "removed" else np.arange(0, 700, 3)  # under / over COMPACT_FRACTION
+        index.remove_ids(gone)
+        live[gone] = False
+    if case == "loaded":
+        index.save(tmp_path / "i.ctf")
+        index = CtFIndex.load(tmp_path / "i.ctf")
+        index.thresholds = dict(TH)
+    n = index._nslots
+    assert index._slots_are_ids() == np.array_equal(index._ids[:n], np.arange(n))
+    assert index._slots_are_ids() == (case in ("default", "arange", "removed"))
+    stored = (np.arange(700) if ids is None else ids)[live]
+    kept = {L: c[live] for L, c in g.items()}
+    np.testing.assert_array_equal(index.rank(q)[1], stored[ctf_rank(q, kept, TH)[1]])
+    np.testing.assert_array_equal(index.search(q, 50)[1], stored[ctf_search(q, kept, TH, 50)[1]])
+
+
 def test_add_errors(data):
     q, g = data
     index = CtFIndex()

@@ -247,6 +247,13 @@ class CtFIndex:
     def __repr__(self) -> str:
         return f"CtFIndex(lengths={self.lengths}, ntotal={self.ntotal}, thresholds={self.thresholds})"
 
+    def _slots_are_ids(self) -> bool:
+        """Whether every slot's id is the slot itself (default ids and no compaction yet: ids 0 .. n - 1 in
+        order), so that results need no mapping (a full ranking maps every item: 1.4 million per call for 600
+        queries on a 2,276-item gallery). Strictly increasing ids from 0 to n - 1 over n slots are exactly those."""
+        n = self._nslots
+        return self._increasing and (n == 0 or (int(self._ids[0]) == 0 and int(self._ids[n - 1]) == n - 1))
+
     def _live_slots(self) -> np.ndarray:
         """Boolean [nslots]: which slots are live."""
         bits = np.unpackbits(self._live.view(np.uint8), bitorder="little")
@@ -732,7 +739,8 @@ class CtFIndex:
 
             parts = run_chunks(chunk, nq, threads, work_per_query=self._nslots)
             out = list(parts[0]) if len(parts) == 1 else [np.concatenate(x, axis=0) for x in zip(*parts)]
-            out.insert(2, self._ids[out[1]])  # slots -> stored ids while the read lock is held: D, P, I, C, ...
+            # slots -> stored ids while the read lock is held: D, P, I, C, ...
+            out.insert(2, out[1] if self._slots_are_ids() else self._ids[out[1]])
         return tuple(out)
 
     def search(self, query_codes: Mapping[int, np.ndarray], k: int,
