@@ -1878,8 +1878,8 @@ def batch_shape(n: int, nq: int, S: int, budget: int = 1 << 28, room: int | None
 WEIGHTED_TILE_MIN_N = 1 << 16
 # With the index's byte planes a weighted query costs what a Hamming one does in ctf_topk, while the tile scan
 # still pays the weights in each hit's stage-1 distance: batches of 16 / 64 on one thread, us a query, query by
-# query / tile scan (bench_small_batches.py --weighted, 4-bit weights, AMD Zen 2): 1e4 23 / 28, 19 / 23; 1e5
-# 52 / 62, 48 / 53; 3e5 171 / 183, 154 / 143; 1e6 593 / 547, 541 / 456.
+# query / tile scan (bench_small_batches.py --weighted, 4-bit weights, AMD Zen 2): 2,276 14 / 17, 10 / 12; 1e4
+# 18 / 22, 14 / 17; 3e4 24 / 29, 20 / 23; 1e5 54 / 61, 52 / 59; 3e5 171 / 183, 154 / 143; 1e6 593 / 547, 541 / 456.
 PLANES_WEIGHTED_TILE_MIN_N = 1 << 18
 
 
