@@ -8,10 +8,10 @@ the kernel the index picks (``_kernels.tile_scan``); both must give the answers 
 
 ``--tile``: the tile scan for every batch instead of the index's pick (weighted: where the rule allows it at
 all; with the index's byte planes, from ``_kernels.PLANES_WEIGHTED_TILE_MIN_N`` codes on, which a caller may
-lower to compare below it). ``--source N``: take the galleries as the first n codes of the cached set of N codes (one generation of 1e7
-codes serves every size). ``--weighted``: a weighted stage 1 with random 4-bit weights, its threshold and the
-later ones matched to the same kept fractions. µs a query, medians of ``--rounds`` interleaved rounds over
-64 distinct queries.
+lower to compare below it). ``--source N``: take the galleries as the first n codes of the cached set of N
+codes (one generation of 1e7 codes serves every size). ``--weighted``: a weighted stage 1 with random 4-bit
+weights, its threshold and the later ones matched to the same kept fractions. µs a query, medians of
+``--rounds`` interleaved rounds over 64 distinct queries.
 """
 
 from __future__ import annotations
