@@ -25,6 +25,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def without_planes(index, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with the index's byte planes set aside (no writes may run meanwhile): the index as
+    it searches where it keeps none. Also used by ``experiments/time_thresholds.py --index``."""
+    planes, index._planes = index._planes, None
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        index._planes = planes
+
+
 def main() -> None:
     from bench_asymmetric import weighted_threshold
     from bench_search import fit_thresholds, make_data
@@ -51,7 +61,6 @@ def main() -> None:
     w = rng.integers(0, 8, (nq, 32), dtype=np.uint8)
     index = CtFIndex()
     index.add(g)
-    planes = index._planes
     floor_codes = np.ascontiguousarray(g[32]).view(np.uint32)
     del g
     queries = {L: np.ascontiguousarray(c[:nq]) for L, c in q.items()}
@@ -74,24 +83,17 @@ def main() -> None:
             out[f"weighted, batches of {b}"] = lambda b=b: batches(b, thr_w, w)
         return out
 
-    def run(f, arg: np.ndarray | None) -> list:
-        index._planes = arg  # (no writes run meanwhile)
-        try:
-            return f()
-        finally:
-            index._planes = planes
-
     a = cases()
     for name, f in a.items():  # compile, and the same answers
-        for x, y in zip(run(f, planes), run(f, None)):
+        for x, y in zip(f(), without_planes(index, f)):
             assert np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]), name
     times: dict = {(name, side): [] for name in a for side in ("planes", "none")}
     floor: list = []
     for _ in range(args.rounds):
         for name, f in a.items():
-            for side, arg in (("planes", planes), ("none", None)):
+            for side, run in (("planes", f), ("none", lambda f=f: without_planes(index, f))):
                 t0 = time.perf_counter()
-                run(f, arg)
+                run()
                 times[name, side].append((time.perf_counter() - t0) / nq * 1e6)
     for _ in range(15):  # cache-warm, back to back, as bench_batch.py's floor
         t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,14 +27,8 @@ from ctfreid.search.coarse_to_fine import ctf_rank, ctf_search
 from ctfreid.search.hamming import hamming_rank, hamming_topk
 from ctfreid.search.thresholds import read_thresholds_file
 
-
-def without_planes(index: CtFIndex, method, *args, **kwargs):
-    """``method(*args, **kwargs)`` with the index's byte planes set aside (no writes run meanwhile)."""
-    planes, index._planes = index._planes, None
-    try:
-        return method(*args, **kwargs)
-    finally:
-        index._planes = planes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_byte_planes import without_planes  # noqa: E402
 
 
 def main() -> None:

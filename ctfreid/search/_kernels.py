@@ -112,6 +112,13 @@ BYTE_PLANES = AVX2_BYTE_COUNTS
 BYTE_PLANES_MAX_T = 254  # largest threshold the byte-plane masks take (their byte counts saturate at 255)
 
 
+@njit(inline="always", **_JIT)
+def planes_take(t):
+    """Whether the byte-plane masks (``_bpmask64``) are exact for the stage-1 threshold ``t`` (Python callers:
+    ``planes_take.py_func``, without a dispatch)."""
+    return 0 <= t <= BYTE_PLANES_MAX_T
+
+
 def _ir_nibbles(builder, x):
     """IR: the low and the high nibble of each byte of the ``<32 x i8>`` vector ``x``, as bytes."""
     b32, w16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16)
@@ -238,6 +245,11 @@ def _wmask64(typingctx, arr, base, q, wp, hi):
     return types.uint64(arr, base, q, wp, hi), codegen
 
 
+def _bytes_arrays(*tys) -> bool:
+    """Whether every numba type in ``tys`` is a ``uint8`` array (the byte-plane intrinsics' arguments)."""
+    return all(isinstance(t, types.Array) and t.dtype == types.uint8 for t in tys)
+
+
 def _bp_codegen(store: bool):
     """Code generation of ``_bpmask64`` (``store``: and of ``_bpmask64d``, which also stores the 64 distances)."""
     def codegen(context, builder, signature, args):
@@ -292,8 +304,7 @@ def _bpmask64(typingctx, planes, base, tables, hi):
     ``<= hi`` (exact for ``hi <= 254``). 8 ``vpshufb`` and 8 saturating byte adds per 32 codes, where
     ``_wmask64`` needs four byte counts a code. AVX2 hosts only (``BYTE_PLANES``); elsewhere it compiles to a
     lane-by-lane shuffle that is never run. Reads through the arrays' data pointers: ``base`` is trusted."""
-    if not (isinstance(planes, types.Array) and planes.dtype == types.uint8 and isinstance(tables, types.Array)
-            and tables.dtype == types.uint8 and isinstance(base, types.Integer)):
+    if not _bytes_arrays(planes, tables) or not isinstance(base, types.Integer):
         return None
     return types.uint64(planes, base, tables, hi), _bp_codegen(False)
 
@@ -302,9 +313,7 @@ def _bpmask64(typingctx, planes, base, tables, hi):
 def _bpmask64d(typingctx, planes, base, tables, hi, out):
     """``_bpmask64`` that also writes each code's distance, saturated at 255, to ``out[:64]`` (``uint8``, exact
     for the codes within ``hi``): the hits' distances without reading their codes again."""
-    if not (isinstance(planes, types.Array) and planes.dtype == types.uint8 and isinstance(tables, types.Array)
-            and tables.dtype == types.uint8 and isinstance(base, types.Integer) and isinstance(out, types.Array)
-            and out.dtype == types.uint8):
+    if not _bytes_arrays(planes, tables, out) or not isinstance(base, types.Integer):
         return None
     return types.uint64(planes, base, tables, hi, out), _bp_codegen(True)
 
@@ -872,18 +881,24 @@ def _within1(q, g, n, hi, bufi, bufd, dd, live):
 
 
 @njit(**_JIT)
-def _within_planes(q, wp, SP, tables, g, n, hi, bufi, bufd, dd, live):
-    """``_within1`` (or ``_within_weighted`` for one word a code) from the stage-1 codes' byte planes kept by
-    the index (``SP``: 256 bytes a full block, ``lay_planes``) and the query's nibble tables (``_query_tables``),
+def _within_planes(Q1, P1, i, SP, g, n, hi, bufi, bufd, live):
+    """``_within1`` (or ``_within_weighted`` for one word a code) of query ``i`` (weight planes ``P1``, or None)
+    from the stage-1 codes' byte planes kept by the index (``SP``: 256 bytes a full block, ``lay_planes``) and
+    the query's nibble tables (``_query_tables``),
     for ``0 <= hi <= BYTE_PLANES_MAX_T`` (fast on ``BYTE_PLANES`` hosts): a lookup per nibble in place of a byte
     count per weight plane, so a weighted stage 1 costs what a Hamming one does. The hits' distances come from
     the masks' own sums (``_bpmask64d``): read from the codes instead, they are a second stream from memory
     (AMD Zen 2, stage 1 of one query at 1e6 codes: 220 us, 179 from the sums, 249 for ``_within1``; at 1e7:
-    4,990, 3,450 and 3,709). ``wp``: the query's weight planes (for the partial block), or None."""
+    4,990, 3,450 and 3,709)."""
+    q = Q1[i]
     q0 = q[0]
+    wp = _planes_of(P1, i)
+    tables = np.zeros(128, np.uint8)
+    _query_tables(P1, i, q0, tables)
     cnt = 0
     nfull = n // BLOCK
     d8 = np.zeros(BLOCK + 1, np.uint8)  # a block's distances (slot 64: read for an exhausted mask)
+    dd = np.zeros(BLOCK + 1, np.int32)
     for b in range(nfull):
         cnt = _extract(_bpmask64d(SP, 256 * b, tables, hi, d8) & live[b], b * BLOCK, d8, bufi, bufd, cnt)
     m = n - nfull * BLOCK
@@ -1239,10 +1254,8 @@ def _ctf_one(Q1, g1, W1, n, L1, Qr, qoff, Gr, Ls, S, thr, k, live, i, ws64, ws32
     ids = ws64[:big]
     D = ws32[: S * big].reshape(S, big)  # D[s, j]: stage-s distance of stage-1 candidate j
     dd = np.zeros(BLOCK + 1, np.int32)
-    if SP is not None and W1 == 1 and 0 <= thr[0] <= BYTE_PLANES_MAX_T:
-        tables = np.zeros(128, np.uint8)
-        _query_tables(None, i, Q1[i, 0], tables)
-        c1 = _within_planes(Q1[i], None, SP, tables, g1, n, thr[0], ids, D[0], dd, live)
+    if SP is not None and W1 == 1 and planes_take(thr[0]):
+        c1 = _within_planes(Q1, None, i, SP, g1, n, thr[0], ids, D[0], live)
     elif W1 == 1:
         c1 = _within1(Q1[i], g1, n, thr[0], ids, D[0], dd, live)
     else:
@@ -1544,7 +1557,7 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     tmp = np.empty((TILE + 1) * BLOCK, np.int32)
     dd = np.zeros(BLOCK + 1, np.int32)
     vec = na >= TILE_PREFETCH_QUERIES  # so many queries read most cache lines of a tile's stage-2 codes
-    bp = BYTE_PLANES and 0 <= hi <= BYTE_PLANES_MAX_T  # masks from byte planes (_bpmask64; Hamming: weights 1)
+    bp = BYTE_PLANES and planes_take(hi)  # masks from byte planes (_bpmask64; Hamming: weights 1)
     tables = np.zeros((na if bp else 0, 128), np.uint8)
     planes = np.empty(256 * TILE if bp else 0, np.uint8)
     if bp:
@@ -1824,11 +1837,8 @@ def _ctf_one_weighted(Q1, P1, g1, W1, n, Lw, Qr, qoff, Gr, Ls, S, thr, k, live, 
     ids = ws64[:big]
     D = ws32[: S * big].reshape(S, big)
     t1 = thr[0]
-    if SP is not None and W1 == 1 and 0 <= t1 <= BYTE_PLANES_MAX_T:
-        tables = np.zeros(128, np.uint8)
-        _query_tables(P1, i, Q1[i, 0], tables)
-        c1 = _within_planes(Q1[i], _word_planes(P1[i]), SP, tables, g1, n, t1, ids, D[0], np.zeros(BLOCK + 1, np.int32),
-                            live)
+    if SP is not None and W1 == 1 and planes_take(t1):
+        c1 = _within_planes(Q1, P1, i, SP, g1, n, t1, ids, D[0], live)
     else:
         c1 = _within_weighted(Q1[i], P1[i], g1, W1, n, t1, ids, D[0], live, d)
     _later_dist(Qr, qoff, Gr, 1, i, ids, c1, D[1], Pr)
@@ -1894,15 +1904,15 @@ def tile_scan(nq: int, L1: int, n: int = 0, weighted: bool = False, t1: int = -1
     below. (``BATCH_MIN_QUERIES`` scales every case: out of reach, it forces ``ctf_topk``.)"""
     if L1 != 32:
         return False
-    if weighted and BYTE_PLANES and 0 <= t1 <= BYTE_PLANES_MAX_T and planes:
-        if n < PLANES_WEIGHTED_TILE_MIN_N:
+    if weighted and BYTE_PLANES and planes_take.py_func(t1):
+        if planes:  # the Hamming rule, from PLANES_WEIGHTED_TILE_MIN_N codes on
+            if n < PLANES_WEIGHTED_TILE_MIN_N:
+                return False
+        elif n < BYTE_PLANES_TILE_MIN_N:
             return False
-        weighted = False
-    if weighted and BYTE_PLANES and 0 <= t1 <= BYTE_PLANES_MAX_T:
-        if n < BYTE_PLANES_TILE_MIN_N:
-            return False
-        return nq * n * _MEASURED_MIN_QUERIES >= BYTE_PLANES_TILE_WORK * BATCH_MIN_QUERIES
-    if weighted and n < WEIGHTED_TILE_MIN_N:
+        else:
+            return nq * n * _MEASURED_MIN_QUERIES >= BYTE_PLANES_TILE_WORK * BATCH_MIN_QUERIES
+    elif weighted and n < WEIGHTED_TILE_MIN_N:
         return False
     return nq >= max(1, BATCH_MIN_QUERIES // (4 if n >= BATCH_LARGE_N else 1))
 

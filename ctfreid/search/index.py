@@ -162,6 +162,18 @@ def keeps_planes(lengths: Sequence[int] | None) -> bool:
     return bool(_kernels.BYTE_PLANES) and lengths is not None and len(lengths) > 1 and lengths[0] == 32
 
 
+def _laid_planes(codes: np.ndarray, n: int, old: np.ndarray | None = None) -> np.ndarray:
+    """Byte planes with room for every block of the first length's buffer ``codes``, holding the full blocks of
+    its first ``n`` rows: copied from ``old`` (planes of the same rows) when given, else laid out from the codes."""
+    out = _empty_aligned((256 * -(-codes.shape[0] // _kernels.BLOCK),), np.uint8)
+    full = n // _kernels.BLOCK
+    if old is not None:
+        out[: 256 * full] = old[: 256 * full]
+    else:
+        _kernels.lay_planes(_kernels.words32(codes[:n]).reshape(-1), 0, full, out)
+    return out
+
+
 def default_thresholds(lengths: Sequence[int], thresholds: Mapping[int, int],
                        weighted_thresholds: Mapping[int, int] | None, weighting: Weighting | None,
                        weighted: Sequence[int] = ()) -> Mapping[int, int]:
@@ -416,16 +428,9 @@ class CtFIndex:
         if not keeps_planes(self._lengths):
             return None
         cur = self._planes
-        need = 256 * -(-codes.shape[0] // _kernels.BLOCK)
-        if cur is not None and cur.shape[0] >= need:
+        if cur is not None and cur.shape[0] >= 256 * -(-codes.shape[0] // _kernels.BLOCK):
             return cur
-        new = _empty_aligned((need,), np.uint8)
-        full = self._nslots // _kernels.BLOCK
-        if cur is not None:
-            new[: 256 * full] = cur[: 256 * full]
-        else:
-            _kernels.lay_planes(_kernels.words32(codes[: self._nslots]).reshape(-1), 0, full, new)
-        return new
+        return _laid_planes(codes, self._nslots, cur)
 
     def _set_live(self, pos: np.ndarray, alive: bool) -> None:
         words = (pos >> 6).astype(np.intp)
@@ -532,9 +537,7 @@ class CtFIndex:
         ids = _empty_aligned((max(m, 1024),), np.int64)
         ids[:m] = self._ids[: self._nslots][keep]
         if keeps_planes(self._lengths):
-            first = out[self._lengths[0]]
-            out["planes"] = _empty_aligned((256 * -(-first.shape[0] // _kernels.BLOCK),), np.uint8)
-            _kernels.lay_planes(_kernels.words32(first).reshape(-1), 0, m // _kernels.BLOCK, out["planes"])
+            out["planes"] = _laid_planes(out[self._lengths[0]], m)
         live = np.zeros(ids.shape[0] // _kernels.BLOCK + 1, np.uint64)
         full, rest = divmod(m, 64)
         live[:full] = np.uint64(0xFFFFFFFFFFFFFFFF)
