@@ -17,7 +17,8 @@ class RWLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()  # the condition's lock: readers take it directly (no Condition wrapper)
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer = False
         self._waiting = 0
@@ -52,14 +53,14 @@ class _Read:
 
     def __enter__(self) -> None:
         lock = self._lock
-        with lock._cond:
+        with lock._mutex:
             while lock._writer or lock._waiting:
                 lock._cond.wait()
             lock._readers += 1
 
     def __exit__(self, *exc) -> None:
         lock = self._lock
-        with lock._cond:
+        with lock._mutex:
             lock._readers -= 1
             if not lock._readers and lock._waiting:  # only a waiting writer waits for the readers
                 lock._cond.notify_all()

@@ -125,7 +125,7 @@ def test_kernel_groups_and_hi2():
     index.add(g)
     index.thresholds = {32: 12, 128: 58, 512: 240}
     index.remove_ids(rng.choice(n, 500, replace=False))
-    qs, _ = index._queries(q)
+    qs = tuple(q[L] for L in lengths)
     G1, Gr, Ls, qoff = index._stage_views()[:4]
     thr = index._thresholds(None)
     args = (_kernels.words32(qs[0]), _kernels.words32(G1), 32, _kernels.later_queries(qs, qoff), qoff, Gr, Ls, 4, thr,

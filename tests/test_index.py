@@ -316,3 +316,34 @@ def test_query_rows_at_any_offset_give_the_answers_of_aligned_copies(lengths):
             D, I = index.search(query, 20)
             np.testing.assert_array_equal(D, eD)
             np.testing.assert_array_equal(I, eI)
+
+
+def test_thresholds_passed_per_call_are_checked_whenever_they_change(data):
+    """The index remembers checked threshold dicts (a service passes the same ones in every request): each new
+    content must still be checked and searched with, a mutated dict must not answer with its old contents, a
+    bool must be refused even after the int it equals was remembered, and other lengths' or weights' thresholds
+    must not be served from another call's entry. Oracle: ctf_search with the same thresholds."""
+    q, g = data
+    index = _built(g)
+    th = {32: 10, 128: 45}
+    for t32 in (10, 4, 1, 10):
+        th[32] = t32  # the same dict object, mutated between calls
+        D, I = index.search(q, 20, th)
+        rD, rI = ctf_search(q, g, th, 20)
+        np.testing.assert_array_equal(I, rI)
+        np.testing.assert_array_equal(D, rD)
+    with pytest.raises(CtfreidError, match=r"thresholds\[32\] must be an integer"):
+        index.search(q, 20, {32: True, 128: 45})  # True == 1, and {32: 1, 128: 45} was checked above
+    with pytest.raises(CtfreidError, match=r"thresholds\[128\] must be an integer Hamming distance in \[0, 128\]"):
+        index.search(q, 20, {32: 10, 128: 129})
+    with pytest.raises(CtfreidError, match=r"missing \[128\]"):
+        index.search(q, 20, {32: 10})
+    for t in range(40):  # more distinct dicts than it remembers: answers stay those of their own thresholds
+        th = {32: t % 33, 128: 30 + t}
+        np.testing.assert_array_equal(index.search(q, 5, th)[1], ctf_search(q, g, th, 5)[1])
+    # a weighted stage 1 bounds the first threshold by the weighted maximum (480), a Hamming one by 32
+    w = np.random.default_rng(3).integers(0, 16, (q[32].shape[0], 32), dtype=np.uint8)
+    np.testing.assert_array_equal(index.search(q, 20, {32: 100, 128: 45}, query_weights=w)[1],
+                                  ctf_search(q, g, {32: 100, 128: 45}, 20, query_weights=w)[1])
+    with pytest.raises(CtfreidError, match=r"thresholds\[32\] must be an integer Hamming distance in \[0, 32\]"):
+        index.search(q, 20, {32: 100, 128: 45})

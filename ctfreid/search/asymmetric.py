@@ -186,6 +186,8 @@ def check_weights(weights: np.ndarray, nq: int, length: int, name: str = "query_
     w = np.asarray(weights)
     if w.ndim == 1:
         w = w[None, :]
+    if w.dtype == np.uint8 and w.shape == (nq, length):  # the common case, without issubdtype (~1 us a search)
+        return w
     if w.shape != (nq, length) or not np.issubdtype(w.dtype, np.integer) or w.dtype == np.bool_:
         raise CtfreidError(f"{name} must be integers [{nq}, {length}] (one weight per bit of the {length}-bit "
                            f"query codes), got {w.dtype} {w.shape}")

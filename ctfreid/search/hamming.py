@@ -50,6 +50,8 @@ def prepare_queries(queries: np.ndarray, width: int, name: str = "queries") -> t
 
 def check_k(k: int) -> int:
     """``k`` as a positive int, else ``ValueError``."""
+    if type(k) is int and k >= 1:  # the common case, checked on every search
+        return k
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
         raise CtfreidError(f"k must be a positive integer, got {k!r}")
     return int(k)

@@ -47,6 +47,7 @@ previous file intact. ``to_bytes`` / ``from_bytes`` and pickling use the same fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import mmap as _mmap
@@ -57,7 +58,7 @@ import threading
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -146,12 +147,36 @@ def check_ids(ids: Any, n: int) -> np.ndarray:
 _UINT8 = np.dtype(np.uint8)  # (an identity test is 0.1 us faster than ==; other uint8 dtypes take the slow path)
 
 
+class _Queries(NamedTuple):
+    """A call's validated query codes and the kernels' views of them, made once a call (not once a chunk of
+    queries or a kernel call): ``codes``, ``uint8 [nq, L // 8]`` per length, shortest first; ``first``, stage 1's
+    read-only words (``_kernels.words32``; ``_kernels.words`` with one length, whose Hamming kernels take them);
+    ``later``, the later stages' words (``_kernels.later_queries``; None with one length)."""
+
+    codes: tuple[np.ndarray, ...]
+    first: np.ndarray
+    later: np.ndarray | None
+
+    def rows(self, a: int, b: int) -> "_Queries":
+        """Queries ``a .. b - 1``."""
+        return _Queries(tuple(q[a:b] for q in self.codes), self.first[a:b], None if self.later is None else
+                        self.later[a:b])
+
+
 def _word_aligned(codes: np.ndarray) -> bool:
     """Whether the kernels can read the C-contiguous ``uint8 [n, w]`` codes in place as the words they use
     (``_kernels.words`` / ``words32``: 64-bit when w % 8 == 0, else 32-bit). A query row sliced from a batch
     of 32-bit codes is 4- but not always 8-byte aligned; ``ctypes.data`` would cost 2 us a search."""
     w = codes.shape[1]
     return w % 4 == 0 and codes.view(np.uint64 if w % 8 == 0 else np.uint32).flags.aligned
+
+
+@functools.lru_cache(maxsize=64)
+def _query_layout(lengths: tuple[int, ...]) -> tuple[np.ndarray, bool]:
+    """``qoff`` of a pyramid of code ``lengths`` (``_kernels.stage_offsets``; shared: never written) and whether its
+    later query codes need zero padding (``_kernels.later_queries``)."""
+    qoff = _kernels.stage_offsets(list(lengths))
+    return qoff, 8 * int(qoff[-1]) != sum(L // 8 for L in lengths[1:])
 
 
 def keeps_planes(lengths: Sequence[int] | None) -> bool:
@@ -237,7 +262,7 @@ class CtFIndex:
         self._increasing = True  # ids strictly increase with the slot: lookups by binary search
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (argsort of ids, sorted ids) otherwise
         self._views: tuple | None = None
-        self._thr_cache: tuple | None = None
+        self._thr_cache: dict[tuple, np.ndarray] = {}  # checked thresholds (_thresholds); lengths never change
         self._lock = RWLock()
         # one write at a time (add, remove_ids, compact): an add can then copy its grown buffers under the read
         # lock, with searches going on, and hold the write lock only to swap them in
@@ -560,28 +585,30 @@ class CtFIndex:
         self._views = None
 
     # --------------------------------------------------------------------------------------- search
-    def _queries(self, query_codes: Mapping[int, np.ndarray]) -> tuple[tuple[np.ndarray, ...], bool]:
-        """Validated 2-D query codes per length (shortest first) and whether the queries were 1-D."""
-        if self._lengths is None:
+    def _queries(self, query_codes: Mapping[int, np.ndarray]) -> tuple[_Queries, bool]:
+        """Validated query codes with the kernels' views of them, and whether the queries were 1-D. (Without the
+        lock: the views depend only on the code lengths, which the first ``add`` fixes.)"""
+        lengths = self._lengths
+        if lengths is None:
             raise CtfreidError("the index is empty: add codes before searching")
         if not isinstance(query_codes, Mapping):
             raise CtfreidError(f"query_codes must be a dict {{length: uint8 codes}}, got {type(query_codes).__name__}")
         try:
-            arrays = [query_codes[L] for L in self._lengths]
+            arrays = [query_codes[L] for L in lengths]
         except KeyError:
             arrays = None
-        if arrays is None or len(query_codes) != len(self._lengths):
+        if arrays is None or len(query_codes) != len(lengths):
             keys = sorted(query_codes)
-            raise CtfreidError(f"query_codes have code lengths {keys} but the index holds {self._lengths}")
+            raise CtfreidError(f"query_codes have code lengths {keys} but the index holds {lengths}")
         single = True
         for v in arrays:
             if not (isinstance(v, np.ndarray) and v.ndim == 1):
                 single = False
                 break
         qs = []
-        for L, v in zip(self._lengths, arrays):
+        for L, v in zip(lengths, arrays):
             if single:
-                v = v[None, :]
+                v = v[None]
             if not (  # fast path for the common, valid case; prepare_queries explains any problem
                 type(v) is np.ndarray and v.dtype is _UINT8 and v.ndim == 2 and v.shape[1] == L // 8
                 and v.flags.c_contiguous and (qs or _word_aligned(v))  # later stages are copied
@@ -590,7 +617,10 @@ class CtFIndex:
             if qs and v.shape[0] != qs[0].shape[0]:
                 raise CtfreidError(f"query_codes[{L}] has {v.shape[0]} rows but the shorter codes have {qs[0].shape[0]}")
             qs.append(v)
-        return tuple(qs), single
+        if len(qs) == 1:
+            return _Queries(tuple(qs), _kernels.words(qs[0]), None), single
+        qoff, padded = _query_layout(tuple(lengths))
+        return _Queries(tuple(qs), _kernels.words32(qs[0]), _kernels.later_queries(qs, qoff, padded)), single
 
     def _stage_views(self) -> tuple:
         """Stage-1 codes, later-stage word views, lengths, query offsets, the stage-1 ``words32`` view (None when
@@ -600,37 +630,43 @@ class CtFIndex:
             gs = [self._codes[L][: self._nslots] for L in self._lengths]
             Gr = tuple(_kernels.words64(g) for g in gs[1:]) + _kernels.stage_pad(len(gs) - 1)
             Ls = np.array(self._lengths, dtype=np.int64)
-            qoff = _kernels.stage_offsets(self._lengths)
+            qoff, padded = _query_layout(tuple(self._lengths))
             g1 = _kernels.words32(gs[0]) if gs[0].shape[1] % 4 == 0 else None
-            padded = 8 * int(qoff[-1]) != sum(L // 8 for L in self._lengths[1:])
             self._views = (gs[0], Gr, Ls, qoff, g1, padded)
         return self._views
 
     def _thresholds(self, thresholds: Mapping[int, int] | None, sw: StageWeights | None = None) -> np.ndarray:
         """Per-call ``thresholds``, else the default for the call (``weighted_thresholds`` for a weighted
-        stage 1, else ``thresholds``), validated (a default's check is cached until its contents change);
-        ``sw``: the call's query weights (their lengths' thresholds are weighted distances)."""
+        stage 1, else ``thresholds``), validated; ``sw``: the call's query weights (their lengths' thresholds are
+        weighted distances). A dict of plain ints is checked once until its contents change (a few such dicts are
+        remembered: a service passes the same thresholds in every request; the check costs ~10 us)."""
         maxima = sw.maxima if sw is not None else None
-        if thresholds is not None:
-            return threshold_array(thresholds, self._lengths, maxima=maxima)
         weighted = () if sw is None else tuple(sw.maxima)
-        default = default_thresholds(self._lengths, self.thresholds, self.weighted_thresholds, self.weighting,
-                                     weighted)
-        key = tuple(default.items()) if isinstance(default, dict) else None
-        cached = self._thr_cache
-        if key is None or cached is None or cached[0] != (key, tuple(self._lengths), weighted):
-            thr = threshold_array(default, self._lengths, maxima=maxima)
-            if key is None:
-                return thr
-            self._thr_cache = cached = ((key, tuple(self._lengths), weighted), thr)
-        return cached[1]
+        if thresholds is None:
+            thresholds = default_thresholds(self._lengths, self.thresholds, self.weighted_thresholds, self.weighting,
+                                             weighted)
+        if type(thresholds) is not dict:
+            return threshold_array(thresholds, self._lengths, maxima=maxima)
+        items = tuple(thresholds.items())
+        for _, t in items:
+            if type(t) is not int:  # (True == 1: a cached 1 must not answer for a bool, which the check refuses)
+                return threshold_array(thresholds, self._lengths, maxima=maxima)
+        key = (items, weighted)
+        cache = self._thr_cache
+        thr = cache.get(key)
+        if thr is None:
+            thr = threshold_array(thresholds, self._lengths, maxima=maxima)
+            if len(cache) >= 16:
+                cache.clear()
+            cache[key] = thr
+        return thr
 
-    def _positions(self, qs: tuple[np.ndarray, ...], k: int | None, thr: np.ndarray,
+    def _positions(self, q: _Queries, k: int | None, thr: np.ndarray,
                    sw: StageWeights | None = None) -> tuple:
         """Kernel results over the slots: (D, slot positions), [nq, min(k, ntotal)] (all live for k None), and
         the per-stage candidate counts ``int64 [nq, S]`` (items ranked at each stage; -1 for full rankings).
         ``sw``: query weights (``asymmetric.stage_weights``). Call with the read lock held."""
-        n, nq, live_n = self._nslots, qs[0].shape[0], self.ntotal
+        n, nq, live_n = self._nslots, q.first.shape[0], self.ntotal
         lengths = self._lengths
         G1, Gr, Ls, qoff, g1, padded = self._stage_views()
         m = live_n if k is None else min(k, live_n)
@@ -648,16 +684,15 @@ class CtFIndex:
         P = np.empty((nq, cols), np.int64)
         if len(lengths) == 1:
             if sw is not None:
-                _kernels.weighted_rank(_kernels.words32(qs[0]), sw.first, _kernels.words32(G1), weighted[1], D, P)
+                _kernels.weighted_rank(_kernels.words32(q.codes[0]), sw.first, _kernels.words32(G1), weighted[1], D, P)
             elif full:
-                _kernels.rank(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], D, P)
+                _kernels.rank(q.first, _kernels.words(G1), lengths[0], D, P)
             else:
-                _kernels.topk(_kernels.words(qs[0]), _kernels.words(G1), lengths[0], m, self._live, D, P)
+                _kernels.topk(q.first, _kernels.words(G1), lengths[0], m, self._live, D, P)
         else:
-            Qr = _kernels.later_queries(qs, qoff, padded)
             # each stage's largest distance, which sizes the sort keys: other than Ls for weighted later stages
             Lmax = Ls if sw is None or sw.later is None else sw.stage_maxima(lengths)
-            args = (_kernels.words32(qs[0]), g1, lengths[0], Qr, qoff, Gr, Lmax, len(lengths), thr)
+            args = (q.first, g1, lengths[0], q.later, qoff, Gr, Lmax, len(lengths), thr)
             if full:
                 _kernels.ctf_rank(*args, D, P, *weighted)
             else:
@@ -674,7 +709,7 @@ class CtFIndex:
             keep = self._live_slots()[P]
             P = P[keep].reshape(nq, live_n)
             D = D[keep].reshape(nq, live_n)
-        return (D, P, C) if k is None else (D[:, :m], P[:, :m], C)
+        return (D, P, C) if cols == m or k is None else (D[:, :m], P[:, :m], C)
 
     def _workspace(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """CtF scratch, one per thread, reused while n and the number of stages stay the same and k is no
@@ -712,30 +747,29 @@ class CtFIndex:
         if need > self._batch_room(n):
             self._batch_room_seen = min(n // 8, need + need // 4)
 
-    def _hit_keys(self, qs: tuple[np.ndarray, ...], P: np.ndarray, thr: np.ndarray,
+    def _hit_keys(self, q: _Queries, P: np.ndarray, thr: np.ndarray,
                   sw: StageWeights | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-length distances and stage counts of the hits at slots ``P`` (read lock held)."""
-        _, Gr, _, qoff, g1, padded = self._stage_views()
+        _, Gr, _, qoff, g1, _ = self._stage_views()
         S = len(self._lengths)
         dist = np.empty(P.shape + (S,), np.int32)
         stages = np.empty(P.shape, np.int8)
-        Qr = (_kernels.later_queries(qs, qoff, padded) if S > 1
-              else _kernels._readonly(np.zeros((qs[0].shape[0], 1), np.uint64)))
-        _kernels.hit_keys(_kernels.words32(qs[0]), g1, Qr, qoff, Gr, S, thr, P, dist, stages,
-                          *(() if sw is None else (sw.first, sw.later)))
+        Qr = q.later if S > 1 else _kernels._readonly(np.zeros((P.shape[0], 1), np.uint64))
+        Q1 = q.first if S > 1 else _kernels.words32(q.codes[0])
+        _kernels.hit_keys(Q1, g1, Qr, qoff, Gr, S, thr, P, dist, stages, *(() if sw is None else (sw.first, sw.later)))
         return dist, stages
 
-    def _run(self, qs: tuple[np.ndarray, ...], k: int | None, thresholds: Mapping[int, int] | None,
+    def _run(self, q: _Queries, k: int | None, thresholds: Mapping[int, int] | None,
              threads: int | None, keys: bool = False, query_weights: np.ndarray | None = None) -> tuple:
         """(D, slots[, distances, stages]) of every query, the queries split over ``threads`` threads
         (each query is searched on its own, so the answers do not depend on the split)."""
-        nq = qs[0].shape[0]
+        nq = q.first.shape[0]
         sw = stage_weights(query_weights, nq, self._lengths)
         with self._lock.read():
             thr = self._thresholds(thresholds, sw)
 
             def chunk(a: int, b: int) -> tuple:
-                part = qs if a == 0 and b == nq else tuple(q[a:b] for q in qs)
+                part = q if a == 0 and b == nq else q.rows(a, b)
                 w = None if sw is None else sw.rows(a, b)
                 D, P, C = self._positions(part, k, thr, w)
                 return (D, P, C) + (self._hit_keys(part, P, thr, w) if keys and P.shape[1] else ())
@@ -763,8 +797,8 @@ class CtFIndex:
         ``weighting.query_weights(values, later_values)``). 1-D query codes give 1-D results.
         """
         k = check_k(k)
-        qs, single = self._queries(query_codes)
-        D, _, I = self._run(qs, k, thresholds, threads, query_weights=query_weights)[:3]
+        q, single = self._queries(query_codes)
+        D, _, I = self._run(q, k, thresholds, threads, query_weights=query_weights)[:3]
         return (D[0], I[0]) if single else (D, I)
 
     def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
@@ -777,10 +811,10 @@ class CtFIndex:
         ``query_weights``: as for ``search`` (the key's distances at weighted lengths are weighted). 1-D query
         codes are treated as one query (results stay 2-D)."""
         k = check_k(k)
-        qs, _ = self._queries(query_codes)
-        out = self._run(qs, k, thresholds, threads, keys=True, query_weights=query_weights)
+        q, _ = self._queries(query_codes)
+        out = self._run(q, k, thresholds, threads, keys=True, query_weights=query_weights)
         if out[1].shape[1] == 0:
-            return dataclasses.replace(empty_hits(qs[0].shape[0], self._lengths), candidates=out[3])
+            return dataclasses.replace(empty_hits(q.first.shape[0], self._lengths), candidates=out[3])
         _, _, ids, counts, dist, stages = out
         return Hits(ids, stages, dist, tuple(self._lengths), counts)
 
@@ -797,8 +831,8 @@ class CtFIndex:
         int64[lims[-1]]`` (ids): query ``i``'s results are ``D[lims[i]:lims[i + 1]]``, ``I[...]``.
         """
         radius = check_radius(radius)
-        qs, _ = self._queries(query_codes)
-        nq = qs[0].shape[0]
+        q, _ = self._queries(query_codes)
+        nq = q.first.shape[0]
         with self._lock.read():  # one state for both kernel calls (the lock is not re-entrant: no _run here)
             S = len(self._lengths)
             if not self.ntotal:
@@ -806,13 +840,13 @@ class CtFIndex:
             sw = stage_weights(query_weights, nq, self._lengths)
             thr = self._thresholds(thresholds, sw)
             if S == 1:
-                D, P, _ = self._positions(qs, None, thr, sw)  # the full ranking, distances ascending
+                D, P, _ = self._positions(q, None, thr, sw)  # the full ranking, distances ascending
                 last = np.full(nq, D.shape[1], np.int64)
             else:
                 # the items that pass every threshold lead each ranking, by their longest-length distance:
                 # the kernels count them (the same for any k), then a top-k of that many returns them
-                last = self._positions(qs, 1, thr, sw)[2][:, S - 1]
-                D, P, _ = self._positions(qs, max(1, int(last.max())), thr, sw)
+                last = self._positions(q, 1, thr, sw)[2][:, S - 1]
+                D, P, _ = self._positions(q, max(1, int(last.max())), thr, sw)
             keep = (np.arange(D.shape[1]) < last[:, None]) & (D <= radius)
             return range_result(keep, D, self._ids[P])
 
@@ -820,8 +854,8 @@ class CtFIndex:
              threads: int | None = None, query_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Full coarse-to-fine rankings ``(D int32[nq, ntotal], I int64[nq, ntotal])`` (for evaluation);
         ``query_weights`` as for ``search``."""
-        qs, single = self._queries(query_codes)
-        D, _, I = self._run(qs, None, thresholds, threads, query_weights=query_weights)[:3]
+        q, single = self._queries(query_codes)
+        D, _, I = self._run(q, None, thresholds, threads, query_weights=query_weights)[:3]
         return (D[0], I[0]) if single else (D, I)
 
     # ------------------------------------------------------------------------------- save / load / bytes
