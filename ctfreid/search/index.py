@@ -664,15 +664,15 @@ class CtFIndex:
     def _positions(self, q: _Queries, k: int | None, thr: np.ndarray,
                    sw: StageWeights | None = None) -> tuple:
         """Kernel results over the slots: (D, slot positions), [nq, min(k, ntotal)] (all live for k None), and
-        the per-stage candidate counts ``int64 [nq, S]`` (items ranked at each stage; -1 for full rankings).
-        ``sw``: query weights (``asymmetric.stage_weights``). Call with the read lock held."""
+        the per-stage candidate counts ``int64 [nq, S]`` (items ranked at each stage; -1 for full rankings)
+        but stage 1's, left 0: every live item, which :meth:`_run` fills in where a caller returns the counts (a
+        column set costs 1-2 us a search). ``sw``: query weights (``asymmetric.stage_weights``). Call with the
+        read lock held."""
         n, nq, live_n = self._nslots, q.first.shape[0], self.ntotal
         lengths = self._lengths
         G1, Gr, Ls, qoff, g1, padded = self._stage_views()
         m = live_n if k is None else min(k, live_n)
-        # (np.zeros and one column set: 1.3 us less a call than np.empty and two, 2.7 less than np.full)
         C = np.zeros((nq, len(lengths)), np.int64) if k is not None else np.full((nq, len(lengths)), -1, np.int64)
-        C[:, 0] = live_n  # stage 1 ranks every live item
         if m == 0:
             return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64), C
         weighted = weight_tail(sw)  # the kernels' trailing P1, Lw[, Pr]
@@ -776,6 +776,8 @@ class CtFIndex:
 
             parts = run_chunks(chunk, nq, threads, work_per_query=self._nslots)
             out = list(parts[0]) if len(parts) == 1 else [np.concatenate(x, axis=0) for x in zip(*parts)]
+            if keys:
+                out[2][:, 0] = self.ntotal  # stage 1 ranks every live item
             # slots -> stored ids while the read lock is held: D, P, I, C, ...
             out.insert(2, out[1] if self._slots_are_ids() else self._ids[out[1]])
         return tuple(out)
