@@ -86,7 +86,8 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     batched = K.tile_scan(b, 32)
     if not batched:  # batches of b run query by query: time b at a time over up to 64 distinct queries
         b = min(64, q[32].shape[0]) // b * b
-    qs, _ = index._queries({L: v[:b] for L, v in q.items()})
+    qv, _ = index._queries({L: v[:b] for L, v in q.items()})  # validated, with the kernels' views
+    qs = qv.codes
     G1, Gr, Ls, qoff = index._stage_views()[:4]
     thr = index._thresholds(None)
     n, S = G1.shape[0], len(Ls)
@@ -94,10 +95,10 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     Qr = K.later_queries(qs, qoff)
     hi2 = K.stage2_keep(n, thr, Ls)
     singles = [{L: v[i : i + 1] for L, v in q.items()} for i in range(b)]
-    parts = [tuple(x[i : i + 1] for x in qs) for i in range(b)]
+    parts = [qv.rows(i, i + 1) for i in range(b)]
     if batched:
         total = median_cpu(lambda: index.search({L: v[:b] for L, v in q.items()}, 100, threads=1), budget)
-        kernel = median_cpu(lambda: index._positions(qs, 100, thr), budget)
+        kernel = median_cpu(lambda: index._positions(qv, 100, thr), budget)
     else:
         total = median_cpu(lambda: [index.search(x, 100, threads=1) for x in singles], budget)
         kernel = median_cpu(lambda: [index._positions(x, 100, thr) for x in parts], budget)

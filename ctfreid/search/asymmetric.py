@@ -287,7 +287,7 @@ def stage_weights(weights, nq: int, lengths: list[int], name: str = "query_weigh
     w = {lengths[0]: w} if not isinstance(w, dict) else w
     first = weight_planes(w[lengths[0]], name) if lengths[0] in w else None
     later = None
-    if any(L in w for L in lengths[1:]):
+    if len(w) > (lengths[0] in w):  # a later length is weighted (w's keys are lengths of the index)
         qoff = _kernels.stage_offsets(lengths)
         planes = np.zeros((nq, MAX_WEIGHT_BITS, int(qoff[-1])), np.uint64)
         for s, L in enumerate(lengths[1:]):

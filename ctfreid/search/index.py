@@ -770,7 +770,7 @@ class CtFIndex:
 
             def chunk(a: int, b: int) -> tuple:
                 part = q if a == 0 and b == nq else q.rows(a, b)
-                w = None if sw is None else sw.rows(a, b)
+                w = sw if sw is None or part is q else sw.rows(a, b)
                 D, P, C = self._positions(part, k, thr, w)
                 return (D, P, C) + (self._hit_keys(part, P, thr, w) if keys and P.shape[1] else ())
 
