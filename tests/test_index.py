@@ -332,8 +332,12 @@ def test_thresholds_passed_per_call_are_checked_whenever_they_change(data):
         rD, rI = ctf_search(q, g, th, 20)
         np.testing.assert_array_equal(I, rI)
         np.testing.assert_array_equal(D, rD)
-    with pytest.raises(CtfreidError, match=r"thresholds\[32\] must be an integer"):
-        index.search(q, 20, {32: True, 128: 45})  # True == 1, and {32: 1, 128: 45} was checked above
+    th = {32: np.int64(4), 128: np.int32(45)}  # NumPy integers are remembered too
+    for _ in range(2):
+        np.testing.assert_array_equal(index.search(q, 20, th)[1], ctf_search(q, g, th, 20)[1])
+    for bad in (True, np.bool_(True)):  # True == 1, and {32: 1, 128: 45} was checked above
+        with pytest.raises(CtfreidError, match=r"thresholds\[32\] must be an integer"):
+            index.search(q, 20, {32: bad, 128: 45})
     with pytest.raises(CtfreidError, match=r"thresholds\[128\] must be an integer Hamming distance in \[0, 128\]"):
         index.search(q, 20, {32: 10, 128: 129})
     with pytest.raises(CtfreidError, match=r"missing \[128\]"):

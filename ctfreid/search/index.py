@@ -638,7 +638,7 @@ class CtFIndex:
     def _thresholds(self, thresholds: Mapping[int, int] | None, sw: StageWeights | None = None) -> np.ndarray:
         """Per-call ``thresholds``, else the default for the call (``weighted_thresholds`` for a weighted
         stage 1, else ``thresholds``), validated; ``sw``: the call's query weights (their lengths' thresholds are
-        weighted distances). A dict of plain ints is checked once until its contents change (a few such dicts are
+        weighted distances). A dict of integers is checked once until its contents change (a few such dicts are
         remembered: a service passes the same thresholds in every request; the check costs ~10 us)."""
         maxima = sw.maxima if sw is not None else None
         weighted = () if sw is None else tuple(sw.maxima)
@@ -648,8 +648,8 @@ class CtFIndex:
         if type(thresholds) is not dict:
             return threshold_array(thresholds, self._lengths, maxima=maxima)
         items = tuple(thresholds.items())
-        for _, t in items:
-            if type(t) is not int:  # (True == 1: a cached 1 must not answer for a bool, which the check refuses)
+        for _, t in items:  # integers only: True == 1, and a remembered 1 must not answer for a bool (refused)
+            if type(t) is not int and not isinstance(t, np.integer):
                 return threshold_array(thresholds, self._lengths, maxima=maxima)
         key = (items, weighted)
         cache = self._thr_cache
