@@ -159,8 +159,8 @@ class _Queries(NamedTuple):
 
     def rows(self, a: int, b: int) -> "_Queries":
         """Queries ``a .. b - 1``."""
-        return _Queries(tuple(q[a:b] for q in self.codes), self.first[a:b], None if self.later is None else
-                        self.later[a:b])
+        later = None if self.later is None else self.later[a:b]
+        return _Queries(tuple(q[a:b] for q in self.codes), self.first[a:b], later)
 
 
 def _word_aligned(codes: np.ndarray) -> bool:
