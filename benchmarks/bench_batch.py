@@ -22,9 +22,10 @@ checked against the one-query, one-thread answers.
 On a loaded machine a call's wall time includes the time its threads waited for a core, the more often
 the longer the call; so the 1-thread rows are also printed in CPU time of the calling thread (faiss with
 one OpenMP thread runs in it too), and the breakdown (one thread, µs per query) is in CPU time: "scan" =
-stage 1 with an impossible threshold (the 64-code masks alone); "survivors" = stage 1 with the real
-threshold minus "scan" (extracting the stage-1 candidates and their stage-2 distances; in the batch scan
-also keeping those within the stage-2 threshold); "re-rank" = the distances of stages 3 .. S of the
+stage 1 with an impossible threshold (the 64-code masks alone; byte-plane masks, which take thresholds 0..254,
+with 0; one query reads the index's planes where it keeps them); "survivors" = stage 1 with the real threshold
+minus "scan" (extracting the stage-1 candidates and their stage-2 distances; in the batch scan also keeping
+those within the stage-2 threshold); "re-rank" = the distances of stages 3 .. S of the
 stage-2 candidates; "top-k" = the rest of the kernel (compactions between the later stages, ordering,
 the first k); "Python" = ``search`` minus the kernel (validation, views, ids).
 """
@@ -119,19 +120,23 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
         stage1(int(thr[0]), int(thr[1]))  # the last group's stage-2 candidates, for the re-rank timing
         a0 = (b - 1) // bufI.shape[0] * bufI.shape[0]
         cands = [(a0 + a, bufI[a, : cnt[a]].copy()) for a in range(b - a0) if cnt[a] <= bufI.shape[1]]
-    else:  # ctf_topk: one query at a time (_within1, then the stage-2 distances of all its candidates)
+    else:  # ctf_topk: one query at a time (stage 1, then the stage-2 distances of all its candidates)
         big = n + 2 * K.BLOCK
         ids, d0, d1 = np.empty(big, np.int64), np.empty(big, np.int32), np.empty(big, np.int32)
         dd = np.zeros(K.BLOCK + 1, np.int32)
+        planes = index._planes  # the index's byte planes, which one query's stage 1 reads where it keeps them
 
         def stage1(hi: int, keep: list | None = None) -> None:
             for i in range(b):
-                c = K._within1(Q1[i], g1, n, hi, ids, d0, dd, index._live)
+                if planes is not None:
+                    c = K._within_planes(Q1, None, i, planes, g1, n, hi, ids, d0, index._live)
+                else:
+                    c = K._within1(Q1[i], g1, n, hi, ids, d0, dd, index._live)
                 K._later_dist(Qr, qoff, Gr, 1, i, ids, c, d1)
                 if keep is not None:
                     keep.append((i, ids[:c][d1[:c] <= thr[1]].copy()))
 
-        scan = median_cpu(lambda: stage1(-1), budget)
+        scan = median_cpu(lambda: stage1(0 if planes is not None else -1), budget)  # (planes: 0..254, see above)
         survivors = median_cpu(lambda: stage1(int(thr[0])), budget)
         cands: list = []
         stage1(int(thr[0]), cands)
