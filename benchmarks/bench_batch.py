@@ -88,12 +88,11 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     if not batched:  # batches of b run query by query: time b at a time over up to 64 distinct queries
         b = min(64, q[32].shape[0]) // b * b
     qv, _ = index._queries({L: v[:b] for L, v in q.items()})  # validated, with the kernels' views
-    qs = qv.codes
+    Q1, Qr = qv.first, qv.later
     G1, Gr, Ls, qoff = index._stage_views()[:4]
     thr = index._thresholds(None)
     n, S = G1.shape[0], len(Ls)
-    Q1, g1 = K.words32(qs[0]), K.words32(G1).reshape(n)
-    Qr = K.later_queries(qs, qoff)
+    g1 = K.words32(G1).reshape(n)
     hi2 = K.stage2_keep(n, thr, Ls)
     singles = [{L: v[i : i + 1] for L, v in q.items()} for i in range(b)]
     parts = [qv.rows(i, i + 1) for i in range(b)]

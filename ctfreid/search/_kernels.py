@@ -884,8 +884,8 @@ def _within1(q, g, n, hi, bufi, bufd, dd, live):
 def _within_planes(Q1, P1, i, SP, g, n, hi, bufi, bufd, live):
     """``_within1`` (or ``_within_weighted`` for one word a code) of query ``i`` (weight planes ``P1``, or None)
     from the stage-1 codes' byte planes kept by the index (``SP``: 256 bytes a full block, ``lay_planes``) and
-    the query's nibble tables (``_query_tables``),
-    for ``0 <= hi <= BYTE_PLANES_MAX_T`` (fast on ``BYTE_PLANES`` hosts): a lookup per nibble in place of a byte
+    the query's nibble tables (``_query_tables``), for ``0 <= hi <= BYTE_PLANES_MAX_T`` (fast on ``BYTE_PLANES``
+    hosts): a lookup per nibble in place of a byte
     count per weight plane, so a weighted stage 1 costs what a Hamming one does. The hits' distances come from
     the masks' own sums (``_bpmask64d``): read from the codes instead, they are a second stream from memory
     (AMD Zen 2, stage 1 of one query at 1e6 codes: 220 us, 179 from the sums, 249 for ``_within1``; at 1e7:

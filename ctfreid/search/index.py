@@ -187,10 +187,15 @@ def keeps_planes(lengths: Sequence[int] | None) -> bool:
     return bool(_kernels.BYTE_PLANES) and lengths is not None and len(lengths) > 1 and lengths[0] == 32
 
 
+def _planes_bytes(rows: int) -> int:
+    """Bytes of byte planes with room for ``rows`` codes: 256 a block of ``_kernels.BLOCK`` (64) codes."""
+    return 256 * -(-rows // _kernels.BLOCK)
+
+
 def _laid_planes(codes: np.ndarray, n: int, old: np.ndarray | None = None) -> np.ndarray:
     """Byte planes with room for every block of the first length's buffer ``codes``, holding the full blocks of
     its first ``n`` rows: copied from ``old`` (planes of the same rows) when given, else laid out from the codes."""
-    out = _empty_aligned((256 * -(-codes.shape[0] // _kernels.BLOCK),), np.uint8)
+    out = _empty_aligned((_planes_bytes(codes.shape[0]),), np.uint8)
     full = n // _kernels.BLOCK
     if old is not None:
         out[: 256 * full] = old[: 256 * full]
@@ -453,7 +458,7 @@ class CtFIndex:
         if not keeps_planes(self._lengths):
             return None
         cur = self._planes
-        if cur is not None and cur.shape[0] >= 256 * -(-codes.shape[0] // _kernels.BLOCK):
+        if cur is not None and cur.shape[0] >= _planes_bytes(codes.shape[0]):
             return cur
         return _laid_planes(codes, self._nslots, cur)
 
@@ -623,16 +628,15 @@ class CtFIndex:
         return _Queries(tuple(qs), _kernels.words32(qs[0]), _kernels.later_queries(qs, qoff, padded)), single
 
     def _stage_views(self) -> tuple:
-        """Stage-1 codes, later-stage word views, lengths, query offsets, the stage-1 ``words32`` view (None when
-        the shortest code is not a multiple of 32 bits) and whether the later query codes need zero padding
-        (``_kernels.later_queries``); cached until the next write."""
+        """Stage-1 codes, later-stage word views, lengths, query offsets and the stage-1 ``words32`` view (None
+        when the shortest code is not a multiple of 32 bits); cached until the next write."""
         if self._views is None:
             gs = [self._codes[L][: self._nslots] for L in self._lengths]
             Gr = tuple(_kernels.words64(g) for g in gs[1:]) + _kernels.stage_pad(len(gs) - 1)
             Ls = np.array(self._lengths, dtype=np.int64)
-            qoff, padded = _query_layout(tuple(self._lengths))
+            qoff = _query_layout(tuple(self._lengths))[0]
             g1 = _kernels.words32(gs[0]) if gs[0].shape[1] % 4 == 0 else None
-            self._views = (gs[0], Gr, Ls, qoff, g1, padded)
+            self._views = (gs[0], Gr, Ls, qoff, g1)
         return self._views
 
     def _thresholds(self, thresholds: Mapping[int, int] | None, sw: StageWeights | None = None) -> np.ndarray:
@@ -670,7 +674,7 @@ class CtFIndex:
         read lock held."""
         n, nq, live_n = self._nslots, q.first.shape[0], self.ntotal
         lengths = self._lengths
-        G1, Gr, Ls, qoff, g1, padded = self._stage_views()
+        G1, Gr, Ls, qoff, g1 = self._stage_views()
         m = live_n if k is None else min(k, live_n)
         C = np.zeros((nq, len(lengths)), np.int64) if k is not None else np.full((nq, len(lengths)), -1, np.int64)
         if m == 0:
@@ -750,7 +754,7 @@ class CtFIndex:
     def _hit_keys(self, q: _Queries, P: np.ndarray, thr: np.ndarray,
                   sw: StageWeights | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-length distances and stage counts of the hits at slots ``P`` (read lock held)."""
-        _, Gr, _, qoff, g1, _ = self._stage_views()
+        _, Gr, _, qoff, g1 = self._stage_views()
         S = len(self._lengths)
         dist = np.empty(P.shape + (S,), np.int32)
         stages = np.empty(P.shape, np.int8)
