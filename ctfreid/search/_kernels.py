@@ -1555,17 +1555,52 @@ def _query_tables_impl(P1, i, q0, out):
     return lambda P1, i, q0, out: _nibble_tables(q0, _word_planes(P1[i], 0), out)
 
 
+@intrinsic
+def _planes_block(typingctx, g1, b, buf, o):
+    """Block ``b`` of the 32-bit codes ``g1`` (flat ``uint32``) as byte planes in ``buf[o:o + 256]``: plane p
+    (byte p of each code, little-endian) of its 64 codes at ``o + 64 p``. Byte shuffles of 32 codes at a time
+    (``shufflevector``), where a loop of byte stores cost 2.6 ns a code (AMD Zen 2: 2.6 ms for 1e6 codes, 41 us
+    a query of a batch of 64). Reads and writes through the arrays' data pointers: full blocks only, trusted."""
+    if not (isinstance(g1, types.Array) and g1.dtype == types.uint32 and _bytes_arrays(buf)
+            and isinstance(b, types.Integer) and isinstance(o, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        g = context.make_array(signature.args[0])(context, builder, args[0])
+        out = context.make_array(signature.args[2])(context, builder, args[2])
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        b32 = ir.VectorType(i8, 32)
+        src = builder.bitcast(g.data, i8.as_pointer())
+        first = builder.mul(context.cast(builder, args[1], signature.args[1], types.int64), ir.Constant(i64, 256))
+        dst = context.cast(builder, args[3], signature.args[3], types.int64)
+
+        def at(ptr, offset):
+            return builder.bitcast(builder.gep(ptr, [offset]), b32.as_pointer())
+
+        def shuffle(x, y, idx):
+            return builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 32), idx))
+
+        for half in range(2):  # codes 32 half .. 32 half + 31: 128 bytes, four vectors of 8 codes
+            v = [builder.load(at(src, builder.add(first, ir.Constant(i64, 128 * half + 32 * r))), align=4)
+                 for r in range(4)]
+            # pairs of vectors (16 codes): planes 0 and 1, planes 2 and 3, 16 bytes each
+            pairs = [[shuffle(v[2 * h], v[2 * h + 1], [4 * c + p for c in range(16)] + [4 * c + p + 1 for c in range(16)])
+                      for p in (0, 2)] for h in range(2)]
+            for p in range(4):
+                lo, hi = pairs[0][p // 2], pairs[1][p // 2]
+                sel = 16 * (p % 2)
+                plane = shuffle(lo, hi, list(range(sel, sel + 16)) + list(range(32 + sel, 32 + sel + 16)))
+                builder.store(plane, at(out.data, builder.add(dst, ir.Constant(i64, 64 * p + 32 * half))), align=1)
+        return context.get_dummy_value()
+
+    return types.void(g1, b, buf, o), codegen
+
+
 @njit(inline="always", **_JIT)
 def _byte_planes(g1, t0, t1, buf):
     """``buf[256 (b - t0) + 64 p + j]`` = byte p of code ``64 b + j``, for the blocks ``t0 .. t1 - 1``."""
     for b in range(t0, t1):
-        o = 256 * (b - t0)
-        for j in range(BLOCK):
-            w = g1[b * BLOCK + j]
-            buf[o + j] = np.uint8(w & np.uint32(255))
-            buf[o + 64 + j] = np.uint8((w >> np.uint32(8)) & np.uint32(255))
-            buf[o + 128 + j] = np.uint8((w >> np.uint32(16)) & np.uint32(255))
-            buf[o + 192 + j] = np.uint8(w >> np.uint32(24))
+        _planes_block(g1, b, buf, 256 * (b - t0))
 
 
 @njit(**_JIT)
