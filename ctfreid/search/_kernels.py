@@ -1697,9 +1697,10 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     buffer's capacity once it overflowed (the caller then searches that query on its own). ``P1``: weight
     planes of a weighted stage 1 (``ctf_topk``; compiled apart), or None. On AVX2 hosts without AVX-512
     (``BYTE_PLANES``) each tile's codes are first laid out as byte planes (``_byte_planes``, 32 KB) and every
-    query's masks read them through its nibble tables (``_bpmask64``): per code a byte lookup and a saturating
-    add per nibble, shared by the Hamming and the weighted stage 1 (AMD Zen 2, batch of 64 at 1e6, 1 thread:
-    Hamming 478 -> 417 us a query, weighted 874 -> 410). Not from the planes that ``CtFIndex`` keeps
+    query's masks read them through its nibble tables: per code a byte lookup and a saturating add per nibble,
+    shared by the Hamming and the weighted stage 1 (AMD Zen 2, batch of 64 at 1e6, 1 thread: Hamming 478 -> 417
+    us a query, weighted 874 -> 410). The nibbles are split once per sub-tile (``SUBTILE`` blocks,
+    ``_nibble_block``) and every query reads them there (``_nibmask64``). Not from the planes that ``CtFIndex`` keeps
     (``lay_planes``): the hits' stage-1 distances then come from codes no longer in cache (batches of 16 at 1e6,
     1 thread: 526 -> 578 us a query; the layout costs a batch of 64 about 2 us a query)."""
     cap = bufI.shape[1]
