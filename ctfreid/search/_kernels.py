@@ -279,6 +279,15 @@ def _table_words(typingctx, tables):
     return _TABLE_WORDS(tables), codegen
 
 
+def _ir_table(builder, words, j):
+    """IR: nibble table ``j`` (``<16 x i8>``) of a query's ``_table_words`` value ``words`` (words 2j, 2j + 1)."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    v = ir.Constant(ir.VectorType(i64, 2), ir.Undefined)
+    for h in range(2):
+        v = builder.insert_element(v, builder.extract_value(words, 2 * j + h), ir.Constant(i32, h))
+    return builder.bitcast(v, ir.VectorType(ir.IntType(8), 16))
+
+
 def _ir_lookup(builder, table, idx):
     """IR: ``table[idx]`` for each byte of the ``<32 x i8>`` vectors (``idx < 16``, the table repeated in both
     halves): ``vpshufb`` on ``BYTE_PLANES`` hosts, elsewhere a lane-by-lane form that is never run."""
@@ -299,13 +308,10 @@ def _bp_codegen(store: bool):
         g = context.make_array(signature.args[0])(context, builder, args[0])
         i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
         b16, b32 = ir.VectorType(i8, 16), ir.VectorType(i8, 32)
-        if signature.args[2] == _TABLE_WORDS:  # table j: words 2j and 2j + 1
+        if signature.args[2] == _TABLE_WORDS:
 
             def table(j):
-                v = ir.Constant(ir.VectorType(i64, 2), ir.Undefined)
-                for h in range(2):
-                    v = builder.insert_element(v, builder.extract_value(args[2], 2 * j + h), ir.Constant(i32, h))
-                return builder.bitcast(v, b16)
+                return _ir_table(builder, args[2], j)
         else:
             t = context.make_array(signature.args[2])(context, builder, args[2])
 
@@ -317,9 +323,6 @@ def _bp_codegen(store: bool):
         def load(ptr, offset, vt):
             return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vt.as_pointer()), align=1)
 
-        def lookup(table, idx):
-            return _ir_lookup(builder, table, idx)
-
         base = context.cast(builder, args[1], signature.args[1], types.int64)
         hi = _splat(builder, builder.trunc(context.cast(builder, args[3], signature.args[3], types.int64), i8), b32)
         halves = []
@@ -329,7 +332,7 @@ def _bp_codegen(store: bool):
                 x = load(g.data, builder.add(base, ir.Constant(i64, 64 * p + 32 * half)), b32)
                 for which, nib in enumerate(_ir_nibbles(builder, x)):
                     tb = table(2 * p + which)
-                    acc = builder.call(sat, [acc, lookup(builder.shuffle_vector(tb, tb, both), nib)])
+                    acc = builder.call(sat, [acc, _ir_lookup(builder, builder.shuffle_vector(tb, tb, both), nib)])
             keep = builder.icmp_unsigned("<=", acc, hi)
             halves.append(builder.zext(builder.bitcast(keep, i32), i64))
             if store:  # the 32 codes' distances, saturated at 255, to out[32 half:]
@@ -381,7 +384,8 @@ def _nibble_block(typingctx, planes, src, nib, dst):
         dst = context.cast(builder, args[3], signature.args[3], types.int64)
 
         def at(arr, base, offset):
-            return builder.bitcast(builder.gep(arr.data, [builder.add(base, ir.Constant(i64, offset))]), b32.as_pointer())
+            ptr = builder.gep(arr.data, [builder.add(base, ir.Constant(i64, offset))])
+            return builder.bitcast(ptr, b32.as_pointer())
 
         for p in range(4):
             for half in range(2):
@@ -397,7 +401,7 @@ def _nibble_block(typingctx, planes, src, nib, dst):
 def _nibmask64(typingctx, nib, base, tw, hi):
     """``_bpmask64`` from a block's nibble planes (``nib[base:base + 512]``, ``_nibble_block``) and a query's
     ``_table_words``: 8 ``vpshufb`` (each reading its index from memory) and 8 saturating adds per 32 codes, no
-    nibble split. For a batch, whose queries all read the same tile: the split is made once per tile rather
+    nibble split. For a batch, whose queries all read the same tile: the split is made once per sub-tile rather
     than once per query (AMD Zen 2, stage 1 of a batch of 64 at 1e6 codes, sub-tiles of 32 blocks: 133 -> 105 us
     a query). Fast on ``BYTE_PLANES`` hosts only (as ``_bpmask64``). Trusted offsets."""
     if not _bytes_arrays(nib) or tw != _TABLE_WORDS or not isinstance(base, types.Integer):
@@ -409,13 +413,7 @@ def _nibmask64(typingctx, nib, base, tw, hi):
         b32 = ir.VectorType(i8, 32)
         sat = cgutils.get_or_insert_function(builder.module, ir.FunctionType(b32, [b32, b32]), "llvm.uadd.sat.v32i8")
         both = ir.Constant(ir.VectorType(i32, 32), list(range(16)) * 2)
-        tables = []
-        for j in range(8):
-            v = ir.Constant(ir.VectorType(i64, 2), ir.Undefined)
-            for h in range(2):
-                v = builder.insert_element(v, builder.extract_value(args[2], 2 * j + h), ir.Constant(i32, h))
-            tb = builder.bitcast(v, ir.VectorType(i8, 16))
-            tables.append(builder.shuffle_vector(tb, tb, both))
+        tables = [builder.shuffle_vector(tb, tb, both) for tb in (_ir_table(builder, args[2], j) for j in range(8))]
         base = context.cast(builder, args[1], signature.args[1], types.int64)
         hi = _splat(builder, builder.trunc(context.cast(builder, args[3], signature.args[3], types.int64), i8), b32)
         halves = []
@@ -1636,8 +1634,9 @@ def _query_tables_impl(P1, i, q0, out):
 def _planes_block(typingctx, g1, b, buf, o):
     """Block ``b`` of the 32-bit codes ``g1`` (flat ``uint32``) as byte planes in ``buf[o:o + 256]``: plane p
     (byte p of each code, little-endian) of its 64 codes at ``o + 64 p``. Byte shuffles of 32 codes at a time
-    (``shufflevector``), where a loop of byte stores cost 2.6 ns a code (AMD Zen 2: 2.6 ms for 1e6 codes, 41 us
-    a query of a batch of 64). Reads and writes through the arrays' data pointers: full blocks only, trusted."""
+    (``shufflevector``), where a loop of byte stores cost 2.6 ns a code wherever LLVM did not vectorise it (AMD
+    Zen 2: ``lay_planes`` of 1e6 codes 2.6 -> 0.24 ms). Reads and writes through the arrays' data pointers: full
+    blocks only, trusted."""
     if not (isinstance(g1, types.Array) and g1.dtype == types.uint32 and _bytes_arrays(buf)
             and isinstance(b, types.Integer) and isinstance(o, types.Integer)):
         return None
@@ -1661,7 +1660,7 @@ def _planes_block(typingctx, g1, b, buf, o):
             v = [builder.load(at(src, builder.add(first, ir.Constant(i64, 128 * half + 32 * r))), align=4)
                  for r in range(4)]
             # pairs of vectors (16 codes): planes 0 and 1, planes 2 and 3, 16 bytes each
-            pairs = [[shuffle(v[2 * h], v[2 * h + 1], [4 * c + p for c in range(16)] + [4 * c + p + 1 for c in range(16)])
+            pairs = [[shuffle(v[2 * h], v[2 * h + 1], [4 * c + p + e for e in (0, 1) for c in range(16)])
                       for p in (0, 2)] for h in range(2)]
             for p in range(4):
                 lo, hi = pairs[0][p // 2], pairs[1][p // 2]
@@ -1700,8 +1699,8 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     query's masks read them through its nibble tables: per code a byte lookup and a saturating add per nibble,
     shared by the Hamming and the weighted stage 1 (AMD Zen 2, batch of 64 at 1e6, 1 thread: Hamming 478 -> 417
     us a query, weighted 874 -> 410). The nibbles are split once per sub-tile (``SUBTILE`` blocks,
-    ``_nibble_block``) and every query reads them there (``_nibmask64``). Not from the planes that ``CtFIndex`` keeps
-    (``lay_planes``): the hits' stage-1 distances then come from codes no longer in cache (batches of 16 at 1e6,
+    ``_nibble_block``) and every query reads them there (``_nibmask64``). Not from the planes that ``CtFIndex``
+    keeps (``lay_planes``): the hits' stage-1 distances then come from codes no longer in cache (batches of 16 at 1e6,
     1 thread: 526 -> 578 us a query; the layout costs a batch of 64 about 2 us a query)."""
     cap = bufI.shape[1]
     n2, W2 = G2.shape
