@@ -130,16 +130,15 @@ def test_stage1_block_distances_match_numpy(avx2):
 
 
 def test_weighted_masks_from_byte_planes_match_numpy():
-    """``_bpmask64`` (a batch's weighted stage 1 on AVX2 hosts; on others its lane-by-lane form) from
-    ``_byte_planes`` and ``_nibble_tables``: the codes whose 4-bit weighted distance (NumPy: the weights of the
-    differing bits) is ``<= hi``, for thresholds up to 254, where distances of up to 480 saturate at 255; and
-    ``_bpmask64d`` (one query's stage 1 from the index's planes): the same masks and every distance, saturated;
-    both again with the tables as values (``_table_words``, the form the kernels' loops pass); and ``_nibmask64``
-    (a batch's masks) from the same planes split into nibble planes (``_nibble_block``)."""
+    """``_bpmask64d`` (one query's stage 1 from the index's planes; on hosts without AVX2 its lane-by-lane form)
+    from ``_byte_planes`` and ``_nibble_tables`` (as ``_table_words``): the codes whose 4-bit weighted distance
+    (NumPy: the weights of the differing bits) is ``<= hi``, for thresholds up to 254, where distances of up to
+    480 saturate at 255, and every distance, saturated; and ``_nibmask64`` (a batch's masks) from the codes'
+    nibble planes (``_nibble_block``): the same masks."""
     import numba
 
     @numba.njit
-    def masks(g, q0, planes4, hi, out, out_d, sums):
+    def masks(g, q0, planes4, hi, out, sums):
         buf = np.empty(256 * 2, np.uint8)
         tables = np.empty(128, np.uint8)
         _kernels._nibble_tables(q0, (planes4[0], planes4[1], planes4[2], planes4[3]), tables)
@@ -147,12 +146,9 @@ def test_weighted_masks_from_byte_planes_match_numpy():
         tw = _kernels._table_words(tables)
         nib = np.empty(512 * 2, np.uint8)
         for b in range(2):
-            _kernels._nibble_block(buf, 256 * b, nib, 512 * b)
-            out[2, b] = _kernels._nibmask64(nib, 512 * b, tw, hi)
-            out[0, b] = _kernels._bpmask64(buf, 256 * b, tables, hi)
-            out_d[0, b] = _kernels._bpmask64d(buf, 256 * b, tables, hi, sums[0, 64 * b :])
-            out[1, b] = _kernels._bpmask64(buf, 256 * b, tw, hi)
-            out_d[1, b] = _kernels._bpmask64d(buf, 256 * b, tw, hi, sums[1, 64 * b :])
+            _kernels._nibble_block(g, b, nib, 512 * b)
+            out[0, b] = _kernels._bpmask64d(buf, 256 * b, tw, hi, sums[64 * b :])
+            out[1, b] = _kernels._nibmask64(nib, 512 * b, tw, hi)
 
     rng = np.random.default_rng(11)
     g = rng.integers(0, 2**32, 128, dtype=np.uint64).astype(np.uint32)
@@ -166,11 +162,9 @@ def test_weighted_masks_from_byte_planes_match_numpy():
         planes = np.array([sum(1 << j for j in range(32) if weights[j] >> b & 1) for b in range(4)], np.uint32)
         dist = ((bits != qbits) * weights).sum(axis=1)
         for hi in (0, 1, 30, 60, 120, 200, 254):
-            out, out_d, sums = np.zeros((3, 2), np.uint64), np.zeros((2, 2), np.uint64), np.zeros((2, 128), np.uint8)
-            masks(g, q, planes, hi, out, out_d, sums)
-            for form in range(3):  # the tables as an array, as values, then the nibble planes
+            out, sums = np.zeros((2, 2), np.uint64), np.zeros(128, np.uint8)
+            masks(g, q, planes, hi, out, sums)
+            for form in range(2):  # from the byte planes, then from the nibble planes
                 got = np.array([(int(out[form, j // 64]) >> (j % 64)) & 1 for j in range(128)], bool)
                 np.testing.assert_array_equal(got, dist <= hi, err_msg=f"trial {trial}, hi {hi}, form {form}")
-            for form in range(2):
-                np.testing.assert_array_equal(out_d[form], out[form])
-                np.testing.assert_array_equal(sums[form], np.minimum(dist, 255), err_msg=f"trial {trial}, hi {hi}")
+            np.testing.assert_array_equal(sums, np.minimum(dist, 255), err_msg=f"trial {trial}, hi {hi}")

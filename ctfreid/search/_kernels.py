@@ -107,15 +107,15 @@ _FEATURES = _host_features()
 AVX2_BYTE_COUNTS = _FEATURES is not None and bool(_FEATURES.get("avx2")) and not _FEATURES.get("avx512f")
 VECTOR_KEEP = _FEATURES is None or bool(_FEATURES.get("avx512f"))
 # AVX2 without AVX-512: a batch's weighted stage 1 reads each tile as byte planes through per-query nibble
-# tables (_bpmask64) when its threshold is below 255
+# tables (_nibmask64) when its threshold is below 255
 BYTE_PLANES = AVX2_BYTE_COUNTS
 BYTE_PLANES_MAX_T = 254  # largest threshold the byte-plane masks take (their byte counts saturate at 255)
 
 
 @njit(inline="always", **_JIT)
 def planes_take(t):
-    """Whether the byte-plane masks (``_bpmask64``) are exact for the stage-1 threshold ``t`` (Python callers:
-    ``planes_take.py_func``, without a dispatch)."""
+    """Whether the byte-plane masks (``_bpmask64d``, ``_nibmask64``) are exact for the stage-1 threshold ``t``
+    (Python callers: ``planes_take.py_func``, without a dispatch)."""
     return 0 <= t <= BYTE_PLANES_MAX_T
 
 
@@ -253,15 +253,10 @@ def _bytes_arrays(*tys) -> bool:
 _TABLE_WORDS = types.UniTuple(types.uint64, 16)  # a query's 128 bytes of nibble tables as values (_table_words)
 
 
-def _tables_type(t) -> bool:
-    """Whether ``t`` types a query's nibble tables: a ``uint8`` array or ``_table_words`` of one."""
-    return t == _TABLE_WORDS or _bytes_arrays(t)
-
-
 @intrinsic
 def _table_words(typingctx, tables):
-    """A query's nibble tables (``uint8 [128]``, ``_nibble_tables``) as a tuple of 16 ``uint64`` values, for
-    ``_bpmask64`` / ``_bpmask64d``. Loaded once before a loop over blocks, they stay in registers: read from the
+    """A query's nibble tables (``uint8 [128]``, ``_nibble_tables``) as a tuple of 16 ``uint64`` values, the form
+    the byte-plane masks take. Loaded once before a loop over blocks, they stay in registers: read from the
     array in the loop, LLVM reloads all 8 tables for every 32 codes, since the loop's stores (hits, distances)
     might alias them (AMD Zen 2, one query's stage 1 at 1e6 codes: 153 -> 132 us)."""
     if not _bytes_arrays(tables):
@@ -279,13 +274,9 @@ def _table_words(typingctx, tables):
     return _TABLE_WORDS(tables), codegen
 
 
-def _ir_table(builder, words, j):
-    """IR: nibble table ``j`` (``<16 x i8>``) of a query's ``_table_words`` value ``words`` (words 2j, 2j + 1)."""
-    i32, i64 = ir.IntType(32), ir.IntType(64)
-    v = ir.Constant(ir.VectorType(i64, 2), ir.Undefined)
-    for h in range(2):
-        v = builder.insert_element(v, builder.extract_value(words, 2 * j + h), ir.Constant(i32, h))
-    return builder.bitcast(v, ir.VectorType(ir.IntType(8), 16))
+def _ir_at(builder, data, offset):
+    """IR: the ``<32 x i8>`` pointer at byte ``offset`` (an i64 value) of an array's data pointer ``data``."""
+    return builder.bitcast(builder.gep(data, [offset]), ir.VectorType(ir.IntType(8), 32).as_pointer())
 
 
 def _ir_lookup(builder, table, idx):
@@ -302,131 +293,135 @@ def _ir_lookup(builder, table, idx):
     return out
 
 
-def _bp_codegen(store: bool):
-    """Code generation of ``_bpmask64`` (``store``: and of ``_bpmask64d``, which also stores the 64 distances)."""
+def _ir_block_mask(builder, tw, hi, nibbles, out=None):
+    """IR of the byte-plane masks: the ``i64`` mask of the 64 codes of a block whose distance through a query's
+    nibble tables (``tw``, a ``_table_words`` value), summed with saturation at 255, is ``<= hi`` (an ``i64``
+    value; exact for ``hi <= 254``). ``nibbles(half)``: the 8 ``<32 x i8>`` vectors of codes ``32 half ..
+    32 half + 31``, vector ``2 p + h`` holding nibble h (0: low) of byte p of each. ``out``: a data pointer
+    that receives the 64 distances, saturated at 255, or None."""
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    b32 = ir.VectorType(i8, 32)
+    sat = cgutils.get_or_insert_function(builder.module, ir.FunctionType(b32, [b32, b32]), "llvm.uadd.sat.v32i8")
+    both = ir.Constant(ir.VectorType(i32, 32), list(range(16)) * 2)
+    tables = []
+    for j in range(8):  # table j: words 2j and 2j + 1, repeated in both halves of a <32 x i8>
+        v = ir.Constant(ir.VectorType(i64, 2), ir.Undefined)
+        for h in range(2):
+            v = builder.insert_element(v, builder.extract_value(tw, 2 * j + h), ir.Constant(i32, h))
+        tb = builder.bitcast(v, ir.VectorType(i8, 16))
+        tables.append(builder.shuffle_vector(tb, tb, both))
+    hi = _splat(builder, builder.trunc(hi, i8), b32)
+    halves = []
+    for half in range(2):
+        acc = None
+        for j, x in enumerate(nibbles(half)):
+            v = _ir_lookup(builder, tables[j], x)
+            acc = v if acc is None else builder.call(sat, [acc, v])
+        halves.append(builder.zext(builder.bitcast(builder.icmp_unsigned("<=", acc, hi), i32), i64))
+        if out is not None:
+            builder.store(acc, _ir_at(builder, out, ir.Constant(i64, 32 * half)), align=1)
+    return builder.or_(halves[0], builder.shl(halves[1], ir.Constant(i64, 32)))
+
+
+def _ir_block_planes(builder, data, b):
+    """IR: the byte planes of block ``b`` (an i64 value) of the flat ``uint32`` codes at ``data``, as
+    ``planes[half][p]``: the ``<32 x i8>`` of byte p (little-endian) of codes ``64 b + 32 half ..``. Byte
+    shuffles of 32 codes at a time (``shufflevector``), where a loop of byte stores cost 2.6 ns a code wherever
+    LLVM did not vectorise it (AMD Zen 2: ``lay_planes`` of 1e6 codes 2.6 -> 0.24 ms)."""
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    src = builder.bitcast(data, i8.as_pointer())
+    first = builder.mul(b, ir.Constant(i64, 256))
+
+    def shuffle(x, y, idx):
+        return builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 32), idx))
+
+    planes = []
+    for half in range(2):  # 128 bytes, four vectors of 8 codes
+        v = [builder.load(_ir_at(builder, src, builder.add(first, ir.Constant(i64, 128 * half + 32 * r))), align=4)
+             for r in range(4)]
+        # pairs of vectors (16 codes): planes 0 and 1, planes 2 and 3, 16 bytes each
+        pairs = [[shuffle(v[2 * h], v[2 * h + 1], [4 * c + p + e for e in (0, 1) for c in range(16)])
+                  for p in (0, 2)] for h in range(2)]
+        planes.append([shuffle(pairs[0][p // 2], pairs[1][p // 2],
+                               [16 * (p % 2) + 32 * e + c for e in (0, 1) for c in range(16)]) for p in range(4)])
+    return planes
+
+
+def _int64(context, builder, signature, args, i):
+    """IR: intrinsic argument ``i`` cast to ``int64``."""
+    return context.cast(builder, args[i], signature.args[i], types.int64)
+
+
+@intrinsic
+def _bpmask64d(typingctx, planes, base, tw, hi, out):
+    """The stage-1 mask of one block of 64 codes from its byte planes ``planes[base:base + 256]`` (``uint8``:
+    plane p holds byte p of the 64 codes, ``_byte_planes``) and a query's nibble tables (``_table_words`` of
+    ``_nibble_tables``: the weighted distance of the low / high nibble of byte p for each of its 16 values): the
+    codes whose distance, summed with saturation at 255, is ``<= hi`` (exact for ``hi <= 254``); each code's
+    distance, saturated at 255, goes to ``out[:64]`` (``uint8``, exact for the codes within ``hi``), so the
+    hits' distances need no second read of their codes. 8 ``vpshufb`` and 8 saturating byte adds per 32 codes,
+    where ``_wmask64`` needs four byte counts a code. AVX2 hosts only (``BYTE_PLANES``); elsewhere it compiles
+    to a lane-by-lane shuffle that is never run. Reads through the arrays' data pointers: ``base`` is trusted."""
+    if not _bytes_arrays(planes, out) or tw != _TABLE_WORDS or not isinstance(base, types.Integer):
+        return None
+
     def codegen(context, builder, signature, args):
         g = context.make_array(signature.args[0])(context, builder, args[0])
-        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        b16, b32 = ir.VectorType(i8, 16), ir.VectorType(i8, 32)
-        if signature.args[2] == _TABLE_WORDS:
+        o = context.make_array(signature.args[4])(context, builder, args[4])
+        base = _int64(context, builder, signature, args, 1)
 
-            def table(j):
-                return _ir_table(builder, args[2], j)
-        else:
-            t = context.make_array(signature.args[2])(context, builder, args[2])
+        def nibbles(half):
+            at = [_ir_at(builder, g.data, builder.add(base, ir.Constant(base.type, 64 * p + 32 * half)))
+                  for p in range(4)]
+            return [nib for ptr in at for nib in _ir_nibbles(builder, builder.load(ptr, align=1))]
 
-            def table(j):
-                return load(t.data, ir.Constant(i64, 16 * j), b16)
-        both = ir.Constant(ir.VectorType(i32, 32), list(range(16)) * 2)
-        sat = cgutils.get_or_insert_function(builder.module, ir.FunctionType(b32, [b32, b32]), "llvm.uadd.sat.v32i8")
+        return _ir_block_mask(builder, args[2], _int64(context, builder, signature, args, 3), nibbles, o.data)
 
-        def load(ptr, offset, vt):
-            return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vt.as_pointer()), align=1)
-
-        base = context.cast(builder, args[1], signature.args[1], types.int64)
-        hi = _splat(builder, builder.trunc(context.cast(builder, args[3], signature.args[3], types.int64), i8), b32)
-        halves = []
-        for half in range(2):
-            acc = ir.Constant(b32, [0] * 32)
-            for p in range(4):
-                x = load(g.data, builder.add(base, ir.Constant(i64, 64 * p + 32 * half)), b32)
-                for which, nib in enumerate(_ir_nibbles(builder, x)):
-                    tb = table(2 * p + which)
-                    acc = builder.call(sat, [acc, _ir_lookup(builder, builder.shuffle_vector(tb, tb, both), nib)])
-            keep = builder.icmp_unsigned("<=", acc, hi)
-            halves.append(builder.zext(builder.bitcast(keep, i32), i64))
-            if store:  # the 32 codes' distances, saturated at 255, to out[32 half:]
-                o = context.make_array(signature.args[4])(context, builder, args[4])
-                ptr = builder.gep(o.data, [ir.Constant(i64, 32 * half)])
-                builder.store(acc, builder.bitcast(ptr, b32.as_pointer()), align=1)
-        return builder.or_(halves[0], builder.shl(halves[1], ir.Constant(i64, 32)))
-
-    return codegen
+    return types.uint64(planes, base, tw, hi, out), codegen
 
 
 @intrinsic
-def _bpmask64(typingctx, planes, base, tables, hi):
-    """The weighted-stage-1 mask of one block of 64 codes from its byte planes ``planes[base:base + 256]``
-    (``uint8``: plane p holds byte p of the 64 codes, ``_byte_planes``) and a query's nibble tables
-    (``uint8 [128]``, ``_nibble_tables``: at ``32 p`` / ``32 p + 16`` the weighted distance of the low / high
-    nibble of byte p for each of its 16 values): the codes whose distance, summed with saturation at 255, is
-    ``<= hi`` (exact for ``hi <= 254``). 8 ``vpshufb`` and 8 saturating byte adds per 32 codes, where
-    ``_wmask64`` needs four byte counts a code. AVX2 hosts only (``BYTE_PLANES``); elsewhere it compiles to a
-    lane-by-lane shuffle that is never run. Reads through the arrays' data pointers: ``base`` is trusted.
-    ``tables`` may also come as ``_table_words(tables)``, loaded once before a loop (faster)."""
-    if not _bytes_arrays(planes) or not _tables_type(tables) or not isinstance(base, types.Integer):
-        return None
-    return types.uint64(planes, base, tables, hi), _bp_codegen(False)
-
-
-@intrinsic
-def _bpmask64d(typingctx, planes, base, tables, hi, out):
-    """``_bpmask64`` that also writes each code's distance, saturated at 255, to ``out[:64]`` (``uint8``, exact
-    for the codes within ``hi``): the hits' distances without reading their codes again."""
-    if not _bytes_arrays(planes, out) or not _tables_type(tables) or not isinstance(base, types.Integer):
-        return None
-    return types.uint64(planes, base, tables, hi, out), _bp_codegen(True)
-
-
-@intrinsic
-def _nibble_block(typingctx, planes, src, nib, dst):
-    """The byte planes of one block (``planes[src:src + 256]``, ``_byte_planes``) as nibble planes in
-    ``nib[dst:dst + 512]``: at ``dst + 64 (2 p + h)`` nibble h (0: low) of byte p of the block's 64 codes, one a
-    byte, the layout ``_nibmask64`` reads. Trusted offsets."""
-    if not _bytes_arrays(planes, nib) or not isinstance(src, types.Integer) or not isinstance(dst, types.Integer):
+def _nibble_block(typingctx, g1, b, nib, dst):
+    """Block ``b`` of the 32-bit codes ``g1`` (flat ``uint32``) as nibble planes in ``nib[dst:dst + 512]``: at
+    ``dst + 64 (2 p + h)`` nibble h (0: low) of byte p of its 64 codes, one a byte, the layout ``_nibmask64``
+    reads. Full blocks only; trusted offsets."""
+    if not (isinstance(g1, types.Array) and g1.dtype == types.uint32 and _bytes_arrays(nib)
+            and isinstance(b, types.Integer) and isinstance(dst, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
-        P = context.make_array(signature.args[0])(context, builder, args[0])
+        g = context.make_array(signature.args[0])(context, builder, args[0])
         N = context.make_array(signature.args[2])(context, builder, args[2])
-        i64, b32 = ir.IntType(64), ir.VectorType(ir.IntType(8), 32)
-        src = context.cast(builder, args[1], signature.args[1], types.int64)
-        dst = context.cast(builder, args[3], signature.args[3], types.int64)
-
-        def at(arr, base, offset):
-            ptr = builder.gep(arr.data, [builder.add(base, ir.Constant(i64, offset))])
-            return builder.bitcast(ptr, b32.as_pointer())
-
-        for p in range(4):
-            for half in range(2):
-                x = builder.load(at(P, src, 64 * p + 32 * half), align=1)
+        dst = _int64(context, builder, signature, args, 3)
+        for half, planes in enumerate(_ir_block_planes(builder, g.data, _int64(context, builder, signature, args, 1))):
+            for p, x in enumerate(planes):
                 for h, nibs in enumerate(_ir_nibbles(builder, x)):
-                    builder.store(nibs, at(N, dst, 64 * (2 * p + h) + 32 * half), align=1)
+                    ptr = _ir_at(builder, N.data, builder.add(dst, ir.Constant(dst.type, 64 * (2 * p + h) + 32 * half)))
+                    builder.store(nibs, ptr, align=1)
         return context.get_dummy_value()
 
-    return types.void(planes, src, nib, dst), codegen
+    return types.void(g1, b, nib, dst), codegen
 
 
 @intrinsic
 def _nibmask64(typingctx, nib, base, tw, hi):
-    """``_bpmask64`` from a block's nibble planes (``nib[base:base + 512]``, ``_nibble_block``) and a query's
-    ``_table_words``: 8 ``vpshufb`` (each reading its index from memory) and 8 saturating adds per 32 codes, no
+    """``_bpmask64d``'s mask from a block's nibble planes (``nib[base:base + 512]``, ``_nibble_block``), without
+    the distances: 8 ``vpshufb`` (each reading its index from memory) and 8 saturating adds per 32 codes, no
     nibble split. For a batch, whose queries all read the same tile: the split is made once per sub-tile rather
     than once per query (AMD Zen 2, stage 1 of a batch of 64 at 1e6 codes, sub-tiles of 32 blocks: 133 -> 105 us
-    a query). Fast on ``BYTE_PLANES`` hosts only (as ``_bpmask64``). Trusted offsets."""
+    a query). Fast on ``BYTE_PLANES`` hosts only. Trusted offsets."""
     if not _bytes_arrays(nib) or tw != _TABLE_WORDS or not isinstance(base, types.Integer):
         return None
 
     def codegen(context, builder, signature, args):
         N = context.make_array(signature.args[0])(context, builder, args[0])
-        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        b32 = ir.VectorType(i8, 32)
-        sat = cgutils.get_or_insert_function(builder.module, ir.FunctionType(b32, [b32, b32]), "llvm.uadd.sat.v32i8")
-        both = ir.Constant(ir.VectorType(i32, 32), list(range(16)) * 2)
-        tables = [builder.shuffle_vector(tb, tb, both) for tb in (_ir_table(builder, args[2], j) for j in range(8))]
-        base = context.cast(builder, args[1], signature.args[1], types.int64)
-        hi = _splat(builder, builder.trunc(context.cast(builder, args[3], signature.args[3], types.int64), i8), b32)
-        halves = []
-        for half in range(2):
-            acc = None
-            for j in range(8):
-                ptr = builder.gep(N.data, [builder.add(base, ir.Constant(i64, 64 * j + 32 * half))])
-                x = builder.load(builder.bitcast(ptr, b32.as_pointer()), align=1)
-                v = _ir_lookup(builder, tables[j], x)
-                acc = v if acc is None else builder.call(sat, [acc, v])
-            keep = builder.icmp_unsigned("<=", acc, hi)
-            halves.append(builder.zext(builder.bitcast(keep, i32), i64))
-        return builder.or_(halves[0], builder.shl(halves[1], ir.Constant(i64, 32)))
+        base = _int64(context, builder, signature, args, 1)
+
+        def nibbles(half):
+            return [builder.load(_ir_at(builder, N.data, builder.add(base, ir.Constant(base.type, 64 * j + 32 * half))),
+                                 align=1) for j in range(8)]
+
+        return _ir_block_mask(builder, args[2], _int64(context, builder, signature, args, 3), nibbles)
 
     return types.uint64(nib, base, tw, hi), codegen
 
@@ -1597,7 +1592,7 @@ def _tail_hits_impl(q, wp, g1, base, m, dd, hi):
 
 @njit(**_JIT)
 def _nibble_tables(q0, wp, out):
-    """``out[:128]``: the nibble tables of ``_bpmask64`` for the query word ``q0`` and its 4 weight planes
+    """``out[:128]``: the nibble tables of the byte-plane masks for the query word ``q0`` and its 4 weight planes
     ``wp``: entry ``32 p + 16 h + v`` is the weighted distance of nibble h of byte p of a code to the query's,
     when the code's nibble is v (the weights of its set bits in ``v ^ q``; at most 4 * 15 = 60)."""
     for p in range(4):
@@ -1633,10 +1628,8 @@ def _query_tables_impl(P1, i, q0, out):
 @intrinsic
 def _planes_block(typingctx, g1, b, buf, o):
     """Block ``b`` of the 32-bit codes ``g1`` (flat ``uint32``) as byte planes in ``buf[o:o + 256]``: plane p
-    (byte p of each code, little-endian) of its 64 codes at ``o + 64 p``. Byte shuffles of 32 codes at a time
-    (``shufflevector``), where a loop of byte stores cost 2.6 ns a code wherever LLVM did not vectorise it (AMD
-    Zen 2: ``lay_planes`` of 1e6 codes 2.6 -> 0.24 ms). Reads and writes through the arrays' data pointers: full
-    blocks only, trusted."""
+    (byte p of each code) of its 64 codes at ``o + 64 p`` (``_ir_block_planes``). Reads and writes through the
+    arrays' data pointers: full blocks only, trusted."""
     if not (isinstance(g1, types.Array) and g1.dtype == types.uint32 and _bytes_arrays(buf)
             and isinstance(b, types.Integer) and isinstance(o, types.Integer)):
         return None
@@ -1644,29 +1637,11 @@ def _planes_block(typingctx, g1, b, buf, o):
     def codegen(context, builder, signature, args):
         g = context.make_array(signature.args[0])(context, builder, args[0])
         out = context.make_array(signature.args[2])(context, builder, args[2])
-        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        b32 = ir.VectorType(i8, 32)
-        src = builder.bitcast(g.data, i8.as_pointer())
-        first = builder.mul(context.cast(builder, args[1], signature.args[1], types.int64), ir.Constant(i64, 256))
-        dst = context.cast(builder, args[3], signature.args[3], types.int64)
-
-        def at(ptr, offset):
-            return builder.bitcast(builder.gep(ptr, [offset]), b32.as_pointer())
-
-        def shuffle(x, y, idx):
-            return builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 32), idx))
-
-        for half in range(2):  # codes 32 half .. 32 half + 31: 128 bytes, four vectors of 8 codes
-            v = [builder.load(at(src, builder.add(first, ir.Constant(i64, 128 * half + 32 * r))), align=4)
-                 for r in range(4)]
-            # pairs of vectors (16 codes): planes 0 and 1, planes 2 and 3, 16 bytes each
-            pairs = [[shuffle(v[2 * h], v[2 * h + 1], [4 * c + p + e for e in (0, 1) for c in range(16)])
-                      for p in (0, 2)] for h in range(2)]
-            for p in range(4):
-                lo, hi = pairs[0][p // 2], pairs[1][p // 2]
-                sel = 16 * (p % 2)
-                plane = shuffle(lo, hi, list(range(sel, sel + 16)) + list(range(32 + sel, 32 + sel + 16)))
-                builder.store(plane, at(out.data, builder.add(dst, ir.Constant(i64, 64 * p + 32 * half))), align=1)
+        o = _int64(context, builder, signature, args, 3)
+        for half, planes in enumerate(_ir_block_planes(builder, g.data, _int64(context, builder, signature, args, 1))):
+            for p, x in enumerate(planes):
+                builder.store(x, _ir_at(builder, out.data, builder.add(o, ir.Constant(o.type, 64 * p + 32 * half))),
+                              align=1)
         return context.get_dummy_value()
 
     return types.void(g1, b, buf, o), codegen
@@ -1695,13 +1670,12 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     ``c1[a]``: its number of stage-1 candidates; ``cnt[a]``: how many were kept, or more than the
     buffer's capacity once it overflowed (the caller then searches that query on its own). ``P1``: weight
     planes of a weighted stage 1 (``ctf_topk``; compiled apart), or None. On AVX2 hosts without AVX-512
-    (``BYTE_PLANES``) each tile's codes are first laid out as byte planes (``_byte_planes``, 32 KB) and every
-    query's masks read them through its nibble tables: per code a byte lookup and a saturating add per nibble,
-    shared by the Hamming and the weighted stage 1 (AMD Zen 2, batch of 64 at 1e6, 1 thread: Hamming 478 -> 417
-    us a query, weighted 874 -> 410). The nibbles are split once per sub-tile (``SUBTILE`` blocks,
-    ``_nibble_block``) and every query reads them there (``_nibmask64``). Not from the planes that ``CtFIndex``
-    keeps (``lay_planes``): the hits' stage-1 distances then come from codes no longer in cache (batches of 16 at 1e6,
-    1 thread: 526 -> 578 us a query; the layout costs a batch of 64 about 2 us a query)."""
+    (``BYTE_PLANES``) the queries read the tile a sub-tile (``SUBTILE`` blocks) at a time, laid out as nibble
+    planes (``_nibble_block``, 16 KB), through their nibble tables (``_nibmask64``): per code a byte lookup and a
+    saturating add per nibble, shared by the Hamming and the weighted stage 1 (AMD Zen 2, batch of 64 at 1e6,
+    1 thread, as byte planes split per query: Hamming 478 -> 417 us a query, weighted 874 -> 410). Not from the
+    planes that ``CtFIndex`` keeps (``lay_planes``): the hits' stage-1 distances then come from codes no longer in
+    cache (batches of 16 at 1e6, 1 thread: 526 -> 578 us a query)."""
     cap = bufI.shape[1]
     n2, W2 = G2.shape
     g2 = G2.reshape(n2 * W2)
@@ -1711,9 +1685,8 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     tmp = np.empty((TILE + 1) * BLOCK, np.int32)
     dd = np.zeros(BLOCK + 1, np.int32)
     vec = na >= TILE_PREFETCH_QUERIES  # so many queries read most cache lines of a tile's stage-2 codes
-    bp = BYTE_PLANES and planes_take(hi)  # masks from byte planes (_bpmask64; Hamming: weights 1)
+    bp = BYTE_PLANES and planes_take(hi)  # masks from nibble planes (_nibmask64; Hamming: weights 1)
     tables = np.zeros((na if bp else 0, 128), np.uint8)
-    planes = np.empty(256 * TILE if bp else 0, np.uint8)
     nib = np.empty(512 * SUBTILE if bp else 0, np.uint8)
     if bp:
         for a in range(na):
@@ -1721,8 +1694,6 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
     for t in range(ntiles):
         t0 = t * TILE
         t1 = min(nfull, t0 + TILE)
-        if bp:
-            _byte_planes(g1, t0, t1, planes)
         if vec:
             # bring them in with one sequential load a line (the hardware streams them) rather than a prefetch
             # instruction a line: on an AMD Zen 4, batches of 64 at 1e6 codes, three sets of alternating runs,
@@ -1732,13 +1703,14 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
             for w in range(W2 * t0 * BLOCK, W2 * t1 * BLOCK, 8):
                 touch ^= g2[np.uint64(w)]  # unsigned: see _IDX
             tmp[0] = np.int32(touch & np.uint64(1))  # a use, so that the loads stay
-        nsub = max(1, -(-(t1 - t0) // SUBTILE)) if bp else 1  # byte planes: the queries read a sub-tile at a time
+        step = SUBTILE if bp else TILE  # nibble planes: the queries read a sub-tile at a time
+        nsub = max(1, -(-(t1 - t0) // step))  # (at least one: the last tile may be only the partial block)
         for u in range(nsub):
-            s0 = t0 + u * SUBTILE if bp else t0
-            s1 = min(t1, s0 + SUBTILE) if bp else t1
+            s0 = t0 + u * step
+            s1 = min(t1, s0 + step)
             if bp:
                 for b in range(s0, s1):
-                    _nibble_block(planes, 256 * (b - t0), nib, 512 * (b - s0))
+                    _nibble_block(g1, b, nib, 512 * (b - s0))
             for a in range(na):
                 c = cnt[a]
                 if c > cap:
@@ -1751,7 +1723,7 @@ def _scan_tiles(Q1, g1, n, hi, hi2, Qr, qoff, G2, live, a0, na, bufI, bufD, cnt,
                     for b in range(s0, s1):
                         m = _extract_pos(_nibmask64(nib, 512 * (b - s0), tw, hi) & live[b], b * BLOCK, pos, m)
                 else:
-                    m = _tile_hits(q0, wp, g1, t0, t1, hi, live, pos)
+                    m = _tile_hits(q0, wp, g1, s0, s1, hi, live, pos)
                 if t == ntiles - 1 and u == nsub - 1 and n > nfull * BLOCK:  # the last, partial block
                     mask = _tail_hits(Q1[a0 + a], wp, g1, nfull * BLOCK, n - nfull * BLOCK, dd, hi) & live[nfull]
                     m = _extract_pos(mask, nfull * BLOCK, pos, m)
