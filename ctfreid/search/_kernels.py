@@ -380,27 +380,40 @@ def _bpmask64d(typingctx, planes, base, tw, hi, out):
     return types.uint64(planes, base, tw, hi, out), codegen
 
 
+def _block_layout(typingctx, g1, b, buf, o, nibbles: bool):
+    """Typing and code generation of ``_planes_block`` (``nibbles`` False) and ``_nibble_block`` (True): block
+    ``b`` of the flat ``uint32`` codes ``g1`` into ``buf`` from byte ``o`` on, through the arrays' data pointers
+    (full blocks only, trusted offsets)."""
+    if not (isinstance(g1, types.Array) and g1.dtype == types.uint32 and _bytes_arrays(buf)
+            and isinstance(b, types.Integer) and isinstance(o, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        g = context.make_array(signature.args[0])(context, builder, args[0])
+        out = context.make_array(signature.args[2])(context, builder, args[2])
+        o = _int64(context, builder, signature, args, 3)
+
+        def store(x, offset):
+            builder.store(x, _ir_at(builder, out.data, builder.add(o, ir.Constant(o.type, offset))), align=1)
+
+        for half, planes in enumerate(_ir_block_planes(builder, g.data, _int64(context, builder, signature, args, 1))):
+            for p, x in enumerate(planes):
+                if nibbles:
+                    for h, nibs in enumerate(_ir_nibbles(builder, x)):
+                        store(nibs, 64 * (2 * p + h) + 32 * half)
+                else:
+                    store(x, 64 * p + 32 * half)
+        return context.get_dummy_value()
+
+    return types.void(g1, b, buf, o), codegen
+
+
 @intrinsic
 def _nibble_block(typingctx, g1, b, nib, dst):
     """Block ``b`` of the 32-bit codes ``g1`` (flat ``uint32``) as nibble planes in ``nib[dst:dst + 512]``: at
     ``dst + 64 (2 p + h)`` nibble h (0: low) of byte p of its 64 codes, one a byte, the layout ``_nibmask64``
     reads. Full blocks only; trusted offsets."""
-    if not (isinstance(g1, types.Array) and g1.dtype == types.uint32 and _bytes_arrays(nib)
-            and isinstance(b, types.Integer) and isinstance(dst, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        g = context.make_array(signature.args[0])(context, builder, args[0])
-        N = context.make_array(signature.args[2])(context, builder, args[2])
-        dst = _int64(context, builder, signature, args, 3)
-        for half, planes in enumerate(_ir_block_planes(builder, g.data, _int64(context, builder, signature, args, 1))):
-            for p, x in enumerate(planes):
-                for h, nibs in enumerate(_ir_nibbles(builder, x)):
-                    ptr = _ir_at(builder, N.data, builder.add(dst, ir.Constant(dst.type, 64 * (2 * p + h) + 32 * half)))
-                    builder.store(nibs, ptr, align=1)
-        return context.get_dummy_value()
-
-    return types.void(g1, b, nib, dst), codegen
+    return _block_layout(typingctx, g1, b, nib, dst, nibbles=True)
 
 
 @intrinsic
@@ -1628,23 +1641,9 @@ def _query_tables_impl(P1, i, q0, out):
 @intrinsic
 def _planes_block(typingctx, g1, b, buf, o):
     """Block ``b`` of the 32-bit codes ``g1`` (flat ``uint32``) as byte planes in ``buf[o:o + 256]``: plane p
-    (byte p of each code) of its 64 codes at ``o + 64 p`` (``_ir_block_planes``). Reads and writes through the
-    arrays' data pointers: full blocks only, trusted."""
-    if not (isinstance(g1, types.Array) and g1.dtype == types.uint32 and _bytes_arrays(buf)
-            and isinstance(b, types.Integer) and isinstance(o, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        g = context.make_array(signature.args[0])(context, builder, args[0])
-        out = context.make_array(signature.args[2])(context, builder, args[2])
-        o = _int64(context, builder, signature, args, 3)
-        for half, planes in enumerate(_ir_block_planes(builder, g.data, _int64(context, builder, signature, args, 1))):
-            for p, x in enumerate(planes):
-                builder.store(x, _ir_at(builder, out.data, builder.add(o, ir.Constant(o.type, 64 * p + 32 * half))),
-                              align=1)
-        return context.get_dummy_value()
-
-    return types.void(g1, b, buf, o), codegen
+    (byte p of each code) of its 64 codes at ``o + 64 p`` (``_ir_block_planes``). Full blocks only; trusted
+    offsets."""
+    return _block_layout(typingctx, g1, b, buf, o, nibbles=False)
 
 
 @njit(inline="always", **_JIT)
