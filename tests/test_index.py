@@ -286,11 +286,13 @@ def test_scratch_made_for_a_larger_k_serves_smaller_ones_with_the_same_answers(d
     assert index._local.ws[1] is not ws  # a larger k needs more
 
 
-@pytest.mark.parametrize("lengths", [(32, 128, 512), (64, 128, 512), (64,)])
+@pytest.mark.parametrize("lengths", [(32, 128, 512), (64, 128, 512), (96, 128, 256), (32, 96, 160), (64,)])
 def test_query_rows_at_any_offset_give_the_answers_of_aligned_copies(lengths):
     """A 1-D query sliced from a batch of 32-bit codes is 4- but not always 8-byte aligned, and a code may sit
     at any byte offset in a caller's buffer: ``search`` reads the first in place and copies the second, with
-    the answers of an aligned copy (``ctf_search`` on it: the oracle) either way."""
+    the answers of an aligned copy (``ctf_search`` on it: the oracle) either way. The lengths cover one query's
+    packed bytes (``_one_query``) with and without a gap after stage 1's words, and padded later stages (96 and 160
+    bits: the general path)."""
     rng = np.random.default_rng(5)
     q, g = correlated_code_sets(rng, 300, 5, lengths)
     index = CtFIndex()
