@@ -314,10 +314,11 @@ def test_query_rows_at_any_offset_give_the_answers_of_aligned_copies(lengths):
             d = np.unpackbits(g[L] ^ q[L][i], axis=1).sum(axis=1)
             eI = np.argsort(d, kind="stable")[:20]
             eD = d[eI]
-        for query in (raw, rows):
+        one_row = {L: c[i:i + 1] for L, c in q.items()}  # and as batches of one row
+        for query in (raw, rows, one_row, {L: c[None] for L, c in raw.items()}):
             D, I = index.search(query, 20)
-            np.testing.assert_array_equal(D, eD)
-            np.testing.assert_array_equal(I, eI)
+            np.testing.assert_array_equal(D.reshape(-1), eD)
+            np.testing.assert_array_equal(I.reshape(-1), eI)
 
 
 def test_thresholds_passed_per_call_are_checked_whenever_they_change(data):

@@ -203,26 +203,27 @@ def _plain_queries(query_codes: Any, lengths: list[int]) -> tuple[_Queries, bool
     for L, a in zip(lengths, arrays):
         if not (type(a) is np.ndarray and a.dtype is _UINT8 and a.shape == (*rows, L // 8) and a.flags.c_contiguous):
             return None
-    if single:
-        q = _one_query(arrays, lengths)
-        return None if q is None else (q, True)
+    codes = tuple(a[None] for a in arrays) if single else tuple(arrays)
+    if codes[0].shape[0] == 1:
+        q = _one_query(codes, lengths)
+        return None if q is None else (q, single)
     if not _word_aligned(v) or v.shape[0] == 0:
         return None
-    return _query_views(tuple(arrays), lengths), False
+    return _query_views(codes, lengths), False
 
 
-def _one_query(arrays: list[np.ndarray], lengths: list[int]) -> _Queries | None:
-    """``_query_views`` of one query's valid 1-D codes: the kernels' word views are read from one copy of its bytes
-    (stage 1's words, zero bytes up to a multiple of 8, then the later stages' words), ~2.5 us faster a search than
-    ``_query_views``' NumPy calls; read-only and aligned as those (a bytes object's data are 16-byte aligned). None
-    where stage 1's codes need an aligned copy (the general path makes it)."""
-    codes = tuple(a[None] for a in arrays)
+def _one_query(codes: tuple[np.ndarray, ...], lengths: list[int]) -> _Queries | None:
+    """``_query_views`` of one query's valid codes (``uint8 [1, L // 8]`` each, C-contiguous): the kernels' word views
+    are read from one copy of its bytes (stage 1's words, zero bytes up to a multiple of 8, then the later stages'
+    words), ~2.5 us faster a search than ``_query_views``' NumPy calls; read-only and aligned as those (a bytes
+    object's data are 16-byte aligned). None where stage 1's codes need an aligned copy (the general path makes
+    it)."""
     qoff, padded = _query_layout(tuple(lengths))
     if len(lengths) == 1 or padded:
         return _query_views(codes, lengths) if _word_aligned(codes[0]) else None
     w1 = lengths[0] // 8
     gap = -w1 % 8
-    buf = b"".join((arrays[0], bytes(gap), *arrays[1:])) if gap else b"".join(arrays)
+    buf = b"".join((codes[0], bytes(gap), *codes[1:])) if gap else b"".join(codes)
     first = np.ndarray((1, w1 // 4), np.uint32, buf)
     later = np.ndarray((1, int(qoff[-1])), np.uint64, buf, w1 + gap)
     return _Queries(codes, first, later) if later.flags.aligned else _query_views(codes, lengths)
