@@ -190,8 +190,9 @@ def _query_views(qs: tuple[np.ndarray, ...], lengths: list[int]) -> _Queries:
 def _plain_queries(query_codes: Any, lengths: list[int]) -> tuple[_Queries, bool] | None:
     """``CtFIndex._queries`` for the common case, checked with a few identity tests (a search's Python is most of
     one query's time on small galleries): a dict of C-contiguous ``uint8`` arrays of the index's lengths, all 1-D
-    or all of one number of rows (at least one), stage 1's word-aligned (1-D: any). None for anything else: the
-    general path then validates, copies where needed and explains any problem."""
+    or all of one number of rows (at least one), stage 1's word-aligned where they are read in place (one query's
+    bytes are copied: any). None for anything else: the general path then validates, copies where needed and
+    explains any problem."""
     if type(query_codes) is not dict or len(query_codes) != len(lengths):
         return None
     arrays = [query_codes.get(L) for L in lengths]
@@ -219,14 +220,14 @@ def _one_query(codes: tuple[np.ndarray, ...], lengths: list[int]) -> _Queries | 
     object's data are 16-byte aligned). None where stage 1's codes need an aligned copy (the general path makes
     it)."""
     qoff, padded = _query_layout(tuple(lengths))
-    if len(lengths) == 1 or padded:
-        return _query_views(codes, lengths) if _word_aligned(codes[0]) else None
-    w1 = lengths[0] // 8
-    gap = -w1 % 8
-    buf = b"".join((codes[0], bytes(gap), *codes[1:])) if gap else b"".join(codes)
-    first = np.ndarray((1, w1 // 4), np.uint32, buf)
-    later = np.ndarray((1, int(qoff[-1])), np.uint64, buf, w1 + gap)
-    return _Queries(codes, first, later) if later.flags.aligned else _query_views(codes, lengths)
+    if len(lengths) > 1 and not padded:  # (one length or padded later words: the NumPy views)
+        w1 = lengths[0] // 8
+        gap = -w1 % 8
+        buf = b"".join((codes[0], bytes(gap), *codes[1:])) if gap else b"".join(codes)
+        later = np.ndarray((1, int(qoff[-1])), np.uint64, buf, w1 + gap)
+        if later.flags.aligned:
+            return _Queries(codes, np.ndarray((1, w1 // 4), np.uint32, buf), later)
+    return _query_views(codes, lengths) if _word_aligned(codes[0]) else None
 
 
 def keeps_planes(lengths: Sequence[int] | None) -> bool:
