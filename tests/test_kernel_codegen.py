@@ -131,7 +131,7 @@ def test_stage1_block_distances_match_numpy(avx2):
 
 def test_weighted_masks_from_byte_planes_match_numpy():
     """``_bpmask64d`` (one query's stage 1 from the index's planes; on hosts without AVX2 its lane-by-lane form)
-    from ``_byte_planes`` and ``_nibble_tables`` (as ``_table_words``): the codes whose 4-bit weighted distance
+    from ``lay_planes`` and ``_nibble_tables`` (as ``_table_words``): the codes whose 4-bit weighted distance
     (NumPy: the weights of the differing bits) is ``<= hi``, for thresholds up to 254, where distances of up to
     480 saturate at 255, and every distance, saturated; and ``_nibmask64`` (a batch's masks) from the codes'
     nibble planes (``_nibble_block``): the same masks."""
@@ -142,7 +142,7 @@ def test_weighted_masks_from_byte_planes_match_numpy():
         buf = np.empty(256 * 2, np.uint8)
         tables = np.empty(128, np.uint8)
         _kernels._nibble_tables(q0, (planes4[0], planes4[1], planes4[2], planes4[3]), tables)
-        _kernels._byte_planes(g, 0, 2, buf)
+        _kernels.lay_planes(g, 0, 2, buf)
         tw = _kernels._table_words(tables)
         nib = np.empty(512 * 2, np.uint8)
         for b in range(2):

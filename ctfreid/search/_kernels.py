@@ -355,7 +355,7 @@ def _int64(context, builder, signature, args, i):
 @intrinsic
 def _bpmask64d(typingctx, planes, base, tw, hi, out):
     """The stage-1 mask of one block of 64 codes from its byte planes ``planes[base:base + 256]`` (``uint8``:
-    plane p holds byte p of the 64 codes, ``_byte_planes``) and a query's nibble tables (``_table_words`` of
+    plane p holds byte p of the 64 codes, ``lay_planes``) and a query's nibble tables (``_table_words`` of
     ``_nibble_tables``: the weighted distance of the low / high nibble of byte p for each of its 16 values): the
     codes whose distance, summed with saturation at 255, is ``<= hi`` (exact for ``hi <= 254``); each code's
     distance, saturated at 255, goes to ``out[:64]`` (``uint8``, exact for the codes within ``hi``), so the
@@ -1646,19 +1646,13 @@ def _planes_block(typingctx, g1, b, buf, o):
     return _block_layout(typingctx, g1, b, buf, o, nibbles=False)
 
 
-@njit(inline="always", **_JIT)
-def _byte_planes(g1, t0, t1, buf):
-    """``buf[256 (b - t0) + 64 p + j]`` = byte p of code ``64 b + j``, for the blocks ``t0 .. t1 - 1``."""
-    for b in range(t0, t1):
-        _planes_block(g1, b, buf, 256 * (b - t0))
-
-
 @njit(**_JIT)
 def lay_planes(g1, b0, b1, out):
     """The byte planes of blocks ``b0 .. b1 - 1`` of the 32-bit codes ``g1`` (flat ``words32`` view, full blocks
-    only) into ``out[256 b0 : 256 b1]`` (``_byte_planes``' layout): the ``SP`` that ``CtFIndex`` keeps for
-    ``ctf_topk`` and ``ctf_topk_batch``."""
-    _byte_planes(g1, b0, b1, out[256 * b0 :])
+    only) into ``out[256 b0 : 256 b1]``: ``out[256 b + 64 p + j]`` is byte p of code ``64 b + j``
+    (``_planes_block``). The ``SP`` that ``CtFIndex`` keeps for ``ctf_topk`` and ``ctf_topk_batch``."""
+    for b in range(b0, b1):
+        _planes_block(g1, b, out, 256 * b)
 
 
 @njit(**_JIT)

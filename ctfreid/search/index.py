@@ -71,7 +71,7 @@ from ctfreid.search.asymmetric import StageWeights, Weighting, max_distance, sta
 from ctfreid.search.coarse_to_fine import batched, weight_tail
 from ctfreid.search.hamming import check_k, check_radius, prepare_queries, range_result
 from ctfreid.search.merge import Hits, empty_hits
-from ctfreid.search.parallel import check_threads, run_chunks
+from ctfreid.search.parallel import run_chunks
 from ctfreid.search.thresholds import check_thresholds, threshold_array
 
 MAGIC = b"CTFREID\x00"
@@ -205,29 +205,27 @@ def _plain_queries(query_codes: Any, lengths: list[int]) -> tuple[_Queries, bool
         if not (type(a) is np.ndarray and a.dtype is _UINT8 and a.shape == (*rows, L // 8) and a.flags.c_contiguous):
             return None
     codes = tuple(a[None] for a in arrays) if single else tuple(arrays)
-    if codes[0].shape[0] == 1:
-        q = _one_query(codes, lengths)
-        return None if q is None else (q, single)
-    if not _word_aligned(v) or v.shape[0] == 0:
-        return None
-    return _query_views(codes, lengths), False
+    q = _one_query(codes, lengths) if codes[0].shape[0] == 1 else None
+    if q is None:
+        if codes[0].shape[0] == 0 or not _word_aligned(codes[0]):
+            return None
+        q = _query_views(codes, lengths)
+    return q, single
 
 
 def _one_query(codes: tuple[np.ndarray, ...], lengths: list[int]) -> _Queries | None:
-    """``_query_views`` of one query's valid codes (``uint8 [1, L // 8]`` each, C-contiguous): the kernels' word views
-    are read from one copy of its bytes (stage 1's words, zero bytes up to a multiple of 8, then the later stages'
-    words), ~2.5 us faster a search than ``_query_views``' NumPy calls; read-only and aligned as those (a bytes
-    object's data are 16-byte aligned). None where stage 1's codes need an aligned copy (the general path makes
-    it)."""
+    """``_query_views`` of one query's valid codes (``uint8 [1, L // 8]`` each, C-contiguous), read from one copy of
+    its bytes (stage 1's words, zero bytes up to a multiple of 8, then the later stages' words): ~2.5 us faster a
+    search than ``_query_views``' NumPy calls, read-only and aligned as those (a bytes object's data are 16-byte
+    aligned). None for one code length or padded later words, which take ``_query_views``."""
     qoff, padded = _query_layout(tuple(lengths))
-    if len(lengths) > 1 and not padded:  # (one length or padded later words: the NumPy views)
-        w1 = lengths[0] // 8
-        gap = -w1 % 8
-        buf = b"".join((codes[0], bytes(gap), *codes[1:])) if gap else b"".join(codes)
-        later = np.ndarray((1, int(qoff[-1])), np.uint64, buf, w1 + gap)
-        if later.flags.aligned:
-            return _Queries(codes, np.ndarray((1, w1 // 4), np.uint32, buf), later)
-    return _query_views(codes, lengths) if _word_aligned(codes[0]) else None
+    if len(lengths) == 1 or padded:
+        return None
+    w1 = lengths[0] // 8
+    gap = -w1 % 8
+    buf = b"".join((codes[0], bytes(gap), *codes[1:])) if gap else b"".join(codes)
+    later = np.ndarray((1, int(qoff[-1])), np.uint64, buf, w1 + gap)
+    return _Queries(codes, np.ndarray((1, w1 // 4), np.uint32, buf), later) if later.flags.aligned else None
 
 
 def keeps_planes(lengths: Sequence[int] | None) -> bool:
@@ -813,7 +811,7 @@ class CtFIndex:
         """(D, slots[, distances, stages]) of every query, the queries split over ``threads`` threads
         (each query is searched on its own, so the answers do not depend on the split)."""
         nq = q.first.shape[0]
-        sw = None if query_weights is None else stage_weights(query_weights, nq, self._lengths)
+        sw = stage_weights(query_weights, nq, self._lengths)
         with self._lock.read():
             thr = self._thresholds(thresholds, sw)
 
@@ -823,13 +821,8 @@ class CtFIndex:
                 D, P, C = self._positions(part, k, thr, w)
                 return (D, P, C) + (self._hit_keys(part, P, thr, w) if keys and P.shape[1] else ())
 
-            if nq == 1 and not keys:  # what run_chunks does with one query (after checking threads), 1-2 us sooner
-                if threads is not None:
-                    check_threads(threads)
-                out = list(self._positions(q, k, thr, sw))
-            else:
-                parts = run_chunks(chunk, nq, threads, work_per_query=self._nslots)
-                out = list(parts[0]) if len(parts) == 1 else [np.concatenate(x, axis=0) for x in zip(*parts)]
+            parts = run_chunks(chunk, nq, threads, work_per_query=self._nslots)
+            out = list(parts[0]) if len(parts) == 1 else [np.concatenate(x, axis=0) for x in zip(*parts)]
             if keys:
                 out[2][:, 0] = self.ntotal  # stage 1 ranks every live item
             # slots -> stored ids while the read lock is held: D, P, I, C, ...
