@@ -258,7 +258,9 @@ def test_a_dead_shard_gives_an_answer_flagged_partial_never_silently_short(local
         # both shards answer first, so the live one has its search kernels loaded before the short timeouts
         # below (loading them from numba's cache took over a second on a busy 2-core machine)
         assert sharded.search_hits(q, 50).partial == ()
+        pid = sharded.shard_info()[1]["pid"]
         ray.kill(sharded.actors[1], no_restart=True)
+        wait_gone(pid)  # ray.kill returns at once: the old process could still answer the next call
         t = time.monotonic()
         h = sharded.search_hits(q, 50, timeout=1.0)
         assert time.monotonic() - t < 20
