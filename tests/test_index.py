@@ -93,34 +93,33 @@ def test_results_map_slots_to_ids_unless_they_are_the_same(data, case, tmp_path)
 
 
 def test_one_query_takes_its_short_path_with_the_answers_of_the_general_one(data, monkeypatch):
-    """``search`` of one query of several lengths skips ``_run`` (``_search_one``) for any thresholds and k, 1-D or
-    as a batch of one row, and leaves to the general path what it does not cover: weights, and a tile scan (here
-    forced for one query); ``threads`` is still checked. Oracle: ``ctf_search`` on the same codes."""
+    """``search`` of one query of several lengths skips ``_run`` (``_search_one``), 1-D or as a batch of one row,
+    for any thresholds and k, with weights on the first or on later stages, and on the tile scan (here forced
+    for one query); ``threads`` is still checked. Oracle: ``ctf_search`` on the same codes."""
     q, g = data
     index = _built(g)
     general = index._run
     calls = []
     monkeypatch.setattr(index, "_run", lambda *a, **kw: calls.append(1) or general(*a, **kw))
-    for i, (k, th) in enumerate([(5, None), (1, None), (700, TH), (10**9, {32: 3, 128: 40}), (40, {32: 32, 128: 0})]):
-        one = {L: c[i:i + 1] for L, c in q.items()}
-        want_D, want_I = ctf_search(one, g, TH if th is None else th, min(k, 700))
-        for query, shape in (({L: c[0] for L, c in one.items()}, want_I.shape[1:]), (one, want_I.shape)):
-            D, I = index.search(query, k, th, threads=2)
-            assert I.shape == D.shape == shape
-            np.testing.assert_array_equal(I.reshape(-1), want_I[0])
-            np.testing.assert_array_equal(D.reshape(-1), want_D[0])
+    rng = np.random.default_rng(1)
+    w32, w128 = rng.integers(0, 16, (1, 32), dtype=np.uint8), rng.integers(0, 16, (1, 128), dtype=np.uint8)
+    cases = [(5, None, None), (1, None, None), (700, TH, None), (10**9, {32: 3, 128: 40}, None),
+             (40, {32: 32, 128: 0}, None), (9, {32: 60, 128: 45}, w32), (30, {32: 60, 128: 400}, {32: w32, 128: w128}),
+             (30, {32: 10, 128: 400}, {128: w128})]
+    for tile in (False, True):
+        if tile:
+            monkeypatch.setattr(index_module._kernels, "BATCH_MIN_QUERIES", 1)  # the tile scan for one query
+        for i, (k, th, w) in enumerate(cases):
+            one = {L: c[i % 6:i % 6 + 1] for L, c in q.items()}
+            want_D, want_I = ctf_search(one, g, TH if th is None else th, min(k, 700), query_weights=w)
+            for query, shape in (({L: c[0] for L, c in one.items()}, want_I.shape[1:]), (one, want_I.shape)):
+                D, I = index.search(query, k, th, threads=2, query_weights=w)
+                assert I.shape == D.shape == shape
+                np.testing.assert_array_equal(I.reshape(-1), want_I[0])
+                np.testing.assert_array_equal(D.reshape(-1), want_D[0])
     assert calls == []
     with pytest.raises(CtfreidError, match="threads must be a positive integer"):
         index.search({L: c[0] for L, c in q.items()}, 5, threads=0)
-    w = np.random.default_rng(1).integers(0, 16, 32, dtype=np.uint8)
-    one = {L: c[0] for L, c in q.items()}
-    wth = {32: 60, 128: 45}  # a weighted first threshold
-    np.testing.assert_array_equal(index.search(one, 9, wth, query_weights=w[None])[1],
-                                  ctf_search({L: c[None] for L, c in one.items()}, g, wth, 9, query_weights=w[None])[1][0])
-    assert len(calls) == 1
-    monkeypatch.setattr(index_module._kernels, "BATCH_MIN_QUERIES", 1)  # the tile scan for one query
-    np.testing.assert_array_equal(index.search(one, 9)[1], ctf_search(q, g, TH, 9)[1][0])
-    assert len(calls) == 2
 
 
 def test_add_errors(data):

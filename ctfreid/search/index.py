@@ -720,13 +720,12 @@ class CtFIndex:
         read lock held."""
         n, nq, live_n = self._nslots, q.first.shape[0], self.ntotal
         lengths = self._lengths
-        G1, Gr, Ls, qoff, g1 = self._stage_views()
+        G1 = self._stage_views()[0]
         m = live_n if k is None else min(k, live_n)
         C = np.zeros((nq, len(lengths)), np.int64) if k is not None else np.full((nq, len(lengths)), -1, np.int64)
         if m == 0:
             return np.empty((nq, 0), np.int32), np.empty((nq, 0), np.int64), C
         weighted = weight_tail(sw)  # the kernels' trailing P1, Lw[, Pr]
-        planes = self._planes
         # one weighted length has no top-k kernel: its full ranking, then the first m
         full = k is None or (sw is not None and len(lengths) == 1)
         cols = n if full else m
@@ -739,27 +738,42 @@ class CtFIndex:
                 _kernels.rank(q.first, _kernels.words(G1), lengths[0], D, P)
             else:
                 _kernels.topk(q.first, _kernels.words(G1), lengths[0], m, self._live, D, P)
+        elif full:
+            _kernels.ctf_rank(*self._ctf_args(q, thr, sw), D, P, *weighted)
         else:
-            # each stage's largest distance, which sizes the sort keys: other than Ls for weighted later stages
-            Lmax = Ls if sw is None or sw.later is None else sw.stage_maxima(lengths)
-            args = (q.first, g1, lengths[0], q.later, qoff, Gr, Lmax, len(lengths), thr)
-            if full:
-                _kernels.ctf_rank(*args, D, P, *weighted)
-            else:
-                # the stored planes (the last argument) after P1, Lw, Pr
-                tail = weighted if planes is None else (*weighted, None, 0, None)[:3] + (planes,)
-                if batched(nq, lengths, n, sw, thr, planes is not None):
-                    hi2 = _kernels.stage2_keep(n, thr, Ls)
-                    _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), hi2,
-                                            *self._batch_buffers(n, nq), D, P, C, *tail)
-                    self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
-                else:
-                    _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C, *tail)
+            self._ctf_topk(q, m, thr, sw, D, P, C)
         if full and self._ndead:  # the order is a per-item key: dropping removed items keeps it exact
             keep = self._live_slots()[P]
             P = P[keep].reshape(nq, live_n)
             D = D[keep].reshape(nq, live_n)
         return (D, P, C) if cols == m or k is None else (D[:, :m], P[:, :m], C)
+
+    def _ctf_args(self, q: _Queries, thr: np.ndarray, sw: StageWeights | None) -> tuple:
+        """The leading arguments of the CtF kernels (several lengths) for queries ``q``."""
+        _, Gr, Ls, qoff, g1 = self._stage_views()
+        # each stage's largest distance, which sizes the sort keys: other than Ls for weighted later stages
+        Lmax = Ls if sw is None or sw.later is None else sw.stage_maxima(self._lengths)
+        return q.first, g1, self._lengths[0], q.later, qoff, Gr, Lmax, len(self._lengths), thr
+
+    def _ctf_topk(self, q: _Queries, m: int, thr: np.ndarray, sw: StageWeights | None, D: np.ndarray,
+                  P: np.ndarray, C: np.ndarray) -> None:
+        """The first ``m`` of the CtF rankings of ``q`` (several lengths) into ``D``/``P`` (slots) and their
+        stage counts into ``C[:, 1:]``: the tile scan (``ctf_topk_batch``) or query by query (``ctf_topk``), as
+        ``batched`` decides. Call with the read lock held."""
+        n, nq, planes = self._nslots, q.first.shape[0], self._planes
+        args = self._ctf_args(q, thr, sw)
+        if planes is None:
+            tail = weight_tail(sw)
+        else:  # the stored planes (the last argument) after P1, Lw, Pr
+            tail = (None, 0, None, planes) if sw is None else (*sw.kernel_tail(), None, 0, None)[:3] + (planes,)
+        if batched(nq, self._lengths, n, sw, thr, planes is not None):
+            Ls = self._stage_views()[2]
+            hi2 = _kernels.stage2_keep(n, thr, Ls)
+            _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), hi2, *self._batch_buffers(n, nq),
+                                    D, P, C, *tail)
+            self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
+        else:
+            _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C, *tail)
 
     def _workspace(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """CtF scratch, one per thread, reused while n and the number of stages stay the same and k is no
@@ -850,33 +864,29 @@ class CtFIndex:
         """
         k = check_k(k)
         q, single = self._queries(query_codes)
-        if q.codes is None and query_weights is None:  # one query of several lengths: its own short path
+        if q.codes is None:  # one query of several lengths (_one_query): its own short path
             if threads is not None:
                 check_threads(threads)
-            out = self._search_one(q, k, thresholds)
+            out = self._search_one(q, k, thresholds, query_weights)
             if out is not None:
                 return out if single else (out[0][None], out[1][None])
         D, _, I = self._run(q, k, thresholds, threads, query_weights=query_weights)[:3]
         return (D[0], I[0]) if single else (D, I)
 
-    def _search_one(self, q: _Queries, k: int, thresholds: Mapping[int, int] | None) -> tuple | None:
-        """``search`` of one query (``_one_query``) with Hamming distances: the steps of ``_run`` and
-        ``_positions`` for that case alone, where a search's Python took twice its kernel's time (2,276 items:
-        36 us a search, 7.5 in the kernel). ``(D[m], I[m])``, or None where the general path answers: another
-        kernel (the tile scan, as ``batched`` decides) or nothing to find."""
+    def _search_one(self, q: _Queries, k: int, thresholds: Mapping[int, int] | None,
+                    query_weights: np.ndarray | None) -> tuple | None:
+        """``search`` of one query of several lengths: ``_run`` and ``_positions`` cut to that case, where a
+        search's Python took three times its kernel's time (2,276 items: 38 us a search, 8 in the kernel).
+        ``(D[m], I[m])``, or None for an empty index (the general path's answer)."""
+        sw = None if query_weights is None else stage_weights(query_weights, 1, self._lengths)
         with self._lock.read():
-            thr = self._thresholds(thresholds)
-            n, lengths, planes = self._nslots, self._lengths, self._planes
+            thr = self._thresholds(thresholds, sw)
             m = min(k, self.ntotal)
-            if m == 0 or batched(1, lengths, n, None, thr, planes is not None):
+            if m == 0:
                 return None
-            _, Gr, Ls, qoff, g1 = self._stage_views()
             D = np.empty((1, m), np.int32)
             P = np.empty((1, m), np.int64)
-            C = np.empty((1, len(lengths)), np.int64)  # the candidate counts, not returned by search
-            tail = () if planes is None else (None, 0, None, planes)
-            _kernels.ctf_topk(q.first, g1, lengths[0], q.later, qoff, Gr, Ls, len(lengths), thr, m, self._live,
-                              *self._workspace(n, m), D, P, C, *tail)
+            self._ctf_topk(q, m, thr, sw, D, P, np.zeros((1, len(self._lengths)), np.int64))  # counts unused
             return D[0], (P[0] if self._slots_are_ids() else self._ids[P[0]])
 
     def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
