@@ -876,8 +876,9 @@ class CtFIndex:
     def _search_one(self, q: _Queries, k: int, thresholds: Mapping[int, int] | None,
                     query_weights: np.ndarray | None) -> tuple | None:
         """``search`` of one query of several lengths: ``_run`` and ``_positions`` cut to that case, where a
-        search's Python took three times its kernel's time (2,276 items: 38 us a search, 8 in the kernel).
-        ``(D[m], I[m])``, or None for an empty index (the general path's answer)."""
+        search's Python took three times its kernel's time (2,276 items: 38 us a search, 8 in the kernel). It runs
+        on the calling thread, as ``run_chunks`` runs one query. ``(D[m], I[m])``, or None for an empty index (the
+        general path's answer)."""
         sw = None if query_weights is None else stage_weights(query_weights, 1, self._lengths)
         with self._lock.read():
             thr = self._thresholds(thresholds, sw)
@@ -886,7 +887,8 @@ class CtFIndex:
                 return None
             D = np.empty((1, m), np.int32)
             P = np.empty((1, m), np.int64)
-            self._ctf_topk(q, m, thr, sw, D, P, np.zeros((1, len(self._lengths)), np.int64))  # counts unused
+            C = np.zeros((1, len(self._lengths)), np.int64)  # stage counts: not returned, read by _note_batch_keep
+            self._ctf_topk(q, m, thr, sw, D, P, C)
             return D[0], (P[0] if self._slots_are_ids() else self._ids[P[0]])
 
     def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
