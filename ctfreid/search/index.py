@@ -348,6 +348,10 @@ class CtFIndex:
         n = self._nslots
         return self._increasing and (n == 0 or (int(self._ids[0]) == 0 and int(self._ids[n - 1]) == n - 1))
 
+    def _slot_ids(self, P: np.ndarray) -> np.ndarray:
+        """The stored ids of slots ``P`` (``P`` itself when the slots are the ids). Call with the read lock held."""
+        return P if self._slots_are_ids() else self._ids[P]
+
     def _live_slots(self) -> np.ndarray:
         """Boolean [nslots]: which slots are live."""
         bits = np.unpackbits(self._live.view(np.uint8), bitorder="little")
@@ -762,10 +766,9 @@ class CtFIndex:
         ``batched`` decides. Call with the read lock held."""
         n, nq, planes = self._nslots, q.first.shape[0], self._planes
         args = self._ctf_args(q, thr, sw)
-        if planes is None:
-            tail = weight_tail(sw)
-        else:  # the stored planes (the last argument) after P1, Lw, Pr
-            tail = (None, 0, None, planes) if sw is None else (*sw.kernel_tail(), None, 0, None)[:3] + (planes,)
+        tail = weight_tail(sw)
+        if planes is not None:  # the stored planes (the last argument) after P1, Lw, Pr
+            tail = (*tail, None, 0, None)[:3] + (planes,)
         if batched(nq, self._lengths, n, sw, thr, planes is not None):
             Ls = self._stage_views()[2]
             hi2 = _kernels.stage2_keep(n, thr, Ls)
@@ -843,7 +846,7 @@ class CtFIndex:
             if keys:
                 out[2][:, 0] = self.ntotal  # stage 1 ranks every live item
             # slots -> stored ids while the read lock is held: D, P, I, C, ...
-            out.insert(2, out[1] if self._slots_are_ids() else self._ids[out[1]])
+            out.insert(2, self._slot_ids(out[1]))
         return tuple(out)
 
     def search(self, query_codes: Mapping[int, np.ndarray], k: int,
@@ -864,7 +867,7 @@ class CtFIndex:
         """
         k = check_k(k)
         q, single = self._queries(query_codes)
-        if q.codes is None:  # one query of several lengths (_one_query): its own short path
+        if q.first.shape[0] == 1 and len(self._lengths) > 1:  # one query of several lengths: its own short path
             if threads is not None:
                 check_threads(threads)
             out = self._search_one(q, k, thresholds, query_weights)
@@ -879,7 +882,7 @@ class CtFIndex:
         search's Python took three times its kernel's time (2,276 items: 38 us a search, 8 in the kernel). It runs
         on the calling thread, as ``run_chunks`` runs one query. ``(D[m], I[m])``, or None for an empty index (the
         general path's answer)."""
-        sw = None if query_weights is None else stage_weights(query_weights, 1, self._lengths)
+        sw = stage_weights(query_weights, 1, self._lengths)
         with self._lock.read():
             thr = self._thresholds(thresholds, sw)
             m = min(k, self.ntotal)
@@ -889,7 +892,7 @@ class CtFIndex:
             P = np.empty((1, m), np.int64)
             C = np.zeros((1, len(self._lengths)), np.int64)  # stage counts: not returned, read by _note_batch_keep
             self._ctf_topk(q, m, thr, sw, D, P, C)
-            return D[0], (P[0] if self._slots_are_ids() else self._ids[P[0]])
+            return D[0], self._slot_ids(P[0])
 
     def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
                     thresholds: Mapping[int, int] | None = None, threads: int | None = None,
