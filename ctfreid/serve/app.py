@@ -539,7 +539,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
 
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, Response
+    from fastapi.responses import FileResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.staticfiles import StaticFiles
@@ -712,11 +712,13 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
-        return {"ok": True, "items": len(svc.gallery)}
+        # routes answer JSONResponse themselves: FastAPI would first walk the answer with jsonable_encoder, which
+        # took a third of a search request's CPU (benchmarks/README.md, "ctfreid serve"); the bytes are the same
+        return JSONResponse({"ok": True, "items": len(svc.gallery)})
 
     @app.api_route("/v1/stats", methods=["GET", "HEAD"])
     async def stats():
-        return svc.stats()
+        return JSONResponse(svc.stats())
 
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():  # Prometheus text format; gauges read the gallery (a sharded one asks its shards)
@@ -738,7 +740,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             return svc.gallery.add(codes, metas, thumbs)
 
         ids = await run_in_threadpool(work)
-        return {"ids": ids}
+        return JSONResponse({"ids": ids})
 
     @app.post("/v1/search")
     async def search(request: Request):
@@ -771,7 +773,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             if partial:  # a sharded gallery with shards that did not answer in time: said, never silent
                 answer["partial"] = {"missing_shards": list(partial),
                                      "message": "these shards did not answer in time: their items are missing"}
-            return answer
+            return JSONResponse(answer)  # serialised on the worker thread too
 
         return await run_in_threadpool(work)
 
@@ -780,7 +782,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         row = await run_in_threadpool(svc.store.get, item_id)
         if row is None:
             return _error(404, "id", f"no item {item_id}")
-        return row
+        return JSONResponse(row)
 
     @app.api_route("/v1/items/{item_id}/thumbnail", methods=["GET", "HEAD"])
     async def get_thumb(item_id: ItemId):
@@ -802,19 +804,19 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         row = await run_in_threadpool(svc.gallery.update, item_id, meta, list(fields))
         if row is None:
             return _error(404, "id", f"no item {item_id}")
-        return row
+        return JSONResponse(row)
 
     @app.delete("/v1/items/{item_id}")
     async def delete_item(item_id: ItemId):
         gone = await run_in_threadpool(svc.gallery.erase, [item_id])
         if not gone:
             return _error(404, "id", f"no item {item_id}")
-        return svc.receipt(gone)
+        return JSONResponse(svc.receipt(gone))
 
     @app.delete("/v1/persons/{pid}")
     async def delete_person(pid: ItemId):
         gone = await run_in_threadpool(svc.gallery.erase_where, lambda: svc.store.select_ids(pid=pid))
-        return svc.receipt(gone)
+        return JSONResponse(svc.receipt(gone))
 
     FILTER = {"pid", "camera", "track", "time_from", "time_to"}
 
@@ -835,7 +837,7 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
         if all(v is None for v in cond.values()):
             raise FieldError("filter", f"give at least one of {', '.join(sorted(FILTER))}")
         gone = await run_in_threadpool(svc.gallery.erase_where, lambda: svc.store.select_ids(**cond))
-        return svc.receipt(gone)
+        return JSONResponse(svc.receipt(gone))
 
     def page_of(fields: dict, cond: dict) -> dict:
         limit = int_field(fields, "limit", 100, 1, MAX_PAGE)
@@ -846,13 +848,13 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
     async def scroll(request: Request):  # Qdrant's scroll: the stored items matching a filter, a page at a time
         fields, _ = await read_request(request)
         only(fields, FILTER | {"limit", "offset"})
-        return await run_in_threadpool(page_of, fields, item_filter(fields))
+        return JSONResponse(await run_in_threadpool(page_of, fields, item_filter(fields)))
 
     @app.api_route("/v1/persons/{pid}", methods=["GET", "HEAD"])
     async def get_person(pid: ItemId, offset: str | None = None, limit: str | None = None):
         # what the gallery holds about a person (a data subject's access request), a page at a time
         fields = {"offset": offset, "limit": limit}
-        return await run_in_threadpool(page_of, fields, dict(pid=pid))
+        return JSONResponse(await run_in_threadpool(page_of, fields, dict(pid=pid)))
 
     @app.api_route("/", methods=["GET", "HEAD"])
     async def page():
