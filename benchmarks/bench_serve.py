@@ -13,6 +13,9 @@ closed-loop client would). Errors: any answer other than 200 (503 when over ``--
 transport error. One query per request, top-10, the service's default thresholds (DTO fits of the model's
 validation split), candidate counts included (``--no-candidates`` to leave them out).
 
+Back to back: 512 requests on one keep-alive connection, each sent when the last has answered: wall ms and the
+server process's CPU ms a request (``/proc/PID/stat``), what one request costs the service when nothing queues.
+
 The gallery is written straight into the SQLite store with ``ctfreid.serve.store.Store`` (codes of the
 model's lengths: random bytes, queries are gallery codes with 6 % of their bits flipped), then the service
 is started as ``python -m ctfreid serve`` on a free loopback port.
@@ -139,6 +142,36 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float, 
     good = lat[~np.isnan(lat)]
     pct = {f"p{p}": float(np.percentile(good, p)) if good.size else float("nan") for p in (50, 95, 99)}
     return {"rate": rate, "requests": n, "error_rate": errors / n, **pct}
+
+
+def back_to_back(url: str, bodies: list[bytes], pid: int, n: int = 512) -> tuple[float, float]:
+    """(wall ms, the server process's CPU ms) a request, for ``n`` requests sent back to back on one keep-alive
+    connection, after an untimed pass over ``bodies``: what one request costs the service when nothing queues."""
+    import http.client
+    import os
+
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+
+    def cpu() -> float:  # utime + stime of the server process (/proc/PID/stat fields 14 and 15)
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def send(body: bytes) -> None:
+        conn.request("POST", "/v1/search", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        if r.status != 200:
+            raise RuntimeError(f"search answered {r.status}")
+
+    for body in bodies:
+        send(body)
+    c0, t0 = cpu(), time.perf_counter()
+    for i in range(n):
+        send(bodies[i % len(bodies)])
+    wall, used = time.perf_counter() - t0, cpu() - c0
+    conn.close()
+    return wall / n * 1e3, used / n * 1e3
 
 
 def in_process(codes, queries, thresholds: dict, k: int = 10) -> float:
@@ -277,6 +310,7 @@ def main() -> None:
             row = {"items": n, "fill_store_s": fill_s, "start_s": start_s, "load_s": stats["start_s"],
                    "rss_mb": rss / 2**20, "bytes_per_item": (rss - base_rss) / n,
                    "in_process_ms": in_process(codes, queries, thr), "loads": []}
+            row["back_to_back_ms"], row["server_cpu_ms"] = back_to_back(url, bodies, proc.pid)
             for rate in args.rates:
                 with Writer(url, lengths, args.write_rate) as writer:
                     res = asyncio.run(open_loop(url, bodies, rate, args.seconds))
@@ -300,6 +334,13 @@ def main() -> None:
                   f"{row['in_process_ms']:.3f} | {res['rate']:g} | {res['p50']:.2f} | {res['p95']:.2f} | "
                   f"{res['p99']:.2f} | {res['error_rate']:.1%} | {res['write_rate']:g} | {adds} | {erases} | "
                   f"{res['write_errors']} |")
+    print()
+    print("| items | in-process search_hits (ms) | back to back: wall / server CPU (ms a request) | requests a second "
+          "of server CPU |")
+    print("|---|---|---|---|")
+    for row in results:
+        print(f"| {row['items']:,} | {row['in_process_ms']:.3f} | {row['back_to_back_ms']:.3f} / "
+              f"{row['server_cpu_ms']:.3f} | {1e3 / row['server_cpu_ms']:,.0f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
