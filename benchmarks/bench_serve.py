@@ -6,6 +6,8 @@ codes at fixed request rates, start-up time and memory per item, and the overhea
     python3 benchmarks/bench_serve.py                      # 1e4 and 1e5 items, a tiny model trained here
     python3 benchmarks/bench_serve.py --sizes 10000 100000 1000000 --rates 50 200 --seconds 10
     python3 benchmarks/bench_serve.py --write-rate 20     # adds and erasures (alternating) during the loads
+    python3 benchmarks/bench_serve.py --sizes 1000000 --keep 0.02 --max-batch 1 64   # concurrent searches alone
+                                                            # and searched together, at a selective stage 1
 
 Open loop: request i is due at ``t0 + i / rate`` whether or not earlier ones have answered (64 keep-alive
 connections; a request waiting for one still counts from its due time), and its latency counts from then (so queueing inside the service is measured, not hidden as a
@@ -73,13 +75,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(store: Path, model: Path, max_concurrency: int):
+def start(store: Path, model: Path, max_concurrency: int, max_batch: int = 64):
     import httpx
 
     port = free_port()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "ctfreid", "serve", "--store", str(store), "--model", str(model),
-                             "--port", str(port), "--max-concurrency", str(max_concurrency)],
+                             "--port", str(port), "--max-concurrency", str(max_concurrency),
+                             "--max-batch", str(max_batch)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     while True:
@@ -255,6 +258,35 @@ class Writer:
         return out
 
 
+def measure(args, n: int, store_dir: Path, model: Path, max_batch: int, codes, queries, bodies: list[bytes],
+            fitted: dict | None, fill_s: float, base_rss: int, lengths: list[int]) -> dict:
+    """Start the service on the store (a restart: what an operator waits), then its loads."""
+    import httpx
+
+    proc, url, start_s = start(store_dir, model, args.max_concurrency, max_batch)
+    try:
+        stats = httpx.get(url + "/v1/stats").json()
+        thr = fitted or {int(k): v for k, v in stats["thresholds"].items()}
+        rss = stats["memory"]["max_rss_bytes"]
+        row = {"items": n, "max_batch": max_batch, "thresholds": thr, "fill_store_s": fill_s, "start_s": start_s,
+               "load_s": stats["start_s"],
+               "rss_mb": rss / 2**20, "bytes_per_item": (rss - base_rss) / n,
+               "in_process_ms": in_process(codes, queries, thr), "loads": []}
+        row["back_to_back_ms"], row["server_cpu_ms"] = back_to_back(url, bodies, proc.pid)
+        for rate in args.rates:
+            with Writer(url, lengths, args.write_rate) as writer:
+                res = asyncio.run(open_loop(url, bodies, rate, args.seconds))
+            res.update(writer.summary())
+            res["overhead_p50_ms"] = res["p50"] - row["in_process_ms"]
+            row["loads"].append(res)
+            print(json.dumps({"items": n, "max_batch": max_batch, **res}), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait()
+    print(json.dumps({k: v for k, v in row.items() if k != "loads"}), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="run directory (default: a tiny model trained here in ~3 s)")
@@ -263,6 +295,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--max-concurrency", type=int, default=64)
     ap.add_argument("--no-candidates", action="store_true")
+    ap.add_argument("--keep", type=float, help="send thresholds with which stage 1 keeps about this fraction of the "
+                                               "gallery (bench_search's fit; default: the service's thresholds)")
+    ap.add_argument("--max-batch", type=int, nargs="+", default=[64],
+                    help="the service's --max-batch; several values: one start and the same loads for each")
     ap.add_argument("--write-rate", type=float, default=0.0,
                     help="adds + erasures per second (alternating) running during every search load (default 0)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -295,51 +331,39 @@ def main() -> None:
         fill_s = time.perf_counter() - t
         store.close()
         queries = queries_near(codes, rng, 200, lengths)
+        fitted = None
+        if args.keep is not None:  # thresholds of the request: stage 1 keeps about args.keep of the gallery
+            from bench_search import fit_thresholds
+
+            fitted, _ = fit_thresholds(queries_near(codes, rng, 50, lengths), codes, args.keep)
         bodies = [json.dumps({"codes": {str(L): [base64.b64encode(queries[L][i].tobytes()).decode()]
                                         for L in lengths}, "k": 10,
+                              **({"thresholds": {str(L): int(t) for L, t in fitted.items()}} if fitted else {}),
                               **({"candidates": False} if args.no_candidates else {})}).encode()
                   for i in range(200)]
         proc, _, _ = start(store_dir, model, args.max_concurrency)  # first start: fits DTO statistics once
         proc.terminate()
         proc.wait()
-        proc, url, start_s = start(store_dir, model, args.max_concurrency)  # a restart: what an operator waits
-        try:
-            stats = httpx.get(url + "/v1/stats").json()
-            thr = {int(k): v for k, v in stats["thresholds"].items()}
-            rss = stats["memory"]["max_rss_bytes"]
-            row = {"items": n, "fill_store_s": fill_s, "start_s": start_s, "load_s": stats["start_s"],
-                   "rss_mb": rss / 2**20, "bytes_per_item": (rss - base_rss) / n,
-                   "in_process_ms": in_process(codes, queries, thr), "loads": []}
-            row["back_to_back_ms"], row["server_cpu_ms"] = back_to_back(url, bodies, proc.pid)
-            for rate in args.rates:
-                with Writer(url, lengths, args.write_rate) as writer:
-                    res = asyncio.run(open_loop(url, bodies, rate, args.seconds))
-                res.update(writer.summary())
-                res["overhead_p50_ms"] = res["p50"] - row["in_process_ms"]
-                row["loads"].append(res)
-                print(json.dumps({"items": n, **res}), flush=True)
-        finally:
-            proc.terminate()
-            proc.wait()
-        print(json.dumps({k: v for k, v in row.items() if k != "loads"}), flush=True)
-        results.append(row)
+        for max_batch in args.max_batch:
+            results.append(measure(args, n, store_dir, model, max_batch, codes, queries, bodies, fitted, fill_s,
+                                   base_rss, lengths))
     print()
-    print("| items | start-up (s) | RSS (MiB) | bytes / item | in-process search_hits (ms) | rate (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors | writes/s | add p50 / p99 (ms) | erase p50 / p99 (ms) | write errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| items | --max-batch | start-up (s) | RSS (MiB) | bytes / item | in-process search_hits (ms) | rate (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors | writes/s | add p50 / p99 (ms) | erase p50 / p99 (ms) | write errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         for res in row["loads"]:
             adds = f"{res['add_p50']:.1f} / {res['add_p99']:.1f}" if "add_p50" in res else "-"
             erases = f"{res['erase_p50']:.1f} / {res['erase_p99']:.1f}" if "erase_p50" in res else "-"
-            print(f"| {row['items']:,} | {row['start_s']:.2f} | {row['rss_mb']:.0f} | {row['bytes_per_item']:.0f} | "
+            print(f"| {row['items']:,} | {row['max_batch']} | {row['start_s']:.2f} | {row['rss_mb']:.0f} | {row['bytes_per_item']:.0f} | "
                   f"{row['in_process_ms']:.3f} | {res['rate']:g} | {res['p50']:.2f} | {res['p95']:.2f} | "
                   f"{res['p99']:.2f} | {res['error_rate']:.1%} | {res['write_rate']:g} | {adds} | {erases} | "
                   f"{res['write_errors']} |")
     print()
-    print("| items | in-process search_hits (ms) | back to back: wall / server CPU (ms a request) | requests a second "
+    print("| items | --max-batch | in-process search_hits (ms) | back to back: wall / server CPU (ms a request) | requests a second "
           "of server CPU |")
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     for row in results:
-        print(f"| {row['items']:,} | {row['in_process_ms']:.3f} | {row['back_to_back_ms']:.3f} / "
+        print(f"| {row['items']:,} | {row['max_batch']} | {row['in_process_ms']:.3f} | {row['back_to_back_ms']:.3f} / "
               f"{row['server_cpu_ms']:.3f} | {1e3 / row['server_cpu_ms']:,.0f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -564,6 +564,52 @@ def test_searches_during_erasures_see_a_prefix_of_the_serial_order_of_erasures(r
         assert seen > 3 and erased == ids and served_hits(srv, one, 100)[0] == []
 
 
+def test_concurrent_searches_each_get_their_own_answer_and_the_stats_count_them(run_dir, tmp_path):
+    """Requests in flight at once (searched together by the service: serve.batcher) with different k, thresholds
+    and filters: each answer equals the in-process index's for that request alone."""
+    rng = np.random.default_rng(8)
+    n = 3000
+    gallery = random_codes(rng, n)
+    cams = rng.integers(1, 3, n)
+    queries = near(gallery, rng, 48)
+    thr = [{32: 12, 64: 26}, {32: 10, 64: 24}]
+    with Server(tmp_path / "store", run_dir, "--max-concurrency", 64) as srv:
+        r = srv.client.post("/v1/items", json={"codes": b64(gallery), "metadata": [{"camera": int(c)} for c in cams]})
+        ids = np.array(r.json()["ids"])
+        whole, per_cam = CtFIndex(), {}
+        whole.add(gallery, ids)
+        for c in (1, 2):
+            per_cam[c] = CtFIndex()
+            per_cam[c].add({L: g[cams == c] for L, g in gallery.items()}, ids[cams == c])
+        wrong: list = []
+        sent = 16 * (4 * 2 + 8)  # 16 clients, 12 requests each, 4 of them with two queries
+
+        def client(t: int) -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                for j in range(12):
+                    i = (t * 12 + j) % 48
+                    rows = [i, (i + 5) % 48] if j % 3 == 0 else [i]
+                    q = {L: v[rows] for L, v in queries.items()}
+                    k, th, cam = 1 + (i * 7) % 40, thr[j % 2], (None, 1, 2)[(t + j) % 3]
+                    body = {"codes": b64(q), "k": k, "thresholds": {str(L): v for L, v in th.items()}}
+                    if cam is not None:
+                        body["camera"] = cam
+                    got = c.post("/v1/search", json=body).json()["queries"]
+                    got = [[(h["id"], h["distance"], h["stage_bits"]) for h in qq["hits"]] for qq in got]
+                    if got != oracle_hits(whole if cam is None else per_cam[cam], q, k, th):
+                        wrong.append((t, j))
+
+        threads = [threading.Thread(target=client, args=(t,)) for t in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not wrong
+        batches = srv.client.get("/v1/stats").json()["search_batches"]
+        assert batches["queries"] == sent and 1 <= batches["searches"] <= sent
+        assert batches["max_queries"] == 64
+
+
 def test_retention_erases_old_crops_in_the_background(run_dir, tmp_path):
     now = time.time()
     code = {L: np.random.default_rng(3).integers(0, 256, (2, L // 8), dtype=np.uint8) for L in LENGTHS}

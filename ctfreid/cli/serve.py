@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action="store_true", default=None, help="flip test when encoding images")
     p.add_argument("--max-concurrency", type=int, default=16, help="requests in progress before 503 (default 16)")
     p.add_argument("--max-images", type=int, default=64, help="images (or codes) per request (default 64)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="searches that arrive while one runs go out together, up to this many queries (default 64; "
+                        "1: each request alone)")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="shard the gallery over Ray actors: a local Ray without ADDRESS, or 'auto' / 'ray://HOST:PORT' "
                         "to join a cluster (the ray extra)")
@@ -139,13 +142,14 @@ def run(args: argparse.Namespace) -> int:
         raise CtfreidError(f"--gallery-size must be >= 1, got {args.gallery_size}")
     if args.shards < 1:
         raise CtfreidError(f"--shards must be >= 1, got {args.shards}")
-    for name in ("max_concurrency", "max_images"):
+    for name in ("max_concurrency", "max_images", "max_batch"):
         if getattr(args, name) < 1:
             raise CtfreidError(f"--{name.replace('_', '-')} must be >= 1")
     config = ServeConfig(store=str(args.store), model=str(args.model), host=args.host, port=args.port, token=token,
                          read_token=read_token, rate_limit=rate, rate_burst=burst or 1,
                          beta=args.beta, gallery_size=args.gallery_size, retention_seconds=retention, thumbnails=not args.no_thumbnails,
                          flip=args.flip, max_concurrency=args.max_concurrency, max_images=args.max_images,
+                         max_batch=args.max_batch,
                          max_body_bytes=int(args.max_body_mb * (1 << 20)), weighted=args.weighted)
     app = create_app(config, index_factory=_sharded(args) if args.ray is not None else None)
     import uvicorn

@@ -40,6 +40,7 @@ from fastapi import Request
 from pydantic import BeforeValidator
 
 from ctfreid.errors import CtfreidError
+from ctfreid.serve.batcher import SearchBatcher
 from ctfreid.serve.gallery import Filter, Gallery
 from ctfreid.serve.metrics import CONTENT_TYPE, Metrics
 from ctfreid.serve.store import INT_MAX, INT_MIN, META_FIELDS, FieldError, ItemMeta, Store, StoreBusy, check_text
@@ -83,6 +84,7 @@ class ServeConfig:
     max_pixels: int = 16_000_000
     max_k: int = 1000
     max_concurrency: int = 16
+    max_batch: int = 64  # queries of concurrent searches searched together (1: each request alone)
     thumb_size: tuple[int, int] = (64, 128)
     # bits of the weighted (asymmetric) stage 1 of image searches with the default thresholds, fitted at the
     # first start when the model stores no thresholds (0 or None: Hamming only; see Service)
@@ -141,6 +143,7 @@ class Service:
         self.default_thresholds = self._default_thresholds()
         index = index_factory(self.encoder.fingerprint) if index_factory is not None else None
         self.gallery = Gallery(self.store, self.default_thresholds, index=index)
+        self.batcher = SearchBatcher(self.gallery.search, config.max_batch)
         self.start_seconds = time.perf_counter() - t0
         self.requests: collections.Counter = collections.Counter()
         self.latency: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=10_000))
@@ -374,6 +377,8 @@ class Service:
                        "max_images": self.config.max_images, "max_codes": self.config.max_codes,
                        "max_body_bytes": self.config.max_body_bytes, "max_pixels": self.config.max_pixels},
             "auth": {"token": self.config.token is not None, "read_only_token": self.config.read_token is not None},
+            "search_batches": {"searches": self.batcher.batches, "queries": self.batcher.queries,
+                               "max_queries": self.batcher.max_queries},
         }
 
 
@@ -757,16 +762,17 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
             if thr is None:
                 thr, weights = svc.default_for(values)
             own = fields["items"] if "items" in fields else None
-            t0 = time.perf_counter()
-            hits, cands, partial = svc.gallery.search(codes, k + (own is not None), thr, flt, query_weights=weights)
+            # concurrent searches go out together (serve.batcher); the time a query is the batch's over its queries
+            got = svc.batcher.search(codes, k + (own is not None), thr, flt, query_weights=weights)
+            hits, cands, partial = got.hits, got.candidates, got.partial
             if own is not None:  # an item as the query: the others, not itself
                 hits = [[h for h in row if h["id"] != int(i)][:k] for row, i in zip(hits, own)]
-            search_ms = (time.perf_counter() - t0) * 1e3
+            search_ms = got.seconds / got.queries * 1e3
             if not bool_field(fields, "candidates", True):
                 cands = [None] * len(hits)
             nq = len(hits)
             answer = {"queries": [{"hits": h, "candidates": c, "encode_ms": round(encode_ms / nq, 3),
-                                   "search_ms": round(search_ms / nq, 3)} for h, c in zip(hits, cands)],
+                                   "search_ms": round(search_ms, 3)} for h, c in zip(hits, cands)],
                       "thresholds": {str(k_): v for k_, v in thr.items()}}
             if weights is not None:  # the weighted lengths' thresholds are weighted distances (search.asymmetric)
                 answer["weights"] = svc.weighted.weighting.to_dict()

@@ -26,7 +26,7 @@ from ctfreid.search.index import CtFIndex
 from ctfreid.serve.store import ItemMeta, Store, StoreBusy
 
 
-@dataclass
+@dataclass(frozen=True)  # hashable: concurrent searches with equal filters are searched together
 class Filter:
     """Exact search filter: camera equality and an inclusive capture-time range (items without a time
     never pass a time condition)."""
