@@ -82,7 +82,7 @@ def start(store: Path, model: Path, max_concurrency: int, max_batch: int = 64):
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "ctfreid", "serve", "--store", str(store), "--model", str(model),
                              "--port", str(port), "--max-concurrency", str(max_concurrency),
-                             "--max-batch", str(max_batch)],
+                             *(["--max-batch", str(max_batch)] if max_batch != 64 else [])],  # 64: the default
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     while True:

@@ -378,7 +378,7 @@ class Service:
                        "max_body_bytes": self.config.max_body_bytes, "max_pixels": self.config.max_pixels},
             "auth": {"token": self.config.token is not None, "read_only_token": self.config.read_token is not None},
             "search_batches": {"searches": self.batcher.batches, "queries": self.batcher.queries,
-                               "max_queries": self.batcher.max_queries},
+                               "max_queries": self.batcher.max_queries, "lanes": self.batcher.lanes},
         }
 
 

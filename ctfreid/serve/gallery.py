@@ -191,16 +191,18 @@ class Gallery:
         return gone
 
     def search(self, query: Mapping[int, np.ndarray], k: int, thresholds: Mapping[int, int] | None = None,
-               flt: Filter | None = None, query_weights: np.ndarray | Mapping[int, np.ndarray] | None = None
-               ) -> tuple[list[list[dict]], list[dict | None], tuple[int, ...]]:
+               flt: Filter | None = None, query_weights: np.ndarray | Mapping[int, np.ndarray] | None = None,
+               threads: int | None = None) -> tuple[list[list[dict]], list[dict | None], tuple[int, ...]]:
         """Top-``k`` hits per query (coarse-to-fine order, exactly those of ``CtFIndex.search_hits`` on the
         items passing ``flt``); per query the number of items ranked at each stage (stage 1 = all; stage
         s + 1 = those within every threshold up to ``L_s``, Sec. 3.1; counted by the search kernels, summed
         over the shards of a sharded index; None where a shard did not answer); and the shards that did not
         answer (a sharded index; empty otherwise). ``query_weights``: weighted stages (an array: stage 1; a
-        mapping ``{length: weights}``: those lengths; their ``thresholds`` must then be weighted ones)."""
+        mapping ``{length: weights}``: those lengths; their ``thresholds`` must then be weighted ones). ``threads``:
+        the in-process index's search threads (``CtFIndex.search``; a sharded index's shards search alone)."""
         thr = dict(thresholds) if thresholds is not None else self.thresholds
         nq = next(iter(query.values())).shape[0]
+        kw = {"threads": threads} if threads is not None and isinstance(self.index, CtFIndex) else {}
         partial: set[int] = set()
         results: dict[int, list] = {}
         counts: list[dict | None] = [{str(L): 0 for L in self.lengths} for _ in range(nq)]
@@ -212,7 +214,7 @@ class Gallery:
             while pending:
                 sub = {L: q[pending] for L, q in query.items()}
                 hits = self.index.search_hits(sub, kk, thr if len(self.lengths) > 1 else None,
-                                              query_weights=_rows(query_weights, pending))
+                                              query_weights=_rows(query_weights, pending), **kw)
                 partial.update(getattr(hits, "partial", ()))
                 if first:  # the counts do not depend on k: the first round (every query) has them
                     good = hits.candidates is not None and not getattr(hits, "partial", ())
