@@ -288,6 +288,8 @@ def test_refused_starts_are_one_line_errors(run_dir, tmp_path):
 
     r = start("--store", tmp_path / "s", "--model", run_dir, "--host", "0.0.0.0", "--port", free_port())
     assert r.returncode == 2 and "--token-file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = start("--store", tmp_path / "s", "--model", run_dir, "--max-batch", 0, "--port", free_port())
+    assert r.returncode == 2 and "--max-batch must be >= 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     from ctfreid.infer.encoder import load_encoder
     from ctfreid.serve.store import Store
 

@@ -54,8 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=int, default=16, help="requests in progress before 503 (default 16)")
     p.add_argument("--max-images", type=int, default=64, help="images (or codes) per request (default 64)")
     p.add_argument("--max-batch", type=int, default=64,
-                   help="searches that arrive while one runs go out together, up to this many queries (default 64; "
-                        "1: each request alone)")
+                   help="at most one search per core runs at once; searches that arrive meanwhile go out together, "
+                        "up to this many queries (default 64; 1: each request alone)")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="shard the gallery over Ray actors: a local Ray without ADDRESS, or 'auto' / 'ray://HOST:PORT' "
                         "to join a cluster (the ray extra)")
