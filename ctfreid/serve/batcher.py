@@ -50,8 +50,7 @@ class _Job:
     wake: threading.Event = field(default_factory=threading.Event)
     answer: BatchAnswer | None = None
     error: BaseException | None = None
-    handed: bool = False  # a lane was handed to this job
-    led: bool = False  # and it has led with it
+    handed: bool = False  # a lane was handed to this job, and it has not led with it yet
 
 
 def _key(thresholds, flt, weights) -> tuple:
@@ -104,8 +103,7 @@ class SearchBatcher:
             if lead:
                 self._lead()
             with self._lock:
-                lead = job.handed and not job.led  # a lane handed to this job: lead with it, answered or not
-                job.led |= lead
+                lead, job.handed = job.handed, False  # a lane handed to this job: lead with it, answered or not
                 if not lead:
                     if job.answer is not None or job.error is not None:
                         break

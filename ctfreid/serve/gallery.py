@@ -202,7 +202,7 @@ class Gallery:
         the in-process index's search threads (``CtFIndex.search``; a sharded index's shards search alone)."""
         thr = dict(thresholds) if thresholds is not None else self.thresholds
         nq = next(iter(query.values())).shape[0]
-        kw = {"threads": threads} if threads is not None and isinstance(self.index, CtFIndex) else {}
+        kw = {"threads": threads} if isinstance(self.index, CtFIndex) else {}  # a ShardedIndex's shards: their own
         partial: set[int] = set()
         results: dict[int, list] = {}
         counts: list[dict | None] = [{str(L): 0 for L in self.lengths} for _ in range(nq)]
