@@ -103,7 +103,8 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
         total = median_cpu(lambda: [index.search(x, 100, threads=1) for x in singles], budget)
         kernel = median_cpu(lambda: [index._positions(x, 100, thr) for x in parts], budget)
     if batched:  # ctf_topk_batch: the tile scan (_scan_tiles) on its own
-        bufI, bufD = index._batch_buffers(n, b)
+        S = len(index.lengths)
+        bufI, bufD = K.batch_buffers(*K.batch_shape(n, b, S, room=index._batch_room(n)), S)
         cnt, c1 = np.zeros(bufI.shape[0], np.int64), np.zeros(bufI.shape[0], np.int64)
 
         def stage1(hi: int, h2: int) -> None:

@@ -304,7 +304,7 @@ def test_save_refuses_thresholds_the_file_cannot_hold(data, tmp_path):
 
 
 def test_scratch_made_for_a_larger_k_serves_smaller_ones_with_the_same_answers(data):
-    """The per-thread scratch is reused when k shrinks (no fresh memory a call when requests vary k); the
+    """The search scratch is reused when k shrinks (no fresh memory a call when requests vary k); the
     answers equal ``ctf_search``'s, whatever k the scratch was made for."""
     q, g = data
     index = _built(g)
@@ -314,11 +314,12 @@ def test_scratch_made_for_a_larger_k_serves_smaller_ones_with_the_same_answers(d
         want_D, want_I = ctf_search({L: c[:1] for L, c in q.items()}, g, TH, k)
         np.testing.assert_array_equal(D, want_D)
         np.testing.assert_array_equal(I, want_I)
+        assert len(index._scratch) == 1  # one search at a time: one scratch set
         if ws is None:
-            ws = index._local.ws[1]
-        assert index._local.ws[1] is ws  # made once, for k = 300
+            ws = index._scratch[0].ws[1]
+        assert index._scratch[0].ws[1] is ws  # made once, for k = 300
     index.search({L: c[:1] for L, c in q.items()}, 600, threads=1)
-    assert index._local.ws[1] is not ws  # a larger k needs more
+    assert index._scratch[0].ws[1] is not ws  # a larger k needs more
 
 
 @pytest.mark.parametrize("lengths", [(32, 128, 512), (64, 128, 512), (96, 128, 256), (32, 96, 160), (64,)])

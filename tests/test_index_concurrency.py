@@ -12,6 +12,7 @@ import pytest
 from reference import correlated_code_sets
 
 from ctfreid.errors import CtfreidError
+from ctfreid.search.coarse_to_fine import ctf_search
 from ctfreid.search.index import CtFIndex
 
 LENGTHS = (32, 128, 512)
@@ -81,9 +82,57 @@ def test_searches_see_whole_writes():
     assert checked[0] > 20 and answer(index) == expected[-1]
 
 
+def test_threads_share_the_scratch_of_the_searches_that_ran_at_once():
+    """Search scratch belongs to a search while it runs, not to its thread: searches one after another on 12
+    threads that stay alive leave one scratch set (a service's worker threads each kept tens of MB at 1e6
+    items), and 4 threads searching at once (one query and batches) each get their own set, with the answers of
+    ``ctf_search`` (oracle) whichever set they took."""
+    rng = np.random.default_rng(6)
+    q, g = correlated_code_sets(rng, 6000, 32, LENGTHS)
+    index = CtFIndex()
+    index.add(g)
+    index.thresholds = dict(TH)
+    want = ctf_search(q, g, TH, 40)
+    rows = [slice(i, i + 1) for i in range(32)] + [slice(0, 16), slice(16, 32), slice(0, 32)]
+    failures, done = [], threading.Event()
+
+    def check(r):
+        D, I = index.search({L: c[r] for L, c in q.items()}, 40, threads=1)
+        if not (np.array_equal(D, want[0][r]) and np.array_equal(I, want[1][r])):
+            failures.append(r)
+
+    def one_after_another(i, go, finished):
+        go.wait()
+        check(rows[i])
+        finished.set()
+        done.wait()  # alive until every thread has searched
+
+    signals = [(threading.Event(), threading.Event()) for _ in range(12)]
+    threads = [threading.Thread(target=one_after_another, args=(i, *s)) for i, s in enumerate(signals)]
+    for t in threads:
+        t.start()
+    for go, finished in signals:
+        go.set()
+        assert finished.wait(30)
+    assert len(index._scratch) == 1
+    done.set()
+
+    def at_once(seed):
+        for r in np.random.default_rng(seed).permutation(len(rows) * 2) % len(rows):
+            check(rows[r])
+
+    threads = [threading.Thread(target=at_once, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not failures and 1 <= len(index._scratch) <= 4
+
+
 SAVER = """
 import sys, time
 from ctfreid.errors import CtfreidError
+from ctfreid.search.coarse_to_fine import ctf_search
 from ctfreid.search.index import CtFIndex
 a, b, path, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 blobs = [CtFIndex.from_bytes(open(p, "rb").read()) for p in (a, b)]

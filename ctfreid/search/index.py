@@ -56,6 +56,7 @@ import stat
 import struct
 import threading
 import zlib
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -289,6 +290,33 @@ def weighted_maxima(weighting: Weighting | None, lengths: Sequence[int]) -> dict
     return weighting.maxima(lengths[0]) if weighting is not None else {lengths[0]: max_distance(lengths[0])}
 
 
+class _Scratch:
+    """One search's scratch: ``ctf_topk``'s workspace and ``ctf_topk_batch``'s candidate buffers, reused by
+    later searches while they fit (fresh memory costs its page faults: 25-60 ms at 1e6 items, 4 stages)."""
+
+    __slots__ = ("ws", "batch")
+
+    def __init__(self) -> None:
+        self.ws: tuple | None = None  # ((n, k, S) it was made for, its arrays)
+        self.batch: tuple[np.ndarray, np.ndarray] | None = None
+
+    def workspace(self, n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:
+        """``ctf_workspace`` for ``n`` codes, top-``k``, ``S`` stages: kept while n and S stay the same and k
+        is no larger than it was made for (alternating k = 10 and 100 would otherwise fault on every call)."""
+        ws = self.ws
+        if ws is None or ws[0][::2] != (n, S) or ws[0][1] < min(k, n):
+            ws = self.ws = ((n, min(k, n), S), _kernels.ctf_workspace(n, k, S))
+        return ws[1]
+
+    def batch_buffers(self, n: int, nq: int, S: int, room: int) -> tuple[np.ndarray, np.ndarray]:
+        """``ctf_topk_batch``'s candidate buffers for ``nq`` queries, ``room`` kept candidates a query."""
+        G, cap = _kernels.batch_shape(n, nq, S, room=room)
+        bufs = self.batch
+        if bufs is None or bufs[0].shape[0] < G or bufs[1].shape[1:] != (S, cap):
+            bufs = self.batch = _kernels.batch_buffers(G, cap, S)
+        return bufs
+
+
 class CtFIndex:
     """Coarse-to-fine index over ``{length: packed codes}`` code sets with int64 ids (faiss-style).
 
@@ -324,8 +352,10 @@ class CtFIndex:
         # one write at a time (add, remove_ids, compact): an add can then copy its grown buffers under the read
         # lock, with searches going on, and hold the write lock only to swap them in
         self._writing = threading.Lock()
-        self._local = threading.local()  # per-thread search scratch (no page faults on reuse)
-        self._batch_room_seen = 0  # kept candidates a query of any thread's batch needed (_note_batch_keep)
+        # search scratch, one set per search running at once (not per thread: a service's dozens of worker
+        # threads would each keep tens of MB at 1e6 items); a deque's append and pop are atomic
+        self._scratch: deque[_Scratch] = deque()
+        self._batch_room_seen = 0  # kept candidates a query of any batch needed (_note_batch_keep)
 
     # ---------------------------------------------------------------------------------------- state
     @property
@@ -769,42 +799,30 @@ class CtFIndex:
         tail = weight_tail(sw)
         if planes is not None:  # the stored planes (the last argument) after P1, Lw, Pr
             tail = (*tail, None, 0, None)[:3] + (planes,)
-        if batched(nq, self._lengths, n, sw, thr, planes is not None):
-            Ls = self._stage_views()[2]
-            hi2 = _kernels.stage2_keep(n, thr, Ls)
-            _kernels.ctf_topk_batch(*args, m, self._live, *self._workspace(n, m), hi2, *self._batch_buffers(n, nq),
-                                    D, P, C, *tail)
-            self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
-        else:
-            _kernels.ctf_topk(*args, m, self._live, *self._workspace(n, m), D, P, C, *tail)
-
-    def _workspace(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """CtF scratch, one per thread, reused while n and the number of stages stay the same and k is no
-        larger than the one it was made for (fresh scratch costs its page faults: alternating k = 10 and 100
-        would pay them on every call)."""
-        ws = getattr(self._local, "ws", None)  # ((n, k, S) it was made for, scratch)
-        S = len(self._lengths)
-        if ws is None or ws[0][::2] != (n, S) or ws[0][1] < min(k, n):
-            ws = ((n, min(k, n), S), _kernels.ctf_workspace(n, k, S))
-            self._local.ws = ws
-        return ws[1]
-
-    def _batch_buffers(self, n: int, nq: int) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate buffers of ``ctf_topk_batch``, one pair per thread, reused while they fit."""
-        S = len(self._lengths)
-        G, cap = _kernels.batch_shape(n, nq, S, room=self._batch_room(n))
-        bufs = getattr(self._local, "batch", None)
-        if bufs is None or bufs[0].shape[0] < G or bufs[1].shape[1:] != (S, cap):
-            bufs = self._local.batch = _kernels.batch_buffers(G, cap, S)
-        return bufs
+        try:
+            ws = self._scratch.pop()  # the last one given back: warmest in the caches
+        except IndexError:
+            ws = _Scratch()
+        try:
+            if batched(nq, self._lengths, n, sw, thr, planes is not None):
+                Ls = self._stage_views()[2]
+                hi2 = _kernels.stage2_keep(n, thr, Ls)
+                _kernels.ctf_topk_batch(*args, m, self._live, *ws.workspace(n, m, len(self._lengths)), hi2,
+                                        *ws.batch_buffers(n, nq, len(self._lengths), self._batch_room(n)),
+                                        D, P, C, *tail)
+                self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
+            else:
+                _kernels.ctf_topk(*args, m, self._live, *ws.workspace(n, m, len(self._lengths)), D, P, C, *tail)
+        finally:
+            self._scratch.append(ws)
 
     def _batch_room(self, n: int) -> int:
         """Kept candidates a query the batch buffers hold: n / 64 at first, then what :meth:`_note_batch_keep`
-        saw on any thread (a thread's first batch is sized by the others' batches)."""
+        saw in any batch (a scratch set's first batch is sized by the others' batches)."""
         return max(n // 64, self._batch_room_seen)
 
     def _note_batch_keep(self, n: int, kept: np.ndarray) -> None:
-        """Grow the batch buffers of the next batches (every thread's) when a query of this one kept more
+        """Grow the batch buffers of the next batches (every scratch set's) when a query of this one kept more
         candidates (``kept``: per query, its count at ``_kernels.kept_stage``) than they held. Such a query was
         searched on its own, at the speed of one query: on real codes a default fit keeps 2-6 % of 1e6 items
         after two stages (docs/results-cuhk03.md), more than the first guess of n / 64. At most n / 8 (the
@@ -1055,7 +1073,7 @@ class CtFIndex:
         return cls._parse(buf, "index bytes")
 
     def __getstate__(self) -> dict:
-        return {"bytes": self.to_bytes()}  # locks and per-thread scratch are not state
+        return {"bytes": self.to_bytes()}  # locks and search scratch are not state
 
     def __setstate__(self, state: dict) -> None:
         other = CtFIndex.from_bytes(state["bytes"])
