@@ -280,6 +280,8 @@ def measure(args, n: int, store_dir: Path, model: Path, max_batch: int, codes, q
             res["overhead_p50_ms"] = res["p50"] - row["in_process_ms"]
             row["loads"].append(res)
             print(json.dumps({"items": n, "max_batch": max_batch, **res}), flush=True)
+        # the peak after the loads: search scratch and worker threads on top of the index
+        row["rss_after_mb"] = httpx.get(url + "/v1/stats").json()["memory"]["max_rss_bytes"] / 2**20
     finally:
         proc.terminate()
         proc.wait()
@@ -360,11 +362,11 @@ def main() -> None:
                   f"{res['write_errors']} |")
     print()
     print("| items | --max-batch | in-process search_hits (ms) | back to back: wall / server CPU (ms a request) | requests a second "
-          "of server CPU |")
-    print("|---|---|---|---|---|")
+          "of server CPU | peak RSS after the loads (MiB) |")
+    print("|---|---|---|---|---|---|")
     for row in results:
         print(f"| {row['items']:,} | {row['max_batch']} | {row['in_process_ms']:.3f} | {row['back_to_back_ms']:.3f} / "
-              f"{row['server_cpu_ms']:.3f} | {1e3 / row['server_cpu_ms']:,.0f} |")
+              f"{row['server_cpu_ms']:.3f} | {1e3 / row['server_cpu_ms']:,.0f} | {row['rss_after_mb']:.0f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
