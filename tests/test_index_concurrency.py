@@ -12,8 +12,10 @@ import pytest
 from reference import correlated_code_sets
 
 from ctfreid.errors import CtfreidError
+from ctfreid.search import _kernels
 from ctfreid.search.coarse_to_fine import ctf_search
 from ctfreid.search.index import CtFIndex
+from ctfreid.search.parallel import get_num_threads
 
 LENGTHS = (32, 128, 512)
 TH = {32: 11, 128: 48}
@@ -82,11 +84,12 @@ def test_searches_see_whole_writes():
     assert checked[0] > 20 and answer(index) == expected[-1]
 
 
-def test_threads_share_the_scratch_of_the_searches_that_ran_at_once():
+def test_threads_share_the_scratch_of_the_searches_that_ran_at_once(monkeypatch):
     """Search scratch belongs to a search while it runs, not to its thread: searches one after another on 12
     threads that stay alive leave one scratch set (a service's worker threads each kept tens of MB at 1e6
-    items), and 4 threads searching at once (one query and batches) each get their own set, with the answers of
-    ``ctf_search`` (oracle) whichever set they took."""
+    items); 4 searches held inside the kernel at once take 4 sets, of which ``get_num_threads()`` are kept; and
+    4 threads searching at once (one query and batches) get the answers of ``ctf_search`` (oracle) whichever
+    set they took."""
     rng = np.random.default_rng(6)
     q, g = correlated_code_sets(rng, 6000, 32, LENGTHS)
     index = CtFIndex()
@@ -94,12 +97,20 @@ def test_threads_share_the_scratch_of_the_searches_that_ran_at_once():
     index.thresholds = dict(TH)
     want = ctf_search(q, g, TH, 40)
     rows = [slice(i, i + 1) for i in range(32)] + [slice(0, 16), slice(16, 32), slice(0, 32)]
-    failures, done = [], threading.Event()
+    failures = []
 
     def check(r):
         D, I = index.search({L: c[r] for L, c in q.items()}, 40, threads=1)
         if not (np.array_equal(D, want[0][r]) and np.array_equal(I, want[1][r])):
             failures.append(r)
+
+    def run(target, args):
+        threads = [threading.Thread(target=target, args=a) for a in args]
+        for t in threads:
+            t.start()
+        return threads
+
+    done = threading.Event()
 
     def one_after_another(i, go, finished):
         go.wait()
@@ -108,32 +119,41 @@ def test_threads_share_the_scratch_of_the_searches_that_ran_at_once():
         done.wait()  # alive until every thread has searched
 
     signals = [(threading.Event(), threading.Event()) for _ in range(12)]
-    threads = [threading.Thread(target=one_after_another, args=(i, *s)) for i, s in enumerate(signals)]
-    for t in threads:
-        t.start()
+    threads = run(one_after_another, [(i, *s) for i, s in enumerate(signals)])
     for go, finished in signals:
         go.set()
         assert finished.wait(30)
     assert len(index._scratch) == 1
     done.set()
 
+    kernel, met = _kernels.ctf_topk, threading.Barrier(4, timeout=30)
+
+    def held(*args):  # every search waits inside the kernel call until all 4 are there: 4 sets taken at once
+        met.wait()
+        return kernel(*args)
+
+    monkeypatch.setattr(_kernels, "ctf_topk", held)
+    for t in run(check, [(rows[i],) for i in range(4)]):
+        t.join(timeout=60)
+    assert not failures and len(index._scratch) == min(4, get_num_threads())
+    monkeypatch.setattr(_kernels, "ctf_topk", kernel)
+
     def at_once(seed):
         for r in np.random.default_rng(seed).permutation(len(rows) * 2) % len(rows):
             check(rows[r])
 
-    threads = [threading.Thread(target=at_once, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
+    for t in run(at_once, [(s,) for s in range(4)]):
         t.join(timeout=60)
-    assert not failures and 1 <= len(index._scratch) <= 4
+    assert not failures and 1 <= len(index._scratch) <= min(4, get_num_threads())
 
 
 SAVER = """
 import sys, time
 from ctfreid.errors import CtfreidError
+from ctfreid.search import _kernels
 from ctfreid.search.coarse_to_fine import ctf_search
 from ctfreid.search.index import CtFIndex
+from ctfreid.search.parallel import get_num_threads
 a, b, path, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 blobs = [CtFIndex.from_bytes(open(p, "rb").read()) for p in (a, b)]
 end, i = time.time() + seconds, 0

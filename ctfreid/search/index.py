@@ -72,7 +72,7 @@ from ctfreid.search.asymmetric import StageWeights, Weighting, max_distance, sta
 from ctfreid.search.coarse_to_fine import batched, weight_tail
 from ctfreid.search.hamming import check_k, check_radius, prepare_queries, range_result
 from ctfreid.search.merge import Hits, empty_hits
-from ctfreid.search.parallel import check_threads, run_chunks
+from ctfreid.search.parallel import check_threads, get_num_threads, run_chunks
 from ctfreid.search.thresholds import check_thresholds, threshold_array
 
 MAGIC = b"CTFREID\x00"
@@ -352,8 +352,8 @@ class CtFIndex:
         # one write at a time (add, remove_ids, compact): an add can then copy its grown buffers under the read
         # lock, with searches going on, and hold the write lock only to swap them in
         self._writing = threading.Lock()
-        # search scratch, one set per search running at once (not per thread: a service's dozens of worker
-        # threads would each keep tens of MB at 1e6 items); a deque's append and pop are atomic
+        # search scratch, one set per search running at once, at most get_num_threads() kept (not per thread: a
+        # service's dozens of worker threads would each keep tens of MB at 1e6 items); deque append / pop are atomic
         self._scratch: deque[_Scratch] = deque()
         self._batch_room_seen = 0  # kept candidates a query of any batch needed (_note_batch_keep)
 
@@ -813,8 +813,9 @@ class CtFIndex:
                 self._note_batch_keep(n, C[:, _kernels.kept_stage(n, Ls)])
             else:
                 _kernels.ctf_topk(*args, m, self._live, *ws.workspace(n, m, len(self._lengths)), D, P, C, *tail)
-        finally:
-            self._scratch.append(ws)
+        finally:  # kept for the next search, up to one set per search thread (more at once: freed after)
+            if not self._scratch or len(self._scratch) < get_num_threads():
+                self._scratch.append(ws)
 
     def _batch_room(self, n: int) -> int:
         """Kept candidates a query the batch buffers hold: n / 64 at first, then what :meth:`_note_batch_keep`
