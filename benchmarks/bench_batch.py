@@ -78,6 +78,7 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
     with the kernel ``CtFIndex.search`` uses for that batch size (``ctf_topk_batch`` or ``ctf_topk``; the
     latter over 64 distinct queries, so that no query finds its candidates' codes cached by its last run)."""
     from ctfreid.search import _kernels as K
+    from ctfreid.search.index import _Scratch
 
     def median_cpu(f, budget: float) -> float:
         cpu: list = []
@@ -103,8 +104,7 @@ def breakdown(index, q: dict, b: int, budget: float) -> dict[str, float]:
         total = median_cpu(lambda: [index.search(x, 100, threads=1) for x in singles], budget)
         kernel = median_cpu(lambda: [index._positions(x, 100, thr) for x in parts], budget)
     if batched:  # ctf_topk_batch: the tile scan (_scan_tiles) on its own
-        S = len(index.lengths)
-        bufI, bufD = K.batch_buffers(*K.batch_shape(n, b, S, room=index._batch_room(n)), S)
+        bufI, bufD = _Scratch().batch_buffers(n, b, len(index.lengths), index._batch_room(n))  # the index's own sizes
         cnt, c1 = np.zeros(bufI.shape[0], np.int64), np.zeros(bufI.shape[0], np.int64)
 
         def stage1(hi: int, h2: int) -> None:
