@@ -322,6 +322,35 @@ def test_scratch_made_for_a_larger_k_serves_smaller_ones_with_the_same_answers(d
     assert index._scratch[0].ws[1] is not ws  # a larger k needs more
 
 
+@pytest.mark.parametrize("tile", [False, True])
+def test_scratch_serves_an_index_that_grows_by_adds(monkeypatch, tile):
+    """A gallery that changes gets adds between searches: the scratch (the per-query workspace, or the tile
+    scan's candidate buffers) made for one size keeps serving the next adds, laid out for the new size, with
+    the answers of ``ctf_search`` on the grown gallery; one much larger is made anew."""
+    if tile:
+        monkeypatch.setattr(index_module._kernels, "BATCH_MIN_QUERIES", 1)  # the tile scan for these queries
+    q, g = correlated_code_sets(np.random.default_rng(5), 4000, 4, LENGTHS)
+    index = CtFIndex()
+    index.add({L: c[:2000] for L, c in g.items()})
+    index.thresholds = dict(TH)
+    part = "batch" if tile else "ws"
+
+    def check(n):
+        D, I = index.search(q, 30, threads=1)
+        want_D, want_I = ctf_search(q, {L: c[:n] for L, c in g.items()}, TH, 30)
+        np.testing.assert_array_equal(I, want_I)
+        np.testing.assert_array_equal(D, want_D)
+        assert len(index._scratch) == 1
+        return getattr(index._scratch[0], part)
+
+    made = check(2000)
+    for n in (2001, 2010, 2100, 2200):  # within an eighth more
+        index.add({L: c[index.ntotal : n] for L, c in g.items()})
+        assert check(n) is made
+    index.add({L: c[2200:] for L, c in g.items()})  # twice as large: made anew
+    assert check(4000) is not made
+
+
 @pytest.mark.parametrize("lengths", [(32, 128, 512), (64, 128, 512), (96, 128, 256), (32, 96, 160), (64,)])
 def test_query_rows_at_any_offset_give_the_answers_of_aligned_copies(lengths):
     """A 1-D query sliced from a batch of 32-bit codes is 4- but not always 8-byte aligned, and a code may sit

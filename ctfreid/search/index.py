@@ -290,9 +290,15 @@ def weighted_maxima(weighting: Weighting | None, lengths: Sequence[int]) -> dict
     return weighting.maxima(lengths[0]) if weighting is not None else {lengths[0]: max_distance(lengths[0])}
 
 
+_GROW_MIN = 1024  # codes of room a scratch set is made with beyond n + n / 8 (small indexes)
+
+
 class _Scratch:
     """One search's scratch: ``ctf_topk``'s workspace and ``ctf_topk_batch``'s candidate buffers, reused by
-    later searches while they fit (fresh memory costs its page faults: 25-35 ms at 1e6 items, 4 stages)."""
+    later searches while they fit (fresh memory costs its page faults: 25-35 ms at 1e6 items, 4 stages), also
+    after adds: each is made with room for an eighth more codes. Made for the exact size, a gallery that takes
+    adds between searches made them anew after every add (at 1e6 items one query took 1.3-1.6 ms after an add
+    against 0.5 without, in three runs of five; benchmarks/README.md, twenty-first session)."""
 
     __slots__ = ("ws", "batch")
 
@@ -301,19 +307,24 @@ class _Scratch:
         self.batch: tuple[np.ndarray, np.ndarray] | None = None
 
     def workspace(self, n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:
-        """``ctf_workspace`` for ``n`` codes, top-``k``, ``S`` stages: kept while n and S stay the same and k
-        is no larger than it was made for (alternating k = 10 and 100 would otherwise fault on every call)."""
+        """``ctf_workspace`` for ``n`` codes, top-``k``, ``S`` stages. Made for ``n + n // 8`` codes, so that an
+        index growing by adds keeps it for its next n / 8 codes (the kernels lay it out by the n they are given,
+        and it only needs to be large enough); made again when n outgrows it or shrinks below half of it, or
+        for a larger k (alternating k = 10 and 100 would otherwise fault on every call)."""
         ws = self.ws
-        if ws is None or ws[0][::2] != (n, S) or ws[0][1] < min(k, n):
-            ws = self.ws = ((n, min(k, n), S), _kernels.ctf_workspace(n, k, S))
+        if ws is None or not n <= ws[0][0] <= 2 * n + _GROW_MIN or ws[0][2] != S or ws[0][1] < min(k, n):
+            made = (n + n // 8 + _GROW_MIN, max(k, ws[0][1] if ws is not None else 0), S)
+            ws = self.ws = (made, _kernels.ctf_workspace(*made))
         return ws[1]
 
     def batch_buffers(self, n: int, nq: int, S: int, room: int) -> tuple[np.ndarray, np.ndarray]:
-        """``ctf_topk_batch``'s candidate buffers for ``nq`` queries, ``room`` kept candidates a query."""
+        """``ctf_topk_batch``'s candidate buffers for ``nq`` queries, ``room`` kept candidates a query: kept while
+        they hold enough queries and candidates (the kernel reads both from their shape), made with room for
+        an eighth more, as ``workspace``."""
         G, cap = _kernels.batch_shape(n, nq, S, room=room)
         bufs = self.batch
-        if bufs is None or bufs[0].shape[0] < G or bufs[1].shape[1:] != (S, cap):
-            bufs = self.batch = _kernels.batch_buffers(G, cap, S)
+        if bufs is None or bufs[0].shape[0] < G or bufs[1].shape[1] != S or not cap <= bufs[0].shape[1] <= 2 * cap:
+            bufs = self.batch = _kernels.batch_buffers(G, cap + cap // 8, S)
         return bufs
 
 
