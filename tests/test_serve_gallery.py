@@ -111,3 +111,24 @@ def test_searches_go_on_while_an_erasure_compacts_the_index(tmp_path, block_next
     assert [[h["id"] for h in row] for row in g.search(q, 10)[0]] == want
     for x in (g, oracle):
         x.store.close()
+
+
+@pytest.mark.parametrize("max_batch", [1, 64])
+def test_a_loaded_gallery_makes_its_search_scratch_before_the_first_request(tmp_path, max_batch):
+    """A service's first search after a start paid the index's fresh scratch (page faults); the gallery searches
+    a stored item once when it loads, alone and as a batch as large as the service's, so that the first
+    requests find the scratch made (a set whose batch buffers are made only when batches are searched)."""
+    rng = np.random.default_rng(2)
+    store = Store(tmp_path / "s", "test", LENGTHS)
+    base = rng.integers(0, 256, (300, 8), dtype=np.uint8)
+    store.add({32: base[:, :4].copy(), 64: base}, [ItemMeta() for _ in range(300)])
+    g = Gallery(store, {32: 12}, max_batch=max_batch)
+    sets = list(g.index._scratch)
+    assert sets and all(s.ws is not None for s in sets)
+    assert any(s.batch is not None for s in sets) == (max_batch > 1)
+    g.search({32: base[5:6, :4].copy(), 64: base[5:6]}, 10)
+    assert all(any(s is t for t in g.index._scratch) for s in sets)  # the first request took a set made at load
+    store.close()
+    empty = Store(tmp_path / "e", "test", LENGTHS)
+    assert not Gallery(empty, {32: 12}, max_batch=max_batch).index._scratch  # nothing to search yet
+    empty.close()

@@ -142,7 +142,7 @@ class Service:
         self.thresholds_source = ""
         self.default_thresholds = self._default_thresholds()
         index = index_factory(self.encoder.fingerprint) if index_factory is not None else None
-        self.gallery = Gallery(self.store, self.default_thresholds, index=index)
+        self.gallery = Gallery(self.store, self.default_thresholds, index=index, max_batch=config.max_batch)
         self.batcher = SearchBatcher(self.gallery.search, config.max_batch)
         self.start_seconds = time.perf_counter() - t0
         self.requests: collections.Counter = collections.Counter()
@@ -553,6 +553,9 @@ def create_app(config: ServeConfig, encoder=None, index_factory=None):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        # the first hand-off to a worker thread imports anyio's thread machinery and starts the thread: about
+        # 14 ms of the first request after a start (benchmarks/README.md, twenty-first session), paid here
+        await run_in_threadpool(lambda: None)
         thread = None
         if config.retention_seconds:
             thread = threading.Thread(target=svc.retention_loop, name="retention", daemon=True)

@@ -107,7 +107,7 @@ class Fields:
 class Gallery:
     """Store + index, kept in step, and the fields searches filter on and answer with (:class:`Fields`)."""
 
-    def __init__(self, store: Store, thresholds: Mapping[int, int], index=None) -> None:
+    def __init__(self, store: Store, thresholds: Mapping[int, int], index=None, max_batch: int = 64) -> None:
         self.store = store
         self.lengths = store.lengths
         self.thresholds = dict(thresholds)
@@ -120,19 +120,30 @@ class Gallery:
         self.fields = Fields()
         if isinstance(self.index, CtFIndex):  # lengths and explicit ids fixed before the first item
             self.index.add({L: np.empty((0, L // 8), np.uint8) for L in self.lengths}, np.empty(0, np.int64))
+        first = None  # a stored item's codes, the warm-up's query
         for ids, codes, cols in store.iter_all():
             self.index.add(codes, ids)
             self.fields.set(ids, cols["pid"], cols["camera"], cols["time"], cols["source"])
+            if first is None and len(ids):
+                first = {L: c[:1].copy() for L, c in codes.items()}
         self.load_seconds = time.perf_counter() - t0
-        self._warm_up()
+        self._warm_up(first, max_batch)
 
-    def _warm_up(self) -> None:
-        """Compile the search kernels now (numba JIT), not in the first client's request."""
+    def _warm_up(self, first: dict[int, np.ndarray] | None, max_batch: int) -> None:
+        """Compile the search kernels now (numba JIT), not in the first client's request; then search the
+        gallery once with a stored item (``first``), alone and as a batch of ``max_batch`` queries, so that the
+        index makes its search scratch now: fresh memory's page faults cost the first search after a start 15-30
+        ms at 1e6 items (benchmarks/README.md, twenty-first session)."""
         rng = np.random.default_rng(0)
         tiny = CtFIndex()
         tiny.add({L: rng.integers(0, 256, (4, L // 8), dtype=np.uint8) for L in self.lengths}, np.arange(4))
         q = {L: tiny.codes(L)[:1].copy() for L in self.lengths}
-        tiny.search_hits(q, 2, self.thresholds if len(self.lengths) > 1 else None)
+        thresholds = self.thresholds if len(self.lengths) > 1 else None
+        tiny.search_hits(q, 2, thresholds)
+        if first is not None and isinstance(self.index, CtFIndex):  # (a sharded index's shards search remotely)
+            self.index.search_hits(first, 100, thresholds)
+            if max_batch > 1:
+                self.index.search_hits({L: np.repeat(c, max_batch, axis=0) for L, c in first.items()}, 100, thresholds)
 
     def __len__(self) -> int:
         return self.index.ntotal
