@@ -4,7 +4,7 @@ buffers (or, with ``--remove``, a removal that compacts the index), against the 
 read lock (searches go on), and both hold the write lock only to swap the copies in; before those changes
 the whole copy ran under the write lock and every search waited for it.
 
-    python3 benchmarks/bench_growth.py [--n 1048576] [--rounds 3] [--write add | remove | first-removal]
+    python3 benchmarks/bench_growth.py [--n 1048576] [--rounds 3] [--write add | remove | first-removal | small-adds]
 
 Random codes of 32/128/512/2048 bits, thresholds {32: 9, 128: 50, 512: 200} (about 1 % kept at stage 1),
 top-100, one search thread; each round builds an index of exactly ``n`` items (full buffers), searches for
@@ -12,6 +12,12 @@ top-100, one search thread; each round builds an index of exactly ``n`` items (f
 (past ``COMPACT_FRACTION``: the compaction copies the other three quarters), or (``first-removal``) saves
 the index, loads it as a read-only map and removes 1,000 items from it (the copy of the map into memory),
 and searches 0.5 s more.
+
+``--write small-adds``: a gallery that changes between searches. One thread alternates adds of one item with
+one-query searches (and with batches of 64 queries), against the same searches with no add between them, in
+the same rounds; medians, ms. The index's search scratch is kept across adds (``_Scratch``: made with room for
+an eighth more items); made for the exact size, it was made anew, with fresh memory's page faults, after
+every add.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ LENGTHS = (32, 128, 512, 2048)
 TH = {32: 9, 128: 50, 512: 200}
 
 
-WRITES = ("add", "remove", "first-removal")
+WRITES = ("add", "remove", "first-removal", "small-adds")
 
 
 def one_round(n: int, rng: np.random.Generator, write: str = "add") -> tuple[float, float, float]:
@@ -73,6 +79,38 @@ def one_round(n: int, rng: np.random.Generator, write: str = "add") -> tuple[flo
     return 1e3 * float(np.median(before)), 1e3 * max(during, default=0.0), 1e3 * (a1 - a0)
 
 
+def small_adds(n: int, rng: np.random.Generator, rounds: int) -> dict[str, float]:
+    """Median ms of one-query searches and of batches of 64, each alone and each right after an add of one item."""
+    index = CtFIndex()
+    index.add({L: rng.integers(0, 256, (n, L // 8), dtype=np.uint8) for L in LENGTHS})
+    more = {L: rng.integers(0, 256, (60 * rounds + 10 * rounds, L // 8), dtype=np.uint8) for L in LENGTHS}
+    queries = [{L: rng.integers(0, 256, L // 8, dtype=np.uint8) for L in LENGTHS} for _ in range(64)]
+    batch = {L: np.stack([q[L] for q in queries]) for L in LENGTHS}
+    index.search(queries[0], 100, TH, threads=1)
+    index.search(batch, 100, TH, threads=1)
+    times: dict[str, list[float]] = {"search": [], "search after an add": [], "batch of 64": [],
+                                     "batch of 64 after an add": []}
+    pos = 0
+
+    def timed(name: str, f, add: bool) -> None:
+        nonlocal pos
+        if add:
+            index.add({L: c[pos : pos + 1] for L, c in more.items()})
+            pos += 1
+        t = time.perf_counter()
+        f()
+        times[name].append(1e3 * (time.perf_counter() - t))
+
+    for _ in range(rounds):
+        for i in range(60):
+            timed("search" + " after an add" * (i % 2), lambda i=i: index.search(queries[i % 64], 100, TH, threads=1),
+                  bool(i % 2))
+        for i in range(10):
+            timed("batch of 64" + " after an add" * (i % 2), lambda: index.search(batch, 100, TH, threads=1),
+                  bool(i % 2))
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1 << 20)
@@ -82,6 +120,12 @@ def main() -> None:
                     "first removal from a loaded map")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
+    if a.write == "small-adds":
+        got = small_adds(a.n, rng, a.rounds)
+        print(f"n = {a.n:,}, medians (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()))
+        print(f"after an add / alone: one query {got['search after an add'] / got['search']:.2f}x, batch of 64 "
+              f"{got['batch of 64 after an add'] / got['batch of 64']:.2f}x")
+        return
     rows = [one_round(a.n, rng, a.write) for _ in range(a.rounds)]
     what = {"add": "the add", "remove": "the removal (and compaction)", "first-removal": "the first removal"}[a.write]
     print(f"n = {a.n:,}: median search before {what} / longest search during it / {what} (ms)")
