@@ -83,7 +83,7 @@ def small_adds(n: int, rng: np.random.Generator, rounds: int) -> dict[str, float
     """Median ms of one-query searches and of batches of 64, each alone and each right after an add of one item."""
     index = CtFIndex()
     index.add({L: rng.integers(0, 256, (n, L // 8), dtype=np.uint8) for L in LENGTHS})
-    more = {L: rng.integers(0, 256, (60 * rounds + 10 * rounds, L // 8), dtype=np.uint8) for L in LENGTHS}
+    more = {L: rng.integers(0, 256, (35 * rounds, L // 8), dtype=np.uint8) for L in LENGTHS}  # 30 + 5 adds a round
     queries = [{L: rng.integers(0, 256, L // 8, dtype=np.uint8) for L in LENGTHS} for _ in range(64)]
     batch = {L: np.stack([q[L] for q in queries]) for L in LENGTHS}
     index.search(queries[0], 100, TH, threads=1)

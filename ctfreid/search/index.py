@@ -290,7 +290,19 @@ def weighted_maxima(weighting: Weighting | None, lengths: Sequence[int]) -> dict
     return weighting.maxima(lengths[0]) if weighting is not None else {lengths[0]: max_distance(lengths[0])}
 
 
-_GROW_MIN = 1024  # codes of room a scratch set is made with beyond n + n / 8 (small indexes)
+_GROW_MIN = 1024  # room a scratch array is made with beyond an eighth more (small indexes)
+
+
+def _room(need: int) -> int:
+    """The size a scratch array is made with for ``need`` codes (or candidates): an eighth more, so that an index
+    growing by adds keeps it for its next need / 8 codes."""
+    return need + need // 8 + _GROW_MIN
+
+
+def _fits(have: int, need: int) -> bool:
+    """Whether a scratch array made for ``have`` serves ``need``: large enough, and not more than twice as large
+    (an index that shrank makes a smaller one)."""
+    return need <= have <= 2 * need + _GROW_MIN
 
 
 class _Scratch:
@@ -307,24 +319,23 @@ class _Scratch:
         self.batch: tuple[np.ndarray, np.ndarray] | None = None
 
     def workspace(self, n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:
-        """``ctf_workspace`` for ``n`` codes, top-``k``, ``S`` stages. Made for ``n + n // 8`` codes, so that an
-        index growing by adds keeps it for its next n / 8 codes (the kernels lay it out by the n they are given,
-        and it only needs to be large enough); made again when n outgrows it or shrinks below half of it, or
-        for a larger k (alternating k = 10 and 100 would otherwise fault on every call)."""
+        """``ctf_workspace`` for ``n`` codes, top-``k``, ``S`` stages, made for ``_room(n)`` codes and kept while it
+        ``_fits`` (the kernels lay it out by the n they are given, so it only needs to be large enough), or for a
+        larger k (alternating k = 10 and 100 would otherwise fault on every call)."""
         ws = self.ws
-        if ws is None or not n <= ws[0][0] <= 2 * n + _GROW_MIN or ws[0][2] != S or ws[0][1] < min(k, n):
-            made = (n + n // 8 + _GROW_MIN, max(k, ws[0][1] if ws is not None else 0), S)
+        if ws is None or not _fits(ws[0][0], n) or ws[0][2] != S or ws[0][1] < min(k, n):
+            made = (_room(n), max(k, ws[0][1] if ws is not None else 0), S)
             ws = self.ws = (made, _kernels.ctf_workspace(*made))
         return ws[1]
 
     def batch_buffers(self, n: int, nq: int, S: int, room: int) -> tuple[np.ndarray, np.ndarray]:
         """``ctf_topk_batch``'s candidate buffers for ``nq`` queries, ``room`` kept candidates a query: kept while
-        they hold enough queries and candidates (the kernel reads both from their shape), made with room for
-        an eighth more, as ``workspace``."""
+        they hold enough queries and their candidates ``_fits`` (the kernel reads both from their shape), made
+        with ``_room`` for more candidates, as ``workspace``."""
         G, cap = _kernels.batch_shape(n, nq, S, room=room)
         bufs = self.batch
-        if bufs is None or bufs[0].shape[0] < G or bufs[1].shape[1] != S or not cap <= bufs[0].shape[1] <= 2 * cap:
-            bufs = self.batch = _kernels.batch_buffers(G, cap + cap // 8, S)
+        if bufs is None or bufs[0].shape[0] < G or bufs[1].shape[1] != S or not _fits(bufs[0].shape[1], cap):
+            bufs = self.batch = _kernels.batch_buffers(G, _room(cap), S)
         return bufs
 
 
