@@ -13,6 +13,15 @@ keeps about 2 %). Prints medians of interleaved blocks (``bench_search.timed_blo
   compaction for the first two);
 - with ``--compare-to REV``: the same single-query CtF top-100 with the code of commit ``REV`` (a git
   worktree in a temporary folder), old and new run alternately in subprocesses, 3 rounds each.
+
+    python3 benchmarks/bench_removal.py --erasure --n 1000000 [--compare-to 1306df3]
+
+``--erasure``: what a bulk erasure costs the searches running beside it, in the service's gallery
+(``ctfreid.serve.gallery.Gallery`` over a SQLite store in a temporary folder, the same codes and thresholds):
+one thread searches one query at a time (top-100) back to back while the main thread erases 1,000, 10,000 and
+100,000 random items in one call each; prints the search latency with no erasure running (median, p99) and
+during each erasure (p99, max), with the erasure's own time. With ``--compare-to``, the commit's code and this
+tree's run alternately in subprocesses, 2 rounds each.
 """
 
 from __future__ import annotations
@@ -146,15 +155,113 @@ def removal(n: int, seconds: float) -> None:
         print(f"| {m:,} ids | {np.median(times) * 1e3:.2f} ms{note} |")
 
 
+def erasure(n: int) -> dict:
+    """Search latencies beside bulk erasures of a service gallery (see the module docstring), in ms."""
+    import threading
+
+    from ctfreid.serve.gallery import Gallery
+    from ctfreid.serve.store import ItemMeta, Store
+
+    g, q, thresholds, _ = _data(n)
+    lengths = sorted(g)
+    with tempfile.TemporaryDirectory(prefix="ctfreid-erasure-") as tmp:
+        store = Store(Path(tmp) / "store", "bench", lengths)
+        step = 50_000
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            store.add({L: v[a:b] for L, v in g.items()}, [ItemMeta(camera=int(i % 6), source=f"c/{i}.jpg")
+                                                           for i in range(a, b)])
+        gallery = Gallery(store, thresholds)
+        q1 = [{L: v[i : i + 1] for L, v in q.items()} for i in range(q[lengths[0]].shape[0])]
+        samples: list[tuple[float, float]] = []  # (start, seconds) of each search
+        stop = threading.Event()
+
+        def search() -> None:
+            i = 0
+            while not stop.is_set():
+                t = time.perf_counter()
+                gallery.search(q1[i % len(q1)], 100)
+                samples.append((t, time.perf_counter() - t))
+                i += 1
+
+        def window(a: float, b: float) -> np.ndarray:  # searches that ran during [a, b], ms
+            return np.array([s * 1e3 for t, s in samples if t + s >= a and t <= b])
+
+        searcher = threading.Thread(target=search)
+        searcher.start()
+        rng = np.random.default_rng(1)
+        ids = rng.permutation(np.arange(1, n + 1))  # store ids start at 1
+        out: dict = {}
+        try:
+            time.sleep(3.0)
+            t0 = time.perf_counter()
+            time.sleep(3.0)
+            quiet = window(t0, time.perf_counter())
+            out["quiet"] = {"median": float(np.median(quiet)), "p99": float(np.percentile(quiet, 99)),
+                            "searches": int(quiet.size)}
+            at = 0
+            for size in (1_000, 10_000, 100_000):
+                time.sleep(1.0)
+                a = time.perf_counter()
+                gallery.erase(ids[at : at + size].tolist())
+                b = time.perf_counter()
+                at += size
+                during = window(a, b)
+                out[str(size)] = {"erase_s": b - a, "p99": float(np.percentile(during, 99)),
+                                  "max": float(during.max()), "searches": int(during.size)}
+        finally:
+            stop.set()
+            searcher.join()
+            store.close()
+    return out
+
+
+def compare_erasure(rev: str | None, n: int, rounds: int = 2) -> None:
+    """``erasure`` in subprocesses: this tree, and alternately the commit ``rev`` when given."""
+    repo = HERE.parent
+    tmp = Path(tempfile.mkdtemp(prefix="ctfreid-old-"))
+    trees = [("new", repo)]
+    if rev:
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tmp / "tree"), rev],
+                       check=True, capture_output=True)
+        trees.insert(0, ("old", tmp / "tree"))
+    try:
+        print(f"\nsearches (one query, top-100) beside bulk erasures, gallery of {n:,} items, ms")
+        print("| code | no erasure: median / p99 | erasure of 1,000: p99 / max (erase s) | 10,000 | 100,000 |")
+        print("|---|---|---|---|---|")
+        for _ in range(rounds if rev else 1):
+            for name, root in trees:
+                env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{HERE}")
+                res = json.loads(subprocess.run([sys.executable, __file__, "--erasure-worker", "--n", str(n)], env=env,
+                                                check=True, capture_output=True, text=True,
+                                                cwd=str(root)).stdout.strip().splitlines()[-1])
+                cells = [f"{res['quiet']['median']:.2f} / {res['quiet']['p99']:.2f}"]
+                cells += [f"{res[s]['p99']:.2f} / {res[s]['max']:.1f} ({res[s]['erase_s']:.2f})"
+                          for s in ("1000", "10000", "100000")]
+                print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    finally:
+        if rev:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp / "tree")],
+                           capture_output=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--seconds", type=float, default=6.0, help="timed seconds per block set")
     ap.add_argument("--compare-to", metavar="REV", help="also time the single-query CtF of this commit")
+    ap.add_argument("--erasure", action="store_true", help="searches beside bulk erasures of a service gallery")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--erasure-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.n, args.seconds)))
+        return 0
+    if args.erasure_worker:
+        print(json.dumps(erasure(args.n)))
+        return 0
+    if args.erasure:
+        compare_erasure(args.compare_to, args.n)
         return 0
     removal(args.n, args.seconds)
     if args.compare_to:

@@ -116,6 +116,18 @@ def block_next_compaction(monkeypatch):
 
 
 @pytest.fixture
+def block_next_removal(monkeypatch):
+    """``(before, after)``: arms that stop ``CtFIndex.remove_ids`` at its next look-up of the ids (before the
+    removal becomes visible) or at its next erasure of the removed codes (after), until released
+    (``_blocking``)."""
+    before = _blocking(monkeypatch, "_lookup", lambda ids, live_only=True: True)
+    after = _blocking(monkeypatch, "_erase", lambda pos: True)
+    yield before, after
+    for release in before.events + after.events:
+        release.set()
+
+
+@pytest.fixture
 def search_during():
     """A function ``(copying, release, write, search, during=None) -> (answer, seen)``: runs ``write()`` in a
     thread; once ``copying`` is set (``block_next_grow`` / ``block_next_compaction``), runs ``search()`` in

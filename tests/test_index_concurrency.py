@@ -279,3 +279,57 @@ def test_searches_go_on_while_a_first_removal_copies_a_loaded_map(tmp_path, bloc
     for a, b in zip(index.search(q, 20, TH), oracle.search(q, 20, TH)):
         np.testing.assert_array_equal(a, b)
     assert CtFIndex.load(tmp_path / "g.ctf").ntotal == 2000  # the map was copied, the file left alone
+
+
+@pytest.mark.parametrize("phase", ["look-up", "erasure"])
+def test_searches_go_on_while_a_removal_looks_up_and_erases(block_next_removal, search_during, phase):
+    """A removal holds the write lock only to swap in the live bits: a search during its look-up of the ids
+    answers at once with every item, and one during its erasure of their codes answers at once without them
+    (oracles: indexes built with and without the items). After it, the removed codes are zeros in memory."""
+    rng = np.random.default_rng(6)
+    q, g = correlated_code_sets(rng, 3000, 4, LENGTHS)
+    gone = rng.choice(3000, 200, replace=False)  # below COMPACT_FRACTION: the dead slots stay
+    keep = np.setdiff1d(np.arange(3000), gone)
+    index, full, oracle = CtFIndex(), CtFIndex(), CtFIndex()
+    index.add(g)
+    full.add(g)
+    oracle.add({L: c[keep] for L, c in g.items()}, keep)
+    before, after = block_next_removal
+    copying, release = (before if phase == "look-up" else after)()
+    answer, ntotal = search_during(copying, release, lambda: index.remove_ids(gone), lambda: index.search(q, 20, TH),
+                                   lambda: index.ntotal)
+    expected = full if phase == "look-up" else oracle
+    assert ntotal == (3000 if phase == "look-up" else 2800)
+    for a, b in zip(answer, expected.search(q, 20, TH)):
+        np.testing.assert_array_equal(a, b)
+    assert index.ntotal == 2800 and index._ndead == 200
+    for L in LENGTHS:
+        assert not index._codes[L][gone].any() and index._codes[L][keep].any()
+    for a, b in zip(index.search(q, 20, TH), oracle.search(q, 20, TH)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(index.rank(q, TH), oracle.rank(q, TH)):  # full rankings read every slot
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_removal_holds_the_callers_lock_for_writing_only_while_it_becomes_visible():
+    """``remove_ids(lock=)``: the removal waits for the caller's readers before it becomes visible (so the
+    caller's searches see it as one write), and the index's own searches go on meanwhile, with every item."""
+    from ctfreid._rwlock import RWLock
+
+    rng = np.random.default_rng(7)
+    q, g = correlated_code_sets(rng, 2000, 4, LENGTHS)
+    index, full = CtFIndex(), CtFIndex()
+    index.add(g)
+    full.add(g)
+    outer = RWLock()
+    done = threading.Event()
+    with outer.read():  # a search of the caller's in progress
+        remover = threading.Thread(target=lambda: (index.remove_ids(np.arange(100), lock=outer), done.set()))
+        remover.start()
+        assert not done.wait(1.0)  # waits for the caller's reader
+        assert index.ntotal == 2000
+        for a, b in zip(index.search(q, 20, TH), full.search(q, 20, TH)):
+            np.testing.assert_array_equal(a, b)
+    assert done.wait(30)
+    remover.join(30)
+    assert index.ntotal == 1900 and not (np.isin(index.search(q, 20, TH)[1], np.arange(100))).any()

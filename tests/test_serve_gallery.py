@@ -113,6 +113,43 @@ def test_searches_go_on_while_an_erasure_compacts_the_index(tmp_path, block_next
         x.store.close()
 
 
+@pytest.mark.parametrize("phase", ["look-up", "erasure"])
+def test_searches_go_on_while_an_erasure_looks_up_and_erases(tmp_path, block_next_removal, search_during, phase):
+    """An erasure holds the gallery's write lock only while the index swaps in its live bits: a search during
+    the index's look-up of the ids answers at once with every item, one during the erasure of their codes at
+    once without them (oracles: galleries with and without them); afterwards the answers' fields are the
+    stored rows'."""
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 256, (1200, 8), dtype=np.uint8)
+    codes = lambda rows: {32: base[rows, :4].copy(), 64: base[rows].copy()}  # noqa: E731
+    metas = [ItemMeta(pid=i % 40, camera=1 + i % 3, source=f"c/{i}.jpg") for i in range(1200)]
+    g, full, oracle = (Gallery(Store(tmp_path / name, "test", LENGTHS), {32: 14}) for name in ("a", "b", "c"))
+    ids = g.add(codes(np.arange(1200)), metas)
+    full.add(codes(np.arange(1200)), metas)
+    gone = ids[::12]  # 100 of 1200: no compaction
+    kept = [i for i in range(1200) if i % 12]
+    oracle.add(codes(np.array(kept)), [metas[i] for i in kept])
+    to_oracle = dict(zip(oracle.index.ids.tolist(), (ids[i] for i in kept)))
+    before, after = block_next_removal
+    copying, release = (before if phase == "look-up" else after)()
+    q = codes(np.arange(0, 60, 12))  # erased items among the queries: their own best hits
+    answer, _ = search_during(copying, release, lambda: g.erase(gone), lambda: g.search(q, 10))
+    want_full = [[h["id"] for h in row] for row in full.search(q, 10)[0]]
+    want = [[to_oracle[h["id"]] for h in row] for row in oracle.search(q, 10)[0]]
+    assert [[h["id"] for h in row] for row in answer[0]] == (want_full if phase == "look-up" else want)
+    assert want != want_full and len(g) == 1100
+    hits = g.search(q, 10)[0]
+    assert [[h["id"] for h in row] for row in hits] == want
+    rows = {r["id"]: r for r in g.store.scroll(limit=2000)[0]}
+    for h in (h for row in hits for h in row):
+        assert {k: h[k] for k in ("pid", "camera", "time", "source")} == \
+            {k: rows[h["id"]][k] for k in ("pid", "camera", "time", "source")}
+    assert not any(i in g.fields.source for i in gone) and not g.fields.has_pid[gone].any()
+    assert g.fields.has_pid[[i for i in ids if i not in set(gone)]].all()
+    for x in (g, full, oracle):
+        x.store.close()
+
+
 @pytest.mark.parametrize("max_batch", [1, 64])
 def test_a_loaded_gallery_makes_its_search_scratch_before_the_first_request(tmp_path, max_batch):
     """A service's first search after a start paid the index's fresh scratch (page faults); the gallery searches

@@ -46,6 +46,7 @@ previous file intact. ``to_bytes`` / ``from_bytes`` and pickling use the same fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -570,13 +571,15 @@ class CtFIndex:
             return cur
         return _laid_planes(codes, self._nslots, cur)
 
-    def _set_live(self, pos: np.ndarray, alive: bool) -> None:
+    def _set_live(self, pos: np.ndarray, alive: bool, live: np.ndarray | None = None) -> None:
+        """Mark slots ``pos`` live or dead in ``live`` (default: the index's bits)."""
+        live = self._live if live is None else live
         words = (pos >> 6).astype(np.intp)
         bits = np.left_shift(np.uint64(1), (pos & 63).astype(np.uint64))
         if alive:
-            np.bitwise_or.at(self._live, words, bits)
+            np.bitwise_or.at(live, words, bits)
         else:
-            np.bitwise_and.at(self._live, words, ~bits)
+            np.bitwise_and.at(live, words, ~bits)
 
     # ------------------------------------------------------------------------------------- removal
     def _lookup(self, ids: np.ndarray, live_only: bool = True) -> np.ndarray:
@@ -601,7 +604,7 @@ class CtFIndex:
             pos[np.flatnonzero(found)[alive == 0]] = -1
         return pos
 
-    def remove_ids(self, ids: Any, compact: bool = True) -> int:
+    def remove_ids(self, ids: Any, compact: bool = True, lock: RWLock | None = None) -> int:
         """Remove the items with these ids; returns how many were removed (unknown or already removed ids
         are not an error and are not counted).
 
@@ -610,30 +613,40 @@ class CtFIndex:
         them. Costs O(removed log n); dead slots are compacted away past ``COMPACT_FRACTION`` of the slots
         (the copy runs while searches go on). ``compact=False`` leaves that to a later ``compact(due=True)``:
         for a caller that holds a lock of its own around the removal (the service), as ``reserve`` for ``add``.
+
+        Searches wait only while the removal becomes visible, all items at once: a swap of the live bits (one
+        per slot). The look-ups before it and the erasure of the codes after it run while searches go on: the
+        kernels mask their candidates with the live bits, and a full ranking drops the dead slots' distances,
+        so no answer depends on a dead slot's code. ``lock``: a
+        readers-writer lock of the caller's (the service's gallery lock), held for writing during the swap too,
+        so that the caller's searches see the removal as one write (taken before the index's own lock, the
+        order in which a search takes them).
         """
         arr = ids_to_remove(ids)
         if arr.size == 0:
             return 0
-        with self._writing:
+        with self._writing:  # no other write from here on: slots, ids and buffers stay as they are
             # a read-only map from load is copied into memory first (copy on write), while searches go on
             self._swap_in(self._grown(0))
-            with self._lock.write():
-                pos = self._lookup(arr)
-                pos = pos[pos >= 0]
-                if pos.size == 0:
-                    return 0
-                for L in self._lengths:
-                    self._codes[L][pos] = 0
-                if self._planes is not None:  # the copy of the 32-bit codes too (erasure)
-                    at = 256 * (pos >> 6) + (pos & 63)
-                    for p in range(4):
-                        self._planes[at + 64 * p] = 0
-                self._set_live(pos, False)
+            pos = self._lookup(arr)
+            pos = pos[pos >= 0]
+            if pos.size == 0:
+                return 0
+            live = self._live.copy()  # n / 8 bytes
+            self._set_live(pos, False, live)
+            with lock.write() if lock is not None else contextlib.nullcontext(), self._lock.write():
+                self._live = live
                 self._ndead += int(pos.size)
-                self._views = None
+            self._erase(pos)
             if compact:  # the items are gone from every answer already; searches go on during the copy
                 self._compact(due=True)
             return int(pos.size)
+
+    def _erase(self, pos: np.ndarray) -> None:
+        """Overwrite the codes of the dead slots ``pos`` with zeros, and their copy in the byte planes (``_writing``
+        held; searches go on, see ``remove_ids``; the kernel releases the GIL)."""
+        planes = self._planes if self._planes is not None else np.empty(0, np.uint8)
+        _kernels.erase_slots(tuple(self._codes[L] for L in self._lengths), planes, pos)
 
     def compact(self, due: bool = False) -> None:
         """Drop the slots of removed items now (O(n)); answers do not change. The copy of the live items runs
