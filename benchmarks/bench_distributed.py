@@ -18,6 +18,13 @@ Prints, in the same run:
 - adding ``n`` items: in memory, and durably (each shard's SQLite store committed);
 - recovery: SIGKILL of the shard actor of a 1-shard durable index of ``n`` items, time until a search
   answers complete again (Ray restarts the actor, which reloads its store); store bytes per item.
+
+    python3 benchmarks/bench_distributed.py --beside-writes --n 200000 [--compare-to REV]
+
+``--beside-writes``: one-query searches (top-100) run back to back on a durable 1-shard index of ``n`` items
+while it takes a removal of n / 20 items and an add of n / 20 (each shard commits to its SQLite store, and a
+removal checkpoints it); prints the search latency alone (median, p99) and during each write (p99, max), with
+the write's own time. With ``--compare-to``, the commit's code and this tree's run alternately in subprocesses.
 """
 
 from __future__ import annotations
@@ -36,9 +43,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+sys.path.append(str(HERE.parent))  # after PYTHONPATH: an A/B run (--compare-to) sets it to the old tree
 
-from bench_removal import _data  # noqa: E402  (the codes and threshold fit of bench_search.py)
+from bench_removal import _data, alternate, searches_beside  # noqa: E402  (the codes and threshold fit of bench_search)
 
 
 def _same(a, b) -> bool:
@@ -77,6 +84,44 @@ def merge_time(parts: list, k: int) -> tuple[float, float]:
     return res[0], res[1]
 
 
+def beside_writes(n: int) -> dict:
+    """Search latencies (ms) on a durable 1-shard index beside its writes (see the module docstring)."""
+    import ray
+
+    from ctfreid.distributed import ShardedIndex
+
+    g, q, thresholds, _ = _data(n)
+    m = n // 20
+    q1 = [{L: v[i : i + 1] for L, v in q.items()} for i in range(q[32].shape[0])]
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    d = Path(tempfile.mkdtemp(prefix="ctfreid-shard-"))
+    try:
+        idx = ShardedIndex(shards=1, store=d, timeout=600)
+        for a in range(0, n - m, 100_000):
+            idx.add({L: v[a : min(a + 100_000, n - m)] for L, v in g.items()})
+        idx.thresholds = thresholds
+        gone = np.random.default_rng(1).choice(n - m, m, replace=False)
+        rest = {L: v[n - m :] for L, v in g.items()}
+        writes = {"remove": lambda: idx.remove_ids(gone), "add": lambda: idx.add(rest)}
+        out = searches_beside(lambda i: idx.search_hits(q1[i % len(q1)], 100), writes)
+        idx.close()
+        return out
+    finally:
+        ray.shutdown()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def compare_beside_writes(rev: str | None, n: int) -> None:
+    m = n // 20
+    print(f"\none-query searches (top-100) on a durable 1-shard index of {n:,} items beside its writes, ms")
+    print(f"| code | no write: median / p99 | removal of {m:,}: p99 / max (write s) | add of {m:,} |")
+    print("|---|---|---|---|")
+    for name, res in alternate(Path(__file__), ["--beside-writes-worker", "--n", str(n)], rev):
+        cells = [f"{res['quiet']['median']:.2f} / {res['quiet']['p99']:.2f}"]
+        cells += [f"{res[w]['p99']:.2f} / {res[w]['max']:.1f} ({res[w]['write_s']:.2f})" for w in ("remove", "add")]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -89,7 +134,16 @@ def main(argv=None) -> int:
     ap.add_argument("--recovery-n", type=int, default=1_000_000, help="items in the shard killed for recovery (<= n)")
     ap.add_argument("--no-recovery", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--beside-writes", action="store_true", help="searches beside a durable shard's writes")
+    ap.add_argument("--compare-to", metavar="REV", help="with --beside-writes: also the code of this commit")
+    ap.add_argument("--beside-writes-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.beside_writes_worker:
+        print(json.dumps(beside_writes(args.n)))
+        return 0
+    if args.beside_writes:
+        compare_beside_writes(args.compare_to, args.n)
+        return 0
 
     import ray
     from bench_search import timed_blocks

@@ -75,30 +75,19 @@ def worker(n: int, seconds: float) -> dict:
 
 
 def compare(rev: str, n: int, rounds: int = 3) -> None:
-    repo = HERE.parent
-    tmp = Path(tempfile.mkdtemp(prefix="ctfreid-old-"))
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tmp / "tree"), rev],
-                   check=True, capture_output=True)
-    try:
-        runs = {"old": [], "new": []}
-        for r in range(rounds):
-            for name, root in (("old", tmp / "tree"), ("new", repo)):
-                env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{HERE}")
-                out = subprocess.run([sys.executable, __file__, "--worker", "--n", str(n)], env=env, check=True,
-                                     capture_output=True, text=True, cwd=str(root)).stdout
-                runs[name].append(json.loads(out.strip().splitlines()[-1]))
-        print(f"\nsingle-query CtF top-100 at n = {n:,}: commit {rev} (old) against this tree (new), "
-              f"{rounds} alternating rounds, medians")
-        print("| code | CtF top-100 | faiss 32-bit top-100 | CtF / faiss |")
-        print("|---|---|---|---|")
-        for name in ("old", "new"):
-            ctf = float(np.median([x["ctf"] for x in runs[name]]))
-            fa = float(np.median([x["faiss32"] for x in runs[name]]))
-            print(f"| {name} | {ctf * 1e6:.0f} µs | {fa * 1e6:.0f} µs | {ctf / fa:.2f} |")
-        new, old = (float(np.median([x["ctf"] for x in runs[k]])) for k in ("new", "old"))
-        print(f"new / old: {new / old:.3f}")
-    finally:
-        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp / "tree")], capture_output=True)
+    runs: dict = {"old": [], "new": []}
+    for name, res in alternate(Path(__file__), ["--worker", "--n", str(n)], rev, rounds):
+        runs[name].append(res)
+    print(f"\nsingle-query CtF top-100 at n = {n:,}: commit {rev} (old) against this tree (new), "
+          f"{rounds} alternating rounds, medians")
+    print("| code | CtF top-100 | faiss 32-bit top-100 | CtF / faiss |")
+    print("|---|---|---|---|")
+    for name in ("old", "new"):
+        ctf = float(np.median([x["ctf"] for x in runs[name]]))
+        fa = float(np.median([x["faiss32"] for x in runs[name]]))
+        print(f"| {name} | {ctf * 1e6:.0f} µs | {fa * 1e6:.0f} µs | {ctf / fa:.2f} |")
+    new, old = (float(np.median([x["ctf"] for x in runs[k]])) for k in ("new", "old"))
+    print(f"new / old: {new / old:.3f}")
 
 
 def removal(n: int, seconds: float) -> None:
@@ -155,10 +144,55 @@ def removal(n: int, seconds: float) -> None:
         print(f"| {m:,} ids | {np.median(times) * 1e3:.2f} ms{note} |")
 
 
-def erasure(n: int) -> dict:
-    """Search latencies beside bulk erasures of a service gallery (see the module docstring), in ms."""
+def searches_beside(search, writes: dict, quiet_s: float = 3.0) -> dict:
+    """Latencies (ms) of ``search(i)`` (i = 0, 1, 2, ...) run back to back in a thread: alone for ``quiet_s``
+    seconds (median, p99), then during each of ``writes`` (name -> function, run in turn on this thread, a second
+    apart; p99 and max of the searches that overlapped it, and the write's own seconds)."""
     import threading
 
+    samples: list[tuple[float, float]] = []  # (start, seconds) of each search
+    stop = threading.Event()
+
+    def loop() -> None:
+        i = 0
+        while not stop.is_set():
+            t = time.perf_counter()
+            search(i)
+            samples.append((t, time.perf_counter() - t))
+            i += 1
+
+    def window(a: float, b: float) -> np.ndarray:  # the searches that ran during [a, b], ms
+        return np.array([s * 1e3 for t, s in samples if t + s >= a and t <= b])
+
+    search(0)  # warm (a fresh tree compiles its kernels in its first search)
+    searcher = threading.Thread(target=loop)
+    searcher.start()
+    out: dict = {}
+    try:
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        time.sleep(quiet_s)
+        quiet = window(t0, time.perf_counter())
+        out["quiet"] = {"median": float(np.median(quiet)), "p99": float(np.percentile(quiet, 99)),
+                        "searches": int(quiet.size)}
+        for name, write in writes.items():
+            time.sleep(1.0)
+            a = time.perf_counter()
+            write()
+            b = time.perf_counter()
+            while not samples or samples[-1][0] + samples[-1][1] < b:  # the search in flight at b: until it ends
+                time.sleep(0.001)
+            during = window(a, b)
+            out[name] = {"write_s": b - a, "p99": float(np.percentile(during, 99)), "max": float(during.max()),
+                         "searches": int(during.size)}
+    finally:
+        stop.set()
+        searcher.join()
+    return out
+
+
+def erasure(n: int) -> dict:
+    """Search latencies beside bulk erasures of a service gallery (see the module docstring), in ms."""
     from ctfreid.serve.gallery import Gallery
     from ctfreid.serve.store import ItemMeta, Store
 
@@ -173,51 +207,20 @@ def erasure(n: int) -> dict:
                                                            for i in range(a, b)])
         gallery = Gallery(store, thresholds)
         q1 = [{L: v[i : i + 1] for L, v in q.items()} for i in range(q[lengths[0]].shape[0])]
-        samples: list[tuple[float, float]] = []  # (start, seconds) of each search
-        stop = threading.Event()
-
-        def search() -> None:
-            i = 0
-            while not stop.is_set():
-                t = time.perf_counter()
-                gallery.search(q1[i % len(q1)], 100)
-                samples.append((t, time.perf_counter() - t))
-                i += 1
-
-        def window(a: float, b: float) -> np.ndarray:  # searches that ran during [a, b], ms
-            return np.array([s * 1e3 for t, s in samples if t + s >= a and t <= b])
-
-        searcher = threading.Thread(target=search)
-        searcher.start()
-        rng = np.random.default_rng(1)
-        ids = rng.permutation(np.arange(1, n + 1))  # store ids start at 1
-        out: dict = {}
+        ids = np.random.default_rng(1).permutation(np.arange(1, n + 1)).tolist()  # store ids start at 1
+        sizes = (1_000, 10_000, 100_000)
+        starts = np.cumsum((0,) + sizes)
+        erase = {str(m): (lambda a=a, m=m: gallery.erase(ids[a : a + m])) for a, m in zip(starts, sizes)}
         try:
-            time.sleep(3.0)
-            t0 = time.perf_counter()
-            time.sleep(3.0)
-            quiet = window(t0, time.perf_counter())
-            out["quiet"] = {"median": float(np.median(quiet)), "p99": float(np.percentile(quiet, 99)),
-                            "searches": int(quiet.size)}
-            at = 0
-            for size in (1_000, 10_000, 100_000):
-                time.sleep(1.0)
-                a = time.perf_counter()
-                gallery.erase(ids[at : at + size].tolist())
-                b = time.perf_counter()
-                at += size
-                during = window(a, b)
-                out[str(size)] = {"erase_s": b - a, "p99": float(np.percentile(during, 99)),
-                                  "max": float(during.max()), "searches": int(during.size)}
+            return searches_beside(lambda i: gallery.search(q1[i % len(q1)], 100), erase)
         finally:
-            stop.set()
-            searcher.join()
             store.close()
-    return out
 
 
-def compare_erasure(rev: str | None, n: int, rounds: int = 2) -> None:
-    """``erasure`` in subprocesses: this tree, and alternately the commit ``rev`` when given."""
+def alternate(script: Path, argv: list[str], rev: str | None, rounds: int = 2):
+    """Yields ``(name, result)``: ``script argv`` run in subprocesses that print one JSON line, with this tree's
+    code ("new") and, when ``rev`` is given, alternately with the code of commit ``rev`` ("old", a git worktree in
+    a temporary folder), ``rounds`` times each (once without ``rev``)."""
     repo = HERE.parent
     tmp = Path(tempfile.mkdtemp(prefix="ctfreid-old-"))
     trees = [("new", repo)]
@@ -226,23 +229,30 @@ def compare_erasure(rev: str | None, n: int, rounds: int = 2) -> None:
                        check=True, capture_output=True)
         trees.insert(0, ("old", tmp / "tree"))
     try:
-        print(f"\nsearches (one query, top-100) beside bulk erasures, gallery of {n:,} items, ms")
-        print("| code | no erasure: median / p99 | erasure of 1,000: p99 / max (erase s) | 10,000 | 100,000 |")
-        print("|---|---|---|---|---|")
         for _ in range(rounds if rev else 1):
             for name, root in trees:
                 env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{HERE}")
-                res = json.loads(subprocess.run([sys.executable, __file__, "--erasure-worker", "--n", str(n)], env=env,
-                                                check=True, capture_output=True, text=True,
-                                                cwd=str(root)).stdout.strip().splitlines()[-1])
-                cells = [f"{res['quiet']['median']:.2f} / {res['quiet']['p99']:.2f}"]
-                cells += [f"{res[s]['p99']:.2f} / {res[s]['max']:.1f} ({res[s]['erase_s']:.2f})"
-                          for s in ("1000", "10000", "100000")]
-                print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+                run = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True,
+                                     cwd=str(root))
+                if run.returncode:
+                    raise RuntimeError(f"{name} ({root}) failed:\n{run.stderr[-3000:]}")
+                yield name, json.loads(run.stdout.strip().splitlines()[-1])
     finally:
         if rev:
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp / "tree")],
                            capture_output=True)
+
+
+def compare_erasure(rev: str | None, n: int) -> None:
+    """``erasure`` in subprocesses: this tree, and alternately the commit ``rev`` when given."""
+    print(f"\nsearches (one query, top-100) beside bulk erasures, gallery of {n:,} items, ms")
+    print("| code | no erasure: median / p99 | erasure of 1,000: p99 / max (erase s) | 10,000 | 100,000 |")
+    print("|---|---|---|---|---|")
+    for name, res in alternate(Path(__file__), ["--erasure-worker", "--n", str(n)], rev):
+        cells = [f"{res['quiet']['median']:.2f} / {res['quiet']['p99']:.2f}"]
+        cells += [f"{res[s]['p99']:.2f} / {res[s]['max']:.1f} ({res[s]['write_s']:.2f})"
+                  for s in ("1000", "10000", "100000")]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main(argv=None) -> int:

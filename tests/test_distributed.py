@@ -86,6 +86,10 @@ def test_exact_equality_with_one_index_before_and_after_removals(local_ray, shar
             h = sharded.search_hits(q, k)
             assert h.partial == ()
             assert_same_hits(h, one.search_hits(q, k))
+        for threads in (1, 2):  # each shard's search threads: the same answers
+            assert_same_hits(sharded.search_hits(q, 50, threads=threads), one.search_hits(q, 50))
+        with pytest.raises(CtfreidError, match="threads must be a positive integer, got 0"):
+            sharded.search(q, 5, threads=0)
         D, I = sharded.search(q, 25)
         D1, I1 = one.search(q, 25)
         np.testing.assert_array_equal(D, D1)
@@ -198,6 +202,47 @@ def test_errors_on_a_durable_index(local_ray, tmp_path):
         assert reopened.thresholds == {}
     finally:
         reopened.close()
+
+
+def test_a_search_does_not_queue_behind_a_shards_write(local_ray, tmp_path):
+    """A shard searches beside its writes (the "reads" concurrency group): while its add waits for its store
+    (another process holds the SQLite write lock), a search answers at once, complete, with the items before
+    the add (oracle: one index of those); once the lock is let go the add lands."""
+    import sqlite3
+    import threading
+
+    from ctfreid.serve.store import DB_NAME
+
+    rng = np.random.default_rng(8)
+    c, c2, q = tied_codes(rng, 200), tied_codes(rng, 50), tied_codes(rng, 6)
+    one = CtFIndex()
+    one.add(c)
+    one.thresholds = dict(THR)
+    sharded = ShardedIndex(shards=1, store=tmp_path / "g", timeout=60)
+    try:
+        sharded.add(c)
+        sharded.thresholds = dict(THR)
+        sharded.search_hits(q, 50)  # warm: the shard's first search loads the compiled kernels
+        other = sqlite3.connect(tmp_path / "g" / "shard-0" / DB_NAME, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the store's writes wait (its connection's busy timeout: 5 s)
+        added = []
+        writer = threading.Thread(target=lambda: added.append(sharded.add(c2)))
+        try:
+            writer.start()
+            time.sleep(1.0)  # the add is in the shard, waiting for the lock
+            assert writer.is_alive()
+            h = sharded.search_hits(q, 50, timeout=1.5)
+            assert h.partial == ()  # answered, not queued behind the add
+            assert_same_hits(h, one.search_hits(q, 50))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+            writer.join(30)
+        one.add(c2)
+        np.testing.assert_array_equal(added[0], one.ids[-50:])
+        assert_same_hits(sharded.search_hits(q, 50), one.search_hits(q, 50))
+    finally:
+        sharded.close()
 
 
 def test_killed_shard_is_restarted_with_its_items_and_writes_survive_a_reopen(local_ray, tmp_path):

@@ -182,12 +182,13 @@ class Shard:
             self.store.set_meta("thresholds", json.dumps(self.index.thresholds))
 
     def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int, thresholds: dict[int, int] | None,
-                    query_weights: np.ndarray | None = None) -> Hits | None:
-        """This shard's first ``k`` hits (None while it holds no code lengths yet); ``query_weights``: a
-        weighted stage 1 with weighted ``thresholds``."""
+                    query_weights: np.ndarray | None = None, threads: int | None = None) -> Hits | None:
+        """This shard's first ``k`` hits (None while it holds no code lengths yet); ``query_weights``: weighted
+        stages with weighted ``thresholds``; ``threads``: the search's threads (None: the process default)."""
         if not self.index.lengths:
             return None
-        return self.index.search_hits(query_codes, k, thresholds=thresholds, query_weights=query_weights)
+        return self.index.search_hits(query_codes, k, thresholds=thresholds, threads=threads,
+                                      query_weights=query_weights)
 
     def to_bytes(self) -> bytes:
         return self.index.to_bytes()

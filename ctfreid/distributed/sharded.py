@@ -25,6 +25,11 @@ listed in ``Hits.partial`` (``search`` raises :class:`ShardsUnavailable` instead
 durable, so a dead shard is not restarted (it would come back empty): its items stay missing, flagged at once.
 A shard that cannot start (its store directory gone or unreadable) makes every call raise a CtfreidError
 naming the cause.
+
+Concurrency: a shard answers up to ``READ_CALLS`` searches (and ``info`` calls) at once, in its own Ray
+concurrency group ``"reads"``, beside its writes (add, remove, thresholds, save), which run one at a time and
+in order in the actor's default group. So a search does not queue behind a write's store commit or erasure
+checkpoint (a second or more for 1e5 items); the shard's ``CtFIndex`` orders the two (readers-writer lock).
 """
 
 from __future__ import annotations
@@ -47,10 +52,13 @@ from ctfreid.search.asymmetric import Weighting, check_query_weights, max_distan
 from ctfreid.search.hamming import check_k, check_radius, range_result
 from ctfreid.search.index import CtFIndex, check_ids, default_thresholds, ids_to_remove, weighted_maxima
 from ctfreid.search.merge import Hits, empty_hits, merge_hits
+from ctfreid.search.parallel import check_threads
 from ctfreid.search.thresholds import check_thresholds
 
 CONFIG = "sharded.json"
 INLINE_BYTES = 64 * 1024  # queries up to this size (times the shards) are sent inline, not via ray.put
+READ_CALLS = 8  # searches (and info calls) a shard runs at once, on threads of its "reads" concurrency group
+_READS = ("search_hits", "info")  # the Shard methods of that group; every other one runs in the default group
 FORMAT = 1
 _HINTS = {  # what a caller of _call_all can do when a shard stays down
     "add": "the write may be applied on the other shards: retry it with the same ids",
@@ -128,7 +136,8 @@ class ShardedIndex:
     - ``timeout``: seconds a search waits for the shards before answering without the missing ones;
     - ``max_restarts``: how often Ray restarts a dead shard (only with a store; -1: always);
     - ``actor_options``: extra Ray actor options (e.g. ``{"num_cpus": 4}``; default ``num_cpus=0`` and the
-      SPREAD scheduling strategy, one shard per node where possible).
+      SPREAD scheduling strategy, one shard per node where possible; ``concurrency_groups`` may resize
+      ``"reads"``, the searches a shard runs at once, ``READ_CALLS`` by default).
     """
 
     def __init__(self, shards: int = 1, address: str | None = None, store: str | Path | None = None,
@@ -169,13 +178,14 @@ class ShardedIndex:
         opts: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": "SPREAD",
                                 "max_restarts": int(max_restarts) if self.store is not None else 0}
         opts.update(actor_options or {})
+        groups = {"reads": READ_CALLS, **(opts.pop("concurrency_groups", None) or {})}  # ray.remote's, not options'
         self._max_restarts = int(opts["max_restarts"])
-        remote = ray.remote(Shard)
+        remote = ray.remote(concurrency_groups=groups)(Shard)
         self.actors = [remote.options(**opts).remote(i, n, None if self.store is None else
                                                      str(self.store / f"shard-{i}"), fingerprint)
                        for i in range(n)]
         infos = []
-        for i, ref in enumerate([a.info.remote() for a in self.actors]):
+        for i, ref in enumerate([_method(a, "info").remote() for a in self.actors]):
             try:
                 infos.append(ray.get(ref))
             except ray.exceptions.RayActorError as e:
@@ -356,7 +366,7 @@ class ShardedIndex:
         deadline = time.monotonic() + timeout
         hint = _HINTS.get(method, "retry once it is back")
         out: list = [None] * self.shards
-        pending = {getattr(a, method).remote(*args[i]): i for i, a in enumerate(self.actors)}
+        pending = {_method(a, method).remote(*args[i]): i for i, a in enumerate(self.actors)}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(deadline - time.monotonic(), 0))
             if not ready:
@@ -376,13 +386,13 @@ class ShardedIndex:
                     if deadline - time.monotonic() <= 0:
                         raise CtfreidError(f"{method}: shard {i} is down; {hint}") from None
                     time.sleep(0.05)
-                    pending[getattr(self.actors[i], method).remote(*args[i])] = i
+                    pending[_method(self.actors[i], method).remote(*args[i])] = i
         return out
 
     # ------------------------------------------------------------------------------------------ search
     def search_hits(self, query_codes: Mapping[int, np.ndarray], k: int,
                     thresholds: Mapping[int, int] | None = None, timeout: float | None = None,
-                    query_weights: np.ndarray | None = None) -> ShardedHits:
+                    query_weights: np.ndarray | None = None, threads: int | None = None) -> ShardedHits:
         """First ``k`` results over every shard with their coarse-to-fine keys, equal to one
         :class:`CtFIndex`'s ``search_hits`` over the same items (Sec. 3.1; exact merge, ties included).
 
@@ -392,8 +402,11 @@ class ShardedIndex:
         does not restart (``max_restarts=0``) is listed at once; one that cannot start (its store gone or
         unreadable) raises a CtfreidError naming the cause. ``query_weights``: weighted stages (as
         :meth:`CtFIndex.search_hits`), with this call's ``thresholds`` or else ``weighted_thresholds`` (for
-        weights of exactly ``weighting``'s lengths)."""
+        weights of exactly ``weighting``'s lengths). ``threads``: each shard's search threads, as
+        :meth:`CtFIndex.search` (default: the shard's ``set_num_threads``, all the cores of its node)."""
         k = check_k(k)
+        if threads is not None:
+            threads = check_threads(threads)
         qs = _code_set(query_codes, "query codes")
         if not self._lengths:
             return ShardedHits(*_fields(empty_hits(next(iter(qs.values())).shape[0], list(qs))), partial=())
@@ -409,22 +422,23 @@ class ShardedIndex:
                                             self._weighting, weighted)
         thr = check_thresholds(thresholds, self._lengths, maxima={L: max_distance(L) for L in weighted})
         parts, missing = self._fan_out(qs, k, thr, self.timeout if timeout is None else _timeout(timeout),
-                                       query_weights)
+                                       query_weights, threads)
         if not parts:
             merged = empty_hits(nq, self._lengths)
         else:
             merged = merge_hits(parts, k)
         return ShardedHits(*_fields(merged), partial=tuple(missing))
 
-    def _fan_out(self, qs: dict, k: int, thr: dict, timeout: float,
-                 weights: np.ndarray | None = None) -> tuple[list[Hits], list[int]]:
+    def _fan_out(self, qs: dict, k: int, thr: dict, timeout: float, weights: np.ndarray | None = None,
+                 threads: int | None = None) -> tuple[list[Hits], list[int]]:
         ray = self._ray
         # Large batches go to the object store once for all shards; a few queries travel inside the task
         # (a put plus a fetch by every shard costs ~2 ms more per call than inlining 340 bytes).
         nbytes = sum(c.nbytes for c in qs.values())
         qref = ray.put(qs) if nbytes * len(self.actors) > INLINE_BYTES else qs
         deadline = time.monotonic() + timeout
-        pending = {a.search_hits.remote(qref, k, thr, weights): i for i, a in enumerate(self.actors)}
+        search = [_method(a, "search_hits") for a in self.actors]
+        pending = {s.remote(qref, k, thr, weights, threads): i for i, s in enumerate(search)}
         parts: list[Hits] = []
         dead: list[int] = []
         while pending:
@@ -446,7 +460,7 @@ class ShardedIndex:
                         dead.append(i)
                     elif deadline - time.monotonic() > 0.05:  # restarting: ask again once it is back
                         time.sleep(0.05)
-                        pending[self.actors[i].search_hits.remote(qref, k, thr, weights)] = i
+                        pending[search[i].remote(qref, k, thr, weights, threads)] = i
                     else:
                         pending[ref] = i
                     continue
@@ -456,10 +470,11 @@ class ShardedIndex:
 
     def search(self, query_codes: Mapping[int, np.ndarray], k: int,
                thresholds: Mapping[int, int] | None = None, timeout: float | None = None,
-               query_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               query_weights: np.ndarray | None = None, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(D int32[nq, m], I int64[nq, m])`` as :meth:`CtFIndex.search` (1-D queries give 1-D results);
-        raises :class:`ShardsUnavailable` (with the partial answer) rather than answer without a shard."""
-        h = self.search_hits(query_codes, k, thresholds, timeout, query_weights)  # checks query_codes first
+        raises :class:`ShardsUnavailable` (with the partial answer) rather than answer without a shard.
+        ``threads``: as :meth:`search_hits`."""
+        h = self.search_hits(query_codes, k, thresholds, timeout, query_weights, threads)  # checks query_codes first
         single = all(isinstance(c, np.ndarray) and c.ndim == 1 for c in query_codes.values())
         if h.partial:
             raise ShardsUnavailable(h.partial, h, self.timeout if timeout is None else _timeout(timeout))
@@ -559,6 +574,12 @@ class ShardedIndex:
                 pass
             self._ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def _method(actor, name: str):
+    """The remote method ``name`` of a shard actor, in its concurrency group (``_READS``: ``"reads"``)."""
+    m = getattr(actor, name)
+    return m.options(concurrency_group="reads") if name in _READS else m
 
 
 def _weighted_of(cfg: Mapping, path: Path) -> tuple[dict[int, int] | None, Weighting | None]:

@@ -153,7 +153,7 @@ class Gallery:
         thresholds = self.thresholds if len(self.lengths) > 1 else None
         tiny.search_hits(q, 2, thresholds)
         tiny.remove_ids(np.arange(1))  # and the erasure's kernel: compiled in an erasure, it held the GIL ~0.1 s
-        if first is not None and isinstance(self.index, CtFIndex):  # (a sharded index's shards search remotely)
+        if first is not None:  # (a sharded index: every shard makes its own)
             self.index.search_hits(first, 100, thresholds)
             if max_batch > 1:
                 self.index.search_hits({L: np.repeat(c, max_batch, axis=0) for L, c in first.items()}, 100, thresholds)
@@ -224,10 +224,9 @@ class Gallery:
         over the shards of a sharded index; None where a shard did not answer); and the shards that did not
         answer (a sharded index; empty otherwise). ``query_weights``: weighted stages (an array: stage 1; a
         mapping ``{length: weights}``: those lengths; their ``thresholds`` must then be weighted ones). ``threads``:
-        the in-process index's search threads (``CtFIndex.search``; a sharded index's shards search alone)."""
+        the search threads (``CtFIndex.search``; of each shard, for a sharded index)."""
         thr = dict(thresholds) if thresholds is not None else self.thresholds
         nq = next(iter(query.values())).shape[0]
-        kw = {"threads": threads} if isinstance(self.index, CtFIndex) else {}  # a ShardedIndex's shards: their own
         partial: set[int] = set()
         results: dict[int, list] = {}
         counts: list[dict | None] = [{str(L): 0 for L in self.lengths} for _ in range(nq)]
@@ -239,7 +238,7 @@ class Gallery:
             while pending:
                 sub = {L: q[pending] for L, q in query.items()}
                 hits = self.index.search_hits(sub, kk, thr if len(self.lengths) > 1 else None,
-                                              query_weights=_rows(query_weights, pending), **kw)
+                                              query_weights=_rows(query_weights, pending), threads=threads)
                 partial.update(getattr(hits, "partial", ()))
                 if first:  # the counts do not depend on k: the first round (every query) has them
                     good = hits.candidates is not None and not getattr(hits, "partial", ())
