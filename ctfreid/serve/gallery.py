@@ -200,7 +200,8 @@ class Gallery:
             # deleted (committed): out of every search from here on, even if the checkpoint fails
             if isinstance(self.index, CtFIndex):
                 # searches wait only for the swap of the index's live bits (under this lock too: one write for
-                # them); the look-ups, the erasure of the codes and the compaction run while they go on
+                # them); the look-ups, the erasure of the codes and the compaction run while they go on. (The index
+                # takes its writer mutex before this lock, add the other way round: _write keeps them apart.)
                 self.index.remove_ids(np.asarray(gone, np.int64), compact=False, lock=self.lock)
                 self.fields.clear(gone)  # no search returns these items any more: their fields are unread
                 self.index.compact(due=True)
