@@ -69,6 +69,21 @@ def assert_same_hits(a, b) -> None:
     np.testing.assert_array_equal(a.distances, b.distances)
 
 
+def durable_pair(store, codes, shards: int) -> tuple:
+    """One in-process index and a durable sharded one (``store``) of the same ``codes``, thresholds ``THR``."""
+    one = CtFIndex()
+    one.add(codes)
+    one.thresholds = dict(THR)
+    sharded = ShardedIndex(shards=shards, store=store, timeout=60)
+    try:
+        sharded.add(codes)
+        sharded.thresholds = dict(THR)
+    except BaseException:
+        sharded.close()
+        raise
+    return one, sharded
+
+
 @pytest.mark.parametrize("shards", [1, 2, 3])
 def test_exact_equality_with_one_index_before_and_after_removals(local_ray, shards):
     rng = np.random.default_rng(shards)
@@ -215,13 +230,8 @@ def test_a_search_does_not_queue_behind_a_shards_write(local_ray, tmp_path):
 
     rng = np.random.default_rng(8)
     c, c2, q = tied_codes(rng, 200), tied_codes(rng, 50), tied_codes(rng, 6)
-    one = CtFIndex()
-    one.add(c)
-    one.thresholds = dict(THR)
-    sharded = ShardedIndex(shards=1, store=tmp_path / "g", timeout=60)
+    one, sharded = durable_pair(tmp_path / "g", c, shards=1)
     try:
-        sharded.add(c)
-        sharded.thresholds = dict(THR)
         sharded.search_hits(q, 50)  # warm: the shard's first search loads the compiled kernels
         other = sqlite3.connect(tmp_path / "g" / "shard-0" / DB_NAME, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # the store's writes wait (its connection's busy timeout: 5 s)
@@ -249,13 +259,8 @@ def test_killed_shard_is_restarted_with_its_items_and_writes_survive_a_reopen(lo
     rng = np.random.default_rng(7)
     c = tied_codes(rng, 300)
     q = tied_codes(rng, 6)
-    one = CtFIndex()
-    one.add(c)
-    one.thresholds = dict(THR)
-    sharded = ShardedIndex(shards=3, store=tmp_path / "g", timeout=60)
+    one, sharded = durable_pair(tmp_path / "g", c, shards=3)
     try:
-        sharded.add(c)
-        sharded.thresholds = dict(THR)
         gone = np.arange(0, 300, 7)
         one.remove_ids(gone)
         sharded.remove_ids(gone)

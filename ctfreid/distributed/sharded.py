@@ -486,9 +486,9 @@ class ShardedIndex:
                      query_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``lims, D, I`` as :meth:`CtFIndex.range_search` over every shard's items (the items that pass every
         threshold and lie within ``radius`` at the longest length, in ranking order; ``query_weights``:
-        weighted stages, as :meth:`search_hits`). The shards count the items that pass, then a merged top-k of that many returns
-        them. Raises :class:`ShardsUnavailable` rather than answer without a shard. An add or removal during
-        the call may be seen in part."""
+        weighted stages, as :meth:`search_hits`). The shards count the items that pass, then a merged top-k of
+        that many returns them. Raises :class:`ShardsUnavailable` rather than answer without a shard. An add or
+        removal during the call may be seen in part."""
         radius = check_radius(radius)
         t = self.timeout if timeout is None else _timeout(timeout)
         counted = self.search_hits(query_codes, 1, thresholds, timeout, query_weights)  # checks the queries first

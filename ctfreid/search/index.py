@@ -617,10 +617,9 @@ class CtFIndex:
         Searches wait only while the removal becomes visible, all items at once: a swap of the live bits (one
         per slot). The look-ups before it and the erasure of the codes after it run while searches go on: the
         kernels mask their candidates with the live bits, and a full ranking drops the dead slots' distances,
-        so no answer depends on a dead slot's code. ``lock``: a
-        readers-writer lock of the caller's (the service's gallery lock), held for writing during the swap too,
-        so that the caller's searches see the removal as one write (taken before the index's own lock, the
-        order in which a search takes them).
+        so no answer depends on a dead slot's code. ``lock``: a readers-writer lock of the caller's (the
+        service's gallery lock), held for writing during the swap too, so that the caller's searches see the
+        removal as one write (taken before the index's own lock, the order in which a search takes them).
         """
         arr = ids_to_remove(ids)
         if arr.size == 0:

@@ -142,8 +142,8 @@ class Gallery:
         self._warm_up(first, max_batch)
 
     def _warm_up(self, first: dict[int, np.ndarray] | None, max_batch: int) -> None:
-        """Compile the search and erasure kernels now (numba JIT), not in the first client's request; then search the
-        gallery once with a stored item (``first``), alone and as a batch of ``max_batch`` queries, so that the
+        """Compile the search and erasure kernels now (numba JIT), not in the first client's request; then search
+        the gallery once with a stored item (``first``), alone and as a batch of ``max_batch`` queries, so that the
         index makes its search scratch now: fresh memory's page faults made the first search after a start take
         2.7-19 ms at 1e6 items, against about 1 ms for the next ones (benchmarks/README.md, twenty-first session)."""
         rng = np.random.default_rng(0)
