@@ -34,6 +34,7 @@ checkpoint (a second or more for 1e5 items); the shard's ``CtFIndex`` orders the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -46,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from ctfreid._atomic import atomic_write
+from ctfreid._rwlock import RWLock
 from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
 from ctfreid.search.asymmetric import Weighting, check_query_weights, max_distance
@@ -341,14 +343,16 @@ class ShardedIndex:
         self._write_config()
         return ids_arr
 
-    def remove_ids(self, ids: Any) -> int:
+    def remove_ids(self, ids: Any, lock: RWLock | None = None) -> int:
         """Remove the items with these ids from their shards (erased from the stores first); returns how
-        many were removed."""
+        many were removed. ``lock``: as :meth:`CtFIndex.remove_ids`, a caller's readers-writer lock held for
+        writing while the removal becomes visible: here the whole call, since each shard removes its part on
+        its own."""
         arr = ids_to_remove(ids)  # read as one index reads them
         if arr.size == 0:
             return 0
         shard_of = arr % self.shards
-        with self._write:
+        with self._write, lock.write() if lock is not None else contextlib.nullcontext():
             return int(sum(self._call_all("remove_ids", [(arr[shard_of == i],) for i in range(self.shards)])))
 
     def _dead(self, e: Exception) -> bool:

@@ -612,7 +612,7 @@ class CtFIndex:
         ``save`` / ``to_bytes`` write none of their bytes; answers equal those of an index built without
         them. Costs O(removed log n); dead slots are compacted away past ``COMPACT_FRACTION`` of the slots
         (the copy runs while searches go on). ``compact=False`` leaves that to a later ``compact(due=True)``:
-        for a caller that holds a lock of its own around the removal (the service), as ``reserve`` for ``add``.
+        for a caller that holds a lock of its own around the removal, as ``reserve`` for ``add``.
 
         Searches wait only while the removal becomes visible, all items at once: a swap of the live bits (one
         per slot). The look-ups before it and the erasure of the codes after it run while searches go on: the

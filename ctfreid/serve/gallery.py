@@ -6,8 +6,9 @@ Consistency: a write first commits to the store, then changes the index and the 
 write side of a readers-writer lock; a search holds the read side for the index search and the field
 look-ups. So every search sees the gallery before or after each whole write (a serial order of the
 writes), and a write is acknowledged only once both the store and the index have it. An erasure holds the
-write side only while the index swaps its live bits (``CtFIndex.remove_ids(lock=)``): the look-ups, the
-erasure of the bytes and the fields of the erased items (unread by then) are done while searches go on.
+write side only while the index makes it visible (``remove_ids(lock=)``: a ``CtFIndex`` swaps its live bits; a
+sharded index holds it across the call): the look-ups, the erasure of the bytes and the fields of the erased
+items (unread by then) are done while searches go on.
 
 Filters are exact: coarse-to-fine order is a per-item key (``ctfreid.search.merge``), so the filtered
 ranking is the full ranking with the other items left out; the search asks for ``4 x`` more hits until
@@ -197,18 +198,13 @@ class Gallery:
         with self._write:  # select and delete under the write lock: no add slips in between
             ids = select()
             gone = self.store.delete(ids, checkpoint=False)
-            # deleted (committed): out of every search from here on, even if the checkpoint fails
-            if isinstance(self.index, CtFIndex):
-                # searches wait only for the swap of the index's live bits (under this lock too: one write for
-                # them); the look-ups, the erasure of the codes and the compaction run while they go on. (The index
-                # takes its writer mutex before this lock, add the other way round: _write keeps them apart.)
-                self.index.remove_ids(np.asarray(gone, np.int64), compact=False, lock=self.lock)
-                self.fields.clear(gone)  # no search returns these items any more: their fields are unread
-                self.index.compact(due=True)
-            else:  # a ShardedIndex: each shard removes its part on its own (and compacts alone)
-                with self.lock.write():
-                    self.index.remove_ids(np.asarray(gone, np.int64))
-                    self.fields.clear(gone)
+            # deleted (committed): out of every search from here on, even if the checkpoint fails. The index holds
+            # this lock for writing only while the removal becomes visible, as one write (a CtFIndex: the swap of its
+            # live bits; its look-ups, erasure of the codes and compaction run while searches go on; a ShardedIndex:
+            # the whole call). (The index takes its writer mutex before this lock, add the other way round: _write
+            # keeps them apart.)
+            self.index.remove_ids(np.asarray(gone, np.int64), lock=self.lock)
+            self.fields.clear(gone)  # no search returns these items any more: their fields are unread
             try:
                 self.store.checkpoint()  # erased bytes out of the files before the receipt (StoreBusy: retry)
             except StoreBusy as e:
