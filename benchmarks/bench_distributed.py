@@ -24,7 +24,10 @@ Prints, in the same run:
 ``--beside-writes``: one-query searches (top-100) run back to back on a durable 1-shard index of ``n`` items
 while it takes a removal of n / 20 items and an add of n / 20 (each shard commits to its SQLite store, and a
 removal checkpoints it); prints the search latency alone (median, p99) and during each write (p99, max), with
-the write's own time. With ``--compare-to``, the commit's code and this tree's run alternately in subprocesses.
+the write's own time, then the medians of 100 one-item adds and of their removals. With ``--compare-to``, the
+commit's code and this tree's run alternately in subprocesses. ``--gallery``: the same through the service's
+``Gallery`` (its SQLite store, then a durable 2-shard index), as ``ctfreid serve --ray`` searches and writes: an
+erasure of n / 20 items, then an add of n / 20.
 """
 
 from __future__ import annotations
@@ -84,8 +87,9 @@ def merge_time(parts: list, k: int) -> tuple[float, float]:
     return res[0], res[1]
 
 
-def beside_writes(n: int) -> dict:
-    """Search latencies (ms) on a durable 1-shard index beside its writes (see the module docstring)."""
+def beside_writes(n: int, gallery: bool = False) -> dict:
+    """Search latencies (ms) on a durable 1-shard index beside its writes, or (``gallery``) through the service's
+    gallery over a durable 2-shard index, as ``ctfreid serve --ray`` runs it (see the module docstring)."""
     import ray
 
     from ctfreid.distributed import ShardedIndex
@@ -96,14 +100,33 @@ def beside_writes(n: int) -> dict:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     d = Path(tempfile.mkdtemp(prefix="ctfreid-shard-"))
     try:
-        idx = ShardedIndex(shards=1, store=d, timeout=600)
-        for a in range(0, n - m, 100_000):
-            idx.add({L: v[a : min(a + 100_000, n - m)] for L, v in g.items()})
-        idx.thresholds = thresholds
-        gone = np.random.default_rng(1).choice(n - m, m, replace=False)
-        rest = {L: v[n - m :] for L, v in g.items()}
-        writes = {"remove": lambda: idx.remove_ids(gone), "add": lambda: idx.add(rest)}
-        out = searches_beside(lambda i: idx.search_hits(q1[i % len(q1)], 100), writes)
+        idx = ShardedIndex(shards=2 if gallery else 1, store=d / "shards", timeout=600)
+        part = lambda a, b: {L: v[a:b] for L, v in g.items()}  # noqa: E731
+        rest = part(n - m, n)
+        if gallery:
+            from ctfreid.serve.gallery import Gallery
+            from ctfreid.serve.store import ItemMeta, Store
+
+            store = Store(d / "store", "bench", list(g))
+            for a in range(0, n - m, 100_000):
+                store.add(part(a, min(a + 100_000, n - m)), [ItemMeta()] * (min(a + 100_000, n - m) - a))
+            gal = Gallery(store, thresholds, index=idx)  # loads the shards from the store, as the service starts
+            gone = (1 + np.random.default_rng(1).choice(n - m, m, replace=False)).tolist()  # store ids: 1, 2, ...
+            writes = {"remove": lambda: gal.erase(gone), "add": lambda: gal.add(rest, [ItemMeta()] * m)}
+            search = lambda i: gal.search(q1[i % len(q1)], 100)  # noqa: E731
+            one_add = lambda i: gal.add({L: v[i : i + 1] for L, v in rest.items()}, [ItemMeta()])[0]  # noqa: E731
+            one_remove = lambda i: gal.erase([i])  # noqa: E731
+        else:
+            for a in range(0, n - m, 100_000):
+                idx.add(part(a, min(a + 100_000, n - m)))
+            idx.thresholds = thresholds
+            gone = np.random.default_rng(1).choice(n - m, m, replace=False)
+            writes = {"remove": lambda: idx.remove_ids(gone), "add": lambda: idx.add(rest)}
+            search = lambda i: idx.search_hits(q1[i % len(q1)], 100)  # noqa: E731
+            one_add = lambda i: int(idx.add({L: v[i : i + 1] for L, v in rest.items()})[0])  # noqa: E731
+            one_remove = lambda i: idx.remove_ids([i])  # noqa: E731
+        out = searches_beside(search, writes)
+        out["one_item"] = one_item_writes(one_add, one_remove)
         idx.close()
         return out
     finally:
@@ -111,14 +134,33 @@ def beside_writes(n: int) -> dict:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def compare_beside_writes(rev: str | None, n: int) -> None:
+def one_item_writes(add, remove, count: int = 100) -> dict:
+    """Medians (ms) of ``count`` one-item adds (``add(i)`` returns the new item's id), then the removals of those
+    items, one call each, nothing else running."""
+    ids, added, removed = [], [], []
+    for i in range(count):
+        t = time.perf_counter()
+        ids.append(add(i))
+        added.append(time.perf_counter() - t)
+    for i in ids:
+        t = time.perf_counter()
+        remove(i)
+        removed.append(time.perf_counter() - t)
+    return {"add": float(np.median(added)) * 1e3, "remove": float(np.median(removed)) * 1e3}
+
+
+def compare_beside_writes(rev: str | None, n: int, gallery: bool = False) -> None:
     m = n // 20
-    print(f"\none-query searches (top-100) on a durable 1-shard index of {n:,} items beside its writes, ms")
-    print(f"| code | no write: median / p99 | removal of {m:,}: p99 / max (write s) | add of {m:,} |")
-    print("|---|---|---|---|")
-    for name, res in alternate(Path(__file__), ["--beside-writes-worker", "--n", str(n)], rev):
+    what = "the service's gallery over a durable 2-shard index" if gallery else "a durable 1-shard index"
+    print(f"\none-query searches (top-100) through {what} of {n:,} items beside its writes, ms")
+    print(f"| code | no write: median / p99 | removal of {m:,}: p99 / max (write s) | add of {m:,} | one-item add / "
+          "removal: median |")
+    print("|---|---|---|---|---|")
+    argv = ["--beside-writes-worker", "--n", str(n)] + (["--gallery"] if gallery else [])
+    for name, res in alternate(Path(__file__), argv, rev):
         cells = [f"{res['quiet']['median']:.2f} / {res['quiet']['p99']:.2f}"]
         cells += [f"{res[w]['p99']:.2f} / {res[w]['max']:.1f} ({res[w]['write_s']:.2f})" for w in ("remove", "add")]
+        cells.append(f"{res['one_item']['add']:.2f} / {res['one_item']['remove']:.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -136,13 +178,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--beside-writes", action="store_true", help="searches beside a durable shard's writes")
     ap.add_argument("--compare-to", metavar="REV", help="with --beside-writes: also the code of this commit")
+    ap.add_argument("--gallery", action="store_true",
+                    help="with --beside-writes: through the service's gallery over 2 durable shards (serve --ray)")
     ap.add_argument("--beside-writes-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.beside_writes_worker:
-        print(json.dumps(beside_writes(args.n)))
+        print(json.dumps(beside_writes(args.n, args.gallery)))
         return 0
     if args.beside_writes:
-        compare_beside_writes(args.compare_to, args.n)
+        compare_beside_writes(args.compare_to, args.n, args.gallery)
         return 0
 
     import ray

@@ -263,6 +263,32 @@ def test_stored_codes_and_ids_accessors(data):
         index.codes(2048)
 
 
+@pytest.mark.parametrize("order", ["increasing", "shuffled"])
+def test_contains_answers_as_a_set_of_the_live_ids(data, order):
+    """``contains`` against a Python set of the live ids, through adds, removals and a compaction, for ids that
+    increase with insertion and for ids that do not (the index then searches a sorted copy)."""
+    q, g = data
+    rng = np.random.default_rng(3)
+    ids = np.arange(700, dtype=np.int64) * 3 + 2
+    if order == "shuffled":
+        ids = rng.permutation(ids)
+    index = _built(g, ids)
+    live = set(ids.tolist())
+    probe = np.concatenate([ids[::5], np.arange(-2, 2200, 7), ids[3::11]])  # held, never held, repeated
+    gone = ids[rng.choice(700, 500, replace=False)]
+    for a, b in ((0, 0), (0, 40), (40, 500)):  # dead slots kept, then past the compaction fraction
+        index.remove_ids(gone[a:b])
+        live -= set(gone[a:b].tolist())
+        np.testing.assert_array_equal(index.contains(probe), [int(i) in live for i in probe])
+    assert index.contains(int(next(iter(live)))) is True and index.contains(int(gone[0])) is False
+    big = np.array([2**63 + int(ids[0]), int(next(iter(live)))], np.uint64)  # past int64: never held
+    np.testing.assert_array_equal(index.contains(big), [False, True])
+    assert index.contains([]).shape == (0,)
+    for bad in ([1.5], [[1]], [True]):
+        with pytest.raises(CtfreidError, match="ids must be an integer or a 1-D integer array"):
+            index.contains(bad)
+
+
 def _with_header(blob: bytes, edit) -> bytes:
     """``blob`` with its JSON header changed by ``edit`` (padded to the same size) and a valid checksum."""
     (hsize,) = struct.unpack("<I", blob[12:16])

@@ -80,6 +80,7 @@ class Shard:
         # beside the store directory, not in it: it must outlive that directory to say it held items
         self.marker = self.dir.parent / f"{self.dir.name}.stored" if self.dir is not None else None
         self._marked = False
+        self._staged: tuple | None = None  # (token, ids, codes) of the write between stage and publish
         if self.dir is not None:
             lengths = stored_lengths(self.dir)
             if lengths is None and self.marker.exists():  # never serve (or write into a new store) without them
@@ -125,11 +126,12 @@ class Shard:
                 "lengths": self.index.lengths, "next_id": self.next_id, "started": self.started,
                 "durable": self.store is not None}
 
-    def add(self, ids: np.ndarray, codes: Mapping[int, np.ndarray], next_id: int) -> int:
-        """Add items (ids already routed here); returns how many were new. With a store the items are
-        committed there first, so an item in the index is always durable. A retried call (the same ids with
-        the same codes, after a restart) adds nothing twice; an id held by an item with other codes is an
-        error."""
+    def stage(self, token: int, ids: np.ndarray, codes: Mapping[int, np.ndarray], next_id: int) -> int:
+        """The first half of an add (ids already routed here): commit the new items to the store (durable) and
+        hold them for :meth:`publish`, which makes them searchable; returns how many are new. Searches meanwhile
+        answer without them. A retried call (the same ids with the same codes, after a restart) stages nothing
+        twice; an id held by an item with other codes is an error. Only the last staged write is held (the
+        driver writes one at a time)."""
         ids = np.asarray(ids, np.int64)
         if ids.size and (ids % self.count != self.shard).any():
             raise CtfreidError(f"shard {self.shard} of {self.count} got ids routed elsewhere")
@@ -139,10 +141,25 @@ class Shard:
                 self._open(sorted(int(L) for L in codes))
             self.store.put(ids, codes, next_id)
             self._mark()
-        if ids.size or not self.index.lengths:
-            self.index.add(codes, ids)
         self.next_id = max(self.next_id, int(next_id))
+        self._staged = (token, ids, codes)
         return int(ids.size)
+
+    def publish(self, token: int, ids: np.ndarray) -> int:
+        """The second half of an add: the items staged under ``token`` join the index (in memory, the time of a
+        copy); returns the shard's live items after it. A shard restarted since the stage reloaded them from its
+        store, so it checks that it holds ``ids`` instead."""
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[0] == token:
+            _, new, codes = staged
+            if new.size or not self.index.lengths:  # (an empty first add fixes the lengths)
+                self.index.add(codes, new)
+        else:
+            ids = np.asarray(ids, np.int64)
+            missing = ids[~self.index.contains(ids)]
+            if missing.size:
+                raise CtfreidError(f"shard {self.shard} has not staged ids {missing[:5].tolist()}: stage them again")
+        return self.index.ntotal
 
     def _new_only(self, ids: np.ndarray, codes: Mapping[int, np.ndarray]) -> tuple[np.ndarray, dict]:
         codes = {int(L): np.asarray(c) for L, c in codes.items()}
@@ -168,13 +185,20 @@ class Shard:
             return str(e)
         return None
 
-    def remove_ids(self, ids: np.ndarray) -> int:
-        """Remove these ids (those held here): erased from the store (committed, WAL checkpointed) before
-        the index; returns how many the index held."""
+    def erase_stored(self, ids: np.ndarray) -> int:
+        """The first half of a removal: erase these ids from the store (committed, WAL checkpointed), while
+        searches still find them in the index until :meth:`remove_ids`; returns how many of them the index
+        holds (the count the removal will make, also when a restart reloads the store before it)."""
         ids = np.asarray(ids, np.int64)
         if self.store is not None and ids.size:
             self.store.delete(ids.tolist())
-        return self.index.remove_ids(ids)
+        return int(self.index.contains(ids).sum())
+
+    def remove_ids(self, ids: np.ndarray) -> int:
+        """The second half of a removal: remove these ids from the index (those held here); returns the shard's
+        live items after it."""
+        self.index.remove_ids(np.asarray(ids, np.int64))
+        return self.index.ntotal
 
     def set_thresholds(self, thresholds: dict[int, int]) -> None:
         self.index.thresholds = {int(L): int(t) for L, t in thresholds.items()}

@@ -30,6 +30,9 @@ Concurrency: a shard answers up to ``READ_CALLS`` searches (and ``info`` calls) 
 concurrency group ``"reads"``, beside its writes (add, remove, thresholds, save), which run one at a time and
 in order in the actor's default group. So a search does not queue behind a write's store commit or erasure
 checkpoint (a second or more for 1e5 items); the shard's ``CtFIndex`` orders the two (readers-writer lock).
+Writes run in two rounds: every shard commits its part to its store, then every shard shows it in memory, so no
+shard shows a write that another has not committed; ``lock=`` (a caller's readers-writer lock) is held for
+writing during the second round only. ``ntotal`` is counted by the writes and asks no shard.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ READ_CALLS = 8  # searches (and info calls) a shard runs at once, on threads of 
 _READS = ("search_hits", "info")  # the Shard methods of that group; every other one runs in the default group
 FORMAT = 1
 _HINTS = {  # what a caller of _call_all can do when a shard stays down
-    "add": "the write may be applied on the other shards: retry it with the same ids",
+    "stage": "the write may be applied on the other shards: retry it with the same ids",
+    "publish": "the write may be applied on the other shards: retry it with the same ids",
+    "erase_stored": "the write may be applied on the other shards: retry it with the same ids",
     "remove_ids": "the write may be applied on the other shards: retry it with the same ids",
     "set_thresholds": "the thresholds may be set on the other shards: set them again",
 }
@@ -158,6 +163,12 @@ class ShardedIndex:
         self._next_id = 0
         self._default_ids: bool | None = None
         self._write = threading.Lock()  # one write at a time (as one index): default ids are assigned once each
+        self._token = 0  # numbers the writes, so that a shard publishes only what it staged for this one
+        # ntotal, counted by the writes (each shard returns its count with the write's last call), so that a
+        # search's ntotal asks no shard: None after a write that failed, until asked of the shards again
+        self._count = threading.Lock()
+        self._ntotal: int | None = None
+        self._epoch = 0  # writes begun + ended: a count asked of the shards is kept only if none ran meanwhile
         n = int(shards)
         if self.store is not None:
             cfg = self._read_config()
@@ -199,6 +210,7 @@ class ShardedIndex:
                 self.actors = []
                 raise err from None
         self._next_id = max([self._next_id] + [int(i["next_id"]) for i in infos])
+        self._ntotal = sum(int(i["ntotal"]) for i in infos)
         if self._lengths is None:
             self._lengths = next((i["lengths"] for i in infos if i["lengths"]), None)
 
@@ -213,8 +225,46 @@ class ShardedIndex:
 
     @property
     def ntotal(self) -> int:
-        """Live items over all shards (waits for every shard)."""
-        return sum(int(i["ntotal"]) for i in self.shard_info())
+        """Live items over all shards, as of the last write through this index (asks no shard; after a write
+        that failed, asks every shard once)."""
+        with self._count:
+            n, epoch = self._ntotal, self._epoch
+        if n is not None:
+            return n
+        n = sum(int(i["ntotal"]) for i in self.shard_info())
+        with self._count:
+            if self._epoch == epoch and epoch % 2 == 0:  # no write began or ended meanwhile, none in flight
+                self._ntotal = n
+        return n
+
+    def _forget_count(self) -> None:
+        """A shard failed or restarted: ``ntotal`` asks the shards next time (and raises for one that cannot
+        start), rather than trust the count of the last write."""
+        with self._count:
+            self._ntotal = None
+
+    @contextlib.contextmanager
+    def _counting(self):
+        """Around a write: ``ntotal`` keeps its count until the write calls ``done(counts)`` (the shards' counts
+        after it, while its change becomes visible); a write that ends without that (it failed) leaves the count
+        to be asked of the shards."""
+        with self._count:
+            self._epoch += 1  # odd: a write is in flight
+        state = {"done": False}
+
+        def done(counts: list) -> None:
+            with self._count:
+                self._epoch += 1
+                self._ntotal = sum(int(c) for c in counts)
+            state["done"] = True
+
+        try:
+            yield done
+        finally:
+            if not state["done"]:
+                with self._count:
+                    self._epoch += 1
+                    self._ntotal = None
 
     @property
     def thresholds(self) -> dict[int, int]:
@@ -303,16 +353,22 @@ class ShardedIndex:
                 json.dump(self._config(), f)
 
     # ------------------------------------------------------------------------------------------ writes
-    def add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None = None) -> np.ndarray:
+    def add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None = None,
+            lock: RWLock | None = None) -> np.ndarray:
         """Add a code set ``{length: uint8[n, length // 8]}``; ``ids`` unique non-negative int64, or None for
         global ids ``next_id, next_id + 1, ...`` (never reused). Items go to shard ``id % N``; returns the
-        ids. When this returns every shard has committed its part (with a store: durable). An id already
-        held by another item is refused before any shard writes; a call that fails because a shard stayed
-        down may have been applied on the others, and retrying it with the same ids is safe."""
-        with self._write:
-            return self._add(codes, ids)
+        ids. An id already held by another item is refused before any shard writes.
 
-    def _add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None) -> np.ndarray:
+        In two rounds: every shard commits its part to its store (durable) and holds it; then every shard adds
+        it to its index, the time of a copy in memory. Searches go on during the first round and answer without
+        the items; from the second on they find them, on each shard once it has added its part. ``lock``: a
+        readers-writer lock of the caller's (the service's gallery lock), held for writing during the second
+        round only, so that the caller's searches see the add as one write. A call that fails because a shard
+        stayed down may have been applied on the others, and retrying it with the same ids is safe."""
+        with self._write:
+            return self._add(codes, ids, lock)
+
+    def _add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None, lock: RWLock | None) -> np.ndarray:
         cs = check_code_set(codes, "codes")
         lengths = list(cs)
         n = next(iter(cs.values())).shape[0]
@@ -338,22 +394,32 @@ class ShardedIndex:
             errors = [e for e in self._call_all("clash", [a[:2] for a in args]) if e]
             if errors:
                 raise CtfreidError(errors[0])
-        self._call_all("add", args)
+        self._token += 1
+        token = self._token
+        with self._counting() as done:
+            # durable on every shard (with a store) before any shard shows them: searches go on meanwhile
+            self._call_all("stage", [(token, *a) for a in args])
+            with lock.write() if lock is not None else contextlib.nullcontext():
+                done(self._call_all("publish", [(token, a[0]) for a in args]))
         self._next_id = next_id
         self._write_config()
         return ids_arr
 
     def remove_ids(self, ids: Any, lock: RWLock | None = None) -> int:
-        """Remove the items with these ids from their shards (erased from the stores first); returns how
-        many were removed. ``lock``: as :meth:`CtFIndex.remove_ids`, a caller's readers-writer lock held for
-        writing while the removal becomes visible: here the whole call, since each shard removes its part on
-        its own."""
+        """Remove the items with these ids from their shards; returns how many were removed. In two rounds, as
+        :meth:`add`: every shard erases them from its store (committed, WAL checkpointed) while searches still
+        find them, then every shard removes them from its index. ``lock``: as :meth:`CtFIndex.remove_ids`, a
+        caller's readers-writer lock, held for writing during the second round only."""
         arr = ids_to_remove(ids)  # read as one index reads them
         if arr.size == 0:
             return 0
         shard_of = arr % self.shards
-        with self._write, lock.write() if lock is not None else contextlib.nullcontext():
-            return int(sum(self._call_all("remove_ids", [(arr[shard_of == i],) for i in range(self.shards)])))
+        parts = [(arr[shard_of == i],) for i in range(self.shards)]
+        with self._write, self._counting() as done:
+            removed = sum(self._call_all("erase_stored", parts))
+            with lock.write() if lock is not None else contextlib.nullcontext():
+                done(self._call_all("remove_ids", parts))
+        return int(removed)
 
     def _dead(self, e: Exception) -> bool:
         """Whether Ray's error ``e`` means the shard is dead for good: ActorDiedError is also raised for calls in
@@ -381,6 +447,7 @@ class ShardedIndex:
                 try:
                     out[i] = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    self._forget_count()
                     err = _cannot_start(i, e)
                     if err is not None:
                         raise CtfreidError(f"{method}: {err}; {hint}") from None
@@ -457,6 +524,7 @@ class ShardedIndex:
                 try:
                     h = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    self._forget_count()
                     err = _cannot_start(i, e)
                     if err is not None:  # never an answer without its items, flagged or not: the operator must act
                         raise err from None

@@ -437,11 +437,26 @@ class CtFIndex:
         view.flags.writeable = False
         return view
 
+    def contains(self, ids: Any) -> np.ndarray | bool:
+        """Which of ``ids`` (one integer, or a 1-D integer array) are live items here: ``bool[len(ids)]``, or a
+        bool for one id (as usearch's ``contains``); a binary search per id."""
+        arr = np.asarray(ids)
+        if arr.ndim == 1 and arr.size == 0:
+            return np.zeros(0, bool)  # numpy makes [] float64
+        if arr.ndim > 1 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
+            raise CtfreidError(f"ids must be an integer or a 1-D integer array, got {arr.dtype} {arr.shape}")
+        wide = arr.reshape(-1).astype(np.int64)  # uint64 past int64 wraps to negative: never stored, as negatives
+        with self._lock.read():
+            found = (self._lookup(wide) >= 0) & (wide >= 0)
+        return bool(found[0]) if arr.ndim == 0 else found
+
     # ------------------------------------------------------------------------------------------ add
-    def add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None = None) -> None:
+    def add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None = None, lock: RWLock | None = None) -> None:
         """Append a code set ``{length: uint8[n, length // 8]}``; ``ids``: unique non-negative int64 [n], or
         None for default ids (``0, 1, 2, ...`` in insertion order, never reused after a removal). The first
-        ``add`` fixes the lengths and whether ids are given."""
+        ``add`` fixes the lengths and whether ids are given. Larger buffers, when due, are filled while searches
+        go on; searches wait only while the items are copied in. ``lock``: a readers-writer lock of the
+        caller's, held for writing during that copy too (as :meth:`remove_ids`)."""
         cs = check_code_set(codes, "codes")
         lengths = list(cs)
         n = next(iter(cs.values())).shape[0]
@@ -449,14 +464,14 @@ class CtFIndex:
         ids_arr = check_ids(ids, n) if given else None
         with self._writing:
             self._swap_in(self._grown(n))
-            with self._lock.write():
+            with lock.write() if lock is not None else contextlib.nullcontext(), self._lock.write():
                 self._add_locked(cs, lengths, n, given, ids_arr)
 
     def reserve(self, n: int) -> None:
         """Room for ``n`` more items (as usearch's ``reserve``), so that adding them copies nothing. The copy
         into larger buffers runs while searches go on; only the swap waits for them. ``add`` does the same
-        for its own items; a caller that holds a lock of its own around ``add`` (the service) reserves
-        first. Before the first add (no code lengths yet) there is nothing to reserve."""
+        for its own items (a caller with a lock of its own passes it as ``add``'s ``lock``, which is then held
+        for the copy of the items alone). Before the first add (no code lengths yet) there is nothing to reserve."""
         if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
             raise CtfreidError(f"reserve needs a number of items >= 0, got {n!r}")
         with self._writing:
@@ -612,7 +627,7 @@ class CtFIndex:
         ``save`` / ``to_bytes`` write none of their bytes; answers equal those of an index built without
         them. Costs O(removed log n); dead slots are compacted away past ``COMPACT_FRACTION`` of the slots
         (the copy runs while searches go on). ``compact=False`` leaves that to a later ``compact(due=True)``:
-        for a caller that holds a lock of its own around the removal, as ``reserve`` for ``add``.
+        for a caller that holds a lock of its own around the removal (rather than passing it as ``lock``).
 
         Searches wait only while the removal becomes visible, all items at once: a swap of the live bits (one
         per slot). The look-ups before it and the erasure of the codes after it run while searches go on: the

@@ -5,10 +5,11 @@ that searches filter on and answer with.
 Consistency: a write first commits to the store, then changes the index and the field cache under the
 write side of a readers-writer lock; a search holds the read side for the index search and the field
 look-ups. So every search sees the gallery before or after each whole write (a serial order of the
-writes), and a write is acknowledged only once both the store and the index have it. An erasure holds the
-write side only while the index makes it visible (``remove_ids(lock=)``: a ``CtFIndex`` swaps its live bits; a
-sharded index holds it across the call): the look-ups, the erasure of the bytes and the fields of the erased
-items (unread by then) are done while searches go on.
+writes), and a write is acknowledged only once both the store and the index have it. A write holds the
+write side only while the index makes it visible (``add(lock=)``, ``remove_ids(lock=)``: a ``CtFIndex`` copies
+the items in or swaps its live bits; a sharded index adds or removes them in its shards' memory, once every
+shard store has committed the change): the growth of buffers, the shard stores' commits, the look-ups, the
+erasure of the bytes and the fields of items no search can return are done while searches go on.
 
 Filters are exact: coarse-to-fine order is a per-item key (``ctfreid.search.merge``), so the filtered
 ranking is the full ranking with the other items left out; the search asks for ``4 x`` more hits until
@@ -166,16 +167,15 @@ class Gallery:
             thumbs: Sequence[bytes | None] | None = None) -> list[int]:
         with self._write:
             ids = self.store.add(codes, metas, thumbs)  # committed: durable before the index sees it
-            # larger buffers, when due, are filled while searches go on (the only writer is this one)
-            reserve = getattr(self.index, "reserve", None)  # a ShardedIndex has none
-            if reserve is not None:
-                reserve(len(ids))
-            columns = self.fields.grown(max(ids) + 1) if ids else {}
-            with self.lock.write():
-                vars(self.fields).update(columns)
-                self.index.add(codes, np.asarray(ids, np.int64))
-                self.fields.set(ids, [m.pid for m in metas], [m.camera for m in metas], [m.time for m in metas],
-                                [m.source for m in metas])
+            # the fields first: no search returns these ids before the index has them (grown columns hold the
+            # same values as the ones searches read, and this is the only writer)
+            vars(self.fields).update(self.fields.grown(max(ids) + 1) if ids else {})
+            self.fields.set(ids, [m.pid for m in metas], [m.camera for m in metas], [m.time for m in metas],
+                            [m.source for m in metas])
+            # the index holds this lock for writing only while the items become visible, as one write (a CtFIndex:
+            # the copy into its buffers, grown before it; a ShardedIndex: the shards' in-memory adds, after every
+            # shard store has committed them)
+            self.index.add(codes, np.asarray(ids, np.int64), lock=self.lock)
         return ids
 
     def update(self, item_id: int, meta: ItemMeta, names: Sequence[str]) -> dict | None:
@@ -201,8 +201,7 @@ class Gallery:
             # deleted (committed): out of every search from here on, even if the checkpoint fails. The index holds
             # this lock for writing only while the removal becomes visible, as one write (a CtFIndex: the swap of its
             # live bits; its look-ups, erasure of the codes and compaction run while searches go on; a ShardedIndex:
-            # the whole call). (The index takes its writer mutex before this lock, add the other way round: _write
-            # keeps them apart.)
+            # the shards' in-memory removals, after every shard store has erased the items)
             self.index.remove_ids(np.asarray(gone, np.int64), lock=self.lock)
             self.fields.clear(gone)  # no search returns these items any more: their fields are unread
             try:
