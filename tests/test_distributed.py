@@ -4,7 +4,9 @@ checked against brute force in test_index.py): exact hits, ties included, before
 acknowledged writes surviving a reopen; save / load with resharding; bad input refused as by one index;
 concurrent adds; reads, settings and saves waiting for a restarting shard; a save that failed midway; an
 unreadable or missing shard store (on a reopen and on a Ray restart); a shard Ray does not restart flagged at
-once. One local Ray for the module."""
+once; writes in two rounds (no shard shows one before every shard store has committed it, the caller's lock
+only for the second round, ntotal counted without asking the shards, a shard restarted between the rounds) and
+the service's gallery searching while a shard store commits. One local Ray for the module."""
 
 from __future__ import annotations
 
@@ -219,42 +221,6 @@ def test_errors_on_a_durable_index(local_ray, tmp_path):
         reopened.close()
 
 
-def test_a_search_does_not_queue_behind_a_shards_write(local_ray, tmp_path):
-    """A shard searches beside its writes (the "reads" concurrency group): while its add waits for its store
-    (another process holds the SQLite write lock), a search answers at once, complete, with the items before
-    the add (oracle: one index of those); once the lock is let go the add lands."""
-    import sqlite3
-    import threading
-
-    from ctfreid.serve.store import DB_NAME
-
-    rng = np.random.default_rng(8)
-    c, c2, q = tied_codes(rng, 200), tied_codes(rng, 50), tied_codes(rng, 6)
-    one, sharded = durable_pair(tmp_path / "g", c, shards=1)
-    try:
-        sharded.search_hits(q, 50)  # warm: the shard's first search loads the compiled kernels
-        other = sqlite3.connect(tmp_path / "g" / "shard-0" / DB_NAME, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")  # the store's writes wait (its connection's busy timeout: 5 s)
-        added = []
-        writer = threading.Thread(target=lambda: added.append(sharded.add(c2)))
-        try:
-            writer.start()
-            time.sleep(1.0)  # the add is in the shard, waiting for the lock
-            assert writer.is_alive()
-            h = sharded.search_hits(q, 50, timeout=1.5)
-            assert h.partial == ()  # answered, not queued behind the add
-            assert_same_hits(h, one.search_hits(q, 50))
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
-            writer.join(30)
-        one.add(c2)
-        np.testing.assert_array_equal(added[0], one.ids[-50:])
-        assert_same_hits(sharded.search_hits(q, 50), one.search_hits(q, 50))
-    finally:
-        sharded.close()
-
-
 def reads_within(lock, seconds: float) -> bool:
     """Whether another thread gets ``lock``'s read side within ``seconds`` (a daemon thread waits on otherwise)."""
     got = threading.Event()
@@ -277,6 +243,36 @@ def blocked_store(path):
     other = sqlite3.connect(path / DB_NAME, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     return other
+
+
+def test_a_search_does_not_queue_behind_a_shards_write(local_ray, tmp_path):
+    """A shard searches beside its writes (the "reads" concurrency group): while its add waits for its store
+    (another process holds the SQLite write lock), a search answers at once, complete, with the items before
+    the add (oracle: one index of those); once the lock is let go the add lands."""
+    rng = np.random.default_rng(8)
+    c, c2, q = tied_codes(rng, 200), tied_codes(rng, 50), tied_codes(rng, 6)
+    one, sharded = durable_pair(tmp_path / "g", c, shards=1)
+    try:
+        sharded.search_hits(q, 50)  # warm: the shard's first search loads the compiled kernels
+        other = blocked_store(tmp_path / "g" / "shard-0")
+        added = []
+        writer = threading.Thread(target=lambda: added.append(sharded.add(c2)))
+        try:
+            writer.start()
+            time.sleep(1.0)  # the add is in the shard, waiting for the lock
+            assert writer.is_alive()
+            h = sharded.search_hits(q, 50, timeout=1.5)
+            assert h.partial == ()  # answered, not queued behind the add
+            assert_same_hits(h, one.search_hits(q, 50))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+            writer.join(30)
+        one.add(c2)
+        np.testing.assert_array_equal(added[0], one.ids[-50:])
+        assert_same_hits(sharded.search_hits(q, 50), one.search_hits(q, 50))
+    finally:
+        sharded.close()
 
 
 @pytest.mark.parametrize("write", ["add", "remove"])

@@ -65,11 +65,9 @@ INLINE_BYTES = 64 * 1024  # queries up to this size (times the shards) are sent 
 READ_CALLS = 8  # searches (and info calls) a shard runs at once, on threads of its "reads" concurrency group
 _READS = ("search_hits", "info")  # the Shard methods of that group; every other one runs in the default group
 FORMAT = 1
+_RETRY = "the write may be applied on the other shards: retry it with the same ids"
 _HINTS = {  # what a caller of _call_all can do when a shard stays down
-    "stage": "the write may be applied on the other shards: retry it with the same ids",
-    "publish": "the write may be applied on the other shards: retry it with the same ids",
-    "erase_stored": "the write may be applied on the other shards: retry it with the same ids",
-    "remove_ids": "the write may be applied on the other shards: retry it with the same ids",
+    **dict.fromkeys(("stage", "publish", "erase_stored", "remove_ids"), _RETRY),
     "set_thresholds": "the thresholds may be set on the other shards: set them again",
 }
 
