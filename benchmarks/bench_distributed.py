@@ -28,6 +28,11 @@ the write's own time, then the medians of 100 one-item adds and of their removal
 commit's code and this tree's run alternately in subprocesses. ``--gallery``: the same through the service's
 ``Gallery`` (its SQLite store, then a durable 2-shard index), as ``ctfreid serve --ray`` searches and writes: an
 erasure of n / 20 items, then an add of n / 20.
+
+    python3 benchmarks/bench_distributed.py --restart --n 200000
+
+``--restart``: the seconds a ``ctfreid serve --ray`` start takes to load a gallery of ``n`` items over 2 durable
+shards, with the shard stores rebuilt from the gallery's store against reopened as they are.
 """
 
 from __future__ import annotations
@@ -164,6 +169,45 @@ def compare_beside_writes(rev: str | None, n: int, gallery: bool = False) -> Non
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
+def restart(n: int, rounds: int = 2) -> None:
+    """Seconds a ``ctfreid serve --ray`` start takes to load a gallery of ``n`` items over 2 durable shards: with the
+    shard stores rebuilt from the gallery's store (what every start did before they were reopened) against
+    reopened as they are (the gallery then checks the ids and sends nothing); alternating, ``rounds`` each."""
+    import argparse as _argparse
+
+    import ray
+
+    from ctfreid.cli.serve import _sharded
+    from ctfreid.serve.gallery import Gallery
+    from ctfreid.serve.store import ItemMeta, Store
+
+    g, _, thresholds, _ = _data(n)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    d = Path(tempfile.mkdtemp(prefix="ctfreid-restart-"))
+    try:
+        store = Store(d, "bench", list(g))
+        for a in range(0, n, 100_000):
+            store.add({L: v[a : min(a + 100_000, n)] for L, v in g.items()}, [ItemMeta()] * (min(a + 100_000, n) - a))
+        factory = _sharded(_argparse.Namespace(store=str(d), shards=2, ray=""))
+        print(f"\na serve --ray start over 2 durable shards, gallery of {n:,} items, seconds")
+        print("| shard stores | start (shards opened + gallery loaded) |")
+        print("|---|---|")
+        for mode in ["rebuilt", "reopened"] * rounds:
+            if mode == "rebuilt":
+                shutil.rmtree(d / "shards", ignore_errors=True)
+            t = time.perf_counter()
+            index = factory("bench")
+            gal = Gallery(store, thresholds, index=index)
+            took = time.perf_counter() - t
+            assert len(gal) == n
+            index.close()
+            print(f"| {mode} | {took:.1f} |", flush=True)
+        store.close()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -180,8 +224,12 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-to", metavar="REV", help="with --beside-writes: also the code of this commit")
     ap.add_argument("--gallery", action="store_true",
                     help="with --beside-writes: through the service's gallery over 2 durable shards (serve --ray)")
+    ap.add_argument("--restart", action="store_true", help="a serve --ray start: shard stores rebuilt or reopened")
     ap.add_argument("--beside-writes-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.restart:
+        restart(args.n)
+        return 0
     if args.beside_writes_worker:
         print(json.dumps(beside_writes(args.n, args.gallery)))
         return 0

@@ -409,6 +409,55 @@ def test_the_services_gallery_searches_while_a_shard_store_commits_an_add(local_
         sharded.close()
 
 
+def test_a_reopened_sharded_gallery_sends_only_what_its_shards_lack_and_removes_what_its_store_lost(local_ray,
+                                                                                                   tmp_path):
+    """The service's gallery over a sharded index reopened from its shard stores (``ctfreid serve --ray`` at a
+    restart). A stop between the gallery's store and the shards leaves the store with adds the shards missed and
+    an erasure they missed: the gallery sends the shards those adds alone, and removes the erased items, from the
+    shard stores too. Its answers then equal those of a gallery over one CtFIndex of the same store."""
+    import sqlite3
+
+    from ctfreid.serve.gallery import Gallery
+    from ctfreid.serve.store import DB_NAME, ItemMeta, Store
+
+    rng = np.random.default_rng(20)
+    c, q = tied_codes(rng, 160), tied_codes(rng, 5)
+    part = lambda a, b: {L: x[a:b] for L, x in c.items()}  # noqa: E731
+    metas = [ItemMeta(pid=i % 30, camera=1 + i % 3) for i in range(160)]
+    sharded = ShardedIndex(shards=2, store=tmp_path / "shards", timeout=60)
+    try:
+        g = Gallery(Store(tmp_path / "a", "test", LENGTHS), THR, index=sharded)
+        ids = g.add(part(0, 120), metas[:120])
+        g.store.close()
+    finally:
+        sharded.close()
+    store = Store(tmp_path / "a", "test", LENGTHS)  # what the stop left: the store went on without the shards
+    late = store.add(part(120, 160), metas[120:])
+    gone = store.delete(ids[::7])
+    store.close()
+    reopened = ShardedIndex(shards=2, store=tmp_path / "shards", timeout=60)
+    sent: list = []
+    add = reopened.add
+    reopened.add = lambda codes, ids=None, lock=None: (sent.append(np.asarray(ids).tolist()), add(codes, ids, lock))[1]
+    g = oracle = None
+    try:
+        g = Gallery(Store(tmp_path / "a", "test", LENGTHS), THR, index=reopened)
+        assert sum(sent, []) == late  # the shards' 120 items are not written again
+        oracle = Gallery(Store(tmp_path / "a", "test", LENGTHS), THR)
+        assert g.search(q, 40)[0] == oracle.search(q, 40)[0] and len(g) == len(oracle) == 160 - len(gone)
+        np.testing.assert_array_equal(reopened.ids, oracle.index.ids)
+    finally:
+        for x in (g, oracle):
+            if x is not None:
+                x.store.close()
+        reopened.close()
+    for i in range(2):  # erased from the shard stores, not only from their indexes
+        db = sqlite3.connect(tmp_path / "shards" / f"shard-{i}" / DB_NAME)
+        held = {r[0] for r in db.execute("SELECT id FROM items")}
+        db.close()
+        assert not held & set(gone) and held == {j for j in oracle.index.ids.tolist() if j % 2 == i}
+
+
 def test_killed_shard_is_restarted_with_its_items_and_writes_survive_a_reopen(local_ray, tmp_path):
     rng = np.random.default_rng(7)
     c = tied_codes(rng, 300)

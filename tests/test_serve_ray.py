@@ -1,5 +1,6 @@
 """``ctfreid serve --ray``: the same HTTP API from a gallery sharded over Ray actors, answering exactly like
-an in-process CtFIndex on the same items, before and after erasures."""
+an in-process CtFIndex on the same items, before and after erasures, and after restarts (the shard stores
+reopened as they are, or rebuilt for another shard count)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,25 @@ def test_serve_ray_answers_like_one_index(run_dir, synth_root, tmp_path):
         want = [(int(h.ids[0, j]), int(h.distances[0, j, h.stages[0, j] - 1]), (32, 64, 128)[h.stages[0, j] - 1])
                 for j in range(h.ids.shape[1])]
         assert [(x["id"], x["distance"], x["stage_bits"]) for x in answer["queries"][0]["hits"]] == want
+    stores = tmp_path / "store" / "shards"
+    before = shard_stores_created(stores)
+    with Server(tmp_path / "store", run_dir, "--ray", "--shards", 2) as srv:  # a restart reopens the shard stores
+        assert served_hits(srv, queries, 12, thresholds={"32": 12, "64": 26}) == oracle_hits(oracle, queries, 12, thr)
+    assert shard_stores_created(stores) == before and len(before) == 2
+    with Server(tmp_path / "store", run_dir, "--ray", "--shards", 3) as srv:  # another count: rebuilt from the record
+        assert served_hits(srv, queries, 12, thresholds={"32": 12, "64": 26}) == oracle_hits(oracle, queries, 12, thr)
+    assert len(shard_stores_created(stores)) == 3
+
+
+def shard_stores_created(stores) -> list[str]:
+    """When each shard store under ``stores`` was created (its ``meta`` row): kept when a start reopens it."""
+    import sqlite3
+
+    from ctfreid.serve.store import DB_NAME
+
+    out = []
+    for d in sorted(stores.glob("shard-*/")):
+        db = sqlite3.connect(d / DB_NAME)
+        out.append(db.execute("SELECT value FROM meta WHERE key = 'created'").fetchone()[0])
+        db.close()
+    return out

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import math
 import socket
+import sys
 from pathlib import Path
 
 from ctfreid.errors import CtfreidError
@@ -83,8 +84,10 @@ def _is_loopback(host: str) -> bool:
 
 def _sharded(args: argparse.Namespace):
     """``--ray``: the gallery's index sharded over Ray actors, each shard with a durable store of its own under
-    ``STORE/shards`` (so that Ray can restart a dead shard). The service's SQLite store stays the record: the
-    shards are rebuilt from it at every start."""
+    ``STORE/shards`` (so that Ray can restart a dead shard). The service's SQLite store stays the record: at a start
+    the shards reopen their stores, and the gallery sends them only what they lack and removes what the record no
+    longer holds (``Gallery``). Shard stores that cannot be reopened as they are (another shard count or model, a
+    store missing or unreadable) are rebuilt from the record."""
 
     def factory(fingerprint: str):
         import shutil
@@ -92,6 +95,16 @@ def _sharded(args: argparse.Namespace):
         from ctfreid.distributed import ShardedIndex
 
         shard_dir = Path(args.store) / "shards"
+        try:
+            index = ShardedIndex(shards=args.shards, address=args.ray or None, store=shard_dir, fingerprint=fingerprint)
+            if index.fingerprint == fingerprint:
+                return index
+            index.close()
+            why = f"they hold the codes of model {index.fingerprint}"
+        except CtfreidError as e:
+            why = str(e)
+        print(f"ctfreid serve: rebuilding the shard stores in {shard_dir} from the gallery's store ({why})",
+              file=sys.stderr)
         shutil.rmtree(shard_dir, ignore_errors=True)
         return ShardedIndex(shards=args.shards, address=args.ray or None, store=shard_dir, fingerprint=fingerprint)
 

@@ -126,6 +126,10 @@ class Shard:
                 "lengths": self.index.lengths, "next_id": self.next_id, "started": self.started,
                 "durable": self.store is not None}
 
+    def ids(self) -> np.ndarray:
+        """The ids this shard holds (live), in insertion order."""
+        return np.array(self.index.ids)
+
     def stage(self, token: int, ids: np.ndarray, codes: Mapping[int, np.ndarray], next_id: int) -> int:
         """The first half of an add (ids already routed here): commit the new items to the store (durable) and
         hold them for :meth:`publish`, which makes them searchable; returns how many are new. Searches meanwhile

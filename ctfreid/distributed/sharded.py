@@ -63,7 +63,7 @@ from ctfreid.search.thresholds import check_thresholds
 CONFIG = "sharded.json"
 INLINE_BYTES = 64 * 1024  # queries up to this size (times the shards) are sent inline, not via ray.put
 READ_CALLS = 8  # searches (and info calls) a shard runs at once, on threads of its "reads" concurrency group
-_READS = ("search_hits", "info")  # the Shard methods of that group; every other one runs in the default group
+_READS = ("search_hits", "info", "ids")  # the Shard methods of that group; every other one runs in the default group
 FORMAT = 1
 _RETRY = "the write may be applied on the other shards: retry it with the same ids"
 _HINTS = {  # what a caller of _call_all can do when a shard stays down
@@ -234,6 +234,13 @@ class ShardedIndex:
             if self._epoch == epoch and epoch % 2 == 0:  # no write began or ended meanwhile, none in flight
                 self._ntotal = n
         return n
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Every shard's live ids, ``int64[ntotal]`` in increasing order (= insertion order for default ids); asks
+        every shard."""
+        parts = self._call_all("ids", [()] * self.shards)
+        return np.sort(np.concatenate([np.asarray(p, np.int64) for p in parts])) if parts else np.empty(0, np.int64)
 
     def _forget_count(self) -> None:
         """A shard failed or restarted: ``ntotal`` asks the shards next time (and raises for one that cannot
