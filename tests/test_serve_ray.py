@@ -68,6 +68,17 @@ def test_serve_ray_answers_like_one_index(run_dir, synth_root, tmp_path):
     with Server(tmp_path / "store", run_dir, "--ray", "--shards", 3) as srv:  # another count: rebuilt from the record
         assert served_hits(srv, queries, 12, thresholds={"32": 12, "64": 26}) == oracle_hits(oracle, queries, 12, thr)
     assert len(shard_stores_created(stores)) == 3
+    from ctfreid.serve.store import DB_NAME
+
+    for f in (tmp_path / "store").glob(DB_NAME + "*"):  # a store made anew in the same directory: ids start again,
+        f.unlink()  # and name other items than the shard stores' same ids
+    with Server(tmp_path / "store", run_dir) as srv:  # filled without --ray
+        r = srv.client.post("/v1/items", json={"codes": b64(queries)})
+    fresh = CtFIndex()
+    fresh.add(queries, np.array(r.json()["ids"]))
+    with Server(tmp_path / "store", run_dir, "--ray", "--shards", 3) as srv:
+        assert srv.client.get("/v1/stats").json()["items"] == 8
+        assert served_hits(srv, queries, 12, thresholds={"32": 12, "64": 26}) == oracle_hits(fresh, queries, 12, thr)
 
 
 def shard_stores_created(stores) -> list[str]:
