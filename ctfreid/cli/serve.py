@@ -87,7 +87,7 @@ def _sharded(args: argparse.Namespace):
     ``STORE/shards`` (so that Ray can restart a dead shard). The service's SQLite store stays the record: at a start
     the shards reopen their stores, and the gallery sends them only what they lack and removes what the record no
     longer holds (``Gallery``). Shard stores that cannot be reopened as they are (another shard count or model, a
-    store missing or unreadable) are rebuilt from the record."""
+    record made anew, a shard store missing or unreadable) are rebuilt from the record."""
 
     def factory(fingerprint: str):
         import shutil
