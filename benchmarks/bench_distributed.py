@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.append(str(HERE.parent))  # after PYTHONPATH: an A/B run (--compare-to) sets it to the old tree
 
-from bench_removal import _data, alternate, searches_beside  # noqa: E402  (the codes and threshold fit of bench_search)
+from bench_removal import _data, alternate, filled_store, searches_beside  # noqa: E402  (bench_search codes)
 
 
 def _same(a, b) -> bool:
@@ -110,11 +110,9 @@ def beside_writes(n: int, gallery: bool = False) -> dict:
         rest = part(n - m, n)
         if gallery:
             from ctfreid.serve.gallery import Gallery
-            from ctfreid.serve.store import ItemMeta, Store
+            from ctfreid.serve.store import ItemMeta
 
-            store = Store(d / "store", "bench", list(g))
-            for a in range(0, n - m, 100_000):
-                store.add(part(a, min(a + 100_000, n - m)), [ItemMeta()] * (min(a + 100_000, n - m) - a))
+            store = filled_store(d / "store", g, n - m)
             gal = Gallery(store, thresholds, index=idx)  # loads the shards from the store, as the service starts
             gone = (1 + np.random.default_rng(1).choice(n - m, m, replace=False)).tolist()  # store ids: 1, 2, ...
             writes = {"remove": lambda: gal.erase(gone), "add": lambda: gal.add(rest, [ItemMeta()] * m)}
@@ -179,15 +177,12 @@ def restart(n: int, rounds: int = 2) -> None:
 
     from ctfreid.cli.serve import _sharded
     from ctfreid.serve.gallery import Gallery
-    from ctfreid.serve.store import ItemMeta, Store
 
     g, _, thresholds, _ = _data(n)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     d = Path(tempfile.mkdtemp(prefix="ctfreid-restart-"))
     try:
-        store = Store(d, "bench", list(g))
-        for a in range(0, n, 100_000):
-            store.add({L: v[a : min(a + 100_000, n)] for L, v in g.items()}, [ItemMeta()] * (min(a + 100_000, n) - a))
+        store = filled_store(d, g, n)
         factory = _sharded(_argparse.Namespace(store=str(d), shards=2, ray=""))
         print(f"\na serve --ray start over 2 durable shards, gallery of {n:,} items, seconds")
         print("| shard stores | start (shards opened + gallery loaded) |")
@@ -196,7 +191,7 @@ def restart(n: int, rounds: int = 2) -> None:
             if mode == "rebuilt":
                 shutil.rmtree(d / "shards", ignore_errors=True)
             t = time.perf_counter()
-            index = factory("bench")
+            index = factory("bench", store)
             gal = Gallery(store, thresholds, index=index)
             took = time.perf_counter() - t
             assert len(gal) == n

@@ -191,20 +191,27 @@ def searches_beside(search, writes: dict, quiet_s: float = 3.0) -> dict:
     return out
 
 
+def filled_store(directory: Path, codes: dict, n: int, meta=None, step: int = 50_000):
+    """A service ``Store`` in ``directory`` holding the first ``n`` items of ``codes`` (ids 1 .. n), added ``step``
+    at a time, with the metadata ``meta(i)`` of item ``i`` (default: none)."""
+    from ctfreid.serve.store import ItemMeta, Store
+
+    store = Store(directory, "bench", sorted(codes))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        store.add({L: v[a:b] for L, v in codes.items()}, [meta(i) if meta else ItemMeta() for i in range(a, b)])
+    return store
+
+
 def erasure(n: int) -> dict:
     """Search latencies beside bulk erasures of a service gallery (see the module docstring), in ms."""
     from ctfreid.serve.gallery import Gallery
-    from ctfreid.serve.store import ItemMeta, Store
+    from ctfreid.serve.store import ItemMeta
 
     g, q, thresholds, _ = _data(n)
     lengths = sorted(g)
     with tempfile.TemporaryDirectory(prefix="ctfreid-erasure-") as tmp:
-        store = Store(Path(tmp) / "store", "bench", lengths)
-        step = 50_000
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            store.add({L: v[a:b] for L, v in g.items()}, [ItemMeta(camera=int(i % 6), source=f"c/{i}.jpg")
-                                                           for i in range(a, b)])
+        store = filled_store(Path(tmp) / "store", g, n, lambda i: ItemMeta(camera=int(i % 6), source=f"c/{i}.jpg"))
         gallery = Gallery(store, thresholds)
         q1 = [{L: v[i : i + 1] for L, v in q.items()} for i in range(q[lengths[0]].shape[0])]
         ids = np.random.default_rng(1).permutation(np.arange(1, n + 1)).tolist()  # store ids start at 1

@@ -89,22 +89,15 @@ def _sharded(args: argparse.Namespace):
     longer holds (``Gallery``). Shard stores that cannot be reopened as they are (another shard count or model, a
     record made anew, a shard store missing or unreadable) are rebuilt from the record."""
 
-    def factory(fingerprint: str):
+    def factory(fingerprint: str, store):
         import shutil
-        import sqlite3
 
         from ctfreid.distributed import ShardedIndex
-        from ctfreid.serve.store import DB_NAME
 
         shard_dir = Path(args.store) / "shards"
         # bound to this very store too (its creation time), so that shard stores never outlive a store made anew
         # in the same directory, whose ids would name other items
-        db = sqlite3.connect(f"file:{Path(args.store) / DB_NAME}?mode=ro", uri=True)
-        try:
-            created = db.execute("SELECT value FROM meta WHERE key = 'created'").fetchone()[0]
-        finally:
-            db.close()
-        fingerprint = f"{fingerprint} store:{created}"
+        fingerprint = f"{fingerprint} store:{store.get_meta('created')}"
         try:
             index = ShardedIndex(shards=args.shards, address=args.ray or None, store=shard_dir, fingerprint=fingerprint)
             if index.fingerprint == fingerprint:

@@ -128,7 +128,7 @@ class Shard:
 
     def ids(self) -> np.ndarray:
         """The ids this shard holds (live), in insertion order."""
-        return np.array(self.index.ids)
+        return self.index.ids
 
     def stage(self, token: int, ids: np.ndarray, codes: Mapping[int, np.ndarray], next_id: int) -> int:
         """The first half of an add (ids already routed here): commit the new items to the store (durable) and

@@ -239,8 +239,7 @@ class ShardedIndex:
     def ids(self) -> np.ndarray:
         """Every shard's live ids, ``int64[ntotal]`` in increasing order (= insertion order for default ids); asks
         every shard."""
-        parts = self._call_all("ids", [()] * self.shards)
-        return np.sort(np.concatenate([np.asarray(p, np.int64) for p in parts])) if parts else np.empty(0, np.int64)
+        return np.sort(np.concatenate([np.asarray(p, np.int64) for p in self._call_all("ids", [()] * self.shards)]))
 
     def _forget_count(self) -> None:
         """A shard failed or restarted: ``ntotal`` asks the shards next time (and raises for one that cannot
@@ -254,20 +253,18 @@ class ShardedIndex:
         after it, while its change becomes visible); a write that ends without that (it failed) leaves the count
         to be asked of the shards."""
         with self._count:
-            self._epoch += 1  # odd: a write is in flight
-        state = {"done": False}
+            self._epoch += 1  # odd while a write is in flight (one at a time: ``_write``)
 
         def done(counts: list) -> None:
             with self._count:
                 self._epoch += 1
                 self._ntotal = sum(int(c) for c in counts)
-            state["done"] = True
 
         try:
             yield done
         finally:
-            if not state["done"]:
-                with self._count:
+            with self._count:
+                if self._epoch % 2:  # ended without done(): failed
                     self._epoch += 1
                     self._ntotal = None
 

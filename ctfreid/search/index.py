@@ -109,20 +109,23 @@ def _file_path(path: str | bytes | os.PathLike, what: str) -> Path:
     return Path(raw)
 
 
-def ids_to_remove(ids: Any) -> np.ndarray:
-    """The argument of ``remove_ids`` (one id or a 1-D integer array; ``[]`` too, which numpy makes float64)
-    as the sorted unique int64 ids that can be stored (negative ones and uint64 past int64 cannot), else a
-    CtfreidError naming the problem."""
+def _as_ids(ids: Any) -> np.ndarray:
+    """Ids to look up (one id or a 1-D integer array; ``[]`` too, which numpy makes float64) as int64 [m] in the
+    given order, those that cannot be stored (negative ones, uint64 past int64, which wrap to negative) as
+    negatives; else a CtfreidError naming the problem."""
     arr = np.asarray(ids)
     if arr.ndim == 0:
         arr = arr[None]
     if arr.ndim == 1 and arr.size == 0:
         return np.empty(0, np.int64)
     if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
-        raise CtfreidError(f"ids must be a 1-D integer array, got {arr.dtype} {arr.shape}")
-    if arr.dtype == np.uint64:
-        arr = arr[arr <= np.iinfo(np.int64).max]
-    arr = arr.astype(np.int64)
+        raise CtfreidError(f"ids must be an integer or a 1-D integer array, got {arr.dtype} {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def ids_to_remove(ids: Any) -> np.ndarray:
+    """The argument of ``remove_ids`` (as ``_as_ids`` reads it) as the sorted unique ids that can be stored."""
+    arr = _as_ids(ids)
     return np.unique(arr[arr >= 0])
 
 
@@ -440,15 +443,10 @@ class CtFIndex:
     def contains(self, ids: Any) -> np.ndarray | bool:
         """Which of ``ids`` (one integer, or a 1-D integer array) are live items here: ``bool[len(ids)]``, or a
         bool for one id (as usearch's ``contains``); a binary search per id."""
-        arr = np.asarray(ids)
-        if arr.ndim == 1 and arr.size == 0:
-            return np.zeros(0, bool)  # numpy makes [] float64
-        if arr.ndim > 1 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
-            raise CtfreidError(f"ids must be an integer or a 1-D integer array, got {arr.dtype} {arr.shape}")
-        wide = arr.reshape(-1).astype(np.int64)  # uint64 past int64 wraps to negative: never stored, as negatives
+        wide = _as_ids(ids)
         with self._lock.read():
             found = (self._lookup(wide) >= 0) & (wide >= 0)
-        return bool(found[0]) if arr.ndim == 0 else found
+        return bool(found[0]) if np.ndim(ids) == 0 else found
 
     # ------------------------------------------------------------------------------------------ add
     def add(self, codes: Mapping[int, np.ndarray], ids: np.ndarray | None = None, lock: RWLock | None = None) -> None:

@@ -141,7 +141,7 @@ class Service:
         self.target: dict | None = target_obj
         self.thresholds_source = ""
         self.default_thresholds = self._default_thresholds()
-        index = index_factory(self.encoder.fingerprint) if index_factory is not None else None
+        index = index_factory(self.encoder.fingerprint, self.store) if index_factory is not None else None
         self.gallery = Gallery(self.store, self.default_thresholds, index=index, max_batch=config.max_batch)
         self.batcher = SearchBatcher(self.gallery.search, config.max_batch)
         self.start_seconds = time.perf_counter() - t0
@@ -538,8 +538,9 @@ def _route(path: str) -> str:
 def create_app(config: ServeConfig, encoder=None, index_factory=None):
     """The ASGI application (loads the model and the store now, so start-up errors surface before serving).
 
-    ``index_factory(fingerprint)``: the gallery's index when it is not one in-process ``CtFIndex`` (``ctfreid
-    serve --ray`` passes a ``ctfreid.distributed.ShardedIndex``)."""
+    ``index_factory(fingerprint, store)``: the gallery's index when it is not one in-process ``CtFIndex`` (``ctfreid
+    serve --ray`` passes a ``ctfreid.distributed.ShardedIndex``), for the model's fingerprint and the gallery's
+    ``Store``."""
     import contextlib
 
     from fastapi import FastAPI

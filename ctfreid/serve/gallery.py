@@ -138,20 +138,18 @@ class Gallery:
         else:  # a sharded index reopened from its shard stores holds what it held when the service stopped
             held = np.asarray(self.index.ids, np.int64)  # sorted
         first = None  # a stored item's codes, the warm-up's query
-        stored = []
+        unlisted = np.ones(held.size, bool)  # held items the store has not listed (so far)
         for ids, codes, cols in store.iter_all():
-            new = ~_sorted_has(held, ids)  # only what the index lacks: a reopened shard store is not written again
-            if new.any():
-                self.index.add(codes if new.all() else {L: c[new] for L, c in codes.items()}, ids[new])
+            at = np.minimum(np.searchsorted(held, ids), max(held.size - 1, 0))
+            has = held[at] == ids if held.size else np.zeros(ids.shape, bool)
+            unlisted[at[has]] = False
+            if not has.all():  # only what the index lacks: a reopened shard store is not written again
+                self.index.add(codes if not has.any() else {L: c[~has] for L, c in codes.items()}, ids[~has])
             self.fields.set(ids, cols["pid"], cols["camera"], cols["time"], cols["source"])
-            stored.append(ids)
             if first is None and len(ids):
                 first = {L: c[:1].copy() for L, c in codes.items()}
-        # and the items the store no longer has (an erasure the service committed before it stopped, but the shards
-        # missed): removed, erased from the shard stores, before the first request
-        gone = held[~_sorted_has(np.concatenate(stored) if stored else np.empty(0, np.int64), held)]
-        if gone.size:
-            self.index.remove_ids(gone)
+        if unlisted.any():  # items the store no longer has (an erasure the service committed before it stopped, but
+            self.index.remove_ids(held[unlisted])  # the shards missed): removed, erased from the shard stores too
         self.load_seconds = time.perf_counter() - t0
         self._warm_up(first, max_batch)
 
@@ -279,14 +277,6 @@ class Gallery:
                 for a, d, s, p, hp, c, hc, t in zip(i.tolist(), dist.tolist(), stages.tolist(), f.pid[i].tolist(),
                                                     f.has_pid[i].tolist(), f.camera[i].tolist(),
                                                     f.has_camera[i].tolist(), f.time[i].tolist())]
-
-
-def _sorted_has(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Which of ``ids`` are in the sorted array ``sorted_ids`` (bool array; a binary search each)."""
-    if not sorted_ids.size:
-        return np.zeros(ids.shape, bool)
-    at = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
-    return sorted_ids[at] == ids
 
 
 def _rows(query_weights, rows: list[int]):
