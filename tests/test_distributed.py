@@ -414,7 +414,8 @@ def test_a_reopened_sharded_gallery_sends_only_what_its_shards_lack_and_removes_
     """The service's gallery over a sharded index reopened from its shard stores (``ctfreid serve --ray`` at a
     restart). A stop between the gallery's store and the shards leaves the store with adds the shards missed and
     an erasure they missed: the gallery sends the shards those adds alone, and removes the erased items, from the
-    shard stores too. Its answers then equal those of a gallery over one CtFIndex of the same store."""
+    shard stores too; it reads the codes of those adds alone from its store. Its answers then equal those of a gallery
+    over one CtFIndex of the same store."""
     import sqlite3
 
     from ctfreid.serve.gallery import Gallery
@@ -440,9 +441,14 @@ def test_a_reopened_sharded_gallery_sends_only_what_its_shards_lack_and_removes_
     add = reopened.add
     reopened.add = lambda codes, ids=None, lock=None: (sent.append(np.asarray(ids).tolist()), add(codes, ids, lock))[1]
     g = oracle = None
+    store = Store(tmp_path / "a", "test", LENGTHS)
+    unpacked: list = []  # how many items' codes the gallery reads from its store
+    unpack = store.unpack
+    store.unpack = lambda blobs: (unpacked.append(len(blobs)), unpack(blobs))[1]
     try:
-        g = Gallery(Store(tmp_path / "a", "test", LENGTHS), THR, index=reopened)
+        g = Gallery(store, THR, index=reopened)
         assert sum(sent, []) == late  # the shards' 120 items are not written again
+        assert sum(unpacked) == len(late)  # nor read: only the 40 sent (the warm-up's query is one of them)
         oracle = Gallery(Store(tmp_path / "a", "test", LENGTHS), THR)
         assert g.search(q, 40)[0] == oracle.search(q, 40)[0] and len(g) == len(oracle) == 160 - len(gone)
         np.testing.assert_array_equal(reopened.ids, oracle.index.ids)

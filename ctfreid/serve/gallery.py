@@ -139,15 +139,21 @@ class Gallery:
             held = np.asarray(self.index.ids, np.int64)  # sorted
         first = None  # a stored item's codes, the warm-up's query
         unlisted = np.ones(held.size, bool)  # held items the store has not listed (so far)
-        for ids, codes, cols in store.iter_all():
+        # codes are read only for what the index lacks: a reopened sharded index holds the rest in its shard stores
+        for ids, codes, cols in store.iter_all(codes=not held.size):
             at = np.minimum(np.searchsorted(held, ids), max(held.size - 1, 0))
             has = held[at] == ids if held.size else np.zeros(ids.shape, bool)
             unlisted[at[has]] = False
             if not has.all():  # only what the index lacks: a reopened shard store is not written again
-                self.index.add(codes if not has.any() else {L: c[~has] for L, c in codes.items()}, ids[~has])
+                new = ids[~has]
+                if codes is None:
+                    codes = store.codes(new)[0]
+                elif has.any():
+                    codes = {L: c[~has] for L, c in codes.items()}
+                self.index.add(codes, new)
             self.fields.set(ids, cols["pid"], cols["camera"], cols["time"], cols["source"])
             if first is None and len(ids):
-                first = {L: c[:1].copy() for L, c in codes.items()}
+                first = {L: c[:1].copy() for L, c in codes.items()} if codes is not None else store.codes(ids[:1])[0]
         if unlisted.any():  # items the store no longer has (an erasure the service committed before it stopped, but
             self.index.remove_ids(held[unlisted])  # the shards missed): removed, erased from the shard stores too
         self.load_seconds = time.perf_counter() - t0

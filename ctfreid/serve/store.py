@@ -305,20 +305,23 @@ class Store:
     def erased(self) -> int:
         return int(self.get_meta("erased") or 0)
 
-    def iter_all(self, batch: int = 50_000):
+    def iter_all(self, batch: int = 50_000, codes: bool = True):
         """Yield ``(ids int64[m], codes {L: [m, L//8]}, fields)`` in id order, in batches; ``fields``: the
-        columns ``pid``, ``camera``, ``time``, ``source`` as tuples of the stored values (None for null)."""
+        columns ``pid``, ``camera``, ``time``, ``source`` as tuples of the stored values (None for null).
+        ``codes=False``: ``codes`` is None (the codes are neither read into Python nor unpacked)."""
         last = -1
+        cols = "id, codes, pid, camera, time, source" if codes else "id, pid, camera, time, source"
         while True:
             with self._lock:
-                rows = self._db.execute(
-                    "SELECT id, codes, pid, camera, time, source FROM items WHERE id > ? ORDER BY id LIMIT ?",
-                    (last, batch)).fetchall()
+                rows = self._db.execute(f"SELECT {cols} FROM items WHERE id > ? ORDER BY id LIMIT ?",
+                                        (last, batch)).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
-            ids, blobs, pid, camera, t, source = zip(*rows)
-            yield (np.array(ids, np.int64), self.unpack(blobs),
+            ids, *rest = zip(*rows)
+            blobs = rest.pop(0) if codes else None
+            pid, camera, t, source = rest
+            yield (np.array(ids, np.int64), None if blobs is None else self.unpack(blobs),
                    {"pid": pid, "camera": camera, "time": t, "source": source})
 
     def get(self, item_id: int) -> dict | None:
