@@ -262,6 +262,40 @@ def test_cli_calibrate_writes_both_fits_and_evaluate_uses_the_weighted_one_for_q
 
 
 # ----------------------------------------------------------------------------------------- the index
+@pytest.mark.parametrize("side", [-37, 37])
+def test_weighted_topk_on_either_side_of_the_kept_distances_matches_reference(side):
+    """Up to ``_kernels.WEIGHTED_KEEP_MAX_N`` codes, one query's weighted stage 1 computes every distance once and
+    takes from them both its candidates and, when they are fewer than k, the ranking beyond them; above, it
+    scans the codes for each. Either way the answers are the reference's, removed codes skipped."""
+    from ctfreid import CtFIndex
+    from ctfreid.search import _kernels
+
+    n = _kernels.WEIGHTED_KEEP_MAX_N + side  # not a multiple of 64: a partial last block
+    rng = np.random.default_rng(n)
+    qc, gc = correlated_code_sets(rng, n, 4)
+    qc = {L: np.vstack([c, np.zeros_like(c[:1])]) for L, c in qc.items()}  # at distance 0 from removed codes (zeroed)
+    w = rng.integers(0, 8, (5, 32), dtype=np.uint8)
+    t1 = int(np.quantile(brute_weighted(qc[32], w, gc[32]), 0.003))  # about 50 candidates a query
+    th = {32: t1, 128: 50}
+    index = CtFIndex()
+    index.add(gc)
+    removed = rng.choice(n, n // 5, replace=False)
+    removed = np.union1d(removed, np.arange(n - 20, n))  # in the partial block too
+    index.remove_ids(removed, compact=False)  # dead slots stay, on the same side of the limit
+    keep = np.setdiff1d(np.arange(n), removed)
+    D_ref, I_ref = ref_weighted_ctf(qc, w, gc, th)
+    Dk_ref, Ik_ref = ref_weighted_ctf(qc, w, {L: c[keep] for L, c in gc.items()}, th)
+    for k in (5, 100, 400):
+        D, I = ctf_search(qc, gc, th, k, query_weights=w)
+        np.testing.assert_array_equal(I, I_ref[:, :k])
+        np.testing.assert_array_equal(D, D_ref[:, :k])
+        D, I = index.search(qc, k, threads=1, thresholds=th, query_weights=w)
+        np.testing.assert_array_equal(I, keep[Ik_ref[:, :k]])
+        np.testing.assert_array_equal(D, Dk_ref[:, :k])
+    c1 = (brute_weighted(qc[32], w, gc[32][keep]) <= t1).sum(1)
+    assert (c1[:4] > 5).all() and (c1 < 100).any()  # k = 100 needs the ranking beyond the candidates
+
+
 def test_index_weighted_search_with_removals_matches_reference():
     from ctfreid import CtFIndex
 
