@@ -456,6 +456,8 @@ def test_a_reopened_sharded_gallery_sends_only_what_its_shards_lack_and_removes_
         for x in (g, oracle):
             if x is not None:
                 x.store.close()
+        if g is None:
+            store.close()
         reopened.close()
     for i in range(2):  # erased from the shard stores, not only from their indexes
         db = sqlite3.connect(tmp_path / "shards" / f"shard-{i}" / DB_NAME)

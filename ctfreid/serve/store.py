@@ -318,9 +318,10 @@ class Store:
             if not rows:
                 return
             last = rows[-1][0]
-            ids, *rest = zip(*rows)
-            blobs = rest.pop(0) if codes else None
-            pid, camera, t, source = rest
+            if codes:
+                ids, blobs, pid, camera, t, source = zip(*rows)
+            else:
+                (ids, pid, camera, t, source), blobs = zip(*rows), None
             yield (np.array(ids, np.int64), None if blobs is None else self.unpack(blobs),
                    {"pid": pid, "camera": camera, "time": t, "source": source})
 
