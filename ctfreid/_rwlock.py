@@ -43,6 +43,11 @@ class RWLock:
                 self._cond.notify_all()
 
 
+def writing(lock: RWLock | None) -> contextlib.AbstractContextManager:
+    """The write side of a caller's lock passed to a write (``lock=``), or nothing to hold for None."""
+    return lock.write() if lock is not None else contextlib.nullcontext()
+
+
 class _Read:
     """The read side of an ``RWLock`` (one per lock, shared by every reader: it keeps no state)."""
 

@@ -98,8 +98,12 @@ def _sharded(args: argparse.Namespace):
         # bound to this very store too (its creation time), so that shard stores never outlive a store made anew
         # in the same directory, whose ids would name other items
         fingerprint = f"{fingerprint} store:{store.get_meta('created')}"
+
+        def open_shards() -> ShardedIndex:
+            return ShardedIndex(shards=args.shards, address=args.ray or None, store=shard_dir, fingerprint=fingerprint)
+
         try:
-            index = ShardedIndex(shards=args.shards, address=args.ray or None, store=shard_dir, fingerprint=fingerprint)
+            index = open_shards()
             if index.fingerprint == fingerprint:
                 return index
             index.close()
@@ -109,7 +113,7 @@ def _sharded(args: argparse.Namespace):
         print(f"ctfreid serve: rebuilding the shard stores in {shard_dir} from the gallery's store ({why})",
               file=sys.stderr)
         shutil.rmtree(shard_dir, ignore_errors=True)
-        return ShardedIndex(shards=args.shards, address=args.ray or None, store=shard_dir, fingerprint=fingerprint)
+        return open_shards()
 
     return factory
 

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from ctfreid._atomic import atomic_write
-from ctfreid._rwlock import RWLock
+from ctfreid._rwlock import RWLock, writing
 from ctfreid.codes import check_code_set
 from ctfreid.errors import CtfreidError
 from ctfreid.search.asymmetric import Weighting, check_query_weights, max_distance
@@ -401,7 +401,7 @@ class ShardedIndex:
         with self._counting() as done:
             # durable on every shard (with a store) before any shard shows them: searches go on meanwhile
             self._call_all("stage", [(token, *a) for a in args])
-            with lock.write() if lock is not None else contextlib.nullcontext():
+            with writing(lock):
                 done(self._call_all("publish", [(token, a[0]) for a in args]))
         self._next_id = next_id
         self._write_config()
@@ -419,7 +419,7 @@ class ShardedIndex:
         parts = [(arr[shard_of == i],) for i in range(self.shards)]
         with self._write, self._counting() as done:
             removed = sum(self._call_all("erase_stored", parts))
-            with lock.write() if lock is not None else contextlib.nullcontext():
+            with writing(lock):
                 done(self._call_all("remove_ids", parts))
         return int(removed)
 

@@ -1912,12 +1912,12 @@ WEIGHTED_KEEP_MAX_N = 1 << 14
 
 
 @njit(**_JIT)
-def _in_range(d, n, lo, hi, live, bufi, bufd):
+def _in_range(d, n, lo, hi, live, bufi, bufd, start=0, cnt=0):
     """The live codes whose distance ``d[j]`` (computed before) is within ``[lo, hi]``, in gallery order, into the
-    buffers (``n + 128`` slots; ``d`` needs a spare slot after the last code); returns the count."""
-    cnt = 0
+    buffers (``n + 128`` slots; ``d`` needs a spare slot after the last code); returns the count. ``start`` (a
+    multiple of 64) / ``cnt``: only the codes from ``start`` on, appended after ``cnt`` buffered ones."""
     nfull = n // BLOCK
-    for b in range(nfull):
+    for b in range(start // BLOCK, nfull):
         base = b * BLOCK
         cnt = _extract(_range_mask64(d, base, lo, hi) & live[b], base, d[base:], bufi, bufd, cnt)
     for j in range(nfull * BLOCK, n):  # the partial block, branch-free, order kept
@@ -1957,26 +1957,21 @@ def _beyond_weighted(d, n, t1, Lw, live, k, oI, oD, pos, bufi, bufd, order, keys
 def _within_weighted(q, P, g, W, n, hi, bufi, bufd, live, d):
     """All live codes within weighted distance ``hi`` in gallery order (``_within1`` for a weighted stage 1;
     the buffers need ``n + 128`` slots); returns the count. Codes of one word: 64-code masks (``_wmask64``),
-    the hits' distances computed again (``_extract1``); longer ones (rare: stage 1 is 32 bits in the paper):
-    every distance into ``d`` first."""
+    the hits' distances computed again (``_extract1``), then the partial block's distances into ``d``; longer
+    ones (rare: stage 1 is 32 bits in the paper): every distance into ``d`` first (``_in_range`` either way)."""
+    if W != 1:
+        _wdist(q, P, g, W, n, d)
+        return _in_range(d, n, 0, hi, live, bufi, bufd)
     cnt = 0
     nfull = n // BLOCK
-    if W == 1:
-        q0 = q[0]
-        wp = _word_planes(P)
-        for b in range(nfull):
-            base = b * BLOCK
-            cnt = _extract1(_wmask64(g, base, q0, wp, hi) & live[b], base, q0, g, bufi, bufd, cnt, wp)
-        start = nfull * BLOCK
-    else:
-        start = 0
-    _wdist(q, P, g[W * start :], W, n - start, d[start:])
-    for j in range(start, n):  # the partial block (or every code for W > 1), branch-free, order kept
-        v = d[j]
-        bufi[cnt] = j
-        bufd[cnt] = v
-        cnt += (v <= hi) & _live_bit(live, j)
-    return cnt
+    q0 = q[0]
+    wp = _word_planes(P)
+    for b in range(nfull):
+        base = b * BLOCK
+        cnt = _extract1(_wmask64(g, base, q0, wp, hi) & live[b], base, q0, g, bufi, bufd, cnt, wp)
+    start = nfull * BLOCK
+    _wdist(q, P, g[start:], 1, n - start, d[start:])
+    return _in_range(d, n, 0, hi, live, bufi, bufd, start, cnt)
 
 
 @njit(**_JIT)

@@ -46,7 +46,6 @@ previous file intact. ``to_bytes`` / ``from_bytes`` and pickling use the same fo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import io
@@ -65,7 +64,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 
 from ctfreid._atomic import atomic_write
-from ctfreid._rwlock import RWLock
+from ctfreid._rwlock import RWLock, writing
 from ctfreid.codes import check_code_set, check_length
 from ctfreid.errors import CtfreidError
 from ctfreid.search import _kernels
@@ -462,7 +461,7 @@ class CtFIndex:
         ids_arr = check_ids(ids, n) if given else None
         with self._writing:
             self._swap_in(self._grown(n))
-            with lock.write() if lock is not None else contextlib.nullcontext(), self._lock.write():
+            with writing(lock), self._lock.write():
                 self._add_locked(cs, lengths, n, given, ids_arr)
 
     def reserve(self, n: int) -> None:
@@ -646,7 +645,7 @@ class CtFIndex:
                 return 0
             live = self._live.copy()  # n / 8 bytes
             self._set_live(pos, False, live)
-            with lock.write() if lock is not None else contextlib.nullcontext(), self._lock.write():
+            with writing(lock), self._lock.write():
                 self._live = live
                 self._ndead += int(pos.size)
             self._erase(pos)
