@@ -171,8 +171,6 @@ def restart(n: int, rounds: int = 2) -> None:
     """Seconds a ``ctfreid serve --ray`` start takes to load a gallery of ``n`` items over 2 durable shards: with the
     shard stores rebuilt from the gallery's store (what every start did before they were reopened) against
     reopened as they are (the gallery then checks the ids and sends nothing); alternating, ``rounds`` each."""
-    import argparse as _argparse
-
     import ray
 
     from ctfreid.cli.serve import _sharded
@@ -183,7 +181,7 @@ def restart(n: int, rounds: int = 2) -> None:
     d = Path(tempfile.mkdtemp(prefix="ctfreid-restart-"))
     try:
         store = filled_store(d, g, n)
-        factory = _sharded(_argparse.Namespace(store=str(d), shards=2, ray=""))
+        factory = _sharded(argparse.Namespace(store=str(d), shards=2, ray=""))
         print(f"\na serve --ray start over 2 durable shards, gallery of {n:,} items, seconds")
         print("| shard stores | start (shards opened + gallery loaded) |")
         print("|---|---|")
